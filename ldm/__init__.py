@@ -1,0 +1,1 @@
+"""ldm: a from-scratch latent diffusion framework."""
