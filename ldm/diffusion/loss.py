@@ -1,0 +1,89 @@
+"""The denoising training loss: sample t and noise, build x_t, and regress the chosen prediction target."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ldm.diffusion.noise_schedule import NoiseSchedule
+from ldm.diffusion.parameterization import canonical_prediction_type, make_prediction
+
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+
+
+def loss_weights(snr: torch.Tensor, prediction_type: str, weighting: str = "uniform", gamma: float = 5.0):
+    """Per-sample loss weights for ``weighting`` given the SNR of each sample's timestep.
+
+    ``min_snr`` (Hang et al., 2023) weights the x0-space loss by min(SNR, gamma); expressed for an epsilon target
+    that is min(SNR, gamma) / SNR, for a v target min(SNR, gamma) / (SNR + 1).
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {list(LOSS_WEIGHTINGS)}")
+    if weighting == "uniform":
+        return torch.ones_like(snr)
+    if gamma <= 0:
+        raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
+    kind = canonical_prediction_type(prediction_type)
+    clipped = snr.clamp(max=gamma)
+    if kind == "epsilon":
+        return clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny)
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+@dataclass
+class DiffusionLoss:
+    """Configuration of the training objective; call it with a ``denoise(x_t, t, cond)`` function and clean x0."""
+
+    schedule: NoiseSchedule
+    prediction_type: str = "epsilon"
+    weighting: str = "uniform"
+    snr_gamma: float = 5.0
+    offset_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.prediction_type = canonical_prediction_type(self.prediction_type)
+        loss_weights(torch.ones(1), self.prediction_type, self.weighting, self.snr_gamma)  # validate early
+        if self.schedule.has_zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError(
+                "a zero-terminal-SNR schedule needs prediction_type 'v_prediction' or 'sample': epsilon prediction "
+                "is undefined at the last timestep"
+            )
+        if self.offset_noise < 0:
+            raise ValueError(f"offset_noise must be >= 0, got {self.offset_noise}")
+
+    def sample_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Gaussian noise, plus per-channel constant offset noise if configured (Guttenberg, 2023)."""
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        if self.offset_noise > 0:
+            shape = (x0.shape[0], x0.shape[1], *([1] * (x0.ndim - 2)))
+            noise = noise + self.offset_noise * torch.randn(shape, generator=generator, dtype=x0.dtype,
+                                                            device=x0.device)
+        return noise
+
+    def __call__(
+        self,
+        denoise: Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor],
+        x0: torch.Tensor,
+        cond: object = None,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The mean weighted MSE between ``denoise(x_t, t, cond)`` and the target; t and noise drawn if not given."""
+        B = x0.shape[0]
+        if t is None:
+            t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator, device=x0.device)
+        if noise is None:
+            noise = self.sample_noise(x0, generator)
+        a = self.schedule.alpha_bar(t, like=x0)
+        x_t = self.schedule.add_noise(x0, noise, t)
+        target = make_prediction(x0, noise, a, self.prediction_type)
+        pred = denoise(x_t, t, cond)
+        per_sample = ((pred.float() - target.float()) ** 2).mean(dim=list(range(1, x0.ndim)))
+        w = loss_weights(self.schedule.snr(t).to(per_sample.device), self.prediction_type, self.weighting,
+                         self.snr_gamma).to(per_sample.dtype)
+        return (w * per_sample).mean()

@@ -1,0 +1,158 @@
+"""Loss, guidance, timestep embedding, and the bad-input errors of the diffusion core."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.diffusion import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionLoss,
+    NoiseSchedule,
+    classifier_free_guidance,
+    guided_denoiser,
+    loss_weights,
+    make_betas,
+)
+from ldm.nn.embeddings import timestep_embedding
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
+def test_bad_constructor_arguments_name_the_choices(cls):
+    with pytest.raises(ValueError, match="unknown beta schedule 'quadratic'.*cosine"):
+        cls(beta_schedule="quadratic")
+    with pytest.raises(ValueError, match="unknown prediction type 'noise'.*v_prediction"):
+        cls(prediction_type="noise")
+    with pytest.raises(ValueError, match="unknown timestep_spacing 'even'.*trailing"):
+        cls(timestep_spacing="even")
+    with pytest.raises(ValueError, match="epsilon prediction is undefined"):
+        cls(rescale_betas_zero_snr=True, prediction_type="epsilon")
+
+
+@pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
+def test_bad_step_counts_and_order(cls):
+    sched = cls(num_train_timesteps=100)
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"set_timesteps\(num_inference_steps\) before step"):
+        sched.step(x, 99, x)
+    for n in (0, -3, 101):
+        with pytest.raises(ValueError, match=r"\[1, num_train_timesteps=100\]"):
+            sched.set_timesteps(n)
+    sched.set_timesteps(10)
+    with pytest.raises(ValueError, match="timestep 55 is not among"):
+        sched.step(x, 55, x)
+
+
+def test_ddpm_rejects_unknown_variance_type():
+    with pytest.raises(ValueError, match="fixed_small"):
+        DDPMScheduler(variance_type="learned_range")
+
+
+def test_make_betas_rejects_bad_counts():
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        make_betas("linear", 0)
+
+
+# ---------------------------------------------------------------- loss
+
+
+def test_loss_uses_the_right_target_for_each_prediction_type():
+    """An oracle denoiser that outputs the exact target gets zero loss, for every type and weighting."""
+    s = NoiseSchedule.from_name("cosine")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 3, 8, 8, generator=g)
+    noise = torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([1, 100, 500, 998])
+    for kind, oracle in {
+        "epsilon": lambda x_t, tt, c: noise,
+        "v": lambda x_t, tt, c: s.get_velocity(x0, noise, tt),
+        "x0": lambda x_t, tt, c: x0,
+    }.items():
+        for weighting in ("uniform", "min_snr"):
+            loss = DiffusionLoss(s, prediction_type=kind, weighting=weighting)
+            assert loss(oracle, x0, t=t, noise=noise).item() < 1e-10
+            assert loss(lambda *a: torch.zeros_like(x0), x0, t=t, noise=noise).item() > 1e-3
+
+
+def test_min_snr_weights():
+    snr = torch.tensor([0.1, 1.0, 5.0, 100.0], dtype=torch.float64)
+    torch.testing.assert_close(loss_weights(snr, "epsilon", "min_snr", 5.0), torch.tensor([1, 1, 1, 0.05]).double())
+    expected_v = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1)
+    torch.testing.assert_close(loss_weights(snr, "v", "min_snr", 5.0), expected_v)
+    torch.testing.assert_close(loss_weights(snr, "x0", "min_snr", 5.0), torch.tensor([0.1, 1, 5, 5]).double())
+    assert torch.equal(loss_weights(snr, "epsilon"), torch.ones_like(snr))
+    with pytest.raises(ValueError, match="uniform"):
+        loss_weights(snr, "epsilon", "p2")
+
+
+def test_loss_draws_t_and_noise_reproducibly_and_supports_offset_noise():
+    s = NoiseSchedule.from_name("linear")
+    x0 = torch.randn(8, 4, 4, 4)
+    net = torch.nn.Conv2d(4, 4, 3, padding=1)
+    loss = DiffusionLoss(s, prediction_type="v", offset_noise=0.1)
+    a = loss(lambda x, t, c: net(x), x0, generator=torch.Generator().manual_seed(5))
+    b = loss(lambda x, t, c: net(x), x0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    a.backward()
+    assert net.weight.grad.abs().sum() > 0
+    # Offset noise adds one constant per (sample, channel): the per-channel means spread out.
+    zeros = torch.zeros(256, 4, 8, 8)
+    plain = DiffusionLoss(s).sample_noise(zeros, torch.Generator().manual_seed(0))
+    offset = DiffusionLoss(s, offset_noise=1.0).sample_noise(zeros, torch.Generator().manual_seed(0))
+    assert offset.mean(dim=(2, 3)).std() > 3 * plain.mean(dim=(2, 3)).std()
+
+
+def test_loss_refuses_epsilon_with_zero_terminal_snr():
+    with pytest.raises(ValueError, match="zero-terminal-SNR"):
+        DiffusionLoss(NoiseSchedule.from_name("linear", rescale_betas_zero_snr=True), prediction_type="epsilon")
+
+
+# ---------------------------------------------------------------- guidance
+
+
+def test_cfg_matches_diffusers_rescale():
+    from diffusers.guiders.guider_utils import rescale_noise_cfg
+
+    g = torch.Generator().manual_seed(0)
+    uncond, cond = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for scale in (1.0, 3.0, 7.5):
+        for rescale in (0.0, 0.7):
+            ref = uncond + scale * (cond - uncond)
+            ref = rescale_noise_cfg(ref, cond, guidance_rescale=rescale)
+            torch.testing.assert_close(classifier_free_guidance(uncond, cond, scale, rescale), ref)
+    torch.testing.assert_close(classifier_free_guidance(uncond, cond, 1.0), cond)
+    assert torch.equal(classifier_free_guidance(uncond, cond, 0.0), uncond)
+    with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
+        classifier_free_guidance(uncond, cond, -1.0)
+
+
+def test_guided_denoiser_batches_uncond_and_cond_in_one_call():
+    calls = []
+
+    def denoise(x, t, ctx):
+        calls.append(x.shape[0])
+        return x * ctx.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    x, t = torch.ones(3, 2, 4, 4), torch.tensor([5, 5, 5])
+    cond, uncond = torch.full((3, 7, 16), 2.0), torch.zeros(3, 7, 16)
+    out = guided_denoiser(denoise, 4.0)(x, t, cond, uncond)
+    assert calls == [6]
+    torch.testing.assert_close(out, x * 8.0)  # 0 + 4 * (2 - 0)
+    guided_denoiser(denoise, 1.0)(x, t, cond, uncond)
+    assert calls == [6, 3]
+
+
+# ---------------------------------------------------------------- timestep embedding
+
+
+@pytest.mark.parametrize("dim", [32, 320, 33])
+def test_timestep_embedding_matches_sd_convention(dim):
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    t = torch.tensor([0, 1, 17, 500, 999])
+    ref = get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+    torch.testing.assert_close(timestep_embedding(t, dim), ref)
+    assert timestep_embedding(t, dim)[0, : dim // 2].eq(1).all()  # cos(0) first, as in the SD UNet
