@@ -4,12 +4,13 @@ from ldm.diffusion.guidance import classifier_free_guidance, guided_denoiser
 from ldm.diffusion.loss import DiffusionLoss, loss_weights
 from ldm.diffusion.noise_schedule import NoiseSchedule
 from ldm.diffusion.parameterization import convert_prediction, make_prediction, split_prediction
-from ldm.diffusion.samplers import DDIMScheduler, DDPMScheduler, SchedulerOutput
+from ldm.diffusion.samplers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerOutput
 from ldm.diffusion.schedules import make_betas, rescale_zero_terminal_snr
 
 __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
     "DiffusionLoss",
     "NoiseSchedule",
     "SchedulerOutput",
