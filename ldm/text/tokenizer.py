@@ -1,0 +1,111 @@
+"""CLIP byte-pair tokenizer with fixed-length padding, offline.
+
+Wraps open_clip's ``SimpleTokenizer``, whose BPE vocabulary (``bpe_simple_vocab_16e6.txt.gz``) ships inside the
+open_clip package, so nothing is fetched from a hub. Every prompt becomes ``[sot] + bpe(prompt) + [eot]`` followed by
+padding up to ``context_length``.
+
+The pad id differs between the two CLIP lineages, and the encoders built on top care:
+
+* open_clip (``open_clip.tokenize``, SD 2.x's OpenCLIP ViT-H/14) pads with **0**.
+* transformers' ``CLIPTokenizer`` for ``openai/clip-vit-large-patch14`` (SD 1.x) pads with the end-of-text token
+  **49407**, and SD 1.x's UNet saw those padded positions during training.
+
+Each encoder therefore builds its tokenizer with the pad id of its back end (``pad_token_id``). The attention mask is
+True from the start token through the end token and False on padding, whatever the pad id.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+SOT_TOKEN_ID = 49406  # <start_of_text>
+EOT_TOKEN_ID = 49407  # <end_of_text>
+OPEN_CLIP_PAD_ID = 0
+HF_CLIP_PAD_ID = EOT_TOKEN_ID
+
+
+@functools.lru_cache(maxsize=1)
+def _simple_tokenizer():
+    """One shared open_clip SimpleTokenizer per process (reading the vocabulary takes a fraction of a second)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def _preview(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+class CLIPTokenizer:
+    """Turn a batch of prompts into ``(input_ids [B, L] long, attention_mask [B, L] bool)`` with L = context_length.
+
+    Prompts longer than ``context_length - 2`` BPE tokens are cut (the end token is kept) and a warning names each
+    cut prompt and how many tokens it lost: silently truncated captions are a classic source of "the model ignores
+    the end of my prompt".
+    """
+
+    def __init__(self, context_length: int = 77, pad_token_id: int = OPEN_CLIP_PAD_ID) -> None:
+        if context_length < 2:
+            raise ValueError(
+                f"context_length must leave room for the start and end tokens (>= 2), got {context_length}"
+            )
+        self.context_length = context_length
+        self.pad_token_id = pad_token_id
+        bpe = _simple_tokenizer()
+        self.sot_token_id: int = bpe.sot_token_id
+        self.eot_token_id: int = bpe.eot_token_id
+        self.vocab_size: int = bpe.vocab_size
+        if not 0 <= pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id must be a valid token id in [0, {self.vocab_size}), got {pad_token_id}")
+
+    def encode(self, prompt: str) -> list[int]:
+        """BPE ids of one prompt, without start/end tokens and without truncation."""
+        return _simple_tokenizer().encode(prompt)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of one row of ids: what lies between the start token and the first end token (padding ignored)."""
+        ids = [int(i) for i in ids]
+        if ids and ids[0] == self.sot_token_id:
+            ids = ids[1:]
+        if self.eot_token_id in ids:
+            ids = ids[: ids.index(self.eot_token_id)]
+        return _simple_tokenizer().decode(ids).strip()
+
+    def __call__(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(prompts, str):
+            raise TypeError("CLIPTokenizer takes a list of prompts; wrap a single prompt as [prompt]")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError(
+                "CLIPTokenizer got an empty list of prompts; pass at least one (use '' for the null prompt)"
+            )
+        batch, length = len(prompts), self.context_length
+        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((batch, length), dtype=torch.bool)
+        room = length - 2
+        cut: list[str] = []
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt {i} is {type(prompt).__name__}, expected str")
+            body = self.encode(prompt)
+            if len(body) > room:
+                cut.append(f"prompt {i} {_preview(prompt)}: dropped {len(body) - room} of {len(body)} tokens")
+                body = body[:room]
+            tokens = [self.sot_token_id, *body, self.eot_token_id]
+            input_ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[i, : len(tokens)] = True
+        if cut:
+            warnings.warn(
+                f"CLIPTokenizer: {len(cut)} prompt(s) exceed the context length of {length} tokens "
+                f"({room} + start/end) and were truncated: " + "; ".join(cut),
+                UserWarning,
+                stacklevel=2,
+            )
+        return input_ids, mask
+
+    def __repr__(self) -> str:
+        return f"CLIPTokenizer(context_length={self.context_length}, pad_token_id={self.pad_token_id})"

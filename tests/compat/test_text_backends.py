@@ -1,0 +1,201 @@
+"""The transformers and open_clip back ends reproduce their libraries' outputs (tiny random models, local files)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ldm.text import CLIPTokenizer, HFCLIPTextEncoder, OpenCLIPTextEncoder  # noqa: E402
+
+PROMPTS = ["a photo of a cat", "", "two red squares and a blue circle, on the left"]
+
+TINY_HF = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=16,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+)
+TINY_OPEN_CLIP = dict(
+    embed_dim=16,
+    vision_cfg=dict(image_size=32, patch_size=16, width=32, head_width=16, layers=1),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=3),
+)
+
+
+# ----------------------------------------------------------------------------- tokenizer vs transformers
+def test_hf_padding_matches_transformers_clip_tokenizer():
+    """Built from open_clip's vocabulary, transformers' CLIPTokenizer gives the ids our HF-mode tokenizer gives."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    st = SimpleTokenizer()
+    special = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {special.get(k, k): v for k, v in st.encoder.items()}
+    merges = [m for m, _ in sorted(st.bpe_ranks.items(), key=lambda kv: kv[1])]
+    hf = HFTokenizer(vocab=vocab, merges=merges)  # pad token defaults to <|endoftext|>, as for clip-vit-large-patch14
+    prompts = [*PROMPTS, "word " * 90]
+    ref = hf(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with pytest.warns(UserWarning, match="dropped 15 of 90"):
+        ids, mask = CLIPTokenizer(77, pad_token_id=49407)(prompts)
+    assert torch.equal(ids, ref.input_ids)
+    assert torch.equal(mask, ref.attention_mask.bool())
+
+
+# ----------------------------------------------------------------------------- transformers back end
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clip_text")
+    CLIPTextModelWithProjection(CLIPTextConfig(**TINY_HF)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_hf_backend_matches_transformers(hf_dir, clip_skip):
+    from transformers import CLIPTextModel
+
+    enc = HFCLIPTextEncoder(pretrained_path=hf_dir, clip_skip=clip_skip)
+    ref_model = CLIPTextModel.from_pretrained(hf_dir, local_files_only=True).eval()
+    ids, _ = CLIPTokenizer(77, pad_token_id=49407)(PROMPTS)
+    captured = {}
+    # independent of hidden_states indexing: grab the output of block (L - clip_skip) with a hook
+    layer = ref_model.encoder.layers[-clip_skip]
+    handle = layer.register_forward_hook(lambda m, i, o: captured.setdefault("x", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids)
+    handle.remove()
+    out = enc.encode(PROMPTS)
+    expected = ref_model.final_layer_norm(captured["x"]) if clip_skip > 1 else ref.last_hidden_state
+    torch.testing.assert_close(out.hidden, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.pooled, ref.pooler_output, rtol=1e-5, atol=1e-5)
+    assert enc.width == 32 and out.hidden.shape == (3, 77, 32)
+    if clip_skip == 2:
+        assert not torch.allclose(out.hidden, ref.last_hidden_state, atol=1e-3)
+
+
+def test_hf_backend_with_projection_and_config_init(hf_dir):
+    from transformers import CLIPTextModelWithProjection
+
+    enc = HFCLIPTextEncoder(pretrained_path=hf_dir, with_projection=True, config=TINY_HF)
+    ref = CLIPTextModelWithProjection.from_pretrained(hf_dir, local_files_only=True).eval()
+    ids, _ = enc.tokenizer(PROMPTS)
+    with torch.no_grad():
+        expected = ref(input_ids=ids).text_embeds
+    torch.testing.assert_close(enc.encode(PROMPTS).pooled, expected, rtol=1e-5, atol=1e-5)
+    assert enc.pooled_width == 16
+    random = HFCLIPTextEncoder(config=TINY_HF, frozen=False)
+    assert random.width == 32 and random.training and all(p.requires_grad for p in random.parameters())
+
+
+def test_hf_backend_frozen(hf_dir):
+    enc = HFCLIPTextEncoder(pretrained_path=hf_dir)
+    enc.train()
+    assert not enc.model.training and not any(p.requires_grad for p in enc.parameters())
+    null = enc.null_embedding()
+    torch.testing.assert_close(null.hidden, enc.encode([""]).hidden, rtol=0, atol=0)
+
+
+def test_hf_backend_errors(tmp_path, hf_dir):
+    missing = tmp_path / "no_such_dir"
+    with pytest.raises(FileNotFoundError, match="no_such_dir.*does not exist.*config=") as info:
+        HFCLIPTextEncoder(pretrained_path=missing)
+    assert "never downloads" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        HFCLIPTextEncoder(pretrained_path=tmp_path)
+    with pytest.raises(ValueError, match="pretrained_path .* or config"):
+        HFCLIPTextEncoder()
+    with pytest.raises(ValueError, match="clip_skip"):
+        HFCLIPTextEncoder(config=TINY_HF, clip_skip=4)
+    with pytest.raises(ValueError, match="hidden_size: config 768 vs checkpoint 32"):
+        HFCLIPTextEncoder(pretrained_path=hf_dir, config={**TINY_HF, "hidden_size": 768})
+    with pytest.raises(ValueError, match="width=768"):
+        HFCLIPTextEncoder(config=TINY_HF, width=768)
+
+
+def test_hf_backend_reads_diffusers_pipeline_folder(tmp_path, hf_dir):
+    import shutil
+
+    shutil.copytree(hf_dir, tmp_path / "text_encoder")
+    a = HFCLIPTextEncoder(pretrained_path=tmp_path).encode(["a cat"])
+    b = HFCLIPTextEncoder(pretrained_path=hf_dir).encode(["a cat"])
+    torch.testing.assert_close(a.hidden, b.hidden, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- open_clip back end
+@pytest.fixture(scope="module")
+def open_clip_ckpt(tmp_path_factory):
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-H-14", pretrained=None, **TINY_OPEN_CLIP).eval()
+    path = tmp_path_factory.mktemp("open_clip") / "tiny_open_clip.pt"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def test_open_clip_backend_matches_encode_text(open_clip_ckpt):
+    ref, path = open_clip_ckpt
+    enc = OpenCLIPTextEncoder("ViT-H-14", pretrained=path, layer="last", model_kwargs=TINY_OPEN_CLIP)
+    assert not hasattr(enc.model, "visual")
+    import open_clip
+
+    ids = open_clip.tokenize(PROMPTS)
+    captured = {}
+    handle = ref.ln_final.register_forward_hook(lambda m, i, o: captured.setdefault("x", o))
+    with torch.no_grad():
+        pooled = ref.encode_text(ids)
+    handle.remove()
+    out = enc.encode(PROMPTS)
+    torch.testing.assert_close(out.pooled, pooled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.hidden, captured["x"], rtol=1e-5, atol=1e-5)
+    assert enc.width == 32 and enc.pooled_width == 16 and torch.equal(out.mask, ids != 0)
+    assert "model.token_embedding.weight" in enc.state_dict()  # SD 2.x cond_stage_model.model.* layout
+
+
+def test_open_clip_penultimate_layer(open_clip_ckpt):
+    ref, path = open_clip_ckpt
+    enc = OpenCLIPTextEncoder("ViT-H-14", pretrained=path, layer="penultimate", model_kwargs=TINY_OPEN_CLIP)
+    import open_clip
+
+    ids = open_clip.tokenize(PROMPTS)
+    captured = {}
+    # SD 2.x: run every block but the last, then ln_final
+    handle = ref.transformer.resblocks[-2].register_forward_hook(lambda m, i, o: captured.setdefault("x", o))
+    with torch.no_grad():
+        pooled = ref.encode_text(ids)
+        expected = ref.ln_final(captured["x"])
+    handle.remove()
+    out = enc.encode(PROMPTS)
+    torch.testing.assert_close(out.hidden, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.pooled, pooled, rtol=1e-5, atol=1e-5)  # pooled always from the full stack
+    last = OpenCLIPTextEncoder("ViT-H-14", pretrained=path, layer="last", model_kwargs=TINY_OPEN_CLIP)
+    assert not torch.allclose(out.hidden, last.encode(PROMPTS).hidden, atol=1e-3)
+
+
+def test_open_clip_random_init_frozen_and_errors(tmp_path):
+    from omegaconf import OmegaConf
+
+    enc = OpenCLIPTextEncoder("ViT-H-14", model_kwargs=OmegaConf.create(TINY_OPEN_CLIP))  # as Hydra passes it
+    assert enc.width == 32
+    enc.train()
+    assert not enc.training and not any(p.requires_grad for p in enc.parameters())
+    torch.testing.assert_close(enc.null_embedding().hidden, enc.encode([""]).hidden, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="layer must be one of"):
+        OpenCLIPTextEncoder("ViT-H-14", layer="second_to_last", model_kwargs=TINY_OPEN_CLIP)
+    missing = tmp_path / "missing.bin"
+    with pytest.raises(FileNotFoundError, match="missing.bin.*not a file.*pretrained=null"):
+        OpenCLIPTextEncoder("ViT-H-14", pretrained=missing, model_kwargs=TINY_OPEN_CLIP)
+    with pytest.raises(FileNotFoundError, match="laion2b_s32b_b79k' is not a file"):
+        OpenCLIPTextEncoder("ViT-H-14", pretrained="laion2b_s32b_b79k", model_kwargs=TINY_OPEN_CLIP)
+    with pytest.raises(ValueError, match="width=1024"):
+        OpenCLIPTextEncoder("ViT-H-14", model_kwargs=TINY_OPEN_CLIP, width=1024)

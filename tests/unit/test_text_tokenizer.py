@@ -1,0 +1,83 @@
+"""CLIP tokenizer (against open_clip.tokenize) and CFG caption dropout."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ldm.text import CaptionDropout, CLIPTokenizer, drop_captions  # noqa: E402
+from ldm.text.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID  # noqa: E402
+
+PROMPTS = ["a photo of a cat", "", "A RED Circle, on the left!!  ", "naïve café 123 don't", "word " * 100]
+
+
+def test_ids_match_open_clip_tokenize():
+    import open_clip
+
+    with pytest.warns(UserWarning, match="prompt 4"):
+        ids, mask = CLIPTokenizer()(PROMPTS)
+    assert ids.dtype == torch.long and mask.dtype == torch.bool and ids.shape == mask.shape == (len(PROMPTS), 77)
+    assert torch.equal(ids, open_clip.tokenize(PROMPTS))
+    assert mask.sum(1).tolist() == [int((row != 0).sum()) for row in ids]
+
+
+def test_layout_mask_and_pad_id():
+    tok = CLIPTokenizer(context_length=16, pad_token_id=EOT_TOKEN_ID)
+    ids, mask = tok(["a cat", ""])
+    body = tok.encode("a cat")
+    n = len(body) + 2
+    assert ids[0, :n].tolist() == [SOT_TOKEN_ID, *body, EOT_TOKEN_ID]
+    assert (ids[0, n:] == EOT_TOKEN_ID).all()  # HF-style padding with the end token
+    assert mask[0].tolist() == [True] * n + [False] * (16 - n)
+    assert ids[1, :2].tolist() == [SOT_TOKEN_ID, EOT_TOKEN_ID] and mask[1].sum() == 2
+    zero_pad, _ = CLIPTokenizer(context_length=16)(["a cat"])
+    assert (zero_pad[0, n:] == 0).all()
+    assert tok.decode(ids[0]) == "a cat"
+
+
+def test_truncation_warns_with_count_and_prompt():
+    tok = CLIPTokenizer(context_length=8)
+    with pytest.warns(UserWarning, match=r"prompt 1 'one two three four five six seven eight': dropped 2 of 8 tokens"):
+        ids, mask = tok(["short", "one two three four five six seven eight"])
+    assert ids[1, -1] == EOT_TOKEN_ID and mask[1].all()
+    assert tok.decode(ids[1]) == "one two three four five six"
+
+
+def test_no_warning_at_exact_fit(recwarn):
+    CLIPTokenizer(context_length=8)(["one two three four five six"])
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_tokenizer_errors():
+    tok = CLIPTokenizer()
+    with pytest.raises(ValueError, match="empty list"):
+        tok([])
+    with pytest.raises(TypeError, match="list of prompts"):
+        tok("a cat")
+    with pytest.raises(ValueError, match="context_length"):
+        CLIPTokenizer(context_length=1)
+
+
+def test_caption_dropout_rate_and_determinism():
+    captions = [f"caption {i}" for i in range(20000)]
+    out = drop_captions(captions, p=0.1, generator=torch.Generator().manual_seed(0))
+    rate = sum(c == "" for c in out) / len(out)
+    assert abs(rate - 0.1) < 0.01  # ~4.7 standard deviations
+    assert all(c in ("", orig) for c, orig in zip(out, captions, strict=True))
+    again = drop_captions(captions, p=0.1, generator=torch.Generator().manual_seed(0))
+    assert out == again
+    assert drop_captions(captions[:5], p=0.0) == captions[:5]
+    assert drop_captions(captions[:5], p=1.0) == [""] * 5
+
+
+def test_caption_dropout_callable_and_errors():
+    a, b = CaptionDropout(p=0.5, seed=3), CaptionDropout(p=0.5, seed=3)
+    caps = [str(i) for i in range(64)]
+    assert a(caps) == b(caps) and a(caps) == b(caps)  # same stream, call after call
+    assert CaptionDropout().p == 0.1  # CFG dropout on by default
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        drop_captions(caps, p=1.5)
+    with pytest.raises(TypeError):
+        drop_captions("a cat", p=0.1)
