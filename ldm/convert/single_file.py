@@ -1,0 +1,217 @@
+"""Original Stable Diffusion single-file checkpoints (.ckpt / .safetensors): export, import, config inference."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ldm.autoencoder import AutoencoderKL
+from ldm.convert.diffusers_format import load_state_dict_checked
+from ldm.unet import UNet
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model."
+EMA_PREFIX = "model_ema."
+
+
+class SDCheckpoint(NamedTuple):
+    """What ``load_sd_checkpoint`` returns: our UNet and VAE, and the text encoder's state dict as stored."""
+
+    unet: UNet
+    vae: AutoencoderKL
+    cond_stage_state_dict: dict[str, torch.Tensor]
+
+
+def _state_dict_of(part: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A module's state dict, or the mapping itself."""
+    return part.state_dict() if isinstance(part, nn.Module) else part
+
+
+def to_sd_state_dict(
+    unet: UNet, vae: AutoencoderKL, text_encoder: nn.Module | Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Our modules -> one state dict in the original SD single-file layout.
+
+    ``text_encoder`` (a module or a state dict) is stored under ``cond_stage_model.`` as given: its names must already
+    follow the SD layout (e.g. ``transformer.text_model.*`` for SD1's CLIP ViT-L).
+    """
+    out = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    out.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
+    if text_encoder is not None:
+        out.update({TEXT_PREFIX + k: v for k, v in _state_dict_of(text_encoder).items()})
+    return out
+
+
+def ema_key(key: str) -> str:
+    """The name LitEma gives the EMA copy of ``model.<name>``: ``model_ema.`` + name without dots."""
+    return EMA_PREFIX + key[len("model."):].replace(".", "")
+
+
+def read_state_dict(path: str | Path, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` or torch (``.ckpt``/``.pt``/``.pth``/``.bin``) file; unwrap a ``state_dict`` entry.
+
+    Torch files are read with ``weights_only=True``; files that need arbitrary unpickling are refused unless
+    ``unsafe_pickle=True`` (only for files you trust).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle of non-tensor objects (e.g. Lightning callbacks' state)
+        if not unsafe_pickle:
+            raise ValueError(
+                f"{path} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: "
+                f"{str(err).strip().splitlines()[0][:200]}); if you "
+                "trust the file, pass unsafe_pickle=True (CLI: --unsafe-pickle), or convert it to .safetensors"
+            ) from err
+        warnings.warn(f"unpickling {path} with weights_only=False: only do this for trusted files", stacklevel=2)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _sub(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Entries under ``prefix``, with it stripped."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _indices(keys: list[str], pattern: str) -> list[int]:
+    """Sorted distinct integers captured by ``pattern`` (one group) over ``keys``."""
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
+
+
+def infer_unet_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Our UNet constructor arguments from the tensor shapes of an SD-layout UNet state dict (prefix stripped).
+
+    Head counts do not show in shapes: SD2-style UNets (linear projections or 1024-d context) get
+    ``num_head_channels=64``, others ``num_heads=8`` (SD1); override through ``load_sd_checkpoint(unet_kwargs=...)``.
+    """
+    try:
+        mc = sd["time_embed.0.weight"].shape[1]
+        in_ch, out_ch = sd["input_blocks.0.0.weight"].shape[1], sd["out.2.weight"].shape[0]
+    except KeyError as err:
+        raise ValueError(f"not an SD-layout UNet state dict: missing {err}") from err
+    mults: list[int] = []
+    blocks_per_level: list[int] = [0]
+    attn_levels: set[int] = set()
+    for idx in _indices(list(sd), r"input_blocks\.(\d+)\.")[1:]:
+        if f"input_blocks.{idx}.0.op.weight" in sd:
+            blocks_per_level.append(0)
+            continue
+        level = len(blocks_per_level) - 1
+        out = sd[f"input_blocks.{idx}.0.out_layers.3.weight"].shape[0]
+        if blocks_per_level[level] == 0:
+            mults.append(out // mc)
+        blocks_per_level[level] += 1
+        if f"input_blocks.{idx}.1.norm.weight" in sd:
+            attn_levels.add(level)
+    if len(set(blocks_per_level)) != 1:
+        raise ValueError(f"unequal res blocks per level {blocks_per_level} are not supported")
+    keys = list(sd)
+    ctx = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    linear = sd["middle_block.1.proj_in.weight"].ndim == 2
+    depth = len(_indices(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    emb_out = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
+    sd2 = linear or ctx == 1024
+    return dict(
+        in_channels=in_ch, out_channels=out_ch, model_channels=mc, channel_mult=mults,
+        num_res_blocks=blocks_per_level[0], attention_resolutions=[2**lv for lv in sorted(attn_levels)],
+        num_heads=-1 if sd2 else 8, num_head_channels=64 if sd2 else -1, context_dim=ctx, use_linear_proj=linear,
+        transformer_depth=depth, num_classes=sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None,
+        use_scale_shift_norm=emb_out == 2 * sd["input_blocks.1.0.out_layers.3.weight"].shape[0],
+    )  # fmt: skip
+
+
+def infer_vae_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Our AutoencoderKL constructor arguments from the tensor shapes of an SD-layout VAE state dict."""
+    try:
+        ch, in_ch = sd["encoder.conv_in.weight"].shape[:2]
+        z_ch = sd["decoder.conv_in.weight"].shape[1]
+        embed = sd["post_quant_conv.weight"].shape[1]
+        out_ch = sd["decoder.conv_out.weight"].shape[0]
+    except KeyError as err:
+        raise ValueError(f"not an SD-layout VAE state dict: missing {err}") from err
+    levels = _indices(list(sd), r"encoder\.down\.(\d+)\.")
+    mults = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels]
+    nrb = len(_indices(list(sd), r"encoder\.down\.0\.block\.(\d+)\."))
+    return dict(in_channels=in_ch, out_channels=out_ch, ch=ch, ch_mult=mults, num_res_blocks=nrb, z_channels=z_ch,
+                embed_dim=embed)
+
+
+def _apply_ema(state_dict: dict[str, torch.Tensor], prefer_ema: bool) -> dict[str, torch.Tensor]:
+    """Replace the UNet weights by their EMA copies (``model_ema.*``) when all are present and preferred."""
+    unet_keys = [k for k in state_dict if k.startswith(UNET_PREFIX)]
+    has_ema = any(k.startswith(EMA_PREFIX) for k in state_dict)
+    if not (prefer_ema and has_ema and unet_keys):
+        return state_dict
+    missing = [k for k in unet_keys if ema_key(k) not in state_dict]
+    if missing:
+        warnings.warn(f"EMA weights incomplete ({len(missing)} of {len(unet_keys)} missing, first: {missing[:3]}); "
+                      "using the non-EMA UNet weights", stacklevel=3)
+        return state_dict
+    out = dict(state_dict)
+    for k in unet_keys:
+        out[k] = state_dict[ema_key(k)]
+    return out
+
+
+def load_sd_checkpoint(
+    path: str | Path,
+    prefer_ema: bool = True,
+    unsafe_pickle: bool = False,
+    unet_kwargs: Mapping[str, Any] | None = None,
+    vae_kwargs: Mapping[str, Any] | None = None,
+) -> SDCheckpoint:
+    """Load an original-layout SD checkpoint: our UNet (EMA weights preferred) and VAE, configs inferred from shapes.
+
+    ``unet_kwargs`` / ``vae_kwargs`` override inferred or default arguments (e.g. ``num_heads``, ``scale_factor``).
+    """
+    state_dict = _apply_ema(read_state_dict(path, unsafe_pickle), prefer_ema)
+    unet_sd, vae_sd = _sub(state_dict, UNET_PREFIX), _sub(state_dict, VAE_PREFIX)
+    vae_sd = {k: v for k, v in vae_sd.items() if not k.startswith("loss.")}  # training-only LPIPS/discriminator
+    if not unet_sd or not vae_sd:
+        raise ValueError(f"{path} is not an SD single-file checkpoint: found {len(unet_sd)} '{UNET_PREFIX}*' and "
+                         f"{len(vae_sd)} '{VAE_PREFIX}*' keys")
+    unet_cfg = infer_unet_config(unet_sd)
+    if unet_kwargs:
+        if "num_heads" in unet_kwargs and "num_head_channels" not in unet_kwargs:
+            unet_cfg["num_head_channels"] = -1
+        if "num_head_channels" in unet_kwargs and "num_heads" not in unet_kwargs:
+            unet_cfg["num_heads"] = -1
+        unet_cfg.update(unet_kwargs)
+    unet = UNet(**unet_cfg)
+    load_state_dict_checked(unet, unet_sd, "UNet")
+    vae = AutoencoderKL(**{**infer_vae_config(vae_sd), **(vae_kwargs or {})})
+    load_state_dict_checked(vae, vae_sd, "AutoencoderKL")
+    return SDCheckpoint(unet, vae, _sub(state_dict, TEXT_PREFIX))
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write a state dict as ``.safetensors`` or as a torch ``.ckpt`` (``{"state_dict": ...}``, SD's convention)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        save_file(tensors, str(path))
+    elif path.suffix in (".ckpt", ".pt", ".pth"):
+        torch.save({"state_dict": tensors}, path)
+    else:
+        raise ValueError(f"unknown checkpoint suffix {path.suffix!r} for {path}: use .safetensors or .ckpt")

@@ -1,0 +1,241 @@
+"""Attention with switchable back ends (sdpa | xformers | math) and the SD transformer blocks built on it.
+
+Module and parameter names follow the original Stable Diffusion layout (``to_q``, ``to_out.0``, ``ff.net.0.proj``,
+``transformer_blocks``...) so that checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.nn.norm import group_norm
+
+BACKENDS = ("auto", "sdpa", "xformers", "math")
+
+
+def xformers_available() -> bool:
+    """True when the xformers package can be imported (checked without importing it)."""
+    return importlib.util.find_spec("xformers") is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn a requested back end into the one that will run on ``device``; raise ValueError when it cannot."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; allowed values are {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+    if backend == "xformers":
+        if not xformers_available():
+            raise ValueError(
+                "attention backend 'xformers' requested but xformers is not installed; "
+                "install it with `pip install ldm[xformers]` (or `pip install xformers`), or use backend='sdpa'"
+            )
+        if device.type != "cuda":
+            raise ValueError(
+                f"attention backend 'xformers' needs CUDA tensors, got tensors on {device.type!r}; "
+                "move the model to a CUDA device or use backend='sdpa'"
+            )
+    return backend
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Reference attention: logits and softmax in float32 (even under autocast), probabilities cast to v's dtype."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        scores = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            else:
+                scores = scores + mask.float()
+        probs = scores.softmax(dim=-1)
+        return torch.matmul(probs.to(v.dtype), v)
+
+
+def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """xformers memory-efficient attention; it wants [B, L, heads, d] and an additive bias."""
+    import xformers.ops as xops  # noqa: PLC0415  (optional dependency)
+
+    bias = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        else:
+            bias = mask.to(q.dtype)
+        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out = xops.memory_efficient_attention(
+        q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), attn_bias=bias
+    )
+    return out.transpose(1, 2)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Scaled dot-product attention on [B, heads, L, d] tensors through the chosen back end.
+
+    ``mask`` broadcasts to [B, heads, Lq, Lk]: boolean (True = may attend) or additive float. ``backend`` is one of
+    ``auto`` (xformers on CUDA when installed, else sdpa), ``sdpa`` (torch's fused kernel), ``xformers``, ``math``
+    (explicit float32 softmax, the reference).
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention expects [B, heads, L, d] tensors, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if chosen == "math":
+        return _math_attention(q, k, v, mask)
+    return _xformers_attention(q, k, v, mask)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from ``query_dim`` tokens to ``context_dim`` tokens (self-attention without context)."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        backend: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; allowed values are {', '.join(BACKENDS)}")
+        inner = heads * dim_head
+        self.heads, self.dim_head, self.backend = heads, dim_head, backend
+        self.context_dim = context_dim if context_dim is not None else query_dim
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(self.context_dim, inner, bias=False)
+        self.to_v = nn.Linear(self.context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, heads*d] -> [B, heads, L, d]."""
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, self.dim_head).transpose(1, 2)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attend from ``x`` [B, L, query_dim] to ``context`` [B, Lc, context_dim] (or ``x``); mask [B, Lc] or 4-d."""
+        context = x if context is None else context
+        if context.shape[-1] != self.context_dim:
+            raise ValueError(
+                f"context has feature dimension {context.shape[-1]}, expected context_dim={self.context_dim}"
+            )
+        q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
+        if mask is not None and mask.ndim == 2:
+            mask = mask[:, None, None, :]
+        out = attention(q, k, v, mask=mask, backend=self.backend)
+        b, _, n, _ = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection: one Linear to 2x width, half gates the other through GELU."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return value * gelu(gate)."""
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """The SD transformer MLP: GEGLU to ``mult * dim``, dropout, Linear back (names ``net.0.proj``, ``net.2``)."""
+
+    def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim_out or dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the MLP token-wise."""
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to the context, GEGLU MLP, each with a residual."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        d_head: int,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+        backend: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, n_heads, d_head, dropout, backend)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, context_dim, n_heads, d_head, dropout, backend)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, dim], context [B, Lc, context_dim] (None: attn2 is self-attention)."""
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map, conditioned on a context sequence (SD1: 1x1-conv projections;
+    SD2: Linear projections, ``use_linear_proj=True``)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        n_heads: int,
+        d_head: int,
+        depth: int = 1,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+        use_linear_proj: bool = False,
+        backend: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        inner = n_heads * d_head
+        self.in_channels, self.context_dim, self.use_linear_proj = in_channels, context_dim, use_linear_proj
+        self.norm = group_norm(in_channels, eps=1e-6)
+        if use_linear_proj:
+            self.proj_in: nn.Module = nn.Linear(in_channels, inner)
+            self.proj_out: nn.Module = nn.Linear(inner, in_channels)
+        else:
+            self.proj_in = nn.Conv2d(in_channels, inner, 1)
+            self.proj_out = nn.Conv2d(inner, in_channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, n_heads, d_head, dropout, context_dim, backend) for _ in range(depth)
+        )
+        nn.init.zeros_(self.proj_out.weight)  # the block starts as the identity, as in SD
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, H, W] -> same shape, residual around the transformer."""
+        b, _, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if not self.use_linear_proj:
+            x = self.proj_in(x)
+        x = x.flatten(2).transpose(1, 2)
+        if self.use_linear_proj:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear_proj:
+            x = self.proj_out(x)
+        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        if not self.use_linear_proj:
+            x = self.proj_out(x)
+        return x + residual

@@ -1,0 +1,179 @@
+"""The conditional UNet of latent diffusion, with the module layout of the original Stable Diffusion checkpoints
+(``time_embed``, ``input_blocks``, ``middle_block``, ``output_blocks``, ``out``, ``label_emb``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm.nn.attention import BACKENDS, SpatialTransformer
+from ldm.nn.embeddings import timestep_embedding
+from ldm.nn.norm import group_norm
+from ldm.unet.blocks import Downsample, ResBlock, TimestepEmbedSequential, Upsample
+
+
+class UNet(nn.Module):
+    """Conditional UNet eps/v/x0 predictor: ``forward(x, t, context, y=None)`` -> tensor shaped like ``x``.
+
+    ``attention_resolutions`` lists the downsample factors (1 = input resolution, 2 = after one downsample, ...)
+    whose levels get a SpatialTransformer after each ResBlock, as SD's ``[4, 2, 1]``. Heads are given either as a
+    count (``num_heads``, SD1) or as a width per head (``num_head_channels``, SD2); the other stays -1.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        model_channels: int = 320,
+        channel_mult: Sequence[int] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (4, 2, 1),
+        num_heads: int = -1,
+        num_head_channels: int = -1,
+        context_dim: int | None = 768,
+        use_linear_proj: bool = False,
+        transformer_depth: int = 1,
+        dropout: float = 0.0,
+        num_classes: int | None = None,
+        use_scale_shift_norm: bool = False,
+        gradient_checkpointing: bool = False,
+        attention_backend: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        if (num_heads == -1) == (num_head_channels == -1):
+            raise ValueError(
+                f"give exactly one of num_heads (SD1 style) or num_head_channels (SD2 style); got num_heads={num_heads}"
+                f", num_head_channels={num_head_channels}"
+            )
+        if attention_backend not in BACKENDS:
+            raise ValueError(
+                f"unknown attention backend {attention_backend!r}; allowed values are {', '.join(BACKENDS)}"
+            )
+        channel_mult = tuple(int(m) for m in channel_mult)
+        attention_resolutions = tuple(int(r) for r in attention_resolutions)
+        self.config: dict[str, Any] = dict(
+            in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+            channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
+            attention_resolutions=list(attention_resolutions), num_heads=num_heads,
+            num_head_channels=num_head_channels, context_dim=context_dim, use_linear_proj=use_linear_proj,
+            transformer_depth=transformer_depth, dropout=dropout, num_classes=num_classes,
+            use_scale_shift_norm=use_scale_shift_norm, gradient_checkpointing=gradient_checkpointing,
+            attention_backend=attention_backend,
+        )  # fmt: skip
+        self.in_channels, self.out_channels, self.model_channels = in_channels, out_channels, model_channels
+        self.context_dim, self.num_classes = context_dim, num_classes
+        self.num_levels = len(channel_mult)
+        self.gradient_checkpointing = gradient_checkpointing
+        emb_dim = model_channels * 4
+
+        def transformer(ch: int) -> SpatialTransformer:
+            heads, d_head = (num_heads, ch // num_heads) if num_head_channels == -1 else (
+                ch // num_head_channels, num_head_channels)
+            return SpatialTransformer(ch, heads, d_head, transformer_depth, dropout, context_dim, use_linear_proj,
+                                      attention_backend)
+
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, emb_dim)
+
+        conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_in)])
+        skip_chans = [model_channels]
+        ch, ds = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, dropout, mult * model_channels, use_scale_shift_norm)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, dropout, use_scale_shift_norm=use_scale_shift_norm),
+            transformer(ch),
+            ResBlock(ch, emb_dim, dropout, use_scale_shift_norm=use_scale_shift_norm),
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                skip = skip_chans.pop()
+                layers = [ResBlock(ch + skip, emb_dim, dropout, mult * model_channels, use_scale_shift_norm)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        nn.init.zeros_(self.out[2].weight)
+        nn.init.zeros_(self.out[2].bias)
+
+    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None) -> None:
+        """Raise ValueError with an actionable message when the inputs cannot run through this UNet."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        factor = 2 ** (self.num_levels - 1)
+        bad = [s for s in x.shape[-2:] if s % factor]
+        if bad:
+            sizes = sorted({max(factor, (s // factor) * factor) for s in x.shape[-2:]} | {(s // factor + 1) * factor
+                                                                                        for s in x.shape[-2:]})
+            raise ValueError(
+                f"spatial size {tuple(x.shape[-2:])} is not divisible by 2**(levels-1) = {factor} for a UNet with "
+                f"{self.num_levels} levels; use sizes that are multiples of {factor}, e.g. {sizes}"
+            )
+        if self.context_dim is not None:
+            if context is None:
+                raise ValueError(f"this UNet is conditioned (context_dim={self.context_dim}): pass context [B, L, "
+                                 f"{self.context_dim}]")
+            if context.ndim != 3 or context.shape[-1] != self.context_dim:
+                raise ValueError(f"context must be [B, L, {self.context_dim}] (context_dim={self.context_dim}), got "
+                                 f"{tuple(context.shape)}")
+            if context.shape[0] != x.shape[0]:
+                raise ValueError(f"context batch {context.shape[0]} does not match x batch {x.shape[0]}")
+        if self.num_classes is not None and y is None:
+            raise ValueError(f"this UNet is class-conditional (num_classes={self.num_classes}): pass labels y [B]")
+        if self.num_classes is None and y is not None:
+            raise ValueError("labels y were given but this UNet has num_classes=None")
+
+    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """Run one block, through activation checkpointing when enabled and gradients are being recorded."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float | int,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict from noisy latents ``x`` [B, C, H, W] at timesteps ``t`` ([B] or scalar), context [B, L, D]."""
+        self._check_inputs(x, context, y)
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y)
+        h = x
+        skips = []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)

@@ -1,0 +1,136 @@
+"""Attention back ends, CrossAttention and the SD transformer blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.nn import attention as attn_mod
+from ldm.nn.attention import (
+    BasicTransformerBlock,
+    CrossAttention,
+    FeedForward,
+    SpatialTransformer,
+    attention,
+    resolve_backend,
+)
+
+
+def _qkv(b: int = 2, h: int = 2, lq: int = 5, lk: int = 7, d: int = 8, scale: float = 1.0):
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(b, h, n, d, generator=g) * scale for n in (lq, lk, lk))
+
+
+def test_sdpa_and_math_agree() -> None:
+    q, k, v = _qkv()
+    torch.testing.assert_close(attention(q, k, v, backend="sdpa"), attention(q, k, v, backend="math"))
+
+
+def test_backends_agree_with_bool_and_additive_masks() -> None:
+    q, k, v = _qkv()
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    out_math = attention(q, k, v, mask, backend="math")
+    torch.testing.assert_close(attention(q, k, v, mask, backend="sdpa"), out_math)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(attention(q, k, v, additive, backend="math"), out_math)
+    torch.testing.assert_close(attention(q, k, v, additive, backend="sdpa"), out_math)
+    # masked keys do not matter
+    k2, v2 = k.clone(), v.clone()
+    k2[0, :, 4:] += 100.0
+    v2[0, :, 4:] -= 50.0
+    torch.testing.assert_close(attention(q, k2, v2, mask, backend="math"), out_math)
+
+
+def test_math_softmax_in_fp32_under_bf16_autocast() -> None:
+    q, k, v = (t.bfloat16() for t in _qkv(d=16, scale=30.0))  # logits up to ~1e4
+    reference = attention(q.float(), k.float(), v.float(), backend="math")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, backend="math")
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.02)
+
+
+def test_math_backend_does_not_overflow_in_fp16() -> None:
+    q, k, v = _qkv(d=16, scale=100.0)
+    naive_logits = q.half() @ k.half().transpose(-1, -2)
+    assert torch.isinf(naive_logits).any()  # half precision logits would overflow
+    out = attention(q.half(), k.half(), v.half(), backend="math")
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), attention(q, k, v, backend="math"), atol=0.05, rtol=0.01)
+
+
+def test_unknown_backend_names_allowed_values() -> None:
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="allowed values are auto, sdpa, xformers, math"):
+        attention(q, k, v, backend="flash")
+    with pytest.raises(ValueError, match="allowed values"):
+        CrossAttention(8, backend="nope")
+
+
+def test_xformers_explicit_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, k, v = _qkv()
+    monkeypatch.setattr(attn_mod, "xformers_available", lambda: False)
+    with pytest.raises(ValueError, match="not installed.*pip install"):
+        attention(q, k, v, backend="xformers")
+    monkeypatch.setattr(attn_mod, "xformers_available", lambda: True)
+    with pytest.raises(ValueError, match="needs CUDA tensors.*backend='sdpa'"):
+        attention(q, k, v, backend="xformers")
+    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_backend("auto", torch.device("cuda")) == "xformers"
+    monkeypatch.setattr(attn_mod, "xformers_available", lambda: False)
+    assert resolve_backend("auto", torch.device("cuda")) == "sdpa"
+
+
+def test_attention_rejects_wrong_rank() -> None:
+    with pytest.raises(ValueError, match=r"\[B, heads, L, d\]"):
+        attention(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+
+
+def test_cross_attention_shapes_names_and_errors() -> None:
+    ca = CrossAttention(16, context_dim=12, heads=2, dim_head=4)
+    assert set(ca.state_dict()) == {"to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias"}
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 3, 12)
+    assert ca(x, ctx).shape == (2, 5, 16)
+    with pytest.raises(ValueError, match="feature dimension 16, expected context_dim=12"):
+        ca(x)
+    self_attn = CrossAttention(16, heads=2, dim_head=4)
+    assert self_attn(x).shape == (2, 5, 16)
+
+
+def test_cross_attention_key_padding_mask_and_backends() -> None:
+    torch.manual_seed(0)
+    ca_sdpa = CrossAttention(16, 12, heads=2, dim_head=8, backend="sdpa")
+    ca_math = CrossAttention(16, 12, heads=2, dim_head=8, backend="math")
+    ca_math.load_state_dict(ca_sdpa.state_dict())
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 4, 12)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    out = ca_sdpa(x, ctx, mask)
+    torch.testing.assert_close(out, ca_math(x, ctx, mask))
+    ctx2 = ctx.clone()
+    ctx2[0, 2:] = 9.0
+    torch.testing.assert_close(ca_sdpa(x, ctx2, mask), out)
+
+
+def test_feedforward_and_block_names() -> None:
+    ff = FeedForward(8)
+    assert {"net.0.proj.weight", "net.2.weight"} <= set(ff.state_dict())
+    assert ff.net[0].proj.out_features == 64
+    block = BasicTransformerBlock(16, 2, 8, context_dim=12)
+    names = {k.split(".")[0] for k in block.state_dict()}
+    assert names == {"attn1", "attn2", "ff", "norm1", "norm2", "norm3"}
+    assert block(torch.randn(2, 5, 16), torch.randn(2, 3, 12)).shape == (2, 5, 16)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_spatial_transformer(linear: bool) -> None:
+    st = SpatialTransformer(32, n_heads=2, d_head=16, depth=2, context_dim=12, use_linear_proj=linear)
+    assert st.proj_in.weight.ndim == (2 if linear else 4)
+    assert len(st.transformer_blocks) == 2
+    x = torch.randn(2, 32, 4, 4)
+    torch.testing.assert_close(st(x, torch.randn(2, 3, 12)), x)  # zero-initialised proj_out: identity at init
+    with torch.no_grad():
+        st.proj_out.weight.normal_()
+    out = st(x, torch.randn(2, 3, 12))
+    assert out.shape == x.shape and not torch.allclose(out, x)

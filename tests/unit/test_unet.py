@@ -1,0 +1,150 @@
+"""The UNet: shapes, SD module names, gradients, checkpointing, backends and input errors (tiny configs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.unet import UNet
+
+TINY = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+            attention_resolutions=(1, 2), num_heads=2, context_dim=32)
+
+
+def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """Give every parameter random values (the zero-initialised output convs would block gradients)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _inputs(batch: int = 2, size: int = 16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, 4, size, size, generator=g), torch.tensor([10, 900][:batch]), torch.randn(
+        batch, 5, 32, generator=g)
+
+
+def test_shapes_and_scalar_timestep() -> None:
+    unet = UNet(**TINY)
+    _randomize(unet)
+    x, t, ctx = _inputs()
+    out = unet(x, t, ctx)
+    assert out.shape == x.shape
+    torch.testing.assert_close(unet(x, 10, ctx)[0], unet(x, torch.tensor([10, 10]), ctx)[0])
+
+
+def test_sd_module_names() -> None:
+    unet = UNet(**TINY, num_classes=3)
+    keys = set(unet.state_dict())
+    for k in ["time_embed.0.weight", "time_embed.2.weight", "label_emb.weight", "input_blocks.0.0.weight",
+              "input_blocks.1.0.in_layers.0.weight", "input_blocks.1.0.emb_layers.1.weight",
+              "input_blocks.1.0.out_layers.3.weight", "input_blocks.1.1.proj_in.weight",
+              "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+              "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight", "input_blocks.2.0.op.weight",
+              "input_blocks.3.0.skip_connection.weight", "middle_block.0.in_layers.2.weight",
+              "middle_block.1.norm.weight", "middle_block.2.out_layers.3.bias",
+              "output_blocks.0.0.skip_connection.weight",
+              "output_blocks.1.2.conv.weight", "output_blocks.3.1.proj_out.weight", "out.0.weight", "out.2.weight"]:
+        assert k in keys, k
+    assert len(unet.input_blocks) == 4 and len(unet.output_blocks) == 4
+
+
+def test_attention_resolutions_are_downsample_factors() -> None:
+    keys = set(UNet(**{**TINY, "attention_resolutions": (2,)}).state_dict())
+    assert "input_blocks.1.1.norm.weight" not in keys  # level 0 (factor 1): no attention
+    assert "input_blocks.3.1.norm.weight" in keys  # level 1 (factor 2)
+    assert "output_blocks.1.2.conv.weight" in keys  # upsample after the attention
+    keys = set(UNet(**{**TINY, "attention_resolutions": (1,)}).state_dict())
+    assert "input_blocks.1.1.norm.weight" in keys and "input_blocks.3.1.norm.weight" not in keys
+    assert "output_blocks.1.1.conv.weight" in keys  # upsample at index 1 without attention
+
+
+def test_head_arguments() -> None:
+    unet = UNet(**{**TINY, "num_heads": -1, "num_head_channels": 16, "use_linear_proj": True})
+    attn = unet.middle_block[1].transformer_blocks[0].attn1
+    assert (attn.heads, attn.dim_head) == (4, 16)
+    assert unet.middle_block[1].proj_in.weight.ndim == 2
+    with pytest.raises(ValueError, match="exactly one of num_heads"):
+        UNet(**{**TINY, "num_head_channels": 16})
+    with pytest.raises(ValueError, match="exactly one of num_heads"):
+        UNet(**{**TINY, "num_heads": -1})
+
+
+def test_gradient_flows_to_all_parameters() -> None:
+    unet = UNet(**TINY, num_classes=3, use_scale_shift_norm=True)
+    _randomize(unet)
+    x, t, ctx = _inputs()
+    unet(x, t, ctx, y=torch.tensor([0, 2])).square().mean().backward()
+    dead = [n for n, p in unet.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, dead
+
+
+def test_gradient_checkpointing_gives_equal_gradients() -> None:
+    torch.manual_seed(0)
+    plain = UNet(**TINY, dropout=0.1)
+    _randomize(plain)
+    ckpt = UNet(**TINY, dropout=0.1, gradient_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, ctx = _inputs()
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        torch.manual_seed(123)  # same dropout masks (checkpoint replays the RNG state)
+        model(x, t, ctx).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_sdpa_and_math_backends_agree() -> None:
+    a = UNet(**TINY, attention_backend="sdpa")
+    _randomize(a)
+    b = UNet(**TINY, attention_backend="math")
+    b.load_state_dict(a.state_dict())
+    x, t, ctx = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(a(x, t, ctx), b(x, t, ctx), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_forward_is_finite() -> None:
+    unet = UNet(**TINY, attention_backend="math")
+    _randomize(unet)
+    x, t, ctx = _inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unet(x, t, ctx)
+    assert torch.isfinite(out).all()
+
+
+def test_class_conditioning() -> None:
+    unet = UNet(**TINY, num_classes=3)
+    _randomize(unet)
+    x, t, ctx = _inputs()
+    assert not torch.allclose(unet(x, t, ctx, torch.tensor([0, 0])), unet(x, t, ctx, torch.tensor([1, 1])))
+    with pytest.raises(ValueError, match="class-conditional.*pass labels y"):
+        unet(x, t, ctx)
+    with pytest.raises(ValueError, match="num_classes=None"):
+        UNet(**TINY)(x, t, ctx, y=torch.tensor([0, 1]))
+
+
+def test_input_errors() -> None:
+    unet = UNet(**{**TINY, "channel_mult": (1, 2, 2)})
+    x, t, ctx = _inputs(size=16)
+    with pytest.raises(ValueError, match=r"context must be \[B, L, 32\].*got \(2, 5, 16\)"):
+        unet(x, t, torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match="conditioned.*pass context"):
+        unet(x, t)
+    with pytest.raises(ValueError, match=r"not divisible by 2\*\*\(levels-1\) = 4.*multiples of 4, e.g. \[16, 20\]"):
+        unet(torch.randn(2, 4, 18, 18), t, ctx)
+    with pytest.raises(ValueError, match=r"x must be \[B, 4, H, W\]"):
+        unet(torch.randn(2, 3, 16, 16), t, ctx)
+    with pytest.raises(ValueError, match="context batch 1 does not match x batch 2"):
+        unet(x, t, ctx[:1])
+    with pytest.raises(ValueError, match="allowed values"):
+        UNet(**TINY, attention_backend="flash")
+
+
+def test_unconditional_unet_uses_self_attention() -> None:
+    unet = UNet(**{**TINY, "context_dim": None})
+    x, t, _ = _inputs()
+    assert unet(x, t).shape == x.shape
