@@ -57,12 +57,12 @@ class DiffusionLoss:
 
     def sample_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Gaussian noise, plus per-channel constant offset noise if configured (Guttenberg, 2023)."""
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        device = generator.device if generator is not None else x0.device  # a CPU generator serves any device
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=device)
         if self.offset_noise > 0:
             shape = (x0.shape[0], x0.shape[1], *([1] * (x0.ndim - 2)))
-            noise = noise + self.offset_noise * torch.randn(shape, generator=generator, dtype=x0.dtype,
-                                                            device=x0.device)
-        return noise
+            noise = noise + self.offset_noise * torch.randn(shape, generator=generator, dtype=x0.dtype, device=device)
+        return noise.to(x0.device)
 
     def __call__(
         self,
@@ -76,7 +76,9 @@ class DiffusionLoss:
         """The mean weighted MSE between ``denoise(x_t, t, cond)`` and the target; t and noise drawn if not given."""
         B = x0.shape[0]
         if t is None:
-            t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator, device=x0.device)
+            device = generator.device if generator is not None else x0.device
+            t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator, device=device)
+            t = t.to(x0.device)
         if noise is None:
             noise = self.sample_noise(x0, generator)
         a = self.schedule.alpha_bar(t, like=x0)

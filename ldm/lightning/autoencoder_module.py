@@ -1,0 +1,107 @@
+"""AutoencoderModule: trains AutoencoderKL with reconstruction + KL, optional perceptual and PatchGAN losses."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.autoencoder.losses import PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, hinge_d_loss
+
+
+class AutoencoderModule(L.LightningModule):
+    """Manual optimisation with two optimizers (autoencoder, discriminator); the GAN starts at ``disc_start``.
+
+    After training, ``fit_latent_scale`` sets the VAE's ``scale_factor`` to 1 / std of the latents, so that diffusion
+    trains on unit-variance latents (Rombach et al., 2022, appendix G).
+    """
+
+    def __init__(
+        self,
+        vae: nn.Module,
+        lr: float = 4.5e-6,
+        betas: tuple[float, float] = (0.5, 0.9),
+        rec_loss: str = "l1",
+        kl_weight: float = 1e-6,
+        perceptual_weight: float = 0.0,
+        perceptual_weights: str | None = None,
+        disc_weight: float = 0.5,
+        disc_start: int | None = None,
+        disc_channels: int = 64,
+        disc_layers: int = 3,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        if rec_loss not in ("l1", "l2"):
+            raise ValueError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
+        self.vae = vae
+        self.lr, self.betas = lr, tuple(betas)
+        self.rec_loss, self.kl_weight = rec_loss, kl_weight
+        self.perceptual_weight = perceptual_weight
+        self.perceptual = PerceptualLoss(perceptual_weights) if perceptual_weight > 0 else None
+        self.disc_start = disc_start
+        self.disc_weight = disc_weight
+        self.discriminator = None
+        if disc_start is not None:
+            self.discriminator = PatchDiscriminator(vae.config["out_channels"], disc_channels, disc_layers)
+
+    def _reconstruction(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+        err = (rec - x).abs() if self.rec_loss == "l1" else (rec - x) ** 2
+        per_sample = err.mean(dim=(1, 2, 3))
+        if self.perceptual is not None:
+            per_sample = per_sample + self.perceptual_weight * self.perceptual(x, rec)
+        return per_sample.mean()
+
+    def _gan_active(self) -> bool:
+        return self.discriminator is not None and self.global_step >= self.disc_start
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]
+        opts = self.optimizers()
+        opt_ae, opt_d = (opts[0], opts[1]) if isinstance(opts, list) else (opts, None)
+        rec, posterior = self.vae(x)
+        nll = self._reconstruction(x, rec)
+        kl = posterior.kl().mean()
+        loss = nll + self.kl_weight * kl
+        if self._gan_active():
+            g_loss = -self.discriminator(rec).mean()
+            w = adaptive_gan_weight(nll, g_loss, self.vae.decoder.conv_out.weight) * self.disc_weight
+            loss = loss + w * g_loss
+            self.log("train/g_loss", g_loss, batch_size=x.shape[0])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"autoencoder loss is {loss.item()} at step {self.global_step}; the last "
+                                     "checkpoint is kept. Lower the learning rate or the GAN weight.")
+        opt_ae.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt_ae.step()
+        if self._gan_active():
+            d_loss = hinge_d_loss(self.discriminator(x), self.discriminator(rec.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            opt_d.step()
+            self.log("train/d_loss", d_loss, batch_size=x.shape[0])
+        bs = x.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/rec_loss", nll, batch_size=bs)
+        self.log("train/kl", kl, batch_size=bs)
+        with torch.no_grad():
+            mse = F.mse_loss(rec.clamp(-1, 1), x)
+            self.log("train/psnr", 10 * torch.log10(4.0 / mse.clamp(min=1e-10)), prog_bar=True, batch_size=bs)
+
+    def configure_optimizers(self):
+        opt_ae = torch.optim.Adam(self.vae.parameters(), lr=self.lr, betas=self.betas)
+        if self.discriminator is None:
+            return opt_ae
+        return [opt_ae, torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=self.betas)]
+
+    @torch.no_grad()
+    def fit_latent_scale(self, images: torch.Tensor) -> float:
+        """Set ``vae.scale_factor`` (and its config) to 1 / std of the posterior-sampled latents of ``images``."""
+        if self.vae.config.get("latent_std") is not None:
+            raise ValueError("the VAE normalises per channel (latent_std); fit_latent_scale sets a scalar scale")
+        z = self.vae.encode(images).sample()
+        scale = float(1.0 / z.float().std())
+        self.vae.config["scale_factor"] = scale
+        self.vae.latent_scale.fill_(scale)
+        return scale

@@ -1,0 +1,233 @@
+"""LatentDiffusionModule: trains a UNet on the latents of a frozen VAE (or on pixels, or on cached latents)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from ldm.checkpoint import module_spec
+from ldm.diffusion import DiffusionLoss, NoiseSchedule
+from ldm.lightning.ema import EMA
+from ldm.sampling import make_scheduler, sample_loop
+from ldm.text.conditioner import drop_captions
+
+
+def warmup_then(schedule: str, warmup_steps: int, max_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup_steps``, then ``constant`` or ``cosine`` decay to 0 at max_steps."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown lr schedule {schedule!r}; expected 'constant' or 'cosine'")
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class LatentDiffusionModule(L.LightningModule):
+    """Composes a denoiser, a text encoder (or none) and a first stage (a VAE, or None for pixel space).
+
+    The first stage is frozen; latents are ``first_stage.encode_latents(image)`` (normalised there), or the
+    ``latent`` entry of a batch from the latent cache. ``schedule`` holds the NoiseSchedule.from_name keywords;
+    ``sampling`` the defaults a sampler should use with this model (saved with the checkpoint).
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoder: nn.Module | None = None,
+        first_stage: nn.Module | None = None,
+        schedule: dict | None = None,
+        prediction_type: str = "epsilon",
+        loss_weighting: str = "uniform",
+        snr_gamma: float = 5.0,
+        offset_noise: float = 0.0,
+        caption_dropout: float = 0.1,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+        max_steps: int = 1,
+        ema_decay: float | None = 0.9999,
+        ema_warmup: bool = True,
+        nan_policy: str = "stop",
+        max_nan_skips: int = 10,
+        sampling: dict | None = None,
+        text_encoder_kwargs: dict | None = None,
+        run_config: dict | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.first_stage = first_stage
+        if first_stage is not None:
+            first_stage.requires_grad_(False).eval()
+        self.schedule_kwargs = dict(schedule or {})
+        self.schedule = NoiseSchedule.from_name(**self.schedule_kwargs)
+        self.prediction_type = prediction_type
+        self.loss_fn = DiffusionLoss(self.schedule, prediction_type, loss_weighting, snr_gamma, offset_noise)
+        self.caption_dropout = caption_dropout
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
+        self.lr_factor = warmup_then(lr_schedule, warmup_steps, max_steps)
+        self.ema = EMA(unet, ema_decay, ema_warmup) if ema_decay is not None else None
+        if nan_policy not in ("stop", "skip"):
+            raise ValueError(f"nan_policy must be 'stop' or 'skip', got {nan_policy!r}")
+        self.nan_policy = nan_policy
+        self.max_nan_skips = max_nan_skips
+        self.nan_skips = 0
+        self.sampling = dict(sampling or {})
+        self.text_encoder_kwargs = text_encoder_kwargs
+        self.run_config = run_config
+        # The training randomness (caption dropout, t, noise) comes from one generator whose state is saved in the
+        # checkpoint, so a resumed run draws exactly what an uninterrupted one would. Offset by rank under DDP.
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.trainer.global_rank:
+            self.generator.manual_seed(self.seed + 1000003 * self.trainer.global_rank)
+
+    def describe(self) -> dict:
+        """Everything needed to rebuild the parts and sample: saved in every checkpoint under ``"ldm"``."""
+        return {
+            "kind": "latent_diffusion",
+            "unet": module_spec(self.unet),
+            "text_encoder": None if self.text_encoder is None else module_spec(self.text_encoder,
+                                                                               self.text_encoder_kwargs),
+            "first_stage": None if self.first_stage is None else module_spec(self.first_stage),
+            "schedule": self.schedule_kwargs,
+            "prediction_type": self.prediction_type,
+            "sampling": self.sampling,
+            "ema": self.ema is not None,
+            "config": self.run_config,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ldm"] = self.describe()
+        checkpoint["nan_skips"] = self.nan_skips
+        checkpoint["train_generator"] = self.generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nan_skips = checkpoint.get("nan_skips", 0)
+        if "train_generator" in checkpoint:
+            self.generator.set_state(checkpoint["train_generator"])
+
+    # ------------------------------------------------------------------ training
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.first_stage is not None:
+            self.first_stage.eval()  # frozen: no dropout, no norm-statistics updates
+        return self
+
+    def latents_of(self, batch: dict) -> torch.Tensor:
+        """Clean latents for a batch: from the cache, through the frozen first stage, or the pixels themselves."""
+        if "latent" in batch:
+            return batch["latent"]
+        image = batch["image"]
+        if self.first_stage is None:
+            return image
+        with torch.no_grad():
+            return self.first_stage.encode_latents(image)
+
+    def encode_text(self, captions: Sequence[str]) -> torch.Tensor | None:
+        if self.text_encoder is None:
+            return None
+        return self.text_encoder.encode(list(captions)).hidden
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, y=None) -> torch.Tensor:
+        return self.unet(x, t, context) if y is None else self.unet(x, t, context, y=y)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        x0 = self.latents_of(batch)
+        context = None
+        if self.text_encoder is not None:
+            captions = drop_captions(batch["caption"], self.caption_dropout, self.generator)
+            context = self.encode_text(captions)
+        y = batch.get("label") if getattr(self.unet, "num_classes", None) else None
+        loss = self.loss_fn(lambda x, t, c: self.denoise(x, t, c, y), x0, context, generator=self.generator)
+        if not torch.isfinite(loss):
+            return self._on_nonfinite(loss)
+        bs = x0.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        return loss
+
+    def _on_nonfinite(self, loss: torch.Tensor) -> None:
+        self.nan_skips += 1
+        self.log("train/nan_skips", float(self.nan_skips))
+        if self.nan_policy == "stop" or self.nan_skips > self.max_nan_skips:
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {self.global_step} (skipped so far: {self.nan_skips - 1}). The last "
+                "checkpoint is kept. Lower the learning rate, use bf16 rather than fp16, or set "
+                "module.nan_policy=skip (with module.max_nan_skips) to skip such batches."
+            )
+        return None  # Lightning skips the optimizer step for a None loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.unet)
+
+    def configure_optimizers(self):
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        if self.text_encoder is not None:
+            params += [p for p in self.text_encoder.parameters() if p.requires_grad]
+        opt = self.optimizer_factory(params)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        sampler: str | None = None,
+        generator: torch.Generator | None = None,
+        latent_shape: tuple[int, int, int] | None = None,
+        use_ema: bool = True,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Images in [-1, 1], [B, C, H, W], for ``prompts`` (EMA weights by default)."""
+        s = self.sampling
+        guidance_scale = s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+        steps = num_inference_steps or s.get("num_inference_steps", 25)
+        scheduler = make_scheduler(sampler or s.get("sampler", "dpm_solver++"), self.schedule_kwargs,
+                                   self.prediction_type)
+        scheduler.set_timesteps(steps)
+        shape = latent_shape or tuple(s["latent_shape"])
+        n = len(prompts)
+        context = uncond = None
+        if self.text_encoder is not None:
+            context = self.encode_text(prompts)
+            neg = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+            uncond = self.encode_text(neg)
+        device = next(self.unet.parameters()).device
+        noise_gen_device = generator.device if generator is not None else device
+        x = torch.randn((n, *shape), generator=generator, device=noise_gen_device).to(device)
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            if use_ema and self.ema is not None:
+                with self.ema.swapped_in(self.unet):
+                    z = sample_loop(self.denoise, scheduler, x, context, uncond, guidance_scale, generator=generator,
+                                    y=labels)
+            else:
+                z = sample_loop(self.denoise, scheduler, x, context, uncond, guidance_scale, generator=generator,
+                                y=labels)
+        finally:
+            self.unet.train(was_training)
+        if self.first_stage is None:
+            return z.clamp(-1, 1)
+        return self.first_stage.decode_latents(z.to(next(self.first_stage.parameters()).dtype)).float()

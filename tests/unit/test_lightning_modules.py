@@ -1,0 +1,179 @@
+"""The training modules: EMA, caption dropout, LR schedule, and a few real optimisation steps of each stage."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ldm.autoencoder import AutoencoderKL
+from ldm.lightning.autoencoder_module import AutoencoderModule
+from ldm.lightning.diffusion_module import LatentDiffusionModule, warmup_then
+from ldm.lightning.ema import EMA
+from ldm.unet import UNet
+
+
+class HashTextEncoder(nn.Module):
+    """A stand-in text encoder: one learned vector per character, mean-free of any tokenizer."""
+
+    def __init__(self, width: int = 32, length: int = 8):
+        super().__init__()
+        self.emb = nn.Embedding(128, width)
+        self.length = length
+        self.width = width
+
+    def encode(self, prompts):
+        ids = torch.zeros(len(prompts), self.length, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            codes = [ord(c) % 128 for c in p[: self.length]]
+            ids[i, : len(codes)] = torch.tensor(codes, dtype=torch.long)
+        return SimpleNamespace(hidden=self.emb(ids), pooled=None, mask=ids > 0)
+
+
+def tiny_unet(in_ch=4, context_dim=32, num_classes=None):
+    return UNet(in_channels=in_ch, out_channels=in_ch, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                attention_resolutions=(1, 2) if context_dim else (), num_heads=2, context_dim=context_dim,
+                num_classes=num_classes)
+
+
+def tiny_vae():
+    return AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, scale_factor=1.0)
+
+
+def image_batches(n=16, size=16, seed=0):
+    # Learnable data: a flat colour per caption plus a little noise.
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.tensor([[0.9, -0.8, -0.8], [-0.8, -0.6, 0.9], [-0.8, 0.7, -0.6], [0.9, 0.9, 0.9]])
+    images = colours.repeat(n // 4, 1)[:, :, None, None] + 0.05 * torch.randn(n, 3, size, size, generator=g)
+    captions = [f"a {c} square" for c in ("red", "blue", "green", "white")] * (n // 4)
+    return [{"image": images[i], "caption": captions[i], "label": i % 10} for i in range(n)]
+
+
+def collate(items):
+    return {"image": torch.stack([i["image"] for i in items]), "caption": [i["caption"] for i in items],
+            "label": torch.tensor([i["label"] for i in items])}
+
+
+def trainer(steps, tmp_path):
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+
+
+def test_ema_follows_the_model_with_warmup_and_swaps_in():
+    model = nn.Linear(3, 3)
+    ema = EMA(model, decay=0.99, warmup=True)
+    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.shadow_0, before + 0.9)  # moved 1 - 0.1 of the way
+    trained = model.weight.detach().clone()
+    with ema.swapped_in(model):
+        torch.testing.assert_close(model.weight, before + 0.9)
+    torch.testing.assert_close(model.weight, trained)
+    assert "shadow_0" in ema.state_dict() and int(ema.num_updates) == 1
+    with pytest.raises(ValueError, match="decay"):
+        EMA(model, decay=1.0)
+
+
+def test_lr_warmup_then_cosine():
+    f = warmup_then("cosine", 10, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_then("constant", 0, 5)(100) == 1.0
+    with pytest.raises(ValueError, match="cosine"):
+        warmup_then("step", 0, 1)
+
+
+def test_latent_diffusion_module_learns_and_updates_ema(tmp_path):
+    torch.manual_seed(0)
+    unet, vae, text = tiny_unet(), tiny_vae(), HashTextEncoder()
+    vae_before = {k: v.clone() for k, v in vae.state_dict().items()}
+    module = LatentDiffusionModule(
+        unet, text, vae, schedule={"schedule": "cosine"}, prediction_type="epsilon", caption_dropout=0.1,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), ema_decay=0.9, max_steps=30,
+        sampling={"latent_shape": [4, 8, 8], "guidance_scale": 3.0, "num_inference_steps": 4},
+    )
+    ema_before = module.ema.shadow_0.clone()
+    loader = DataLoader(image_batches(), batch_size=8, collate_fn=collate, shuffle=True)
+    # A fixed evaluation loss (same images, t and noise) before and after training.
+    batch = collate(image_batches(8, seed=3))
+    g = torch.Generator().manual_seed(0)
+    t_eval = torch.randint(0, 1000, (8,), generator=g)
+    noise = torch.randn(8, 4, 8, 8, generator=g)
+
+    def eval_loss():
+        with torch.no_grad():
+            x0, ctx = module.latents_of(batch), module.encode_text(batch["caption"])
+            return float(module.loss_fn(lambda x, t, c: module.denoise(x, t, c), x0, ctx, t=t_eval, noise=noise))
+
+    first = eval_loss()
+    trainer(30, tmp_path).fit(module, loader)
+    last = eval_loss()
+    assert last < 0.8 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert not torch.equal(module.ema.shadow_0, ema_before) and int(module.ema.num_updates) == 30
+    for k, v in vae.state_dict().items():  # the first stage is frozen
+        assert torch.equal(v, vae_before[k]), k
+    assert any(p.grad is not None for p in text.parameters())  # a trainable text encoder is optimised too
+    images = module.generate(["a red square", "a blue square"], generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+    again = module.generate(["a red square", "a blue square"], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(images, again)
+
+
+def test_pixel_space_class_conditional_module(tmp_path):
+    unet = tiny_unet(in_ch=3, context_dim=None, num_classes=10)
+    module = LatentDiffusionModule(unet, None, None, schedule={"schedule": "linear"}, ema_decay=None,
+                                   optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+                                   sampling={"latent_shape": [3, 16, 16], "sampler": "ddpm", "num_inference_steps": 3})
+    trainer(4, tmp_path).fit(module, DataLoader(image_batches(), batch_size=8, collate_fn=collate))
+    out = module.generate(["", ""], labels=torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 16, 16)
+
+
+def test_nan_loss_stops_with_a_clear_message_or_is_skipped(tmp_path):
+    class NaNNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+            self.num_classes = None
+
+        def forward(self, x, t, context=None):
+            return x * self.w * float("nan")
+
+    stop = LatentDiffusionModule(NaNNet(), None, None, ema_decay=None)
+    with pytest.raises(FloatingPointError, match="nan_policy=skip"):
+        trainer(2, tmp_path).fit(stop, DataLoader(image_batches(8), batch_size=4, collate_fn=collate))
+    skip = LatentDiffusionModule(NaNNet(), None, None, ema_decay=None, nan_policy="skip", max_nan_skips=10)
+    trainer(2, tmp_path).fit(skip, DataLoader(image_batches(8), batch_size=4, collate_fn=collate))
+    assert skip.nan_skips == 2 and torch.equal(skip.unet.w.detach(), torch.ones(()))
+
+
+def test_autoencoder_module_trains_with_gan_and_fits_latent_scale(tmp_path):
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    module = AutoencoderModule(vae, lr=1e-3, disc_start=3, disc_layers=2, disc_channels=8)
+    d_before = [p.clone() for p in module.discriminator.parameters()]
+    trainer(6, tmp_path).fit(module, DataLoader(image_batches(), batch_size=8, collate_fn=collate))
+    assert any(not torch.equal(a, b) for a, b in zip(d_before, module.discriminator.parameters(), strict=True))
+    scale = module.fit_latent_scale(torch.stack([b["image"] for b in image_batches(8)]))
+    z = vae.encode_latents(torch.stack([b["image"] for b in image_batches(8, seed=1)]))
+    assert vae.config["scale_factor"] == scale and 0.5 < float(z.std()) < 2.0
+
+
+def test_perceptual_loss_needs_local_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="perceptual_weight=0"):
+        AutoencoderModule(tiny_vae(), perceptual_weight=1.0, perceptual_weights=str(tmp_path / "missing.pth"))
+    from ldm.autoencoder.losses import PerceptualLoss
+
+    path = tmp_path / "lpips.pth"
+    PerceptualLoss.save_random(path)
+    loss = PerceptualLoss(path)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(loss(x, x), torch.zeros(2), atol=1e-6)
+    assert (loss(x, -x) > 0).all()
