@@ -5,7 +5,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from ldm.diffusion import NoiseSchedule
-from ldm.viz import FRACTIONS, forward_strip, plot_log_snr, demo_image
+from ldm.viz import FRACTIONS, demo_image, forward_strip, plot_log_snr
 
 HERE = Path(__file__).parent
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ldm.diffusion import NoiseSchedule
-from ldm.viz import forward_strip, main, demo_image
+from ldm.viz import demo_image, forward_strip, main
 
 
 def _frames(strip, n=5):
