@@ -1,0 +1,1 @@
+"""Judges that measure what a trained model generates."""
