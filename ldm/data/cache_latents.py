@@ -1,0 +1,187 @@
+"""Precompute VAE latents (and, for a frozen text encoder, text embeddings) into shards the reader can train on.
+
+    python -m ldm.data.cache_latents SHARDS OUT --vae CKPT --vae-config conf/autoencoder/kl_f8.yaml
+        [--text-encoder-config conf/text_encoder/...yaml [--text-encoder CKPT]] [--size S] [--batch-size N]
+
+Each input shard ``NAME.tar`` becomes ``OUT/NAME.tar`` with, per sample, ``latent_mean.npy`` and
+``latent_std.npy`` (the raw, unscaled posterior moments; the training module applies the latent scale), the
+``.txt`` caption and ``.json`` metadata, and with a text encoder ``text_hidden.npy`` [L, D], ``text_pooled.npy`` and
+``text_mask.npy``. Output shards are written atomically and skipped when present, so an interrupted run resumes.
+Read them with ``ShardDataModule(source="latents")``, which samples mean + std * noise per sample (or takes the
+mean with ``sample_latents=False``). Caching text embeddings is only right for an encoder that stays frozen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ldm.data.shards import ShardWriter, clean_temporaries, iter_shard, resolve_shards, write_index
+from ldm.data.transforms import IMAGE_EXTS, ImageTransform, decode_image, npy_bytes
+
+
+class Posterior(Protocol):
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+class ImageEncoder(Protocol):
+    def encode(self, x: torch.Tensor) -> Posterior: ...
+
+
+class TextEncoderLike(Protocol):
+    def encode(self, prompts: list[str]) -> Sequence[torch.Tensor]: ...
+
+
+def _caption(raw: dict[str, Any]) -> str:
+    if "txt" in raw:
+        return raw["txt"].decode("utf-8").strip()
+    return str(json.loads(raw["json"]).get("caption", "")) if "json" in raw else ""
+
+
+@torch.no_grad()
+def cache_latents(
+    shards: str | os.PathLike | list[str],
+    out: str | os.PathLike,
+    vae: ImageEncoder,
+    text_encoder: TextEncoderLike | None = None,
+    image_size: int = 32,
+    image_mode: str = "RGB",
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    dtype: str = "float32",
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Encode every sample of ``shards`` (centre crop at ``image_size``) and write latent shards to ``out``.
+
+    ``vae.encode(x)`` gets a [B, C, H, W] batch in [-1, 1] and returns an object with ``.mean`` and ``.std``;
+    ``text_encoder.encode(captions)`` returns ``(hidden [B, L, D], pooled, mask)``. ``dtype`` is the stored
+    precision (``float32`` or ``float16``). Returns the written index.
+    """
+    if text_encoder is not None and getattr(text_encoder, "frozen", True) is False:
+        warnings.warn("caching embeddings of a trainable text encoder: they go stale as it trains", stacklevel=2)
+    paths, counts = resolve_shards(shards)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_temporaries(out)
+    np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
+    if device is None:
+        p = next(iter(vae.parameters()), None) if isinstance(vae, torch.nn.Module) else None
+        device = p.device if p is not None else torch.device("cpu")
+    transform = ImageTransform(size=image_size, crop="center", hflip=False, mode=image_mode)
+    entries: list[dict[str, Any]] = []
+    latent_shape: list[int] | None = None
+
+    def flush(writer: ShardWriter, raws: list[dict[str, Any]]) -> list[int]:
+        x = torch.stack([transform(decode_image(r[next(e for e in IMAGE_EXTS if e in r)])) for r in raws]).to(device)
+        posterior = vae.encode(x)
+        mean = posterior.mean.float().cpu().numpy().astype(np_dtype)
+        std = posterior.std.float().cpu().numpy().astype(np_dtype)
+        text: list[np.ndarray] | None = None
+        if text_encoder is not None:
+            hidden, pooled, mask = text_encoder.encode([_caption(r) for r in raws])[:3]
+            text = [hidden.float().cpu().numpy().astype(np_dtype), pooled.float().cpu().numpy().astype(np_dtype),
+                    mask.cpu().numpy().astype(bool)]
+        for i, r in enumerate(raws):
+            fields = {"latent_mean.npy": npy_bytes(mean[i]), "latent_std.npy": npy_bytes(std[i])}
+            for ext in ("txt", "json", "cls"):
+                if ext in r:
+                    fields[ext] = r[ext]
+            if text is not None:
+                fields.update({"text_hidden.npy": npy_bytes(text[0][i]), "text_pooled.npy": npy_bytes(text[1][i]),
+                               "text_mask.npy": npy_bytes(text[2][i])})
+            writer.write(r["__key__"], fields)
+        return list(mean.shape[1:])
+
+    for path, count in zip(paths, counts, strict=True):
+        name = Path(path).name
+        target = out / name
+        if target.exists():
+            if log:
+                log(f"{name}: already cached")
+            entries.append({"name": name, "count": count})
+            continue
+        with ShardWriter(target) as writer:
+            group: list[dict[str, Any]] = []
+            for raw in iter_shard(path):
+                group.append(raw)
+                if len(group) == batch_size:
+                    latent_shape = flush(writer, group)
+                    group = []
+            if group:
+                latent_shape = flush(writer, group)
+        entries.append({"name": name, "count": writer.count})
+        if log:
+            log(f"{name}: {writer.count} latents")
+    extra = {"latents": {"shape": latent_shape, "dtype": dtype, "image_size": image_size,
+                         "text": text_encoder is not None}}
+    return write_index(out, entries, **extra)
+
+
+def _load_module(config: str, checkpoint: str | None) -> torch.nn.Module:
+    """Instantiate a module from a Hydra yaml (``_target_``) and load a state dict (plain, Lightning or SD layout)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    module = instantiate(OmegaConf.load(config))
+    if checkpoint:
+        if checkpoint.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(checkpoint)
+        else:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        own = set(module.state_dict())
+        for prefix in ("", "vae.", "autoencoder.", "first_stage_model.", "text_encoder.", "cond_stage_model.",
+                       "model."):
+            picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in own}
+            if len(picked) == len(own):
+                module.load_state_dict(picked)
+                break
+        else:
+            raise ValueError(f"{checkpoint} holds no complete state dict for {type(module).__name__}")
+    return module.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ldm.data.cache_latents", description=__doc__.split("\n\n")[0])
+    p.add_argument("shards", help="shard folder (index.json) or brace pattern")
+    p.add_argument("out")
+    p.add_argument("--vae", required=True, help="VAE checkpoint (.ckpt/.pt/.safetensors)")
+    p.add_argument("--vae-config", default="conf/autoencoder/kl_f8.yaml", help="Hydra yaml of the VAE")
+    p.add_argument("--text-encoder-config", default=None, help="Hydra yaml of a frozen text encoder to cache")
+    p.add_argument("--text-encoder", default=None, help="its checkpoint, if not pretrained by its config")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--mode", default="RGB", choices=("RGB", "L"))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    try:
+        import ldm.autoencoder  # noqa: F401
+    except ImportError as err:
+        raise SystemExit(f"cache_latents needs ldm.autoencoder for --vae, which failed to import: {err}") from err
+    vae = _load_module(a.vae_config, a.vae)
+    text = _load_module(a.text_encoder_config, a.text_encoder) if a.text_encoder_config else None
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    device = torch.device(a.device) if a.device else (accelerator or torch.device("cpu"))
+    vae.to(device)
+    if text is not None:
+        text.to(device)
+    cache_latents(a.shards, a.out, vae, text, image_size=a.size, image_mode=a.mode, batch_size=a.batch_size,
+                  device=device, dtype=a.dtype)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

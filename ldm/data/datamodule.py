@@ -1,0 +1,303 @@
+"""The shard reader as a resumable loader, and the Lightning DataModule around it.
+
+``ShardLoader`` is an iterable of collated batches whose order is a function of (seed, epoch, rank, worker) (see
+:class:`ldm.data.shards.ReadPlan`). Its position is ``(epoch, batches consumed)``; restoring that position replays
+each worker's stream and skips the raw samples already used (no decoding), so a resumed run yields exactly the
+batches an uninterrupted run would have. Every rank gets the same number of batches per epoch (the minimum over
+ranks, computed from the shard counts in index.json), set on the loader, not per worker.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ldm.data.shards import ReadPlan, _rng, resolve_shards
+from ldm.data.transforms import ImageTransform, SampleDecoder, collate, uint8_to_float
+
+POS_KEY = "__pos__"  # (split, epoch, batch index) attached to each batch; the DataModule pops it
+
+
+class _EpochStream(IterableDataset):
+    """One epoch of one rank, from batch ``start`` on; inside DataLoader worker ``d`` it plays logical worker
+    ``(order[start] + d) % W`` so the DataLoader's round robin (which always begins at worker 0) continues the
+    uninterrupted order."""
+
+    def __init__(self, plan: ReadPlan, rank: int, epoch: int, start: int, decoder: SampleDecoder) -> None:
+        self.plan, self.rank, self.epoch, self.start, self.decoder = plan, rank, epoch, start, decoder
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        plan = self.plan
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        if info is not None and info.num_workers != plan.num_workers:
+            raise RuntimeError(f"plan has {plan.num_workers} workers but the DataLoader runs {info.num_workers}")
+        order = plan.order(self.rank)
+        if self.start >= len(order):
+            return
+        worker = (order[self.start] + physical) % plan.num_workers
+        done, todo = order[: self.start].count(worker), order[self.start :].count(worker)
+        if todo == 0:
+            return
+        stream = plan.worker_samples(self.rank, worker, self.epoch)
+        for _ in range(done * plan.batch_size):  # skip what was consumed before the resume, raw (no decoding)
+            next(stream)
+        group: list[dict[str, Any]] = []
+        produced = 0
+        for raw in stream:
+            group.append(raw)
+            if len(group) == plan.batch_size:
+                yield self._batch(group)
+                group, produced = [], produced + 1
+                if produced == todo:
+                    return
+        if group and not plan.drop_last and produced < todo:
+            yield self._batch(group)
+
+    def _batch(self, raws: list[dict[str, Any]]) -> dict[str, Any]:
+        samples = []
+        for raw in raws:
+            rng = _rng("sample", self.plan.seed, self.epoch, raw["__shard__"], raw["__key__"])
+            try:
+                samples.append(self.decoder(raw, rng))
+            except Exception as err:  # a bad sample shrinks its batch; the position bookkeeping stays exact
+                warnings.warn(f"skipping sample {raw['__shard__']}/{raw['__key__']}: {err}", stacklevel=2)
+        if not samples:
+            raise RuntimeError(f"every sample of a batch failed to decode (first key {raws[0]['__key__']})")
+        return collate(samples)
+
+
+class ShardLoader:
+    """Iterable of batches (dicts: image or latent, caption, label where present, key) with an exact position.
+
+    Each ``iter()`` plays the next epoch (or the restored position). ``len()`` is the batches per epoch per rank.
+    Workers are started per epoch (no persistent workers), each reseeded from (seed, epoch, rank, worker).
+    """
+
+    def __init__(
+        self,
+        plan: ReadPlan,
+        decoder: SampleDecoder,
+        rank: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        split: str = "train",
+    ) -> None:
+        if plan.num_workers != max(1, num_workers):
+            raise ValueError("plan.num_workers must equal max(1, num_workers)")
+        plan.check()
+        self.plan, self.decoder, self.rank = plan, decoder, rank
+        self.num_workers, self.pin_memory, self.prefetch_factor, self.split = (
+            num_workers, pin_memory, prefetch_factor, split
+        )
+        self._next = (0, 0)  # (epoch, batch) the next iter() starts at
+        self._pos = (0, 0)  # (epoch, batches handed out) of the current iteration
+        self._consumed: tuple[int, int] | None = None  # (epoch, batches used), when a consumer reports it
+
+    def __len__(self) -> int:
+        return self.plan.batches_per_epoch()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch, start = self._next
+        n = len(self)
+        if start >= n:
+            epoch, start = epoch + 1, 0
+        self._next = (epoch + 1, 0)
+        self._pos = (epoch, start)
+        dataset = _EpochStream(self.plan, self.rank, epoch, start, self.decoder)
+        if self.num_workers == 0:
+            it: Iterator[dict[str, Any]] = iter(dataset)
+        else:
+            it = iter(
+                DataLoader(
+                    dataset,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    pin_memory=self.pin_memory,
+                    prefetch_factor=self.prefetch_factor,
+                )
+            )
+        for index in range(start, n):
+            batch = next(it)
+            if "image" in batch and batch["image"].dtype == torch.uint8:
+                batch["image"] = uint8_to_float(batch["image"])
+            batch[POS_KEY] = (self.split, epoch, index)
+            self._pos = (epoch, index + 1)
+            yield batch
+
+    def mark_consumed(self, epoch: int, batches: int) -> None:
+        """Report that the first ``batches`` batches of ``epoch`` have been used (a prefetching consumer such as
+        Lightning hands out one more batch than it has trained on; the DataModule hook calls this)."""
+        self._consumed = (epoch, batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position to resume from: after the batches reported consumed, else after those handed out."""
+        return self._state(*(self._consumed if self._consumed is not None else self._pos))
+
+    def _state(self, epoch: int, batch: int) -> dict[str, Any]:
+        p = self.plan
+        return {
+            "epoch": epoch,
+            "batch": batch,
+            "seed": p.seed,
+            "world_size": p.world_size,
+            "num_workers": p.num_workers,
+            "batch_size": p.batch_size,
+            "resampled": p.resampled,
+            "num_shards": len(p.shards),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at ``state``'s position; the layout (seed, ranks, workers, batch size, shards) must match."""
+        mine = self._state(0, 0)
+        diff = {k: (state.get(k), v) for k, v in mine.items() if k not in ("epoch", "batch") and state.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"cannot resume the data position exactly: the layout changed (saved, now) = {diff}. Resume with the "
+                "same seed, number of ranks, workers, batch size and shards."
+            )
+        self._next = self._pos = (int(state["epoch"]), int(state["batch"]))
+        self._consumed = None
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Lightning DataModule over webdataset-compatible shards with exact mid-epoch resume.
+
+    ``train_shards``/``val_shards``: a shard directory (uses its index.json), a brace pattern
+    (``data/{000000..000009}.tar``) or a list of paths. ``source="latents"`` reads a latent cache
+    (``python -m ldm.data.cache_latents``) instead of images. ``rank``/``world_size`` default to the initialised
+    process group (or the trainer's), else 0/1. Batches: ``image`` [B, C, H, W] in [-1, 1] (or ``latent``),
+    ``caption`` (list of str), ``label`` (LongTensor, where every sample has one), ``key``.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        image_size: int = 32,
+        crop: str = "center",
+        hflip: bool = False,
+        image_mode: str = "RGB",
+        source: str = "images",
+        caption_field: str | None = None,
+        sample_latents: bool = True,
+        shuffle_shards: bool = True,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        epoch_length: int | None = None,
+        drop_last: bool = False,
+        seed: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.shuffle_shards, self.shuffle_buffer, self.resampled = shuffle_shards, shuffle_buffer, resampled
+        self.epoch_length, self.drop_last, self.seed = epoch_length, drop_last, seed
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.rank, self.world_size = rank, world_size
+        self.decoder = SampleDecoder(
+            ImageTransform(size=image_size, crop=crop, hflip=hflip, mode=image_mode),
+            source=source,
+            caption_field=caption_field,
+            sample_latents=sample_latents,
+        )
+        self.val_decoder = SampleDecoder(
+            ImageTransform(size=image_size, crop="center", hflip=False, mode=image_mode),
+            source=source,
+            caption_field=caption_field,
+            sample_latents=False,
+        )
+        self._train: ShardLoader | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def _layout(self) -> tuple[int, int]:
+        rank, world = _dist_rank_world()
+        trainer = getattr(self, "trainer", None)
+        if world == 1 and trainer is not None:
+            rank, world = trainer.global_rank, trainer.world_size
+        return (self.rank if self.rank is not None else rank), (self.world_size or world)
+
+    def _loader(self, shards: Any, train: bool) -> ShardLoader:
+        paths, counts = resolve_shards(shards)
+        rank, world = self._layout()
+        plan = ReadPlan(
+            shards=tuple(paths),
+            counts=tuple(counts),
+            batch_size=self.batch_size,
+            world_size=world,
+            num_workers=max(1, self.num_workers),
+            seed=self.seed,
+            shuffle_shards=self.shuffle_shards and train,
+            shuffle_buffer=self.shuffle_buffer if train else 0,
+            resampled=self.resampled and train,
+            drop_last=self.drop_last and train,
+            epoch_length=self.epoch_length if train else None,
+        )
+        return ShardLoader(
+            plan,
+            self.decoder if train else self.val_decoder,
+            rank=rank,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+            split="train" if train else "val",
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve shards and check the layout early (too few shards for ranks x workers raises here)."""
+        if self._train is None and stage in (None, "fit"):
+            self._train = self._loader(self.train_shards, train=True)
+            if self._pending is not None:
+                self._train.load_state_dict(self._pending)
+                self._pending = None
+
+    def train_dataloader(self) -> ShardLoader:
+        self.setup("fit")
+        assert self._train is not None
+        return self._train
+
+    def val_dataloader(self) -> ShardLoader | list[Any]:
+        if self.val_shards is None:
+            return []
+        return self._loader(self.val_shards, train=False)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the position of the batch about to be used and drop the tag. Lightning does not prefetch from a
+        loader with a length (ours), but other fetchers do: the position follows what the model saw."""
+        if isinstance(batch, dict) and POS_KEY in batch:
+            split, epoch, index = batch.pop(POS_KEY)
+            if split == "train" and self._train is not None:
+                self._train.mark_consumed(epoch, index + 1)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position: (epoch, batches consumed) of the last batch handed to the model, plus its layout."""
+        if self._train is None:
+            return dict(self._pending or {})
+        return self._train.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self._train is None:
+            self._pending = dict(state_dict)
+        else:
+            self._train.load_state_dict(state_dict)

