@@ -121,12 +121,15 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None) -> Path:
     module = AutoencoderModule(
         vae,
         lr=s.lr,
+        betas=tuple(s.betas),
         rec_loss=s.rec_loss,
         kl_weight=s.kl_weight,
         perceptual_weight=s.perceptual_weight,
         perceptual_weights=s.perceptual_weights,
         disc_start=s.disc_start,
         disc_weight=s.disc_weight,
+        lr_schedule=s.lr_schedule,
+        max_steps=s.max_steps,
     )
     data = instantiate(cfg.data, batch_size=s.batch_size, num_workers=s.num_workers)
     stage_dir = out / "vae"

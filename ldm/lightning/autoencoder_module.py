@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.autoencoder.losses import PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, hinge_d_loss
+from ldm.lightning.diffusion_module import warmup_then
 
 
 class AutoencoderModule(L.LightningModule):
@@ -21,7 +22,7 @@ class AutoencoderModule(L.LightningModule):
         self,
         vae: nn.Module,
         lr: float = 4.5e-6,
-        betas: tuple[float, float] = (0.5, 0.9),
+        betas: tuple[float, float] = (0.9, 0.99),
         rec_loss: str = "l1",
         kl_weight: float = 1e-6,
         perceptual_weight: float = 0.0,
@@ -30,6 +31,8 @@ class AutoencoderModule(L.LightningModule):
         disc_start: int | None = None,
         disc_channels: int = 64,
         disc_layers: int = 3,
+        lr_schedule: str = "constant",
+        max_steps: int = 1,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -40,6 +43,7 @@ class AutoencoderModule(L.LightningModule):
         self.rec_loss, self.kl_weight = rec_loss, kl_weight
         self.perceptual_weight = perceptual_weight
         self.perceptual = PerceptualLoss(perceptual_weights) if perceptual_weight > 0 else None
+        self.lr_factor = warmup_then(lr_schedule, 0, max_steps)
         self.disc_start = disc_start
         self.disc_weight = disc_weight
         self.discriminator = None
@@ -75,6 +79,8 @@ class AutoencoderModule(L.LightningModule):
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt_ae.step()
+        for sched in self._schedulers():
+            sched.step()
         if self._gan_active():
             d_loss = hinge_d_loss(self.discriminator(x), self.discriminator(rec.detach()))
             opt_d.zero_grad(set_to_none=True)
@@ -89,11 +95,16 @@ class AutoencoderModule(L.LightningModule):
             mse = F.mse_loss(rec.clamp(-1, 1), x)
             self.log("train/psnr", 10 * torch.log10(4.0 / mse.clamp(min=1e-10)), prog_bar=True, batch_size=bs)
 
+    def _schedulers(self) -> list:
+        scheds = self.lr_schedulers()
+        return [] if scheds is None else scheds if isinstance(scheds, list) else [scheds]
+
     def configure_optimizers(self):
-        opt_ae = torch.optim.Adam(self.vae.parameters(), lr=self.lr, betas=self.betas)
-        if self.discriminator is None:
-            return opt_ae
-        return [opt_ae, torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=self.betas)]
+        opts = [torch.optim.Adam(self.vae.parameters(), lr=self.lr, betas=self.betas)]
+        if self.discriminator is not None:
+            opts.append(torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=self.betas))
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, self.lr_factor) for o in opts]
+        return opts, scheds
 
     @torch.no_grad()
     def fit_latent_scale(self, images: torch.Tensor) -> float:
