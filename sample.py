@@ -5,8 +5,12 @@
     python sample.py ckpt=PATH prompts_file=prompts.txt
     python sample.py ckpt=PATH prompt="..." init_image=in.png strength=0.6
     python sample.py ckpt=PATH prompt="..." gif=true
+    python sample.py ckpt=PATH prompt="..." dtype=bf16 vae_tile_size=32 height=1024 width=1024
+    python sample.py regenerate=samples/00003.json out=again/     # one image again, from its JSON
 
-Writes one PNG per image with a JSON of every setting beside it (enough to regenerate it), and grid.png.
+Writes one PNG per image with a JSON of every setting beside it, and grid.png. Image i uses seed ``seed + i``
+alone, so ``regenerate=<its JSON>`` (its prompt, seed and settings with n=1) gives it again: the same pixels up to
+float rounding (batched and single-image kernels may differ in the last bits).
 """
 
 from __future__ import annotations
@@ -16,14 +20,12 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
 from ldm.lightning.callbacks import make_grid
 from ldm.pipeline import LatentDiffusionPipeline, to_pil
-
-STOCHASTIC = {"ddpm"}
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -39,7 +41,35 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return prompts
 
 
+# JSON field -> config key, for regenerate=PATH
+_REGENERATED = {"ckpt": "ckpt", "prompt": "prompt", "seed": "seed", "negative_prompt": "negative_prompt",
+                "num_inference_steps": "steps", "guidance_scale": "guidance_scale",
+                "guidance_rescale": "guidance_rescale", "sampler": "sampler", "eta": "eta", "height": "height",
+                "width": "width", "init_image": "init_image", "strength": "strength", "use_ema": "use_ema",
+                "dtype": "dtype", "vae_tile_size": "vae_tile_size"}
+
+
+def regenerate_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with the prompt, seed and settings of the image whose JSON is ``cfg.regenerate`` (one image, n=1).
+
+    The JSON's checkpoint is used unless ``ckpt=`` is given; ``out``, ``gif`` and ``batch_size`` stay as given.
+    """
+    meta = json.loads(Path(cfg.regenerate).read_text())
+    cfg = cfg.copy()
+    for field, key in _REGENERATED.items():
+        if field not in meta or (key == "ckpt" and not OmegaConf.is_missing(cfg, "ckpt")):
+            continue
+        if key == "strength" and meta[field] is None:
+            continue
+        cfg[key] = meta[field]
+    cfg.prompts_file, cfg.n = None, 1
+    return cfg
+
+
 def run(cfg: DictConfig) -> list[Path]:
+    """Sample every prompt ``n`` times; image i uses seed ``seed + i`` alone, whatever the batch size."""
+    if cfg.get("regenerate"):
+        cfg = regenerate_config(cfg)
     pipe = LatentDiffusionPipeline.from_checkpoint(cfg.ckpt, use_ema=cfg.use_ema)
     s = pipe.sampling
     prompts = read_prompts(cfg)
@@ -50,17 +80,15 @@ def run(cfg: DictConfig) -> list[Path]:
         "guidance_rescale": cfg.guidance_rescale, "sampler": cfg.sampler or s["sampler"], "eta": cfg.eta,
         "height": cfg.height or s.get("image_size"), "width": cfg.width or s.get("image_size"),
         "init_image": cfg.init_image, "strength": cfg.strength if cfg.init_image else None, "use_ema": cfg.use_ema,
+        "dtype": cfg.dtype, "vae_tile_size": cfg.vae_tile_size,
     }
     jobs = [(p, cfg.seed + i) for i, p in enumerate(p for p in prompts for _ in range(cfg.n))]
-    # Each image starts from its own seed's noise, so any one can be regenerated alone. Stochastic samplers also
-    # draw noise during the loop: those run one image at a time.
-    stochastic = settings["sampler"] in STOCHASTIC or (settings["sampler"] == "ddim" and cfg.eta > 0)
-    batch = 1 if stochastic else max(1, cfg.batch_size)
+    # One generator per image (its initial noise, and its step noise with the stochastic samplers), so any image
+    # can be regenerated alone from its JSON: prompt, seed and the settings, with n=1.
+    batch = max(1, cfg.batch_size)
     init = Image.open(cfg.init_image) if cfg.init_image else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    f = pipe.downsample_factor
-    shape = (pipe.unet.in_channels, settings["height"] // f, settings["width"] // f)
     written, images = [], []
     for start in tqdm(range(0, len(jobs), batch), desc="sampling", unit="batch"):
         chunk = jobs[start:start + batch]
@@ -68,25 +96,21 @@ def run(cfg: DictConfig) -> list[Path]:
         kwargs = dict(negative_prompt=cfg.negative_prompt, num_inference_steps=settings["num_inference_steps"],
                       guidance_scale=settings["guidance_scale"], guidance_rescale=cfg.guidance_rescale,
                       sampler=settings["sampler"], eta=cfg.eta, height=settings["height"], width=settings["width"],
-                      generator=torch.Generator().manual_seed(chunk[0][1]))
+                      generator=[torch.Generator().manual_seed(seed) for _, seed in chunk], dtype=cfg.dtype,
+                      vae_tile_size=cfg.vae_tile_size)
         if cfg.gif:
             def keep(i, t, x, x0, frames=frames):
-                decoded = x if pipe.vae is None else pipe.vae.decode_latents(x)
+                decoded = x if pipe.vae is None else pipe.vae.decode_latents(x, tile_size=cfg.vae_tile_size)
                 frames.append(to_pil(decoded))
             kwargs["callback"] = keep
         if init is not None:
             kwargs.update(image=init, strength=cfg.strength)
-        else:
-            kwargs["latents"] = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-                                             for _, seed in chunk])
         result = pipe([p for p, _ in chunk], **kwargs)
         for j, ((prompt, seed), image) in enumerate(zip(chunk, result, strict=True)):
             idx = start + j
             path = out / f"{idx:05d}.png"
             image.save(path)
             meta = {"prompt": prompt, "seed": seed, **settings}
-            if stochastic or init is not None:
-                meta["generator_seed"] = chunk[0][1]
             (out / f"{idx:05d}.json").write_text(json.dumps(meta, indent=2))
             if cfg.gif:
                 seq = [frame[j] for frame in frames] + [image] * 5

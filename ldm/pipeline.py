@@ -16,6 +16,37 @@ from ldm.lightning.ema import EMA
 from ldm.sampling import SAMPLERS, make_scheduler, sample_loop
 
 DEFAULTS = {"guidance_scale": 7.5, "sampler": "dpm_solver++", "num_inference_steps": 25}
+# Stable Diffusion 1.x/2.x train with scaled-linear betas 0.00085..0.012 over 1000 steps (CompVis' "linear").
+SD_SCHEDULE = {"schedule": "scaled_linear", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+               "rescale_betas_zero_snr": False}
+SD_LATENT_SCALE = 0.18215
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``None``/fp32 -> None (no autocast); bf16/fp16 (names or torch dtypes) -> the torch dtype."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype is None or dtype == torch.float32:
+        return None
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
+    return dtype
+
+
+def randn(shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
+    """Standard normal noise on ``device``; with a list of generators, row i is drawn from generator i alone."""
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else device
+        return torch.randn(shape, generator=generator, device=gen_device).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}: give one per image")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device).to(device) for g in generator])
 
 
 def _load_prefixed(module: nn.Module, state: dict[str, torch.Tensor], prefix: str) -> None:
@@ -45,6 +76,7 @@ class LatentDiffusionPipeline:
         self.schedule, self.prediction_type = dict(schedule), prediction_type
         self.sampling = {**DEFAULTS, **(sampling or {})}
         self.downsample_factor = vae.downsample_factor if vae is not None else 1
+        self._warned_guidance = False
 
     @property
     def device(self) -> torch.device:
@@ -57,14 +89,29 @@ class LatentDiffusionPipeline:
         return self
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, use_ema: bool = True, map_location: str = "cpu"
-                        ) -> LatentDiffusionPipeline:
-        """Load a checkpoint written by ``train.py`` (EMA weights by default) or an original SD single file."""
+    def from_checkpoint(cls, path: str | Path, use_ema: bool = True, map_location: str = "cpu",
+                        prediction_type: str | None = None, image_size: int | None = None,
+                        text_config: dict | None = None) -> LatentDiffusionPipeline:
+        """Load a checkpoint written by ``train.py`` (EMA weights by default) or an original SD single file.
+
+        SD single files (``.ckpt``/``.safetensors``, SD 1.x or 2.x) get SD's schedule (scaled-linear betas
+        0.00085..0.012, 1000 steps) and latent scale 0.18215. Their prediction type is not in the weights: it is
+        ``epsilon`` unless ``prediction_type`` says otherwise. SD 1.x and SD 2.x-base are ``epsilon``; the 768-px
+        SD 2.x models (v2-inference-v) need ``prediction_type="v_prediction"``. ``image_size`` sets their default
+        resolution (512, or 768 for v-prediction SD 2.x); ``text_config`` overrides the inferred text-encoder config
+        (see ``ldm.convert.load_sd_text_encoder``). For our own checkpoints these three are recorded in the file.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
+        if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        sd_options = dict(use_ema=use_ema, prediction_type=prediction_type, image_size=image_size,
+                          text_config=text_config)
         if path.suffix == ".safetensors":
-            return cls._from_sd_file(path)
+            from ldm.convert import read_state_dict
+
+            return cls._from_sd_state_dict(read_state_dict(path), str(path), **sd_options)
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
         if not isinstance(ckpt, dict):
             raise ValueError(f"{path} is not a checkpoint dict")
@@ -72,10 +119,15 @@ class LatentDiffusionPipeline:
             if ckpt.get("kind") == "autoencoder":
                 raise ValueError(f"{path} is an autoencoder (VAE) checkpoint, not a diffusion model: pass the "
                                  "latent-diffusion checkpoint (ldm/last.ckpt of a training run)")
-            if any(k.startswith("model.diffusion_model.") for k in ckpt.get("state_dict", ckpt)):
-                return cls._from_sd_file(path)
+            state = ckpt.get("state_dict", ckpt)
+            if isinstance(state, dict) and any(k.startswith("model.diffusion_model.") for k in state):
+                tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+                return cls._from_sd_state_dict(tensors, str(path), **sd_options)
             raise ValueError(f"{path} is neither an ldm training checkpoint nor an SD single-file checkpoint")
         desc, state = ckpt["ldm"], ckpt["state_dict"]
+        if prediction_type is not None and prediction_type != desc["prediction_type"]:
+            raise ValueError(f"{path} was trained with prediction_type={desc['prediction_type']!r}; "
+                             f"prediction_type={prediction_type!r} applies to SD single files only")
         unet = build_module(desc["unet"])
         _load_prefixed(unet, state, "unet.")
         if use_ema and desc.get("ema"):
@@ -90,17 +142,39 @@ class LatentDiffusionPipeline:
         if desc["first_stage"] is not None:
             vae = build_module(desc["first_stage"])
             _load_prefixed(vae, state, "first_stage.")
-        return cls(unet, text, vae, desc["schedule"], desc["prediction_type"], desc.get("sampling"))
+        sampling = dict(desc.get("sampling") or {})
+        if image_size is not None:
+            sampling["image_size"] = image_size
+        return cls(unet, text, vae, desc["schedule"], desc["prediction_type"], sampling)
 
     @classmethod
-    def _from_sd_file(cls, path: Path) -> LatentDiffusionPipeline:
-        from ldm.convert import load_sd_checkpoint
+    def _from_sd_state_dict(cls, state: dict[str, torch.Tensor], source: str, use_ema: bool,
+                            prediction_type: str | None, image_size: int | None, text_config: dict | None
+                            ) -> LatentDiffusionPipeline:
+        """An SD 1.x/2.x single-file state dict -> pipeline (UNet, VAE and text encoder inferred from shapes)."""
+        from ldm.convert import load_sd_text_encoder, sd_checkpoint_from_state_dict, sd_text_family
 
-        loaded = load_sd_checkpoint(path)
-        raise NotImplementedError(
-            f"{path}: the SD single-file UNet and VAE load ({type(loaded).__name__}), but its text encoder needs a "
-            "local CLIP config; build the pipeline with LatentDiffusionPipeline(unet, text_encoder, vae, ...)"
-        )
+        loaded = sd_checkpoint_from_state_dict(state, prefer_ema=use_ema, vae_kwargs={"scale_factor": SD_LATENT_SCALE},
+                                               source=source)
+        family = sd_text_family(loaded.cond_stage_state_dict)
+        if family is None:
+            raise ValueError(f"{source} has no text encoder weights in the SD 1.x (cond_stage_model.transformer."
+                             "text_model.*) or SD 2.x (cond_stage_model.model.*) layout; cond_stage_model keys found: "
+                             f"{sorted(loaded.cond_stage_state_dict)[:3]}")
+        text = load_sd_text_encoder(loaded.cond_stage_state_dict, text_config)
+        context_dim = loaded.unet.config.get("context_dim")
+        if context_dim != text.width:
+            raise ValueError(f"{source}: the text encoder is {text.width} wide but the UNet's context_dim is "
+                             f"{context_dim}")
+        if prediction_type is None:
+            if family == "sd2":
+                warnings.warn(f"{source} is an SD 2.x checkpoint: its prediction type is not in the weights, "
+                              "assuming epsilon (SD 2.x-base); pass prediction_type='v_prediction' for the 768-px "
+                              "v models", stacklevel=3)
+            prediction_type = "epsilon"
+        if image_size is None:
+            image_size = 768 if family == "sd2" and prediction_type == "v_prediction" else 512
+        return cls(loaded.unet, text, loaded.vae, SD_SCHEDULE, prediction_type, {"image_size": image_size})
 
     # ------------------------------------------------------------------ inputs
 
@@ -154,7 +228,7 @@ class LatentDiffusionPipeline:
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         sampler: str | None = None,
         eta: float = 0.0,
         image: Image.Image | torch.Tensor | None = None,
@@ -163,10 +237,18 @@ class LatentDiffusionPipeline:
         latents: torch.Tensor | None = None,
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
         output_type: str = "pil",
+        dtype: torch.dtype | str | None = None,
+        vae_tile_size: int | None = None,
+        vae_tile_overlap: int | None = None,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images; ``None`` arguments take the checkpoint's recommended sampling settings.
 
-        ``output_type``: ``pil`` (a list of images), ``tensor`` ([B, C, H, W] in [-1, 1]) or ``latent``.
+        ``generator``: one ``torch.Generator`` for the batch, or a list with one per image (image i's noise then
+        comes from generator i alone, so it can be regenerated alone). ``output_type``: ``pil`` (a list of images),
+        ``tensor`` ([B, C, H, W] in [-1, 1]) or ``latent``. ``dtype`` bf16/fp16 runs the text encoder and the
+        sampler loop under ``torch.autocast`` (the sampler arithmetic stays fp32) and decodes with the VAE in its
+        own dtype outside autocast. ``vae_tile_size`` (latent pixels) decodes overlapping tiles blended over
+        ``vae_tile_overlap`` latent pixels (default min(8, tile // 4)), bounding the decoder's memory.
         """
         s = self.sampling
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -176,6 +258,17 @@ class LatentDiffusionPipeline:
         size = s.get("image_size", 32)
         height, width = height or size, width or size
         self._check(prompts, scale, strength, steps, height, width, sampler)
+        if output_type not in ("pil", "tensor", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'tensor' or 'latent', got {output_type!r}")
+        if vae_tile_size is not None and vae_tile_size < 1:
+            raise ValueError(f"vae_tile_size must be a positive number of latent pixels, got {vae_tile_size}")
+        autocast_dtype = resolve_dtype(dtype)
+        if self.text_encoder is None and scale != 1.0:
+            if not self._warned_guidance:
+                warnings.warn(f"this model has no text encoder (unconditional or pixel-space): guidance_scale={scale} "
+                              "is ignored, sampling with guidance 1", stacklevel=2)
+                self._warned_guidance = True
+            scale = 1.0
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         n = len(prompts)
         if negative_prompt is None:
@@ -187,33 +280,44 @@ class LatentDiffusionPipeline:
             if len(negatives) != n:
                 raise ValueError(f"got {len(negative_prompt)} negative prompts for {n // num_images_per_prompt} "
                                  "prompts; give one, or one per prompt")
-        context = self._encode_prompts(prompts)
-        uncond = self._encode_prompts(negatives) if scale != 1.0 else None
+        if generator is not None and not isinstance(generator, torch.Generator):
+            generator = list(generator)
+            if len(generator) != n:
+                raise ValueError(f"got {len(generator)} generators for {n} images: give one, or one per image")
+        device = self.device
+        autocast = torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                  enabled=autocast_dtype is not None)
+
+        with autocast:
+            context = self._encode_prompts(prompts)
+            uncond = self._encode_prompts(negatives) if scale != 1.0 else None
 
         scheduler = make_scheduler(sampler, self.schedule, self.prediction_type)
         scheduler.set_timesteps(steps)
         f = self.downsample_factor
         shape = (n, self.unet.in_channels, height // f, width // f)
-        device = self.device
-        gen_device = generator.device if generator is not None else device
         if image is not None:
             x = self._image_tensor(image, height, width)
             z0 = x if self.vae is None else self.vae.normalize_latents(self.vae.encode(x).mode())
             z0 = z0.expand(n, -1, -1, -1) if z0.shape[0] == 1 else z0
             keep = min(steps, max(1, int(round(steps * strength))))
             scheduler.timesteps = scheduler.timesteps[steps - keep:]
-            noise = torch.randn(shape, generator=generator, device=gen_device).to(device)
-            x = scheduler.add_noise(z0, noise, scheduler.timesteps[:1].expand(n))
+            x = scheduler.add_noise(z0, randn(shape, generator, device), scheduler.timesteps[:1].expand(n))
         elif latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
             x = latents.to(device)
         else:
-            x = torch.randn(shape, generator=generator, device=gen_device).to(device)
+            x = randn(shape, generator, device)
 
-        z = sample_loop(self.unet, scheduler, x, context, uncond, scale, guidance_rescale, eta=eta,
-                        generator=generator, callback=callback)
+        with autocast:
+            z = sample_loop(self.unet, scheduler, x, context, uncond, scale, guidance_rescale, eta=eta,
+                            generator=generator, callback=callback)
         if output_type == "latent":
             return z
-        images = z.clamp(-1, 1) if self.vae is None else self.vae.decode_latents(z)
+        if self.vae is None:
+            images = z.clamp(-1, 1)
+        else:
+            overlap = min(8, vae_tile_size // 4) if vae_tile_overlap is None and vae_tile_size else vae_tile_overlap
+            images = self.vae.decode_latents(z, tile_size=vae_tile_size, tile_overlap=overlap or 0)
         return images.float() if output_type == "tensor" else to_pil(images)

@@ -6,7 +6,8 @@ in one batched UNet call). It knows nothing of text or VAEs: it gets contexts an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -42,6 +43,12 @@ def make_scheduler(name: str, schedule: dict, prediction_type: str) -> DiscreteS
     return SAMPLERS[name](clip_sample=False, timestep_spacing="trailing", **kw)
 
 
+def _per_image_noise(like: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Noise shaped like ``like`` whose row i is one ``torch.randn`` from generator i (what batch 1 would draw)."""
+    rows = [torch.randn((1, *like.shape[1:]), generator=g, dtype=like.dtype, device=g.device) for g in generators]
+    return torch.cat(rows).to(like.device)
+
+
 @torch.no_grad()
 def sample_loop(
     denoise: Callable[..., torch.Tensor],
@@ -52,21 +59,31 @@ def sample_loop(
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     **denoise_kwargs,
 ) -> torch.Tensor:
     """Denoise ``latents`` through ``scheduler.timesteps`` (already set, possibly truncated for image-to-image).
 
     ``denoise(x, t, context, **denoise_kwargs)`` is the network. With ``guidance_scale != 1`` the unconditional
-    context must be given. ``callback(i, t, latents, x0_prediction)`` runs after each step.
+    context must be given; a model without context (unconditional, pixel-space) samples with guidance 1 and a
+    warning. ``generator`` may be a list with one generator per image: the stochastic samplers' noise for image i
+    then comes from generator i alone. ``callback(i, t, latents, x0_prediction)`` runs after each step.
     """
     if scheduler.timesteps is None:
         raise ValueError("call scheduler.set_timesteps(n) before sample_loop")
     guided = guidance_scale != 1.0
     if guided and uncond_context is None:
-        raise ValueError("guidance_scale != 1 needs the unconditional context (the encoding of the negative prompt)")
+        if context is not None:
+            raise ValueError("guidance_scale != 1 needs the unconditional context (the encoding of the negative "
+                             "prompt)")
+        warnings.warn(f"no text context (an unconditional model): guidance_scale={guidance_scale} is ignored, "
+                      "sampling with guidance 1", stacklevel=2)
+        guided = False
     step_kw = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    per_image = generator is not None and not isinstance(generator, torch.Generator)
+    if per_image and len(generator) != latents.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {latents.shape[0]}: give one per image")
     x = latents
     for i, t in enumerate(scheduler.timesteps):
         tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
@@ -77,7 +94,15 @@ def sample_loop(
             out = classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)
         else:
             out = denoise(x, tt, context, **{k: v for k, v in denoise_kwargs.items() if v is not None}).float()
-        result = scheduler.step(out, t, x.float(), generator=generator, **step_kw)
+        kw = dict(step_kw)
+        if per_image:  # draw each image's step noise from its own generator, exactly when the sampler would
+            draws = (isinstance(scheduler, DDPMScheduler) and int(t) > 0) or (
+                isinstance(scheduler, DDIMScheduler) and eta > 0)
+            if draws:
+                kw["variance_noise"] = _per_image_noise(out, generator)
+            result = scheduler.step(out, t, x.float(), **kw)
+        else:
+            result = scheduler.step(out, t, x.float(), generator=generator, **kw)
         x = result.prev_sample
         if callback is not None:
             callback(i, int(t), x, result.pred_original_sample)

@@ -21,6 +21,13 @@ TEXT_PREFIX = "cond_stage_model."
 EMA_PREFIX = "model_ema."
 
 
+# SD 1.x: FrozenCLIPEmbedder's transformers CLIPTextModel; SD 2.x: FrozenOpenCLIPEmbedder's open_clip model.
+SD1_TEXT_PREFIX = "transformer.text_model."
+SD2_TEXT_PREFIX = "model."
+# Buffers some library versions save and others do not (position ids, the causal mask): never weights.
+_OPTIONAL_TEXT_KEYS = ("position_ids", "attn_mask")
+
+
 class SDCheckpoint(NamedTuple):
     """What ``load_sd_checkpoint`` returns: our UNet and VAE, and the text encoder's state dict as stored."""
 
@@ -29,9 +36,36 @@ class SDCheckpoint(NamedTuple):
     cond_stage_state_dict: dict[str, torch.Tensor]
 
 
-def _state_dict_of(part: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """A module's state dict, or the mapping itself."""
-    return part.state_dict() if isinstance(part, nn.Module) else part
+def _hf_text_prefix(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Where an HFCLIPTextEncoder keeps the CLIP text transformer: ``model.text_model.`` (with a projection head,
+    or transformers < 5) or ``model.`` (transformers >= 5 flattens ``CLIPTextModel``)."""
+    return "model.text_model." if any(k.startswith("model.text_model.") for k in state_dict) else "model."
+
+
+def text_encoder_sd_state_dict(text_encoder: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A text encoder's weights in the SD ``cond_stage_model.*`` layout (prefix not included).
+
+    ``HFCLIPTextEncoder`` -> ``transformer.text_model.*`` (SD 1.x; a ``with_projection`` head is dropped, SD 1.x has
+    none), ``OpenCLIPTextEncoder`` -> ``model.*`` (SD 2.x). A mapping is taken as already in the SD layout.
+    """
+    if isinstance(text_encoder, Mapping):
+        return dict(text_encoder)
+    from ldm.text.hf_encoder import HFCLIPTextEncoder  # noqa: PLC0415  (transformers only when needed)
+    from ldm.text.openclip_encoder import OpenCLIPTextEncoder  # noqa: PLC0415
+
+    if isinstance(text_encoder, HFCLIPTextEncoder):
+        sd = text_encoder.state_dict()
+        inner = _hf_text_prefix(sd)
+        dropped = [k for k in sd if not k.startswith(inner)]
+        if dropped:
+            warnings.warn(f"the SD 1.x layout has no text projection: {dropped[:3]} not written", stacklevel=3)
+        return {SD1_TEXT_PREFIX + k[len(inner):]: v for k, v in sd.items() if k.startswith(inner)}
+    if isinstance(text_encoder, OpenCLIPTextEncoder):
+        return {k: v for k, v in text_encoder.state_dict().items() if k.startswith(SD2_TEXT_PREFIX)}
+    raise TypeError(
+        f"the SD single-file layout has no place for a {type(text_encoder).__name__}: it stores an HFCLIPTextEncoder "
+        "(SD 1.x) or an OpenCLIPTextEncoder (SD 2.x); pass a state dict to store other weights as given"
+    )
 
 
 def to_sd_state_dict(
@@ -39,13 +73,13 @@ def to_sd_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Our modules -> one state dict in the original SD single-file layout.
 
-    ``text_encoder`` (a module or a state dict) is stored under ``cond_stage_model.`` as given: its names must already
-    follow the SD layout (e.g. ``transformer.text_model.*`` for SD1's CLIP ViT-L).
+    ``text_encoder`` goes under ``cond_stage_model.`` through ``text_encoder_sd_state_dict``: our transformers back
+    end as SD 1.x's ``transformer.text_model.*``, our open_clip back end as SD 2.x's ``model.*``; a state dict as given.
     """
     out = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     out.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
     if text_encoder is not None:
-        out.update({TEXT_PREFIX + k: v for k, v in _state_dict_of(text_encoder).items()})
+        out.update({TEXT_PREFIX + k: v for k, v in text_encoder_sd_state_dict(text_encoder).items()})
     return out
 
 
@@ -182,11 +216,23 @@ def load_sd_checkpoint(
 
     ``unet_kwargs`` / ``vae_kwargs`` override inferred or default arguments (e.g. ``num_heads``, ``scale_factor``).
     """
-    state_dict = _apply_ema(read_state_dict(path, unsafe_pickle), prefer_ema)
+    return sd_checkpoint_from_state_dict(read_state_dict(path, unsafe_pickle), prefer_ema, unet_kwargs, vae_kwargs,
+                                         source=str(path))
+
+
+def sd_checkpoint_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    prefer_ema: bool = True,
+    unet_kwargs: Mapping[str, Any] | None = None,
+    vae_kwargs: Mapping[str, Any] | None = None,
+    source: str = "the state dict",
+) -> SDCheckpoint:
+    """``load_sd_checkpoint`` on a state dict already in memory (SD single-file layout)."""
+    state_dict = _apply_ema(dict(state_dict), prefer_ema)
     unet_sd, vae_sd = _sub(state_dict, UNET_PREFIX), _sub(state_dict, VAE_PREFIX)
     vae_sd = {k: v for k, v in vae_sd.items() if not k.startswith("loss.")}  # training-only LPIPS/discriminator
     if not unet_sd or not vae_sd:
-        raise ValueError(f"{path} is not an SD single-file checkpoint: found {len(unet_sd)} '{UNET_PREFIX}*' and "
+        raise ValueError(f"{source} is not an SD single-file checkpoint: found {len(unet_sd)} '{UNET_PREFIX}*' and "
                          f"{len(vae_sd)} '{VAE_PREFIX}*' keys")
     unet_cfg = infer_unet_config(unet_sd)
     if unet_kwargs:
@@ -200,6 +246,87 @@ def load_sd_checkpoint(
     vae = AutoencoderKL(**{**infer_vae_config(vae_sd), **(vae_kwargs or {})})
     load_state_dict_checked(vae, vae_sd, "AutoencoderKL")
     return SDCheckpoint(unet, vae, _sub(state_dict, TEXT_PREFIX))
+
+
+def sd_text_family(cond_sd: Mapping[str, torch.Tensor]) -> str | None:
+    """``"sd1"`` (transformers CLIP), ``"sd2"`` (open_clip) or None, from ``cond_stage_model.*`` names (stripped)."""
+    if any(k.startswith(SD1_TEXT_PREFIX) for k in cond_sd):
+        return "sd1"
+    if f"{SD2_TEXT_PREFIX}token_embedding.weight" in cond_sd:
+        return "sd2"
+    return None
+
+
+def infer_clip_text_config(cond_sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """A transformers ``CLIPTextConfig`` dict from SD 1.x ``transformer.text_model.*`` shapes (64-wide heads)."""
+    sd = _sub(cond_sd, SD1_TEXT_PREFIX)
+    try:
+        vocab, hidden = sd["embeddings.token_embedding.weight"].shape
+        positions = sd["embeddings.position_embedding.weight"].shape[0]
+        intermediate = sd["encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except KeyError as err:
+        raise ValueError(f"not an SD 1.x CLIP text encoder state dict: missing {SD1_TEXT_PREFIX}{err.args[0]}") from err
+    return dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=len(_indices(list(sd), r"encoder\.layers\.(\d+)\.")),
+        num_attention_heads=max(1, hidden // 64), max_position_embeddings=positions, hidden_act="quick_gelu",
+        layer_norm_eps=1e-5, projection_dim=hidden, bos_token_id=49406, eos_token_id=49407,
+    )  # fmt: skip
+
+
+def infer_open_clip_text_config(cond_sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """``open_clip.create_model`` keywords (``embed_dim``, ``text_cfg``) from SD 2.x ``model.*`` shapes."""
+    sd = _sub(cond_sd, SD2_TEXT_PREFIX)
+    try:
+        vocab, width = sd["token_embedding.weight"].shape
+        context = sd["positional_embedding"].shape[0]
+        mlp = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    except KeyError as err:
+        raise ValueError(f"not an SD 2.x open_clip text state dict: missing {SD2_TEXT_PREFIX}{err.args[0]}") from err
+    if "text_projection" in sd:  # a [width, embed_dim] parameter, as in SD 2.x
+        embed_dim = sd["text_projection"].shape[1]
+    else:  # an nn.Linear (newer open_clip towers), or none
+        embed_dim = sd["text_projection.weight"].shape[0] if "text_projection.weight" in sd else width
+    layers = len(_indices(list(sd), r"transformer\.resblocks\.(\d+)\."))
+    text_cfg = dict(context_length=context, vocab_size=vocab, width=width, heads=max(1, width // 64), layers=layers,
+                    mlp_ratio=mlp / width)
+    return dict(embed_dim=embed_dim, text_cfg=text_cfg)
+
+
+def load_sd_text_encoder(cond_sd: Mapping[str, torch.Tensor], text_config: Mapping[str, Any] | None = None
+                         ) -> nn.Module:
+    """Our text encoder with the weights of an SD ``cond_stage_model.*`` state dict (prefix stripped).
+
+    SD 1.x (``transformer.text_model.*``): ``HFCLIPTextEncoder`` (last layer). SD 2.x (``model.*``):
+    ``OpenCLIPTextEncoder`` on the penultimate layer, as SD 2.x conditions. Shapes give every size but the head
+    count, taken as width // 64 (CLIP ViT-L/14 and ViT-H/14); ``text_config`` overrides the inferred
+    ``CLIPTextConfig`` keys (SD 1.x) or open_clip ``text_cfg`` keys (SD 2.x).
+    """
+    family = sd_text_family(cond_sd)
+    if family == "sd1":
+        from ldm.text.hf_encoder import HFCLIPTextEncoder  # noqa: PLC0415
+
+        config = {**infer_clip_text_config(cond_sd), **(text_config or {})}
+        encoder: nn.Module = HFCLIPTextEncoder(config=config)
+        inner = _hf_text_prefix(encoder.state_dict())
+        weights = {inner + k[len(SD1_TEXT_PREFIX):]: v for k, v in cond_sd.items() if k.startswith(SD1_TEXT_PREFIX)}
+    elif family == "sd2":
+        from ldm.text.openclip_encoder import OpenCLIPTextEncoder  # noqa: PLC0415
+
+        kw = infer_open_clip_text_config(cond_sd)
+        kw["text_cfg"].update(text_config or {})
+        # a token vision tower: open_clip builds one, OpenCLIPTextEncoder deletes it
+        kw["vision_cfg"] = dict(image_size=32, patch_size=16, width=64, head_width=64, layers=1)
+        encoder = OpenCLIPTextEncoder("ViT-H-14", layer="penultimate", model_kwargs=kw)
+        weights = {k: v for k, v in cond_sd.items() if k.startswith(SD2_TEXT_PREFIX)}
+    else:
+        raise ValueError(f"unknown SD text encoder layout: expected cond_stage_model.{SD1_TEXT_PREFIX}* (SD 1.x) or "
+                         f"cond_stage_model.{SD2_TEXT_PREFIX}token_embedding.weight (SD 2.x), got "
+                         f"{sorted(cond_sd)[:5]}")
+    own = encoder.state_dict()
+    weights = {k: v for k, v in weights.items() if k in own or k.rsplit(".", 1)[-1] not in _OPTIONAL_TEXT_KEYS}
+    load_state_dict_checked(encoder, weights, type(encoder).__name__)
+    return encoder.eval()
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:

@@ -252,3 +252,62 @@ def test_full_size_unets(name: str, cfg: dict) -> None:
     x, t = torch.randn(1, 4, 32, 32), torch.tensor([500])
     ctx = torch.randn(1, 77, cfg["cross_attention_dim"])
     assert _rel(ours(x, t, ctx), theirs(x, t, ctx).sample) <= 1e-4
+
+
+HF_TEXT_TINY = dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=1, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=16,
+                    bos_token_id=49406, eos_token_id=49407)
+
+
+@torch.no_grad()
+def test_hf_text_encoder_goes_to_sd1_layout_and_back() -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.convert import load_sd_text_encoder, text_encoder_sd_state_dict
+    from ldm.text import HFCLIPTextEncoder
+
+    torch.manual_seed(0)
+    enc = HFCLIPTextEncoder(config=HF_TEXT_TINY).eval()
+    sd = to_sd_state_dict(*_tiny_ours(), enc)
+    text_sd = {k: v for k, v in sd.items() if k.startswith("cond_stage_model.")}
+    # SD 1.x's FrozenCLIPEmbedder: cond_stage_model.transformer = CLIPTextModel, whose text_model is the tower
+    ref = CLIPTextModel(CLIPTextConfig(**HF_TEXT_TINY))
+    tower = ref.text_model if hasattr(ref, "text_model") else ref  # transformers >= 5 flattens CLIPTextModel
+    assert set(text_sd) == {f"cond_stage_model.transformer.text_model.{k}" for k in tower.state_dict()}
+    assert "cond_stage_model.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight" in text_sd
+    back = load_sd_text_encoder({k[len("cond_stage_model."):]: v for k, v in text_sd.items()})
+    assert back.model.config.num_attention_heads == 1 and back.model.config.num_hidden_layers == 2
+    a, b = enc.encode(["a red circle", ""]), back.encode(["a red circle", ""])
+    torch.testing.assert_close(b.hidden, a.hidden, rtol=0, atol=0)
+    proj = HFCLIPTextEncoder(config=HF_TEXT_TINY, with_projection=True)
+    with pytest.warns(UserWarning, match="no text projection"):
+        proj_sd = text_encoder_sd_state_dict(proj)
+    assert set(proj_sd) == {k[len("cond_stage_model."):] for k in text_sd}
+
+
+def test_text_encoder_layout_errors_and_config_inference() -> None:
+    from ldm.convert import infer_clip_text_config, infer_open_clip_text_config, load_sd_text_encoder
+    from ldm.text import ScratchTextEncoder
+
+    unet, vae = _tiny_ours()
+    with pytest.raises(TypeError, match="no place for a ScratchTextEncoder"):
+        to_sd_state_dict(unet, vae, ScratchTextEncoder(width=32, layers=1, heads=2, context_length=8))
+    with pytest.raises(ValueError, match="unknown SD text encoder layout"):
+        load_sd_text_encoder({"transformer.w": torch.zeros(1)})
+    # full-size shapes on the meta device: CLIP ViT-L/14 (SD 1.x) and OpenCLIP ViT-H/14 (SD 2.x)
+    meta = dict(device="meta")
+    vit_l = {"transformer.text_model.embeddings.token_embedding.weight": torch.empty(49408, 768, **meta),
+             "transformer.text_model.embeddings.position_embedding.weight": torch.empty(77, 768, **meta)}
+    for i in range(12):
+        vit_l[f"transformer.text_model.encoder.layers.{i}.mlp.fc1.weight"] = torch.empty(3072, 768, **meta)
+    cfg = infer_clip_text_config(vit_l)
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["intermediate_size"],
+            cfg["max_position_embeddings"], cfg["vocab_size"]) == (768, 12, 12, 3072, 77, 49408)
+    vit_h = {"model.token_embedding.weight": torch.empty(49408, 1024, **meta),
+             "model.positional_embedding": torch.empty(77, 1024, **meta),
+             "model.text_projection": torch.empty(1024, 1024, **meta)}
+    for i in range(24):
+        vit_h[f"model.transformer.resblocks.{i}.mlp.c_fc.weight"] = torch.empty(4096, 1024, **meta)
+    assert infer_open_clip_text_config(vit_h) == dict(
+        embed_dim=1024, text_cfg=dict(context_length=77, vocab_size=49408, width=1024, heads=16, layers=24,
+                                      mlp_ratio=4.0))

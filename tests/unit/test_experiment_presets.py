@@ -1,0 +1,260 @@
+"""Experiment presets compose with train.yaml and build; mnist_pixel_ddpm trains; init_ckpt loads an SD single file;
+the sweep preset expands to one directory per job; the SLURM launcher preset composes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.convert import load_sd_checkpoint, save_state_dict, to_sd_state_dict
+from ldm.convert.single_file import ema_key
+from ldm.data.make_shards import make_shards
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def _train_py():
+    spec = importlib.util.spec_from_file_location("ldm_train_script", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compose(*overrides: str, hydra_cfg: bool = False) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return module
+
+
+def test_every_preset_is_listed_and_composes(tmp_path: Path) -> None:
+    assert {"quickstart", "mnist_pixel_ddpm", "vae_kl_f8", "sd15_finetune", "sweep_lr_unet"} <= set(PRESETS)
+    for name in PRESETS:
+        text = (CONF / "experiment" / f"{name}.yaml").read_text()
+        assert text.startswith("# @package _global_\n"), name
+        cfg = _compose(f"experiment={name}", f"out_dir={tmp_path}")
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        assert set(resolved["stages"]) <= {"vae", "ldm"} and resolved["stages"], name
+        assert resolved["unet"]["context_dim"] == resolved["text_encoder"]["width"], name
+
+
+def test_mnist_pixel_ddpm_preset_matches_the_data(tmp_path: Path) -> None:
+    cfg = _compose("experiment=mnist_pixel_ddpm", f"out_dir={tmp_path}")
+    assert cfg.first_stage == "pixel" and list(cfg.stages) == ["ldm"]
+    assert cfg.diffusion.schedule.schedule == "linear" and cfg.diffusion.schedule.num_train_timesteps == 1000
+    assert cfg.diffusion.prediction_type == "epsilon"
+    assert (cfg.sampling.sampler, cfg.sampling.num_inference_steps) == ("ddpm", 1000)
+    assert cfg.dataset.source == "mnist" and cfg.dataset.out == cfg.data.train_shards == "data/mnist"
+    channels = {"L": 1, "RGB": 3}[cfg.data.image_mode]
+    assert cfg.unet.in_channels == cfg.unet.out_channels == channels == 1
+    unet, text = instantiate(cfg.unet), instantiate(cfg.text_encoder)
+    context = text.encode(["a handwritten digit seven", ""]).hidden
+    x = torch.randn(2, channels, cfg.data.image_size, cfg.data.image_size)
+    with torch.no_grad():
+        assert unet(x, torch.tensor([0, 999]), context).shape == x.shape
+
+
+def test_vae_kl_f8_preset_builds_the_compvis_recipe(tmp_path: Path) -> None:
+    cfg = _compose("experiment=vae_kl_f8", f"out_dir={tmp_path}")
+    assert list(cfg.stages) == ["vae"] and cfg.dataset is None and cfg.trainer.accelerator == "gpu"
+    s = cfg.vae_stage
+    assert (s.rec_loss, s.kl_weight, s.disc_start, list(s.betas)) == ("l1", 1e-6, 50001, [0.5, 0.9])
+    assert s.lr == pytest.approx(4.5e-6 * s.batch_size)  # CompVis: base lr x batch x 1 GPU
+    assert cfg.data.image_size == 256 and OmegaConf.is_missing(cfg.data, "train_shards")
+    vae = instantiate(cfg.autoencoder)
+    assert vae.downsample_factor == 8 and vae.config["scale_factor"] == 0.18215
+    with torch.no_grad():
+        assert vae.encode(torch.zeros(1, 3, 64, 64)).mode().shape == (1, 4, 8, 8)
+
+
+def test_sd15_finetune_preset_needs_init_ckpt(tmp_path: Path) -> None:
+    cfg = _compose("experiment=sd15_finetune", f"out_dir={tmp_path}")
+    assert OmegaConf.is_missing(cfg, "init_ckpt") and list(cfg.stages) == ["ldm"] and cfg.first_stage == "vae"
+    assert cfg.unet.model_channels == 320 and cfg.unet.context_dim == 768 == cfg.text_encoder.width
+    assert cfg.unet.in_channels == cfg.autoencoder.embed_dim == 4 and cfg.autoencoder.scale_factor == 0.18215
+    assert cfg.diffusion.schedule.schedule == "scaled_linear" and cfg.diffusion.prediction_type == "epsilon"
+    with pytest.raises(ValueError, match="init_ckpt=PATH is required"):
+        _train_py().run(cfg)
+
+
+def test_mnist_pixel_ddpm_trains_a_few_steps(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = _compose(
+        "experiment=mnist_pixel_ddpm", f"out_dir={out}", "~logger", f"data.train_shards={tmp_path / 'mnist'}",
+        "dataset.length=48", "dataset.maxcount=16", "ldm_stage.max_steps=3", "ldm_stage.batch_size=4",
+        "ldm_stage.warmup_steps=1", "ldm_stage.checkpoint_every_n_steps=3", "unet.model_channels=32",
+        "unet.channel_mult=[1,2]", "unet.attention_resolutions=[2]", "unet.num_res_blocks=1", "unet.num_heads=2",
+        "unet.dropout=0.0", "text_encoder.width=32", "text_encoder.layers=1", "text_encoder.heads=2",
+        "sampling.num_inference_steps=2", "sampling.log_every_n_steps=0", "sampling.prompts=[a handwritten digit one]",
+        "trainer.log_every_n_steps=1",
+    )  # fmt: skip
+    results = _train_py().run(cfg)
+    assert len(list((tmp_path / "mnist").glob("*.tar"))) == 3  # the no-`dataset` path: train.py wrote the shards
+    ckpt = torch.load(results["ldm"], map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3 and ckpt["ldm"]["first_stage"] is None
+    assert ckpt["ldm"]["sampling"]["sampler"] == "ddpm" and ckpt["ldm"]["sampling"]["latent_shape"] == [1, 32, 32]
+    assert ckpt["state_dict"]["unet.input_blocks.0.0.weight"].shape[1] == 1  # one input channel
+    grid = next((out / "ldm" / "samples").glob("samples_step*.png"))
+    assert grid.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------------- init_ckpt
+
+TINY_BASE = [
+    "experiment=sd15_finetune", "unet=tiny", "autoencoder=tiny", "trainer=cpu", "~logger", "data=shapes",
+    "data.image_size=32", "unet.model_channels=32", "unet.use_linear_proj=false", "autoencoder.scale_factor=0.18215",
+    "ldm_stage.max_steps=2", "ldm_stage.batch_size=4", "ldm_stage.warmup_steps=1", "ldm_stage.num_workers=0",
+    "ldm_stage.gradient_checkpointing=false", "sampling.num_inference_steps=2", "sampling.log_every_n_steps=0",
+    "sampling.prompts=[a photo]", "trainer.log_every_n_steps=1", "unet.channel_mult=[1,2]",
+    "unet.attention_resolutions=[1]",
+]  # fmt: skip
+TINY_SD = [*TINY_BASE, "text_encoder=scratch_tiny", "text_encoder.width=32", "text_encoder.layers=1",
+           "text_encoder.heads=2"]
+
+
+@pytest.fixture
+def sd_file(tmp_path: Path):
+    """A tiny random model in the SD single-file layout, with EMA UNet weights that differ from the raw ones."""
+    cfg = _compose(*TINY_SD, f"out_dir={tmp_path}", f"init_ckpt={tmp_path / 'x'}")
+    unet, ema_unet = _randomize(instantiate(cfg.unet), 0), _randomize(instantiate(cfg.unet), 1)
+    vae, text = _randomize(instantiate(cfg.autoencoder), 2), _randomize(instantiate(cfg.text_encoder), 3)
+    sd = to_sd_state_dict(unet, vae, text.state_dict())  # our own tower: stored under its own names
+    for k, v in to_sd_state_dict(ema_unet, vae).items():
+        if k.startswith("model.diffusion_model."):
+            sd[ema_key(k)] = v
+    path = tmp_path / "tiny_sd.safetensors"
+    save_state_dict(sd, path)
+    return path, unet, ema_unet, vae, text
+
+
+def _equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_init_ckpt_loads_ema_unet_vae_and_text_encoder(tmp_path: Path, sd_file) -> None:
+    path, unet, ema_unet, vae, text = sd_file
+    train = _train_py()
+    cfg = _compose(*TINY_SD, f"out_dir={tmp_path}", f"init_ckpt={path}")
+    sd = load_sd_checkpoint(path)
+    new_unet, new_text = instantiate(cfg.unet), instantiate(cfg.text_encoder)
+    train.init_from_sd(cfg, sd, str(path), new_unet, new_text)
+    assert _equal(new_unet, ema_unet) and not _equal(new_unet, unet)  # the EMA weights, when present
+    assert _equal(new_text, text)
+    new_vae = train.init_vae_from_sd(cfg, sd, str(path))
+    assert _equal(new_vae, vae) and new_vae.config["scale_factor"] == 0.18215
+    assert torch.allclose(new_vae.latent_scale, torch.tensor(0.18215))
+    # a checkpoint that stores its own scale_factor (CompVis scale_by_std) wins over the config
+    with_scale = tmp_path / "with_scale.safetensors"
+    save_state_dict({**to_sd_state_dict(unet, vae, text.state_dict()), "scale_factor": torch.tensor(0.5)}, with_scale)
+    assert train.init_vae_from_sd(cfg, load_sd_checkpoint(with_scale), str(with_scale)).config["scale_factor"] == 0.5
+
+
+def test_init_ckpt_loads_an_sd1_clip_text_encoder(tmp_path: Path) -> None:
+    """SD 1.x stores CLIP as cond_stage_model.transformer.text_model.*: it lands in our HFCLIPTextEncoder."""
+    clip = ["text_encoder=clip_vit_l14", "text_encoder.width=32", "text_encoder.config.hidden_size=32",
+            "text_encoder.config.intermediate_size=64", "text_encoder.config.num_hidden_layers=1",
+            "text_encoder.config.num_attention_heads=2", "text_encoder.config.projection_dim=32"]
+    cfg = _compose(*TINY_BASE, *clip, f"out_dir={tmp_path}", f"init_ckpt={tmp_path / 'x'}")
+    unet, vae, text = instantiate(cfg.unet), instantiate(cfg.autoencoder), _randomize(instantiate(cfg.text_encoder), 4)
+    path = tmp_path / "sd1.ckpt"
+    save_state_dict(to_sd_state_dict(unet, vae, text), path)
+    assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in torch.load(path)["state_dict"])
+    new_text = instantiate(cfg.text_encoder)
+    _train_py().init_from_sd(cfg, load_sd_checkpoint(path), str(path), instantiate(cfg.unet), new_text)
+    assert _equal(new_text, text)
+
+
+def test_init_ckpt_mismatch_is_a_clear_error(tmp_path: Path, sd_file) -> None:
+    path = sd_file[0]
+    train = _train_py()
+    sd = load_sd_checkpoint(path)
+    cfg = _compose(*TINY_SD, f"out_dir={tmp_path}", f"init_ckpt={path}", "unet.model_channels=64")
+    with pytest.raises(ValueError, match=r"UNet \(unet config vs init_ckpt=.*\) state dict does not match.*shape"):
+        train.init_from_sd(cfg, sd, str(path), instantiate(cfg.unet), None)
+    cfg = _compose(*TINY_SD, f"out_dir={tmp_path}", f"init_ckpt={path}", "text_encoder.layers=2")
+    with pytest.raises(ValueError, match=r"text encoder \(text_encoder config vs init_ckpt=.*\) .* missing keys"):
+        train.init_from_sd(cfg, sd, str(path), instantiate(cfg.unet), instantiate(cfg.text_encoder))
+
+
+def test_init_ckpt_run_trains_from_the_loaded_weights(tmp_path: Path, sd_file) -> None:
+    path, _, ema_unet, vae, _ = sd_file
+    make_shards("shapes", tmp_path / "shapes", maxcount=8, size=32, length=16, log=None)
+    cfg = _compose(*TINY_SD, f"out_dir={tmp_path / 'run'}", f"init_ckpt={path}",
+                   f"data.train_shards={tmp_path / 'shapes'}")
+    ckpt = torch.load(_train_py().run(cfg)["ldm"], map_location="cpu", weights_only=False)
+    state = ckpt["state_dict"]
+    assert ckpt["global_step"] == 2
+    for k, v in vae.state_dict().items():  # the frozen first stage is the file's VAE
+        assert torch.equal(state[f"first_stage.{k}"], v)
+    assert ckpt["ldm"]["first_stage"]["kwargs"]["scale_factor"] == 0.18215
+    moved = [(state[f"unet.{k}"] - v).abs().max().item() for k, v in ema_unet.state_dict().items()]
+    assert 0 < max(moved) < 1e-3  # trained for two small steps, starting from the EMA weights
+    shadow = next(k for k in state if k.startswith("ema.shadow_"))
+    assert state[shadow].shape == next(iter(ema_unet.parameters())).shape
+
+
+def test_fsdp_is_refused_by_the_ldm_stage(tmp_path: Path) -> None:
+    cfg = _compose("experiment=mnist_pixel_ddpm", f"out_dir={tmp_path}", "trainer=fsdp", "dataset=null")
+    with pytest.raises(ValueError, match="trainer=fsdp is not supported by the ldm stage"):
+        _train_py().train_ldm(cfg, tmp_path, None)
+
+
+# ------------------------------------------------------------------------------------------------- sweeps, SLURM
+
+
+def test_sweep_preset_expands_to_one_directory_per_job(tmp_path: Path) -> None:
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = _compose("experiment=sweep_lr_unet", f"out_dir={tmp_path}", hydra_cfg=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)[0]
+    assert len(jobs) == 4
+    seen, subdirs = set(), set()
+    for num, job in enumerate(jobs):
+        c = _compose("experiment=sweep_lr_unet", *job, f"hydra.job.num={num}", hydra_cfg=True)
+        seen.add((c.optimizer.lr, c.unet.model_channels))
+        subdirs.add(f"{c.hydra.sweep.dir}/{c.hydra.sweep.subdir}")
+    assert seen == {(1e-4, 64), (1e-4, 128), (3e-4, 64), (3e-4, 128)}
+    assert len(subdirs) == 4  # hydra.sweep.subdir = ${hydra.job.num}
+
+
+@pytest.mark.slow
+def test_sweep_runs_four_jobs_in_four_directories(tmp_path: Path) -> None:
+    """The real multirun (no stages, so no training): four job directories, each with its own overrides."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=sweep_lr_unet", "stages=[]", "dataset=null",
+           "logger=csv", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True)
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert jobs == ["0", "1", "2", "3"]
+    overrides = {tuple(OmegaConf.load(tmp_path / "sweep" / j / ".hydra" / "overrides.yaml")[:2]) for j in jobs}
+    assert len(overrides) == 4
+
+
+def test_submitit_slurm_launcher_preset_composes(tmp_path: Path) -> None:
+    cfg = _compose("hydra/launcher=submitit_slurm", "trainer=ddp", "hydra.launcher.nodes=2", "trainer.num_nodes=2",
+                   f"out_dir={tmp_path}", hydra_cfg=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8  # one task per GPU: Lightning does not spawn
+    assert launcher.nodes == cfg.trainer.num_nodes == 2
+    assert launcher.submitit_folder.startswith(cfg.hydra.sweep.dir)

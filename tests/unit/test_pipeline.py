@@ -1,0 +1,204 @@
+"""LatentDiffusionPipeline on tiny random models: SD single files, precision, tiling, guidance, generators, latents."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ldm.autoencoder import AutoencoderKL
+from ldm.convert import save_state_dict, to_sd_state_dict
+from ldm.pipeline import SD_SCHEDULE, LatentDiffusionPipeline
+from ldm.sampling import make_scheduler, sample_loop
+from ldm.unet import UNet
+
+HF_TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+               max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407)
+OPEN_CLIP_TEXT = dict(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=16, width=32, head_width=16, layers=1),
+                      text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=2, mlp_ratio=2.0))
+
+
+def _randomize(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module.eval()
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def sd1_parts():
+    from ldm.text import HFCLIPTextEncoder
+
+    torch.manual_seed(0)
+    text = HFCLIPTextEncoder(config=HF_TEXT)
+    unet = _randomize(UNet(4, 4, 32, (1, 2), 1, (1, 2), num_heads=8, context_dim=64), 1)  # 8 heads: SD1's assumption
+    vae = _randomize(AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1), 2)
+    return unet, vae, text
+
+
+@pytest.fixture(scope="module")
+def pipe(sd1_parts) -> LatentDiffusionPipeline:
+    unet, vae, text = sd1_parts
+    sampling = {"image_size": 16, "num_inference_steps": 4}
+    return LatentDiffusionPipeline(unet, text, vae, SD_SCHEDULE, "epsilon", sampling)
+
+
+# ----------------------------------------------------------------------------- SD single files
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_sd1_single_file_round_trip_gives_the_same_images(sd1_parts, pipe, tmp_path: Path, suffix: str) -> None:
+    unet, vae, text = sd1_parts
+    sd = to_sd_state_dict(unet, vae, text)
+    assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in sd
+    assert not any(k.startswith("cond_stage_model.model.") for k in sd)
+    if suffix == ".ckpt":  # older transformers saved this buffer in SD 1.x files: tolerated
+        sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    path = tmp_path / f"sd1{suffix}"
+    save_state_dict(sd, path)
+    loaded = LatentDiffusionPipeline.from_checkpoint(path)
+    assert type(loaded.text_encoder).__name__ == "HFCLIPTextEncoder"
+    assert loaded.text_encoder.model.config.num_attention_heads == 1  # hidden 64 // 64
+    assert loaded.schedule == SD_SCHEDULE and loaded.prediction_type == "epsilon"
+    assert loaded.sampling["image_size"] == 512 and loaded.vae.config["scale_factor"] == 0.18215
+    kw = dict(num_inference_steps=4, height=16, width=16, output_type="tensor")
+    expected = pipe(["a red circle", "a blue square"], generator=_gen(0), **kw)
+    got = loaded(["a red circle", "a blue square"], generator=_gen(0), **kw)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_sd2_single_file_needs_prediction_type_and_round_trips(tmp_path: Path) -> None:
+    from ldm.text import OpenCLIPTextEncoder
+
+    torch.manual_seed(0)
+    text = OpenCLIPTextEncoder("ViT-H-14", layer="penultimate", model_kwargs=OPEN_CLIP_TEXT)
+    unet = _randomize(UNet(4, 4, 64, (1, 1), 1, (1,), num_head_channels=64, context_dim=64, use_linear_proj=True), 3)
+    vae = _randomize(AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1), 4)
+    sd = to_sd_state_dict(unet, vae, text)
+    assert "cond_stage_model.model.token_embedding.weight" in sd
+    path = tmp_path / "sd2.safetensors"
+    save_state_dict(sd, path)
+    with pytest.warns(UserWarning, match="SD 2.x.*prediction_type='v_prediction'"):
+        assert LatentDiffusionPipeline.from_checkpoint(path).prediction_type == "epsilon"
+    loaded = LatentDiffusionPipeline.from_checkpoint(path, prediction_type="v_prediction")
+    assert loaded.prediction_type == "v_prediction" and loaded.sampling["image_size"] == 768
+    assert loaded.text_encoder.layer == "penultimate" and loaded.text_encoder.width == 64
+    original = LatentDiffusionPipeline(unet, text, vae, SD_SCHEDULE, "v_prediction")
+    kw = dict(num_inference_steps=3, height=16, width=16, output_type="tensor")
+    torch.testing.assert_close(loaded("a cat", generator=_gen(1), **kw), original("a cat", generator=_gen(1), **kw),
+                               rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        LatentDiffusionPipeline.from_checkpoint(path, prediction_type="v")
+
+
+def test_sd_file_without_text_encoder_is_refused(sd1_parts, tmp_path: Path) -> None:
+    unet, vae, _ = sd1_parts
+    path = tmp_path / "no_text.safetensors"
+    save_state_dict(to_sd_state_dict(unet, vae), path)
+    with pytest.raises(ValueError, match="no text encoder weights"):
+        LatentDiffusionPipeline.from_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- call options
+
+
+def test_bf16_autocast_is_finite_and_close_to_fp32(pipe) -> None:
+    kw = dict(output_type="tensor", num_inference_steps=2)
+    fp32 = pipe("a cat", generator=_gen(0), **kw)
+    seen = []
+    hook = pipe.vae.decoder.register_forward_pre_hook(lambda m, args: seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        bf16 = pipe("a cat", generator=_gen(0), dtype=torch.bfloat16, **kw)
+    finally:
+        hook.remove()
+    assert seen == [False]  # the VAE decodes outside autocast
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    assert not torch.equal(bf16, fp32)  # autocast did run the UNet in bf16
+    torch.testing.assert_close(bf16, fp32, rtol=0, atol=0.05)
+    assert torch.equal(pipe("a cat", generator=_gen(0), dtype="fp32", **kw), fp32)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        pipe("a cat", dtype="int8")
+
+
+def test_tiled_vae_decoding_is_close_to_untiled(pipe) -> None:
+    kw = dict(output_type="tensor", height=64, width=64, num_inference_steps=1, guidance_scale=1.0)
+    full = pipe("a cat", generator=_gen(0), **kw)
+    calls = []
+    hook = pipe.vae.decoder.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape[-2:])))
+    try:
+        tiled = pipe("a cat", generator=_gen(0), vae_tile_size=16, **kw)  # 32x32 latents: 3x3 tiles, overlap 4
+    finally:
+        hook.remove()
+    assert calls == [(16, 16)] * 9
+    assert not torch.equal(tiled, full)  # the mid-block attention sees one tile only: close, not equal
+    diff = (tiled - full).abs()
+    assert diff.mean() < 0.1 * full.std() and diff.max() < 0.5 * full.std()
+    with pytest.raises(ValueError, match="vae_tile_size must be a positive"):
+        pipe("a cat", vae_tile_size=0)
+
+
+def test_no_text_encoder_ignores_guidance_with_one_warning() -> None:
+    unet = _randomize(UNet(3, 3, 32, (1, 2), 1, (), num_heads=8, context_dim=None), 5)
+    pixel = LatentDiffusionPipeline(unet, None, None, SD_SCHEDULE, "epsilon", {"image_size": 8})
+    unguided = pixel("", guidance_scale=1.0, generator=_gen(0), output_type="tensor", num_inference_steps=3)
+    with pytest.warns(UserWarning, match=r"no text encoder.*guidance_scale=5.0 is ignored"):
+        guided = pixel("", guidance_scale=5.0, generator=_gen(0), output_type="tensor", num_inference_steps=3)
+    assert torch.equal(guided, unguided)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixel("", guidance_scale=5.0, generator=_gen(0), num_inference_steps=1)  # once per pipeline
+    scheduler = make_scheduler("ddim", SD_SCHEDULE, "epsilon")
+    scheduler.set_timesteps(2)
+    x = torch.randn(1, 3, 8, 8, generator=_gen(1))
+    with pytest.warns(UserWarning, match="no text context"):
+        out = sample_loop(unet, scheduler, x, None, None, guidance_scale=3.0)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="needs the unconditional context"):
+        sample_loop(unet, scheduler, x, torch.zeros(1, 2, 4), None, guidance_scale=3.0)
+
+
+@pytest.mark.parametrize("sampler,image_to_image", [("dpm_solver++", True), ("ddpm", False)])
+def test_a_generator_per_image_regenerates_each_image_alone(pipe, sampler: str, image_to_image: bool) -> None:
+    prompts = ["a cat", "a dog"]
+    kw = dict(sampler=sampler, output_type="tensor", num_inference_steps=3)
+    if image_to_image:  # the initial noise of each image; with ddpm, also the noise of every step
+        kw.update(image=Image.new("RGB", (16, 16), (200, 40, 40)), strength=0.7)
+    batch = pipe(prompts, generator=[_gen(10), _gen(11)], **kw)
+    for i, prompt in enumerate(prompts):
+        alone = pipe(prompt, generator=[_gen(10 + i)], **kw)
+        torch.testing.assert_close(alone[0], batch[i], rtol=0, atol=1e-5)  # batched kernels differ by roundoff
+    assert not torch.allclose(batch[0], batch[1], atol=1e-3)
+    with pytest.raises(ValueError, match="1 generators for 2 images"):
+        pipe(prompts, generator=[_gen(0)])
+
+
+def test_latents_in_and_out(pipe) -> None:
+    shape = (2, 4, 8, 8)
+    z = pipe(["a", "b"], generator=_gen(3), output_type="latent")
+    assert z.shape == shape
+    decoded = pipe(["a", "b"], generator=_gen(3), output_type="tensor")
+    torch.testing.assert_close(pipe.vae.decode_latents(z), decoded)
+    noise = torch.randn(shape, generator=_gen(3))
+    torch.testing.assert_close(pipe(["a", "b"], latents=noise, output_type="latent"), z, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"latents must have shape \(2, 4, 8, 8\)"):
+        pipe(["a", "b"], latents=noise[:1])
+    with pytest.raises(ValueError, match="output_type must be"):
+        pipe("a", output_type="numpy")
+
+
+def test_guidance_rescale_changes_the_output_and_strength_zero_raises(pipe) -> None:
+    kw = dict(generator=_gen(0), output_type="latent", guidance_scale=20.0)
+    plain, rescaled = pipe("a cat", **kw), pipe("a cat", guidance_rescale=0.7, **kw)
+    assert not torch.equal(plain, rescaled)
+    with pytest.raises(ValueError, match="guidance_rescale must lie in"):
+        pipe("a cat", guidance_rescale=2.0)
+    with pytest.raises(ValueError, match=r"strength must lie in \(0, 1\], got 0"):
+        pipe("a cat", image=Image.new("RGB", (16, 16)), strength=0.0)
