@@ -10,6 +10,7 @@ Hydra instantiates the parts here, at the edge; everything below takes plain obj
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,20 +18,26 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import AtomicCheckpointIO, atomic_torch_save, build_module, module_spec
+from ldm.convert import (
+    SDCheckpoint,
+    load_sd_checkpoint,
+    load_sd_text_encoder,
+    load_state_dict_checked,
+    sd_text_family,
+)
 from ldm.lightning.autoencoder_module import AutoencoderModule
-from ldm.lightning.callbacks import SampleGrid, Throughput
+from ldm.lightning.callbacks import SampleGrid, StageCheckpoint, Throughput
 from ldm.lightning.diffusion_module import LatentDiffusionModule
 
 
 def prepare_data(cfg: DictConfig) -> None:
     """Write the built-in dataset's shards once (rank 0), if the config names one and they are missing."""
     build = cfg.get("dataset")
-    if not build:
+    if not build or cfg.data.get("source", "images") == "latents":  # a latent cache comes from cache_latents
         return
     out = Path(build.out)
     if (out / "index.json").exists():
@@ -45,6 +52,45 @@ def prepare_data(cfg: DictConfig) -> None:
             size=build.get("size"),
             length=build.get("length"),
             seed=build.get("seed", 0),
+        )
+
+
+def check_latent_source(cfg: DictConfig, resume: tuple[str, str] | None) -> None:
+    """``data.source=latents`` (a cache of ``python -m ldm.data.cache_latents``) feeds the ldm stage only, on the
+    VAE whose latents were cached (``vae_ckpt``: its latent scale, and the decoder for samples)."""
+    if cfg.data.get("source", "images") != "latents":
+        return
+    how = (
+        "Train the VAE on image shards (stages=[vae], data.source=images), cache its latents (python -m "
+        "ldm.data.cache_latents SHARDS CACHE --vae RUN/vae/vae.ckpt --size S), then train with data.source=latents "
+        "data.train_shards=CACHE stages=[ldm] vae_ckpt=RUN/vae/vae.ckpt (or data=shapes_latents)."
+    )
+    if "vae" in cfg.stages and (resume is None or resume[0] == "vae"):
+        raise ValueError(f"data.source=latents reads cached latents, but the vae stage trains on images. {how}")
+    if cfg.first_stage != "vae":
+        raise ValueError(f"data.source=latents needs first_stage=vae (cached latents are VAE latents). {how}")
+    if resume is None and not cfg.vae_ckpt:
+        raise ValueError(
+            "data.source=latents needs vae_ckpt=PATH: the vae.ckpt whose latents were cached. The ldm stage applies "
+            f"its latent scale to the cached latents and decodes samples with it. {how}"
+        )
+    shards = cfg.data.train_shards
+    if isinstance(shards, str) and "{" not in shards and not Path(shards).exists():
+        raise FileNotFoundError(f"data.train_shards={shards}: no latent cache there. {how}")
+
+
+def check_cache_shape(cfg: DictConfig, latent_shape: list[int]) -> None:
+    """Refuse a latent cache whose latents do not have the shape the UNet and the sampler will use."""
+    shards = cfg.data.get("train_shards")
+    if cfg.data.get("source", "images") != "latents" or not isinstance(shards, str):
+        return
+    index = Path(shards) / "index.json"
+    cached = json.loads(index.read_text()).get("latents", {}).get("shape") if index.is_file() else None
+    if cached is not None and list(cached) != list(latent_shape):
+        raise ValueError(
+            f"the latent cache {shards} holds latents of shape {cached}, but this run trains on {latent_shape} "
+            "(unet.in_channels, data.image_size / the VAE's downsampling): set data.image_size to the cached size, "
+            "or cache again with the matching VAE and --size"
         )
 
 
@@ -75,7 +121,19 @@ def make_trainer(
 def make_logger(cfg: DictConfig, name: str):
     if cfg.get("logger") is None:
         return False
-    return instantiate(cfg.logger, **({"name": name} if "name" not in cfg.logger else {}))
+    logger = instantiate(cfg.logger, **({"name": name} if "name" not in cfg.logger else {}))
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the run's config beside its curves
+    return logger
+
+
+def close_loggers(trainer: L.Trainer) -> None:
+    """End each logger's run, so the next stage starts its own (WandbLogger would otherwise reuse the active run)."""
+    for logger in trainer.loggers:
+        logger.finalize("success")
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
 
 
 def find_resume(cfg: DictConfig) -> tuple[str, str] | None:
@@ -115,6 +173,82 @@ def load_vae(path: str | Path) -> torch.nn.Module:
     return vae
 
 
+SD_LATENT_SCALE = 0.18215  # Stable Diffusion 1.x / 2.x
+
+
+def checkpoint_scale_factor(path: str | Path) -> float | None:
+    """The ``scale_factor`` entry of an SD single file (CompVis stores it when ``scale_by_std``), else None."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return float(f.get_tensor("scale_factor")) if "scale_factor" in f.keys() else None
+    try:  # memory-mapped: only the one entry is read
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an old (non-zip) or pickled file: load_sd_checkpoint reports its own errors
+        return None
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
+    value = sd.get("scale_factor") if isinstance(sd, dict) else None
+    return float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else None
+
+
+def init_vae_from_sd(cfg: DictConfig, sd: SDCheckpoint, path: str) -> torch.nn.Module:
+    """The autoencoder of ``cfg.autoencoder`` holding an SD single file's VAE weights (strict), with its latent
+    scale from the file's ``scale_factor`` when present, else ``autoencoder.scale_factor`` (0.18215 in kl_f8)."""
+    scale = checkpoint_scale_factor(path)
+    if scale is None:
+        scale = float(cfg.autoencoder.get("scale_factor", SD_LATENT_SCALE))
+        if scale != SD_LATENT_SCALE:
+            rank_zero_warn(
+                f"init_ckpt={path} stores no scale_factor; using autoencoder.scale_factor={scale} "
+                f"(Stable Diffusion 1.x/2.x use {SD_LATENT_SCALE})"
+            )
+    vae = instantiate(cfg.autoencoder, scale_factor=scale)
+    load_state_dict_checked(vae, sd.vae.state_dict(), f"AutoencoderKL (autoencoder config vs init_ckpt={path})")
+    rank_zero_info(f"init_ckpt: VAE weights from {path}, latent scale {scale}")
+    return vae
+
+
+def sd_text_state_dict(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An SD file's ``cond_stage_model.*`` weights under our text encoders' names: SD 1.x CLIP and SD 2.x open_clip
+    through ``ldm.convert.load_sd_text_encoder``; any other layout (e.g. our own from-scratch tower) as stored."""
+    if sd_text_family(cond) is None:
+        return cond
+    return load_sd_text_encoder(cond).state_dict()
+
+
+def init_from_sd(
+    cfg: DictConfig, sd: SDCheckpoint, path: str, unet: torch.nn.Module, text_encoder: torch.nn.Module | None
+) -> None:
+    """Load an SD single file's UNet (its EMA weights when present) and text encoder into ours, strictly."""
+    load_state_dict_checked(unet, sd.unet.state_dict(), f"UNet (unet config vs init_ckpt={path})")
+    if text_encoder is None:
+        return
+    if sd.cond_stage_state_dict:
+        weights = sd_text_state_dict(sd.cond_stage_state_dict)
+        load_state_dict_checked(text_encoder, weights, f"text encoder (text_encoder config vs init_ckpt={path})")
+        rank_zero_info(f"init_ckpt: UNet and text encoder weights from {path}")
+        return
+    te = cfg.text_encoder
+    if getattr(text_encoder, "frozen", False) and te.get("pretrained_path") is None and te.get("pretrained") is None:
+        raise ValueError(
+            f"init_ckpt={path} holds no text encoder (cond_stage_model.*) weights and the frozen text encoder has no "
+            "pretrained weights of its own: set text_encoder.pretrained_path (or pretrained) to a local copy"
+        )
+    rank_zero_info(f"init_ckpt: UNet weights from {path}; the text encoder keeps its own weights")
+
+
+def check_fsdp(cfg: DictConfig) -> None:
+    """Refuse FSDP for the ldm stage: the EMA and the sample grid read UNet parameters FSDP holds only as shards."""
+    if "fsdp" in str(cfg.trainer.get("strategy", "")):
+        raise ValueError(
+            "trainer=fsdp is not supported by the ldm stage yet: outside forward FSDP keeps each UNet parameter as a "
+            "flattened shard, so the EMA update and the sample-grid callback would read shards (wrong values or a "
+            "crash). Use trainer=ddp (see docs/cluster.md)."
+        )
+
+
 def train_vae(cfg: DictConfig, out: Path, resume: str | None = None) -> Path:
     s = cfg.vae_stage
     vae = instantiate(cfg.autoencoder)
@@ -130,15 +264,18 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None) -> Path:
         disc_weight=s.disc_weight,
         lr_schedule=s.lr_schedule,
         max_steps=s.max_steps,
+        seed=cfg.seed,
     )
     data = instantiate(cfg.data, batch_size=s.batch_size, num_workers=s.num_workers)
     stage_dir = out / "vae"
     save_config(cfg, stage_dir)
-    ckpt_cb = ModelCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True, every_n_train_steps=500)
-    trainer = make_trainer(cfg, stage_dir, s.max_steps, [ckpt_cb, Throughput()], make_logger(cfg, "vae"), manual=True)
+    ckpt_cb = StageCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True, every_n_train_steps=500)
+    throughput = Throughput(peak_flops=cfg.get("perf", {}).get("peak_flops"))
+    trainer = make_trainer(cfg, stage_dir, s.max_steps, [ckpt_cb, throughput], make_logger(cfg, "vae"), manual=True)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     rank_zero_info(f"vae stage: {time.perf_counter() - t0:.0f} s")
+    close_loggers(trainer)
     # Diffusion trains on unit-variance latents: fit the scale on a few batches of training images.
     loader = data.train_dataloader()
     images = torch.cat([b["image"] for b, _ in zip(loader, range(4), strict=False)])
@@ -155,35 +292,49 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None) -> Path:
             },
             path,
         )
+    trainer.strategy.barrier()  # the other ranks read vae.ckpt (rank 0's scale) in the ldm stage
     rank_zero_info(f"vae: latent scale {scale:.4f}; saved {path}")
     return path
 
 
 def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | None = None) -> Path:
     s = cfg.ldm_stage
+    check_fsdp(cfg)
     first_stage = None
+    if resume is None and OmegaConf.is_missing(cfg, "init_ckpt"):
+        raise ValueError("init_ckpt=PATH is required: the Stable Diffusion single file (.safetensors/.ckpt) to load")
+    init_ckpt = cfg.get("init_ckpt") if resume is None else None  # a resumed run has its weights already
+    sd = load_sd_checkpoint(init_ckpt) if init_ckpt else None
+    if sd is not None and cfg.first_stage != "vae":
+        raise ValueError(f"init_ckpt (an SD single file) needs first_stage=vae, got {cfg.first_stage!r}")
     if resume is not None:
         # The checkpoint holds the first stage's architecture and weights: no separate VAE file is needed.
         spec = torch.load(resume, map_location="cpu", weights_only=False)["ldm"]["first_stage"]
         first_stage = build_module(spec) if spec is not None else None
     elif cfg.first_stage == "vae":
         vae_path = vae_path or (Path(cfg.vae_ckpt) if cfg.vae_ckpt else None)
-        if vae_path is None:
+        if vae_path is None and sd is None:
             raise ValueError(
                 "the ldm stage needs an autoencoder: set vae_ckpt=PATH (vae/vae.ckpt of a vae-stage run), run both "
-                "stages (stages=[vae,ldm]), or train in pixel space (first_stage=pixel)"
+                "stages (stages=[vae,ldm]), start from an SD single file (init_ckpt=PATH), or train in pixel space "
+                "(first_stage=pixel)"
             )
-        first_stage = load_vae(vae_path)
+        # a VAE trained in this run, or vae_ckpt, takes precedence over the one inside init_ckpt
+        first_stage = load_vae(vae_path) if vae_path is not None else init_vae_from_sd(cfg, sd, init_ckpt)
     elif cfg.first_stage != "pixel":
         raise ValueError(f"first_stage must be 'vae' or 'pixel', got {cfg.first_stage!r}")
     text_cfg = cfg.get("text_encoder")
     text_encoder = instantiate(text_cfg) if text_cfg else None
     unet = instantiate(cfg.unet, gradient_checkpointing=s.gradient_checkpointing)
-    if s.compile:
-        unet = torch.compile(unet)
+    if sd is not None:  # before the module is built, so its EMA starts from these weights
+        init_from_sd(cfg, sd, init_ckpt, unet, text_encoder)
+        del sd
+    if s.compile:  # in place: the module keeps its class and state-dict names, so checkpoints stay loadable
+        unet.compile()
     sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
     f = first_stage.downsample_factor if first_stage is not None else 1
     sampling["latent_shape"] = [cfg.unet.in_channels, sampling["image_size"] // f, sampling["image_size"] // f]
+    check_cache_shape(cfg, sampling["latent_shape"])
     d = cfg.diffusion
     module = LatentDiffusionModule(
         unet,
@@ -212,16 +363,17 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     stage_dir = out / "ldm"
     save_config(cfg, stage_dir)
     callbacks = [
-        ModelCheckpoint(
+        StageCheckpoint(
             dirpath=stage_dir / "checkpoints", save_last=True, every_n_train_steps=s.checkpoint_every_n_steps
         ),
-        Throughput(),
+        Throughput(peak_flops=cfg.get("perf", {}).get("peak_flops")),
         SampleGrid(cfg.sampling.prompts, cfg.sampling.log_every_n_steps, stage_dir / "samples", cfg.sampling.seed),
     ]
     trainer = make_trainer(cfg, stage_dir, s.max_steps, callbacks, make_logger(cfg, "ldm"))
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     rank_zero_info(f"ldm stage: {time.perf_counter() - t0:.0f} s")
+    close_loggers(trainer)
     last = stage_dir / "checkpoints" / "last.ckpt"
     rank_zero_info(f"ldm: checkpoint {last}; samples in {stage_dir / 'samples'}")
     return last
@@ -237,6 +389,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; use stages=[vae], [ldm] or [vae,ldm]")
     resume = find_resume(cfg)
+    check_latent_source(cfg, resume)
     if resume is not None:
         rank_zero_info(f"resuming the {resume[0]} stage from {resume[1]}")
     if "vae" in cfg.stages and (resume is None or resume[0] == "vae"):

@@ -27,9 +27,10 @@ class DiagonalGaussianDistribution:
         return list(range(1, self.mean.ndim))
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw mean + std * eps with eps from ``generator`` (on the tensors' device)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+        """Draw mean + std * eps, eps from ``generator`` on its own device (a CPU generator serves any device)."""
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
 
     def mode(self) -> torch.Tensor:
         """The most likely latent: the mean."""

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.autoencoder.losses import PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, hinge_d_loss
+from ldm.checkpoint import gather_rank_states, rank_state
 from ldm.lightning.diffusion_module import warmup_then
 
 
@@ -33,6 +34,7 @@ class AutoencoderModule(L.LightningModule):
         disc_layers: int = 3,
         lr_schedule: str = "constant",
         max_steps: int = 1,
+        seed: int = 0,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -49,6 +51,21 @@ class AutoencoderModule(L.LightningModule):
         self.discriminator = None
         if disc_start is not None:
             self.discriminator = PatchDiscriminator(vae.config["out_channels"], disc_channels, disc_layers)
+        # The posterior samples come from the module's own generator, saved in the checkpoint (exact resume); offset
+        # by rank under DDP.
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def setup(self, stage: str) -> None:
+        if self.global_rank:
+            self.generator.manual_seed(self.seed + 1000003 * self.global_rank)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["train_generators"] = gather_rank_states(self.generator.get_state())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "train_generators" in checkpoint:
+            self.generator.set_state(rank_state(checkpoint["train_generators"], self.global_rank))
 
     def _reconstruction(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
         err = (rec - x).abs() if self.rec_loss == "l1" else (rec - x) ** 2
@@ -64,7 +81,7 @@ class AutoencoderModule(L.LightningModule):
         x = batch["image"]
         opts = self.optimizers()
         opt_ae, opt_d = (opts[0], opts[1]) if isinstance(opts, list) else (opts, None)
-        rec, posterior = self.vae(x)
+        rec, posterior = self.vae(x, generator=self.generator)
         nll = self._reconstruction(x, rec)
         kl = posterior.kl().mean()
         loss = nll + self.kl_weight * kl
@@ -78,6 +95,10 @@ class AutoencoderModule(L.LightningModule):
                                      "checkpoint is kept. Lower the learning rate or the GAN weight.")
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        grads = [p.grad.detach().norm() for p in self.vae.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.stack(grads).norm(), batch_size=x.shape[0])
+        self.log("train/lr", opt_ae.param_groups[0]["lr"], batch_size=x.shape[0])
         opt_ae.step()
         for sched in self._schedulers():
             sched.step()
@@ -111,7 +132,7 @@ class AutoencoderModule(L.LightningModule):
         """Set ``vae.scale_factor`` (and its config) to 1 / std of the posterior-sampled latents of ``images``."""
         if self.vae.config.get("latent_std") is not None:
             raise ValueError("the VAE normalises per channel (latent_std); fit_latent_scale sets a scalar scale")
-        z = self.vae.encode(images).sample()
+        z = self.vae.encode(images).sample(torch.Generator().manual_seed(self.seed))  # reproducible
         scale = float(1.0 / z.float().std())
         self.vae.config["scale_factor"] = scale
         self.vae.latent_scale.fill_(scale)

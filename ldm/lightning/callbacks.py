@@ -1,4 +1,5 @@
-"""Training callbacks: throughput (images/s, MFU where countable) and a fixed-prompt sample grid."""
+"""Training callbacks: checkpoints whose last.ckpt is the final state, throughput (images/s, model FLOP/s and MFU)
+and a fixed-prompt sample grid."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.pipeline import to_pil
 
@@ -23,22 +26,85 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
     return grid
 
 
+class StageCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose ``last.ckpt`` always holds the final state.
+
+    Lightning's saves ``last`` at the end of training only if no periodic save happened, so with ``max_steps`` not a
+    multiple of ``every_n_train_steps`` it would be left at the last periodic step; here it is rewritten at the end.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._saved_step: int | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._saved_step = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and self.dirpath is not None and self._saved_step != trainer.global_step:
+            last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+            trainer.save_checkpoint(last)
+            self.last_model_path = str(last)
+
+
 class Throughput(L.Callback):
-    """Logs images/s per step and, given the model FLOPs of one training step and the device's peak, MFU."""
+    """Logs images/s (all ranks), the model FLOP/s achieved per device (``perf/tflops``) and, given the device's
+    peak FLOP/s, the model FLOP utilisation (``perf/mfu``).
+
+    Unless ``flops_per_step`` is given, the FLOPs of one training step's forward and backward (per rank, up to the
+    first optimizer step) are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the first batch: matmuls,
+    convolutions and attention as executed (with gradient checkpointing the recomputed forward counts too). The count
+    is saved in checkpoints, so a resumed run does not count again. Logged every step from the second on.
+    """
 
     def __init__(self, flops_per_step: float | None = None, peak_flops: float | None = None):
         self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
-        self._t0 = None
+        self._t0: float | None = None
+        self._counter: FlopCounterMode | None = None
+        self._counting_step = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.flops_per_step is None and not self._counting_step:
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+            self._counting_step = True
         self._t0 = time.perf_counter()
+
+    def _stop_counting(self) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops_per_step = float(self._counter.get_total_flops())
+            self._counter = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._stop_counting()  # the optimizer step (and the EMA update after it) run outside the counting mode
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         dt = time.perf_counter() - self._t0
         n = len(batch["caption"]) if "caption" in batch else next(iter(batch.values())).shape[0]
         pl_module.log("perf/images_per_s", n * trainer.world_size / dt, batch_size=n)
-        if self.flops_per_step and self.peak_flops:
-            pl_module.log("perf/mfu", self.flops_per_step / dt / self.peak_flops, batch_size=n)
+        if self._counting_step:  # the first step, slowed by the counting: no FLOP/s from it
+            self._stop_counting()
+            self._counting_step = False
+            return
+        if self.flops_per_step:
+            pl_module.log("perf/tflops", self.flops_per_step / dt / 1e12, batch_size=n)
+            if self.peak_flops:
+                pl_module.log("perf/mfu", self.flops_per_step / dt / self.peak_flops, batch_size=n)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._stop_counting()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._stop_counting()
+
+    def state_dict(self) -> dict:
+        return {"flops_per_step": self.flops_per_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.flops_per_step is None:
+            self.flops_per_step = state_dict.get("flops_per_step")
 
 
 class SampleGrid(L.Callback):

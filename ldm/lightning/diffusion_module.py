@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ldm.checkpoint import module_spec
+from ldm.checkpoint import gather_rank_states, module_spec, rank_state
 from ldm.diffusion import DiffusionLoss, NoiseSchedule
 from ldm.lightning.ema import EMA
 from ldm.sampling import make_scheduler, sample_loop
@@ -114,11 +114,13 @@ class LatentDiffusionModule(L.LightningModule):
         checkpoint["ldm"] = self.describe()
         checkpoint["nan_skips"] = self.nan_skips
         checkpoint["train_generator"] = self.generator.get_state()
+        checkpoint["train_generators"] = gather_rank_states(checkpoint["train_generator"])  # one per DDP rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.nan_skips = checkpoint.get("nan_skips", 0)
-        if "train_generator" in checkpoint:
-            self.generator.set_state(checkpoint["train_generator"])
+        states = checkpoint.get("train_generators") or [checkpoint.get("train_generator")]
+        if states[0] is not None:
+            self.generator.set_state(rank_state(states, self.global_rank))
 
     # ------------------------------------------------------------------ training
 
@@ -130,13 +132,14 @@ class LatentDiffusionModule(L.LightningModule):
 
     def latents_of(self, batch: dict) -> torch.Tensor:
         """Clean latents for a batch: from the cache, through the frozen first stage, or the pixels themselves."""
-        if "latent" in batch:
-            return batch["latent"]
+        if "latent" in batch:  # the cache holds raw posterior samples: normalise them as encode_latents does
+            latent = batch["latent"]
+            return latent if self.first_stage is None else self.first_stage.normalize_latents(latent)
         image = batch["image"]
         if self.first_stage is None:
             return image
-        with torch.no_grad():
-            return self.first_stage.encode_latents(image)
+        with torch.no_grad():  # the posterior sample draws from the module's generator: resume stays exact
+            return self.first_stage.encode_latents(image, generator=self.generator)
 
     def encode_text(self, captions: Sequence[str]) -> torch.Tensor | None:
         if self.text_encoder is None:
@@ -146,12 +149,22 @@ class LatentDiffusionModule(L.LightningModule):
     def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, y=None) -> torch.Tensor:
         return self.unet(x, t, context) if y is None else self.unet(x, t, context, y=y)
 
+    def text_context(self, batch: dict) -> torch.Tensor | None:
+        """Context after caption dropout: a frozen encoder's cached ``text_hidden`` (dropped rows get its null
+        embedding, the encoding of ""), else the encoded captions. Both draw the same numbers from the generator."""
+        if self.text_encoder is None:
+            return None
+        cached = batch.get("text_hidden")
+        if cached is None or not getattr(self.text_encoder, "frozen", False):
+            return self.encode_text(drop_captions(batch["caption"], self.caption_dropout, self.generator))
+        dropped = drop_captions(["x"] * cached.shape[0], self.caption_dropout, self.generator)
+        null = self.text_encoder.null_embedding().hidden
+        drop = torch.tensor([c == "" for c in dropped], device=null.device)
+        return torch.where(drop[:, None, None], null, cached.to(null.device, null.dtype))
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         x0 = self.latents_of(batch)
-        context = None
-        if self.text_encoder is not None:
-            captions = drop_captions(batch["caption"], self.caption_dropout, self.generator)
-            context = self.encode_text(captions)
+        context = self.text_context(batch)
         y = batch.get("label") if getattr(self.unet, "num_classes", None) else None
         loss = self.loss_fn(lambda x, t, c: self.denoise(x, t, c, y), x0, context, generator=self.generator)
         if not torch.isfinite(loss):
@@ -168,11 +181,20 @@ class LatentDiffusionModule(L.LightningModule):
             raise FloatingPointError(
                 f"loss is {loss.item()} at step {self.global_step} (skipped so far: {self.nan_skips - 1}). The last "
                 "checkpoint is kept. Lower the learning rate, use bf16 rather than fp16, or set "
-                "module.nan_policy=skip (with module.max_nan_skips) to skip such batches."
+                "ldm_stage.nan_policy=skip (with ldm_stage.max_nan_skips) to skip such batches."
             )
         return None  # Lightning skips the optimizer step for a None loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # The gradient norm before clipping (Lightning clips after this hook).
+        norms = [p.grad.detach().norm() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm())
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step, then the EMA update: once per optimizer step (not per accumulated batch), and before
+        the callbacks' on_train_batch_end, so a checkpoint written there holds this step's average (exact resume)."""
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.unet)
 

@@ -1,0 +1,66 @@
+"""Training callbacks: the FLOP count behind perf/tflops and perf/mfu, and a last.ckpt that is the final state."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from ldm.checkpoint import AtomicCheckpointIO
+from ldm.lightning.callbacks import StageCheckpoint, Throughput
+
+B, N_IN, N_HID, N_OUT = 4, 16, 32, 8
+
+
+class TwoLayers(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(N_IN, N_HID), nn.ReLU(), nn.Linear(N_HID, N_OUT))
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch["x"]).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(tmp_path, callbacks, steps: int = 3) -> L.Trainer:
+    data = [{"x": torch.randn(B, N_IN)} for _ in range(steps)]
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=any(isinstance(c, StageCheckpoint) for c in callbacks),
+    )
+    trainer.fit(TwoLayers(), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    return trainer
+
+
+def test_throughput_counts_forward_and_backward_flops_and_logs_mfu(tmp_path):
+    throughput = Throughput(peak_flops=1e9)
+    trainer = fit(tmp_path, [throughput])
+    forward = 2 * B * (N_IN * N_HID + N_HID * N_OUT)
+    # the weight gradients of both layers, and the input gradient of the second (x needs none)
+    backward = 2 * B * (N_IN * N_HID + N_HID * N_OUT) + 2 * B * N_HID * N_OUT
+    assert throughput.flops_per_step == forward + backward
+    tflops, mfu = float(trainer.callback_metrics["perf/tflops"]), float(trainer.callback_metrics["perf/mfu"])
+    assert tflops > 0 and mfu == pytest.approx(tflops * 1e12 / 1e9, rel=1e-5)
+    assert float(trainer.callback_metrics["perf/images_per_s"]) > 0
+
+
+def test_throughput_without_a_peak_logs_no_mfu_and_given_flops_are_not_recounted(tmp_path):
+    trainer = fit(tmp_path, [Throughput()])
+    assert "perf/tflops" in trainer.callback_metrics and "perf/mfu" not in trainer.callback_metrics
+    given = Throughput(flops_per_step=123.0, peak_flops=1e3)
+    fit(tmp_path, [given])
+    assert given.flops_per_step == 123.0
+    resumed = Throughput()  # a resumed run takes the count from the checkpoint instead of counting again
+    resumed.load_state_dict(given.state_dict())
+    assert resumed.flops_per_step == 123.0
+
+
+def test_stage_checkpoint_last_is_the_final_step(tmp_path):
+    fit(tmp_path, [StageCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)], steps=5)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 5  # Lightning's ModelCheckpoint would leave it at step 4, the last periodic save
+    assert torch.load(tmp_path / "ckpt" / "epoch=0-step=4.ckpt", weights_only=False)["global_step"] == 4
