@@ -1,14 +1,16 @@
 """Precompute VAE latents (and, for a frozen text encoder, text embeddings) into shards the reader can train on.
 
-    python -m ldm.data.cache_latents SHARDS OUT --vae CKPT --vae-config conf/autoencoder/kl_f8.yaml
+    python -m ldm.data.cache_latents SHARDS OUT --vae vae/vae.ckpt [--vae-config conf/autoencoder/X.yaml]
         [--text-encoder-config conf/text_encoder/...yaml [--text-encoder CKPT]] [--size S] [--batch-size N]
 
 Each input shard ``NAME.tar`` becomes ``OUT/NAME.tar`` with, per sample, ``latent_mean.npy`` and
-``latent_std.npy`` (the raw, unscaled posterior moments; the training module applies the latent scale), the
-``.txt`` caption and ``.json`` metadata, and with a text encoder ``text_hidden.npy`` [L, D], ``text_pooled.npy`` and
-``text_mask.npy``. Output shards are written atomically and skipped when present, so an interrupted run resumes.
-Read them with ``ShardDataModule(source="latents")``, which samples mean + std * noise per sample (or takes the
-mean with ``sample_latents=False``). Caching text embeddings is only right for an encoder that stays frozen.
+``latent_std.npy`` (the raw, unnormalised posterior moments: ``LatentDiffusionModule.latents_of`` applies the
+VAE's ``normalize_latents``, its declared scale and shift, at training time), the ``.txt`` caption and ``.json``
+metadata, and with a frozen text encoder ``text_hidden.npy`` [L, D], ``text_pooled.npy`` and ``text_mask.npy``.
+Output shards are written atomically and skipped when present, so an interrupted run resumes. Read them with
+``ShardDataModule(source="latents")``, which samples mean + std * noise per sample (or takes the mean with
+``sample_latents=False``). Text embeddings are cached only for a frozen encoder: a trainable one (``frozen=False``)
+would make them stale, so they are not written and training encodes the captions.
 """
 
 from __future__ import annotations
@@ -65,10 +67,13 @@ def cache_latents(
 
     ``vae.encode(x)`` gets a [B, C, H, W] batch in [-1, 1] and returns an object with ``.mean`` and ``.std``;
     ``text_encoder.encode(captions)`` returns ``(hidden [B, L, D], pooled, mask)``. ``dtype`` is the stored
-    precision (``float32`` or ``float16``). Returns the written index.
+    precision (``float32`` or ``float16``). A text encoder with ``frozen=False`` is ignored (its embeddings would go
+    stale as it trains). Returns the written index.
     """
     if text_encoder is not None and getattr(text_encoder, "frozen", True) is False:
-        warnings.warn("caching embeddings of a trainable text encoder: they go stale as it trains", stacklevel=2)
+        warnings.warn("not caching text embeddings: the text encoder is trainable (frozen=False), so they would go "
+                      "stale; training encodes the captions instead", stacklevel=2)
+        text_encoder = None
     paths, counts = resolve_shards(shards)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,12 +132,10 @@ def cache_latents(
     return write_index(out, entries, **extra)
 
 
-def _load_module(config: str, checkpoint: str | None) -> torch.nn.Module:
-    """Instantiate a module from a Hydra yaml (``_target_``) and load a state dict (plain, Lightning or SD layout)."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    module = instantiate(OmegaConf.load(config))
+def _load_module(config: str | None, checkpoint: str | None) -> torch.nn.Module:
+    """A module from a Hydra yaml (``_target_``) with a state dict (plain, Lightning or SD layout) loaded, or without
+    ``config`` from a self-describing checkpoint (``spec`` + ``state_dict``, as train.py's ``vae/vae.ckpt``)."""
+    state: dict[str, Any] | None = None
     if checkpoint:
         if checkpoint.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -140,6 +143,19 @@ def _load_module(config: str, checkpoint: str | None) -> torch.nn.Module:
             state = load_file(checkpoint)
         else:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if config is not None:
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+
+        module = instantiate(OmegaConf.load(config))
+    elif state is not None and isinstance(state.get("spec"), dict):
+        from ldm.checkpoint import build_module
+
+        module = build_module(state["spec"])
+    else:
+        raise ValueError(f"{checkpoint or 'no checkpoint'}: not self-describing (no 'spec'); pass its Hydra yaml "
+                         "(--vae-config / --text-encoder-config)")
+    if state is not None:
         state = state.get("state_dict", state)
         own = set(module.state_dict())
         for prefix in ("", "vae.", "autoencoder.", "first_stage_model.", "text_encoder.", "cond_stage_model.",
@@ -157,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ldm.data.cache_latents", description=__doc__.split("\n\n")[0])
     p.add_argument("shards", help="shard folder (index.json) or brace pattern")
     p.add_argument("out")
-    p.add_argument("--vae", required=True, help="VAE checkpoint (.ckpt/.pt/.safetensors)")
-    p.add_argument("--vae-config", default="conf/autoencoder/kl_f8.yaml", help="Hydra yaml of the VAE")
+    p.add_argument("--vae", required=True, help="VAE checkpoint: vae/vae.ckpt of train.py, or .ckpt/.pt/.safetensors")
+    p.add_argument("--vae-config", default=None, help="Hydra yaml of the VAE (not needed for train.py's vae.ckpt)")
     p.add_argument("--text-encoder-config", default=None, help="Hydra yaml of a frozen text encoder to cache")
     p.add_argument("--text-encoder", default=None, help="its checkpoint, if not pretrained by its config")
     p.add_argument("--size", type=int, default=256)

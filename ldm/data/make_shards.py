@@ -212,9 +212,11 @@ def make_shards(
     if fmt not in (None, "png", "jpg"):
         raise ValueError(f"format must be png or jpg, got {fmt!r}")
     name = str(src)
+    resize = size  # shorter side to resize to when encoding (None: keep)
     if name in BUILTINS and not Path(name).is_dir():
         items = builtin_items(name, length, size, seed)
-        size = None  # the built-ins draw at the requested size
+        if name == "shapes":
+            resize = None  # shapes draws at the requested size; mnist's 28 px digits are resized
         fmt = fmt or "png"
     else:
         if not Path(src).is_dir():
@@ -253,7 +255,7 @@ def make_shards(
                 for i in range(s * maxcount, min(len(items), (s + 1) * maxcount)):
                     try:
                         image, caption, meta = items[i].load()
-                        data, ext = _encode(image, fmt, size)
+                        data, ext = _encode(image, fmt, resize)
                     except SkipSample as err:
                         skipped[str(err)] += 1
                         continue
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", help="image folder, or a builtin: shapes, mnist")
     p.add_argument("out", help="output folder for the shards and index.json")
     p.add_argument("--maxcount", type=int, default=1000, help="source items per shard (default 1000)")
-    p.add_argument("--size", type=int, default=None, help="builtin: image size; folder: resize shorter side to S")
+    p.add_argument("--size", type=int, default=None, help="shapes: image size; mnist, folder: resize shorter side to S")
     p.add_argument("--format", choices=("png", "jpg"), default=None, help="image encoding (default: keep / png)")
     p.add_argument("--length", type=int, default=None, help="builtin: number of items")
     p.add_argument("--seed", type=int, default=0, help="builtin shapes: dataset seed")

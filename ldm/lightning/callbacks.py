@@ -34,6 +34,9 @@ class StageCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, *args, **kwargs):
+        # "step000500.ckpt": no "=" in the name, so `resume=PATH` needs no quoting on Hydra's command line.
+        kwargs.setdefault("filename", "step{step:06d}")
+        kwargs.setdefault("auto_insert_metric_name", False)
         super().__init__(*args, **kwargs)
         self._saved_step: int | None = None
 

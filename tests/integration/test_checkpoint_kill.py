@@ -14,7 +14,7 @@ import torch
 from ldm.checkpoint import atomic_torch_save
 from tests.integration.tiny_run import ROOT, read_metrics, run_train, train_cmd, train_env
 
-# train.py whose torch.save, on the second save at step 4 (the ldm stage's last.ckpt, after epoch=0-step=4.ckpt),
+# train.py whose torch.save, on the second save at step 4 (the ldm stage's last.ckpt, after step000004.ckpt),
 # writes half the bytes, fsyncs, says so in a marker file and hangs: the test SIGKILLs it there.
 HANGING_SAVE = textwrap.dedent(
     f"""

@@ -1,12 +1,19 @@
-"""Latent / text-embedding cache end to end with stand-in encoders (no dependency on ldm.autoencoder)."""
+"""Latent / text-embedding cache: stand-in encoders for the format, then a real AutoencoderKL end to end (make_shards
+-> vae.ckpt -> the cache_latents CLI -> LatentDiffusionModule training from the cache), cached text embeddings in
+training_step, and train.py's refusals for a latent source."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ldm.data.cache_latents import cache_latents, main
 from ldm.data.datamodule import ShardDataModule
@@ -55,8 +62,9 @@ def test_cache_contents(cached):
     img = next(iter_shard(root / "img" / "000000.tar"))
     assert raw["__key__"] == img["__key__"] and raw["txt"] == img["txt"] and raw["json"] == img["json"]
     with torch.no_grad():
-        expected = TinyVAE().encode(to_tensor(decode_image(img["png"]))[None]).mean[0]
-    assert torch.allclose(torch.from_numpy(load_npy(raw["latent_mean.npy"])), expected, atol=1e-6)
+        posterior = TinyVAE().encode(to_tensor(decode_image(img["png"]))[None])
+    assert torch.allclose(torch.from_numpy(load_npy(raw["latent_mean.npy"])), posterior.mean[0], atol=1e-6)
+    assert torch.allclose(torch.from_numpy(load_npy(raw["latent_std.npy"])), posterior.std[0], atol=1e-6)
     assert load_npy(raw["text_hidden.npy"]).shape == (6, 3)
     assert float(load_npy(raw["text_pooled.npy"])[0]) == len(raw["txt"].decode())
 
@@ -93,3 +101,178 @@ def test_reader_yields_latents(cached):
 def test_cli_needs_config(tmp_path):
     with pytest.raises(SystemExit):
         main([str(tmp_path), str(tmp_path / "o")])  # --vae is required
+
+
+def test_trainable_text_encoder_is_not_cached(tmp_path):
+    make_shards("shapes", tmp_path / "img", maxcount=4, length=4, size=16, log=None)
+    text = TinyText()
+    text.frozen = False
+    with pytest.warns(UserWarning, match="not caching text embeddings"):
+        index = cache_latents(tmp_path / "img", tmp_path / "lat", TinyVAE(), text, image_size=16, log=None)
+    assert index["latents"]["text"] is False
+    raw = next(iter_shard(tmp_path / "lat" / "000000.tar"))
+    assert "latent_mean.npy" in raw and not any(k.startswith("text_") for k in raw)
+
+
+# ------------------------------------------------------------------------- the real models
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _train_py():
+    spec = importlib.util.spec_from_file_location("ldm_train_script", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _unet(context_dim: int):
+    from ldm.unet import UNet
+
+    torch.manual_seed(1)
+    return UNet(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                attention_resolutions=(1, 2), num_heads=2, context_dim=context_dim)
+
+
+def _text_encoder():
+    from ldm.text import ScratchTextEncoder
+
+    torch.manual_seed(2)
+    return ScratchTextEncoder(width=32, layers=1, heads=2, context_length=16, frozen=True)
+
+
+def _trainer(steps: int, tmp_path: Path, callbacks=()) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                     callbacks=list(callbacks))
+
+
+def test_cache_end_to_end_with_a_real_vae(tmp_path):
+    """make_shards -> a vae.ckpt as train.py writes it -> the cache_latents CLI -> training from the cache."""
+    from ldm.autoencoder import AutoencoderKL
+    from ldm.checkpoint import atomic_torch_save, module_spec
+    from ldm.lightning.diffusion_module import LatentDiffusionModule
+
+    make_shards("shapes", tmp_path / "img", maxcount=4, length=8, size=16, log=None)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, scale_factor=0.7,
+                        shift_factor=0.1)  # a non-trivial normalisation, to see who applies it
+    atomic_torch_save({"kind": "autoencoder", "spec": module_spec(vae), "state_dict": vae.state_dict(),
+                       "latent_scale": 0.7, "config": {}}, tmp_path / "vae.ckpt")  # train.py's train_vae format
+    text = _text_encoder()
+    torch.save(text.state_dict(), tmp_path / "text.pt")
+    (tmp_path / "text.yaml").write_text("_target_: ldm.text.ScratchTextEncoder\nwidth: 32\nlayers: 1\nheads: 2\n"
+                                        "context_length: 16\nfrozen: true\n")
+    assert main([str(tmp_path / "img"), str(tmp_path / "lat"), "--vae", str(tmp_path / "vae.ckpt"), "--size", "16",
+                 "--text-encoder-config", str(tmp_path / "text.yaml"), "--text-encoder", str(tmp_path / "text.pt"),
+                 "--batch-size", "3", "--device", "cpu"]) == 0
+    index = read_index(tmp_path / "lat")
+    assert index["total"] == 8 and index["latents"]["shape"] == [4, 8, 8] and index["latents"]["text"]
+
+    first_stage = _train_py().load_vae(tmp_path / "vae.ckpt")  # what the ldm stage loads from vae_ckpt
+    module = LatentDiffusionModule(_unet(32), text, first_stage, schedule={"schedule": "cosine"},
+                                   caption_dropout=0.0, ema_decay=None, max_steps=3)
+    seen: list[tuple[list[str], torch.Tensor, bool]] = []
+    latents_of = module.latents_of
+
+    def recording(batch: dict) -> torch.Tensor:
+        z = latents_of(batch)
+        seen.append((list(batch["key"]), z.detach().clone(), "text_hidden" in batch))
+        return z
+
+    module.latents_of = recording
+    before = [p.detach().clone() for p in module.unet.parameters()]
+    dm = ShardDataModule(str(tmp_path / "lat"), source="latents", sample_latents=False, batch_size=4,
+                         shuffle_buffer=0)
+    _trainer(3, tmp_path).fit(module, datamodule=dm)
+    assert len(seen) == 3 and all(has_text for _, _, has_text in seen)
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.unet.parameters(), strict=True))
+
+    images = {s["__key__"]: s["png"] for p in ("000000.tar", "000001.tar") for s in iter_shard(tmp_path / "img" / p)}
+    with torch.no_grad():
+        for keys, z, _ in seen:
+            x = torch.stack([to_tensor(decode_image(images[k])) for k in keys])
+            expected = vae.normalize_latents(vae.encode(x).mean)
+            assert torch.allclose(z, expected, atol=1e-5), keys
+            assert not torch.allclose(z, vae.encode(x).mean, atol=1e-2)  # the scale and shift were applied
+
+
+def test_cached_text_embedding_gives_the_same_loss_as_captions():
+    """A frozen encoder's cached embeddings (dropped rows -> its null embedding) train exactly like the captions."""
+    from ldm.lightning.diffusion_module import LatentDiffusionModule
+    from ldm.text.conditioner import drop_captions
+
+    captions = ["a red circle in the top left", "a blue square in the center", "a white triangle in the center",
+                "a green circle in the bottom right", "a purple square in the top right", "a red square"]
+    p = 0.5
+    dropped = drop_captions(captions, p, torch.Generator().manual_seed(7))
+    assert "" in dropped and any(dropped)  # this seed drops some rows and keeps others
+    text = _text_encoder()
+    hidden = text.encode(captions).hidden.detach()
+    latent = torch.randn(len(captions), 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    raw_batch = {"latent": latent, "caption": captions}
+    cached_batch = {**raw_batch, "text_hidden": hidden}  # as cache_latents stores it (float32)
+    losses, contexts = [], []
+    for batch in (raw_batch, cached_batch):
+        module = LatentDiffusionModule(_unet(32), text, None, schedule={"schedule": "cosine"},
+                                       prediction_type="v_prediction", caption_dropout=p, ema_decay=None)
+        module.generator.manual_seed(7)
+        context = module.text_context(batch)
+        loss = module.loss_fn(module.denoise, latent, context, generator=module.generator)
+        contexts.append(context)
+        losses.append(loss)
+    null = text.encode([""]).hidden[0]
+    for i, caption in enumerate(dropped):
+        torch.testing.assert_close(contexts[1][i], null if caption == "" else hidden[i])
+    torch.testing.assert_close(contexts[0], contexts[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-7)
+
+
+def test_training_step_uses_the_cache_only_for_a_frozen_encoder(tmp_path):
+    """Through Lightning: with the cache, a frozen encoder is not run on the captions; a trainable one is."""
+    from ldm.lightning.diffusion_module import LatentDiffusionModule
+
+    captions = ["a red circle in the top left", "a blue square in the center"]
+    for frozen in (True, False):
+        text = _text_encoder()
+        text.frozen = frozen
+        batch = {"latent": torch.randn(2, 4, 8, 8), "caption": captions,
+                 "text_hidden": text.encode(captions).hidden.detach()}
+        calls: list[list[str]] = []
+        encode = text.encode
+        text.encode = lambda prompts, encode=encode, calls=calls: calls.append(list(prompts)) or encode(prompts)
+        module = LatentDiffusionModule(_unet(32), text, None, schedule={"schedule": "cosine"}, caption_dropout=0.5,
+                                       ema_decay=None, max_steps=2)
+        _trainer(2, tmp_path).fit(module, train_dataloaders=DataLoader([batch, batch], batch_size=None))
+        if frozen:
+            assert all(c == [""] for c in calls)  # at most the null embedding, never the captions
+        else:
+            assert len(calls) == 2 and all(len(c) == 2 for c in calls)
+
+
+def _compose(tmp_path: Path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"out_dir={tmp_path / 'out'}", "data=shapes_latents",
+                                           f"data.train_shards={tmp_path / 'lat'}", *overrides])
+
+
+def test_train_py_latent_source_refusals(tmp_path):
+    train = _train_py()
+    with pytest.raises(ValueError, match="vae stage trains on images"):
+        train.run(_compose(tmp_path))
+    with pytest.raises(ValueError, match="needs vae_ckpt"):
+        train.run(_compose(tmp_path, "stages=[ldm]"))
+    with pytest.raises(ValueError, match="first_stage=vae"):
+        train.run(_compose(tmp_path, "stages=[ldm]", "first_stage=pixel"))
+    with pytest.raises(FileNotFoundError, match="no latent cache"):
+        train.run(_compose(tmp_path, "stages=[ldm]", "vae_ckpt=x.ckpt"))
+    assert not (tmp_path / "lat").exists()  # no image shards were written into the cache's place
+    (tmp_path / "lat").mkdir()
+    (tmp_path / "lat" / "index.json").write_text(json.dumps({"shards": [], "total": 0,
+                                                             "latents": {"shape": [4, 4, 4]}}))
+    cfg = _compose(tmp_path, "stages=[ldm]")
+    train.check_cache_shape(cfg, [4, 4, 4])
+    with pytest.raises(ValueError, match=r"shape \[4, 4, 4\].*\[4, 8, 8\]"):
+        train.check_cache_shape(cfg, [4, 8, 8])

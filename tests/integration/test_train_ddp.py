@@ -85,5 +85,5 @@ def test_two_cpu_ranks_train_both_stages_to_identical_weights(tmp_path):
     for k, v in last["state_dict"].items():
         assert torch.equal(v, r1["end"][k]), k
     assert not (tmp_path / "outputs").exists()  # rank 1 reused rank 0's run directory (no Hydra dir of its own)
-    assert (run / "ldm" / "checkpoints" / "epoch=0-step=4.ckpt").is_file()
+    assert (run / "ldm" / "checkpoints" / "step000004.ckpt").is_file()
     assert not any(p.name.endswith(".tmp") for p in run.rglob("*"))

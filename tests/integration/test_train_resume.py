@@ -42,10 +42,10 @@ def test_ldm_stage_resumes_exactly(vae_ckpt):
     tmp = vae_ckpt.parents[2]
     full, resumed = tmp / "full", tmp / "resumed"
     run_train(tmp, *LDM, f"vae_ckpt={vae_ckpt}", run_dir=full)
-    mid = full / "ldm" / "checkpoints" / f"epoch=1-step={K}.ckpt"
+    mid = full / "ldm" / "checkpoints" / f"step{K:06d}.ckpt"
     assert mid.is_file(), sorted(p.name for p in (full / "ldm" / "checkpoints").iterdir())
     # A new process, another run directory, and no vae_ckpt: the checkpoint alone is enough to resume.
-    run_train(tmp, *LDM, f"resume='{mid}'", run_dir=resumed)  # quoted: Lightning's names hold "="
+    run_train(tmp, *LDM, f"resume={mid}", run_dir=resumed)  # periodic names hold no "=": no quoting needed
 
     a = read_metrics(full / "logs" / "version_0" / "metrics.csv")
     b = read_metrics(resumed / "logs" / "version_0" / "metrics.csv")

@@ -167,3 +167,56 @@ def test_layout_change_refused(shapes_dir):
     other = _dm(shapes_dir, batch_size=3)
     with pytest.raises(ValueError, match="layout changed"):
         other.load_state_dict(state)
+
+
+def test_image_folder_to_batches(tmp_path):
+    """png + jpg images with .txt captions -> make_shards -> ShardDataModule: each image with its own caption."""
+    from PIL import Image
+
+    src = tmp_path / "folder"
+    (src / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    files = {}
+    for i in range(6):
+        shape = (32, 32, 3) if i % 3 else (40, 48, 3)  # some need the resize + centre crop
+        rel = f"{'sub/' if i % 2 else ''}img{i}.{'jpg' if i % 2 else 'png'}"
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(src / rel)
+        (src / rel).with_suffix(".txt").write_text(f"photo number {i} of a thing\n")
+        files[f"photo number {i} of a thing"] = src / rel
+    report = make_shards(src, tmp_path / "shards", maxcount=3, log=None)
+    assert report.written == 6 and not report.skipped
+    exts = {ext for p in ("000000.tar", "000001.tar") for s in iter_shard(tmp_path / "shards" / p) for ext in s}
+    assert {"png", "jpg", "txt", "json"} <= exts  # the source encodings are kept
+    dm = _dm(tmp_path / "shards", batch_size=6, image_size=32)
+    batch = next(iter(dm.train_dataloader()))
+    assert sorted(batch["caption"]) == sorted(files) and batch["image"].shape == (6, 3, 32, 32)
+    for caption, image in zip(batch["caption"], batch["image"], strict=True):
+        expected = ImageTransform(size=32)(Image.open(files[caption]))
+        assert torch.equal(image, expected), caption
+
+
+def test_caption_field_reads_json(tmp_path):
+    import io
+    import json
+
+    from PIL import Image
+
+    from ldm.data.shards import ShardWriter, write_index
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(buf, "PNG")
+    with ShardWriter(tmp_path / "000000.tar") as w:
+        for i in range(4):
+            meta = {"caption": f"json caption {i}", "prompt": f"prompt {i}"}
+            fields = {"png": buf.getvalue(), "json": json.dumps(meta).encode()}
+            if i < 3:
+                fields["txt"] = f"txt caption {i}".encode()
+            w.write(f"{i:08d}", fields)
+    write_index(tmp_path, [{"name": "000000.tar", "count": 4}])
+    kw = {"batch_size": 4, "shuffle_shards": False, "shuffle_buffer": 0}
+    by_field = _dm(tmp_path, caption_field="prompt", **kw)
+    assert next(iter(by_field.train_dataloader()))["caption"] == [f"prompt {i}" for i in range(4)]
+    default = _dm(tmp_path, **kw)  # .txt, else the json's "caption"
+    assert next(iter(default.train_dataloader()))["caption"] == [
+        "txt caption 0", "txt caption 1", "txt caption 2", "json caption 3"
+    ]

@@ -24,3 +24,22 @@ def test_mnist_items(mnist):
     for i in (0, 1234, 4999):
         item = mnist[i]
         assert item["caption"] == f"a handwritten digit {DIGIT_NAMES[item['label']]}"
+
+
+def test_make_shards_mnist_size_resizes(tmp_path, mnist):
+    from PIL import Image
+
+    from ldm.data.make_shards import make_shards
+    from ldm.data.shards import iter_shard
+    from ldm.data.transforms import decode_image
+
+    make_shards("mnist", tmp_path / "s32", maxcount=3, length=3, size=32, log=None)
+    make_shards("mnist", tmp_path / "s28", maxcount=3, length=3, log=None)
+    big = [decode_image(s["png"]) for s in iter_shard(tmp_path / "s32" / "000000.tar")]
+    native = [decode_image(s["png"]) for s in iter_shard(tmp_path / "s28" / "000000.tar")]
+    assert [im.size for im in big] == [(32, 32)] * 3 and all(im.mode == "L" for im in big)
+    assert [im.size for im in native] == [(28, 28)] * 3
+    for i, (b, n) in enumerate(zip(big, native, strict=True)):
+        assert np.array_equal(np.asarray(n), np.asarray(mnist[i]["image"]))  # no size: the digits as shipped
+        expected = mnist[i]["image"].resize((32, 32), Image.Resampling.LANCZOS)
+        assert np.array_equal(np.asarray(b), np.asarray(expected))

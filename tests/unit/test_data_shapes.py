@@ -18,7 +18,16 @@ def items():
 
 
 def test_tables_are_the_spec():
-    assert COLORS["red"] == (220, 40, 40) and COLORS["white"] == (240, 240, 240) and len(COLORS) == 7
+    assert COLORS == {
+        "red": (220, 40, 40),
+        "green": (40, 180, 60),
+        "blue": (40, 80, 220),
+        "yellow": (230, 210, 40),
+        "purple": (150, 60, 200),
+        "orange": (240, 140, 30),
+        "white": (240, 240, 240),
+    }
+    assert BACKGROUND == (30, 30, 30)
     assert SHAPES == ("circle", "square", "triangle")
     assert set(POSITIONS) == {"top left", "top right", "bottom left", "bottom right", "center"}
 

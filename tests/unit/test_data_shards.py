@@ -184,3 +184,9 @@ def _dir_info() -> tarfile.TarInfo:
     info = tarfile.TarInfo("somedir")
     info.type = tarfile.DIRTYPE
     return info
+
+
+def test_rerun_with_other_shapes_size_refuses(tmp_path):
+    ms.make_shards("shapes", tmp_path, maxcount=5, length=10, size=16, log=None)
+    with pytest.raises(ValueError, match="different run"):
+        ms.make_shards("shapes", tmp_path, maxcount=5, length=10, size=24, log=None)
