@@ -63,4 +63,4 @@ def test_stage_checkpoint_last_is_the_final_step(tmp_path):
     fit(tmp_path, [StageCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)], steps=5)
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 5  # Lightning's ModelCheckpoint would leave it at step 4, the last periodic save
-    assert torch.load(tmp_path / "ckpt" / "epoch=0-step=4.ckpt", weights_only=False)["global_step"] == 4
+    assert torch.load(tmp_path / "ckpt" / "step000004.ckpt", weights_only=False)["global_step"] == 4
