@@ -9,7 +9,7 @@ from torch import nn
 
 from ldm.autoencoder.losses import PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, hinge_d_loss
 from ldm.checkpoint import gather_rank_states, rank_state
-from ldm.lightning.diffusion_module import warmup_then
+from ldm.lightning.optim import grad_norm, warmup_then
 
 
 class AutoencoderModule(L.LightningModule):
@@ -95,9 +95,9 @@ class AutoencoderModule(L.LightningModule):
                                      "checkpoint is kept. Lower the learning rate or the GAN weight.")
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        grads = [p.grad.detach().norm() for p in self.vae.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.stack(grads).norm(), batch_size=x.shape[0])
+        norm = grad_norm(self.vae.parameters())
+        if norm is not None:
+            self.log("train/grad_norm", norm, batch_size=x.shape[0])
         self.log("train/lr", opt_ae.param_groups[0]["lr"], batch_size=x.shape[0])
         opt_ae.step()
         for sched in self._schedulers():

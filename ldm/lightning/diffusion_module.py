@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -12,24 +11,9 @@ from torch import nn
 from ldm.checkpoint import gather_rank_states, module_spec, rank_state
 from ldm.diffusion import DiffusionLoss, NoiseSchedule
 from ldm.lightning.ema import EMA
+from ldm.lightning.optim import grad_norm, warmup_then
 from ldm.sampling import make_scheduler, sample_loop
 from ldm.text.conditioner import drop_captions
-
-
-def warmup_then(schedule: str, warmup_steps: int, max_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up over ``warmup_steps``, then ``constant`` or ``cosine`` decay to 0 at max_steps."""
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown lr schedule {schedule!r}; expected 'constant' or 'cosine'")
-
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 class LatentDiffusionModule(L.LightningModule):
@@ -187,9 +171,9 @@ class LatentDiffusionModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # The gradient norm before clipping (Lightning clips after this hook).
-        norms = [p.grad.detach().norm() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm())
+        norm = grad_norm(p for g in optimizer.param_groups for p in g["params"])
+        if norm is not None:
+            self.log("train/grad_norm", norm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The optimizer step, then the EMA update: once per optimizer step (not per accumulated batch), and before

@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader
 
 from ldm.autoencoder import AutoencoderKL
 from ldm.lightning.autoencoder_module import AutoencoderModule
-from ldm.lightning.diffusion_module import LatentDiffusionModule, warmup_then
+from ldm.lightning.diffusion_module import LatentDiffusionModule
 from ldm.lightning.ema import EMA
+from ldm.lightning.optim import warmup_then
 from ldm.unet import UNet
 
 
