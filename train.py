@@ -30,7 +30,7 @@ from ldm.convert import (
     sd_text_family,
 )
 from ldm.lightning.autoencoder_module import AutoencoderModule
-from ldm.lightning.callbacks import SampleGrid, StageCheckpoint, Throughput
+from ldm.lightning.callbacks import ReconstructionGrid, SampleGrid, StageCheckpoint, Throughput
 from ldm.lightning.diffusion_module import LatentDiffusionModule
 
 
@@ -271,7 +271,9 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None) -> Path:
     save_config(cfg, stage_dir)
     ckpt_cb = StageCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True, every_n_train_steps=500)
     throughput = Throughput(peak_flops=cfg.get("perf", {}).get("peak_flops"))
-    trainer = make_trainer(cfg, stage_dir, s.max_steps, [ckpt_cb, throughput], make_logger(cfg, "vae"), manual=True)
+    recon = ReconstructionGrid(s.get("log_images_every_n_steps", 500), stage_dir / "samples")
+    trainer = make_trainer(cfg, stage_dir, s.max_steps, [ckpt_cb, throughput, recon], make_logger(cfg, "vae"),
+                           manual=True)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     rank_zero_info(f"vae stage: {time.perf_counter() - t0:.0f} s")

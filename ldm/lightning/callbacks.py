@@ -26,6 +26,15 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
     return grid
 
 
+def save_and_log_grid(trainer: L.Trainer, grid: Image.Image, out_dir: Path, key: str, caption: str) -> None:
+    """Save ``grid`` as ``out_dir/{key}_stepNNNNNN.png`` and log it under ``key`` to every logger that takes images."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid.save(out_dir / f"{key}_step{trainer.global_step:06d}.png")
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image(key=key, images=[grid], step=trainer.global_step, caption=[caption])
+
+
 class StageCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose ``last.ckpt`` always holds the final state.
 
@@ -121,14 +130,7 @@ class SampleGrid(L.Callback):
             return
         g = torch.Generator().manual_seed(self.seed)
         images = to_pil(pl_module.generate(self.prompts, generator=g))
-        grid = make_grid(images, cols=4)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"samples_step{trainer.global_step:06d}.png"
-        grid.save(path)
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="samples", images=[grid], step=trainer.global_step,
-                                 caption=[" | ".join(self.prompts)])
+        save_and_log_grid(trainer, make_grid(images, cols=4), self.out_dir, "samples", " | ".join(self.prompts))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every and trainer.global_step % self.every == 0 and trainer.global_step > 0:
@@ -136,3 +138,48 @@ class SampleGrid(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._sample(trainer, pl_module)
+
+
+class ReconstructionGrid(L.Callback):
+    """Every ``every_n_steps`` (and at the end) reconstruct a fixed set of training images through the autoencoder
+    (``pl_module.vae``, posterior mode); save and log a grid: originals on the top row, reconstructions below.
+
+    The set is the first ``n`` images of the first training batch; it is kept in the callback's state, so a resumed
+    run keeps showing the same images.
+    """
+
+    def __init__(self, every_n_steps: int, out_dir: str | Path, n: int = 8):
+        if n < 1:
+            raise ValueError(f"ReconstructionGrid needs n >= 1 images, got {n}")
+        self.every, self.out_dir, self.n = every_n_steps, Path(out_dir), n
+        self.images: torch.Tensor | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.images is None:
+            self.images = batch["image"][: self.n].detach().float().cpu().clone()
+
+    @torch.no_grad()
+    def _log(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero or self.images is None:
+            return
+        vae = pl_module.vae
+        was_training = vae.training
+        vae.eval()
+        x = self.images.to(pl_module.device)
+        rec = vae.decode(vae.encode(x).mode())
+        vae.train(was_training)
+        grid = make_grid(to_pil(torch.cat([x, rec.float()])), cols=len(x))
+        save_and_log_grid(trainer, grid, self.out_dir, "reconstructions", "top: input, bottom: reconstruction")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.every and trainer.global_step % self.every == 0 and trainer.global_step > 0:
+            self._log(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self._log(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        return {"images": self.images}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.images = state_dict.get("images", self.images)

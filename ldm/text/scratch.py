@@ -3,6 +3,11 @@
 Token + learned positional embedding, pre-LayerNorm transformer blocks (causal by default, like CLIP), a final
 LayerNorm; the pooled vector is the feature of the end-of-text token. Meant for toy data (the 32-px shapes set on a
 couple of CPU cores), where a short ``context_length`` such as 24 keeps cross-attention cheap.
+
+Token embeddings start at N(0, 1) (``token_embedding_std``), not CLIP's N(0, 0.02). Trained jointly with a UNet
+for a few hundred steps, the small init let the blocks' residual outputs swamp each word's own embedding: after 900
+quickstart steps "top left" and "bottom right" gave hidden states 0.45 apart (colour words: 15), the UNet could not
+read position, and the shapes judge read position at chance (16-20%). With std 1 the same run reads 97.5%.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class ScratchTextEncoder(TextEncoder):
         context_length: int = 77,
         causal: bool = True,
         frozen: bool = False,
+        token_embedding_std: float = 1.0,
     ) -> None:
         super().__init__()
         if width % heads:
@@ -74,11 +80,11 @@ class ScratchTextEncoder(TextEncoder):
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.blocks = nn.ModuleList(_Block(width, heads, causal) for _ in range(layers))
         self.final_norm = nn.LayerNorm(width)
-        self._init_weights(layers)
+        self._init_weights(layers, token_embedding_std)
         self.frozen = frozen
 
-    def _init_weights(self, layers: int) -> None:
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+    def _init_weights(self, layers: int, token_embedding_std: float) -> None:
+        nn.init.normal_(self.token_embedding.weight, std=token_embedding_std)
         nn.init.normal_(self.positional_embedding, std=0.01)
         for block in self.blocks:
             for linear in (block.attn.qkv, block.mlp[0]):

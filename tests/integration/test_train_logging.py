@@ -54,6 +54,7 @@ def read_offline_run(run_dir: Path) -> dict:
 def wandb_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wandb")
     run_train(tmp, "logger=wandb", "vae_stage.max_steps=3", "ldm_stage.max_steps=3", "sampling.log_every_n_steps=2",
+              "vae_stage.log_images_every_n_steps=2",
               "perf.peak_flops=1e12", env=train_env(WANDB_DIR=str(tmp / "wandb_dir"), WANDB_SILENT="true"))
     return tmp / "run"
 
@@ -72,6 +73,8 @@ def test_wandb_offline_runs_hold_metrics_images_and_config(wandb_run):
         assert all("perf/tflops" in row and "perf/mfu" in row for row in metrics[1:]), name  # from the 2nd step
     vae_rows = by_name["vae"][1]["history"]
     assert all("train/psnr" in row for row in vae_rows) and not any("samples/_type" in row for row in vae_rows)
+    recs = [row for row in vae_rows if row.get("reconstructions/_type") == '"images/separated"']
+    assert [int(row["trainer/global_step"]) for row in recs] == [2, 3]  # every 2 steps and at the end
     ldm_dir, ldm = by_name["ldm"]
     images = [row for row in ldm["history"] if row.get("samples/_type") == '"images/separated"']
     assert [int(row["trainer/global_step"]) for row in images] == [2, 3]  # every 2 steps and at the end

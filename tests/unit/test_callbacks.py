@@ -1,14 +1,20 @@
-"""Training callbacks: the FLOP count behind perf/tflops and perf/mfu, and a last.ckpt that is the final state."""
+"""Training callbacks: the FLOP count behind perf/tflops and perf/mfu, a last.ckpt that is the final state, and the
+autoencoder's reconstruction grid."""
 
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
+from ldm.autoencoder import AutoencoderKL
 from ldm.checkpoint import AtomicCheckpointIO
-from ldm.lightning.callbacks import StageCheckpoint, Throughput
+from ldm.lightning.autoencoder_module import AutoencoderModule
+from ldm.lightning.callbacks import ReconstructionGrid, StageCheckpoint, Throughput
+from ldm.pipeline import to_pil
 
 B, N_IN, N_HID, N_OUT = 4, 16, 32, 8
 
@@ -64,3 +70,31 @@ def test_stage_checkpoint_last_is_the_final_step(tmp_path):
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 5  # Lightning's ModelCheckpoint would leave it at step 4, the last periodic save
     assert torch.load(tmp_path / "ckpt" / "step000004.ckpt", weights_only=False)["global_step"] == 4
+
+
+def test_reconstruction_grid_shows_fixed_inputs_over_their_reconstructions(tmp_path):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=4,
+                        embed_dim=4)
+    batches = [{"image": torch.rand(6, 3, 16, 16) * 2 - 1} for _ in range(3)]
+    grid_cb = ReconstructionGrid(every_n_steps=2, out_dir=tmp_path / "samples", n=4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, callbacks=[grid_cb], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(AutoencoderModule(vae, lr=1e-3), train_dataloaders=loader)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        "reconstructions_step000002.png", "reconstructions_step000003.png"]  # every 2 steps and at the end
+    grid = np.asarray(Image.open(tmp_path / "samples" / "reconstructions_step000003.png"))
+    assert grid.shape == (2 * 16, 4 * 16, 3)
+    inputs = np.concatenate([np.asarray(im) for im in to_pil(batches[0]["image"][:4])], axis=1)
+    np.testing.assert_array_equal(grid[:16], inputs)  # the top row is the first batch's first 4 images
+    vae.eval()
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(batches[0]["image"][:4]).mode())
+    expected = np.concatenate([np.asarray(im) for im in to_pil(rec)], axis=1)
+    assert np.abs(grid[16:].astype(int) - expected).max() <= 1  # the bottom row: the final weights' reconstructions
+    resumed = ReconstructionGrid(every_n_steps=2, out_dir=tmp_path / "again")
+    resumed.load_state_dict(grid_cb.state_dict())
+    assert torch.equal(resumed.images, batches[0]["image"][:4])  # a resumed run shows the same images
+    with pytest.raises(ValueError, match="n >= 1"):
+        ReconstructionGrid(every_n_steps=2, out_dir=tmp_path, n=0)

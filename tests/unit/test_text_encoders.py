@@ -40,6 +40,13 @@ def test_scratch_gradients_reach_every_parameter():
     assert not missing, missing
 
 
+def test_scratch_token_embeddings_start_at_unit_scale():
+    # Not CLIP's 0.02: at that scale the blocks' residual outputs drowned each word in joint training (see scratch.py).
+    assert tiny_scratch(width=128).token_embedding.weight.std().item() == pytest.approx(1.0, rel=0.01)
+    assert tiny_scratch(width=128, token_embedding_std=0.02).token_embedding.weight.std().item() == pytest.approx(
+        0.02, rel=0.01)
+
+
 def test_scratch_causal_mask():
     enc = tiny_scratch().eval()
     ids, mask = enc.tokenizer(["a red circle in the corner"])
