@@ -31,16 +31,26 @@ class Reading:
 
 
 def read_image(image: np.ndarray, threshold: float = 60.0) -> Reading:
-    """Classify one RGB uint8 image [H, W, 3]: the foreground is every pixel far from the background colour."""
+    """Classify one RGB uint8 image [H, W, 3].
+
+    Two passes: pixels more than ``threshold`` from the background colour give the shape's colour (their median);
+    then the foreground is every pixel nearer that colour than the background (past half the distance between them,
+    and at least ``threshold``). So a faint fringe around a bright shape, as a decoder's ringing leaves it, does not
+    count as shape: with the first pass alone, white squares with a 1-px fringe at a quarter of their contrast read
+    as circles.
+    """
     arr = image.astype(np.float32)
-    dist = np.linalg.norm(arr - np.array(BACKGROUND, dtype=np.float32), axis=-1)
+    background = np.array(BACKGROUND, dtype=np.float32)
+    dist = np.linalg.norm(arr - background, axis=-1)
     mask = dist > threshold
     if mask.sum() < 4:
         return Reading(None, None, None)
     size = image.shape[0]
-    pixels = arr[mask]
-    median = np.median(pixels, axis=0)
+    median = np.median(arr[mask], axis=0)
     color = min(COLORS, key=lambda c: float(np.sum((median - np.array(COLORS[c])) ** 2)))
+    mask = dist > max(threshold, 0.5 * float(np.linalg.norm(median - background)))
+    if mask.sum() < 4:
+        return Reading(color, None, None)
     ys, xs = np.nonzero(mask)
     cx, cy = (xs.mean() + 0.5) / size, (ys.mean() + 0.5) / size
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ldm.data.builtin.shapes import ShapesDataset
+from ldm.data.builtin.shapes import BACKGROUND, COLORS, ShapesDataset, draw_shape
 from ldm.eval.shapes import parse_caption, read_image, score
 
 
@@ -34,3 +34,18 @@ def test_blank_image_reads_as_nothing():
     got = read_image(blank)
     assert got.color is None and got.shape is None and got.position is None
     assert parse_caption("a purple triangle in the bottom left").position == "bottom left"
+
+
+def test_a_faint_fringe_around_a_bright_shape_is_not_part_of_it():
+    # A decoder's ringing leaves such fringes; counted as shape, they widened the box of white squares into circles.
+    clean = np.asarray(draw_shape(32, "square", "white", (9.0, 9.0), 8.0)).astype(np.float32)
+    ys, xs = np.nonzero(np.abs(clean - np.array(BACKGROUND)).sum(-1) > 0)
+    y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+    fringed = clean.copy()
+    faint = np.array(BACKGROUND) + 0.3 * (np.array(COLORS["white"]) - np.array(BACKGROUND))
+    fringed[y0 - 1, x0:x0 + 2] = faint  # a few pixels above the top side and right of the right side
+    fringed[y1 - 2:y1 + 1, x1 + 1] = faint
+    got = read_image(fringed.astype(np.uint8))
+    assert (got.color, got.shape, got.position) == ("white", "square", "top left")
+    half = np.where((clean != np.array(BACKGROUND)).any(-1, keepdims=True), 0.5 * (clean + np.array(BACKGROUND)), clean)
+    assert read_image(half.astype(np.uint8)).shape == "square"  # a shape drawn at half contrast is all foreground
