@@ -176,27 +176,10 @@ def load_vae(path: str | Path) -> torch.nn.Module:
 SD_LATENT_SCALE = 0.18215  # Stable Diffusion 1.x / 2.x
 
 
-def checkpoint_scale_factor(path: str | Path) -> float | None:
-    """The ``scale_factor`` entry of an SD single file (CompVis stores it when ``scale_by_std``), else None."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return float(f.get_tensor("scale_factor")) if "scale_factor" in f.keys() else None
-    try:  # memory-mapped: only the one entry is read
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # an old (non-zip) or pickled file: load_sd_checkpoint reports its own errors
-        return None
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
-    value = sd.get("scale_factor") if isinstance(sd, dict) else None
-    return float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else None
-
-
 def init_vae_from_sd(cfg: DictConfig, sd: SDCheckpoint, path: str) -> torch.nn.Module:
     """The autoencoder of ``cfg.autoencoder`` holding an SD single file's VAE weights (strict), with its latent
     scale from the file's ``scale_factor`` when present, else ``autoencoder.scale_factor`` (0.18215 in kl_f8)."""
-    scale = checkpoint_scale_factor(path)
+    scale = sd.scale_factor
     if scale is None:
         scale = float(cfg.autoencoder.get("scale_factor", SD_LATENT_SCALE))
         if scale != SD_LATENT_SCALE:
@@ -271,7 +254,7 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None) -> Path:
     save_config(cfg, stage_dir)
     ckpt_cb = StageCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True, every_n_train_steps=500)
     throughput = Throughput(peak_flops=cfg.get("perf", {}).get("peak_flops"))
-    recon = ReconstructionGrid(s.get("log_images_every_n_steps", 500), stage_dir / "samples")
+    recon = ReconstructionGrid(s.log_images_every_n_steps, stage_dir / "samples")
     trainer = make_trainer(cfg, stage_dir, s.max_steps, [ckpt_cb, throughput, recon], make_logger(cfg, "vae"),
                            manual=True)
     t0 = time.perf_counter()

@@ -29,11 +29,13 @@ _OPTIONAL_TEXT_KEYS = ("position_ids", "attn_mask")
 
 
 class SDCheckpoint(NamedTuple):
-    """What ``load_sd_checkpoint`` returns: our UNet and VAE, and the text encoder's state dict as stored."""
+    """What ``load_sd_checkpoint`` returns: our UNet and VAE, the text encoder's state dict as stored, and the file's
+    ``scale_factor`` entry (CompVis stores it when ``scale_by_std``; None when absent)."""
 
     unet: UNet
     vae: AutoencoderKL
     cond_stage_state_dict: dict[str, torch.Tensor]
+    scale_factor: float | None = None
 
 
 def _hf_text_prefix(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -245,7 +247,9 @@ def sd_checkpoint_from_state_dict(
     load_state_dict_checked(unet, unet_sd, "UNet")
     vae = AutoencoderKL(**{**infer_vae_config(vae_sd), **(vae_kwargs or {})})
     load_state_dict_checked(vae, vae_sd, "AutoencoderKL")
-    return SDCheckpoint(unet, vae, _sub(state_dict, TEXT_PREFIX))
+    stored_scale = state_dict.get("scale_factor")
+    scale = float(stored_scale) if isinstance(stored_scale, torch.Tensor) and stored_scale.numel() == 1 else None
+    return SDCheckpoint(unet, vae, _sub(state_dict, TEXT_PREFIX), scale)
 
 
 def sd_text_family(cond_sd: Mapping[str, torch.Tensor]) -> str | None:
