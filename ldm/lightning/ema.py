@@ -40,8 +40,13 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         """Move the shadow toward ``model``'s current parameters."""
         d = self.current_decay()
-        for name, shadow in self._shadows():
-            shadow.lerp_(model.get_parameter(name).detach().float(), 1.0 - d)
+        shadows = [shadow for _, shadow in self._shadows()]
+        params = [model.get_parameter(name).detach() for name in self._names]
+        if all(p.dtype == torch.float32 and p.device == s.device for p, s in zip(params, shadows, strict=True)):
+            torch._foreach_lerp_(shadows, params, 1.0 - d)  # one fused pass: the per-tensor loop cost ~20 ms/step
+        else:
+            for shadow, p in zip(shadows, params, strict=True):
+                shadow.lerp_(p.to(shadow.device, torch.float32), 1.0 - d)
         self.num_updates += 1
 
     @torch.no_grad()

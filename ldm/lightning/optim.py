@@ -26,5 +26,7 @@ def warmup_then(schedule: str, warmup_steps: int, max_steps: int) -> Callable[[i
 
 def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor | None:
     """The global L2 norm of the gradients of ``params`` (None when none has a gradient)."""
-    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return torch.stack(norms).norm() if norms else None
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return None
+    return torch.stack(torch._foreach_norm(grads)).norm()  # one fused kernel per device and dtype group
