@@ -10,6 +10,7 @@ Hydra instantiates the parts here, at the edge; everything below takes plain obj
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from ldm.convert import (
     load_state_dict_checked,
     sd_text_family,
 )
+from ldm.data.cache_latents import cache_latents
 from ldm.lightning.autoencoder_module import AutoencoderModule
 from ldm.lightning.callbacks import ReconstructionGrid, SampleGrid, StageCheckpoint, Throughput
 from ldm.lightning.diffusion_module import LatentDiffusionModule
@@ -92,6 +94,36 @@ def check_cache_shape(cfg: DictConfig, latent_shape: list[int]) -> None:
             "(unet.in_channels, data.image_size / the VAE's downsampling): set data.image_size to the cached size, "
             "or cache again with the matching VAE and --size"
         )
+
+
+def cache_run_latents(cfg: DictConfig, out: Path, vae: torch.nn.Module) -> Path:
+    """``ldm_stage.cache_latents``: encode the image shards once with the frozen ``vae`` into a latent cache under the
+    run directory, so the ldm stage skips the VAE encoder and the image decoding on every step.
+
+    The cache folder is named by a fingerprint of the VAE's weights: a resumed run finds its cache again, and a run
+    directory reused with another VAE never reads latents of the old one.
+    """
+    if cfg.data.get("source", "images") != "images":
+        raise ValueError("ldm_stage.cache_latents=true encodes image shards, but data.source is "
+                         f"{cfg.data.get('source')!r}: the data is a latent cache already; set ldm_stage.cache_latents"
+                         "=false")
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if str(devices) != "1" or str(nodes) != "1":
+        raise ValueError(
+            f"ldm_stage.cache_latents=true runs in one process (trainer.devices={devices}, num_nodes={nodes}). For "
+            "multi-process training cache once beforehand (python -m ldm.data.cache_latents SHARDS CACHE --vae "
+            "RUN/vae/vae.ckpt --size S) and train with data.source=latents data.train_shards=CACHE"
+        )
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    cache = out / "latents" / digest.hexdigest()[:16]
+    t0 = time.perf_counter()
+    cache_latents(cfg.data.train_shards, cache, vae, image_size=cfg.data.image_size,
+                  image_mode=cfg.data.get("image_mode", "RGB"), batch_size=256, log=None)
+    rank_zero_info(f"latent cache: {cache} ({time.perf_counter() - t0:.0f} s)")
+    return cache
 
 
 def save_config(cfg: DictConfig, stage_dir: Path) -> None:
@@ -319,6 +351,11 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
     f = first_stage.downsample_factor if first_stage is not None else 1
     sampling["latent_shape"] = [cfg.unet.in_channels, sampling["image_size"] // f, sampling["image_size"] // f]
+    data_overrides = {}
+    if s.get("cache_latents", False):
+        if first_stage is None:
+            raise ValueError("ldm_stage.cache_latents=true needs a VAE first stage (first_stage=vae), not pixel space")
+        data_overrides = {"source": "latents", "train_shards": str(cache_run_latents(cfg, out, first_stage))}
     check_cache_shape(cfg, sampling["latent_shape"])
     d = cfg.diffusion
     module = LatentDiffusionModule(
@@ -344,7 +381,7 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
         run_config=OmegaConf.to_container(cfg, resolve=True),
         seed=cfg.seed,
     )
-    data = instantiate(cfg.data, batch_size=s.batch_size, num_workers=s.num_workers)
+    data = instantiate(cfg.data, batch_size=s.batch_size, num_workers=s.num_workers, **data_overrides)
     stage_dir = out / "ldm"
     save_config(cfg, stage_dir)
     callbacks = [

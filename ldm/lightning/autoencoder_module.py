@@ -121,9 +121,10 @@ class AutoencoderModule(L.LightningModule):
         return [] if scheds is None else scheds if isinstance(scheds, list) else [scheds]
 
     def configure_optimizers(self):
-        opts = [torch.optim.Adam(self.vae.parameters(), lr=self.lr, betas=self.betas)]
+        # foreach: one kernel per group of tensors instead of a Python loop over them (CPU's default)
+        opts = [torch.optim.Adam(self.vae.parameters(), lr=self.lr, betas=self.betas, foreach=True)]
         if self.discriminator is not None:
-            opts.append(torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=self.betas))
+            opts.append(torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=self.betas, foreach=True))
         scheds = [torch.optim.lr_scheduler.LambdaLR(o, self.lr_factor) for o in opts]
         return opts, scheds
 

@@ -276,3 +276,37 @@ def test_train_py_latent_source_refusals(tmp_path):
     train.check_cache_shape(cfg, [4, 4, 4])
     with pytest.raises(ValueError, match=r"shape \[4, 4, 4\].*\[4, 8, 8\]"):
         train.check_cache_shape(cfg, [4, 8, 8])
+
+
+def test_train_py_caches_the_run_vae_latents_for_the_ldm_stage(tmp_path):
+    """ldm_stage.cache_latents: train.py encodes the shards once with the VAE it just trained and trains on those."""
+    from tests.integration.tiny_run import run_train
+
+    run_train(tmp_path, "ldm_stage.cache_latents=true", "vae_stage.max_steps=2", "ldm_stage.max_steps=3")
+    run = tmp_path / "run"
+    caches = list((run / "latents").iterdir())
+    assert len(caches) == 1 and len(caches[0].name) == 16  # named by the VAE's fingerprint
+    index = read_index(caches[0])
+    assert index["total"] == 48 and index["latents"]["shape"] == [4, 4, 4]
+    assert (run / "ldm" / "checkpoints" / "last.ckpt").is_file()
+    vae = _train_py().load_vae(run / "vae" / "vae.ckpt")
+    first = next(iter_shard(tmp_path / "shards" / "000000.tar"))
+    cached = next(iter_shard(caches[0] / "000000.tar"))
+    assert cached["__key__"] == first["__key__"] and cached["txt"] == first["txt"]
+    with torch.no_grad():
+        mean = vae.encode(to_tensor(decode_image(first["png"]))[None]).mean[0]
+    torch.testing.assert_close(torch.from_numpy(load_npy(cached["latent_mean.npy"])), mean, atol=1e-5, rtol=1e-4)
+
+
+def test_train_py_cache_latents_refusals(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    train = _train_py()
+    vae = nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="latent cache already; set ldm_stage.cache_latents=false"):
+        train.cache_run_latents(_compose(tmp_path, "stages=[ldm]"), tmp_path, vae)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"out_dir={tmp_path}", "trainer=ddp_cpu", "ldm_stage.cache_latents=true"])
+    with pytest.raises(ValueError, match=r"runs in one process \(trainer.devices=2.*python -m ldm.data.cache_latents"):
+        train.cache_run_latents(cfg, tmp_path, vae)
+    assert not (tmp_path / "latents").exists()
