@@ -110,9 +110,10 @@ def cache_run_latents(cfg: DictConfig, out: Path, vae: torch.nn.Module) -> Path:
     devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
     if str(devices) != "1" or str(nodes) != "1":
         raise ValueError(
-            f"ldm_stage.cache_latents=true runs in one process (trainer.devices={devices}, num_nodes={nodes}). For "
-            "multi-process training cache once beforehand (python -m ldm.data.cache_latents SHARDS CACHE --vae "
-            "RUN/vae/vae.ckpt --size S) and train with data.source=latents data.train_shards=CACHE"
+            f"ldm_stage.cache_latents=true runs in one process (trainer.devices={devices}, num_nodes={nodes}; the "
+            "quickstart preset turns it on). Set ldm_stage.cache_latents=false to encode images on the fly, or cache "
+            "once beforehand (python -m ldm.data.cache_latents SHARDS CACHE --vae RUN/vae/vae.ckpt --size S) and "
+            "train with data.source=latents data.train_shards=CACHE"
         )
     digest = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):

@@ -307,6 +307,7 @@ def test_train_py_cache_latents_refusals(tmp_path):
         train.cache_run_latents(_compose(tmp_path, "stages=[ldm]"), tmp_path, vae)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"out_dir={tmp_path}", "trainer=ddp_cpu", "ldm_stage.cache_latents=true"])
-    with pytest.raises(ValueError, match=r"runs in one process \(trainer.devices=2.*python -m ldm.data.cache_latents"):
+    one_process = r"runs in one process \(trainer.devices=2.*ldm_stage.cache_latents=false.*python -m ldm.data"
+    with pytest.raises(ValueError, match=one_process):
         train.cache_run_latents(cfg, tmp_path, vae)
     assert not (tmp_path / "latents").exists()

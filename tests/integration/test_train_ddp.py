@@ -55,7 +55,8 @@ def test_two_cpu_ranks_train_both_stages_to_identical_weights(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, str(script), f"hydra.run.dir={run}", f"data.train_shards={tmp_path / 'shards'}",
            *TINY_MODELS, "trainer=ddp_cpu", "trainer.log_every_n_steps=1", "vae_stage.max_steps=3",
-           "ldm_stage.max_steps=4", "ldm_stage.checkpoint_every_n_steps=2", "ldm_stage.ema_decay=0.9"]
+           "ldm_stage.max_steps=4", "ldm_stage.checkpoint_every_n_steps=2", "ldm_stage.ema_decay=0.9",
+           "ldm_stage.cache_latents=false"]  # the quickstart's in-run cache is single-process
     proc = subprocess.run(cmd, cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
