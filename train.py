@@ -326,9 +326,16 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     if sd is not None and cfg.first_stage != "vae":
         raise ValueError(f"init_ckpt (an SD single file) needs first_stage=vae, got {cfg.first_stage!r}")
     if resume is not None:
-        # The checkpoint holds the first stage's architecture and weights: no separate VAE file is needed.
-        spec = torch.load(resume, map_location="cpu", weights_only=False)["ldm"]["first_stage"]
+        # The checkpoint holds the first stage's architecture and weights: no separate VAE file is needed. The
+        # weights are loaded here, not left to Lightning's restore in fit(): the latent cache encodes before fit.
+        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
+        spec = ckpt["ldm"]["first_stage"]
         first_stage = build_module(spec) if spec is not None else None
+        if first_stage is not None:
+            prefix = "first_stage."
+            weights = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+            load_state_dict_checked(first_stage, weights, "the checkpoint's first stage")
+        del ckpt
     elif cfg.first_stage == "vae":
         vae_path = vae_path or (Path(cfg.vae_ckpt) if cfg.vae_ckpt else None)
         if vae_path is None and sd is None:

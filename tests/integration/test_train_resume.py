@@ -53,6 +53,9 @@ def test_ldm_stage_resumes_exactly(vae_ckpt):
     # loss (data position, t, noise, caption dropout, posterior samples), lr (schedule), grad norm (weights, optimizer)
     assert_same_curve(a, b, range(K, N), ("train/loss", "train/lr", "train/grad_norm"))
     assert min(b) == K  # the resumed run starts where the checkpoint left off, not at step 0
+    # the quickstart's in-run latent cache: the resumed run re-encodes with the checkpoint's VAE weights (not a fresh
+    # initialisation restored only later by Lightning), so its cache has the same VAE fingerprint
+    assert [p.name for p in (resumed / "latents").iterdir()] == [p.name for p in (full / "latents").iterdir()]
 
     assert int(state(mid)["ema.num_updates"]) == K  # the checkpoint at step K holds step K's EMA update
     # last.ckpt is the final state (not the last periodic save): UNet, text encoder and EMA weights agree
