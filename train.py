@@ -118,7 +118,7 @@ def cache_run_latents(cfg: DictConfig, out: Path, vae: torch.nn.Module) -> Path:
     digest = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     cache = out / "latents" / digest.hexdigest()[:16]
     t0 = time.perf_counter()
     cache_latents(cfg.data.train_shards, cache, vae, image_size=cfg.data.image_size,

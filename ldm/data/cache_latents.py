@@ -86,16 +86,15 @@ def cache_latents(
     entries: list[dict[str, Any]] = []
     latent_shape: list[int] | None = None
 
+    @torch.no_grad()
     def flush(writer: ShardWriter, raws: list[dict[str, Any]]) -> list[int]:
         x = torch.stack([transform(decode_image(r[next(e for e in IMAGE_EXTS if e in r)])) for r in raws]).to(device)
-        with torch.no_grad():
-            posterior = vae.encode(x)
+        posterior = vae.encode(x)
         mean = posterior.mean.float().cpu().numpy().astype(np_dtype)
         std = posterior.std.float().cpu().numpy().astype(np_dtype)
         text: list[np.ndarray] | None = None
         if text_encoder is not None:
-            with torch.no_grad():
-                hidden, pooled, mask = text_encoder.encode([_caption(r) for r in raws])[:3]
+            hidden, pooled, mask = text_encoder.encode([_caption(r) for r in raws])[:3]
             text = [hidden.float().cpu().numpy().astype(np_dtype), pooled.float().cpu().numpy().astype(np_dtype),
                     mask.cpu().numpy().astype(bool)]
         for i, r in enumerate(raws):

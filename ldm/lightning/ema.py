@@ -40,13 +40,12 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         """Move the shadow toward ``model``'s current parameters."""
         d = self.current_decay()
-        shadows = [shadow for _, shadow in self._shadows()]
-        params = [model.get_parameter(name).detach() for name in self._names]
-        if all(p.dtype == torch.float32 and p.device == s.device for p, s in zip(params, shadows, strict=True)):
-            torch._foreach_lerp_(shadows, params, 1.0 - d)  # one fused pass: the per-tensor loop cost ~20 ms/step
-        else:
-            for shadow, p in zip(shadows, params, strict=True):
-                shadow.lerp_(p.to(shadow.device, torch.float32), 1.0 - d)
+        shadows, params = [], []
+        for name, shadow in self._shadows():
+            shadows.append(shadow)
+            # a no-op for float32 parameters on the shadow's device (the usual case): no copies
+            params.append(model.get_parameter(name).detach().to(shadow.device, torch.float32))
+        torch._foreach_lerp_(shadows, params, 1.0 - d)  # one fused pass instead of a Python loop over tensors
         self.num_updates += 1
 
     @torch.no_grad()

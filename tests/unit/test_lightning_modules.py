@@ -80,6 +80,15 @@ def test_ema_follows_the_model_with_warmup_and_swaps_in():
     assert "shadow_0" in ema.state_dict() and int(ema.num_updates) == 1
     with pytest.raises(ValueError, match="decay"):
         EMA(model, decay=1.0)
+    # a bf16 model keeps a float32 shadow, updated from the upcast parameters
+    half = nn.Linear(3, 3).to(torch.bfloat16)
+    ema16 = EMA(half, decay=0.5, warmup=False)
+    start = ema16.shadow_0.clone()
+    with torch.no_grad():
+        half.weight.add_(1.0)
+    ema16.update(half)
+    assert ema16.shadow_0.dtype == torch.float32
+    torch.testing.assert_close(ema16.shadow_0, 0.5 * start + 0.5 * half.weight.float())
 
 
 def test_lr_warmup_then_cosine():
