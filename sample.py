@@ -44,9 +44,9 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 # JSON field -> config key, for regenerate=PATH
 _REGENERATED = {"ckpt": "ckpt", "prompt": "prompt", "seed": "seed", "negative_prompt": "negative_prompt",
                 "num_inference_steps": "steps", "guidance_scale": "guidance_scale",
-                "guidance_rescale": "guidance_rescale", "sampler": "sampler", "eta": "eta", "height": "height",
-                "width": "width", "init_image": "init_image", "strength": "strength", "use_ema": "use_ema",
-                "dtype": "dtype", "vae_tile_size": "vae_tile_size"}
+                "guidance_rescale": "guidance_rescale", "guidance_interval": "guidance_interval", "sampler": "sampler",
+                "eta": "eta", "height": "height", "width": "width", "init_image": "init_image", "strength": "strength",
+                "use_ema": "use_ema", "dtype": "dtype", "vae_tile_size": "vae_tile_size"}
 
 
 def regenerate_config(cfg: DictConfig) -> DictConfig:
@@ -78,6 +78,8 @@ def run(cfg: DictConfig) -> list[Path]:
         "num_inference_steps": cfg.steps or s["num_inference_steps"],
         "guidance_scale": s["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale,
         "guidance_rescale": cfg.guidance_rescale, "sampler": cfg.sampler or s["sampler"], "eta": cfg.eta,
+        "guidance_interval": (s.get("guidance_interval") if cfg.guidance_interval is None
+                              else list(cfg.guidance_interval)),
         "height": cfg.height or s.get("image_size"), "width": cfg.width or s.get("image_size"),
         "init_image": cfg.init_image, "strength": cfg.strength if cfg.init_image else None, "use_ema": cfg.use_ema,
         "dtype": cfg.dtype, "vae_tile_size": cfg.vae_tile_size,
@@ -95,6 +97,7 @@ def run(cfg: DictConfig) -> list[Path]:
         frames: list[list[Image.Image]] = []
         kwargs = dict(negative_prompt=cfg.negative_prompt, num_inference_steps=settings["num_inference_steps"],
                       guidance_scale=settings["guidance_scale"], guidance_rescale=cfg.guidance_rescale,
+                      guidance_interval=settings["guidance_interval"],
                       sampler=settings["sampler"], eta=cfg.eta, height=settings["height"], width=settings["width"],
                       generator=[torch.Generator().manual_seed(seed) for _, seed in chunk], dtype=cfg.dtype,
                       vae_tile_size=cfg.vae_tile_size)

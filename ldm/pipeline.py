@@ -13,7 +13,7 @@ from torch import nn
 
 from ldm.checkpoint import build_module
 from ldm.lightning.ema import EMA
-from ldm.sampling import SAMPLERS, make_scheduler, sample_loop
+from ldm.sampling import SAMPLERS, check_guidance_interval, make_scheduler, sample_loop
 
 DEFAULTS = {"guidance_scale": 7.5, "sampler": "dpm_solver++", "num_inference_steps": 25}
 # Stable Diffusion 1.x/2.x train with scaled-linear betas 0.00085..0.012 over 1000 steps (CompVis' "linear").
@@ -234,6 +234,7 @@ class LatentDiffusionPipeline:
         image: Image.Image | torch.Tensor | None = None,
         strength: float = 0.8,
         guidance_rescale: float = 0.0,
+        guidance_interval: Sequence[float] | None = None,
         latents: torch.Tensor | None = None,
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
         output_type: str = "pil",
@@ -247,7 +248,9 @@ class LatentDiffusionPipeline:
         comes from generator i alone, so it can be regenerated alone). ``output_type``: ``pil`` (a list of images),
         ``tensor`` ([B, C, H, W] in [-1, 1]) or ``latent``. ``dtype`` bf16/fp16 runs the text encoder and the
         sampler loop under ``torch.autocast`` (the sampler arithmetic stays fp32) and decodes with the VAE in its
-        own dtype outside autocast. ``vae_tile_size`` (latent pixels) decodes overlapping tiles blended over
+        own dtype outside autocast. ``guidance_interval=(lo, hi)`` guides only the steps with lo <= t <= hi
+        (training timesteps; see ``sample_loop``); None takes the checkpoint's, and [0, num_train_timesteps] guides
+        every step. ``vae_tile_size`` (latent pixels) decodes overlapping tiles blended over
         ``vae_tile_overlap`` latent pixels (default min(8, tile // 4)), bounding the decoder's memory.
         """
         s = self.sampling
@@ -255,6 +258,8 @@ class LatentDiffusionPipeline:
         steps = num_inference_steps if num_inference_steps is not None else int(s["num_inference_steps"])
         scale = float(s["guidance_scale"] if guidance_scale is None else guidance_scale)
         sampler = sampler or s["sampler"]
+        interval = s.get("guidance_interval") if guidance_interval is None else guidance_interval
+        check_guidance_interval(interval)
         size = s.get("image_size", 32)
         height, width = height or size, width or size
         self._check(prompts, scale, strength, steps, height, width, sampler)
@@ -312,7 +317,7 @@ class LatentDiffusionPipeline:
 
         with autocast:
             z = sample_loop(self.unet, scheduler, x, context, uncond, scale, guidance_rescale, eta=eta,
-                            generator=generator, callback=callback)
+                            generator=generator, callback=callback, guidance_interval=interval)
         if output_type == "latent":
             return z
         if self.vae is None:

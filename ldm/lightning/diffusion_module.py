@@ -12,7 +12,7 @@ from ldm.checkpoint import gather_rank_states, module_spec, rank_state
 from ldm.diffusion import DiffusionLoss, NoiseSchedule
 from ldm.lightning.ema import EMA
 from ldm.lightning.optim import grad_norm, warmup_then
-from ldm.sampling import make_scheduler, sample_loop
+from ldm.sampling import check_guidance_interval, make_scheduler, sample_loop
 from ldm.text.conditioner import drop_captions
 
 
@@ -68,6 +68,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.max_nan_skips = max_nan_skips
         self.nan_skips = 0
         self.sampling = dict(sampling or {})
+        check_guidance_interval(self.sampling.get("guidance_interval"))  # a typo fails now, not at the first grid
         self.text_encoder_kwargs = text_encoder_kwargs
         self.run_config = run_config
         # The training randomness (caption dropout, t, noise) comes from one generator whose state is saved in the
@@ -228,10 +229,10 @@ class LatentDiffusionModule(L.LightningModule):
             if use_ema and self.ema is not None:
                 with self.ema.swapped_in(self.unet):
                     z = sample_loop(self.denoise, scheduler, x, context, uncond, guidance_scale, generator=generator,
-                                    y=labels)
+                                    y=labels, guidance_interval=s.get("guidance_interval"))
             else:
                 z = sample_loop(self.denoise, scheduler, x, context, uncond, guidance_scale, generator=generator,
-                                y=labels)
+                                y=labels, guidance_interval=s.get("guidance_interval"))
         finally:
             self.unet.train(was_training)
         if self.first_stage is None:

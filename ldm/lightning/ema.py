@@ -40,11 +40,14 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         """Move the shadow toward ``model``'s current parameters."""
         d = self.current_decay()
+        # one walk of the module tree: get_parameter per name walks it once per parameter (7 ms of a 10 ms update
+        # for the 286 parameters of the tiny UNet)
+        named = dict(model.named_parameters())
         shadows, params = [], []
         for name, shadow in self._shadows():
             shadows.append(shadow)
             # a no-op for float32 parameters on the shadow's device (the usual case): no copies
-            params.append(model.get_parameter(name).detach().to(shadow.device, torch.float32))
+            params.append(named[name].detach().to(shadow.device, torch.float32))
         torch._foreach_lerp_(shadows, params, 1.0 - d)  # one fused pass instead of a Python loop over tensors
         self.num_updates += 1
 

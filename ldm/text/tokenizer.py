@@ -36,6 +36,12 @@ def _simple_tokenizer():
     return SimpleTokenizer()
 
 
+@functools.lru_cache(maxsize=65536)
+def _bpe_ids(prompt: str) -> tuple[int, ...]:
+    """BPE ids of one prompt, memoised: training captions repeat, and BPE in Python costs ~0.3 ms per caption."""
+    return tuple(_simple_tokenizer().encode(prompt))
+
+
 def _preview(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
@@ -64,7 +70,7 @@ class CLIPTokenizer:
 
     def encode(self, prompt: str) -> list[int]:
         """BPE ids of one prompt, without start/end tokens and without truncation."""
-        return _simple_tokenizer().encode(prompt)
+        return list(_bpe_ids(prompt))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of one row of ids: what lies between the start token and the first end token (padding ignored)."""

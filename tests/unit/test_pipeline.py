@@ -202,3 +202,65 @@ def test_guidance_rescale_changes_the_output_and_strength_zero_raises(pipe) -> N
         pipe("a cat", guidance_rescale=2.0)
     with pytest.raises(ValueError, match=r"strength must lie in \(0, 1\], got 0"):
         pipe("a cat", image=Image.new("RGB", (16, 16)), strength=0.0)
+
+
+def test_guidance_interval_guides_only_the_steps_inside_it() -> None:
+    """Inside [lo, hi] a step gets uncond + s (cond - uncond) from one batched call; outside, the conditional alone."""
+    calls: list[tuple[int, int]] = []
+
+    def denoise(x, t, ctx):  # a toy denoiser whose output depends on the context and the timestep
+        calls.append((x.shape[0], int(t[0])))
+        return 0.1 * x + ctx.mean(dim=(1, 2)).view(-1, 1, 1, 1) * (1 + t.view(-1, 1, 1, 1) / 1000)
+
+    cond, uncond = torch.full((2, 3, 4), 1.0), torch.full((2, 3, 4), -1.0)
+    x = torch.randn(2, 4, 4, 4, generator=_gen(0))
+
+    def run(**kw) -> torch.Tensor:
+        scheduler = make_scheduler("ddim", SD_SCHEDULE, "epsilon")
+        scheduler.set_timesteps(5)  # trailing: 999, 799, 599, 399, 199
+        calls.clear()
+        return sample_loop(denoise, scheduler, x, cond, uncond, guidance_scale=4.0, **kw)
+
+    everywhere = run()
+    assert calls == [(4, t) for t in (999, 799, 599, 399, 199)]
+    torch.testing.assert_close(run(guidance_interval=(0, 1000)), everywhere, rtol=0, atol=0)
+    inside = run(guidance_interval=(500, 1000))
+    assert calls == [(4, 999), (4, 799), (4, 599), (2, 399), (2, 199)]  # one UNet pass per unguided step
+    assert not torch.equal(inside, everywhere)
+
+    # the same loop by hand: guided steps above 500, conditional below
+    scheduler = make_scheduler("ddim", SD_SCHEDULE, "epsilon")
+    scheduler.set_timesteps(5)
+    z = x
+    for t in scheduler.timesteps:
+        tt = torch.full((2,), int(t))
+        c = denoise(z, tt, cond)
+        out = denoise(z, tt, uncond) + 4.0 * (c - denoise(z, tt, uncond)) if int(t) >= 500 else c
+        z = scheduler.step(out, t, z).prev_sample
+    torch.testing.assert_close(inside, z)
+    for bad, match in [((600, 400), "0 <= lo <= hi"), ((-1, 10), "0 <= lo <= hi"), ((1,), "two timesteps")]:
+        with pytest.raises(ValueError, match=match):
+            run(guidance_interval=bad)
+
+
+def test_pipeline_takes_the_checkpoint_guidance_interval(pipe) -> None:
+    def sample(**kw) -> torch.Tensor:
+        kw = {"guidance_scale": 5.0, **kw}
+        return pipe("a cat", generator=_gen(4), output_type="latent", num_inference_steps=4, **kw)
+
+    everywhere = sample()
+    nowhere = sample(guidance_interval=(2000, 3000))
+    torch.testing.assert_close(nowhere, sample(guidance_scale=1.0), rtol=0, atol=1e-6)
+    high = sample(guidance_interval=(400, 1000))
+    assert not torch.allclose(high, everywhere) and not torch.allclose(high, nowhere)
+    saved = dict(pipe.sampling)
+    try:
+        pipe.sampling["guidance_interval"] = [400, 1000]  # as a checkpoint saves it
+        torch.testing.assert_close(sample(), high, rtol=0, atol=0)
+        torch.testing.assert_close(sample(guidance_interval=(0, 1000)), everywhere, rtol=0, atol=0)
+        pipe.sampling["guidance_interval"] = [1000, 0]
+        with pytest.raises(ValueError, match=r"guidance_interval \[lo, hi\] needs 0 <= lo <= hi"):
+            sample()
+    finally:
+        pipe.sampling.clear()
+        pipe.sampling.update(saved)
