@@ -164,6 +164,16 @@ def test_nan_loss_stops_with_a_clear_message_or_is_skipped(tmp_path):
     assert skip.nan_skips == 2 and torch.equal(skip.unet.w.detach(), torch.ones(()))
 
 
+def test_a_bad_guidance_interval_fails_at_construction_not_at_the_first_sample_grid():
+    net = nn.Conv2d(4, 4, 1)
+    with pytest.raises(ValueError, match=r"guidance_interval \[lo, hi\] needs 0 <= lo <= hi"):
+        LatentDiffusionModule(net, None, None, ema_decay=None, sampling={"guidance_interval": [600, 400]})
+    with pytest.raises(ValueError, match="two timesteps"):
+        LatentDiffusionModule(net, None, None, ema_decay=None, sampling={"guidance_interval": 400})
+    ok = LatentDiffusionModule(net, None, None, ema_decay=None, sampling={"guidance_interval": [400, 1000]})
+    assert ok.sampling["guidance_interval"] == [400, 1000]
+
+
 def test_autoencoder_module_trains_with_gan_and_fits_latent_scale(tmp_path):
     torch.manual_seed(0)
     vae = tiny_vae()
