@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ldm.lightning.callbacks import make_grid
 from ldm.pipeline import LatentDiffusionPipeline, to_pil
+from ldm.sampling import check_guidance_interval
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -73,13 +74,18 @@ def run(cfg: DictConfig) -> list[Path]:
     pipe = LatentDiffusionPipeline.from_checkpoint(cfg.ckpt, use_ema=cfg.use_ema)
     s = pipe.sampling
     prompts = read_prompts(cfg)
+    interval = cfg.guidance_interval  # a malformed value reaches the pipeline's check as the user wrote it
+    if interval is None:
+        interval = s.get("guidance_interval")
+    elif OmegaConf.is_list(interval):
+        interval = list(interval)
+    check_guidance_interval(interval)  # before the output folder is made
     settings = {
         "ckpt": str(cfg.ckpt), "negative_prompt": cfg.negative_prompt,
         "num_inference_steps": cfg.steps or s["num_inference_steps"],
         "guidance_scale": s["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale,
         "guidance_rescale": cfg.guidance_rescale, "sampler": cfg.sampler or s["sampler"], "eta": cfg.eta,
-        "guidance_interval": (s.get("guidance_interval") if cfg.guidance_interval is None
-                              else list(cfg.guidance_interval)),
+        "guidance_interval": interval,
         "height": cfg.height or s.get("image_size"), "width": cfg.width or s.get("image_size"),
         "init_image": cfg.init_image, "strength": cfg.strength if cfg.init_image else None, "use_ema": cfg.use_ema,
         "dtype": cfg.dtype, "vae_tile_size": cfg.vae_tile_size,

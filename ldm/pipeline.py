@@ -13,7 +13,7 @@ from torch import nn
 
 from ldm.checkpoint import build_module
 from ldm.lightning.ema import EMA
-from ldm.sampling import SAMPLERS, check_guidance_interval, make_scheduler, sample_loop
+from ldm.sampling import SAMPLERS, make_scheduler, sample_loop
 
 DEFAULTS = {"guidance_scale": 7.5, "sampler": "dpm_solver++", "num_inference_steps": 25}
 # Stable Diffusion 1.x/2.x train with scaled-linear betas 0.00085..0.012 over 1000 steps (CompVis' "linear").
@@ -258,8 +258,7 @@ class LatentDiffusionPipeline:
         steps = num_inference_steps if num_inference_steps is not None else int(s["num_inference_steps"])
         scale = float(s["guidance_scale"] if guidance_scale is None else guidance_scale)
         sampler = sampler or s["sampler"]
-        interval = s.get("guidance_interval") if guidance_interval is None else guidance_interval
-        check_guidance_interval(interval)
+        interval = s.get("guidance_interval") if guidance_interval is None else guidance_interval  # sample_loop checks
         size = s.get("image_size", 32)
         height, width = height or size, width or size
         self._check(prompts, scale, strength, steps, height, width, sampler)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import lightning as L
 import torch
@@ -226,11 +227,8 @@ class LatentDiffusionModule(L.LightningModule):
         was_training = self.unet.training
         self.unet.eval()
         try:
-            if use_ema and self.ema is not None:
-                with self.ema.swapped_in(self.unet):
-                    z = sample_loop(self.denoise, scheduler, x, context, uncond, guidance_scale, generator=generator,
-                                    y=labels, guidance_interval=s.get("guidance_interval"))
-            else:
+            weights = self.ema.swapped_in(self.unet) if use_ema and self.ema is not None else nullcontext()
+            with weights:
                 z = sample_loop(self.denoise, scheduler, x, context, uncond, guidance_scale, generator=generator,
                                 y=labels, guidance_interval=s.get("guidance_interval"))
         finally:

@@ -73,6 +73,22 @@ def test_prompt_n_steps_guidance_sampler_seed_out_metadata_grid(tiny_ckpt, tmp_p
     assert json.loads((tmp_path / "again" / "00000.json").read_text())["seed"] == 8
 
 
+def test_guidance_interval_default_override_and_regenerate(tiny_ckpt, tmp_path) -> None:
+    """The checkpoint's interval (the quickstart's [400, 1000]) is used and recorded; an override changes the image,
+    is recorded, and regenerates."""
+    kw = dict(prompt="a red square in the center", steps=4, guidance_scale=5, sampler="ddim")
+    default = sample(tiny_ckpt, tmp_path / "default", **kw)
+    assert json.loads(default[0].with_suffix(".json").read_text())["guidance_interval"] == [400, 1000]
+    everywhere = sample(tiny_ckpt, tmp_path / "everywhere", guidance_interval=[0, 1000], **kw)
+    assert json.loads(everywhere[0].with_suffix(".json").read_text())["guidance_interval"] == [0, 1000]
+    assert not np.array_equal(pixels(default[0]), pixels(everywhere[0]))
+    again = sample(None, tmp_path / "again", regenerate=str(everywhere[0].with_suffix(".json")))
+    assert_regenerated(everywhere[0], again[0])
+    with pytest.raises(ValueError, match=r"two timesteps \[lo, hi\].*got '0-1000'"):
+        sample(tiny_ckpt, tmp_path / "bad", guidance_interval="0-1000", **kw)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
 def test_prompts_file_and_negative_prompt(tiny_ckpt, tmp_path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a green square in the center\n\n  a blue triangle in the bottom right \n")
