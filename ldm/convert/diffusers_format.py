@@ -105,6 +105,9 @@ def unet_config_to_diffusers(cfg: Mapping[str, Any], sample_size: int = 64) -> d
     """Translate our ``UNet`` config into diffusers ``UNet2DConditionModel`` constructor arguments."""
     if cfg.get("context_dim") is None:
         raise ValueError("diffusers' UNet2DConditionModel needs a cross-attention context: context_dim is None")
+    if cfg.get("pool_context"):
+        raise ValueError("pool_context=true (the mean context token added to the timestep embedding) has no "
+                         "UNet2DConditionModel equivalent: export a UNet built with pool_context=false")
     mc, mult = cfg["model_channels"], list(cfg["channel_mult"])
     boc = [mc * m for m in mult]
     attn = [2**i in cfg["attention_resolutions"] for i in range(len(mult))]

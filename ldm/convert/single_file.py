@@ -171,6 +171,7 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         num_heads=-1 if sd2 else 8, num_head_channels=64 if sd2 else -1, context_dim=ctx, use_linear_proj=linear,
         transformer_depth=depth, num_classes=sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None,
         use_scale_shift_norm=emb_out == 2 * sd["input_blocks.1.0.out_layers.3.weight"].shape[0],
+        pool_context="context_emb.0.weight" in sd,
     )  # fmt: skip
 
 

@@ -22,6 +22,8 @@ class UNet(nn.Module):
     ``attention_resolutions`` lists the downsample factors (1 = input resolution, 2 = after one downsample, ...)
     whose levels get a SpatialTransformer after each ResBlock, as SD's ``[4, 2, 1]``. Heads are given either as a
     count (``num_heads``, SD1) or as a width per head (``num_head_channels``, SD2); the other stays -1.
+    ``pool_context`` adds an MLP of the context's mean token to the timestep embedding (pooled text conditioning, as
+    in Imagen): every ResBlock then sees the caption, not only the blocks with cross-attention.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class UNet(nn.Module):
         use_scale_shift_norm: bool = False,
         gradient_checkpointing: bool = False,
         attention_backend: str = "sdpa",
+        pool_context: bool = False,
     ) -> None:
         super().__init__()
         if (num_heads == -1) == (num_head_channels == -1):
@@ -53,6 +56,9 @@ class UNet(nn.Module):
             raise ValueError(
                 f"unknown attention backend {attention_backend!r}; allowed values are {', '.join(BACKENDS)}"
             )
+        if pool_context and context_dim is None:
+            raise ValueError("pool_context=true pools the text context, but context_dim is None (an unconditional "
+                             "UNet): set context_dim or pool_context=false")
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         self.config: dict[str, Any] = dict(
@@ -62,7 +68,7 @@ class UNet(nn.Module):
             num_head_channels=num_head_channels, context_dim=context_dim, use_linear_proj=use_linear_proj,
             transformer_depth=transformer_depth, dropout=dropout, num_classes=num_classes,
             use_scale_shift_norm=use_scale_shift_norm, gradient_checkpointing=gradient_checkpointing,
-            attention_backend=attention_backend,
+            attention_backend=attention_backend, pool_context=pool_context,
         )  # fmt: skip
         self.in_channels, self.out_channels, self.model_channels = in_channels, out_channels, model_channels
         self.context_dim, self.num_classes = context_dim, num_classes
@@ -79,6 +85,9 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, emb_dim)
+        self.pool_context = pool_context
+        if pool_context:
+            self.context_emb = nn.Sequential(nn.Linear(context_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_in)])
@@ -168,6 +177,8 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
+        if self.pool_context:
+            emb = emb + self.context_emb(context.mean(dim=1).to(emb.dtype))
         h = x
         skips = []
         for block in self.input_blocks:

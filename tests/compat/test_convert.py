@@ -28,6 +28,7 @@ from ldm.convert import (  # noqa: E402
     unet_config_from_diffusers,
 )
 from ldm.convert.__main__ import main as convert_main  # noqa: E402
+from ldm.convert.diffusers_format import unet_config_to_diffusers  # noqa: E402
 from ldm.convert.single_file import ema_key  # noqa: E402
 from ldm.unet import UNet  # noqa: E402
 
@@ -146,6 +147,13 @@ def test_strict_loading_of_sd_layout_and_config_inference() -> None:
     unet_sd = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
     assert infer_unet_config(unet_sd) == {k: v for k, v in unet.config.items()
                                           if k not in ("dropout", "gradient_checkpointing", "attention_backend")}
+    pooled = UNet(**{**unet.config, "pool_context": True})
+    pooled_sd = {k[len("model.diffusion_model."):]: v for k, v in to_sd_state_dict(pooled, vae).items()
+                 if k.startswith("model.diffusion_model.")}
+    assert infer_unet_config(pooled_sd)["pool_context"] is True
+    UNet(**infer_unet_config(pooled_sd)).load_state_dict(pooled_sd, strict=True)
+    with pytest.raises(ValueError, match="pool_context=true .* has no UNet2DConditionModel equivalent"):
+        unet_config_to_diffusers(pooled.config)
     fresh = UNet(**unet.config)
     fresh.load_state_dict(unet_sd, strict=True)
     bad = dict(unet_sd)

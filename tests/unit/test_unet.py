@@ -148,3 +148,34 @@ def test_unconditional_unet_uses_self_attention() -> None:
     unet = UNet(**{**TINY, "context_dim": None})
     x, t, _ = _inputs()
     assert unet(x, t).shape == x.shape
+
+
+def test_pool_context_conditions_every_block_through_the_embedding() -> None:
+    # cross-attention values zeroed: without pooling the context cannot reach the output, with it it must
+    def deaf(unet: UNet) -> UNet:
+        _randomize(unet)
+        with torch.no_grad():
+            for name, p in unet.named_parameters():
+                if "attn2.to_v" in name:
+                    p.zero_()
+        return unet
+
+    x, t, ctx = _inputs()
+    other = torch.randn_like(ctx)
+    plain = deaf(UNet(**TINY))
+    torch.testing.assert_close(plain(x, t, ctx), plain(x, t, other))
+    pooled = deaf(UNet(**TINY, pool_context=True))
+    assert not torch.allclose(pooled(x, t, ctx), pooled(x, t, other))
+    # the pool is the mean token: permuting the tokens changes nothing, and it adds to the timestep embedding
+    torch.testing.assert_close(pooled(x, t, ctx), pooled(x, t, ctx.flip(1)))
+    seen = {}
+    block = pooled.input_blocks[1][0]
+    hook = block.register_forward_hook(lambda m, args, out: seen.__setitem__("emb", args[1]))
+    pooled(x, t, ctx)
+    hook.remove()
+    from ldm.nn.embeddings import timestep_embedding
+    expected = pooled.time_embed(timestep_embedding(t, 32)) + pooled.context_emb(ctx.mean(1))
+    torch.testing.assert_close(seen["emb"], expected)
+    assert pooled.config["pool_context"] is True
+    with pytest.raises(ValueError, match="pool_context=true pools the text context, but context_dim is None"):
+        UNet(**{**TINY, "context_dim": None}, pool_context=True)
