@@ -9,9 +9,10 @@ import torch
 
 
 def warmup_then(schedule: str, warmup_steps: int, max_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up over ``warmup_steps``, then ``constant`` or ``cosine`` decay to 0 at max_steps."""
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown lr schedule {schedule!r}; expected 'constant' or 'cosine'")
+    """LR multiplier: linear warm-up over ``warmup_steps``, then ``constant``, or ``cosine`` or ``linear`` decay to 0
+    at max_steps."""
+    if schedule not in ("constant", "cosine", "linear"):
+        raise ValueError(f"unknown lr schedule {schedule!r}; expected 'constant', 'cosine' or 'linear'")
 
     def factor(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
@@ -19,6 +20,8 @@ def warmup_then(schedule: str, warmup_steps: int, max_steps: int) -> Callable[[i
         if schedule == "constant":
             return 1.0
         progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
         return 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor

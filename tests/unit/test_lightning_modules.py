@@ -96,7 +96,10 @@ def test_lr_warmup_then_cosine():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-12)
     assert warmup_then("constant", 0, 5)(100) == 1.0
-    with pytest.raises(ValueError, match="cosine"):
+    lin = warmup_then("linear", 10, 110)
+    assert lin(9) == pytest.approx(1.0) and lin(35) == pytest.approx(0.75) and lin(60) == pytest.approx(0.5)
+    assert lin(110) == pytest.approx(0.0) and lin(500) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="'constant', 'cosine' or 'linear'"):
         warmup_then("step", 0, 1)
 
 
