@@ -85,9 +85,8 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, emb_dim)
-        self.pool_context = pool_context
-        if pool_context:
-            self.context_emb = nn.Sequential(nn.Linear(context_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.context_emb = (nn.Sequential(nn.Linear(context_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+                            if pool_context else None)
 
         conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_in)])
@@ -177,7 +176,7 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
-        if self.pool_context:
+        if self.context_emb is not None:
             emb = emb + self.context_emb(context.mean(dim=1).to(emb.dtype))
         h = x
         skips = []

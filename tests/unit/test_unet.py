@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ldm.nn.embeddings import timestep_embedding
 from ldm.unet import UNet
 
 TINY = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
@@ -173,7 +174,6 @@ def test_pool_context_conditions_every_block_through_the_embedding() -> None:
     hook = block.register_forward_hook(lambda m, args, out: seen.__setitem__("emb", args[1]))
     pooled(x, t, ctx)
     hook.remove()
-    from ldm.nn.embeddings import timestep_embedding
     expected = pooled.time_embed(timestep_embedding(t, 32)) + pooled.context_emb(ctx.mean(1))
     torch.testing.assert_close(seen["emb"], expected)
     assert pooled.config["pool_context"] is True
