@@ -34,6 +34,7 @@ from ldm.data.cache_latents import cache_latents
 from ldm.lightning.autoencoder_module import AutoencoderModule
 from ldm.lightning.callbacks import ReconstructionGrid, SampleGrid, StageCheckpoint, Throughput
 from ldm.lightning.diffusion_module import LatentDiffusionModule
+from ldm.lightning.sharding import full_params
 
 
 def prepare_data(cfg: DictConfig) -> None:
@@ -138,6 +139,8 @@ def make_trainer(
     cfg: DictConfig, stage_dir: Path, max_steps: int, callbacks: list, logger, manual: bool = False
 ) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if isinstance(kwargs.get("strategy"), dict):  # a strategy object (``_target_``), e.g. trainer=fsdp_cpu's
+        kwargs["strategy"] = instantiate(kwargs["strategy"])
     if manual:  # manual optimisation (the VAE's two optimizers) does its own clipping, if any
         kwargs.pop("gradient_clip_val", None)
     return L.Trainer(
@@ -255,18 +258,21 @@ def init_from_sd(
     rank_zero_info(f"init_ckpt: UNet weights from {path}; the text encoder keeps its own weights")
 
 
-def check_fsdp(cfg: DictConfig) -> None:
-    """Refuse FSDP for the ldm stage: the EMA and the sample grid read UNet parameters FSDP holds only as shards."""
-    if "fsdp" in str(cfg.trainer.get("strategy", "")):
+def check_vae_strategy(cfg: DictConfig) -> None:
+    """Refuse FSDP for the vae stage: its manual optimisation runs backward inside the FSDP-wrapped forward."""
+    strategy = cfg.trainer.get("strategy", "")
+    name = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    if "fsdp" in name.lower():
         raise ValueError(
-            "trainer=fsdp is not supported by the ldm stage yet: outside forward FSDP keeps each UNet parameter as a "
-            "flattened shard, so the EMA update and the sample-grid callback would read shards (wrong values or a "
-            "crash). Use trainer=ddp (see docs/cluster.md)."
+            "the vae stage cannot train under FSDP: its two optimizers step by hand inside training_step, which FSDP "
+            "runs inside the wrapped forward (backward there is not allowed). Train the VAE with trainer=ddp "
+            "(stages=[vae]), then the LDM with trainer=fsdp stages=[ldm] vae_ckpt=RUN/vae/vae.ckpt"
         )
 
 
 def train_vae(cfg: DictConfig, out: Path, resume: str | None = None) -> Path:
     s = cfg.vae_stage
+    check_vae_strategy(cfg)
     vae = instantiate(cfg.autoencoder)
     module = AutoencoderModule(
         vae,
@@ -297,14 +303,16 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None) -> Path:
     # Diffusion trains on unit-variance latents: fit the scale on a few batches of training images.
     loader = data.train_dataloader()
     images = torch.cat([b["image"] for b, _ in zip(loader, range(4), strict=False)])
-    scale = module.fit_latent_scale(images)
+    with full_params(trainer):  # FSDP: every rank gathers the whole VAE (a no-op otherwise)
+        scale = module.fit_latent_scale(images)
+        state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
     path = stage_dir / "vae.ckpt"
     if trainer.is_global_zero:
         atomic_torch_save(
             {
                 "kind": "autoencoder",
                 "spec": module_spec(vae),
-                "state_dict": vae.state_dict(),
+                "state_dict": state,
                 "latent_scale": scale,
                 "config": OmegaConf.to_container(cfg, resolve=True),
             },
@@ -317,7 +325,6 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None) -> Path:
 
 def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | None = None) -> Path:
     s = cfg.ldm_stage
-    check_fsdp(cfg)
     first_stage = None
     if resume is None and OmegaConf.is_missing(cfg, "init_ckpt"):
         raise ValueError("init_ckpt=PATH is required: the Stable Diffusion single file (.safetensors/.ckpt) to load")

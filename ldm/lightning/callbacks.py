@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from ldm.lightning.sharding import full_params, is_fsdp
 from ldm.pipeline import to_pil
 
 
@@ -126,11 +127,12 @@ class SampleGrid(L.Callback):
         self.prompts, self.every, self.out_dir, self.seed = list(prompts), every_n_steps, Path(out_dir), seed
 
     def _sample(self, trainer: L.Trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero and not is_fsdp(trainer):  # under FSDP every rank takes part in sampling
             return
         g = torch.Generator().manual_seed(self.seed)
         images = to_pil(pl_module.generate(self.prompts, generator=g))
-        save_and_log_grid(trainer, make_grid(images, cols=4), self.out_dir, "samples", " | ".join(self.prompts))
+        if trainer.is_global_zero:
+            save_and_log_grid(trainer, make_grid(images, cols=4), self.out_dir, "samples", " | ".join(self.prompts))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every and trainer.global_step % self.every == 0 and trainer.global_step > 0:
@@ -160,14 +162,17 @@ class ReconstructionGrid(L.Callback):
 
     @torch.no_grad()
     def _log(self, trainer: L.Trainer, pl_module) -> None:
-        if not trainer.is_global_zero or self.images is None:
-            return
+        if (not trainer.is_global_zero and not is_fsdp(trainer)) or self.images is None:
+            return  # under FSDP every rank takes part (the weights are gathered); rank 0 saves
         vae = pl_module.vae
         was_training = vae.training
         vae.eval()
         x = self.images.to(pl_module.device)
-        rec = vae.decode(vae.encode(x).mode())
+        with full_params(trainer):
+            rec = vae.decode(vae.encode(x).mode())
         vae.train(was_training)
+        if not trainer.is_global_zero:
+            return
         grid = make_grid(to_pil(torch.cat([x, rec.float()])), cols=len(x))
         save_and_log_grid(trainer, grid, self.out_dir, "reconstructions", "top: input, bottom: reconstruction")
 

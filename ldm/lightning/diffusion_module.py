@@ -13,6 +13,7 @@ from ldm.checkpoint import gather_rank_states, module_spec, rank_state
 from ldm.diffusion import DiffusionLoss, NoiseSchedule
 from ldm.lightning.ema import EMA
 from ldm.lightning.optim import grad_norm, warmup_then
+from ldm.lightning.sharding import full_params, global_sum, is_fsdp
 from ldm.sampling import check_guidance_interval, make_scheduler, sample_loop
 from ldm.text.conditioner import drop_captions
 
@@ -174,15 +175,28 @@ class LatentDiffusionModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # The gradient norm before clipping (Lightning clips after this hook).
         norm = grad_norm(p for g in optimizer.param_groups for p in g["params"])
+        if is_fsdp(self._trainer):  # each rank holds a shard of the gradients (maybe none): sum the squares
+            sq = torch.zeros((), device=self.device) if norm is None else norm.square()
+            norm = global_sum(self._trainer, sq).sqrt()
         if norm is not None:
             self.log("train/grad_norm", norm)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except under FSDP, where Lightning refuses norm clipping: there the FSDP root clips
+        by the norm over every rank's shards (``clip_grad_norm_`` on a shard alone would use a local norm)."""
+        if not (is_fsdp(self._trainer) and gradient_clip_val):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"under FSDP only norm clipping is supported, got {gradient_clip_algorithm!r}")
+        self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The optimizer step, then the EMA update: once per optimizer step (not per accumulated batch), and before
         the callbacks' on_train_batch_end, so a checkpoint written there holds this step's average (exact resume)."""
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            self.ema.update(self.unet)
+            with full_params(self._trainer):  # FSDP: the whole UNet on every rank (a no-op otherwise)
+                self.ema.update(self.unet)
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
@@ -207,7 +221,16 @@ class LatentDiffusionModule(L.LightningModule):
         use_ema: bool = True,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Images in [-1, 1], [B, C, H, W], for ``prompts`` (EMA weights by default)."""
+        """Images in [-1, 1], [B, C, H, W], for ``prompts`` (EMA weights by default).
+
+        Under FSDP every rank must call it (the full weights are gathered for the duration).
+        """
+        with full_params(self._trainer):
+            return self._generate(prompts, negative_prompt, guidance_scale, num_inference_steps, sampler, generator,
+                                  latent_shape, use_ema, labels)
+
+    def _generate(self, prompts, negative_prompt, guidance_scale, num_inference_steps, sampler, generator,
+                  latent_shape, use_ema, labels) -> torch.Tensor:
         s = self.sampling
         guidance_scale = s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
         steps = num_inference_steps or s.get("num_inference_steps", 25)

@@ -211,10 +211,13 @@ def test_init_ckpt_run_trains_from_the_loaded_weights(tmp_path: Path, sd_file) -
     assert state[shadow].shape == next(iter(ema_unet.parameters())).shape
 
 
-def test_fsdp_is_refused_by_the_ldm_stage(tmp_path: Path) -> None:
-    cfg = _compose("experiment=mnist_pixel_ddpm", f"out_dir={tmp_path}", "trainer=fsdp", "dataset=null")
-    with pytest.raises(ValueError, match="trainer=fsdp is not supported by the ldm stage"):
-        _train_py().train_ldm(cfg, tmp_path, None)
+@pytest.mark.parametrize("trainer", ["fsdp", "fsdp_cpu"])
+def test_fsdp_is_refused_by_the_vae_stage_with_the_way_around(tmp_path: Path, trainer: str) -> None:
+    cfg = _compose(f"out_dir={tmp_path}", f"trainer={trainer}", "dataset=null")
+    with pytest.raises(ValueError, match=r"vae stage cannot train under FSDP.*trainer=ddp \(stages=\[vae\]\)"):
+        _train_py().train_vae(cfg, tmp_path)
+    assert not (tmp_path / "vae").exists()  # refused before anything is written
+    _train_py().check_vae_strategy(_compose(f"out_dir={tmp_path}", "trainer=ddp_cpu"))  # DDP passes
 
 
 # ------------------------------------------------------------------------------------------------- sweeps, SLURM

@@ -1,0 +1,89 @@
+"""Full parameters under FSDP: the EMA update and sampling read whole UNet weights, which FSDP keeps sharded.
+
+Outside its forward and backward, an FSDP-wrapped module (Lightning wraps the whole LightningModule, with
+``use_orig_params=True``) holds each original parameter as a flat view of this rank's shard. Code that reads the
+weights outside forward runs inside ``full_params(trainer)``: every rank then holds the full parameters (one
+all-gather), and changes to them are discarded on exit. Under any other strategy it is a no-op.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+
+
+def is_fsdp(trainer: L.Trainer | None) -> bool:
+    """Whether ``trainer`` trains with Lightning's FSDP strategy."""
+    return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
+
+
+def full_params(trainer: L.Trainer | None) -> AbstractContextManager:
+    """A context in which every rank holds the full, unsharded parameters (FSDP), else a no-op.
+
+    Every rank must enter it (it is a collective). ``writeback=False``: weights swapped in inside it (the EMA
+    averages, for sampling) do not leak into the trained shards.
+    """
+    if not is_fsdp(trainer):
+        return nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False)
+
+
+def global_sum(trainer: L.Trainer | None, value: torch.Tensor) -> torch.Tensor:
+    """Sum ``value`` over ranks under FSDP (where each rank holds a different shard), else return it as it is."""
+    if not is_fsdp(trainer):
+        return value
+    import torch.distributed as dist
+
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP strategy on CPU processes (gloo), to exercise the sharded code paths without a GPU.
+
+    Lightning refuses ``strategy="fsdp"`` with ``accelerator="cpu"`` (by name and exact class) and hands FSDP no
+    device, which FSDP then rejects on a machine without an accelerator; torch's FSDP itself runs on CPU given
+    ``device_id=cpu``. So the module is wrapped here, as Lightning would, and Lightning keeps the wrapped module.
+    """
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            model = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
+                                             mixed_precision=self.mixed_precision_config,
+                                             sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),
+                                             **self.kwargs)
+        return super()._setup_model(model)
+
+    def optimizer_state(self, optimizer) -> dict:
+        """Lightning's full optimizer state, gathered without ``offload_to_cpu``.
+
+        With it, torch's gather returns, on CPU, views of one buffer that it reuses for each state: every ``exp_avg``
+        then holds the ``exp_avg_sq`` values and a resumed run diverges (on GPUs the offload copies, so the bug does
+        not show). On CPU there is nothing to offload, and without it torch clones each state.
+        """
+        if self._state_dict_type != "full":
+            return super().optimizer_state(optimizer)
+        from torch.distributed.fsdp import (
+            FullOptimStateDictConfig,
+            FullStateDictConfig,
+            OptimStateKeyType,
+            StateDictType,
+        )
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True),
+                                  FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True)):
+            state = FSDP.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:  # keyed by parameter index, as Lightning stores it
+                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+        return state

@@ -1,0 +1,80 @@
+"""trainer=fsdp_cpu: two processes over gloo train the ldm stage under FSDP, with the EMA and the sample grid, and
+end with the same weights and EMA as the same run under DDP (which the DDP test checks on its own). Under both
+strategies, a run resumed from its mid-run checkpoint ends where the uninterrupted one did."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.integration.tiny_run import ROOT, TINY_MODELS, read_metrics, train_env
+
+OVERRIDES = [*TINY_MODELS, "trainer.log_every_n_steps=1", "vae_stage.max_steps=3", "ldm_stage.max_steps=5",
+             "ldm_stage.checkpoint_every_n_steps=3", "ldm_stage.ema_decay=0.9", "ldm_stage.cache_latents=false",
+             "sampling.log_every_n_steps=3"]  # the grid at step 3 and at the end: every rank samples under FSDP
+
+
+def _train(tmp_path, name: str, trainer: str, *overrides: str):
+    run = tmp_path / name
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run}", f"data.train_shards={tmp_path / 'shards'}",
+           *OVERRIDES, f"trainer={trainer}", *overrides]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{name}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The VAE under DDP (the vae stage refuses FSDP), then the same 5-step ldm stage from it under DDP and FSDP."""
+    tmp_path = tmp_path_factory.mktemp("fsdp")
+    vae = _train(tmp_path, "vae", "ddp_cpu", "stages=[vae]") / "vae" / "vae.ckpt"
+    ddp = _train(tmp_path, "ddp", "ddp_cpu", "stages=[ldm]", f"vae_ckpt={vae}")
+    fsdp = _train(tmp_path, "fsdp", "fsdp_cpu", "stages=[ldm]", f"vae_ckpt={vae}")
+    return tmp_path, ddp, fsdp
+
+
+def _last(run):
+    return torch.load(run / "ldm" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def test_fsdp_trains_the_ldm_stage_to_the_ddp_weights_and_ema(runs):
+    _, ddp, fsdp = runs
+    c_ddp, c_fsdp = _last(ddp), _last(fsdp)
+    assert c_fsdp["global_step"] == 5
+    s_ddp, s_fsdp = c_ddp["state_dict"], c_fsdp["state_dict"]
+    unet = [k for k in s_ddp if k.startswith("unet.")]
+    shadows = [k for k in s_ddp if k.startswith("ema.shadow_")]
+    assert unet and len(shadows) == len([k for k in unet if s_ddp[k].is_floating_point()])
+    for k in s_ddp:
+        if s_ddp[k].is_floating_point():
+            assert s_fsdp[k].shape == s_ddp[k].shape, k  # full tensors, not flat shards
+            torch.testing.assert_close(s_fsdp[k], s_ddp[k], rtol=1e-4, atol=1e-5, msg=k)
+        else:
+            assert torch.equal(s_fsdp[k], s_ddp[k]), k
+    assert int(s_fsdp["ema.num_updates"]) == 5
+
+    # the sample grid was written by rank 0, from weights gathered on both ranks
+    grids = sorted(p.name for p in (fsdp / "ldm" / "samples").glob("*.png"))
+    assert len(grids) == 2, grids
+    assert not any(p.name.endswith(".tmp") for p in fsdp.rglob("*"))
+
+
+@pytest.mark.parametrize("trainer", ["ddp_cpu", "fsdp_cpu"])
+def test_two_rank_runs_resume_exactly(runs, trainer):
+    tmp_path, ddp, fsdp = runs
+    full = ddp if trainer == "ddp_cpu" else fsdp
+    mid = full / "ldm" / "checkpoints" / "step000003.ckpt"
+    resumed = _train(tmp_path, f"{trainer}_resumed", trainer, "stages=[ldm]", f"resume={mid}")
+    a = read_metrics(full / "logs" / "version_0" / "metrics.csv")
+    b = read_metrics(resumed / "logs" / "version_0" / "metrics.csv")
+    assert min(b) == 3 and max(b) == 4, sorted(b)  # the resumed run logged steps 3 and 4 only
+    for step in (3, 4):  # loss: data position, t, noise and caption dropout per rank; grad norm: weights + AdamW
+        for key in ("train/loss", "train/lr", "train/grad_norm"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-6), (step, key)
+    end_a, end_b = _last(full)["state_dict"], _last(resumed)["state_dict"]
+    assert end_a.keys() == end_b.keys() and int(end_b["ema.num_updates"]) == 5
+    for k in end_a:
+        torch.testing.assert_close(end_b[k], end_a[k], rtol=1e-6, atol=1e-7, msg=k)
