@@ -382,6 +382,7 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
         loss_weighting=d.loss_weighting,
         snr_gamma=d.snr_gamma,
         offset_noise=d.offset_noise,
+        timestep_shift=d.get("timestep_shift", 1.0),
         caption_dropout=s.caption_dropout,
         optimizer=instantiate(cfg.optimizer),
         lr_schedule=s.lr_schedule,

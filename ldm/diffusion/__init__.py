@@ -1,7 +1,7 @@
 """Diffusion math: beta schedules, the forward process, parameterizations, losses, guidance and samplers."""
 
 from ldm.diffusion.guidance import classifier_free_guidance, guided_denoiser
-from ldm.diffusion.loss import DiffusionLoss, loss_weights
+from ldm.diffusion.loss import DiffusionLoss, loss_weights, sample_timesteps
 from ldm.diffusion.noise_schedule import NoiseSchedule
 from ldm.diffusion.parameterization import convert_prediction, make_prediction, split_prediction
 from ldm.diffusion.samplers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerOutput
@@ -21,5 +21,6 @@ __all__ = [
     "make_betas",
     "make_prediction",
     "rescale_zero_terminal_snr",
+    "sample_timesteps",
     "split_prediction",
 ]

@@ -34,6 +34,29 @@ def loss_weights(snr: torch.Tensor, prediction_type: str, weighting: str = "unif
     return clipped
 
 
+def sample_timesteps(
+    n: int,
+    num_train_timesteps: int,
+    shift: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``n`` integer training timesteps in [0, T): uniform, or with ``shift`` > 1 moved toward the noisy end.
+
+    The shift is SD3's (Esser et al., 2024): u ~ U(0, 1) becomes shift * u / (1 + (shift - 1) * u), so with shift 2
+    the fraction of samples above t = 0.8 T grows from 20% to 33% and the fraction below 0.2 T falls to 11%. At the
+    noisy end a model decides the layout; at the clean end of a VAE's latents, the posterior noise makes the target
+    all but unpredictable. ``shift`` 1 is the plain uniform draw (torch.randint, as before).
+    """
+    if shift <= 0:
+        raise ValueError(f"timestep shift must be > 0, got {shift}")
+    if shift == 1.0:
+        return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device)
+    u = torch.rand((n,), generator=generator, device=device, dtype=torch.float64)
+    shifted = shift * u / (1 + (shift - 1) * u)
+    return (shifted * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+
+
 @dataclass
 class DiffusionLoss:
     """Configuration of the training objective; call it with a ``denoise(x_t, t, cond)`` function and clean x0."""
@@ -43,6 +66,7 @@ class DiffusionLoss:
     weighting: str = "uniform"
     snr_gamma: float = 5.0
     offset_noise: float = 0.0
+    timestep_shift: float = 1.0
 
     def __post_init__(self) -> None:
         self.prediction_type = canonical_prediction_type(self.prediction_type)
@@ -54,6 +78,7 @@ class DiffusionLoss:
             )
         if self.offset_noise < 0:
             raise ValueError(f"offset_noise must be >= 0, got {self.offset_noise}")
+        sample_timesteps(1, self.schedule.num_train_timesteps, self.timestep_shift)  # validate early
 
     def sample_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Gaussian noise, plus per-channel constant offset noise if configured (Guttenberg, 2023)."""
@@ -77,7 +102,7 @@ class DiffusionLoss:
         B = x0.shape[0]
         if t is None:
             device = generator.device if generator is not None else x0.device
-            t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator, device=device)
+            t = sample_timesteps(B, self.schedule.num_train_timesteps, self.timestep_shift, generator, device)
             t = t.to(x0.device)
         if noise is None:
             noise = self.sample_noise(x0, generator)

@@ -36,6 +36,7 @@ class LatentDiffusionModule(L.LightningModule):
         loss_weighting: str = "uniform",
         snr_gamma: float = 5.0,
         offset_noise: float = 0.0,
+        timestep_shift: float = 1.0,
         caption_dropout: float = 0.1,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_schedule: str = "constant",
@@ -59,7 +60,8 @@ class LatentDiffusionModule(L.LightningModule):
         self.schedule_kwargs = dict(schedule or {})
         self.schedule = NoiseSchedule.from_name(**self.schedule_kwargs)
         self.prediction_type = prediction_type
-        self.loss_fn = DiffusionLoss(self.schedule, prediction_type, loss_weighting, snr_gamma, offset_noise)
+        self.loss_fn = DiffusionLoss(self.schedule, prediction_type, loss_weighting, snr_gamma, offset_noise,
+                                     timestep_shift)
         self.caption_dropout = caption_dropout
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.lr_factor = warmup_then(lr_schedule, warmup_steps, max_steps)

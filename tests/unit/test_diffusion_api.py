@@ -14,6 +14,7 @@ from ldm.diffusion import (
     guided_denoiser,
     loss_weights,
     make_betas,
+    sample_timesteps,
 )
 from ldm.nn.embeddings import timestep_embedding
 
@@ -103,6 +104,27 @@ def test_loss_draws_t_and_noise_reproducibly_and_supports_offset_noise():
     plain = DiffusionLoss(s).sample_noise(zeros, torch.Generator().manual_seed(0))
     offset = DiffusionLoss(s, offset_noise=1.0).sample_noise(zeros, torch.Generator().manual_seed(0))
     assert offset.mean(dim=(2, 3)).std() > 3 * plain.mean(dim=(2, 3)).std()
+
+
+def test_timestep_shift_moves_training_timesteps_to_the_noisy_end():
+    # shift 1 is the plain uniform draw, bit for bit (runs that do not set it draw what they always drew)
+    plain = sample_timesteps(1000, 1000, 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(plain, torch.randint(0, 1000, (1000,), generator=torch.Generator().manual_seed(3)))
+    t = sample_timesteps(400_000, 1000, 2.0, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) == 999
+    # SD3's shift s u / (1 + (s - 1) u) with s = 2: P(t >= 800) = 1 - 0.8 / 1.2 = 1/3, P(t < 200) = 0.2 / 1.8 = 1/9
+    assert (t >= 800).double().mean().item() == pytest.approx(1 / 3, abs=0.005)
+    assert (t < 200).double().mean().item() == pytest.approx(1 / 9, abs=0.005)
+    means = [sample_timesteps(20_000, 1000, s, torch.Generator().manual_seed(1)).double().mean() for s in (1, 2, 4)]
+    assert means[0] < means[1] < means[2]
+    with pytest.raises(ValueError, match="timestep shift must be > 0"):
+        DiffusionLoss(NoiseSchedule.from_name("linear"), timestep_shift=0.0)
+    # the loss draws its timesteps with the shift
+    seen = []
+    loss = DiffusionLoss(NoiseSchedule.from_name("cosine"), prediction_type="v", timestep_shift=4.0)
+    loss(lambda x, t, c: seen.append(t) or x, torch.randn(4096, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    # s = 4: P(t >= 500) = 1 - 0.5 / 2.5 = 0.8
+    assert (seen[0] >= 500).double().mean().item() == pytest.approx(0.8, abs=0.02)
 
 
 def test_loss_refuses_epsilon_with_zero_terminal_snr():
