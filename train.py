@@ -34,7 +34,6 @@ from ldm.data.cache_latents import cache_latents
 from ldm.lightning.autoencoder_module import AutoencoderModule
 from ldm.lightning.callbacks import ReconstructionGrid, SampleGrid, StageCheckpoint, Throughput
 from ldm.lightning.diffusion_module import LatentDiffusionModule
-from ldm.lightning.sharding import full_params
 
 
 def prepare_data(cfg: DictConfig) -> None:
@@ -303,16 +302,14 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None) -> Path:
     # Diffusion trains on unit-variance latents: fit the scale on a few batches of training images.
     loader = data.train_dataloader()
     images = torch.cat([b["image"] for b, _ in zip(loader, range(4), strict=False)])
-    with full_params(trainer):  # FSDP: every rank gathers the whole VAE (a no-op otherwise)
-        scale = module.fit_latent_scale(images)
-        state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+    scale = module.fit_latent_scale(images)
     path = stage_dir / "vae.ckpt"
     if trainer.is_global_zero:
         atomic_torch_save(
             {
                 "kind": "autoencoder",
                 "spec": module_spec(vae),
-                "state_dict": state,
+                "state_dict": vae.state_dict(),
                 "latent_scale": scale,
                 "config": OmegaConf.to_container(cfg, resolve=True),
             },

@@ -78,7 +78,8 @@ class DiffusionLoss:
             )
         if self.offset_noise < 0:
             raise ValueError(f"offset_noise must be >= 0, got {self.offset_noise}")
-        sample_timesteps(1, self.schedule.num_train_timesteps, self.timestep_shift)  # validate early
+        if self.timestep_shift <= 0:
+            raise ValueError(f"timestep shift must be > 0, got {self.timestep_shift}")
 
     def sample_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Gaussian noise, plus per-channel constant offset noise if configured (Guttenberg, 2023)."""

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldm.lightning.sharding import full_params, is_fsdp
+from ldm.lightning.sharding import is_fsdp
 from ldm.pipeline import to_pil
 
 
@@ -162,17 +162,14 @@ class ReconstructionGrid(L.Callback):
 
     @torch.no_grad()
     def _log(self, trainer: L.Trainer, pl_module) -> None:
-        if (not trainer.is_global_zero and not is_fsdp(trainer)) or self.images is None:
-            return  # under FSDP every rank takes part (the weights are gathered); rank 0 saves
+        if not trainer.is_global_zero or self.images is None:
+            return
         vae = pl_module.vae
         was_training = vae.training
         vae.eval()
         x = self.images.to(pl_module.device)
-        with full_params(trainer):
-            rec = vae.decode(vae.encode(x).mode())
+        rec = vae.decode(vae.encode(x).mode())
         vae.train(was_training)
-        if not trainer.is_global_zero:
-            return
         grid = make_grid(to_pil(torch.cat([x, rec.float()])), cols=len(x))
         save_and_log_grid(trainer, grid, self.out_dir, "reconstructions", "top: input, bottom: reconstruction")
 

@@ -3,7 +3,7 @@
 Outside its forward and backward, an FSDP-wrapped module (Lightning wraps the whole LightningModule, with
 ``use_orig_params=True``) holds each original parameter as a flat view of this rank's shard. Code that reads the
 weights outside forward runs inside ``full_params(trainer)``: every rank then holds the full parameters (one
-all-gather), and changes to them are discarded on exit. Under any other strategy it is a no-op.
+all-gather). Under any other strategy it is a no-op.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ def is_fsdp(trainer: L.Trainer | None) -> bool:
 def full_params(trainer: L.Trainer | None) -> AbstractContextManager:
     """A context in which every rank holds the full, unsharded parameters (FSDP), else a no-op.
 
-    Every rank must enter it (it is a collective). ``writeback=False``: weights swapped in inside it (the EMA
-    averages, for sampling) do not leak into the trained shards.
+    Every rank must enter it (it is a collective). Code that changes the weights inside it restores them itself
+    (``EMA.swapped_in`` does): ``writeback=False`` discards changes only where the parameters are really sharded,
+    not with one rank or ``NO_SHARD``.
     """
     if not is_fsdp(trainer):
         return nullcontext()
@@ -44,8 +45,26 @@ def global_sum(trainer: L.Trainer | None, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+class FloatBuffersFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP strategy, with buffers kept in their own dtype and gradients reduced in float32.
 
-class CPUFSDPStrategy(FSDPStrategy):
+    Under ``bf16-mixed`` Lightning asks FSDP to cast every buffer to bfloat16 at the first forward. The EMA shadows
+    are buffers (so checkpoints hold them): in bfloat16 an update of (1 - decay) = 1e-4 of the difference is lost,
+    and the float32 lerp refuses the mix of dtypes. The VAE's latent scale is a buffer too. Parameters still compute
+    in the precision's dtype.
+    """
+
+    @property
+    def mixed_precision_config(self):
+        from torch.distributed.fsdp import MixedPrecision
+
+        config = super().mixed_precision_config
+        if config is None or self.mixed_precision:  # no mixed precision, or the user's own config
+            return config
+        return MixedPrecision(param_dtype=config.param_dtype, reduce_dtype=torch.float32, buffer_dtype=None)
+
+
+class CPUFSDPStrategy(FloatBuffersFSDPStrategy):
     """Lightning's FSDP strategy on CPU processes (gloo), to exercise the sharded code paths without a GPU.
 
     Lightning refuses ``strategy="fsdp"`` with ``accelerator="cpu"`` (by name and exact class) and hands FSDP no

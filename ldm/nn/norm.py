@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back, so half-precision activations keep their statistics exact."""
+    """GroupNorm computed in float32 and cast back, so half-precision activations keep their statistics exact.
+
+    The affine weights are taken in float32 too: under FSDP's ``param_dtype`` (or ``bf16-true``) they are bfloat16,
+    and outside CUDA autocast a float32 input with bfloat16 weights is an error.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise ``x`` in float32 and return it in its own dtype."""
-        return super().forward(x.float()).to(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def group_norm(channels: int, eps: float = 1e-5, groups: int = 32) -> GroupNorm32:

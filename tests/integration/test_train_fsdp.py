@@ -78,3 +78,16 @@ def test_two_rank_runs_resume_exactly(runs, trainer):
     assert end_a.keys() == end_b.keys() and int(end_b["ema.num_updates"]) == 5
     for k in end_a:
         torch.testing.assert_close(end_b[k], end_a[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_fsdp_under_bf16_mixed_keeps_the_ema_in_float32_and_moving(runs):
+    # Lightning's FSDP would cast every buffer (the EMA shadows among them) to bfloat16 at the first forward
+    tmp_path, _, fsdp = runs
+    vae = tmp_path / "vae" / "vae" / "vae.ckpt"
+    run = _train(tmp_path, "fsdp_bf16", "fsdp_cpu", "stages=[ldm]", f"vae_ckpt={vae}", "trainer.precision=bf16-mixed")
+    mid = torch.load(run / "ldm" / "checkpoints" / "step000003.ckpt", map_location="cpu", weights_only=False)
+    end = _last(run)["state_dict"]
+    shadows = [k for k in end if k.startswith("ema.shadow_")]
+    assert shadows and all(end[k].dtype == torch.float32 for k in shadows)
+    assert int(end["ema.num_updates"]) == 5
+    assert any(not torch.equal(end[k], mid["state_dict"][k]) for k in shadows)  # steps 4 and 5 moved the average
