@@ -179,3 +179,28 @@ def test_pool_context_conditions_every_block_through_the_embedding() -> None:
     assert pooled.config["pool_context"] is True
     with pytest.raises(ValueError, match="pool_context=true pools the text context, but context_dim is None"):
         UNet(**{**TINY, "context_dim": None}, pool_context=True)
+
+
+def test_group_norm32_normalises_in_float32_whatever_the_dtypes():
+    from ldm.nn.norm import group_norm
+
+    torch.manual_seed(0)
+    norm = group_norm(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 64, 4, 4) * 3 + 1
+    ref = torch.nn.functional.group_norm(x, 32, norm.weight, norm.bias, 1e-5)
+    torch.testing.assert_close(norm(x), ref)
+    # bfloat16 input: the statistics in float32, the output back in bfloat16
+    out = norm(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), torch.nn.functional.group_norm(x.bfloat16().float(), 32, norm.weight,
+                                                                           norm.bias, 1e-5), atol=0.05, rtol=0.02)
+    # bfloat16 weights (FSDP's param_dtype, bf16-true) with a float32 input: no mixed-dtype error, a float32 output
+    norm_bf16 = group_norm(64).bfloat16()
+    norm_bf16.load_state_dict({k: v.bfloat16() for k, v in norm.state_dict().items()})
+    out = norm_bf16(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.nn.functional.group_norm(x, 32, norm.weight.bfloat16().float(),
+                                                                   norm.bias.bfloat16().float(), 1e-5))
