@@ -178,8 +178,11 @@ class LatentDiffusionModule(L.LightningModule):
         # The gradient norm before clipping (Lightning clips after this hook).
         norm = grad_norm(p for g in optimizer.param_groups for p in g["params"])
         if is_fsdp(self._trainer):  # each rank holds a shard of the gradients (maybe none): sum the squares
-            sq = torch.zeros((), device=self.device) if norm is None else norm.square()
-            norm = global_sum(self._trainer, sq).sqrt()
+            local = torch.zeros(2, device=self.device)  # (sum of squares, 1 if this rank has gradients)
+            if norm is not None:
+                local[0], local[1] = norm.square(), 1.0
+            total = global_sum(self._trainer, local)
+            norm = total[0].sqrt() if total[1] > 0 else None  # no rank has any (a skipped step): log nothing
         if norm is not None:
             self.log("train/grad_norm", norm)
 

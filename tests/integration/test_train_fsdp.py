@@ -55,6 +55,10 @@ def test_fsdp_trains_the_ldm_stage_to_the_ddp_weights_and_ema(runs):
         else:
             assert torch.equal(s_fsdp[k], s_ddp[k]), k
     assert int(s_fsdp["ema.num_updates"]) == 5
+    # the logged gradient norm is the global one (squared shard norms summed over ranks), as DDP logs it
+    m_ddp, m_fsdp = (read_metrics(r / "logs" / "version_0" / "metrics.csv") for r in (ddp, fsdp))
+    for step in range(5):
+        assert m_fsdp[step]["train/grad_norm"] == pytest.approx(m_ddp[step]["train/grad_norm"], rel=1e-4), step
 
     # the sample grid was written by rank 0, from weights gathered on both ranks
     grids = sorted(p.name for p in (fsdp / "ldm" / "samples").glob("*.png"))
