@@ -1,4 +1,5 @@
-"""Full parameters under FSDP: the EMA update and sampling read whole UNet weights, which FSDP keeps sharded.
+"""FSDP for the ldm stage: gathering full weights (the EMA and sampling read whole UNet weights, which FSDP keeps
+sharded), and the FSDP strategies it trains with (float32 buffers on GPUs; a CPU variant for tests).
 
 Outside its forward and backward, an FSDP-wrapped module (Lightning wraps the whole LightningModule, with
 ``use_orig_params=True``) holds each original parameter as a flat view of this rank's shard. Code that reads the
