@@ -34,6 +34,12 @@ def loss_weights(snr: torch.Tensor, prediction_type: str, weighting: str = "unif
     return clipped
 
 
+def check_timestep_shift(shift: float) -> None:
+    """Refuse a timestep shift that is not positive (it would map the draw outside [0, T))."""
+    if shift <= 0:
+        raise ValueError(f"timestep shift must be > 0, got {shift}; 1 draws t uniformly, > 1 favours the noisy end")
+
+
 def sample_timesteps(
     n: int,
     num_train_timesteps: int,
@@ -48,8 +54,7 @@ def sample_timesteps(
     noisy end a model decides the layout; at the clean end of a VAE's latents, the posterior noise makes the target
     all but unpredictable. ``shift`` 1 is the plain uniform draw (torch.randint, as before).
     """
-    if shift <= 0:
-        raise ValueError(f"timestep shift must be > 0, got {shift}")
+    check_timestep_shift(shift)
     if shift == 1.0:
         return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device)
     u = torch.rand((n,), generator=generator, device=device, dtype=torch.float64)
@@ -78,8 +83,7 @@ class DiffusionLoss:
             )
         if self.offset_noise < 0:
             raise ValueError(f"offset_noise must be >= 0, got {self.offset_noise}")
-        if self.timestep_shift <= 0:
-            raise ValueError(f"timestep shift must be > 0, got {self.timestep_shift}")
+        check_timestep_shift(self.timestep_shift)
 
     def sample_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Gaussian noise, plus per-channel constant offset noise if configured (Guttenberg, 2023)."""

@@ -230,37 +230,32 @@ class LatentDiffusionModule(L.LightningModule):
 
         Under FSDP every rank must call it (the full weights are gathered for the duration).
         """
-        with full_params(self._trainer):
-            return self._generate(prompts, negative_prompt, guidance_scale, num_inference_steps, sampler, generator,
-                                  latent_shape, use_ema, labels)
-
-    def _generate(self, prompts, negative_prompt, guidance_scale, num_inference_steps, sampler, generator,
-                  latent_shape, use_ema, labels) -> torch.Tensor:
-        s = self.sampling
-        guidance_scale = s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
-        steps = num_inference_steps or s.get("num_inference_steps", 25)
-        scheduler = make_scheduler(sampler or s.get("sampler", "dpm_solver++"), self.schedule_kwargs,
-                                   self.prediction_type)
-        scheduler.set_timesteps(steps)
-        shape = latent_shape or tuple(s["latent_shape"])
-        n = len(prompts)
-        context = uncond = None
-        if self.text_encoder is not None:
-            context = self.encode_text(prompts)
-            neg = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
-            uncond = self.encode_text(neg)
-        device = next(self.unet.parameters()).device
-        noise_gen_device = generator.device if generator is not None else device
-        x = torch.randn((n, *shape), generator=generator, device=noise_gen_device).to(device)
-        was_training = self.unet.training
-        self.unet.eval()
-        try:
-            weights = self.ema.swapped_in(self.unet) if use_ema and self.ema is not None else nullcontext()
-            with weights:
-                z = sample_loop(self.denoise, scheduler, x, context, uncond, guidance_scale, generator=generator,
-                                y=labels, guidance_interval=s.get("guidance_interval"))
-        finally:
-            self.unet.train(was_training)
-        if self.first_stage is None:
-            return z.clamp(-1, 1)
-        return self.first_stage.decode_latents(z.to(next(self.first_stage.parameters()).dtype)).float()
+        with full_params(self._trainer):  # FSDP: the whole model on every rank (a no-op otherwise)
+            s = self.sampling
+            guidance_scale = s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+            steps = num_inference_steps or s.get("num_inference_steps", 25)
+            scheduler = make_scheduler(sampler or s.get("sampler", "dpm_solver++"), self.schedule_kwargs,
+                                       self.prediction_type)
+            scheduler.set_timesteps(steps)
+            shape = latent_shape or tuple(s["latent_shape"])
+            n = len(prompts)
+            context = uncond = None
+            if self.text_encoder is not None:
+                context = self.encode_text(prompts)
+                neg = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+                uncond = self.encode_text(neg)
+            device = next(self.unet.parameters()).device
+            noise_gen_device = generator.device if generator is not None else device
+            x = torch.randn((n, *shape), generator=generator, device=noise_gen_device).to(device)
+            was_training = self.unet.training
+            self.unet.eval()
+            try:
+                weights = self.ema.swapped_in(self.unet) if use_ema and self.ema is not None else nullcontext()
+                with weights:
+                    z = sample_loop(self.denoise, scheduler, x, context, uncond, guidance_scale, generator=generator,
+                                    y=labels, guidance_interval=s.get("guidance_interval"))
+            finally:
+                self.unet.train(was_training)
+            if self.first_stage is None:
+                return z.clamp(-1, 1)
+            return self.first_stage.decode_latents(z.to(next(self.first_stage.parameters()).dtype)).float()
