@@ -46,6 +46,7 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 _REGENERATED = {"ckpt": "ckpt", "prompt": "prompt", "seed": "seed", "negative_prompt": "negative_prompt",
                 "num_inference_steps": "steps", "guidance_scale": "guidance_scale",
                 "guidance_rescale": "guidance_rescale", "guidance_interval": "guidance_interval", "sampler": "sampler",
+                "autoguidance_scale": "autoguidance_scale",
                 "eta": "eta", "height": "height", "width": "width", "init_image": "init_image", "strength": "strength",
                 "use_ema": "use_ema", "dtype": "dtype", "vae_tile_size": "vae_tile_size"}
 
@@ -80,12 +81,18 @@ def run(cfg: DictConfig) -> list[Path]:
     elif OmegaConf.is_list(interval):
         interval = list(interval)
     check_guidance_interval(interval)  # before the output folder is made
+    auto = cfg.get("autoguidance_scale")
+    if auto is None:  # the checkpoint's, where it holds the guide snapshot
+        auto = s.get("autoguidance_scale", 1.0) if pipe.guide_unet is not None else 1.0
+    if float(auto) != 1.0 and pipe.guide_unet is None:
+        raise ValueError(f"autoguidance_scale={auto} needs a guide snapshot, and {cfg.ckpt} holds none (train with "
+                         "ldm_stage.guide_snapshot_step=N); use autoguidance_scale=1")
     settings = {
         "ckpt": str(cfg.ckpt), "negative_prompt": cfg.negative_prompt,
         "num_inference_steps": cfg.steps or s["num_inference_steps"],
         "guidance_scale": s["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale,
         "guidance_rescale": cfg.guidance_rescale, "sampler": cfg.sampler or s["sampler"], "eta": cfg.eta,
-        "guidance_interval": interval,
+        "guidance_interval": interval, "autoguidance_scale": float(auto),
         "height": cfg.height or s.get("image_size"), "width": cfg.width or s.get("image_size"),
         "init_image": cfg.init_image, "strength": cfg.strength if cfg.init_image else None, "use_ema": cfg.use_ema,
         "dtype": cfg.dtype, "vae_tile_size": cfg.vae_tile_size,
@@ -104,6 +111,7 @@ def run(cfg: DictConfig) -> list[Path]:
         kwargs = dict(negative_prompt=cfg.negative_prompt, num_inference_steps=settings["num_inference_steps"],
                       guidance_scale=settings["guidance_scale"], guidance_rescale=cfg.guidance_rescale,
                       guidance_interval=settings["guidance_interval"],
+                      autoguidance_scale=settings["autoguidance_scale"],
                       sampler=settings["sampler"], eta=cfg.eta, height=settings["height"], width=settings["width"],
                       generator=[torch.Generator().manual_seed(seed) for _, seed in chunk], dtype=cfg.dtype,
                       vae_tile_size=cfg.vae_tile_size)

@@ -390,6 +390,7 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
         nan_policy=s.nan_policy,
         max_nan_skips=s.max_nan_skips,
         sampling={k: v for k, v in sampling.items() if k not in ("prompts", "log_every_n_steps", "seed")},
+        guide_snapshot_step=s.get("guide_snapshot_step"),
         text_encoder_kwargs=OmegaConf.to_container(text_cfg, resolve=True) if text_cfg else None,
         run_config=OmegaConf.to_container(cfg, resolve=True),
         seed=cfg.seed,

@@ -67,12 +67,15 @@ class LatentDiffusionPipeline:
     """Text encoder + UNet + first stage (VAE, or None for pixel models) + a sampler chosen per call."""
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module | None, vae: nn.Module | None, schedule: dict,
-                 prediction_type: str, sampling: dict | None = None):
+                 prediction_type: str, sampling: dict | None = None, guide_unet: nn.Module | None = None,
+                 guide_text_encoder: nn.Module | None = None):
+        """``guide_unet`` (and its own ``guide_text_encoder``, else the text encoder's context is shared) is the weak
+        model autoguidance guides away from: the snapshot a checkpoint trained with ``guide_snapshot_step`` holds."""
         self.unet, self.text_encoder, self.vae = unet.eval(), text_encoder, vae
-        if text_encoder is not None:
-            text_encoder.eval()
-        if vae is not None:
-            vae.eval()
+        self.guide_unet, self.guide_text_encoder = guide_unet, guide_text_encoder
+        for part in (text_encoder, vae, guide_unet, guide_text_encoder):
+            if part is not None:
+                part.eval()
         self.schedule, self.prediction_type = dict(schedule), prediction_type
         self.sampling = {**DEFAULTS, **(sampling or {})}
         self.downsample_factor = vae.downsample_factor if vae is not None else 1
@@ -83,7 +86,7 @@ class LatentDiffusionPipeline:
         return next(self.unet.parameters()).device
 
     def to(self, device: torch.device | str) -> LatentDiffusionPipeline:
-        for part in (self.unet, self.text_encoder, self.vae):
+        for part in (self.unet, self.text_encoder, self.vae, self.guide_unet, self.guide_text_encoder):
             if part is not None:
                 part.to(device)
         return self
@@ -145,7 +148,15 @@ class LatentDiffusionPipeline:
         sampling = dict(desc.get("sampling") or {})
         if image_size is not None:
             sampling["image_size"] = image_size
-        return cls(unet, text, vae, desc["schedule"], desc["prediction_type"], sampling)
+        guide_unet = guide_text = None
+        guide = desc.get("guide")
+        if guide is not None and bool(state.get("guide_taken", False)):  # saved before the snapshot step: no guide
+            guide_unet = build_module(desc["unet"])
+            _load_prefixed(guide_unet, state, "guide_unet.")
+            if guide["text_encoder"]:
+                guide_text = build_module(desc["text_encoder"])
+                _load_prefixed(guide_text, state, "guide_text_encoder.")
+        return cls(unet, text, vae, desc["schedule"], desc["prediction_type"], sampling, guide_unet, guide_text)
 
     @classmethod
     def _from_sd_state_dict(cls, state: dict[str, torch.Tensor], source: str, use_ema: bool,
@@ -235,6 +246,7 @@ class LatentDiffusionPipeline:
         strength: float = 0.8,
         guidance_rescale: float = 0.0,
         guidance_interval: Sequence[float] | None = None,
+        autoguidance_scale: float | None = None,
         latents: torch.Tensor | None = None,
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
         output_type: str = "pil",
@@ -250,8 +262,11 @@ class LatentDiffusionPipeline:
         sampler loop under ``torch.autocast`` (the sampler arithmetic stays fp32) and decodes with the VAE in its
         own dtype outside autocast. ``guidance_interval=(lo, hi)`` guides only the steps with lo <= t <= hi
         (training timesteps; see ``sample_loop``); None takes the checkpoint's, and [0, num_train_timesteps] guides
-        every step. ``vae_tile_size`` (latent pixels) decodes overlapping tiles blended over
-        ``vae_tile_overlap`` latent pixels (default min(8, tile // 4)), bounding the decoder's memory.
+        every step. ``autoguidance_scale`` > 1 also guides away from the checkpoint's guide snapshot at every step
+        (Karras et al., 2024; one more UNet pass per step); None takes the checkpoint's, which falls back to 1 with a
+        warning when the file holds no guide (saved before its snapshot step). ``vae_tile_size`` (latent pixels)
+        decodes overlapping tiles blended over ``vae_tile_overlap`` latent pixels (default min(8, tile // 4)),
+        bounding the decoder's memory.
         """
         s = self.sampling
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -273,6 +288,11 @@ class LatentDiffusionPipeline:
                               "is ignored, sampling with guidance 1", stacklevel=2)
                 self._warned_guidance = True
             scale = 1.0
+        auto = float(s.get("autoguidance_scale", 1.0) if autoguidance_scale is None else autoguidance_scale)
+        if auto != 1.0 and self.guide_unet is None and autoguidance_scale is None:
+            warnings.warn(f"the checkpoint's autoguidance_scale={auto} needs its guide snapshot, which this file does "
+                          "not hold (saved before the snapshot step): sampling without autoguidance", stacklevel=2)
+            auto = 1.0
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         n = len(prompts)
         if negative_prompt is None:
@@ -295,6 +315,9 @@ class LatentDiffusionPipeline:
         with autocast:
             context = self._encode_prompts(prompts)
             uncond = self._encode_prompts(negatives) if scale != 1.0 else None
+            guide_context = context
+            if auto != 1.0 and self.guide_text_encoder is not None:
+                guide_context = self.guide_text_encoder.encode(prompts).hidden
 
         scheduler = make_scheduler(sampler, self.schedule, self.prediction_type)
         scheduler.set_timesteps(steps)
@@ -316,7 +339,9 @@ class LatentDiffusionPipeline:
 
         with autocast:
             z = sample_loop(self.unet, scheduler, x, context, uncond, scale, guidance_rescale, eta=eta,
-                            generator=generator, callback=callback, guidance_interval=interval)
+                            generator=generator, callback=callback, guidance_interval=interval,
+                            guide=self.guide_unet if auto != 1.0 else None, guide_context=guide_context,
+                            autoguidance_scale=auto)
         if output_type == "latent":
             return z
         if self.vae is None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ldm.diffusion import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from ldm.diffusion.guidance import classifier_free_guidance
+from ldm.diffusion.guidance import autoguidance, classifier_free_guidance
 from ldm.diffusion.samplers.base import DiscreteScheduler
 
 SAMPLERS: dict[str, type[DiscreteScheduler]] = {
@@ -77,6 +77,9 @@ def sample_loop(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     guidance_interval: Sequence[float] | None = None,
+    guide: Callable[..., torch.Tensor] | None = None,
+    guide_context: torch.Tensor | None = None,
+    autoguidance_scale: float = 1.0,
     **denoise_kwargs,
 ) -> torch.Tensor:
     """Denoise ``latents`` through ``scheduler.timesteps`` (already set, possibly truncated for image-to-image).
@@ -89,9 +92,18 @@ def sample_loop(
     ``guidance_interval=(lo, hi)`` guides only the steps whose timestep t (training units, 0 = clean) has
     lo <= t <= hi; the others run the conditional model alone, one UNet pass (Kynkaanniemi et al., 2024: guidance at
     low noise adds little adherence and costs detail). None guides every step.
+
+    ``guide(x, t, guide_context)``, a weaker version of the model (an early snapshot), adds autoguidance at every
+    step with ``autoguidance_scale`` > 1: ``(scale - 1) (cond - guide)``, one more network pass per step.
     """
     if scheduler.timesteps is None:
         raise ValueError("call scheduler.set_timesteps(n) before sample_loop")
+    auto = autoguidance_scale != 1.0
+    if autoguidance_scale < 1:
+        raise ValueError(f"autoguidance_scale must be >= 1 (1 disables it), got {autoguidance_scale}")
+    if auto and guide is None:
+        raise ValueError(f"autoguidance_scale={autoguidance_scale} needs a guide model (a checkpoint trained with "
+                         "ldm_stage.guide_snapshot_step); set autoguidance_scale=1 to sample without it")
     guided = guidance_scale != 1.0
     lo, hi = check_guidance_interval(guidance_interval)
     if guided and uncond_context is None:
@@ -108,13 +120,16 @@ def sample_loop(
     x = latents
     for i, t in enumerate(scheduler.timesteps):
         tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        kwargs = {k: v for k, v in denoise_kwargs.items() if v is not None}
         if guided and lo <= int(t) <= hi:
-            extra = {k: torch.cat([v, v]) for k, v in denoise_kwargs.items() if v is not None}
+            extra = {k: torch.cat([v, v]) for k, v in kwargs.items()}
             out = denoise(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond_context, context]), **extra)
             uncond, cond = out.float().chunk(2)
             out = classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)
         else:
-            out = denoise(x, tt, context, **{k: v for k, v in denoise_kwargs.items() if v is not None}).float()
+            out = cond = denoise(x, tt, context, **kwargs).float()
+        if auto:
+            out = out + autoguidance(cond, guide(x, tt, guide_context, **kwargs).float(), autoguidance_scale)
         kw = dict(step_kw)
         if per_image:  # draw each image's step noise from its own generator, exactly when the sampler would
             draws = (isinstance(scheduler, DDPMScheduler) and int(t) > 0) or (

@@ -1,6 +1,6 @@
 """Diffusion math: beta schedules, the forward process, parameterizations, losses, guidance and samplers."""
 
-from ldm.diffusion.guidance import classifier_free_guidance, guided_denoiser
+from ldm.diffusion.guidance import autoguidance, classifier_free_guidance, guided_denoiser
 from ldm.diffusion.loss import DiffusionLoss, loss_weights, sample_timesteps
 from ldm.diffusion.noise_schedule import NoiseSchedule
 from ldm.diffusion.parameterization import convert_prediction, make_prediction, split_prediction
@@ -14,6 +14,7 @@ __all__ = [
     "DiffusionLoss",
     "NoiseSchedule",
     "SchedulerOutput",
+    "autoguidance",
     "classifier_free_guidance",
     "convert_prediction",
     "guided_denoiser",

@@ -1,4 +1,5 @@
-"""Classifier-free guidance (Ho & Salimans, 2022), with the guidance rescale of Lin et al. (2023)."""
+"""Classifier-free guidance (Ho & Salimans, 2022), with the guidance rescale of Lin et al. (2023), and autoguidance
+(Karras et al., 2024): guidance away from a weaker version of the same model."""
 
 from __future__ import annotations
 
@@ -27,6 +28,20 @@ def classifier_free_guidance(
         rescaled = guided * (std_cond / std_guided)
         guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
     return guided
+
+
+def autoguidance(cond: torch.Tensor, guide: torch.Tensor, scale: float) -> torch.Tensor:
+    """The term that moves an output away from a weaker model's: (scale - 1) (cond - guide), 0 at scale 1.
+
+    ``guide`` is the output of a less-trained (or smaller) model of the same task, with the same conditioning.
+    Karras et al. (2024) guide with guide + scale (cond - guide); the term is added to the (CFG-)guided output, so
+    the two guidances combine. It sharpens what the weak model gets wrong (here: square corners).
+    """
+    if scale < 1:
+        raise ValueError(f"autoguidance_scale must be >= 1 (1 disables it), got {scale}")
+    if guide.shape != cond.shape:
+        raise ValueError(f"cond and guide outputs differ in shape: {tuple(cond.shape)} vs {tuple(guide.shape)}")
+    return (scale - 1.0) * (cond - guide)
 
 
 def guided_denoiser(denoise, guidance_scale: float, guidance_rescale: float = 0.0):

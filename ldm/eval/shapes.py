@@ -110,10 +110,11 @@ def vae_psnr(vae: torch.nn.Module, size: int, n: int = 256, seed: int = 12345) -
 
 
 def evaluate(pipe, n: int = 500, guidance_scales=(None,), steps: int | None = None, sampler: str | None = None,
-             seed: int = 0, batch: int = 100, guidance_interval: tuple[float, float] | None = None) -> dict:
+             seed: int = 0, batch: int = 100, guidance_interval: tuple[float, float] | None = None,
+             autoguidance_scale: float | None = None) -> dict:
     """Generate ``n`` images per guidance scale (None = the checkpoint's default) and score them.
 
-    ``guidance_interval`` None samples with the checkpoint's (every step unless it saved one).
+    ``guidance_interval`` and ``autoguidance_scale`` None sample with the checkpoint's.
     """
     captions = random_captions(n, seed)
     results = {}
@@ -123,7 +124,8 @@ def evaluate(pipe, n: int = 500, guidance_scales=(None,), steps: int | None = No
         for i in range(0, n, batch):
             g = torch.Generator().manual_seed(seed + i)
             out = pipe(captions[i:i + batch], guidance_scale=scale, num_inference_steps=steps, sampler=sampler,
-                       generator=g, output_type="tensor", guidance_interval=guidance_interval)
+                       generator=g, output_type="tensor", guidance_interval=guidance_interval,
+                       autoguidance_scale=autoguidance_scale)
             images += list(((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
         label = pipe.sampling["guidance_scale"] if scale is None else scale
         results[f"guidance_{label:g}"] = {**score(images, captions), "seconds": time.perf_counter() - t0}
@@ -144,13 +146,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sampler", default=None)
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only the steps with LO <= t <= HI (default: the checkpoint's)")
+    p.add_argument("--autoguidance", type=float, default=None,
+                   help="autoguidance scale (1 = off; default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     pipe = LatentDiffusionPipeline.from_checkpoint(args.ckpt)
     scales = tuple(args.guidance) if args.guidance else (None,)
-    results = evaluate(pipe, args.n, scales, args.steps, args.sampler, args.seed, args.batch, args.guidance_interval)
+    results = evaluate(pipe, args.n, scales, args.steps, args.sampler, args.seed, args.batch, args.guidance_interval,
+                       args.autoguidance)
     for key, r in results.items():
         if isinstance(r, dict):
             print(f"{key}: full {r['full']:.1%}  color {r['color']:.1%}  shape {r['shape']:.1%}  "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
@@ -24,6 +25,11 @@ class LatentDiffusionModule(L.LightningModule):
     The first stage is frozen; latents are ``first_stage.encode_latents(image)`` (normalised there), or the
     ``latent`` entry of a batch from the latent cache. ``schedule`` holds the NoiseSchedule.from_name keywords;
     ``sampling`` the defaults a sampler should use with this model (saved with the checkpoint).
+
+    ``guide_snapshot_step=N`` keeps a frozen copy of the UNet (its EMA weights) and of a trainable text encoder as
+    they are after N optimizer steps (a float in (0, 1): that fraction of ``max_steps``): the weak model that
+    autoguidance (``sampling.autoguidance_scale``) guides away from. It is saved in the checkpoint and costs one more
+    copy of those weights in memory, no training time.
     """
 
     def __init__(
@@ -47,6 +53,7 @@ class LatentDiffusionModule(L.LightningModule):
         nan_policy: str = "stop",
         max_nan_skips: int = 10,
         sampling: dict | None = None,
+        guide_snapshot_step: int | float | None = None,
         text_encoder_kwargs: dict | None = None,
         run_config: dict | None = None,
         seed: int = 0,
@@ -73,6 +80,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.nan_skips = 0
         self.sampling = dict(sampling or {})
         check_guidance_interval(self.sampling.get("guidance_interval"))  # a typo fails now, not at the first grid
+        self._init_guide(guide_snapshot_step, max_steps)
         self.text_encoder_kwargs = text_encoder_kwargs
         self.run_config = run_config
         # The training randomness (caption dropout, t, noise) comes from one generator whose state is saved in the
@@ -80,7 +88,55 @@ class LatentDiffusionModule(L.LightningModule):
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
+    def _init_guide(self, step: int | float | None, max_steps: int) -> None:
+        """The frozen modules the guide snapshot is copied into (built now, so checkpoints load strictly)."""
+        if isinstance(step, float):
+            if 0 < step < 1:
+                step = max(1, round(step * max_steps))
+            elif step.is_integer():
+                step = int(step)
+            else:
+                raise ValueError(f"ldm_stage.guide_snapshot_step={step} must be a step count (an integer) or a "
+                                 "fraction of max_steps in (0, 1)")
+        self.guide_snapshot_step = step
+        self.guide_unet = self.guide_text_encoder = None
+        scale = float(self.sampling.get("autoguidance_scale", 1.0))
+        if scale < 1:
+            raise ValueError(f"sampling.autoguidance_scale must be >= 1 (1 disables it), got {scale}")
+        if step is None:
+            if scale != 1.0:
+                raise ValueError(f"sampling.autoguidance_scale={scale} needs a guide model: set "
+                                 "ldm_stage.guide_snapshot_step (e.g. 100), or autoguidance_scale=1")
+            return
+        if not 0 < step < max_steps:
+            raise ValueError(f"ldm_stage.guide_snapshot_step={step} must lie in [1, max_steps={max_steps}): the "
+                             "snapshot is taken after that many optimizer steps")
+        self.guide_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        text = self.text_encoder
+        if text is not None and any(p.requires_grad for p in text.parameters()):  # a frozen one is shared
+            self.guide_text_encoder = copy.deepcopy(text).requires_grad_(False).eval()
+        self.register_buffer("guide_taken", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def _take_guide_snapshot(self) -> None:
+        """Copy the UNet (EMA weights when there is an EMA) and a trainable text encoder into the guide."""
+        state = self.unet.state_dict()
+        if self.ema is not None:
+            state.update(self.ema.averaged_state_dict())
+        self.guide_unet.load_state_dict(state)
+        if self.guide_text_encoder is not None:
+            self.guide_text_encoder.load_state_dict(self.text_encoder.state_dict())
+        self.guide_taken.fill_(True)
+
+    def has_guide(self) -> bool:
+        """Whether the guide snapshot has been taken (autoguidance is possible)."""
+        return self.guide_unet is not None and bool(self.guide_taken)
+
     def setup(self, stage: str) -> None:
+        if self.guide_unet is not None and is_fsdp(self._trainer):
+            raise ValueError("ldm_stage.guide_snapshot_step (autoguidance) is not supported under trainer=fsdp: the "
+                             "snapshot would be copied into sharded weights. Use trainer=ddp, or set "
+                             "ldm_stage.guide_snapshot_step=null sampling.autoguidance_scale=1")
         if self.trainer is not None and self.trainer.global_rank:
             self.generator.manual_seed(self.seed + 1000003 * self.trainer.global_rank)
 
@@ -96,6 +152,10 @@ class LatentDiffusionModule(L.LightningModule):
             "prediction_type": self.prediction_type,
             "sampling": self.sampling,
             "ema": self.ema is not None,
+            "guide": None if self.guide_unet is None else {
+                "snapshot_step": self.guide_snapshot_step,
+                "text_encoder": self.guide_text_encoder is not None,
+            },
             "config": self.run_config,
         }
 
@@ -115,8 +175,9 @@ class LatentDiffusionModule(L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.first_stage is not None:
-            self.first_stage.eval()  # frozen: no dropout, no norm-statistics updates
+        for frozen in (self.first_stage, self.guide_unet, self.guide_text_encoder):
+            if frozen is not None:
+                frozen.eval()  # frozen: no dropout, no norm-statistics updates
         return self
 
     def latents_of(self, batch: dict) -> torch.Tensor:
@@ -202,6 +263,9 @@ class LatentDiffusionModule(L.LightningModule):
         if self.ema is not None:
             with full_params(self._trainer):  # FSDP: the whole UNet on every rank (a no-op otherwise)
                 self.ema.update(self.unet)
+        # global_step counts this step only after this hook returns; checkpoints are written later (exact resume)
+        if self.guide_unet is not None and not self.guide_taken and self.global_step + 1 >= self.guide_snapshot_step:
+            self._take_guide_snapshot()
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
@@ -225,8 +289,11 @@ class LatentDiffusionModule(L.LightningModule):
         latent_shape: tuple[int, int, int] | None = None,
         use_ema: bool = True,
         labels: torch.Tensor | None = None,
+        autoguidance_scale: float | None = None,
     ) -> torch.Tensor:
         """Images in [-1, 1], [B, C, H, W], for ``prompts`` (EMA weights by default).
+
+        ``autoguidance_scale`` None takes ``sampling``'s; before the guide snapshot is taken it is 1 (no guide yet).
 
         Under FSDP every rank must call it (the full weights are gathered for the duration).
         """
@@ -244,6 +311,14 @@ class LatentDiffusionModule(L.LightningModule):
                 context = self.encode_text(prompts)
                 neg = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
                 uncond = self.encode_text(neg)
+            auto = float(s.get("autoguidance_scale", 1.0) if autoguidance_scale is None else autoguidance_scale)
+            guide = guide_context = None
+            if auto != 1.0 and self.has_guide():
+                guide = self.guide_unet
+                guide_context = context if self.guide_text_encoder is None else self.guide_text_encoder.encode(
+                    list(prompts)).hidden
+            elif auto != 1.0 and self.guide_unet is not None:
+                auto = 1.0  # grids before the snapshot step: there is no guide yet
             device = next(self.unet.parameters()).device
             noise_gen_device = generator.device if generator is not None else device
             x = torch.randn((n, *shape), generator=generator, device=noise_gen_device).to(device)
@@ -253,7 +328,8 @@ class LatentDiffusionModule(L.LightningModule):
                 weights = self.ema.swapped_in(self.unet) if use_ema and self.ema is not None else nullcontext()
                 with weights:
                     z = sample_loop(self.denoise, scheduler, x, context, uncond, guidance_scale, generator=generator,
-                                    y=labels, guidance_interval=s.get("guidance_interval"))
+                                    y=labels, guidance_interval=s.get("guidance_interval"), guide=guide,
+                                    guide_context=guide_context, autoguidance_scale=auto)
             finally:
                 self.unet.train(was_training)
             if self.first_stage is None:

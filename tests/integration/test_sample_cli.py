@@ -89,6 +89,17 @@ def test_guidance_interval_default_override_and_regenerate(tiny_ckpt, tmp_path) 
     assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
+def test_autoguidance_needs_a_guide_snapshot(tiny_ckpt, tmp_path) -> None:
+    """This checkpoint was trained without ldm_stage.guide_snapshot_step: autoguidance is off and asking for it
+    fails before anything is written (the guided path itself is tested on train_and_sample's checkpoint)."""
+    kw = dict(prompt="a red square in the center", steps=3)
+    written = sample(tiny_ckpt, tmp_path / "plain", **kw)
+    assert json.loads(written[0].with_suffix(".json").read_text())["autoguidance_scale"] == 1.0
+    with pytest.raises(ValueError, match="needs a guide snapshot.*ldm_stage.guide_snapshot_step"):
+        sample(tiny_ckpt, tmp_path / "bad", autoguidance_scale=2.0, **kw)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_prompts_file_and_negative_prompt(tiny_ckpt, tmp_path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a green square in the center\n\n  a blue triangle in the bottom right \n")

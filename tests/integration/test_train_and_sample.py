@@ -18,6 +18,7 @@ TINY = [
     "vae_stage.max_steps=6", "vae_stage.batch_size=8", "ldm_stage.max_steps=6", "ldm_stage.batch_size=8",
     "ldm_stage.warmup_steps=2", "dataset.length=64", "dataset.maxcount=16", "sampling.log_every_n_steps=3",
     "sampling.num_inference_steps=4", "logger=csv", "trainer.log_every_n_steps=1",
+    "ldm_stage.guide_snapshot_step=0.1", "sampling.autoguidance_scale=2",  # autoguidance end to end (opt-in)
 ]
 
 
@@ -65,6 +66,24 @@ def test_pipeline_text_to_image_is_reproducible_and_uses_its_knobs(pipe):
     images = pipe(["a green square in the center", "a white circle in the bottom left"], num_images_per_prompt=2,
                   generator=torch.Generator().manual_seed(1))
     assert len(images) == 4 and all(im.size == (32, 32) and im.mode == "RGB" for im in images)
+
+
+def test_the_checkpoint_carries_its_autoguidance_snapshot(pipe, trained):
+    """A snapshot after 10% of the steps (here step 1 of 6) is saved; the pipeline loads it and guides with it."""
+    ckpt = torch.load(trained / "ldm" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["ldm"]["guide"] == {"snapshot_step": 1, "text_encoder": True}
+    assert ckpt["ldm"]["sampling"]["autoguidance_scale"] == 2.0 and bool(ckpt["state_dict"]["guide_taken"])
+    assert pipe.guide_unet is not None and pipe.guide_text_encoder is not None
+    unet, guide = pipe.unet.state_dict(), pipe.guide_unet.state_dict()
+    assert unet.keys() == guide.keys() and any(not torch.equal(unet[k], guide[k]) for k in unet)
+
+    def sample(**kw):
+        return pipe("a red circle in the top left", generator=torch.Generator().manual_seed(0), output_type="tensor",
+                    **kw)
+
+    default = sample()
+    assert torch.equal(default, sample(autoguidance_scale=2.0)) and not torch.equal(default, sample(
+        autoguidance_scale=1.0))
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver++"])

@@ -13,7 +13,8 @@ from tests.integration.tiny_run import read_metrics, run_train
 N, K = 10, 7  # steps in all; the checkpoint step (epochs of 6 batches: the resume lands mid-epoch, in the second)
 LDM = ["stages=[ldm]", f"ldm_stage.max_steps={N}", f"ldm_stage.checkpoint_every_n_steps={K}",
        "ldm_stage.batch_size=8", "ldm_stage.warmup_steps=3", "ldm_stage.lr_schedule=cosine", "ldm_stage.ema_decay=0.9",
-       "ldm_stage.caption_dropout=0.3"]
+       "ldm_stage.caption_dropout=0.3",
+       "ldm_stage.guide_snapshot_step=8"]  # autoguidance snapshot after the resume point: the resumed run takes it
 VAE = ["stages=[vae]", "vae_stage.lr_schedule=constant"]  # constant LR: a run stopped by max_steps resumes exactly
 
 
@@ -58,11 +59,13 @@ def test_ldm_stage_resumes_exactly(vae_ckpt):
     assert [p.name for p in (resumed / "latents").iterdir()] == [p.name for p in (full / "latents").iterdir()]
 
     assert int(state(mid)["ema.num_updates"]) == K  # the checkpoint at step K holds step K's EMA update
+    assert not state(mid)["guide_taken"]
     # last.ckpt is the final state (not the last periodic save): UNet, text encoder and EMA weights agree
     end_a = state(full / "ldm" / "checkpoints" / "last.ckpt")
     end_b = state(resumed / "ldm" / "checkpoints" / "last.ckpt")
     assert end_a.keys() == end_b.keys() and any(k.startswith("ema.") for k in end_a)
     assert int(end_a["ema.num_updates"]) == int(end_b["ema.num_updates"]) == N
+    assert end_b["guide_taken"] and any(k.startswith("guide_unet.") for k in end_b)  # compared below, too
     for k in end_a:
         torch.testing.assert_close(end_b[k], end_a[k], rtol=1e-6, atol=1e-7, msg=k)
 

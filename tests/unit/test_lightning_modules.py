@@ -200,3 +200,60 @@ def test_perceptual_loss_needs_local_weights(tmp_path):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.allclose(loss(x, x), torch.zeros(2), atol=1e-6)
     assert (loss(x, -x) > 0).all()
+
+
+def test_guide_snapshot_holds_the_ema_weights_of_its_step_and_drives_autoguidance(tmp_path):
+    torch.manual_seed(0)
+    unet, vae, text = tiny_unet(), tiny_vae(), HashTextEncoder()
+    sampling = {"latent_shape": [4, 8, 8], "guidance_scale": 3.0, "num_inference_steps": 4, "autoguidance_scale": 2.0}
+    module = LatentDiffusionModule(unet, text, vae, schedule={"schedule": "cosine"}, ema_decay=0.9, max_steps=6,
+                                   optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), sampling=sampling,
+                                   guide_snapshot_step=0.5)  # half of max_steps: step 3
+    assert module.guide_snapshot_step == 3 and not module.has_guide()
+    assert not any(p.requires_grad for p in module.guide_unet.parameters())
+    before = module.generate(["a red square"], generator=torch.Generator().manual_seed(0))  # no guide yet: plain
+
+    class Record(L.Callback):  # what the EMA and the text encoder hold after each optimizer step
+        seen: dict = {}
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            Record.seen[trainer.global_step] = (pl_module.ema.averaged_state_dict(),
+                                                {k: v.clone() for k, v in pl_module.text_encoder.state_dict().items()})
+
+    t = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[Record()],
+                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    t.fit(module, DataLoader(image_batches(), batch_size=8, collate_fn=collate, shuffle=True))
+    assert module.has_guide() and module.guide_text_encoder is not None
+    ema3, text3 = Record.seen[3]
+    guide = dict(module.guide_unet.named_parameters())
+    for name, value in ema3.items():
+        torch.testing.assert_close(guide[name], value, rtol=0, atol=0)
+    for name, value in module.guide_text_encoder.state_dict().items():
+        torch.testing.assert_close(value, text3[name], rtol=0, atol=0)
+    assert not torch.equal(guide["time_embed.0.weight"], module.ema.averaged_state_dict()["time_embed.0.weight"])
+    prompts, g = ["a red square", "a blue square"], lambda: torch.Generator().manual_seed(0)
+    auto = module.generate(prompts, generator=g())
+    plain = module.generate(prompts, generator=g(), autoguidance_scale=1.0)
+    assert not torch.allclose(auto, plain) and before.shape == (1, 3, 16, 16)
+    state = module.state_dict()
+    assert state["guide_taken"] and any(k.startswith("guide_unet.") for k in state)
+
+
+def test_guide_snapshot_settings_are_checked_at_construction():
+    net = tiny_unet()
+    with pytest.raises(ValueError, match=r"guide_snapshot_step=10 must lie in \[1, max_steps=10\)"):
+        LatentDiffusionModule(net, None, None, ema_decay=None, max_steps=10, guide_snapshot_step=10)
+    with pytest.raises(ValueError, match="a step count"):
+        LatentDiffusionModule(net, None, None, ema_decay=None, max_steps=10, guide_snapshot_step=2.5)
+    with pytest.raises(ValueError, match="needs a guide model: set ldm_stage.guide_snapshot_step"):
+        LatentDiffusionModule(net, None, None, ema_decay=None, sampling={"autoguidance_scale": 2.0})
+    with pytest.raises(ValueError, match="autoguidance_scale must be >= 1"):
+        LatentDiffusionModule(net, None, None, ema_decay=None, sampling={"autoguidance_scale": 0.0})
+    frozen_text = HashTextEncoder().requires_grad_(False)
+    m = LatentDiffusionModule(net, frozen_text, None, ema_decay=None, max_steps=10, guide_snapshot_step=4)
+    assert m.guide_text_encoder is None and m.guide_unet is not None  # a frozen encoder is shared, not copied
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    m._trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy), global_rank=0)
+    with pytest.raises(ValueError, match="not supported under trainer=fsdp"):  # the copy would land in shards
+        m.setup("fit")

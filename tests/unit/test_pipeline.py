@@ -204,6 +204,16 @@ def test_guidance_rescale_changes_the_output_and_strength_zero_raises(pipe) -> N
         pipe("a cat", image=Image.new("RGB", (16, 16)), strength=0.0)
 
 
+def _ddim_by_hand(x: torch.Tensor, step_output) -> torch.Tensor:
+    """Five trailing DDIM steps (999, 799, 599, 399, 199) with ``step_output(z, t)`` as the model output."""
+    scheduler = make_scheduler("ddim", SD_SCHEDULE, "epsilon")
+    scheduler.set_timesteps(5)
+    z = x
+    for t in scheduler.timesteps:
+        z = scheduler.step(step_output(z, torch.full((x.shape[0],), int(t))), t, z).prev_sample
+    return z
+
+
 def test_guidance_interval_guides_only_the_steps_inside_it() -> None:
     """Inside [lo, hi] a step gets uncond + s (cond - uncond) from one batched call; outside, the conditional alone."""
     calls: list[tuple[int, int]] = []
@@ -229,15 +239,11 @@ def test_guidance_interval_guides_only_the_steps_inside_it() -> None:
     assert not torch.equal(inside, everywhere)
 
     # the same loop by hand: guided steps above 500, conditional below
-    scheduler = make_scheduler("ddim", SD_SCHEDULE, "epsilon")
-    scheduler.set_timesteps(5)
-    z = x
-    for t in scheduler.timesteps:
-        tt = torch.full((2,), int(t))
+    def step_output(z, tt):
         c = denoise(z, tt, cond)
-        out = denoise(z, tt, uncond) + 4.0 * (c - denoise(z, tt, uncond)) if int(t) >= 500 else c
-        z = scheduler.step(out, t, z).prev_sample
-    torch.testing.assert_close(inside, z)
+        return denoise(z, tt, uncond) + 4.0 * (c - denoise(z, tt, uncond)) if int(tt[0]) >= 500 else c
+
+    torch.testing.assert_close(inside, _ddim_by_hand(x, step_output))
     for bad, match in [((600, 400), "0 <= lo <= hi"), ((-1, 10), "0 <= lo <= hi"), ((1,), "two timesteps")]:
         with pytest.raises(ValueError, match=match):
             run(guidance_interval=bad)
@@ -264,3 +270,40 @@ def test_pipeline_takes_the_checkpoint_guidance_interval(pipe) -> None:
     finally:
         pipe.sampling.clear()
         pipe.sampling.update(saved)
+
+
+def test_autoguidance_adds_the_guide_term_at_every_step() -> None:
+    """out = CFG (inside the interval) or cond, plus (w - 1) (cond - guide) at every step, by hand."""
+    def denoise(x, t, ctx):
+        return 0.1 * x + ctx.mean(dim=(1, 2)).view(-1, 1, 1, 1) * (1 + t.view(-1, 1, 1, 1) / 1000)
+
+    guide_calls: list[int] = []
+
+    def guide(x, t, ctx):  # a "weaker" model: a damped copy with its own context
+        guide_calls.append(int(t[0]))
+        return 0.5 * denoise(x, t, ctx)
+
+    cond, uncond, gctx = torch.full((2, 3, 4), 1.0), torch.full((2, 3, 4), -1.0), torch.full((2, 3, 4), 0.5)
+    x = torch.randn(2, 4, 4, 4, generator=_gen(1))
+
+    def run(**kw) -> torch.Tensor:
+        scheduler = make_scheduler("ddim", SD_SCHEDULE, "epsilon")
+        scheduler.set_timesteps(5)  # trailing: 999, 799, 599, 399, 199
+        return sample_loop(denoise, scheduler, x, cond, uncond, guidance_scale=4.0, guidance_interval=(500, 1000),
+                           **kw)
+
+    got = run(guide=guide, guide_context=gctx, autoguidance_scale=2.5)
+    assert guide_calls == [999, 799, 599, 399, 199]
+    def step_output(z, tt):
+        c = denoise(z, tt, cond)
+        out = denoise(z, tt, uncond) + 4.0 * (c - denoise(z, tt, uncond)) if int(tt[0]) >= 500 else c
+        return out + 1.5 * (c - 0.5 * denoise(z, tt, gctx))
+
+    torch.testing.assert_close(got, _ddim_by_hand(x, step_output))
+    guide_calls.clear()
+    torch.testing.assert_close(run(guide=guide, guide_context=gctx, autoguidance_scale=1.0), run())
+    assert guide_calls == []  # scale 1: the guide is never run
+    with pytest.raises(ValueError, match="needs a guide model"):
+        run(autoguidance_scale=2.0)
+    with pytest.raises(ValueError, match="autoguidance_scale must be >= 1"):
+        run(guide=guide, guide_context=gctx, autoguidance_scale=0.5)
