@@ -16,6 +16,7 @@ float rounding (batched and single-image kernels may differ in the last bits).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import hydra
@@ -83,7 +84,11 @@ def run(cfg: DictConfig) -> list[Path]:
     check_guidance_interval(interval)  # before the output folder is made
     auto = cfg.get("autoguidance_scale")
     if auto is None:  # the checkpoint's, where it holds the guide snapshot
-        auto = s.get("autoguidance_scale", 1.0) if pipe.guide_unet is not None else 1.0
+        auto = s.get("autoguidance_scale", 1.0)
+        if float(auto) != 1.0 and pipe.guide_unet is None:
+            warnings.warn(f"{cfg.ckpt} recommends autoguidance_scale={auto} but holds no guide snapshot (saved "
+                          "before its snapshot step): sampling without autoguidance", stacklevel=2)
+            auto = 1.0
     if float(auto) != 1.0 and pipe.guide_unet is None:
         raise ValueError(f"autoguidance_scale={auto} needs a guide snapshot, and {cfg.ckpt} holds none (train with "
                          "ldm_stage.guide_snapshot_step=N); use autoguidance_scale=1")

@@ -108,8 +108,8 @@ class LatentDiffusionModule(L.LightningModule):
                 raise ValueError(f"sampling.autoguidance_scale={scale} needs a guide model: set "
                                  "ldm_stage.guide_snapshot_step (e.g. 100), or autoguidance_scale=1")
             return
-        if not 0 < step < max_steps:
-            raise ValueError(f"ldm_stage.guide_snapshot_step={step} must lie in [1, max_steps={max_steps}): the "
+        if not 0 < step <= max_steps:
+            raise ValueError(f"ldm_stage.guide_snapshot_step={step} must lie in [1, max_steps={max_steps}]: the "
                              "snapshot is taken after that many optimizer steps")
         self.guide_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
         text = self.text_encoder

@@ -241,8 +241,10 @@ def test_guide_snapshot_holds_the_ema_weights_of_its_step_and_drives_autoguidanc
 
 def test_guide_snapshot_settings_are_checked_at_construction():
     net = tiny_unet()
-    with pytest.raises(ValueError, match=r"guide_snapshot_step=10 must lie in \[1, max_steps=10\)"):
-        LatentDiffusionModule(net, None, None, ema_decay=None, max_steps=10, guide_snapshot_step=10)
+    with pytest.raises(ValueError, match=r"guide_snapshot_step=11 must lie in \[1, max_steps=10\]"):
+        LatentDiffusionModule(net, None, None, ema_decay=None, max_steps=10, guide_snapshot_step=11)
+    one = LatentDiffusionModule(net, None, None, ema_decay=None, max_steps=1, guide_snapshot_step=0.1)
+    assert one.guide_snapshot_step == 1  # a fraction rounds to at least one step
     with pytest.raises(ValueError, match="a step count"):
         LatentDiffusionModule(net, None, None, ema_decay=None, max_steps=10, guide_snapshot_step=2.5)
     with pytest.raises(ValueError, match="needs a guide model: set ldm_stage.guide_snapshot_step"):
