@@ -17,6 +17,9 @@ class AutoencoderModule(L.LightningModule):
 
     After training, ``fit_latent_scale`` sets the VAE's ``scale_factor`` to 1 / std of the latents, so that diffusion
     trains on unit-variance latents (Rombach et al., 2022, appendix G).
+
+    The loss is the reconstruction error's per-pixel mean plus ``kl_weight`` x the KL summed over the latent.
+    CompVis sums the reconstruction over the pixels instead, so their ``kl_weight`` w is w / (C x H x W) here.
     """
 
     def __init__(

@@ -75,7 +75,7 @@ def test_vae_kl_f8_preset_builds_the_compvis_recipe(tmp_path: Path) -> None:
     cfg = _compose("experiment=vae_kl_f8", f"out_dir={tmp_path}")
     assert list(cfg.stages) == ["vae"] and cfg.dataset is None and cfg.trainer.accelerator == "gpu"
     s = cfg.vae_stage
-    assert (s.rec_loss, s.kl_weight, s.disc_start, list(s.betas)) == ("l1", 1e-6, 50001, [0.5, 0.9])
+    assert (s.rec_loss, s.kl_weight, s.disc_start, list(s.betas)) == ("l1", 5.1e-12, 50001, [0.5, 0.9])
     assert s.lr == pytest.approx(4.5e-6 * s.batch_size)  # CompVis: base lr x batch x 1 GPU
     assert cfg.data.image_size == 256 and OmegaConf.is_missing(cfg.data, "train_shards")
     vae = instantiate(cfg.autoencoder)
