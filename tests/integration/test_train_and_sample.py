@@ -18,6 +18,7 @@ TINY = [
     "vae_stage.max_steps=6", "vae_stage.batch_size=8", "ldm_stage.max_steps=6", "ldm_stage.batch_size=8",
     "ldm_stage.warmup_steps=2", "dataset.length=64", "dataset.maxcount=16", "sampling.log_every_n_steps=3",
     "sampling.num_inference_steps=4", "logger=csv", "trainer.log_every_n_steps=1",
+    "ldm_stage.guide_snapshot_step=0.1", "sampling.autoguidance_scale=2",  # autoguidance end to end (opt-in)
 ]
 
 
@@ -67,8 +68,8 @@ def test_pipeline_text_to_image_is_reproducible_and_uses_its_knobs(pipe):
     assert len(images) == 4 and all(im.size == (32, 32) and im.mode == "RGB" for im in images)
 
 
-def test_the_quickstart_checkpoint_carries_its_autoguidance_snapshot(pipe, trained):
-    """The preset keeps a snapshot after 10% of the steps (here step 1 of 6); the pipeline loads it and guides."""
+def test_the_checkpoint_carries_its_autoguidance_snapshot(pipe, trained):
+    """A snapshot after 10% of the steps (here step 1 of 6) is saved; the pipeline loads it and guides with it."""
     ckpt = torch.load(trained / "ldm" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["ldm"]["guide"] == {"snapshot_step": 1, "text_encoder": True}
     assert ckpt["ldm"]["sampling"]["autoguidance_scale"] == 2.0 and bool(ckpt["state_dict"]["guide_taken"])
