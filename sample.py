@@ -16,7 +16,6 @@ float rounding (batched and single-image kernels may differ in the last bits).
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import hydra
@@ -82,22 +81,13 @@ def run(cfg: DictConfig) -> list[Path]:
     elif OmegaConf.is_list(interval):
         interval = list(interval)
     check_guidance_interval(interval)  # before the output folder is made
-    auto = cfg.get("autoguidance_scale")
-    if auto is None:  # the checkpoint's, where it holds the guide snapshot
-        auto = s.get("autoguidance_scale", 1.0)
-        if float(auto) != 1.0 and pipe.guide_unet is None:
-            warnings.warn(f"{cfg.ckpt} recommends autoguidance_scale={auto} but holds no guide snapshot (saved "
-                          "before its snapshot step): sampling without autoguidance", stacklevel=2)
-            auto = 1.0
-    if float(auto) != 1.0 and pipe.guide_unet is None:
-        raise ValueError(f"autoguidance_scale={auto} needs a guide snapshot, and {cfg.ckpt} holds none (train with "
-                         "ldm_stage.guide_snapshot_step=N); use autoguidance_scale=1")
+    auto = pipe.resolve_autoguidance(cfg.get("autoguidance_scale"))  # also before the output folder is made
     settings = {
         "ckpt": str(cfg.ckpt), "negative_prompt": cfg.negative_prompt,
         "num_inference_steps": cfg.steps or s["num_inference_steps"],
         "guidance_scale": s["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale,
         "guidance_rescale": cfg.guidance_rescale, "sampler": cfg.sampler or s["sampler"], "eta": cfg.eta,
-        "guidance_interval": interval, "autoguidance_scale": float(auto),
+        "guidance_interval": interval, "autoguidance_scale": auto,
         "height": cfg.height or s.get("image_size"), "width": cfg.width or s.get("image_size"),
         "init_image": cfg.init_image, "strength": cfg.strength if cfg.init_image else None, "use_ema": cfg.use_ema,
         "dtype": cfg.dtype, "vae_tile_size": cfg.vae_tile_size,

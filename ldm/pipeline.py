@@ -227,6 +227,27 @@ class LatentDiffusionPipeline:
     def _encode_prompts(self, prompts: list[str]) -> torch.Tensor | None:
         return None if self.text_encoder is None else self.text_encoder.encode(prompts).hidden
 
+    def resolve_autoguidance(self, requested: float | None) -> float:
+        """The autoguidance scale a call samples with: ``requested``, or the checkpoint's default (None).
+
+        A default this file cannot honour (it holds no guide snapshot: saved before the snapshot step) becomes 1 with
+        a warning; an explicit request > 1 without a snapshot raises, naming the fix.
+        """
+        if requested is None:
+            auto = float(self.sampling.get("autoguidance_scale", 1.0))
+            if auto != 1.0 and self.guide_unet is None:
+                warnings.warn(f"the checkpoint recommends autoguidance_scale={auto} but holds no guide snapshot "
+                              "(saved before its snapshot step): sampling without autoguidance", stacklevel=3)
+                auto = 1.0
+            return auto
+        auto = float(requested)
+        if auto < 1:
+            raise ValueError(f"autoguidance_scale must be >= 1 (1 disables it), got {auto}")
+        if auto != 1.0 and self.guide_unet is None:
+            raise ValueError(f"autoguidance_scale={auto} needs a guide snapshot, and this checkpoint holds none (train "
+                             "with ldm_stage.guide_snapshot_step=N); use autoguidance_scale=1")
+        return auto
+
     # ------------------------------------------------------------------ call
 
     @torch.no_grad()
@@ -288,11 +309,7 @@ class LatentDiffusionPipeline:
                               "is ignored, sampling with guidance 1", stacklevel=2)
                 self._warned_guidance = True
             scale = 1.0
-        auto = float(s.get("autoguidance_scale", 1.0) if autoguidance_scale is None else autoguidance_scale)
-        if auto != 1.0 and self.guide_unet is None and autoguidance_scale is None:
-            warnings.warn(f"the checkpoint's autoguidance_scale={auto} needs its guide snapshot, which this file does "
-                          "not hold (saved before the snapshot step): sampling without autoguidance", stacklevel=2)
-            auto = 1.0
+        auto = self.resolve_autoguidance(autoguidance_scale)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         n = len(prompts)
         if negative_prompt is None:

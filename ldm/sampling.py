@@ -117,13 +117,13 @@ def sample_loop(
     per_image = generator is not None and not isinstance(generator, torch.Generator)
     if per_image and len(generator) != latents.shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {latents.shape[0]}: give one per image")
+    kwargs = {k: v for k, v in denoise_kwargs.items() if v is not None}
+    doubled = {k: torch.cat([v, v]) for k, v in kwargs.items()}  # for the batched [uncond; cond] call
     x = latents
     for i, t in enumerate(scheduler.timesteps):
         tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        kwargs = {k: v for k, v in denoise_kwargs.items() if v is not None}
         if guided and lo <= int(t) <= hi:
-            extra = {k: torch.cat([v, v]) for k, v in kwargs.items()}
-            out = denoise(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond_context, context]), **extra)
+            out = denoise(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond_context, context]), **doubled)
             uncond, cond = out.float().chunk(2)
             out = classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)
         else:
