@@ -248,13 +248,31 @@ class LatentDiffusionModule(L.LightningModule):
             self.log("train/grad_norm", norm)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's clipping, except under FSDP, where Lightning refuses norm clipping: there the FSDP root clips
-        by the norm over every rank's shards (``clip_grad_norm_`` on a shard alone would use a local norm)."""
-        if not (is_fsdp(self._trainer) and gradient_clip_val):
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        if gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError(f"under FSDP only norm clipping is supported, got {gradient_clip_algorithm!r}")
-        self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        """Lightning's clipping, except in two cases it refuses.
+
+        - Under FSDP, norm clipping: the FSDP root clips by the norm over every rank's shards (``clip_grad_norm_`` on
+          a shard alone would use a local norm).
+        - A fused optimizer under mixed precision without a loss scaler (bf16-mixed): Lightning refuses any fused
+          optimizer under AMP, because with fp16's scaler it would clip still-scaled gradients; without a scaler the
+          gradients are already the true ones, so they are clipped here.
+        """
+        if not gradient_clip_val:
+            return None
+        if is_fsdp(self._trainer):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"under FSDP only norm clipping is supported, got {gradient_clip_algorithm!r}")
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return None
+        inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        unscaled = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        if getattr(inner, "_step_supports_amp_scaling", False) and unscaled:
+            params = [p for g in inner.param_groups for p in g["params"] if p.grad is not None]
+            if gradient_clip_algorithm in (None, "norm"):
+                nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            else:
+                nn.utils.clip_grad_value_(params, gradient_clip_val)
+            return None
+        return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The optimizer step, then the EMA update: once per optimizer step (not per accumulated batch), and before

@@ -6,8 +6,10 @@ Module and parameter names follow the original Stable Diffusion layout (``to_q``
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +25,32 @@ def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
 
 
+@functools.cache
+def xformers_kernel_problem() -> str | None:
+    """None when xformers' compiled kernels loaded; else why not. A wheel built for another torch or CUDA imports
+    fine but has no kernels (xformers 0.0.35, built for torch 2.10+cu128, under torch 2.11+cu130 on an H200)."""
+    import torch  # noqa: PLC0415  (xformers reads torch's build on import)
+    import xformers  # noqa: PLC0415  (optional dependency)
+
+    if getattr(xformers, "_has_cpp_library", True):
+        return None
+    return (f"xformers {getattr(xformers, '__version__', '?')} is installed but its compiled kernels did not load "
+            f"(it was built for another torch or CUDA than torch {torch.__version__}; `python -m xformers.info` "
+            "says which)")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn a requested back end into the one that will run on ``device``; raise ValueError when it cannot."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; allowed values are {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+        if device.type != "cuda" or not xformers_available():
+            return "sdpa"
+        problem = xformers_kernel_problem()
+        if problem is not None:  # auto may fall back, but says so (once: the answer is cached)
+            _warn_once(f"attention backend 'auto' uses sdpa: {problem}")
+            return "sdpa"
+        return "xformers"
     if backend == "xformers":
         if not xformers_available():
             raise ValueError(
@@ -40,7 +62,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f"attention backend 'xformers' needs CUDA tensors, got tensors on {device.type!r}; "
                 "move the model to a CUDA device or use backend='sdpa'"
             )
+        problem = xformers_kernel_problem()
+        if problem is not None:
+            raise ValueError(f"attention backend 'xformers' cannot run: {problem}; install the xformers build that "
+                             "matches your torch, or use backend='sdpa'")
     return backend
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -57,17 +88,21 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
         return torch.matmul(probs.to(v.dtype), v)
 
 
+def dense_bias(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A boolean or additive mask as an additive bias of q's dtype, materialised at [B, heads, Lq, Lk] in storage
+    whose rows are padded to a multiple of 8, as xformers' kernels require (they refuse unaligned rows)."""
+    b, h, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    storage = torch.empty(b, h, lq, -(-lk // 8) * 8, dtype=q.dtype, device=q.device)
+    return storage[..., :lk].copy_(mask.to(q.dtype).expand(b, h, lq, lk))
+
+
 def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """xformers memory-efficient attention; it wants [B, L, heads, d] and an additive bias."""
     import xformers.ops as xops  # noqa: PLC0415  (optional dependency)
 
-    bias = None
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-        else:
-            bias = mask.to(q.dtype)
-        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    bias = None if mask is None else dense_bias(mask, q, k)
     out = xops.memory_efficient_attention(
         q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), attn_bias=bias
     )
@@ -80,14 +115,18 @@ def attention(
     """Scaled dot-product attention on [B, heads, L, d] tensors through the chosen back end.
 
     ``mask`` broadcasts to [B, heads, Lq, Lk]: boolean (True = may attend) or additive float. ``backend`` is one of
-    ``auto`` (xformers on CUDA when installed, else sdpa), ``sdpa`` (torch's fused kernel), ``xformers``, ``math``
-    (explicit float32 softmax, the reference).
+    ``auto`` (xformers on CUDA when installed with working kernels, else sdpa), ``sdpa`` (torch's fused kernel),
+    ``xformers``, ``math`` (explicit float32 softmax, the reference).
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects [B, heads, L, d] tensors, got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     chosen = resolve_backend(backend, q.device)
     if chosen == "sdpa":
+        if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+            # an fp32 bias on bf16 queries: the cuDNN kernel that SDPA picks on an H200 (torch 2.11) let masked keys
+            # through (the memory-efficient one refuses the mix); in q's dtype every kernel is right (docs/gpu.md)
+            mask = mask.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if chosen == "math":
         return _math_attention(q, k, v, mask)

@@ -75,12 +75,34 @@ def test_xformers_explicit_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="not installed.*pip install"):
         attention(q, k, v, backend="xformers")
     monkeypatch.setattr(attn_mod, "xformers_available", lambda: True)
+    monkeypatch.setattr(attn_mod, "xformers_kernel_problem", lambda: None)
     with pytest.raises(ValueError, match="needs CUDA tensors.*backend='sdpa'"):
         attention(q, k, v, backend="xformers")
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
     assert resolve_backend("auto", torch.device("cuda")) == "xformers"
+    assert resolve_backend("xformers", torch.device("cuda")) == "xformers"
+    # installed, but built for another torch/CUDA (its kernels did not load): explicit raises, auto says and uses sdpa
+    problem = "xformers 0.0.35 is installed but its compiled kernels did not load"
+    monkeypatch.setattr(attn_mod, "xformers_kernel_problem", lambda: problem)
+    with pytest.raises(ValueError, match="cannot run: xformers 0.0.35 .* did not load.*matches your torch"):
+        resolve_backend("xformers", torch.device("cuda"))
+    attn_mod._warn_once.cache_clear()
+    with pytest.warns(RuntimeWarning, match="'auto' uses sdpa: xformers 0.0.35"):
+        assert resolve_backend("auto", torch.device("cuda")) == "sdpa"
     monkeypatch.setattr(attn_mod, "xformers_available", lambda: False)
     assert resolve_backend("auto", torch.device("cuda")) == "sdpa"
+
+
+def test_dense_bias_is_an_aligned_additive_bias() -> None:
+    """The bias handed to the fused CUDA kernels: q's dtype, full shape, -inf where masked, rows 8-aligned."""
+    q, k, _ = _qkv(lq=5, lk=7)
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    bias = attn_mod.dense_bias(mask, q.bfloat16(), k)
+    assert bias.shape == (2, 2, 5, 7) and bias.dtype == torch.bfloat16 and bias.stride(-2) == 8
+    assert torch.isinf(bias[0, ..., 4:]).all() and (bias[0, ..., :4] == 0).all() and (bias[1] == 0).all()
+    additive = torch.randn(1, 2, 1, 7)
+    torch.testing.assert_close(attn_mod.dense_bias(additive, q, k), additive.expand(2, 2, 5, 7))
 
 
 def test_attention_rejects_wrong_rank() -> None:

@@ -259,3 +259,27 @@ def test_guide_snapshot_settings_are_checked_at_construction():
     m._trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy), global_rank=0)
     with pytest.raises(ValueError, match="not supported under trainer=fsdp"):  # the copy would land in shards
         m.setup("fit")
+
+
+def test_fused_optimizer_under_bf16_mixed_is_clipped_not_refused(tmp_path):
+    """Lightning refuses gradient clipping with any fused optimizer under AMP; bf16-mixed has no loss scaler, so the
+    module clips itself: the optimizer steps on gradients whose norm is the clip value."""
+    norms = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            loss = closure() if closure is not None else None  # backward, then Lightning's clipping hook
+            norms.append(float(torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for g in self.param_groups for p in g["params"] if p.grad is not None]))))
+            super().step()
+            return loss
+
+    torch.manual_seed(0)
+    module = LatentDiffusionModule(tiny_unet(), HashTextEncoder(), tiny_vae(), ema_decay=None, max_steps=3,
+                                   optimizer=lambda p: RecordingAdamW(p, lr=1e-3, fused=True))
+    loader = DataLoader(image_batches(), batch_size=8, collate_fn=collate)
+    L.Trainer(max_steps=3, accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1e-3, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path).fit(module, loader)
+    assert len(norms) == 3
+    assert all(n == pytest.approx(1e-3, rel=1e-3) for n in norms), norms  # the raw norms are far above 1e-3

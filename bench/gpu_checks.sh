@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU-only checks, for a machine with one CUDA GPU: the CUDA tests (tests/gpu), bench/unet.py in bf16 on each
+# attention back end, and the quickstart trained on the GPU in bf16 and judged. Prints the figures docs/gpu.md records.
+#
+#   bash bench/gpu_checks.sh tests bench quickstart quickstart_fp32    # any subset, in that order
+#
+# Wheels the GPU machine lacks (hydra-core, omegaconf, antlr4, open_clip_torch, ftfy, webdataset, braceexpand,
+# diffusers, xformers...) may sit in .whl/; they are installed first, without dependencies and without a network.
+set -uo pipefail
+OUT=${OUT:-outputs/gpu_checks}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH=$PWD
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl || exit 1
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+python3 -c "import xformers; print('xformers', xformers.__version__)" 2>/dev/null || echo "xformers: not installed"
+
+for what in "$@"; do
+    case $what in
+    tests)
+        python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu 2>&1 \
+            | tee "$OUT/pytest_gpu.log" | tail -40
+        ;;
+    bench)
+        for cfg in sd15 small; do
+            for backend in sdpa xformers math; do
+                echo "== bench/unet.py --config $cfg --dtype bf16 --backend $backend"
+                timeout 180 python3 bench/unet.py --config "$cfg" --device cuda --dtype bf16 --backend "$backend" \
+                    --batch 8 --repeats 10 2>&1 | grep -v Warning
+            done
+        done
+        echo "== bench/unet.py --config sd15 --dtype fp32 --backend sdpa"
+        timeout 180 python3 bench/unet.py --config sd15 --device cuda --dtype fp32 --backend sdpa --batch 8 --repeats 10
+        ;;
+    quickstart | quickstart_fp32)
+        precision=bf16-mixed
+        [ "$what" = quickstart_fp32 ] && precision=32-true
+        run=$OUT/$what
+        start=$(date +%s)
+        timeout 300 python3 train.py trainer=gpu trainer.precision=$precision logger=csv "hydra.run.dir=$run" 2>&1 | grep -E "stage|Error|error" \
+            | tail -20
+        echo "quickstart on the GPU ($precision): $(($(date +%s) - start)) s wall (with data generation and start-up)"
+        python3 - "$run" <<'EOF'
+import csv, sys, pathlib, statistics
+for f in sorted(pathlib.Path(sys.argv[1]).rglob("metrics.csv")):
+    rows = list(csv.DictReader(open(f)))
+    ips = [float(r["perf/images_per_s"]) for r in rows if r.get("perf/images_per_s")]
+    loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    if ips:
+        print(f"{f.parent}: median images/s {statistics.median(ips):.0f}, last loss {loss[-1] if loss else None}")
+EOF
+        ckpt=$run/ldm/checkpoints/last.ckpt
+        # the judge samples on the CPU (16 cores there): n=500 at guidance 1, 3 and 5
+        timeout 240 python3 -m ldm.eval.shapes "$ckpt" --n 500 --guidance 1 3 5 --json "$OUT/judge_$what.json" 2>&1 | tail -5
+        ;;
+    esac
+done
