@@ -156,3 +156,34 @@ def test_spatial_transformer(linear: bool) -> None:
         st.proj_out.weight.normal_()
     out = st(x, torch.randn(2, 3, 12))
     assert out.shape == x.shape and not torch.allclose(out, x)
+
+
+def test_xformers_wrapper_follows_its_documented_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our call into xformers, checked on CPU against a stand-in written from xformers' docstring: inputs [B, M, H, K],
+    softmax(q k^T / sqrt(K) + attn_bias) v with attn_bias [B, H, Mq, Mk] in q's dtype, rows 8-aligned in memory."""
+    import sys
+    import types
+
+    seen = {}
+
+    def memory_efficient_attention(query, key, value, attn_bias=None):
+        assert query.shape[0] == key.shape[0] and query.shape[2] == key.shape[2]  # [B, M, H, K]
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        logits = q @ k.transpose(-1, -2) / query.shape[-1] ** 0.5
+        if attn_bias is not None:
+            seen["bias"] = attn_bias
+            assert attn_bias.dtype == query.dtype and attn_bias.stride(-2) % 8 == 0
+            logits = logits + attn_bias
+        return (logits.softmax(-1) @ v).transpose(1, 2)
+
+    ops = types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention = memory_efficient_attention
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    q, k, v = _qkv(lq=5, lk=7)
+    torch.testing.assert_close(attn_mod._xformers_attention(q, k, v, None), attention(q, k, v, backend="math"))
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    out = attn_mod._xformers_attention(q, k, v, mask)
+    torch.testing.assert_close(out, attention(q, k, v, mask, backend="math"))
+    assert seen["bias"].shape == (2, 2, 5, 7)
