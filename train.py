@@ -385,6 +385,7 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
         lr_schedule=s.lr_schedule,
         warmup_steps=s.warmup_steps,
         max_steps=s.max_steps,
+        lr_decay_fraction=s.get("lr_decay_fraction", 0.2),
         ema_decay=s.ema_decay,
         ema_warmup=s.ema_warmup,
         nan_policy=s.nan_policy,

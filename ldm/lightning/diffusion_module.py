@@ -48,6 +48,7 @@ class LatentDiffusionModule(L.LightningModule):
         lr_schedule: str = "constant",
         warmup_steps: int = 0,
         max_steps: int = 1,
+        lr_decay_fraction: float = 0.2,
         ema_decay: float | None = 0.9999,
         ema_warmup: bool = True,
         nan_policy: str = "stop",
@@ -71,7 +72,7 @@ class LatentDiffusionModule(L.LightningModule):
                                      timestep_shift)
         self.caption_dropout = caption_dropout
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
-        self.lr_factor = warmup_then(lr_schedule, warmup_steps, max_steps)
+        self.lr_factor = warmup_then(lr_schedule, warmup_steps, max_steps, lr_decay_fraction)
         self.ema = EMA(unet, ema_decay, ema_warmup) if ema_decay is not None else None
         if nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {nan_policy!r}")

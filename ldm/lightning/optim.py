@@ -8,17 +8,25 @@ from collections.abc import Callable, Iterable
 import torch
 
 
-def warmup_then(schedule: str, warmup_steps: int, max_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up over ``warmup_steps``, then ``constant``, or ``cosine`` or ``linear`` decay to 0
-    at max_steps."""
-    if schedule not in ("constant", "cosine", "linear"):
-        raise ValueError(f"unknown lr schedule {schedule!r}; expected 'constant', 'cosine' or 'linear'")
+def warmup_then(
+    schedule: str, warmup_steps: int, max_steps: int, decay_fraction: float = 0.2
+) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup_steps``, then ``constant``, ``cosine`` or ``linear`` decay to 0 at
+    max_steps, or ``wsd`` (warm-up, stable, decay): constant, then linear to 0 over the last ``decay_fraction`` of
+    max_steps, so the model learns at the full rate for longer than under a cosine."""
+    if schedule not in ("constant", "cosine", "linear", "wsd"):
+        raise ValueError(f"unknown lr schedule {schedule!r}; expected 'constant', 'cosine', 'linear' or 'wsd'")
+    if schedule == "wsd" and not 0 < decay_fraction <= 1:
+        raise ValueError(f"lr_decay_fraction must be in (0, 1] for the wsd schedule, got {decay_fraction}")
+    decay_start = max(warmup_steps, round(max_steps * (1 - decay_fraction)))
 
     def factor(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
             return (step + 1) / warmup_steps
         if schedule == "constant":
             return 1.0
+        if schedule == "wsd":
+            return min(1.0, max(0.0, (max_steps - step) / max(1, max_steps - decay_start)))
         progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
         if schedule == "linear":
             return 1.0 - progress

@@ -99,8 +99,19 @@ def test_lr_warmup_then_cosine():
     lin = warmup_then("linear", 10, 110)
     assert lin(9) == pytest.approx(1.0) and lin(35) == pytest.approx(0.75) and lin(60) == pytest.approx(0.5)
     assert lin(110) == pytest.approx(0.0) and lin(500) == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="'constant', 'cosine' or 'linear'"):
+    with pytest.raises(ValueError, match="'constant', 'cosine', 'linear' or 'wsd'"):
         warmup_then("step", 0, 1)
+
+
+def test_lr_warmup_stable_decay():
+    """wsd: warm-up, the full rate until the last decay_fraction of the steps, then linear to 0 at max_steps."""
+    f = warmup_then("wsd", 10, 110, decay_fraction=0.25)  # decay over steps 82.5 -> 110 (round: 82)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == f(50) == f(82) == 1.0
+    assert f(96) == pytest.approx(14 / 28) and f(109) == pytest.approx(1 / 28) and f(110) == 0.0 and f(200) == 0.0
+    assert warmup_then("wsd", 0, 100, decay_fraction=1.0)(50) == pytest.approx(0.5)  # all decay: linear
+    with pytest.raises(ValueError, match="lr_decay_fraction must be in"):
+        warmup_then("wsd", 0, 100, decay_fraction=0.0)
 
 
 def test_latent_diffusion_module_learns_and_updates_ema(tmp_path):
