@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=None, help="latent size (default per config)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both models")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models (timed after warm-up)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,17 +78,21 @@ def main() -> None:
     latent = args.latent or cfg.pop("latent")
     cfg.pop("latent", None)
     torch.manual_seed(0)
-    ours = UNet(**cfg, attention_backend=args.backend)
+    ours = UNet(**cfg, attention_backend=args.backend, gradient_checkpointing=args.checkpointing)
     with torch.no_grad():  # non-zero everywhere, so every op does real work
         for p in ours.parameters():
             p.normal_(0, 0.02)
     theirs = to_diffusers(ours, sample_size=latent)
+    if args.checkpointing:
+        theirs.enable_gradient_checkpointing()
     models: dict[str, nn.Module] = {"ours": ours.to(device), "diffusers": theirs.to(device)}
     x = torch.randn(args.batch, 4, latent, latent, device=device)
     t = torch.randint(0, 1000, (args.batch,), device=device)
     ctx = torch.randn(args.batch, 77, cfg["context_dim"], device=device)
     target = torch.randn_like(x)
     optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-6) for k, m in models.items()}
+    if args.compile:  # the optimizers keep the eager parameters; the compiled wrappers share them
+        models = {k: torch.compile(m) for k, m in models.items()}
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def forward(name: str) -> torch.Tensor:
@@ -133,7 +139,8 @@ def main() -> None:
 
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"config={args.config} params={n_params:,} device={device} dtype={args.dtype} backend={args.backend} "
-          f"batch={args.batch} latent={latent} repeats={args.repeats} threads={torch.get_num_threads()}")
+          f"batch={args.batch} latent={latent} repeats={args.repeats} threads={torch.get_num_threads()} "
+          f"checkpointing={args.checkpointing} compile={args.compile}")
     for kind in ("train", "infer"):
         med = {n: statistics.median(times[(n, kind)]) for n in models}
         ratios = [d / o for d, o in zip(times[("diffusers", kind)], times[("ours", kind)], strict=True)]
