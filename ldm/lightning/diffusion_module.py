@@ -8,6 +8,7 @@ from contextlib import nullcontext
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from ldm.checkpoint import gather_rank_states, module_spec, rank_state
@@ -265,8 +266,9 @@ class LatentDiffusionModule(L.LightningModule):
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return None
         inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
-        unscaled = getattr(self.trainer.precision_plugin, "scaler", None) is None
-        if getattr(inner, "_step_supports_amp_scaling", False) and unscaled:
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and getattr(
+                inner, "_step_supports_amp_scaling", False):
             params = [p for g in inner.param_groups for p in g["params"] if p.grad is not None]
             if gradient_clip_algorithm in (None, "norm"):
                 nn.utils.clip_grad_norm_(params, gradient_clip_val)
