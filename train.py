@@ -401,7 +401,8 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     save_config(cfg, stage_dir)
     callbacks = [
         StageCheckpoint(
-            dirpath=stage_dir / "checkpoints", save_last=True, every_n_train_steps=s.checkpoint_every_n_steps
+            dirpath=stage_dir / "checkpoints", save_last=True, every_n_train_steps=s.checkpoint_every_n_steps,
+            save_top_k=-1 if s.get("keep_all_checkpoints", False) else 1,
         ),
         Throughput(peak_flops=cfg.get("perf", {}).get("peak_flops")),
         SampleGrid(cfg.sampling.prompts, cfg.sampling.log_every_n_steps, stage_dir / "samples", cfg.sampling.seed),

@@ -85,3 +85,15 @@ def test_vae_stage_resumes_exactly(vae_ckpt):
     assert resumed_vae["latent_scale"] == pytest.approx(full_vae["latent_scale"], rel=1e-6)
     for k, v in full_vae["state_dict"].items():
         torch.testing.assert_close(resumed_vae["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_periodic_checkpoints_keep_the_newest_or_all(vae_ckpt):
+    """By default a run keeps only its newest periodic checkpoint (plus last.ckpt); keep_all_checkpoints keeps each."""
+    tmp = vae_ckpt.parents[2]
+    common = ["stages=[ldm]", f"vae_ckpt={vae_ckpt}", "ldm_stage.max_steps=5", "ldm_stage.checkpoint_every_n_steps=2"]
+    run_train(tmp, *common, run_dir=tmp / "keep_newest")
+    run_train(tmp, *common, "ldm_stage.keep_all_checkpoints=true", run_dir=tmp / "keep_all")
+    names = {d: sorted(p.name for p in (tmp / d / "ldm" / "checkpoints").glob("*.ckpt"))
+             for d in ("keep_newest", "keep_all")}
+    assert names["keep_newest"] == ["last.ckpt", "step000004.ckpt"]
+    assert names["keep_all"] == ["last.ckpt", "step000002.ckpt", "step000004.ckpt"]
