@@ -29,7 +29,6 @@ def xformers_available() -> bool:
 def xformers_kernel_problem() -> str | None:
     """None when xformers' compiled kernels loaded; else why not. A wheel built for another torch or CUDA imports
     fine but has no kernels (xformers 0.0.35, built for torch 2.10+cu128, under torch 2.11+cu130 on an H200)."""
-    import torch  # noqa: PLC0415  (xformers reads torch's build on import)
     import xformers  # noqa: PLC0415  (optional dependency)
 
     if getattr(xformers, "_has_cpp_library", True):
