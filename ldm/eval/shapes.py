@@ -103,6 +103,7 @@ def vae_psnr(vae: torch.nn.Module, size: int, n: int = 256, seed: int = 12345) -
     data = ShapesDataset(size=size, seed=seed, length=n)
     x = torch.stack([torch.from_numpy(np.asarray(d["image"], dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
                      for d in data])
+    x = x.to(next(vae.parameters()).device)
     with torch.no_grad():
         rec = torch.cat([vae.decode(vae.encode(b).mode()).clamp(-1, 1) for b in x.split(64)])
     mse = (((rec - x) / 2) ** 2).mean(dim=(1, 2, 3)).clamp(min=1e-12)

@@ -7,6 +7,8 @@ These need a CUDA device and skip without one (CI has none); run them where a GP
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -153,3 +155,17 @@ def test_cuda_broken_xformers_build_is_named_not_crashed() -> None:
     with pytest.raises(ValueError, match="compiled kernels did not load.*backend='sdpa'"):
         resolve_backend("xformers", torch.device("cuda"))
     assert resolve_backend("auto", torch.device("cuda")) == "sdpa"
+
+
+def test_cuda_judge_psnr_with_the_vae_on_the_gpu() -> None:
+    """The shapes judge's VAE PSNR runs with the VAE on CUDA (its held-out images follow the VAE to the device) and
+    agrees with the same VAE on the CPU."""
+    from ldm.autoencoder import AutoencoderKL
+    from ldm.eval.shapes import vae_psnr
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=4,
+                        embed_dim=4).eval()
+    on_cpu = vae_psnr(vae, size=32, n=16)
+    on_gpu = vae_psnr(vae.cuda(), size=32, n=16)
+    assert math.isfinite(on_gpu) and abs(on_gpu - on_cpu) < 0.05
