@@ -24,9 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from ldm.lightning.callbacks import make_grid
-from ldm.pipeline import LatentDiffusionPipeline, to_pil
-from ldm.sampling import check_guidance_interval
+from ldm.images import make_grid, to_pil
+from ldm.pipeline import LatentDiffusionPipeline
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -73,22 +72,23 @@ def run(cfg: DictConfig) -> list[Path]:
     if cfg.get("regenerate"):
         cfg = regenerate_config(cfg)
     pipe = LatentDiffusionPipeline.from_checkpoint(cfg.ckpt, use_ema=cfg.use_ema)
-    s = pipe.sampling
     prompts = read_prompts(cfg)
-    interval = cfg.guidance_interval  # a malformed value reaches the pipeline's check as the user wrote it
-    if interval is None:
-        interval = s.get("guidance_interval")
-    elif OmegaConf.is_list(interval):
-        interval = list(interval)
-    check_guidance_interval(interval)  # before the output folder is made
-    auto = pipe.resolve_autoguidance(cfg.get("autoguidance_scale"))  # also before the output folder is made
+    interval = cfg.guidance_interval  # a malformed value reaches the check as the user wrote it
+    if OmegaConf.is_list(interval):
+        interval = tuple(interval)
+    # the checkpoint's defaults with this command's overrides, checked before the output folder is made
+    s = pipe.settings(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler,
+                      guidance_rescale=cfg.guidance_rescale,
+                      guidance_interval=interval)
+    auto = pipe.resolve_autoguidance(cfg.get("autoguidance_scale"))
+    size = s.image_size or 32
     settings = {
         "ckpt": str(cfg.ckpt), "negative_prompt": cfg.negative_prompt,
-        "num_inference_steps": cfg.steps or s["num_inference_steps"],
-        "guidance_scale": s["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale,
-        "guidance_rescale": cfg.guidance_rescale, "sampler": cfg.sampler or s["sampler"], "eta": cfg.eta,
-        "guidance_interval": interval, "autoguidance_scale": auto,
-        "height": cfg.height or s.get("image_size"), "width": cfg.width or s.get("image_size"),
+        "num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale,
+        "guidance_rescale": s.guidance_rescale, "sampler": s.sampler, "eta": cfg.eta,
+        "guidance_interval": None if s.guidance_interval is None else list(s.guidance_interval),
+        "autoguidance_scale": auto,
+        "height": size if cfg.height is None else cfg.height, "width": size if cfg.width is None else cfg.width,
         "init_image": cfg.init_image, "strength": cfg.strength if cfg.init_image else None, "use_ema": cfg.use_ema,
         "dtype": cfg.dtype, "vae_tile_size": cfg.vae_tile_size,
     }
@@ -104,7 +104,7 @@ def run(cfg: DictConfig) -> list[Path]:
         chunk = jobs[start:start + batch]
         frames: list[list[Image.Image]] = []
         kwargs = dict(negative_prompt=cfg.negative_prompt, num_inference_steps=settings["num_inference_steps"],
-                      guidance_scale=settings["guidance_scale"], guidance_rescale=cfg.guidance_rescale,
+                      guidance_scale=settings["guidance_scale"], guidance_rescale=settings["guidance_rescale"],
                       guidance_interval=settings["guidance_interval"],
                       autoguidance_scale=settings["autoguidance_scale"],
                       sampler=settings["sampler"], eta=cfg.eta, height=settings["height"], width=settings["width"],

@@ -1,12 +1,27 @@
-"""Self-describing checkpoints: each part is saved with its class path and constructor arguments, files are
-written atomically, and one call rebuilds the parts."""
+"""The one reader and writer of ldm's checkpoint files.
+
+Two kinds of file, each one plain dict that ``torch.load`` reads without any ldm class:
+- an autoencoder (``vae/vae.ckpt`` of the VAE stage): ``{"kind": "autoencoder", "spec", "state_dict",
+  "latent_scale", "config"}``;
+- a latent diffusion model (``ldm/checkpoints/*.ckpt``, written by Lightning through :class:`AtomicCheckpointIO`):
+  Lightning's dict (``state_dict``, optimizer, loops, callbacks) plus the header ``"ldm"`` that
+  :func:`describe_ldm` writes: the parts' class paths and constructor arguments, the noise schedule, the prediction
+  type, the sampling defaults and the run's config. Weights sit under ``unet.``, ``text_encoder.``, ``first_stage.``,
+  ``ema.`` (the EMA averages under the UNet's own parameter names) and ``guide_unet.`` / ``guide_text_encoder.``.
+
+:func:`load_parts` rebuilds everything a sampler needs from either an ldm file or an original Stable Diffusion
+single file; files are written atomically.
+"""
 
 from __future__ import annotations
 
 import glob
 import importlib
 import os
+import pickle
 import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +29,14 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from torch import nn
+
+from ldm.autoencoder import SD_LATENT_SCALE
+from ldm.diffusion.parameterization import canonical_prediction_type
+from ldm.diffusion.sampling import SamplingDefaults
+from ldm.diffusion.schedules import SD_SCHEDULE
+
+FORMAT_VERSION = 2  # 1: EMA stored as ema.shadow_<i>; 2: EMA under the parameters' names, "format" in the header
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def module_spec(module: nn.Module, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -100,3 +123,250 @@ class AtomicCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
         Path(path).unlink(missing_ok=True)
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint file as its dict, read with ``weights_only=True`` (tensors and plain containers only: ldm's
+    files hold nothing else, so loading one cannot run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} holds pickled objects beyond tensors and plain containers, so it is not a file "
+                         f"ldm wrote; refusing to unpickle it ({str(err).splitlines()[0]})") from err
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a checkpoint dict (got {type(ckpt).__name__})")
+    return ckpt
+
+
+def checkpoint_kind(ckpt: dict[str, Any]) -> str:
+    """``latent_diffusion``, ``autoencoder``, ``sd_single_file`` or ``unknown``."""
+    if "ldm" in ckpt:
+        return "latent_diffusion"
+    if ckpt.get("kind") == "autoencoder":
+        return "autoencoder"
+    state = ckpt.get("state_dict", ckpt)
+    if isinstance(state, dict) and any(str(k).startswith("model.diffusion_model.") for k in state):
+        return "sd_single_file"
+    return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def describe_ldm(
+    *,
+    unet: nn.Module,
+    text_encoder: nn.Module | None,
+    first_stage: nn.Module | None,
+    schedule: dict[str, Any],
+    prediction_type: str,
+    sampling: SamplingDefaults,
+    ema: bool,
+    guide: dict[str, Any] | None = None,
+    text_encoder_kwargs: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``"ldm"`` header of a latent diffusion checkpoint: everything needed to rebuild the parts and sample.
+
+    ``guide`` (``{"snapshot_step": N, "text_encoder": bool}``) describes an autoguidance snapshot, if the run keeps
+    one; ``text_encoder_kwargs`` are its constructor arguments when it has no ``.config``.
+    """
+    return {
+        "kind": "latent_diffusion",
+        "format": FORMAT_VERSION,
+        "unet": module_spec(unet),
+        "text_encoder": None if text_encoder is None else module_spec(text_encoder, text_encoder_kwargs),
+        "first_stage": None if first_stage is None else module_spec(first_stage),
+        "schedule": dict(schedule),
+        "prediction_type": prediction_type,
+        "sampling": sampling.to_dict(),
+        "ema": ema,
+        "guide": guide,
+        "config": config,
+    }
+
+
+def save_autoencoder(path: str | os.PathLike, vae: nn.Module, config: dict[str, Any] | None = None) -> None:
+    """Write the VAE stage's result: the autoencoder's spec and weights (its fitted latent scale included)."""
+    atomic_torch_save({"kind": "autoencoder", "format": FORMAT_VERSION, "spec": module_spec(vae),
+                       "state_dict": vae.state_dict(), "latent_scale": float(vae.config.get("scale_factor", 1.0)),
+                       "config": config}, path)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class ModelParts:
+    """What a checkpoint holds for sampling: the networks, the diffusion process they were trained for, and the
+    sampling defaults. ``first_stage`` is None for pixel-space models, ``text_encoder`` for unconditional ones;
+    ``guide_unet`` is the autoguidance snapshot, when the file holds one."""
+
+    unet: nn.Module
+    text_encoder: nn.Module | None
+    first_stage: nn.Module | None
+    schedule: dict[str, Any]
+    prediction_type: str
+    sampling: SamplingDefaults
+    guide_unet: nn.Module | None = None
+    guide_text_encoder: nn.Module | None = None
+    config: dict[str, Any] | None = None
+
+
+def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _load_strict(module: nn.Module, weights: dict[str, torch.Tensor], what: str, path: Path) -> None:
+    missing, unexpected = module.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: the weights for {what} do not fit the architecture in its header: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def ema_weights(state: dict[str, torch.Tensor], unet: nn.Module, prefix: str = "ema.") -> dict[str, torch.Tensor]:
+    """The EMA averages of a checkpoint's ``state_dict`` under the UNet's parameter names (both layouts)."""
+    sub = _prefixed(state, prefix)
+    if "shadow_0" in sub:  # format 1: position i of the UNet's floating-point parameters
+        names = [n for n, p in unet.named_parameters() if p.is_floating_point()]
+        return {name: sub[f"shadow_{i}"] for i, name in enumerate(names)}
+    return {k: v for k, v in sub.items() if k != "num_updates"}
+
+
+def _ldm_header(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    kind = checkpoint_kind(ckpt)
+    if kind == "autoencoder":
+        sibling = path.parent.parent / "ldm" / "checkpoints" / "last.ckpt"
+        where = str(sibling) if sibling.is_file() else "RUN/ldm/checkpoints/last.ckpt of the same run"
+        raise ValueError(f"{path} is the VAE stage's autoencoder checkpoint (vae/vae.ckpt): it encodes and decodes "
+                         f"images but cannot generate them. Pass the latent diffusion checkpoint: {where}")
+    if kind != "latent_diffusion":
+        raise ValueError(f"{path} is neither an ldm checkpoint (RUN/ldm/checkpoints/*.ckpt) nor an SD single file")
+    header = ckpt["ldm"]
+    if header.get("format", 1) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written in checkpoint format {header['format']}, newer than this ldm reads "
+                         f"({FORMAT_VERSION}): upgrade ldm")
+    return header
+
+
+def load_parts(
+    path: str | os.PathLike,
+    use_ema: bool = True,
+    map_location: str | torch.device = "cpu",
+    prediction_type: str | None = None,
+    image_size: int | None = None,
+    text_config: dict[str, Any] | None = None,
+) -> ModelParts:
+    """Rebuild the parts of an ldm checkpoint (EMA weights in the UNet by default) or of an original SD 1.x/2.x
+    single file (``.ckpt``/``.safetensors``).
+
+    SD single files get SD's schedule and latent scale; their prediction type is not in the weights: ``epsilon``
+    unless ``prediction_type`` says otherwise (``v_prediction`` for the 768-px SD 2.x models). ``image_size`` sets
+    the default resolution (SD: 512, or 768 for v-prediction SD 2.x); ``text_config`` overrides the inferred
+    text-encoder config (see ``ldm.convert.load_sd_text_encoder``). For ldm checkpoints the prediction type is
+    recorded in the file, and asking for another one is an error.
+    """
+    path = Path(path)
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if path.suffix == ".safetensors":
+        from ldm.convert import read_state_dict
+
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        return _sd_parts(read_state_dict(path), str(path), use_ema, prediction_type, image_size, text_config)
+    ckpt = read_checkpoint(path, map_location)
+    if checkpoint_kind(ckpt) == "sd_single_file":
+        state = ckpt.get("state_dict", ckpt)
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        return _sd_parts(tensors, str(path), use_ema, prediction_type, image_size, text_config)
+    header, state = _ldm_header(ckpt, path), ckpt["state_dict"]
+    if prediction_type is not None and prediction_type != header["prediction_type"]:
+        raise ValueError(f"{path} was trained with prediction_type={header['prediction_type']!r}; "
+                         f"prediction_type={prediction_type!r} applies to SD single files only")
+    unet = build_module(header["unet"])
+    weights = _prefixed(state, "unet.")
+    if use_ema and header.get("ema"):
+        weights.update(ema_weights(state, unet))
+    _load_strict(unet, weights, "the UNet", path)
+    text = first_stage = guide_unet = guide_text = None
+    if header["text_encoder"] is not None:
+        text = build_module(header["text_encoder"])
+        _load_strict(text, _prefixed(state, "text_encoder."), "the text encoder", path)
+    if header["first_stage"] is not None:
+        first_stage = build_module(header["first_stage"])
+        _load_strict(first_stage, _prefixed(state, "first_stage."), "the first stage", path)
+    guide = header.get("guide")
+    if guide is not None and bool(state.get("guide_taken", False)):  # saved before the snapshot step: no guide
+        guide_unet = build_module(header["unet"])
+        _load_strict(guide_unet, _prefixed(state, "guide_unet."), "the guide snapshot", path)
+        if guide["text_encoder"]:
+            guide_text = build_module(header["text_encoder"])
+            _load_strict(guide_text, _prefixed(state, "guide_text_encoder."), "the guide's text encoder", path)
+    sampling = SamplingDefaults.from_dict(header.get("sampling"))
+    if image_size is not None:
+        sampling = sampling.with_overrides(image_size=image_size)
+    return ModelParts(unet, text, first_stage, dict(header["schedule"]), header["prediction_type"], sampling,
+                      guide_unet, guide_text, header.get("config"))
+
+
+def load_first_stage(path: str | os.PathLike) -> nn.Module | None:
+    """The first stage (VAE) of an ldm checkpoint (None for pixel space), or the autoencoder of a ``vae.ckpt``."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    if checkpoint_kind(ckpt) == "autoencoder":
+        vae = build_module(ckpt["spec"])
+        _load_strict(vae, ckpt["state_dict"], "the autoencoder", path)
+        return vae
+    header = _ldm_header(ckpt, path)
+    if header["first_stage"] is None:
+        return None
+    vae = build_module(header["first_stage"])
+    _load_strict(vae, _prefixed(ckpt["state_dict"], "first_stage."), "the first stage", path)
+    return vae
+
+
+def load_autoencoder(path: str | os.PathLike) -> nn.Module:
+    """The autoencoder of a VAE-stage checkpoint (``vae/vae.ckpt``), with its fitted latent scale."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"vae_ckpt={path} does not exist. Train an autoencoder first (python train.py stages=[vae]) and pass its "
+            "vae/vae.ckpt as vae_ckpt=PATH, or run both stages (stages=[vae,ldm]).")
+    ckpt = read_checkpoint(path)
+    if checkpoint_kind(ckpt) != "autoencoder":
+        raise ValueError(f"vae_ckpt={path} is not an autoencoder checkpoint (written by the vae stage as vae.ckpt)")
+    return load_first_stage(path)
+
+
+def _sd_parts(state: dict[str, torch.Tensor], source: str, use_ema: bool, prediction_type: str | None,
+              image_size: int | None, text_config: dict[str, Any] | None) -> ModelParts:
+    """An SD 1.x/2.x single-file state dict -> parts (UNet, VAE and text encoder inferred from shapes)."""
+    from ldm.convert import load_sd_text_encoder, sd_checkpoint_from_state_dict, sd_text_family
+
+    loaded = sd_checkpoint_from_state_dict(state, prefer_ema=use_ema, vae_kwargs={"scale_factor": SD_LATENT_SCALE},
+                                           source=source)
+    family = sd_text_family(loaded.cond_stage_state_dict)
+    if family is None:
+        raise ValueError(f"{source} has no text encoder weights in the SD 1.x (cond_stage_model.transformer."
+                         "text_model.*) or SD 2.x (cond_stage_model.model.*) layout; cond_stage_model keys found: "
+                         f"{sorted(loaded.cond_stage_state_dict)[:3]}")
+    text = load_sd_text_encoder(loaded.cond_stage_state_dict, text_config)
+    context_dim = loaded.unet.config.get("context_dim")
+    if context_dim != text.width:
+        raise ValueError(f"{source}: the text encoder is {text.width} wide but the UNet's context_dim is "
+                         f"{context_dim}")
+    if prediction_type is None:
+        if family == "sd2":
+            warnings.warn(f"{source} is an SD 2.x checkpoint: its prediction type is not in the weights, assuming "
+                          "epsilon (SD 2.x-base); pass prediction_type='v_prediction' for the 768-px v models",
+                          stacklevel=3)
+        prediction_type = "epsilon"
+    canonical_prediction_type(prediction_type)
+    if image_size is None:
+        image_size = 768 if family == "sd2" and prediction_type == "v_prediction" else 512
+    return ModelParts(loaded.unet, text, loaded.vae, dict(SD_SCHEDULE), prediction_type,
+                      SamplingDefaults(image_size=image_size))

@@ -34,6 +34,8 @@ def _ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool, like: tor
             w[length - n:] = torch.minimum(w[length - n:], ramp.flip(0))
     return w
 
+SD_LATENT_SCALE = 0.18215  # Stable Diffusion 1.x / 2.x: the one place this constant is written
+
 
 class AutoencoderKL(nn.Module):
     """KL autoencoder: ``encode(x)`` -> DiagonalGaussianDistribution, ``decode(z)`` -> image (nominally [-1, 1]).
@@ -53,7 +55,7 @@ class AutoencoderKL(nn.Module):
         z_channels: int = 4,
         embed_dim: int = 4,
         dropout: float = 0.0,
-        scale_factor: float = 0.18215,
+        scale_factor: float = SD_LATENT_SCALE,
         shift_factor: float | None = None,
         latent_mean: Sequence[float] | None = None,
         latent_std: Sequence[float] | None = None,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.autoencoder import AutoencoderKL
+from ldm.autoencoder import SD_LATENT_SCALE, AutoencoderKL
 from ldm.unet import UNet
 
 _UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -181,7 +181,7 @@ def vae_config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return dict(
         in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], ch=ch, ch_mult=[c // ch for c in boc],
         num_res_blocks=cfg["layers_per_block"], z_channels=cfg["latent_channels"], embed_dim=cfg["latent_channels"],
-        scale_factor=cfg.get("scaling_factor", 0.18215), shift_factor=cfg.get("shift_factor"),
+        scale_factor=cfg.get("scaling_factor", SD_LATENT_SCALE), shift_factor=cfg.get("shift_factor"),
         latent_mean=list(mean) if mean is not None else None, latent_std=list(std) if std is not None else None,
     )  # fmt: skip
 

@@ -16,6 +16,7 @@ would make them stale, so they are not written and training encodes the captions
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -133,9 +134,28 @@ def cache_latents(
     return write_index(out, entries, **extra)
 
 
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """A short hash of the VAE's weights (any dtype): names a cache folder after the encoder that wrote it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_for_vae(shards: str | os.PathLike | list[str], root: str | os.PathLike, vae: torch.nn.Module,
+                  image_size: int, image_mode: str = "RGB", batch_size: int = 256) -> Path:
+    """Encode ``shards`` with the frozen ``vae`` into ``root/<fingerprint of the VAE's weights>`` (or reuse that
+    cache): a resumed run finds its cache again, and a folder reused with another VAE never reads latents of the
+    old one. Returns the cache folder."""
+    cache = Path(root) / vae_fingerprint(vae)
+    cache_latents(shards, cache, vae, image_size=image_size, image_mode=image_mode, batch_size=batch_size, log=None)
+    return cache
+
+
 def _load_module(config: str | None, checkpoint: str | None) -> torch.nn.Module:
     """A module from a Hydra yaml (``_target_``) with a state dict (plain, Lightning or SD layout) loaded, or without
-    ``config`` from a self-describing checkpoint (``spec`` + ``state_dict``, as train.py's ``vae/vae.ckpt``)."""
+    ``config`` from an ldm checkpoint (the VAE stage's ``vae/vae.ckpt``, or an ldm model's first stage)."""
     state: dict[str, Any] | None = None
     if checkpoint:
         if checkpoint.endswith(".safetensors"):
@@ -149,10 +169,13 @@ def _load_module(config: str | None, checkpoint: str | None) -> torch.nn.Module:
         from omegaconf import OmegaConf
 
         module = instantiate(OmegaConf.load(config))
-    elif state is not None and isinstance(state.get("spec"), dict):
-        from ldm.checkpoint import build_module
+    elif state is not None and (isinstance(state.get("spec"), dict) or "ldm" in state):
+        from ldm.checkpoint import load_first_stage  # an ldm file: its own reader
 
-        module = build_module(state["spec"])
+        module = load_first_stage(checkpoint)
+        if module is None:
+            raise ValueError(f"{checkpoint} is a pixel-space model: it has no VAE to cache latents with")
+        return module.eval()
     else:
         raise ValueError(f"{checkpoint or 'no checkpoint'}: not self-describing (no 'spec'); pass its Hydra yaml "
                          "(--vae-config / --text-encoder-config)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -178,8 +179,10 @@ class ShardDataModule(L.LightningDataModule):
     ``train_shards``/``val_shards``: a shard directory (uses its index.json), a brace pattern
     (``data/{000000..000009}.tar``) or a list of paths. ``source="latents"`` reads a latent cache
     (``python -m ldm.data.cache_latents``) instead of images. ``rank``/``world_size`` default to the initialised
-    process group (or the trainer's), else 0/1. Batches: ``image`` [B, C, H, W] in [-1, 1] (or ``latent``),
-    ``caption`` (list of str), ``label`` (LongTensor, where every sample has one), ``key``.
+    process group (or the trainer's), else 0/1. ``builtin`` names a built-in dataset that ``prepare_data`` writes
+    as shards when they are missing: ``{"source": "shapes" | "mnist", "out": folder (default train_shards),
+    "length", "size", "maxcount", "seed"}`` (``make_shards``' arguments). Batches: ``image`` [B, C, H, W] in
+    [-1, 1] (or ``latent``), ``caption`` (list of str), ``label`` (LongTensor, where every sample has one), ``key``.
     """
 
     def __init__(
@@ -205,9 +208,11 @@ class ShardDataModule(L.LightningDataModule):
         prefetch_factor: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        builtin: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.train_shards, self.val_shards = train_shards, val_shards
+        self.source, self.builtin = source, dict(builtin) if builtin else None
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle_shards, self.shuffle_buffer, self.resampled = shuffle_shards, shuffle_buffer, resampled
         self.epoch_length, self.drop_last, self.seed = epoch_length, drop_last, seed
@@ -260,6 +265,19 @@ class ShardDataModule(L.LightningDataModule):
             prefetch_factor=self.prefetch_factor,
             split="train" if train else "val",
         )
+
+    def prepare_data(self) -> None:
+        """Write the built-in dataset's shards once (Lightning calls this on one process per node), if ``builtin``
+        names one and its index.json is missing. A latent cache is written by ``cache_latents`` instead."""
+        if not self.builtin or self.source == "latents":
+            return
+        out = Path(self.builtin.get("out") or self.train_shards)
+        if (out / "index.json").exists():
+            return
+        from ldm.data.make_shards import make_shards
+
+        make_shards(self.builtin["source"], out, maxcount=self.builtin.get("maxcount", 1000),
+                    size=self.builtin.get("size"), length=self.builtin.get("length"), seed=self.builtin.get("seed", 0))
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve shards and check the layout early (too few shards for ranks x workers raises here)."""

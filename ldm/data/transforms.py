@@ -79,12 +79,6 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return uint8_to_float(pil_to_uint8(image))
 
 
-def to_pil(tensor: torch.Tensor) -> Image.Image:
-    """Inverse of :func:`to_tensor` for one image [C, H, W] in [-1, 1]."""
-    arr = tensor.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-
-
 def decode_image(data: bytes) -> Image.Image:
     """Decode image bytes with PIL, fully loaded (so corrupt data fails here, not later)."""
     image = Image.open(io.BytesIO(data))

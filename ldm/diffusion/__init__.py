@@ -1,13 +1,28 @@
-"""Diffusion math: beta schedules, the forward process, parameterizations, losses, guidance and samplers."""
+"""Diffusion math: beta schedules, the forward process, parameterizations, losses, guidance, schedulers and the
+sampling loop."""
 
-from ldm.diffusion.guidance import autoguidance, classifier_free_guidance, guided_denoiser
+from ldm.diffusion.guidance import (
+    AutoGuidance,
+    ClassifierFreeGuidance,
+    autoguidance,
+    check_guidance_interval,
+    classifier_free_guidance,
+)
 from ldm.diffusion.loss import DiffusionLoss, loss_weights, sample_timesteps
 from ldm.diffusion.noise_schedule import NoiseSchedule
 from ldm.diffusion.parameterization import convert_prediction, make_prediction, split_prediction
-from ldm.diffusion.samplers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerOutput
+from ldm.diffusion.sampling import SAMPLERS, SamplingDefaults, make_scheduler, sample_loop
+from ldm.diffusion.schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerOutput
 from ldm.diffusion.schedules import make_betas, rescale_zero_terminal_snr
 
 __all__ = [
+    "SAMPLERS",
+    "AutoGuidance",
+    "ClassifierFreeGuidance",
+    "SamplingDefaults",
+    "check_guidance_interval",
+    "make_scheduler",
+    "sample_loop",
     "DDIMScheduler",
     "DDPMScheduler",
     "DPMSolverMultistepScheduler",
@@ -17,7 +32,6 @@ __all__ = [
     "autoguidance",
     "classifier_free_guidance",
     "convert_prediction",
-    "guided_denoiser",
     "loss_weights",
     "make_betas",
     "make_prediction",

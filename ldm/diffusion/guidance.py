@@ -1,9 +1,16 @@
-"""Classifier-free guidance (Ho & Salimans, 2022), with the guidance rescale of Lin et al. (2023), and autoguidance
-(Karras et al., 2024): guidance away from a weaker version of the same model."""
+"""Guidance as objects: classifier-free guidance (Ho & Salimans, 2022) with the rescale of Lin et al. (2023) and a
+guidance interval (Kynkaanniemi et al., 2024), and autoguidance (Karras et al., 2024), guidance away from a weaker
+version of the same model. A guidance object turns a denoiser's outputs into the one output a scheduler steps
+with, so the sampling loop stays a plain scheduler loop."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+
 import torch
+
+Denoiser = Callable[..., torch.Tensor]  # denoise(x, t, context, **kwargs) -> model output
 
 
 def classifier_free_guidance(
@@ -35,7 +42,7 @@ def autoguidance(cond: torch.Tensor, guide: torch.Tensor, scale: float) -> torch
 
     ``guide`` is the output of a less-trained (or smaller) model of the same task, with the same conditioning.
     Karras et al. (2024) guide with guide + scale (cond - guide); the term is added to the (CFG-)guided output, so
-    the two guidances combine. It sharpens what the weak model gets wrong (here: square corners).
+    the two guidances combine.
     """
     if scale < 1:
         raise ValueError(f"autoguidance_scale must be >= 1 (1 disables it), got {scale}")
@@ -44,17 +51,79 @@ def autoguidance(cond: torch.Tensor, guide: torch.Tensor, scale: float) -> torch
     return (scale - 1.0) * (cond - guide)
 
 
-def guided_denoiser(denoise, guidance_scale: float, guidance_rescale: float = 0.0):
-    """Wrap ``denoise(x, t, context)`` so one batched call on [uncond; cond] returns the guided output.
+def check_guidance_interval(interval: Sequence[float] | None) -> tuple[float, float]:
+    """``(lo, hi)`` of a guidance interval, checked; None means every step, (-inf, inf)."""
+    if interval is None:
+        return -math.inf, math.inf
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be two timesteps [lo, hi] (e.g. [400, 1000]) or null, got "
+                         f"{interval!r}") from None
+    if not 0 <= lo <= hi:
+        raise ValueError(f"guidance_interval [lo, hi] needs 0 <= lo <= hi (timesteps, 0 = clean), got {interval!r}")
+    return lo, hi
 
-    The returned function takes ``(x, t, cond_context, uncond_context)``; at scale 1 it skips the unconditional half.
+
+class ClassifierFreeGuidance:
+    """uncond + scale (cond - uncond), from one batched network call on [uncond; cond].
+
+    ``uncond_context`` is the encoding of the negative prompt ("" for plain CFG). ``interval=(lo, hi)`` guides only
+    the steps whose timestep t (training units, 0 = clean) has lo <= t <= hi; the others run the conditional model
+    alone, one network pass. Scale 1 is the conditional model alone at every step.
     """
 
-    def guided(x: torch.Tensor, t: torch.Tensor, cond_context, uncond_context) -> torch.Tensor:
-        if guidance_scale == 1.0:
-            return denoise(x, t, cond_context)
-        out = denoise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond_context, cond_context]))
-        uncond, cond = out.chunk(2)
-        return classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)
+    def __init__(self, scale: float = 1.0, uncond_context: torch.Tensor | None = None, rescale: float = 0.0,
+                 interval: Sequence[float] | None = None):
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {scale}")
+        if not 0.0 <= rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must lie in [0, 1], got {rescale}")
+        if scale != 1.0 and uncond_context is None:
+            raise ValueError("guidance_scale != 1 needs the unconditional context (the encoding of the negative "
+                             "prompt)")
+        self.scale, self.uncond_context, self.rescale = float(scale), uncond_context, float(rescale)
+        self.lo, self.hi = check_guidance_interval(interval)
 
-    return guided
+    def guides_at(self, t: int) -> bool:
+        """Whether step ``t`` runs the unconditional half too."""
+        return self.scale != 1.0 and self.lo <= t <= self.hi
+
+    def outputs(self, denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(guided, conditional) float32 outputs for the batch ``x`` at timesteps ``t``."""
+        if not self.guides_at(int(t[0])):
+            cond = denoise(x, t, context, **kwargs).float()
+            return cond, cond
+        doubled = {k: torch.cat([v, v]) for k, v in kwargs.items()}
+        out = denoise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond_context, context]), **doubled)
+        uncond, cond = out.float().chunk(2)
+        return classifier_free_guidance(uncond, cond, self.scale, self.rescale), cond
+
+    def __call__(self, denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
+                 **kwargs) -> torch.Tensor:
+        return self.outputs(denoise, x, t, context, **kwargs)[0]
+
+
+class AutoGuidance:
+    """Classifier-free guidance (``cfg``, none by default) plus (scale - 1) (cond - guide): the ``guide`` network
+    is a weaker version of the model (an early snapshot), run on ``guide_context`` (the model's context if None).
+    One more network pass per step."""
+
+    def __init__(self, guide: Denoiser, scale: float, guide_context: torch.Tensor | None = None,
+                 cfg: ClassifierFreeGuidance | None = None):
+        if not math.isfinite(scale) or scale < 1:
+            raise ValueError(f"autoguidance_scale must be a finite number >= 1 (1 disables it), got {scale}")
+        if guide is None:
+            raise ValueError(f"autoguidance_scale={scale} needs a guide model (a checkpoint trained with "
+                             "ldm_stage.guide_snapshot_step); set autoguidance_scale=1 to sample without it")
+        self.guide, self.scale, self.guide_context = guide, float(scale), guide_context
+        self.cfg = cfg or ClassifierFreeGuidance()
+
+    def __call__(self, denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
+                 **kwargs) -> torch.Tensor:
+        guided, cond = self.cfg.outputs(denoise, x, t, context, **kwargs)
+        if self.scale == 1.0:
+            return guided
+        guide_context = context if self.guide_context is None else self.guide_context
+        return guided + autoguidance(cond, self.guide(x, t, guide_context, **kwargs).float(), self.scale)

@@ -20,6 +20,7 @@ class NoiseSchedule:
         if (betas <= 0).any() or (betas > 1).any():
             raise ValueError("betas must lie in (0, 1]")
         self.betas = betas
+        self.spec: dict | None = None  # the from_name keywords, when built by name
         self.alphas = 1 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         if (self.alphas_cumprod[1:] >= self.alphas_cumprod[:-1]).any():
@@ -34,11 +35,15 @@ class NoiseSchedule:
         beta_end: float = 0.02,
         rescale_betas_zero_snr: bool = False,
     ) -> NoiseSchedule:
-        """Build the schedule by name (``linear``, ``scaled_linear``, ``cosine``), optionally zero-terminal-SNR."""
+        """Build the schedule by name (``linear``, ``scaled_linear``, ``cosine``), optionally zero-terminal-SNR.
+        The keywords are kept as ``spec``, which checkpoints record so samplers rebuild the same schedule."""
         betas = make_betas(schedule, num_train_timesteps, beta_start, beta_end)
         if rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
-        return cls(betas)
+        built = cls(betas)
+        built.spec = {"schedule": schedule, "num_train_timesteps": num_train_timesteps, "beta_start": beta_start,
+                      "beta_end": beta_end, "rescale_betas_zero_snr": rescale_betas_zero_snr}
+        return built
 
     @property
     def num_train_timesteps(self) -> int:

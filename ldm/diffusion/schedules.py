@@ -17,6 +17,11 @@ SCHEDULE_ALIASES: dict[str, str] = {
     "squaredcos_cap_v2": "cosine",
 }
 
+# Stable Diffusion 1.x/2.x train with scaled-linear betas 0.00085..0.012 over 1000 steps (CompVis' "linear"):
+# NoiseSchedule.from_name keywords, the one place they are written.
+SD_SCHEDULE = {"schedule": "scaled_linear", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+               "rescale_betas_zero_snr": False}
+
 
 def canonical_schedule_name(name: str) -> str:
     """Resolve a schedule name or alias to its canonical name, or raise a ValueError listing the choices."""

@@ -128,10 +128,10 @@ def evaluate(pipe, n: int = 500, guidance_scales=(None,), steps: int | None = No
                        generator=g, output_type="tensor", guidance_interval=guidance_interval,
                        autoguidance_scale=autoguidance_scale)
             images += list(((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-        label = pipe.sampling["guidance_scale"] if scale is None else scale
+        label = pipe.sampling.guidance_scale if scale is None else scale
         results[f"guidance_{label:g}"] = {**score(images, captions), "seconds": time.perf_counter() - t0}
     if pipe.vae is not None:
-        results["vae_psnr_db"] = vae_psnr(pipe.vae, pipe.sampling.get("image_size", 32))
+        results["vae_psnr_db"] = vae_psnr(pipe.vae, pipe.sampling.image_size or 32)
     return results
 
 

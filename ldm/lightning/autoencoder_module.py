@@ -10,6 +10,7 @@ from torch import nn
 from ldm.autoencoder.losses import PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, hinge_d_loss
 from ldm.checkpoint import gather_rank_states, rank_state
 from ldm.lightning.optim import grad_norm, warmup_then
+from ldm.lightning.sharding import is_fsdp
 
 
 class AutoencoderModule(L.LightningModule):
@@ -60,6 +61,11 @@ class AutoencoderModule(L.LightningModule):
         self.generator = torch.Generator().manual_seed(seed)
 
     def setup(self, stage: str) -> None:
+        if is_fsdp(self._trainer):
+            raise ValueError(
+                "the vae stage cannot train under FSDP: its two optimizers step by hand inside training_step, which "
+                "FSDP runs inside the wrapped forward (backward there is not allowed). Train the VAE with trainer=ddp "
+                "(stages=[vae]), then the LDM with trainer=fsdp stages=[ldm] vae_ckpt=RUN/vae/vae.ckpt")
         if self.global_rank:
             self.generator.manual_seed(self.seed + 1000003 * self.global_rank)
 

@@ -12,19 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from ldm.images import make_grid, to_pil
 from ldm.lightning.sharding import is_fsdp
-from ldm.pipeline import to_pil
-
-
-def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
-    """Tile equally sized images into one grid image."""
-    cols = cols or min(len(images), 8)
-    rows = (len(images) + cols - 1) // cols
-    w, h = images[0].size
-    grid = Image.new(images[0].mode, (cols * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 def save_and_log_grid(trainer: L.Trainer, grid: Image.Image, out_dir: Path, key: str, caption: str) -> None:
@@ -57,7 +46,7 @@ class StageCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if self.save_last and self.dirpath is not None and self._saved_step != trainer.global_step:
             last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-            trainer.save_checkpoint(last)
+            trainer.save_checkpoint(last, weights_only=False)  # the full state: resumable
             self.last_model_path = str(last)
 
 
@@ -121,10 +110,14 @@ class Throughput(L.Callback):
 
 
 class SampleGrid(L.Callback):
-    """Every ``every_n_steps`` (and at the end) sample fixed prompts with fixed seeds; save and log the grid."""
+    """Every ``every_n_steps`` (and at the end) sample fixed prompts with fixed seeds through the module's pipeline
+    (its sampling defaults, EMA weights); save and log the grid."""
 
-    def __init__(self, prompts: list[str], every_n_steps: int, out_dir: str | Path, seed: int = 0):
+    def __init__(self, prompts: list[str], every_n_steps: int, out_dir: str | Path, seed: int = 0, cols: int = 4):
+        if not prompts:
+            raise ValueError("SampleGrid needs at least one prompt (callbacks.ldm.samples.prompts)")
         self.prompts, self.every, self.out_dir, self.seed = list(prompts), every_n_steps, Path(out_dir), seed
+        self.cols = cols
 
     def _sample(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero and not is_fsdp(trainer):  # under FSDP every rank takes part in sampling
@@ -132,7 +125,8 @@ class SampleGrid(L.Callback):
         g = torch.Generator().manual_seed(self.seed)
         images = to_pil(pl_module.generate(self.prompts, generator=g))
         if trainer.is_global_zero:
-            save_and_log_grid(trainer, make_grid(images, cols=4), self.out_dir, "samples", " | ".join(self.prompts))
+            grid = make_grid(images, cols=self.cols)
+            save_and_log_grid(trainer, grid, self.out_dir, "samples", " | ".join(self.prompts))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every and trainer.global_step % self.every == 0 and trainer.global_step > 0:

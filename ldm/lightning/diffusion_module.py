@@ -5,32 +5,46 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
-from ldm.checkpoint import gather_rank_states, module_spec, rank_state
-from ldm.diffusion import DiffusionLoss, NoiseSchedule
-from ldm.lightning.ema import EMA
-from ldm.lightning.optim import grad_norm, warmup_then
+from ldm.checkpoint import describe_ldm, gather_rank_states, rank_state
+from ldm.diffusion import DiffusionLoss, NoiseSchedule, SamplingDefaults
+from ldm.lightning.optim import LRSchedule, grad_norm
 from ldm.lightning.sharding import full_params, global_sum, is_fsdp
-from ldm.sampling import check_guidance_interval, make_scheduler, sample_loop
+from ldm.nn.ema import EMA, EMASettings
+from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text.conditioner import drop_captions
+
+
+@dataclass(frozen=True)
+class NaNPolicy:
+    """What a non-finite loss does: ``stop`` the run, or ``skip`` the batch (at most ``max_skips`` times)."""
+
+    policy: str = "stop"
+    max_skips: int = 10
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("stop", "skip"):
+            raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.policy!r}")
 
 
 class LatentDiffusionModule(L.LightningModule):
     """Composes a denoiser, a text encoder (or none) and a first stage (a VAE, or None for pixel space).
 
     The first stage is frozen; latents are ``first_stage.encode_latents(image)`` (normalised there), or the
-    ``latent`` entry of a batch from the latent cache. ``schedule`` holds the NoiseSchedule.from_name keywords;
-    ``sampling`` the defaults a sampler should use with this model (saved with the checkpoint).
+    ``latent`` entry of a batch from the latent cache. ``loss`` is the objective (its schedule built with
+    ``NoiseSchedule.from_name``, so checkpoints record it); ``sampling`` the defaults a sampler uses with this model
+    (saved with the checkpoint).
 
     ``guide_snapshot_step=N`` keeps a frozen copy of the UNet (its EMA weights) and of a trainable text encoder as
-    they are after N optimizer steps (a float in (0, 1): that fraction of ``max_steps``): the weak model that
-    autoguidance (``sampling.autoguidance_scale``) guides away from. It is saved in the checkpoint and costs one more
-    copy of those weights in memory, no training time.
+    they are after N optimizer steps (a float in (0, 1): that fraction of ``lr_schedule.max_steps``): the weak model
+    that autoguidance (``sampling.autoguidance_scale``) guides away from. It is saved in the checkpoint and costs one
+    more copy of those weights in memory, no training time.
     """
 
     def __init__(
@@ -38,23 +52,13 @@ class LatentDiffusionModule(L.LightningModule):
         unet: nn.Module,
         text_encoder: nn.Module | None = None,
         first_stage: nn.Module | None = None,
-        schedule: dict | None = None,
-        prediction_type: str = "epsilon",
-        loss_weighting: str = "uniform",
-        snr_gamma: float = 5.0,
-        offset_noise: float = 0.0,
-        timestep_shift: float = 1.0,
-        caption_dropout: float = 0.1,
+        loss: DiffusionLoss | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-        lr_schedule: str = "constant",
-        warmup_steps: int = 0,
-        max_steps: int = 1,
-        lr_decay_fraction: float = 0.2,
-        ema_decay: float | None = 0.9999,
-        ema_warmup: bool = True,
-        nan_policy: str = "stop",
-        max_nan_skips: int = 10,
-        sampling: dict | None = None,
+        lr_schedule: LRSchedule = LRSchedule(),
+        ema: EMASettings | None = EMASettings(),
+        sampling: SamplingDefaults = SamplingDefaults(),
+        caption_dropout: float = 0.1,
+        nan: NaNPolicy = NaNPolicy(),
         guide_snapshot_step: int | float | None = None,
         text_encoder_kwargs: dict | None = None,
         run_config: dict | None = None,
@@ -66,23 +70,21 @@ class LatentDiffusionModule(L.LightningModule):
         self.first_stage = first_stage
         if first_stage is not None:
             first_stage.requires_grad_(False).eval()
-        self.schedule_kwargs = dict(schedule or {})
-        self.schedule = NoiseSchedule.from_name(**self.schedule_kwargs)
-        self.prediction_type = prediction_type
-        self.loss_fn = DiffusionLoss(self.schedule, prediction_type, loss_weighting, snr_gamma, offset_noise,
-                                     timestep_shift)
+        self.loss_fn = loss or DiffusionLoss(NoiseSchedule.from_name())
+        self.schedule = self.loss_fn.schedule
+        if self.schedule.spec is None:
+            raise ValueError("the loss's noise schedule must be built with NoiseSchedule.from_name(...), so that "
+                             "checkpoints record it for the samplers")
+        self.schedule_kwargs = dict(self.schedule.spec)
+        self.prediction_type = self.loss_fn.prediction_type
         self.caption_dropout = caption_dropout
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
-        self.lr_factor = warmup_then(lr_schedule, warmup_steps, max_steps, lr_decay_fraction)
-        self.ema = EMA(unet, ema_decay, ema_warmup) if ema_decay is not None else None
-        if nan_policy not in ("stop", "skip"):
-            raise ValueError(f"nan_policy must be 'stop' or 'skip', got {nan_policy!r}")
-        self.nan_policy = nan_policy
-        self.max_nan_skips = max_nan_skips
+        self.lr_factor = lr_schedule.factor()
+        self.ema = EMA(unet, ema.decay, ema.warmup) if ema is not None else None
+        self.nan = nan
         self.nan_skips = 0
-        self.sampling = dict(sampling or {})
-        check_guidance_interval(self.sampling.get("guidance_interval"))  # a typo fails now, not at the first grid
-        self._init_guide(guide_snapshot_step, max_steps)
+        self.sampling = sampling
+        self._init_guide(guide_snapshot_step, lr_schedule.max_steps)
         self.text_encoder_kwargs = text_encoder_kwargs
         self.run_config = run_config
         # The training randomness (caption dropout, t, noise) comes from one generator whose state is saved in the
@@ -102,9 +104,7 @@ class LatentDiffusionModule(L.LightningModule):
                                  "fraction of max_steps in (0, 1)")
         self.guide_snapshot_step = step
         self.guide_unet = self.guide_text_encoder = None
-        scale = float(self.sampling.get("autoguidance_scale", 1.0))
-        if scale < 1:
-            raise ValueError(f"sampling.autoguidance_scale must be >= 1 (1 disables it), got {scale}")
+        scale = self.sampling.autoguidance_scale
         if step is None:
             if scale != 1.0:
                 raise ValueError(f"sampling.autoguidance_scale={scale} needs a guide model: set "
@@ -143,23 +143,14 @@ class LatentDiffusionModule(L.LightningModule):
             self.generator.manual_seed(self.seed + 1000003 * self.trainer.global_rank)
 
     def describe(self) -> dict:
-        """Everything needed to rebuild the parts and sample: saved in every checkpoint under ``"ldm"``."""
-        return {
-            "kind": "latent_diffusion",
-            "unet": module_spec(self.unet),
-            "text_encoder": None if self.text_encoder is None else module_spec(self.text_encoder,
-                                                                               self.text_encoder_kwargs),
-            "first_stage": None if self.first_stage is None else module_spec(self.first_stage),
-            "schedule": self.schedule_kwargs,
-            "prediction_type": self.prediction_type,
-            "sampling": self.sampling,
-            "ema": self.ema is not None,
-            "guide": None if self.guide_unet is None else {
-                "snapshot_step": self.guide_snapshot_step,
-                "text_encoder": self.guide_text_encoder is not None,
-            },
-            "config": self.run_config,
-        }
+        """The checkpoint header (``ldm.checkpoint.describe_ldm``): everything needed to rebuild the parts and
+        sample."""
+        guide = None if self.guide_unet is None else {"snapshot_step": self.guide_snapshot_step,
+                                                     "text_encoder": self.guide_text_encoder is not None}
+        return describe_ldm(unet=self.unet, text_encoder=self.text_encoder, first_stage=self.first_stage,
+                            schedule=self.schedule_kwargs, prediction_type=self.prediction_type,
+                            sampling=self.sampling, ema=self.ema is not None, guide=guide,
+                            text_encoder_kwargs=self.text_encoder_kwargs, config=self.run_config)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ldm"] = self.describe()
@@ -229,7 +220,7 @@ class LatentDiffusionModule(L.LightningModule):
     def _on_nonfinite(self, loss: torch.Tensor) -> None:
         self.nan_skips += 1
         self.log("train/nan_skips", float(self.nan_skips))
-        if self.nan_policy == "stop" or self.nan_skips > self.max_nan_skips:
+        if self.nan.policy == "stop" or self.nan_skips > self.nan.max_skips:
             raise FloatingPointError(
                 f"loss is {loss.item()} at step {self.global_step} (skipped so far: {self.nan_skips - 1}). The last "
                 "checkpoint is kept. Lower the learning rate, use bf16 rather than fp16, or set "
@@ -298,61 +289,23 @@ class LatentDiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ sampling
 
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: Sequence[str],
-        negative_prompt: str | Sequence[str] = "",
-        guidance_scale: float | None = None,
-        num_inference_steps: int | None = None,
-        sampler: str | None = None,
-        generator: torch.Generator | None = None,
-        latent_shape: tuple[int, int, int] | None = None,
-        use_ema: bool = True,
-        labels: torch.Tensor | None = None,
-        autoguidance_scale: float | None = None,
-    ) -> torch.Tensor:
-        """Images in [-1, 1], [B, C, H, W], for ``prompts`` (EMA weights by default).
+    def pipeline(self) -> LatentDiffusionPipeline:
+        """The public pipeline around this module's parts (the training weights; see ``generate`` for the EMA)."""
+        guide = self.has_guide()
+        return LatentDiffusionPipeline(self.unet, self.text_encoder, self.first_stage, self.schedule_kwargs,
+                                       self.prediction_type, self.sampling, self.guide_unet if guide else None,
+                                       self.guide_text_encoder if guide else None)
 
-        ``autoguidance_scale`` None takes ``sampling``'s; before the guide snapshot is taken it is 1 (no guide yet).
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], use_ema: bool = True, **kwargs) -> torch.Tensor:
+        """Images in [-1, 1], [B, C, H, W], for ``prompts`` through :class:`LatentDiffusionPipeline` (EMA weights
+        by default); ``kwargs`` go to the pipeline's call. Before the guide snapshot is taken, autoguidance is off.
 
         Under FSDP every rank must call it (the full weights are gathered for the duration).
         """
+        if kwargs.get("autoguidance_scale") is None and self.guide_unet is not None and not self.has_guide():
+            kwargs["autoguidance_scale"] = 1.0  # grids before the snapshot step: there is no guide yet
         with full_params(self._trainer):  # FSDP: the whole model on every rank (a no-op otherwise)
-            s = self.sampling
-            guidance_scale = s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
-            steps = num_inference_steps or s.get("num_inference_steps", 25)
-            scheduler = make_scheduler(sampler or s.get("sampler", "dpm_solver++"), self.schedule_kwargs,
-                                       self.prediction_type)
-            scheduler.set_timesteps(steps)
-            shape = latent_shape or tuple(s["latent_shape"])
-            n = len(prompts)
-            context = uncond = None
-            if self.text_encoder is not None:
-                context = self.encode_text(prompts)
-                neg = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
-                uncond = self.encode_text(neg)
-            auto = float(s.get("autoguidance_scale", 1.0) if autoguidance_scale is None else autoguidance_scale)
-            guide = guide_context = None
-            if auto != 1.0 and self.has_guide():
-                guide = self.guide_unet
-                guide_context = context if self.guide_text_encoder is None else self.guide_text_encoder.encode(
-                    list(prompts)).hidden
-            elif auto != 1.0 and self.guide_unet is not None:
-                auto = 1.0  # grids before the snapshot step: there is no guide yet
-            device = next(self.unet.parameters()).device
-            noise_gen_device = generator.device if generator is not None else device
-            x = torch.randn((n, *shape), generator=generator, device=noise_gen_device).to(device)
-            was_training = self.unet.training
-            self.unet.eval()
-            try:
-                weights = self.ema.swapped_in(self.unet) if use_ema and self.ema is not None else nullcontext()
-                with weights:
-                    z = sample_loop(self.denoise, scheduler, x, context, uncond, guidance_scale, generator=generator,
-                                    y=labels, guidance_interval=s.get("guidance_interval"), guide=guide,
-                                    guide_context=guide_context, autoguidance_scale=auto)
-            finally:
-                self.unet.train(was_training)
-            if self.first_stage is None:
-                return z.clamp(-1, 1)
-            return self.first_stage.decode_latents(z.to(next(self.first_stage.parameters()).dtype)).float()
+            weights = self.ema.swapped_in(self.unet) if use_ema and self.ema is not None else nullcontext()
+            with weights:
+                return self.pipeline()(list(prompts), output_type="tensor", **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +34,21 @@ def warmup_then(
         return 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning-rate schedule of a stage: ``name`` (constant | cosine | linear | wsd) after ``warmup_steps``,
+    ending at ``max_steps``; ``decay_fraction`` is wsd's final linear decay."""
+
+    name: str = "constant"
+    warmup_steps: int = 0
+    max_steps: int = 1
+    decay_fraction: float = 0.2
+
+    def factor(self) -> Callable[[int], float]:
+        """The multiplier of the base LR at each optimizer step (for ``LambdaLR``)."""
+        return warmup_then(self.name, self.warmup_steps, self.max_steps, self.decay_fraction)
 
 
 def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor | None:

@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ldm.text.base import TextEncoder, TextEncoding
-from ldm.text.conditioner import CaptionDropout, drop_captions
+from ldm.text.conditioner import drop_captions
 from ldm.text.tokenizer import CLIPTokenizer
 
 if TYPE_CHECKING:
@@ -26,7 +26,6 @@ _LAZY = {
 
 __all__ = [
     "CLIPTokenizer",
-    "CaptionDropout",
     "HFCLIPTextEncoder",
     "OpenCLIPTextEncoder",
     "ScratchTextEncoder",

@@ -31,23 +31,3 @@ def drop_captions(
         return captions
     drop = torch.rand(len(captions), generator=generator) < p
     return [NULL_PROMPT if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-
-
-class CaptionDropout:
-    """Callable form of ``drop_captions`` holding ``p`` and its own generator (seeded when ``seed`` is given)."""
-
-    def __init__(self, p: float = DEFAULT_DROP_PROB, seed: int | None = None) -> None:
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"caption drop probability must lie in [0, 1], got {p}")
-        self.p = p
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
-
-    def __call__(self, captions: Sequence[str], generator: torch.Generator | None = None) -> list[str]:
-        return drop_captions(captions, self.p, generator if generator is not None else self.generator)
-
-    def __repr__(self) -> str:
-        return f"CaptionDropout(p={self.p})"

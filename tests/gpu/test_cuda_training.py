@@ -17,8 +17,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run where a GPU is lent)"),
 ]
 
-STEPS = ["vae_stage.max_steps=6", "ldm_stage.max_steps=7", "ldm_stage.checkpoint_every_n_steps=4",
-         "ldm_stage.ema_decay=0.9", "ldm_stage.cache_latents=false", "sampling.log_every_n_steps=4",
+STEPS = ["vae_stage.max_steps=6", "ldm_stage.max_steps=7", "callbacks.ldm.checkpoint.every_n_train_steps=4",
+         "ldm_stage.ema_decay=0.9", "ldm_stage.cache_latents=false", "callbacks.ldm.samples.every_n_steps=4",
          "trainer.devices=1", "trainer.log_every_n_steps=1", "trainer.precision=bf16-mixed"]  # quickstart: fp32
 
 

@@ -18,11 +18,10 @@ from tests.integration.tiny_run import ROOT, read_metrics, run_train, train_cmd,
 # writes half the bytes, fsyncs, says so in a marker file and hangs: the test SIGKILLs it there.
 HANGING_SAVE = textwrap.dedent(
     f"""
-    import io, os, sys, time
-    sys.path.insert(0, {str(ROOT)!r})
+    import io, os, time
     import hydra
     import torch
-    import train
+    from ldm.lightning import stages
 
     real_save, saves_at_4 = torch.save, []
 
@@ -41,7 +40,7 @@ HANGING_SAVE = textwrap.dedent(
 
     torch.save = save
     if __name__ == "__main__":
-        hydra.main(config_path={str(ROOT / "conf")!r}, config_name="train", version_base="1.3")(train.run)()
+        hydra.main(config_path={str(ROOT / "conf")!r}, config_name="train", version_base="1.3")(stages.run)()
     """
 )
 
@@ -49,7 +48,7 @@ HANGING_SAVE = textwrap.dedent(
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_resume_works(tmp_path):
     script, marker, run = tmp_path / "hanging_save.py", tmp_path / "writing", tmp_path / "run"
     script.write_text(HANGING_SAVE)
-    overrides = ["vae_stage.max_steps=2", "ldm_stage.max_steps=6", "ldm_stage.checkpoint_every_n_steps=2"]
+    overrides = ["vae_stage.max_steps=2", "ldm_stage.max_steps=6", "callbacks.ldm.checkpoint.every_n_train_steps=2"]
     cmd = train_cmd(run, tmp_path / "shards", *overrides)
     cmd[1] = str(script)  # the same command line, through the hanging script
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=train_env(MARKER=str(marker)), stdout=subprocess.PIPE,

@@ -4,7 +4,6 @@ training_step, and train.py's refusals for a latent source."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,11 +14,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ldm.checkpoint import load_autoencoder
 from ldm.data.cache_latents import cache_latents, main
 from ldm.data.datamodule import ShardDataModule
 from ldm.data.make_shards import make_shards
 from ldm.data.shards import iter_shard, read_index
 from ldm.data.transforms import decode_image, load_npy, to_tensor
+from ldm.lightning import stages
 
 
 class TinyVAE(nn.Module):
@@ -119,13 +120,6 @@ def test_trainable_text_encoder_is_not_cached(tmp_path):
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _train_py():
-    spec = importlib.util.spec_from_file_location("ldm_train_script", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _unet(context_dim: int):
     from ldm.unet import UNet
 
@@ -151,7 +145,7 @@ def test_cache_end_to_end_with_a_real_vae(tmp_path):
     """make_shards -> a vae.ckpt as train.py writes it -> the cache_latents CLI -> training from the cache."""
     from ldm.autoencoder import AutoencoderKL
     from ldm.checkpoint import atomic_torch_save, module_spec
-    from ldm.lightning.diffusion_module import LatentDiffusionModule
+    from tests.module_factory import diffusion_module
 
     make_shards("shapes", tmp_path / "img", maxcount=4, length=8, size=16, log=None)
     torch.manual_seed(0)
@@ -169,8 +163,8 @@ def test_cache_end_to_end_with_a_real_vae(tmp_path):
     index = read_index(tmp_path / "lat")
     assert index["total"] == 8 and index["latents"]["shape"] == [4, 8, 8] and index["latents"]["text"]
 
-    first_stage = _train_py().load_vae(tmp_path / "vae.ckpt")  # what the ldm stage loads from vae_ckpt
-    module = LatentDiffusionModule(_unet(32), text, first_stage, schedule={"schedule": "cosine"},
+    first_stage = load_autoencoder(tmp_path / "vae.ckpt")  # what the ldm stage loads from vae_ckpt
+    module = diffusion_module(_unet(32), text, first_stage, schedule={"schedule": "cosine"},
                                    caption_dropout=0.0, ema_decay=None, max_steps=3)
     seen: list[tuple[list[str], torch.Tensor, bool]] = []
     latents_of = module.latents_of
@@ -199,8 +193,8 @@ def test_cache_end_to_end_with_a_real_vae(tmp_path):
 
 def test_cached_text_embedding_gives_the_same_loss_as_captions():
     """A frozen encoder's cached embeddings (dropped rows -> its null embedding) train exactly like the captions."""
-    from ldm.lightning.diffusion_module import LatentDiffusionModule
     from ldm.text.conditioner import drop_captions
+    from tests.module_factory import diffusion_module
 
     captions = ["a red circle in the top left", "a blue square in the center", "a white triangle in the center",
                 "a green circle in the bottom right", "a purple square in the top right", "a red square"]
@@ -214,7 +208,7 @@ def test_cached_text_embedding_gives_the_same_loss_as_captions():
     cached_batch = {**raw_batch, "text_hidden": hidden}  # as cache_latents stores it (float32)
     losses, contexts = [], []
     for batch in (raw_batch, cached_batch):
-        module = LatentDiffusionModule(_unet(32), text, None, schedule={"schedule": "cosine"},
+        module = diffusion_module(_unet(32), text, None, schedule={"schedule": "cosine"},
                                        prediction_type="v_prediction", caption_dropout=p, ema_decay=None)
         module.generator.manual_seed(7)
         context = module.text_context(batch)
@@ -230,7 +224,7 @@ def test_cached_text_embedding_gives_the_same_loss_as_captions():
 
 def test_training_step_uses_the_cache_only_for_a_frozen_encoder(tmp_path):
     """Through Lightning: with the cache, a frozen encoder is not run on the captions; a trainable one is."""
-    from ldm.lightning.diffusion_module import LatentDiffusionModule
+    from tests.module_factory import diffusion_module
 
     captions = ["a red circle in the top left", "a blue square in the center"]
     for frozen in (True, False):
@@ -241,7 +235,7 @@ def test_training_step_uses_the_cache_only_for_a_frozen_encoder(tmp_path):
         calls: list[list[str]] = []
         encode = text.encode
         text.encode = lambda prompts, encode=encode, calls=calls: calls.append(list(prompts)) or encode(prompts)
-        module = LatentDiffusionModule(_unet(32), text, None, schedule={"schedule": "cosine"}, caption_dropout=0.5,
+        module = diffusion_module(_unet(32), text, None, schedule={"schedule": "cosine"}, caption_dropout=0.5,
                                        ema_decay=None, max_steps=2)
         _trainer(2, tmp_path).fit(module, train_dataloaders=DataLoader([batch, batch], batch_size=None))
         if frozen:
@@ -259,23 +253,22 @@ def _compose(tmp_path: Path, *overrides: str):
 
 
 def test_train_py_latent_source_refusals(tmp_path):
-    train = _train_py()
     with pytest.raises(ValueError, match="vae stage trains on images"):
-        train.run(_compose(tmp_path))
+        stages.run(_compose(tmp_path))
     with pytest.raises(ValueError, match="needs vae_ckpt"):
-        train.run(_compose(tmp_path, "stages=[ldm]"))
+        stages.run(_compose(tmp_path, "stages=[ldm]"))
     with pytest.raises(ValueError, match="first_stage=vae"):
-        train.run(_compose(tmp_path, "stages=[ldm]", "first_stage=pixel"))
+        stages.run(_compose(tmp_path, "stages=[ldm]", "first_stage=pixel"))
     with pytest.raises(FileNotFoundError, match="no latent cache"):
-        train.run(_compose(tmp_path, "stages=[ldm]", "vae_ckpt=x.ckpt"))
+        stages.run(_compose(tmp_path, "stages=[ldm]", "vae_ckpt=x.ckpt"))
     assert not (tmp_path / "lat").exists()  # no image shards were written into the cache's place
     (tmp_path / "lat").mkdir()
     (tmp_path / "lat" / "index.json").write_text(json.dumps({"shards": [], "total": 0,
                                                              "latents": {"shape": [4, 4, 4]}}))
     cfg = _compose(tmp_path, "stages=[ldm]")
-    train.check_cache_shape(cfg, [4, 4, 4])
+    stages.check_cache_shape(cfg, [4, 4, 4])
     with pytest.raises(ValueError, match=r"shape \[4, 4, 4\].*\[4, 8, 8\]"):
-        train.check_cache_shape(cfg, [4, 8, 8])
+        stages.check_cache_shape(cfg, [4, 8, 8])
 
 
 def test_train_py_caches_the_run_vae_latents_for_the_ldm_stage(tmp_path):
@@ -289,7 +282,7 @@ def test_train_py_caches_the_run_vae_latents_for_the_ldm_stage(tmp_path):
     index = read_index(caches[0])
     assert index["total"] == 48 and index["latents"]["shape"] == [4, 4, 4]
     assert (run / "ldm" / "checkpoints" / "last.ckpt").is_file()
-    vae = _train_py().load_vae(run / "vae" / "vae.ckpt")
+    vae = load_autoencoder(run / "vae" / "vae.ckpt")
     first = next(iter_shard(tmp_path / "shards" / "000000.tar"))
     cached = next(iter_shard(caches[0] / "000000.tar"))
     assert cached["__key__"] == first["__key__"] and cached["txt"] == first["txt"]
@@ -301,13 +294,11 @@ def test_train_py_caches_the_run_vae_latents_for_the_ldm_stage(tmp_path):
 def test_train_py_cache_latents_refusals(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    train = _train_py()
-    vae = nn.Linear(1, 1)
     with pytest.raises(ValueError, match="latent cache already; set ldm_stage.cache_latents=false"):
-        train.cache_run_latents(_compose(tmp_path, "stages=[ldm]"), tmp_path, vae)
+        stages.check_cache_run(_compose(tmp_path, "stages=[ldm]"))
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"out_dir={tmp_path}", "trainer=ddp_cpu", "ldm_stage.cache_latents=true"])
     one_process = r"runs in one process \(trainer.devices=2.*ldm_stage.cache_latents=false.*python -m ldm.data"
     with pytest.raises(ValueError, match=one_process):
-        train.cache_run_latents(cfg, tmp_path, vae)
+        stages.check_cache_run(cfg)
     assert not (tmp_path / "latents").exists()

@@ -144,3 +144,11 @@ def test_image_to_image_per_image_seeds(tiny_ckpt, tmp_path) -> None:
     assert not np.array_equal(pixels(written[0]), pixels(written[1]))  # each image has its own noise
     again = sample(None, tmp_path / "again", regenerate=str(written[1].with_suffix(".json")))
     assert_regenerated(written[1], again[0])
+
+
+def test_given_the_vae_checkpoint_sample_py_names_the_file_to_pass(tiny_ckpt, tmp_path) -> None:
+    vae = tiny_ckpt.parents[2] / "vae" / "vae.ckpt"
+    with pytest.raises(ValueError, match=r"autoencoder checkpoint \(vae/vae.ckpt\): it encodes and decodes images but "
+                                         r"cannot generate them\. Pass the latent diffusion checkpoint: .*last\.ckpt"):
+        sample(vae, tmp_path / "out", prompt="a red circle")
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made

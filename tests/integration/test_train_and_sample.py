@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from ldm.pipeline import LatentDiffusionPipeline
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "vae_stage.max_steps=6", "vae_stage.batch_size=8", "ldm_stage.max_steps=6", "ldm_stage.batch_size=8",
-    "ldm_stage.warmup_steps=2", "dataset.length=64", "dataset.maxcount=16", "sampling.log_every_n_steps=3",
+    "ldm_stage.warmup_steps=2", "dataset.length=64", "dataset.maxcount=16", "callbacks.ldm.samples.every_n_steps=3",
     "sampling.num_inference_steps=4", "logger=csv", "trainer.log_every_n_steps=1",
     "ldm_stage.guide_snapshot_step=0.1", "sampling.autoguidance_scale=2",  # autoguidance end to end (opt-in)
 ]
@@ -115,7 +116,9 @@ def test_pipeline_bad_input(pipe, trained):
         pipe("x", image=Image.new("RGB", (40, 24)), num_inference_steps=2)
     with pytest.warns(UserWarning, match="converted to RGB"):
         pipe("x", image=Image.new("L", (32, 32)), num_inference_steps=2)
-    with pytest.raises(ValueError, match="autoencoder .VAE. checkpoint, not a diffusion model"):
+    last = trained / "ldm" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=rf"VAE stage's autoencoder checkpoint.*cannot generate.*Pass the latent "
+                                         rf"diffusion checkpoint: {re.escape(str(last))}"):
         LatentDiffusionPipeline.from_checkpoint(trained / "vae" / "vae.ckpt")
 
 

@@ -13,8 +13,9 @@ import torch
 from tests.integration.tiny_run import ROOT, TINY_MODELS, read_metrics, train_env
 
 OVERRIDES = [*TINY_MODELS, "trainer.log_every_n_steps=1", "vae_stage.max_steps=3", "ldm_stage.max_steps=5",
-             "ldm_stage.checkpoint_every_n_steps=3", "ldm_stage.ema_decay=0.9", "ldm_stage.cache_latents=false",
-             "sampling.log_every_n_steps=3"]  # the grid at step 3 and at the end: every rank samples under FSDP
+             "callbacks.ldm.checkpoint.every_n_train_steps=3", "ldm_stage.ema_decay=0.9",
+             "ldm_stage.cache_latents=false",
+             "callbacks.ldm.samples.every_n_steps=3"]  # the grid at step 3 and at the end: every rank samples (FSDP)
 
 
 def _train(tmp_path, name: str, trainer: str, *overrides: str):
@@ -46,8 +47,10 @@ def test_fsdp_trains_the_ldm_stage_to_the_ddp_weights_and_ema(runs):
     assert c_fsdp["global_step"] == 5
     s_ddp, s_fsdp = c_ddp["state_dict"], c_fsdp["state_dict"]
     unet = [k for k in s_ddp if k.startswith("unet.")]
-    shadows = [k for k in s_ddp if k.startswith("ema.shadow_")]
-    assert unet and len(shadows) == len([k for k in unet if s_ddp[k].is_floating_point()])
+    shadows = [k for k in s_ddp if k.startswith("ema.") and k != "ema.num_updates"]
+    # the EMA averages sit under the UNet's own parameter names
+    floats = {k[len("unet."):] for k in unet if s_ddp[k].is_floating_point()}
+    assert unet and {k[len("ema."):] for k in shadows} == floats
     for k in s_ddp:
         if s_ddp[k].is_floating_point():
             assert s_fsdp[k].shape == s_ddp[k].shape, k  # full tensors, not flat shards
@@ -91,7 +94,7 @@ def test_fsdp_under_bf16_mixed_keeps_the_ema_in_float32_and_moving(runs):
     run = _train(tmp_path, "fsdp_bf16", "fsdp_cpu", "stages=[ldm]", f"vae_ckpt={vae}", "trainer.precision=bf16-mixed")
     mid = torch.load(run / "ldm" / "checkpoints" / "step000003.ckpt", map_location="cpu", weights_only=False)
     end = _last(run)["state_dict"]
-    shadows = [k for k in end if k.startswith("ema.shadow_")]
+    shadows = [k for k in end if k.startswith("ema.") and k != "ema.num_updates"]
     assert shadows and all(end[k].dtype == torch.float32 for k in shadows)
     assert int(end["ema.num_updates"]) == 5
     assert any(not torch.equal(end[k], mid["state_dict"][k]) for k in shadows)  # steps 4 and 5 moved the average

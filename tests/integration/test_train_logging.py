@@ -53,8 +53,9 @@ def read_offline_run(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def wandb_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wandb")
-    run_train(tmp, "logger=wandb", "vae_stage.max_steps=3", "ldm_stage.max_steps=3", "sampling.log_every_n_steps=2",
-              "vae_stage.log_images_every_n_steps=2",
+    run_train(tmp, "logger=wandb", "vae_stage.max_steps=3", "ldm_stage.max_steps=3",
+              "callbacks.ldm.samples.every_n_steps=2",
+              "callbacks.vae.reconstructions.every_n_steps=2",
               "perf.peak_flops=1e12", env=train_env(WANDB_DIR=str(tmp / "wandb_dir"), WANDB_SILENT="true"))
     return tmp / "run"
 

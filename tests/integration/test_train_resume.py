@@ -11,7 +11,7 @@ import torch
 from tests.integration.tiny_run import read_metrics, run_train
 
 N, K = 10, 7  # steps in all; the checkpoint step (epochs of 6 batches: the resume lands mid-epoch, in the second)
-LDM = ["stages=[ldm]", f"ldm_stage.max_steps={N}", f"ldm_stage.checkpoint_every_n_steps={K}",
+LDM = ["stages=[ldm]", f"ldm_stage.max_steps={N}", f"callbacks.ldm.checkpoint.every_n_train_steps={K}",
        "ldm_stage.batch_size=8", "ldm_stage.warmup_steps=3", "ldm_stage.lr_schedule=cosine", "ldm_stage.ema_decay=0.9",
        "ldm_stage.caption_dropout=0.3",
        "ldm_stage.guide_snapshot_step=8"]  # autoguidance snapshot after the resume point: the resumed run takes it
@@ -88,11 +88,12 @@ def test_vae_stage_resumes_exactly(vae_ckpt):
 
 
 def test_periodic_checkpoints_keep_the_newest_or_all(vae_ckpt):
-    """By default a run keeps only its newest periodic checkpoint (plus last.ckpt); keep_all_checkpoints keeps each."""
+    """By default a run keeps only its newest periodic checkpoint (plus last.ckpt); save_top_k=-1 keeps each."""
     tmp = vae_ckpt.parents[2]
-    common = ["stages=[ldm]", f"vae_ckpt={vae_ckpt}", "ldm_stage.max_steps=5", "ldm_stage.checkpoint_every_n_steps=2"]
+    common = ["stages=[ldm]", f"vae_ckpt={vae_ckpt}", "ldm_stage.max_steps=5",
+              "callbacks.ldm.checkpoint.every_n_train_steps=2"]
     run_train(tmp, *common, run_dir=tmp / "keep_newest")
-    run_train(tmp, *common, "ldm_stage.keep_all_checkpoints=true", run_dir=tmp / "keep_all")
+    run_train(tmp, *common, "callbacks.ldm.checkpoint.save_top_k=-1", run_dir=tmp / "keep_all")
     names = {d: sorted(p.name for p in (tmp / d / "ldm" / "checkpoints").glob("*.ckpt"))
              for d in ("keep_newest", "keep_all")}
     assert names["keep_newest"] == ["last.ckpt", "step000004.ckpt"]

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_MODELS = [
     "data.image_size=16", "autoencoder.ch_mult=[1,1,1]", "unet.model_channels=32", "unet.num_heads=2",
     "text_encoder.width=32", "text_encoder.layers=1", "text_encoder.heads=2", "text_encoder.context_length=12",
-    "sampling.num_inference_steps=2", "sampling.log_every_n_steps=0",
-    "sampling.prompts=[a red circle in the top left,a blue square in the center]",
+    "sampling.num_inference_steps=2", "callbacks.ldm.samples.every_n_steps=0",
+    "callbacks.ldm.samples.prompts=[a red circle in the top left,a blue square in the center]",
     "vae_stage.batch_size=4", "ldm_stage.batch_size=4", "ldm_stage.warmup_steps=2",
     "dataset.length=48", "dataset.maxcount=8", "logger=csv", "trainer.log_every_n_steps=1",
 ]

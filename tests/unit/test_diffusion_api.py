@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from ldm.diffusion import (
+    AutoGuidance,
+    ClassifierFreeGuidance,
     DDIMScheduler,
     DDPMScheduler,
     DiffusionLoss,
     NoiseSchedule,
     classifier_free_guidance,
-    guided_denoiser,
     loss_weights,
     make_betas,
     sample_timesteps,
@@ -151,20 +152,46 @@ def test_cfg_matches_diffusers_rescale():
         classifier_free_guidance(uncond, cond, -1.0)
 
 
-def test_guided_denoiser_batches_uncond_and_cond_in_one_call():
+def test_cfg_object_batches_uncond_and_cond_in_one_call_and_respects_its_interval():
     calls = []
 
     def denoise(x, t, ctx):
-        calls.append(x.shape[0])
+        calls.append((x.shape[0], int(t[0])))
         return x * ctx.mean(dim=(1, 2)).view(-1, 1, 1, 1)
 
     x, t = torch.ones(3, 2, 4, 4), torch.tensor([5, 5, 5])
     cond, uncond = torch.full((3, 7, 16), 2.0), torch.zeros(3, 7, 16)
-    out = guided_denoiser(denoise, 4.0)(x, t, cond, uncond)
-    assert calls == [6]
+    out = ClassifierFreeGuidance(4.0, uncond)(denoise, x, t, cond)
+    assert calls == [(6, 5)]
     torch.testing.assert_close(out, x * 8.0)  # 0 + 4 * (2 - 0)
-    guided_denoiser(denoise, 1.0)(x, t, cond, uncond)
-    assert calls == [6, 3]
+    ClassifierFreeGuidance(1.0)(denoise, x, t, cond)  # scale 1: the conditional half alone
+    assert calls[-1] == (3, 5)
+    outside = ClassifierFreeGuidance(4.0, uncond, interval=(400, 1000))
+    torch.testing.assert_close(outside(denoise, x, t, cond), x * 2.0)  # t=5 is outside [400, 1000]: unguided
+    assert calls[-1] == (3, 5) and outside.guides_at(400) and not outside.guides_at(399)
+    with pytest.raises(ValueError, match="needs the unconditional context"):
+        ClassifierFreeGuidance(3.0)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        ClassifierFreeGuidance(float("nan"), uncond)
+    with pytest.raises(ValueError, match="0 <= lo <= hi"):
+        ClassifierFreeGuidance(2.0, uncond, interval=(600, 400))
+
+
+def test_autoguidance_object_adds_the_guide_term_to_cfg():
+    def denoise(x, t, ctx):
+        return x * ctx.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    def guide(x, t, ctx):
+        return x * 0.5
+
+    x, t = torch.ones(2, 1, 2, 2), torch.tensor([7, 7])
+    cond, uncond = torch.full((2, 3, 4), 2.0), torch.zeros(2, 3, 4)
+    cfg = ClassifierFreeGuidance(3.0, uncond)
+    out = AutoGuidance(guide, 2.0, cfg=cfg)(denoise, x, t, cond)
+    torch.testing.assert_close(out, x * (6.0 + (2.0 - 1.0) * (2.0 - 0.5)))  # CFG 0 + 3 (2 - 0), plus (s-1)(c-g)
+    torch.testing.assert_close(AutoGuidance(guide, 1.0, cfg=cfg)(denoise, x, t, cond), x * 6.0)
+    with pytest.raises(ValueError, match="autoguidance_scale must be a finite number >= 1"):
+        AutoGuidance(guide, 0.5)
 
 
 # ---------------------------------------------------------------- timestep embedding

@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader
 
 from ldm.autoencoder import AutoencoderKL
 from ldm.lightning.autoencoder_module import AutoencoderModule
-from ldm.lightning.diffusion_module import LatentDiffusionModule
-from ldm.lightning.ema import EMA
 from ldm.lightning.optim import warmup_then
+from ldm.nn.ema import EMA
 from ldm.unet import UNet
+from tests.module_factory import diffusion_module
 
 
 class HashTextEncoder(nn.Module):
@@ -77,7 +77,17 @@ def test_ema_follows_the_model_with_warmup_and_swaps_in():
     with ema.swapped_in(model):
         torch.testing.assert_close(model.weight, before + 0.9)
     torch.testing.assert_close(model.weight, trained)
-    assert "shadow_0" in ema.state_dict() and int(ema.num_updates) == 1
+    state = ema.state_dict()  # the averages under the parameters' own names: a plain load_state_dict reads them
+    assert list(state) == ["weight", "bias", "num_updates"] and int(state["num_updates"]) == 1
+    plain = nn.Linear(3, 3)
+    plain.load_state_dict({k: v for k, v in state.items() if k != "num_updates"})
+    torch.testing.assert_close(plain.weight, before + 0.9)
+    again = EMA(nn.Linear(3, 3), decay=0.99)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.averaged_state_dict()["weight"], before + 0.9)
+    assert int(again.num_updates) == 1
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        again.load_state_dict({**state, "extra": torch.zeros(1)})
     with pytest.raises(ValueError, match="decay"):
         EMA(model, decay=1.0)
     # a bf16 model keeps a float32 shadow, updated from the upcast parameters
@@ -118,10 +128,10 @@ def test_latent_diffusion_module_learns_and_updates_ema(tmp_path):
     torch.manual_seed(0)
     unet, vae, text = tiny_unet(), tiny_vae(), HashTextEncoder()
     vae_before = {k: v.clone() for k, v in vae.state_dict().items()}
-    module = LatentDiffusionModule(
+    module = diffusion_module(
         unet, text, vae, schedule={"schedule": "cosine"}, prediction_type="epsilon", caption_dropout=0.1,
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), ema_decay=0.9, max_steps=30,
-        sampling={"latent_shape": [4, 8, 8], "guidance_scale": 3.0, "num_inference_steps": 4},
+        sampling={"image_size": 16, "guidance_scale": 3.0, "num_inference_steps": 4},
     )
     ema_before = module.ema.shadow_0.clone()
     loader = DataLoader(image_batches(), batch_size=8, collate_fn=collate, shuffle=True)
@@ -148,15 +158,24 @@ def test_latent_diffusion_module_learns_and_updates_ema(tmp_path):
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
     again = module.generate(["a red square", "a blue square"], generator=torch.Generator().manual_seed(0))
     assert torch.equal(images, again)
+    # one generation path: the grid is the public pipeline's output with the EMA weights swapped in, and the
+    # module leaves sampling in training mode with its trained weights
+    assert module.training and module.unet.training and not module.first_stage.training
+    trained = {k: v.clone() for k, v in unet.state_dict().items()}
+    with module.ema.swapped_in(unet):
+        direct = module.pipeline()(["a red square", "a blue square"], generator=torch.Generator().manual_seed(0),
+                                   output_type="tensor")
+    torch.testing.assert_close(images, direct, rtol=0, atol=0)
+    assert all(torch.equal(v, trained[k]) for k, v in unet.state_dict().items())
 
 
 def test_pixel_space_class_conditional_module(tmp_path):
     unet = tiny_unet(in_ch=3, context_dim=None, num_classes=10)
-    module = LatentDiffusionModule(unet, None, None, schedule={"schedule": "linear"}, ema_decay=None,
+    module = diffusion_module(unet, None, None, schedule={"schedule": "linear"}, ema_decay=None,
                                    optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
-                                   sampling={"latent_shape": [3, 16, 16], "sampler": "ddpm", "num_inference_steps": 3})
+                                   sampling={"image_size": 16, "sampler": "ddpm", "num_inference_steps": 3})
     trainer(4, tmp_path).fit(module, DataLoader(image_batches(), batch_size=8, collate_fn=collate))
-    out = module.generate(["", ""], labels=torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0))
+    out = module.generate(["", ""], class_labels=torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 16, 16)
 
 
@@ -170,10 +189,10 @@ def test_nan_loss_stops_with_a_clear_message_or_is_skipped(tmp_path):
         def forward(self, x, t, context=None):
             return x * self.w * float("nan")
 
-    stop = LatentDiffusionModule(NaNNet(), None, None, ema_decay=None)
+    stop = diffusion_module(NaNNet(), None, None, ema_decay=None)
     with pytest.raises(FloatingPointError, match="nan_policy=skip"):
         trainer(2, tmp_path).fit(stop, DataLoader(image_batches(8), batch_size=4, collate_fn=collate))
-    skip = LatentDiffusionModule(NaNNet(), None, None, ema_decay=None, nan_policy="skip", max_nan_skips=10)
+    skip = diffusion_module(NaNNet(), None, None, ema_decay=None, nan_policy="skip", max_nan_skips=10)
     trainer(2, tmp_path).fit(skip, DataLoader(image_batches(8), batch_size=4, collate_fn=collate))
     assert skip.nan_skips == 2 and torch.equal(skip.unet.w.detach(), torch.ones(()))
 
@@ -181,11 +200,11 @@ def test_nan_loss_stops_with_a_clear_message_or_is_skipped(tmp_path):
 def test_a_bad_guidance_interval_fails_at_construction_not_at_the_first_sample_grid():
     net = nn.Conv2d(4, 4, 1)
     with pytest.raises(ValueError, match=r"guidance_interval \[lo, hi\] needs 0 <= lo <= hi"):
-        LatentDiffusionModule(net, None, None, ema_decay=None, sampling={"guidance_interval": [600, 400]})
+        diffusion_module(net, None, None, ema_decay=None, sampling={"guidance_interval": [600, 400]})
     with pytest.raises(ValueError, match="two timesteps"):
-        LatentDiffusionModule(net, None, None, ema_decay=None, sampling={"guidance_interval": 400})
-    ok = LatentDiffusionModule(net, None, None, ema_decay=None, sampling={"guidance_interval": [400, 1000]})
-    assert ok.sampling["guidance_interval"] == [400, 1000]
+        diffusion_module(net, None, None, ema_decay=None, sampling={"guidance_interval": 400})
+    ok = diffusion_module(net, None, None, ema_decay=None, sampling={"guidance_interval": [400, 1000]})
+    assert ok.sampling.guidance_interval == (400, 1000)
 
 
 def test_autoencoder_module_trains_with_gan_and_fits_latent_scale(tmp_path):
@@ -216,8 +235,8 @@ def test_perceptual_loss_needs_local_weights(tmp_path):
 def test_guide_snapshot_holds_the_ema_weights_of_its_step_and_drives_autoguidance(tmp_path):
     torch.manual_seed(0)
     unet, vae, text = tiny_unet(), tiny_vae(), HashTextEncoder()
-    sampling = {"latent_shape": [4, 8, 8], "guidance_scale": 3.0, "num_inference_steps": 4, "autoguidance_scale": 2.0}
-    module = LatentDiffusionModule(unet, text, vae, schedule={"schedule": "cosine"}, ema_decay=0.9, max_steps=6,
+    sampling = {"image_size": 16, "guidance_scale": 3.0, "num_inference_steps": 4, "autoguidance_scale": 2.0}
+    module = diffusion_module(unet, text, vae, schedule={"schedule": "cosine"}, ema_decay=0.9, max_steps=6,
                                    optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), sampling=sampling,
                                    guide_snapshot_step=0.5)  # half of max_steps: step 3
     assert module.guide_snapshot_step == 3 and not module.has_guide()
@@ -253,17 +272,17 @@ def test_guide_snapshot_holds_the_ema_weights_of_its_step_and_drives_autoguidanc
 def test_guide_snapshot_settings_are_checked_at_construction():
     net = tiny_unet()
     with pytest.raises(ValueError, match=r"guide_snapshot_step=11 must lie in \[1, max_steps=10\]"):
-        LatentDiffusionModule(net, None, None, ema_decay=None, max_steps=10, guide_snapshot_step=11)
-    one = LatentDiffusionModule(net, None, None, ema_decay=None, max_steps=1, guide_snapshot_step=0.1)
+        diffusion_module(net, None, None, ema_decay=None, max_steps=10, guide_snapshot_step=11)
+    one = diffusion_module(net, None, None, ema_decay=None, max_steps=1, guide_snapshot_step=0.1)
     assert one.guide_snapshot_step == 1  # a fraction rounds to at least one step
     with pytest.raises(ValueError, match="a step count"):
-        LatentDiffusionModule(net, None, None, ema_decay=None, max_steps=10, guide_snapshot_step=2.5)
+        diffusion_module(net, None, None, ema_decay=None, max_steps=10, guide_snapshot_step=2.5)
     with pytest.raises(ValueError, match="needs a guide model: set ldm_stage.guide_snapshot_step"):
-        LatentDiffusionModule(net, None, None, ema_decay=None, sampling={"autoguidance_scale": 2.0})
+        diffusion_module(net, None, None, ema_decay=None, sampling={"autoguidance_scale": 2.0})
     with pytest.raises(ValueError, match="autoguidance_scale must be >= 1"):
-        LatentDiffusionModule(net, None, None, ema_decay=None, sampling={"autoguidance_scale": 0.0})
+        diffusion_module(net, None, None, ema_decay=None, sampling={"autoguidance_scale": 0.0})
     frozen_text = HashTextEncoder().requires_grad_(False)
-    m = LatentDiffusionModule(net, frozen_text, None, ema_decay=None, max_steps=10, guide_snapshot_step=4)
+    m = diffusion_module(net, frozen_text, None, ema_decay=None, max_steps=10, guide_snapshot_step=4)
     assert m.guide_text_encoder is None and m.guide_unet is not None  # a frozen encoder is shared, not copied
     from lightning.pytorch.strategies import FSDPStrategy
 
@@ -286,7 +305,7 @@ def test_fused_optimizer_under_bf16_mixed_is_clipped_not_refused(tmp_path):
             return loss
 
     torch.manual_seed(0)
-    module = LatentDiffusionModule(tiny_unet(), HashTextEncoder(), tiny_vae(), ema_decay=None, max_steps=3,
+    module = diffusion_module(tiny_unet(), HashTextEncoder(), tiny_vae(), ema_decay=None, max_steps=3,
                                    optimizer=lambda p: RecordingAdamW(p, lr=1e-3, fused=True))
     loader = DataLoader(image_batches(), batch_size=8, collate_fn=collate)
     L.Trainer(max_steps=3, accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1e-3, logger=False,

@@ -11,14 +11,26 @@ from PIL import Image
 
 from ldm.autoencoder import AutoencoderKL
 from ldm.convert import save_state_dict, to_sd_state_dict
-from ldm.pipeline import SD_SCHEDULE, LatentDiffusionPipeline
-from ldm.sampling import make_scheduler, sample_loop
+from ldm.diffusion import AutoGuidance, ClassifierFreeGuidance, SamplingDefaults, make_scheduler
+from ldm.diffusion import sample_loop as _sample_loop
+from ldm.diffusion.schedules import SD_SCHEDULE
+from ldm.pipeline import LatentDiffusionPipeline
 from ldm.unet import UNet
 
 HF_TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
                max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407)
 OPEN_CLIP_TEXT = dict(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=16, width=32, head_width=16, layers=1),
                       text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=2, mlp_ratio=2.0))
+
+
+
+def sample_loop(denoise, scheduler, x, context, uncond=None, guidance_scale=1.0, guidance_interval=None, guide=None,
+                guide_context=None, autoguidance_scale=1.0, **kw):
+    """The loop with the guidance objects the pipeline builds from these settings."""
+    guidance = ClassifierFreeGuidance(guidance_scale, uncond, interval=guidance_interval)
+    if guide is not None or autoguidance_scale != 1.0:
+        guidance = AutoGuidance(guide, autoguidance_scale, guide_context, cfg=guidance)
+    return _sample_loop(denoise, scheduler, x, context, guidance, **kw)
 
 
 def _randomize(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
@@ -68,7 +80,7 @@ def test_sd1_single_file_round_trip_gives_the_same_images(sd1_parts, pipe, tmp_p
     assert type(loaded.text_encoder).__name__ == "HFCLIPTextEncoder"
     assert loaded.text_encoder.model.config.num_attention_heads == 1  # hidden 64 // 64
     assert loaded.schedule == SD_SCHEDULE and loaded.prediction_type == "epsilon"
-    assert loaded.sampling["image_size"] == 512 and loaded.vae.config["scale_factor"] == 0.18215
+    assert loaded.sampling.image_size == 512 and loaded.vae.config["scale_factor"] == 0.18215
     kw = dict(num_inference_steps=4, height=16, width=16, output_type="tensor")
     expected = pipe(["a red circle", "a blue square"], generator=_gen(0), **kw)
     got = loaded(["a red circle", "a blue square"], generator=_gen(0), **kw)
@@ -89,7 +101,7 @@ def test_sd2_single_file_needs_prediction_type_and_round_trips(tmp_path: Path) -
     with pytest.warns(UserWarning, match="SD 2.x.*prediction_type='v_prediction'"):
         assert LatentDiffusionPipeline.from_checkpoint(path).prediction_type == "epsilon"
     loaded = LatentDiffusionPipeline.from_checkpoint(path, prediction_type="v_prediction")
-    assert loaded.prediction_type == "v_prediction" and loaded.sampling["image_size"] == 768
+    assert loaded.prediction_type == "v_prediction" and loaded.sampling.image_size == 768
     assert loaded.text_encoder.layer == "penultimate" and loaded.text_encoder.width == 64
     original = LatentDiffusionPipeline(unet, text, vae, SD_SCHEDULE, "v_prediction")
     kw = dict(num_inference_steps=3, height=16, width=16, output_type="tensor")
@@ -158,9 +170,7 @@ def test_no_text_encoder_ignores_guidance_with_one_warning() -> None:
     scheduler = make_scheduler("ddim", SD_SCHEDULE, "epsilon")
     scheduler.set_timesteps(2)
     x = torch.randn(1, 3, 8, 8, generator=_gen(1))
-    with pytest.warns(UserWarning, match="no text context"):
-        out = sample_loop(unet, scheduler, x, None, None, guidance_scale=3.0)
-    assert torch.isfinite(out).all()
+    assert torch.isfinite(sample_loop(unet, scheduler, x, None)).all()  # no guidance object: the model alone
     with pytest.raises(ValueError, match="needs the unconditional context"):
         sample_loop(unet, scheduler, x, torch.zeros(1, 2, 4), None, guidance_scale=3.0)
 
@@ -259,17 +269,17 @@ def test_pipeline_takes_the_checkpoint_guidance_interval(pipe) -> None:
     torch.testing.assert_close(nowhere, sample(guidance_scale=1.0), rtol=0, atol=1e-6)
     high = sample(guidance_interval=(400, 1000))
     assert not torch.allclose(high, everywhere) and not torch.allclose(high, nowhere)
-    saved = dict(pipe.sampling)
+    saved = pipe.sampling
     try:
-        pipe.sampling["guidance_interval"] = [400, 1000]  # as a checkpoint saves it
+        pipe.sampling = SamplingDefaults.from_dict({**saved.to_dict(), "guidance_interval": [400, 1000]})  # as saved
         torch.testing.assert_close(sample(), high, rtol=0, atol=0)
         torch.testing.assert_close(sample(guidance_interval=(0, 1000)), everywhere, rtol=0, atol=0)
-        pipe.sampling["guidance_interval"] = [1000, 0]
         with pytest.raises(ValueError, match=r"guidance_interval \[lo, hi\] needs 0 <= lo <= hi"):
-            sample()
+            sample(guidance_interval=(1000, 0))
+        with pytest.raises(ValueError, match=r"guidance_interval \[lo, hi\] needs 0 <= lo <= hi"):
+            SamplingDefaults.from_dict({"guidance_interval": [1000, 0]})  # a bad default fails when read
     finally:
-        pipe.sampling.clear()
-        pipe.sampling.update(saved)
+        pipe.sampling = saved
 
 
 def test_autoguidance_adds_the_guide_term_at_every_step() -> None:
@@ -305,5 +315,42 @@ def test_autoguidance_adds_the_guide_term_at_every_step() -> None:
     assert guide_calls == []  # scale 1: the guide is never run
     with pytest.raises(ValueError, match="needs a guide model"):
         run(autoguidance_scale=2.0)
-    with pytest.raises(ValueError, match="autoguidance_scale must be >= 1"):
+    with pytest.raises(ValueError, match="autoguidance_scale must be a finite number >= 1"):
         run(guide=guide, guide_context=gctx, autoguidance_scale=0.5)
+
+
+def test_a_call_leaves_borrowed_modules_in_their_own_mode(sd1_parts) -> None:
+    """A training run lends its modules to the pipeline: a call samples in eval mode and gives each module (and
+    every submodule) its own mode back, the frozen ones' eval included."""
+    unet, vae, text = sd1_parts
+    unet.train()
+    text.train()
+    frozen_block = next(m for m in unet.modules() if m is not unet)
+    frozen_block.eval()  # a submodule a training module keeps in eval on purpose
+    vae.eval()
+    before = {m: m.training for part in (unet, text, vae) for m in part.modules()}
+    seen = []
+    pipe = LatentDiffusionPipeline(unet, text, vae, SD_SCHEDULE, "epsilon", {"image_size": 16})
+    pipe("a cat", num_inference_steps=2, generator=_gen(0), output_type="latent",
+         callback=lambda *a: seen.append(any(m.training for m in before)))
+    assert seen == [False, False]  # every module in eval mode while sampling
+    assert {m: m.training for m in before} == before
+    assert unet.training and not vae.training and not frozen_block.training
+    unet.eval()
+    text.eval()
+
+
+def test_sampling_defaults_live_in_one_dataclass() -> None:
+    defaults = SamplingDefaults()
+    assert (defaults.guidance_scale, defaults.sampler, defaults.num_inference_steps) == (7.5, "dpm_solver++", 25)
+    saved = SamplingDefaults.from_dict({"guidance_scale": 5, "guidance_interval": [400, 1000],
+                                        "latent_shape": [4, 8, 8], "sampler": None})
+    assert saved.guidance_scale == 5 and saved.guidance_interval == (400.0, 1000.0) and saved.sampler == "dpm_solver++"
+    assert SamplingDefaults.from_dict(saved.to_dict()) == saved
+    assert saved.with_overrides(guidance_scale=2.0, sampler=None).guidance_scale == 2.0
+    with pytest.raises(ValueError, match=r"unknown sampling settings \['guidance'\]"):
+        SamplingDefaults.from_dict({"guidance": 3})
+    for bad, match in [({"num_inference_steps": 0}, "integer >= 1"), ({"guidance_scale": float("nan")}, "finite"),
+                       ({"sampler": "euler"}, "unknown sampler"), ({"autoguidance_scale": 0.5}, ">= 1")]:
+        with pytest.raises(ValueError, match=match):
+            SamplingDefaults.from_dict(bad)

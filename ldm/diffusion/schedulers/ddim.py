@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ldm.diffusion.parameterization import eps_from_x0, split_prediction
-from ldm.diffusion.samplers.base import DiscreteScheduler, SchedulerOutput, draw_noise
+from ldm.diffusion.schedulers.base import DiscreteScheduler, SchedulerOutput, draw_noise
 
 
 class DDIMScheduler(DiscreteScheduler):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ldm.diffusion.parameterization import split_prediction
-from ldm.diffusion.samplers.base import DiscreteScheduler, SchedulerOutput, draw_noise
+from ldm.diffusion.schedulers.base import DiscreteScheduler, SchedulerOutput, draw_noise
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 

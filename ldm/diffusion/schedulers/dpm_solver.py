@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ldm.diffusion.parameterization import split_prediction
-from ldm.diffusion.samplers.base import TIMESTEP_SPACINGS, DiscreteScheduler, SchedulerOutput
+from ldm.diffusion.schedulers.base import TIMESTEP_SPACINGS, DiscreteScheduler, SchedulerOutput
 
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 

@@ -1,0 +1,63 @@
+"""Start a model from an original Stable Diffusion single file: its UNet, text encoder and VAE weights loaded
+strictly into our modules, which the caller built from its own config."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ldm.autoencoder import SD_LATENT_SCALE
+from ldm.convert.diffusers_format import load_state_dict_checked
+from ldm.convert.single_file import SDCheckpoint, load_sd_text_encoder, sd_text_family
+
+
+def sd_latent_scale(sd: SDCheckpoint, configured: float, source: str) -> float:
+    """The latent scale to train with: the file's ``scale_factor`` when it stores one, else ``configured`` (with a
+    warning when that differs from Stable Diffusion's 0.18215)."""
+    if sd.scale_factor is not None:
+        return float(sd.scale_factor)
+    if configured != SD_LATENT_SCALE:
+        warnings.warn(f"init_ckpt={source} stores no scale_factor; using autoencoder.scale_factor={configured} "
+                      f"(Stable Diffusion 1.x/2.x use {SD_LATENT_SCALE})", stacklevel=2)
+    return float(configured)
+
+
+def sd_text_state_dict(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An SD file's ``cond_stage_model.*`` weights under our text encoders' names: SD 1.x CLIP and SD 2.x open_clip
+    through ``load_sd_text_encoder``; any other layout (e.g. our own from-scratch tower) as stored."""
+    if sd_text_family(cond) is None:
+        return cond
+    return load_sd_text_encoder(cond).state_dict()
+
+
+def load_sd_vae(sd: SDCheckpoint, source: str, vae: nn.Module) -> None:
+    """Load an SD single file's VAE weights into ours, strictly."""
+    load_state_dict_checked(vae, sd.vae.state_dict(), f"AutoencoderKL (autoencoder config vs init_ckpt={source})")
+
+
+def init_from_sd(sd: SDCheckpoint, source: str, unet: nn.Module, text_encoder: nn.Module | None = None,
+                 vae: nn.Module | None = None, text_encoder_pretrained: bool = False) -> list[str]:
+    """Load an SD single file's UNet (its EMA weights when present), text encoder and, given ``vae``, VAE into ours,
+    strictly. Returns the names of the parts loaded.
+
+    A file without text-encoder weights is refused for a frozen encoder that has no pretrained weights of its own
+    (``text_encoder_pretrained``): it would train against random, frozen text features.
+    """
+    load_state_dict_checked(unet, sd.unet.state_dict(), f"UNet (unet config vs init_ckpt={source})")
+    loaded = ["UNet"]
+    if vae is not None:
+        load_sd_vae(sd, source, vae)
+        loaded.append("VAE")
+    if text_encoder is None:
+        return loaded
+    if sd.cond_stage_state_dict:
+        load_state_dict_checked(text_encoder, sd_text_state_dict(sd.cond_stage_state_dict),
+                                f"text encoder (text_encoder config vs init_ckpt={source})")
+        return [*loaded, "text encoder"]
+    if getattr(text_encoder, "frozen", False) and not text_encoder_pretrained:
+        raise ValueError(
+            f"init_ckpt={source} holds no text encoder (cond_stage_model.*) weights and the frozen text encoder has no "
+            "pretrained weights of its own: set text_encoder.pretrained_path (or pretrained) to a local copy")
+    return loaded

@@ -1,0 +1,70 @@
+"""A quiet, helpful console for training runs: a headline per stage with what it trains, one progress bar, and no
+warnings a user cannot act on. Those are filtered narrowly, by message and category or logger, never globally."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import nn
+
+_TIP = "💡 Tip:"
+
+
+class _DropTips(logging.Filter):
+    """Drops Lightning's product tips (litlogger, litmodels)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_TIP)
+
+
+def quiet_known_warnings() -> None:
+    """Filter what says nothing actionable about an ldm run; call once per process, before training."""
+    # The frozen first stage and guide snapshot are in eval mode on purpose (LatentDiffusionModule.train keeps them so).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
+                            category=PossibleUserWarning)
+    # ShardDataModule always defines val_dataloader (empty without data.val_shards); the modules have no val step.
+    warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
+    # The VAE stage steps by hand; its periodic checkpoint at step N holds the state after N steps, which exact
+    # resume needs. Lightning's advice to save the state before the optimizer step does not apply.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
+    # Lightning's own pytree helper calls an API that torch deprecated; nothing in ldm calls it.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.pytorch\.utilities\._pytree")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar without the logger's version number (``v_num``), which says nothing here."""
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+def _count(module: nn.Module) -> str:
+    n = sum(p.numel() for p in module.parameters())
+    return f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.0f} K"
+
+
+def parts_summary(module: nn.Module) -> str:
+    """One line of the module's parts: their classes and sizes, trainable or frozen."""
+    items = []
+    for name, child in module.named_children():
+        if not any(True for _ in child.parameters()):
+            continue
+        frozen = not any(p.requires_grad for p in child.parameters())
+        items.append(f"{name} {type(child).__name__} {_count(child)}{' (frozen)' if frozen else ''}")
+    return ", ".join(items)
+
+
+def headline(text: str) -> None:
+    """One line that opens a stage of the run."""
+    rank_zero_info(f"\n==> {text}")

@@ -1,0 +1,337 @@
+"""Assembles a training run from its Hydra config: the autoencoder stage, then the latent diffusion stage.
+
+``run(cfg)`` is what ``train.py`` calls. Hydra instantiation happens here and only here; the modules below take
+plain objects.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.autoencoder import SD_LATENT_SCALE
+from ldm.checkpoint import (
+    AtomicCheckpointIO,
+    checkpoint_kind,
+    load_autoencoder,
+    load_first_stage,
+    read_checkpoint,
+    save_autoencoder,
+)
+from ldm.convert import init_from_sd, load_sd_checkpoint, load_sd_vae, sd_latent_scale
+from ldm.data.cache_latents import cache_for_vae
+from ldm.diffusion import DiffusionLoss, NoiseSchedule, SamplingDefaults
+from ldm.lightning.autoencoder_module import AutoencoderModule
+from ldm.lightning.console import StepProgressBar, headline, parts_summary
+from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy
+from ldm.lightning.optim import LRSchedule
+from ldm.nn.ema import EMASettings
+
+STAGES = ("vae", "ldm")
+LATENT_HOW = (
+    "Train the VAE on image shards (stages=[vae], data.source=images), cache its latents (python -m "
+    "ldm.data.cache_latents SHARDS CACHE --vae RUN/vae/vae.ckpt --size S), then train with data.source=latents "
+    "data.train_shards=CACHE stages=[ldm] vae_ckpt=RUN/vae/vae.ckpt (or data=shapes_latents)."
+)
+
+
+# ---------------------------------------------------------------------------------------------------- plumbing
+
+
+def save_config(cfg: DictConfig, stage_dir: Path) -> None:
+    """The resolved config beside the stage's checkpoints (rank 0 only: under DDP the others reuse the path)."""
+    if rank_zero_only.rank == 0:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def make_callbacks(group: DictConfig | None) -> list[L.Callback]:
+    """The callbacks of one stage (``callbacks.vae`` / ``callbacks.ldm``); a null entry switches one off."""
+    return [instantiate(c) for c in (group or {}).values() if c is not None]
+
+
+def make_trainer(cfg: DictConfig, stage_dir: Path, max_steps: int, callbacks: list, logger,
+                 manual: bool = False) -> L.Trainer:
+    """A Lightning trainer from ``cfg.trainer`` whose checkpoints are written atomically."""
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if isinstance(kwargs.get("strategy"), dict):  # a strategy object (``_target_``), e.g. trainer=fsdp_cpu's
+        kwargs["strategy"] = instantiate(kwargs["strategy"])
+    if manual:  # manual optimisation (the VAE's two optimizers) does its own clipping, if any
+        kwargs.pop("gradient_clip_val", None)
+    kwargs.setdefault("enable_model_summary", False)  # the stage's headline names the parts and their sizes
+    if kwargs.setdefault("enable_progress_bar", True):
+        callbacks = [*callbacks, StepProgressBar()]
+    return L.Trainer(**kwargs, max_steps=max_steps, default_root_dir=str(stage_dir), callbacks=callbacks,
+                     logger=logger, plugins=[AtomicCheckpointIO()])
+
+
+def make_logger(cfg: DictConfig, name: str):
+    """The configured experiment logger for one stage (False without one), with the run's config logged."""
+    if cfg.get("logger") is None:
+        return False
+    logger = instantiate(cfg.logger, **({"name": name} if "name" not in cfg.logger else {}))
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the run's config beside its curves
+    return logger
+
+
+def close_loggers(trainer: L.Trainer) -> None:
+    """End each logger's run, so the next stage starts its own (WandbLogger would otherwise reuse the active run)."""
+    for logger in trainer.loggers:
+        logger.finalize("success")
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+
+
+def make_data(cfg: DictConfig, stage: DictConfig, **overrides: Any) -> L.LightningDataModule:
+    """The stage's DataModule: its batch size and workers, and the built-in dataset it shards when missing."""
+    builtin = OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.get("dataset") else None
+    return instantiate(cfg.data, batch_size=stage.batch_size, num_workers=stage.num_workers, builtin=builtin,
+                       **overrides)
+
+
+def _last_metrics(trainer: L.Trainer, *names: str) -> str:
+    """The last logged value of each metric, for the stage's closing line."""
+    values = {n: trainer.callback_metrics.get(n) for n in names}
+    return ", ".join(f"{n.split('/')[-1]} {float(v):.4g} (last batch)" for n, v in values.items() if v is not None)
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+def find_resume(cfg: DictConfig) -> tuple[str, str] | None:
+    """(stage, path) to resume from: ``resume=PATH``, or ``resume=last`` (the newest last.ckpt under outputs/ and
+    multirun/, diffusion stage first)."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "last":
+        for stage in ("ldm", "vae"):
+            found = sorted(
+                (p for root in ("outputs", "multirun") for p in Path(root).glob(f"**/{stage}/checkpoints/last.ckpt")),
+                key=lambda p: p.stat().st_mtime,
+            )
+            if found:
+                return stage, str(found[-1])
+        raise FileNotFoundError("resume=last: no */checkpoints/last.ckpt under outputs/ or multirun/")
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
+    kind = checkpoint_kind(read_checkpoint(path))
+    return ("ldm" if kind == "latent_diffusion" else "vae"), str(path)
+
+
+def check_latent_source(cfg: DictConfig, resume: tuple[str, str] | None) -> None:
+    """``data.source=latents`` (a cache of ``python -m ldm.data.cache_latents``) feeds the ldm stage only, on the
+    VAE whose latents were cached (``vae_ckpt``: its latent scale, and the decoder for samples)."""
+    if cfg.data.get("source", "images") != "latents":
+        return
+    if "vae" in cfg.stages and (resume is None or resume[0] == "vae"):
+        raise ValueError(f"data.source=latents reads cached latents, but the vae stage trains on images. {LATENT_HOW}")
+    if cfg.first_stage != "vae":
+        raise ValueError(f"data.source=latents needs first_stage=vae (cached latents are VAE latents). {LATENT_HOW}")
+    if resume is None and not cfg.vae_ckpt:
+        raise ValueError(
+            "data.source=latents needs vae_ckpt=PATH: the vae.ckpt whose latents were cached. The ldm stage applies "
+            f"its latent scale to the cached latents and decodes samples with it. {LATENT_HOW}")
+    shards = cfg.data.train_shards
+    if isinstance(shards, str) and "{" not in shards and not Path(shards).exists():
+        raise FileNotFoundError(f"data.train_shards={shards}: no latent cache there. {LATENT_HOW}")
+
+
+def check_cache_shape(cfg: DictConfig, latent_shape: list[int]) -> None:
+    """Refuse a latent cache whose latents do not have the shape the UNet and the sampler will use."""
+    import json
+
+    shards = cfg.data.get("train_shards")
+    if cfg.data.get("source", "images") != "latents" or not isinstance(shards, str):
+        return
+    index = Path(shards) / "index.json"
+    cached = json.loads(index.read_text()).get("latents", {}).get("shape") if index.is_file() else None
+    if cached is not None and list(cached) != list(latent_shape):
+        raise ValueError(
+            f"the latent cache {shards} holds latents of shape {cached}, but this run trains on {latent_shape} "
+            "(unet.in_channels, data.image_size / the VAE's downsampling): set data.image_size to the cached size, "
+            "or cache again with the matching VAE and --size")
+
+
+def check_cache_run(cfg: DictConfig) -> None:
+    """``ldm_stage.cache_latents`` encodes image shards in one process."""
+    if cfg.data.get("source", "images") != "images":
+        raise ValueError("ldm_stage.cache_latents=true encodes image shards, but data.source is "
+                         f"{cfg.data.get('source')!r}: the data is a latent cache already; set "
+                         "ldm_stage.cache_latents=false")
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if str(devices) != "1" or str(nodes) != "1":
+        raise ValueError(
+            f"ldm_stage.cache_latents=true runs in one process (trainer.devices={devices}, num_nodes={nodes}; the "
+            "quickstart preset turns it on). Set ldm_stage.cache_latents=false to encode images on the fly, or cache "
+            "once beforehand (python -m ldm.data.cache_latents SHARDS CACHE --vae RUN/vae/vae.ckpt --size S) and "
+            "train with data.source=latents data.train_shards=CACHE")
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+
+def train_vae(cfg: DictConfig, out: Path, resume: str | None = None) -> Path:
+    """Train the autoencoder, fit its latent scale, and write ``out/vae/vae.ckpt``."""
+    s = cfg.vae_stage
+    vae = instantiate(cfg.autoencoder)
+    module = AutoencoderModule(
+        vae, lr=s.lr, betas=tuple(s.betas), rec_loss=s.rec_loss, kl_weight=s.kl_weight,
+        perceptual_weight=s.perceptual_weight, perceptual_weights=s.perceptual_weights, disc_start=s.disc_start,
+        disc_weight=s.disc_weight, lr_schedule=s.lr_schedule, max_steps=s.max_steps, seed=cfg.seed,
+    )
+    data = make_data(cfg, s)
+    stage_dir = out / "vae"
+    headline(f"vae stage: {s.max_steps} steps at batch {s.batch_size}; {parts_summary(module)}; output {stage_dir}")
+    save_config(cfg, stage_dir)
+    trainer = make_trainer(cfg, stage_dir, s.max_steps, make_callbacks(cfg.callbacks.get("vae")),
+                           make_logger(cfg, "vae"), manual=True)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    seconds = time.perf_counter() - t0
+    close_loggers(trainer)
+    # Diffusion trains on unit-variance latents: fit the scale on a few batches of training images.
+    loader = data.train_dataloader()
+    images = torch.cat([b["image"] for b, _ in zip(loader, range(s.latent_scale_batches), strict=False)])
+    scale = module.fit_latent_scale(images)
+    path = stage_dir / "vae.ckpt"
+    if trainer.is_global_zero:
+        save_autoencoder(path, vae, OmegaConf.to_container(cfg, resolve=True))
+    trainer.strategy.barrier()  # the other ranks read vae.ckpt (rank 0's scale) in the ldm stage
+    rank_zero_info(f"vae stage: {seconds:.0f} s, {_last_metrics(trainer, 'train/loss', 'train/psnr')}, latent scale "
+                   f"{scale:.4f}; saved {path}")
+    return path
+
+
+def build_first_stage(cfg: DictConfig, vae_path: Path | None, resume: str | None, sd, init_ckpt: str | None):
+    """The frozen first stage of the ldm stage: the resumed checkpoint's, the VAE trained in this run or
+    ``vae_ckpt``, the SD file's, or None in pixel space."""
+    if resume is not None:
+        # The checkpoint holds the first stage: no separate VAE file is needed. It is loaded here, not left to
+        # Lightning's restore in fit(): the latent cache encodes before fit.
+        return load_first_stage(resume)
+    if cfg.first_stage == "pixel":
+        return None
+    if cfg.first_stage != "vae":
+        raise ValueError(f"first_stage must be 'vae' or 'pixel', got {cfg.first_stage!r}")
+    vae_path = vae_path or (Path(cfg.vae_ckpt) if cfg.vae_ckpt else None)
+    if vae_path is not None:  # a VAE trained in this run, or vae_ckpt, takes precedence over the SD file's
+        return load_autoencoder(vae_path)
+    if sd is None:
+        raise ValueError(
+            "the ldm stage needs an autoencoder: set vae_ckpt=PATH (vae/vae.ckpt of a vae-stage run), run both "
+            "stages (stages=[vae,ldm]), start from an SD single file (init_ckpt=PATH), or train in pixel space "
+            "(first_stage=pixel)")
+    scale = sd_latent_scale(sd, float(cfg.autoencoder.get("scale_factor", SD_LATENT_SCALE)), init_ckpt)
+    vae = instantiate(cfg.autoencoder, scale_factor=scale)
+    load_sd_vae(sd, init_ckpt, vae)
+    rank_zero_info(f"init_ckpt: VAE weights from {init_ckpt}, latent scale {scale}")
+    return vae
+
+
+def build_diffusion_module(cfg: DictConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
+                           first_stage: torch.nn.Module | None) -> LatentDiffusionModule:
+    """LatentDiffusionModule from the ``diffusion``, ``optimizer``, ``ldm_stage`` and ``sampling`` groups."""
+    s, d = cfg.ldm_stage, cfg.diffusion
+    schedule = NoiseSchedule.from_name(**OmegaConf.to_container(d.schedule, resolve=True))
+    loss = DiffusionLoss(schedule, d.prediction_type, d.loss_weighting, d.snr_gamma, d.offset_noise,
+                         d.get("timestep_shift", 1.0))
+    text_cfg = cfg.get("text_encoder")
+    return LatentDiffusionModule(
+        unet, text_encoder, first_stage, loss=loss, optimizer=instantiate(cfg.optimizer),
+        lr_schedule=LRSchedule(s.lr_schedule, s.warmup_steps, s.max_steps, s.lr_decay_fraction),
+        ema=EMASettings(s.ema_decay, s.ema_warmup) if s.ema_decay is not None else None,
+        sampling=SamplingDefaults.from_dict(OmegaConf.to_container(cfg.sampling, resolve=True)),
+        caption_dropout=s.caption_dropout, nan=NaNPolicy(s.nan_policy, s.max_nan_skips),
+        guide_snapshot_step=s.guide_snapshot_step,
+        text_encoder_kwargs=OmegaConf.to_container(text_cfg, resolve=True) if text_cfg else None,
+        run_config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
+    )
+
+
+def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | None = None) -> Path:
+    """Train the latent diffusion model on the frozen first stage; returns ``out/ldm/checkpoints/last.ckpt``."""
+    s = cfg.ldm_stage
+    if resume is None and OmegaConf.is_missing(cfg, "init_ckpt"):
+        raise ValueError("init_ckpt=PATH is required: the Stable Diffusion single file (.safetensors/.ckpt) to load")
+    init_ckpt = cfg.get("init_ckpt") if resume is None else None  # a resumed run has its weights already
+    sd = load_sd_checkpoint(init_ckpt) if init_ckpt else None
+    if sd is not None and cfg.first_stage != "vae":
+        raise ValueError(f"init_ckpt (an SD single file) needs first_stage=vae, got {cfg.first_stage!r}")
+    first_stage = build_first_stage(cfg, vae_path, resume, sd, init_ckpt)
+    text_cfg = cfg.get("text_encoder")
+    text_encoder = instantiate(text_cfg) if text_cfg else None
+    unet = instantiate(cfg.unet, gradient_checkpointing=s.gradient_checkpointing)
+    if sd is not None:  # before the module is built, so its EMA starts from these weights
+        pretrained = text_cfg is not None and (text_cfg.get("pretrained_path") is not None
+                                               or text_cfg.get("pretrained") is not None)
+        loaded = init_from_sd(sd, init_ckpt, unet, text_encoder, text_encoder_pretrained=pretrained)
+        rank_zero_info(f"init_ckpt: {', '.join(loaded)} weights from {init_ckpt}")
+        del sd
+    if s.compile:  # in place: the module keeps its class and state-dict names, so checkpoints stay loadable
+        unet.compile()
+    f = first_stage.downsample_factor if first_stage is not None else 1
+    size = cfg.sampling.get("image_size") or cfg.data.image_size
+    latent_shape = [cfg.unet.in_channels, size // f, size // f]
+    data_overrides = {}
+    if s.cache_latents:
+        if first_stage is None:
+            raise ValueError("ldm_stage.cache_latents=true needs a VAE first stage (first_stage=vae), not pixel space")
+        check_cache_run(cfg)
+        headline("latent cache: encoding the image shards once with the frozen VAE")
+        make_data(cfg, s).prepare_data()  # the image shards must exist before they are encoded
+        t0 = time.perf_counter()
+        cache = cache_for_vae(cfg.data.train_shards, out / "latents", first_stage, cfg.data.image_size,
+                              cfg.data.get("image_mode", "RGB"), s.cache_batch_size)
+        rank_zero_info(f"latent cache: {cache} ({time.perf_counter() - t0:.0f} s)")
+        data_overrides = {"source": "latents", "train_shards": str(cache)}
+    check_cache_shape(cfg, latent_shape)
+    module = build_diffusion_module(cfg, unet, text_encoder, first_stage)
+    data = make_data(cfg, s, **data_overrides)
+    stage_dir = out / "ldm"
+    headline(f"ldm stage: {s.max_steps} steps at batch {s.batch_size}; {parts_summary(module)}; output {stage_dir}")
+    save_config(cfg, stage_dir)
+    trainer = make_trainer(cfg, stage_dir, s.max_steps, make_callbacks(cfg.callbacks.get("ldm")),
+                           make_logger(cfg, "ldm"))
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    seconds = time.perf_counter() - t0
+    close_loggers(trainer)
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    rank_zero_info(f"ldm stage: {seconds:.0f} s, {_last_metrics(trainer, 'train/loss')}; saved {last}")
+    return last
+
+
+def run(cfg: DictConfig) -> dict[str, Path]:
+    """Run the configured stages; returns the checkpoint paths by stage."""
+    unknown = set(cfg.stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; use stages=[vae], [ldm] or [vae,ldm]")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    out = Path(cfg.out_dir)
+    resume = find_resume(cfg)
+    check_latent_source(cfg, resume)
+    if resume is not None:
+        rank_zero_info(f"resuming the {resume[0]} stage from {resume[1]}")
+    results: dict[str, Path] = {}
+    if "vae" in cfg.stages and (resume is None or resume[0] == "vae"):
+        results["vae"] = train_vae(cfg, out, resume[1] if resume else None)
+    if "ldm" in cfg.stages:
+        ldm_resume = resume[1] if resume and resume[0] == "ldm" else None
+        results["ldm"] = train_ldm(cfg, out, results.get("vae"), ldm_resume)
+    lines = [f"  {stage}: {path}" for stage, path in results.items()]
+    if "ldm" in results:
+        lines += [f"  sample grids: {out / 'ldm' / 'samples'}",
+                  f"  sample: python sample.py ckpt={results['ldm']} prompt=\"...\"",
+                  f"  judge (shapes): python -m ldm.eval.shapes {results['ldm']}"]
+    headline("done: " + ("\n" + "\n".join(lines) if lines else "no stage ran"))
+    return results
