@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         labels.append(f"{sampler}: " + ", ".join(map(str, steps)))
     labelled_grid(rows, labels, ["fewest steps", "", "", "most steps"]).save(out / "sampling_steps.png")
 
-    init = ShapesDataset(size=pipe.sampling.get("image_size", 32), seed=7, length=1)[0]
+    init = ShapesDataset(size=pipe.sampling.image_size or 32, seed=7, length=1)[0]
     targets = ["a green square in the top right", "a white triangle in the center"]
     rows = [[big(init["image"])] + [one(pipe, t, seed=0, image=init["image"], strength=s) for s in STRENGTHS]
             for t in targets]
