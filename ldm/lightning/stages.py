@@ -329,6 +329,8 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         ldm_resume = resume[1] if resume and resume[0] == "ldm" else None
         results["ldm"] = train_ldm(cfg, out, results.get("vae"), ldm_resume)
     lines = [f"  {stage}: {path}" for stage, path in results.items()]
+    if cfg.get("logger") is not None and cfg.logger.get("save_dir"):
+        lines.append(f"  logs ({cfg.logger._target_.rsplit('.', 1)[-1]}): {cfg.logger.save_dir}")
     if "ldm" in results:
         lines += [f"  sample grids: {out / 'ldm' / 'samples'}",
                   f"  sample: python sample.py ckpt={results['ldm']} prompt=\"...\"",
