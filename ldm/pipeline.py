@@ -64,20 +64,24 @@ class LatentDiffusionPipeline:
 
     @property
     def parts(self) -> list[nn.Module]:
+        """The modules the pipeline runs (those it holds)."""
         return [p for p in (self.unet, self.text_encoder, self.vae, self.guide_unet, self.guide_text_encoder)
                 if p is not None]
 
     @property
     def device(self) -> torch.device:
+        """Where the UNet's weights are: inputs and noise go there."""
         return next(self.unet.parameters()).device
 
     def to(self, device: torch.device | str) -> LatentDiffusionPipeline:
+        """Move every part to ``device``; returns the pipeline."""
         for part in self.parts:
             part.to(device)
         return self
 
     @classmethod
     def from_parts(cls, parts: ModelParts) -> LatentDiffusionPipeline:
+        """A pipeline over what ``ldm.checkpoint.load_parts`` returned."""
         return cls(parts.unet, parts.text_encoder, parts.first_stage, parts.schedule, parts.prediction_type,
                    parts.sampling, parts.guide_unet, parts.guide_text_encoder)
 
