@@ -276,8 +276,10 @@ class ShardDataModule(L.LightningDataModule):
             return
         from ldm.data.make_shards import make_shards
 
-        make_shards(self.builtin["source"], out, maxcount=self.builtin.get("maxcount", 1000),
-                    size=self.builtin.get("size"), length=self.builtin.get("length"), seed=self.builtin.get("seed", 0))
+        report = make_shards(self.builtin["source"], out, maxcount=self.builtin.get("maxcount", 1000),
+                             size=self.builtin.get("size"), length=self.builtin.get("length"),
+                             seed=self.builtin.get("seed", 0), log=None)
+        print(f"built-in dataset {self.builtin['source']!r} -> {out}: {report.text()}")
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve shards and check the layout early (too few shards for ranks x workers raises here)."""
