@@ -16,6 +16,7 @@ float rounding (batched and single-image kernels may differ in the last bits).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import hydra
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
+from ldm.errors import ConfigError
 from ldm.images import make_grid, to_pil
 from ldm.pipeline import LatentDiffusionPipeline
 
@@ -35,9 +37,9 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     elif cfg.prompt is not None:
         prompts = [cfg.prompt] if isinstance(cfg.prompt, str) else list(cfg.prompt)
     else:
-        raise ValueError('give prompt="..." or prompts_file=PATH')
+        raise ConfigError('give prompt="..." or prompts_file=PATH')
     if not prompts:
-        raise ValueError(f"no prompts in {cfg.prompts_file}")
+        raise ConfigError(f"no prompts in {cfg.prompts_file}")
     return prompts
 
 
@@ -71,6 +73,11 @@ def run(cfg: DictConfig) -> list[Path]:
     """Sample every prompt ``n`` times; image i uses seed ``seed + i`` alone, whatever the batch size."""
     if cfg.get("regenerate"):
         cfg = regenerate_config(cfg)
+    for key in ("n", "batch_size"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ConfigError(f"{key} must be an integer >= 1, got {cfg[key]!r}")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"out={cfg.out} is a file: give a folder for the images")
     pipe = LatentDiffusionPipeline.from_checkpoint(cfg.ckpt, use_ema=cfg.use_ema)
     prompts = read_prompts(cfg)
     interval = cfg.guidance_interval  # a malformed value reaches the check as the user wrote it
@@ -95,7 +102,7 @@ def run(cfg: DictConfig) -> list[Path]:
     jobs = [(p, cfg.seed + i) for i, p in enumerate(p for p in prompts for _ in range(cfg.n))]
     # One generator per image (its initial noise, and its step noise with the stochastic samplers), so any image
     # can be regenerated alone from its JSON: prompt, seed and the settings, with n=1.
-    batch = max(1, cfg.batch_size)
+    batch = cfg.batch_size
     init = Image.open(cfg.init_image) if cfg.init_image else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +143,11 @@ def run(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except ConfigError as err:  # a wrong input: its message, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

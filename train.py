@@ -10,9 +10,12 @@ The config is composed from conf/ (one group per swappable part); ldm.lightning.
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from ldm.errors import ConfigError
 from ldm.lightning.console import quiet_known_warnings
 from ldm.lightning.stages import run
 
@@ -20,7 +23,11 @@ from ldm.lightning.stages import run
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     quiet_known_warnings()
-    run(cfg)
+    try:
+        run(cfg)
+    except ConfigError as err:  # a wrong input: its message, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

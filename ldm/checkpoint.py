@@ -34,6 +34,7 @@ from ldm.autoencoder import SD_LATENT_SCALE
 from ldm.diffusion.parameterization import canonical_prediction_type
 from ldm.diffusion.sampling import SamplingDefaults
 from ldm.diffusion.schedules import SD_SCHEDULE
+from ldm.errors import ConfigError
 
 FORMAT_VERSION = 2  # 1: EMA stored as ema.shadow_<i>; 2: EMA under the parameters' names, "format" in the header
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -130,7 +131,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     files hold nothing else, so loading one cannot run code)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise ConfigError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -241,10 +242,10 @@ def _ldm_header(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
     if kind == "autoencoder":
         sibling = path.parent.parent / "ldm" / "checkpoints" / "last.ckpt"
         where = str(sibling) if sibling.is_file() else "RUN/ldm/checkpoints/last.ckpt of the same run"
-        raise ValueError(f"{path} is the VAE stage's autoencoder checkpoint (vae/vae.ckpt): it encodes and decodes "
+        raise ConfigError(f"{path} is the VAE stage's autoencoder checkpoint (vae/vae.ckpt): it encodes and decodes "
                          f"images but cannot generate them. Pass the latent diffusion checkpoint: {where}")
     if kind != "latent_diffusion":
-        raise ValueError(f"{path} is neither an ldm checkpoint (RUN/ldm/checkpoints/*.ckpt) nor an SD single file")
+        raise ConfigError(f"{path} is neither an ldm checkpoint (RUN/ldm/checkpoints/*.ckpt) nor an SD single file")
     header = ckpt["ldm"]
     if header.get("format", 1) > FORMAT_VERSION:
         raise ValueError(f"{path} was written in checkpoint format {header['format']}, newer than this ldm reads "
@@ -333,12 +334,12 @@ def load_autoencoder(path: str | os.PathLike) -> nn.Module:
     """The autoencoder of a VAE-stage checkpoint (``vae/vae.ckpt``), with its fitted latent scale."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"vae_ckpt={path} does not exist. Train an autoencoder first (python train.py stages=[vae]) and pass its "
             "vae/vae.ckpt as vae_ckpt=PATH, or run both stages (stages=[vae,ldm]).")
     ckpt = read_checkpoint(path)
     if checkpoint_kind(ckpt) != "autoencoder":
-        raise ValueError(f"vae_ckpt={path} is not an autoencoder checkpoint (written by the vae stage as vae.ckpt)")
+        raise ConfigError(f"vae_ckpt={path} is not an autoencoder checkpoint (written by the vae stage as vae.ckpt)")
     return load_first_stage(path)
 
 

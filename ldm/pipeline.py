@@ -17,6 +17,7 @@ from torch import nn
 from ldm.checkpoint import ModelParts, load_parts
 from ldm.diffusion.guidance import AutoGuidance, ClassifierFreeGuidance
 from ldm.diffusion.sampling import SAMPLERS, Generators, SamplingDefaults, make_scheduler, randn, sample_loop
+from ldm.errors import ConfigError
 from ldm.images import to_pil
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -110,6 +111,12 @@ class LatentDiffusionPipeline:
     # ------------------------------------------------------------------ inputs
 
     def _check(self, prompts: list[str], s: SamplingDefaults, strength: float, height: int, width: int) -> None:
+        try:
+            self._check_values(prompts, s, strength, height, width)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def _check_values(self, prompts: list[str], s: SamplingDefaults, strength: float, height: int, width: int) -> None:
         if not prompts:
             raise ValueError("prompt is an empty list: give at least one prompt")
         if not 0 < strength <= 1:

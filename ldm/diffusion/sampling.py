@@ -14,6 +14,7 @@ import torch
 from ldm.diffusion.guidance import ClassifierFreeGuidance, Denoiser, check_guidance_interval
 from ldm.diffusion.schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from ldm.diffusion.schedulers.base import DiscreteScheduler
+from ldm.errors import ConfigError
 
 SAMPLERS: dict[str, type[DiscreteScheduler]] = {
     "ddpm": DDPMScheduler,
@@ -40,6 +41,12 @@ class SamplingDefaults:
     image_size: int | None = None
 
     def __post_init__(self) -> None:
+        try:
+            self._check()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def _check(self) -> None:
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 and finite (1 = no guidance), got {self.guidance_scale}")
         if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int) or \
@@ -64,7 +71,7 @@ class SamplingDefaults:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown sampling settings {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown sampling settings {unknown}; known: {sorted(known)}")
         if isinstance(values.get("guidance_interval"), list):
             values["guidance_interval"] = tuple(values["guidance_interval"])
         return cls(**values)

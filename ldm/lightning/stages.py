@@ -7,6 +7,8 @@ plain objects.
 from __future__ import annotations
 
 import time
+import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,13 @@ from ldm.checkpoint import (
 from ldm.convert import init_from_sd, load_sd_checkpoint, load_sd_vae, sd_latent_scale
 from ldm.data.cache_latents import cache_for_vae
 from ldm.diffusion import DiffusionLoss, NoiseSchedule, SamplingDefaults
+from ldm.errors import ConfigError
 from ldm.lightning.autoencoder_module import AutoencoderModule
 from ldm.lightning.console import StepProgressBar, headline, parts_summary
 from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy
 from ldm.lightning.optim import LRSchedule
+from ldm.lightning.run_lock import RunLock
+from ldm.lightning.settings import check_run
 from ldm.nn.ema import EMASettings
 
 STAGES = ("vae", "ldm")
@@ -107,25 +112,45 @@ def _last_metrics(trainer: L.Trainer, *names: str) -> str:
 # ---------------------------------------------------------------------------------------------------- checks
 
 
-def find_resume(cfg: DictConfig) -> tuple[str, str] | None:
-    """(stage, path) to resume from: ``resume=PATH``, or ``resume=last`` (the newest last.ckpt under outputs/ and
-    multirun/, diffusion stage first)."""
+def _readable(path: Path) -> dict | None:
+    try:
+        return read_checkpoint(path)
+    except Exception as err:  # truncated or corrupt: any error torch's reader raises
+        warnings.warn(f"{path} does not load ({type(err).__name__}: {str(err).splitlines()[0][:200]}); trying the "
+                      "previous checkpoint", stacklevel=3)
+        return None
+
+
+def find_resume(cfg: DictConfig) -> tuple[str, str, int, Path | None] | None:
+    """(stage, checkpoint path, its step, the run folder to continue in, or None for this run's) to resume from.
+
+    ``resume=last``: the newest loadable checkpoint of this run's folder (``hydra.run.dir``), the ldm stage's before
+    the vae stage's. ``resume=DIR``: the same in that run folder, which the run then continues in. ``resume=PATH``:
+    that checkpoint, continued in this run's folder. A checkpoint that does not load is named in a warning and the
+    previous one (``stepNNNNNN.ckpt``) is used.
+    """
     if not cfg.resume:
         return None
-    if cfg.resume == "last":
+    where = Path(cfg.out_dir) if cfg.resume == "last" else Path(cfg.resume)
+    if cfg.resume == "last" or where.is_dir():
         for stage in ("ldm", "vae"):
-            found = sorted(
-                (p for root in ("outputs", "multirun") for p in Path(root).glob(f"**/{stage}/checkpoints/last.ckpt")),
-                key=lambda p: p.stat().st_mtime,
-            )
-            if found:
-                return stage, str(found[-1])
-        raise FileNotFoundError("resume=last: no */checkpoints/last.ckpt under outputs/ or multirun/")
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
-    kind = checkpoint_kind(read_checkpoint(path))
-    return ("ldm" if kind == "latent_diffusion" else "vae"), str(path)
+            folder = where / stage / "checkpoints"
+            candidates = [folder / "last.ckpt", *sorted(folder.glob("step*.ckpt"), reverse=True)]
+            for path in (p for p in candidates if p.is_file()):
+                ckpt = _readable(path)
+                if ckpt is not None:
+                    return stage, str(path), int(ckpt.get("global_step", 0)), (None if cfg.resume == "last" else where)
+        raise ConfigError(
+            f"resume={cfg.resume}: no loadable checkpoint in {where} (ldm/ or vae/checkpoints/*.ckpt). resume=last "
+            "continues this run's folder: run with hydra.run.dir=RUN resume=last; or pass resume=RUN (a run folder) "
+            "or resume=PATH (a checkpoint)")
+    if not where.is_file():
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint or run folder")
+    ckpt = read_checkpoint(where)
+    kind = checkpoint_kind(ckpt)
+    if kind not in ("latent_diffusion",) and "loops" not in ckpt:
+        raise ConfigError(f"resume={where} is not a training checkpoint of a stage (RUN/ldm|vae/checkpoints/*.ckpt)")
+    return ("ldm" if kind == "latent_diffusion" else "vae"), str(where), int(ckpt.get("global_step", 0)), None
 
 
 def check_latent_source(cfg: DictConfig, resume: tuple[str, str] | None) -> None:
@@ -134,16 +159,16 @@ def check_latent_source(cfg: DictConfig, resume: tuple[str, str] | None) -> None
     if cfg.data.get("source", "images") != "latents":
         return
     if "vae" in cfg.stages and (resume is None or resume[0] == "vae"):
-        raise ValueError(f"data.source=latents reads cached latents, but the vae stage trains on images. {LATENT_HOW}")
+        raise ConfigError(f"data.source=latents reads cached latents, but the vae stage trains on images. {LATENT_HOW}")
     if cfg.first_stage != "vae":
-        raise ValueError(f"data.source=latents needs first_stage=vae (cached latents are VAE latents). {LATENT_HOW}")
+        raise ConfigError(f"data.source=latents needs first_stage=vae (cached latents are VAE latents). {LATENT_HOW}")
     if resume is None and not cfg.vae_ckpt:
-        raise ValueError(
+        raise ConfigError(
             "data.source=latents needs vae_ckpt=PATH: the vae.ckpt whose latents were cached. The ldm stage applies "
             f"its latent scale to the cached latents and decodes samples with it. {LATENT_HOW}")
     shards = cfg.data.train_shards
     if isinstance(shards, str) and "{" not in shards and not Path(shards).exists():
-        raise FileNotFoundError(f"data.train_shards={shards}: no latent cache there. {LATENT_HOW}")
+        raise ConfigError(f"data.train_shards={shards}: no latent cache there. {LATENT_HOW}")
 
 
 def check_cache_shape(cfg: DictConfig, latent_shape: list[int]) -> None:
@@ -156,7 +181,7 @@ def check_cache_shape(cfg: DictConfig, latent_shape: list[int]) -> None:
     index = Path(shards) / "index.json"
     cached = json.loads(index.read_text()).get("latents", {}).get("shape") if index.is_file() else None
     if cached is not None and list(cached) != list(latent_shape):
-        raise ValueError(
+        raise ConfigError(
             f"the latent cache {shards} holds latents of shape {cached}, but this run trains on {latent_shape} "
             "(unet.in_channels, data.image_size / the VAE's downsampling): set data.image_size to the cached size, "
             "or cache again with the matching VAE and --size")
@@ -165,12 +190,12 @@ def check_cache_shape(cfg: DictConfig, latent_shape: list[int]) -> None:
 def check_cache_run(cfg: DictConfig) -> None:
     """``ldm_stage.cache_latents`` encodes image shards in one process."""
     if cfg.data.get("source", "images") != "images":
-        raise ValueError("ldm_stage.cache_latents=true encodes image shards, but data.source is "
+        raise ConfigError("ldm_stage.cache_latents=true encodes image shards, but data.source is "
                          f"{cfg.data.get('source')!r}: the data is a latent cache already; set "
                          "ldm_stage.cache_latents=false")
     devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
     if str(devices) != "1" or str(nodes) != "1":
-        raise ValueError(
+        raise ConfigError(
             f"ldm_stage.cache_latents=true runs in one process (trainer.devices={devices}, num_nodes={nodes}; the "
             "quickstart preset turns it on). Set ldm_stage.cache_latents=false to encode images on the fly, or cache "
             "once beforehand (python -m ldm.data.cache_latents SHARDS CACHE --vae RUN/vae/vae.ckpt --size S) and "
@@ -222,12 +247,12 @@ def build_first_stage(cfg: DictConfig, vae_path: Path | None, resume: str | None
     if cfg.first_stage == "pixel":
         return None
     if cfg.first_stage != "vae":
-        raise ValueError(f"first_stage must be 'vae' or 'pixel', got {cfg.first_stage!r}")
+        raise ConfigError(f"first_stage must be 'vae' or 'pixel', got {cfg.first_stage!r}")
     vae_path = vae_path or (Path(cfg.vae_ckpt) if cfg.vae_ckpt else None)
     if vae_path is not None:  # a VAE trained in this run, or vae_ckpt, takes precedence over the SD file's
         return load_autoencoder(vae_path)
     if sd is None:
-        raise ValueError(
+        raise ConfigError(
             "the ldm stage needs an autoencoder: set vae_ckpt=PATH (vae/vae.ckpt of a vae-stage run), run both "
             "stages (stages=[vae,ldm]), start from an SD single file (init_ckpt=PATH), or train in pixel space "
             "(first_stage=pixel)")
@@ -262,11 +287,11 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     """Train the latent diffusion model on the frozen first stage; returns ``out/ldm/checkpoints/last.ckpt``."""
     s = cfg.ldm_stage
     if resume is None and OmegaConf.is_missing(cfg, "init_ckpt"):
-        raise ValueError("init_ckpt=PATH is required: the Stable Diffusion single file (.safetensors/.ckpt) to load")
+        raise ConfigError("init_ckpt=PATH is required: the Stable Diffusion single file (.safetensors/.ckpt) to load")
     init_ckpt = cfg.get("init_ckpt") if resume is None else None  # a resumed run has its weights already
     sd = load_sd_checkpoint(init_ckpt) if init_ckpt else None
     if sd is not None and cfg.first_stage != "vae":
-        raise ValueError(f"init_ckpt (an SD single file) needs first_stage=vae, got {cfg.first_stage!r}")
+        raise ConfigError(f"init_ckpt (an SD single file) needs first_stage=vae, got {cfg.first_stage!r}")
     first_stage = build_first_stage(cfg, vae_path, resume, sd, init_ckpt)
     text_cfg = cfg.get("text_encoder")
     text_encoder = instantiate(text_cfg) if text_cfg else None
@@ -285,7 +310,7 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     data_overrides = {}
     if s.cache_latents:
         if first_stage is None:
-            raise ValueError("ldm_stage.cache_latents=true needs a VAE first stage (first_stage=vae), not pixel space")
+            raise ConfigError("ldm_stage.cache_latents=true needs a VAE first stage (first_stage=vae), not pixel space")
         check_cache_run(cfg)
         headline("latent cache: encoding the image shards once with the frozen VAE")
         make_data(cfg, s).prepare_data()  # the image shards must exist before they are encoded
@@ -312,22 +337,40 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
 
 
 def run(cfg: DictConfig) -> dict[str, Path]:
-    """Run the configured stages; returns the checkpoint paths by stage."""
+    """Check the whole config, then run the configured stages in the run folder, which one training holds at a
+    time; returns the checkpoint paths by stage."""
     unknown = set(cfg.stages) - set(STAGES)
     if unknown:
-        raise ValueError(f"unknown stages {sorted(unknown)}; use stages=[vae], [ldm] or [vae,ldm]")
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    out = Path(cfg.out_dir)
+        raise ConfigError(f"unknown stages {sorted(unknown)}; use stages=[vae], [ldm] or [vae,ldm]")
+    check_run(cfg)
     resume = find_resume(cfg)
     check_latent_source(cfg, resume)
-    if resume is not None:
-        rank_zero_info(f"resuming the {resume[0]} stage from {resume[1]}")
+    out = Path(cfg.out_dir) if resume is None or resume[3] is None else resume[3]
+    lock = RunLock(out) if rank_zero_only.rank == 0 else nullcontext()
+    with lock:
+        return _run_stages(cfg, out, resume)
+
+
+def _run_stages(cfg: DictConfig, out: Path, resume: tuple[str, str, int, Path | None] | None) -> dict[str, Path]:
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     results: dict[str, Path] = {}
-    if "vae" in cfg.stages and (resume is None or resume[0] == "vae"):
+    vae_path = None
+    if resume is not None:
+        stage, path, step, _ = resume
+        limit = (cfg.vae_stage if stage == "vae" else cfg.ldm_stage).max_steps
+        if step >= limit and (stage == "ldm" or "ldm" not in cfg.stages):
+            headline(f"the {stage} stage of {out} finished at step {step} (max_steps={limit}): nothing to resume")
+            return results
+        if step >= limit and (out / "vae" / "vae.ckpt").is_file():  # the vae stage is done: on to the ldm stage
+            vae_path, resume = out / "vae" / "vae.ckpt", None
+            rank_zero_info(f"the vae stage finished at step {step}; the ldm stage starts from {vae_path}")
+        else:
+            rank_zero_info(f"resumed from {path} at step {step}")
+    if "vae" in cfg.stages and vae_path is None and (resume is None or resume[0] == "vae"):
         results["vae"] = train_vae(cfg, out, resume[1] if resume else None)
     if "ldm" in cfg.stages:
         ldm_resume = resume[1] if resume and resume[0] == "ldm" else None
-        results["ldm"] = train_ldm(cfg, out, results.get("vae"), ldm_resume)
+        results["ldm"] = train_ldm(cfg, out, results.get("vae") or vae_path, ldm_resume)
     lines = [f"  {stage}: {path}" for stage, path in results.items()]
     if cfg.get("logger") is not None and cfg.logger.get("save_dir"):
         lines.append(f"  logs ({cfg.logger._target_.rsplit('.', 1)[-1]}): {cfg.logger.save_dir}")

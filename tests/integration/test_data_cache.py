@@ -20,6 +20,7 @@ from ldm.data.datamodule import ShardDataModule
 from ldm.data.make_shards import make_shards
 from ldm.data.shards import iter_shard, read_index
 from ldm.data.transforms import decode_image, load_npy, to_tensor
+from ldm.errors import ConfigError
 from ldm.lightning import stages
 
 
@@ -259,8 +260,9 @@ def test_train_py_latent_source_refusals(tmp_path):
         stages.run(_compose(tmp_path, "stages=[ldm]"))
     with pytest.raises(ValueError, match="first_stage=vae"):
         stages.run(_compose(tmp_path, "stages=[ldm]", "first_stage=pixel"))
-    with pytest.raises(FileNotFoundError, match="no latent cache"):
-        stages.run(_compose(tmp_path, "stages=[ldm]", "vae_ckpt=x.ckpt"))
+    (tmp_path / "x.ckpt").write_bytes(b"")  # exists: the missing cache is what is refused
+    with pytest.raises(ConfigError, match="no latent cache"):
+        stages.run(_compose(tmp_path, "stages=[ldm]", f"vae_ckpt={tmp_path / 'x.ckpt'}"))
     assert not (tmp_path / "lat").exists()  # no image shards were written into the cache's place
     (tmp_path / "lat").mkdir()
     (tmp_path / "lat" / "index.json").write_text(json.dumps({"shards": [], "total": 0,

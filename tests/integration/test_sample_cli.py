@@ -152,3 +152,18 @@ def test_given_the_vae_checkpoint_sample_py_names_the_file_to_pass(tiny_ckpt, tm
                                          r"cannot generate them\. Pass the latent diffusion checkpoint: .*last\.ckpt"):
         sample(vae, tmp_path / "out", prompt="a red circle")
     assert not (tmp_path / "out").exists()  # refused before the output folder is made
+
+
+def test_zero_and_wrong_outputs_are_errors_not_defaults(tiny_ckpt, tmp_path) -> None:
+    from ldm.errors import ConfigError
+
+    for key, match in [("n", "n must be an integer >= 1, got 0"), ("batch_size", "batch_size must be an integer >= 1"),
+                       ("steps", "num_inference_steps must be an integer >= 1, got 0"),
+                       ("height", "height and width must be positive")]:
+        with pytest.raises(ConfigError, match=match):
+            sample(tiny_ckpt, tmp_path / "out", prompt="a red circle", **{key: 0})
+    with pytest.raises(ConfigError, match="guidance_scale must be >= 0 and finite"):
+        sample(tiny_ckpt, tmp_path / "out", prompt="a red circle", guidance_scale=float("nan"))
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="is a file: give a folder"):
+        sample(tiny_ckpt, tmp_path / "file.png", prompt="a red circle")

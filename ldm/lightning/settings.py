@@ -1,0 +1,115 @@
+"""Fail-fast checks of a run's config: every stage's settings, the sampling defaults and the paths a run reads are
+checked before any work, so a typo costs seconds, not a trained stage. Each error names the key."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.diffusion import SamplingDefaults
+from ldm.errors import ConfigError
+
+LR_SCHEDULES = ("constant", "cosine", "linear", "wsd")
+
+
+def _int(key: str, value: Any, low: int | None = None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+
+def _float(key: str, value: Any, low: float | None = None, high: float | None = None, allow_none: bool = False,
+           open_low: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if open_low else value < low):
+        raise ConfigError(f"{key} must be {'>' if open_low else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key} must be <= {high}, got {value}")
+
+
+def _choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def _bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def check_vae_stage(s: DictConfig) -> None:
+    """``vae_stage.*``: types and ranges."""
+    _int("vae_stage.max_steps", s.max_steps, 1)
+    _int("vae_stage.batch_size", s.batch_size, 1)
+    _int("vae_stage.num_workers", s.num_workers, 0)
+    _float("vae_stage.lr", s.lr, 0.0, open_low=True)
+    if not OmegaConf.is_list(s.betas) or len(s.betas) != 2:
+        raise ConfigError(f"vae_stage.betas must be two numbers [beta1, beta2], got {s.betas!r}")
+    for i, b in enumerate(s.betas):
+        _float(f"vae_stage.betas[{i}]", b, 0.0, 1.0)
+    _choice("vae_stage.lr_schedule", s.lr_schedule, ("constant", "cosine", "linear"))
+    _choice("vae_stage.rec_loss", s.rec_loss, ("l1", "l2"))
+    _float("vae_stage.kl_weight", s.kl_weight, 0.0)
+    _float("vae_stage.perceptual_weight", s.perceptual_weight, 0.0)
+    if s.perceptual_weight > 0:
+        if not s.perceptual_weights:
+            raise ConfigError("vae_stage.perceptual_weight > 0 needs vae_stage.perceptual_weights=PATH (a local "
+                              "LPIPS-layout weight file)")
+        if not Path(s.perceptual_weights).is_file():
+            raise ConfigError(f"vae_stage.perceptual_weights={s.perceptual_weights}: no such file")
+    _int("vae_stage.disc_start", s.disc_start, 0, allow_none=True)
+    _float("vae_stage.disc_weight", s.disc_weight, 0.0)
+    _int("vae_stage.latent_scale_batches", s.latent_scale_batches, 1)
+
+
+def check_ldm_stage(s: DictConfig) -> None:
+    """``ldm_stage.*``: types and ranges."""
+    _int("ldm_stage.max_steps", s.max_steps, 1)
+    _int("ldm_stage.batch_size", s.batch_size, 1)
+    _int("ldm_stage.num_workers", s.num_workers, 0)
+    _float("ldm_stage.caption_dropout", s.caption_dropout, 0.0, 1.0)
+    _float("ldm_stage.ema_decay", s.ema_decay, 0.0, allow_none=True)
+    if s.ema_decay is not None and s.ema_decay >= 1:
+        raise ConfigError(f"ldm_stage.ema_decay must lie in [0, 1), got {s.ema_decay}")
+    _bool("ldm_stage.ema_warmup", s.ema_warmup)
+    _choice("ldm_stage.lr_schedule", s.lr_schedule, LR_SCHEDULES)
+    _float("ldm_stage.lr_decay_fraction", s.lr_decay_fraction, 0.0, 1.0, open_low=True)
+    _int("ldm_stage.warmup_steps", s.warmup_steps, 0)
+    _choice("ldm_stage.nan_policy", s.nan_policy, ("stop", "skip"))
+    _int("ldm_stage.max_nan_skips", s.max_nan_skips, 0)
+    for key in ("gradient_checkpointing", "compile", "cache_latents"):
+        _bool(f"ldm_stage.{key}", s[key])
+    _int("ldm_stage.cache_batch_size", s.cache_batch_size, 1)
+    step = s.guide_snapshot_step
+    if step is not None:
+        _float("ldm_stage.guide_snapshot_step", step, 0.0, open_low=True)
+
+
+def check_run(cfg: DictConfig) -> None:
+    """Everything a run will read, checked before its first stage: the stages it runs, their settings, the sampling
+    defaults and the input files."""
+    stages = list(cfg.stages)
+    if "vae" in stages:
+        check_vae_stage(cfg.vae_stage)
+    if "ldm" in stages:
+        check_ldm_stage(cfg.ldm_stage)
+        try:
+            SamplingDefaults.from_dict(OmegaConf.to_container(cfg.sampling, resolve=True))
+        except ValueError as err:
+            raise ConfigError(f"sampling: {err}") from None
+        if cfg.get("vae_ckpt") and not Path(cfg.vae_ckpt).is_file():
+            raise ConfigError(f"vae_ckpt={cfg.vae_ckpt}: no such file (the vae/vae.ckpt of a vae-stage run)")
+        if not OmegaConf.is_missing(cfg, "init_ckpt") and cfg.get("init_ckpt") and not Path(cfg.init_ckpt).is_file():
+            raise ConfigError(f"init_ckpt={cfg.init_ckpt}: no such file (a Stable Diffusion .ckpt/.safetensors)")
+    _int("seed", cfg.seed, 0)
+

@@ -1,0 +1,99 @@
+"""Guards around a training run: the whole config is checked before any work, one training per run folder, resume
+within a run folder (a corrupt checkpoint falls back to the previous one, a finished run says so), and wrong inputs
+end in one line and exit status 2, not a traceback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ldm.errors import ConfigError
+from ldm.lightning import stages
+from ldm.lightning.run_lock import LOCK_NAME, RunLock
+from tests.integration.tiny_run import ROOT, train_env
+
+
+def _compose(run: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"out_dir={run}", "logger=csv", "dataset=null",
+                                           f"data.train_shards={run / 'no_shards'}", *overrides])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("ldm_stage.max_steps=abc", r"ldm_stage.max_steps must be an integer, got 'abc'"),
+    ("vae_stage.max_steps=0", r"vae_stage.max_steps must be >= 1, got 0"),
+    ("ldm_stage.caption_dropout=1.5", r"ldm_stage.caption_dropout must be <= 1"),
+    ("ldm_stage.lr_schedule=cosin", r"ldm_stage.lr_schedule must be one of"),
+    ("sampling.guidance_scale=nan", r"sampling: guidance_scale must be >= 0 and finite"),
+    ("sampling.num_inference_steps=0", r"sampling: num_inference_steps must be an integer >= 1"),
+    ("vae_ckpt=/nonexistent/vae.ckpt", r"vae_ckpt=/nonexistent/vae.ckpt: no such file"),
+])
+def test_every_stage_is_checked_before_any_work(tmp_path: Path, override: str, message: str) -> None:
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=message):
+        stages.run(_compose(tmp_path / "run", override))
+    assert time.perf_counter() - t0 < 10 and not (tmp_path / "run").exists()  # nothing trained, nothing written
+
+
+def test_a_wrong_input_prints_one_line_and_exits_2() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "ldm_stage.max_steps=abc", "logger=csv",
+                           "hydra.run.dir=/tmp/ldm_guard_never_written"], env=train_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error: ldm_stage.max_steps must be an integer, got 'abc'" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_one_training_per_run_folder(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).write_text(f'{{"pid": {os.getpid()}, "host": "{os.uname().nodename}"}}')
+    with pytest.raises(ConfigError, match=rf"in use by another training \(PID {os.getpid()} on "):
+        stages.run(_compose(run, "stages=[]"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / LOCK_NAME).write_text(f'{{"pid": {dead.pid}, "host": "{os.uname().nodename}"}}')
+    with pytest.warns(UserWarning, match=f"taking over the lock of PID {dead.pid}"):
+        assert stages.run(_compose(run, "stages=[]")) == {}
+    assert not (run / LOCK_NAME).exists()  # released at the end of the run
+    with RunLock(run) as lock, pytest.raises(ConfigError, match="in use"), RunLock(run):
+        assert lock.held
+
+
+def _fake_ckpt(path: Path, step: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"ldm": {"kind": "latent_diffusion"}, "global_step": step, "loops": {}, "state_dict": {}}, path)
+
+
+def test_resume_finds_the_newest_loadable_checkpoint_of_the_run_folder(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"resume=last: no loadable checkpoint in .*hydra.run.dir=RUN resume=last"):
+        stages.find_resume(_compose(run, "resume=last"))
+    ckpts = run / "ldm" / "checkpoints"
+    _fake_ckpt(ckpts / "step000004.ckpt", 4)
+    (ckpts / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")  # a write cut short
+    with pytest.warns(UserWarning, match=r"last.ckpt does not load .*trying the previous checkpoint"):
+        found = stages.find_resume(_compose(run, "resume=last"))
+    assert found == ("ldm", str(ckpts / "step000004.ckpt"), 4, None)
+    other = tmp_path / "elsewhere"
+    with pytest.warns(UserWarning, match="does not load"):
+        assert stages.find_resume(_compose(other, f"resume={run}"))[3] == run  # a run folder: continued there
+    with pytest.raises(ConfigError, match="no such checkpoint or run folder"):
+        stages.find_resume(_compose(run, f"resume={tmp_path / 'nothing.ckpt'}"))
+
+
+def test_a_finished_run_says_so_and_trains_nothing(tmp_path: Path, caplog) -> None:
+    run = tmp_path / "run"
+    _fake_ckpt(run / "ldm" / "checkpoints" / "last.ckpt", 7)
+    with caplog.at_level(logging.INFO):
+        assert stages.run(_compose(run, "resume=last", "stages=[ldm]", "ldm_stage.max_steps=7")) == {}
+    assert f"the ldm stage of {run} finished at step 7 (max_steps=7): nothing to resume" in caplog.text
+    assert not (run / "ldm" / "config.yaml").exists() and not (run / LOCK_NAME).exists()
