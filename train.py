@@ -3,7 +3,7 @@
     python train.py                                  # the quickstart: shapes, 32 px, CPU, 9-12 minutes
     python train.py experiment=mnist_pixel_ddpm      # another preset
     python train.py -m optimizer.lr=1e-4,3e-4 unet=tiny,small   # a sweep, one directory per job
-    python train.py resume=PATH|last                 # exact resume (optimizer, EMA, LR, data position, RNG)
+    python train.py resume=last|auto|RUN|PATH        # exact resume (optimizer, EMA, LR, data position, RNG)
 
 The config is composed from conf/ (one group per swappable part); ldm.lightning.stages assembles and runs it.
 """
@@ -16,18 +16,25 @@ import hydra
 from omegaconf import DictConfig
 
 from ldm.errors import ConfigError
-from ldm.lightning.console import quiet_known_warnings
+from ldm.lightning.console import log_to_run_file, quiet_known_warnings
+from ldm.lightning.preemption import Preempted
 from ldm.lightning.stages import run
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     quiet_known_warnings()
+    log = log_to_run_file()
     try:
         run(cfg)
     except ConfigError as err:  # a wrong input: its message, no traceback
+        log.error(f"error: {err}")
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as stop:  # SIGTERM or the pre-timeout signal: the state is saved; non-zero, as the job ended early
+        log.warning(str(stop))
+        print(str(stop), file=sys.stderr)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.images import make_grid, to_pil
+from ldm.lightning.preemption import preempted
 from ldm.lightning.sharding import is_fsdp
 
 
@@ -43,6 +44,8 @@ class StageCheckpoint(ModelCheckpoint):
         self._saved_step = trainer.global_step
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if preempted(trainer):  # PreemptionCheckpoint saved last.ckpt at this step
+            return
         super().on_train_end(trainer, pl_module)
         if self.save_last and self.dirpath is not None and self._saved_step != trainer.global_step:
             last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
@@ -133,7 +136,8 @@ class SampleGrid(L.Callback):
             self._sample(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        self._sample(trainer, pl_module)
+        if not preempted(trainer):  # a stopped run saves and leaves: its grid comes at the real end
+            self._sample(trainer, pl_module)
 
 
 class ReconstructionGrid(L.Callback):
@@ -172,7 +176,8 @@ class ReconstructionGrid(L.Callback):
             self._log(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        self._log(trainer, pl_module)
+        if not preempted(trainer):
+            self._log(trainer, pl_module)
 
     def state_dict(self) -> dict:
         return {"images": self.images}

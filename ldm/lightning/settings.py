@@ -14,6 +14,11 @@ from ldm.diffusion import SamplingDefaults
 from ldm.errors import ConfigError
 
 LR_SCHEDULES = ("constant", "cosine", "linear", "wsd")
+# The config keys a resumed run may change: they alter neither the model nor the order of the data.
+RESUME_FREE = (
+    "resume", "out_dir", "stages", "logger", "callbacks", "sampling", "perf", "preemption", "vae_stage.max_steps",
+    "ldm_stage.max_steps", "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+)
 
 
 def _int(key: str, value: Any, low: int | None = None, allow_none: bool = False) -> None:
@@ -112,4 +117,16 @@ def check_run(cfg: DictConfig) -> None:
         if not OmegaConf.is_missing(cfg, "init_ckpt") and cfg.get("init_ckpt") and not Path(cfg.init_ckpt).is_file():
             raise ConfigError(f"init_ckpt={cfg.init_ckpt}: no such file (a Stable Diffusion .ckpt/.safetensors)")
     _int("seed", cfg.seed, 0)
+    check_preemption(cfg.get("preemption"))
+
+
+def check_preemption(p: DictConfig | None) -> None:
+    """``preemption.*``: a signal name, a positive check period, a boolean requeue."""
+    if p is None:
+        return
+    from ldm.lightning.preemption import parse_signal
+
+    parse_signal(p.signal)
+    _int("preemption.check_every_n_steps", p.check_every_n_steps, 1)
+    _bool("preemption.requeue", p.requeue)
 

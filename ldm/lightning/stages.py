@@ -6,6 +6,7 @@ plain objects.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from contextlib import nullcontext
@@ -15,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,11 +34,12 @@ from ldm.data.cache_latents import cache_for_vae
 from ldm.diffusion import DiffusionLoss, NoiseSchedule, SamplingDefaults
 from ldm.errors import ConfigError
 from ldm.lightning.autoencoder_module import AutoencoderModule
-from ldm.lightning.console import StepProgressBar, headline, parts_summary
+from ldm.lightning.console import StepProgressBar, headline, log_to_run_file, parts_summary
 from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy
 from ldm.lightning.optim import LRSchedule
+from ldm.lightning.preemption import PreemptionCheckpoint, slurm_job_id
 from ldm.lightning.run_lock import RunLock
-from ldm.lightning.settings import check_run
+from ldm.lightning.settings import RESUME_FREE, check_run
 from ldm.nn.ema import EMASettings
 
 STAGES = ("vae", "ldm")
@@ -51,10 +54,14 @@ LATENT_HOW = (
 
 
 def save_config(cfg: DictConfig, stage_dir: Path) -> None:
-    """The resolved config beside the stage's checkpoints (rank 0 only: under DDP the others reuse the path)."""
+    """The resolved config beside the stage's checkpoints, and the command line that started the stage (rank 0 only:
+    under DDP the others reuse the path). A resumed run reads both (``resume_config``)."""
     if rank_zero_only.rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        overrides, record = command_line_overrides(), stage_dir / "overrides.yaml"
+        if overrides is not None and not record.exists():  # the command line that started the stage
+            record.write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
 
 
 def make_callbacks(group: DictConfig | None) -> list[L.Callback]:
@@ -73,16 +80,49 @@ def make_trainer(cfg: DictConfig, stage_dir: Path, max_steps: int, callbacks: li
     kwargs.setdefault("enable_model_summary", False)  # the stage's headline names the parts and their sizes
     if kwargs.setdefault("enable_progress_bar", True):
         callbacks = [*callbacks, StepProgressBar()]
+    plugins: list = [AtomicCheckpointIO()]
+    if cfg.get("preemption") is not None:
+        p = cfg.preemption
+        callbacks = [*callbacks, PreemptionCheckpoint(p.signal, p.check_every_n_steps)]
+        if SLURMEnvironment.detect():  # the requeue is PreemptionCheckpoint's: Lightning's would save mid-step
+            plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(**kwargs, max_steps=max_steps, default_root_dir=str(stage_dir), callbacks=callbacks,
-                     logger=logger, plugins=[AtomicCheckpointIO()])
+                     logger=logger, plugins=plugins)
 
 
-def make_logger(cfg: DictConfig, name: str):
-    """The configured experiment logger for one stage (False without one), with the run's config logged."""
+def finish_fit(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """After ``fit``: end the loggers' runs; if a signal stopped the stage, requeue (SLURM) and raise ``Preempted``."""
+    close_loggers(trainer)
+    for callback in trainer.callbacks:
+        if isinstance(callback, PreemptionCheckpoint):
+            callback.stop(trainer, requeue=bool(cfg.preemption.requeue))
+
+
+def make_logger(cfg: DictConfig, name: str, stage_dir: Path, resume_step: int | None = None):
+    """The configured experiment logger for one stage (False without one), with the run's config logged.
+
+    A resumed stage continues its logger run: the version (CSV, TensorBoard) or run id (wandb) the stage started
+    with is kept in ``stage_dir/logger.json``; ldm's CSVLogger drops the rows the checkpoint had not reached.
+    """
     if cfg.get("logger") is None:
         return False
-    logger = instantiate(cfg.logger, **({"name": name} if "name" not in cfg.logger else {}))
+    kwargs: dict[str, Any] = {"name": name} if "name" not in cfg.logger else {}
+    record = stage_dir / "logger.json"
+    target = cfg.logger.get("_target_", "")
+    if resume_step is not None and record.is_file():
+        previous = json.loads(record.read_text())
+        if previous.get("target") == target:
+            if target.endswith("WandbLogger"):
+                kwargs.update(id=previous["version"], resume="allow")
+            else:
+                kwargs["version"] = previous["version"]
+            if target == "ldm.lightning.loggers.CSVLogger":
+                kwargs["resume_step"] = resume_step
+    logger = instantiate(cfg.logger, **kwargs)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the run's config beside its curves
+    if rank_zero_only.rank == 0:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"target": target, "version": logger.version}))
     return logger
 
 
@@ -121,36 +161,142 @@ def _readable(path: Path) -> dict | None:
         return None
 
 
+def resume_mode(cfg: DictConfig) -> str | None:
+    """``cfg.resume``; unset under a SLURM batch job it is ``auto``, so a requeued job resumes with no flag."""
+    if cfg.resume:
+        return str(cfg.resume)
+    return "auto" if slurm_job_id() is not None else None
+
+
+def _run_folder_of(path: Path) -> Path | None:
+    """RUN for a checkpoint at RUN/<stage>/checkpoints/NAME.ckpt, else None."""
+    if path.parent.name == "checkpoints" and path.parents[1].name in STAGES:
+        return path.parents[2]
+    return None
+
+
 def find_resume(cfg: DictConfig) -> tuple[str, str, int, Path | None] | None:
     """(stage, checkpoint path, its step, the run folder to continue in, or None for this run's) to resume from.
 
     ``resume=last``: the newest loadable checkpoint of this run's folder (``hydra.run.dir``), the ldm stage's before
-    the vae stage's. ``resume=DIR``: the same in that run folder, which the run then continues in. ``resume=PATH``:
-    that checkpoint, continued in this run's folder. A checkpoint that does not load is named in a warning and the
-    previous one (``stepNNNNNN.ckpt``) is used.
+    the vae stage's. ``resume=auto``: the same, or a fresh start when the folder holds none (the default under
+    SLURM). ``resume=DIR``: the same in that run folder. ``resume=PATH``: that checkpoint. A run continues in the
+    folder its checkpoint belongs to. A checkpoint that does not load is named in a warning and the previous one
+    (``stepNNNNNN.ckpt``) is used.
     """
-    if not cfg.resume:
+    mode = resume_mode(cfg)
+    if not mode:
         return None
-    where = Path(cfg.out_dir) if cfg.resume == "last" else Path(cfg.resume)
-    if cfg.resume == "last" or where.is_dir():
+    here = mode in ("last", "auto")
+    where = Path(cfg.out_dir) if here else Path(mode)
+    if here or where.is_dir():
         for stage in ("ldm", "vae"):
             folder = where / stage / "checkpoints"
             candidates = [folder / "last.ckpt", *sorted(folder.glob("step*.ckpt"), reverse=True)]
             for path in (p for p in candidates if p.is_file()):
                 ckpt = _readable(path)
                 if ckpt is not None:
-                    return stage, str(path), int(ckpt.get("global_step", 0)), (None if cfg.resume == "last" else where)
+                    return stage, str(path), int(ckpt.get("global_step", 0)), (None if here else where)
+        if mode == "auto":
+            rank_zero_info(f"resume=auto: no checkpoint in {where}; starting")
+            return None
         raise ConfigError(
-            f"resume={cfg.resume}: no loadable checkpoint in {where} (ldm/ or vae/checkpoints/*.ckpt). resume=last "
+            f"resume={mode}: no loadable checkpoint in {where} (ldm/ or vae/checkpoints/*.ckpt). resume=last "
             "continues this run's folder: run with hydra.run.dir=RUN resume=last; or pass resume=RUN (a run folder) "
             "or resume=PATH (a checkpoint)")
     if not where.is_file():
-        raise ConfigError(f"resume={cfg.resume}: no such checkpoint or run folder")
+        raise ConfigError(f"resume={mode}: no such checkpoint or run folder")
     ckpt = read_checkpoint(where)
     kind = checkpoint_kind(ckpt)
     if kind not in ("latent_diffusion",) and "loops" not in ckpt:
         raise ConfigError(f"resume={where} is not a training checkpoint of a stage (RUN/ldm|vae/checkpoints/*.ckpt)")
-    return ("ldm" if kind == "latent_diffusion" else "vae"), str(where), int(ckpt.get("global_step", 0)), None
+    return ("ldm" if kind == "latent_diffusion" else "vae"), str(where), int(ckpt.get("global_step", 0)), \
+        _run_folder_of(where)
+
+
+def command_line_overrides() -> list[str] | None:
+    """This run's command-line overrides (``key=value``, no ``hydra.*``), or None outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(("resume=", "hydra."))]
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~").replace("/", ".")
+
+
+def _free(key: str) -> bool:
+    return any(key == free or key.startswith(free + ".") for free in RESUME_FREE)
+
+
+def resume_config(cfg: DictConfig, stage_dir: Path, overrides: list[str] | None) -> DictConfig:
+    """The config a resumed stage runs with: the run's saved ``stage_dir/config.yaml``, plus those command-line
+    overrides that change neither the model nor the data order (``settings.RESUME_FREE``); other overrides that
+    differ from the run's are refused, naming each."""
+    saved_file = stage_dir / "config.yaml"
+    if not saved_file.is_file():
+        warnings.warn(f"{saved_file} is missing: the resumed run uses the command line's config", stacklevel=2)
+        return cfg
+    saved = OmegaConf.load(saved_file)
+    original_file = stage_dir / "overrides.yaml"
+    original = list(OmegaConf.load(original_file)) if original_file.is_file() else []
+    given = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    merged = saved.copy()
+    _fill_missing(merged, given)  # keys this release added keep their defaults
+    refused = []
+    for override in overrides or []:
+        if override in original:
+            continue
+        key = _override_key(override)
+        new, old = OmegaConf.select(given, key), OmegaConf.select(saved, key)
+        if _free(key):
+            OmegaConf.update(merged, key, new, force_add=True, merge=False)
+        elif new != old:
+            refused.append(f"{key} (the run has {_short(old)}, the command line {_short(new)})")
+        elif OmegaConf.select(given, key, default="absent") == "absent":  # e.g. experiment=: a global preset
+            refused.append(f"{override} (a preset that sets many keys: resume without it, the run's config holds it)")
+    if refused:
+        raise ConfigError(
+            f"resuming {stage_dir.parent}: these overrides would change the model or the data order of a run in "
+            f"progress: {'; '.join(refused)}. Drop them to continue the run as it was, or start a new run "
+            "(another hydra.run.dir, with init weights or vae_ckpt) to change them")
+    run_dir = str(stage_dir.parent)
+    if merged.get("out_dir") and merged.out_dir != run_dir:  # a moved or copied run folder: its own paths
+        merged = _reroot(merged, str(merged.out_dir), run_dir)
+    merged.out_dir, merged.resume = run_dir, cfg.resume
+    return merged
+
+
+def _reroot(cfg: DictConfig, old: str, new: str) -> DictConfig:
+    """``cfg`` with every string path under ``old`` moved under ``new``."""
+    def move(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if isinstance(value, str) and (value == old or value.startswith(old.rstrip("/") + "/")):
+            return new + value[len(old.rstrip("/")):]
+        return value
+
+    return OmegaConf.create(move(OmegaConf.to_container(cfg)))
+
+
+def _fill_missing(into: DictConfig, source: DictConfig) -> None:
+    """Add the keys of ``source`` that ``into`` lacks, recursively; a node built from another ``_target_`` is left
+    as it is."""
+    for key in source:
+        if key not in into:
+            into[key] = source[key]
+        elif OmegaConf.is_dict(into[key]) and OmegaConf.is_dict(source[key]) and \
+                into[key].get("_target_") == source[key].get("_target_"):
+            _fill_missing(into[key], source[key])
+
+
+def _short(value: Any) -> str:
+    text = repr(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def check_latent_source(cfg: DictConfig, resume: tuple[str, str] | None) -> None:
@@ -205,7 +351,7 @@ def check_cache_run(cfg: DictConfig) -> None:
 # ---------------------------------------------------------------------------------------------------- stages
 
 
-def train_vae(cfg: DictConfig, out: Path, resume: str | None = None) -> Path:
+def train_vae(cfg: DictConfig, out: Path, resume: str | None = None, resume_step: int | None = None) -> Path:
     """Train the autoencoder, fit its latent scale, and write ``out/vae/vae.ckpt``."""
     s = cfg.vae_stage
     vae = instantiate(cfg.autoencoder)
@@ -219,11 +365,11 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None) -> Path:
     headline(f"vae stage: {s.max_steps} steps at batch {s.batch_size}; {parts_summary(module)}; output {stage_dir}")
     save_config(cfg, stage_dir)
     trainer = make_trainer(cfg, stage_dir, s.max_steps, make_callbacks(cfg.callbacks.get("vae")),
-                           make_logger(cfg, "vae"), manual=True)
+                           make_logger(cfg, "vae", stage_dir, resume_step), manual=True)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     seconds = time.perf_counter() - t0
-    close_loggers(trainer)
+    finish_fit(cfg, trainer)
     # Diffusion trains on unit-variance latents: fit the scale on a few batches of training images.
     loader = data.train_dataloader()
     images = torch.cat([b["image"] for b, _ in zip(loader, range(s.latent_scale_batches), strict=False)])
@@ -283,7 +429,8 @@ def build_diffusion_module(cfg: DictConfig, unet: torch.nn.Module, text_encoder:
     )
 
 
-def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | None = None) -> Path:
+def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | None = None,
+              resume_step: int | None = None) -> Path:
     """Train the latent diffusion model on the frozen first stage; returns ``out/ldm/checkpoints/last.ckpt``."""
     s = cfg.ldm_stage
     if resume is None and OmegaConf.is_missing(cfg, "init_ckpt"):
@@ -326,11 +473,11 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     headline(f"ldm stage: {s.max_steps} steps at batch {s.batch_size}; {parts_summary(module)}; output {stage_dir}")
     save_config(cfg, stage_dir)
     trainer = make_trainer(cfg, stage_dir, s.max_steps, make_callbacks(cfg.callbacks.get("ldm")),
-                           make_logger(cfg, "ldm"))
+                           make_logger(cfg, "ldm", stage_dir, resume_step))
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     seconds = time.perf_counter() - t0
-    close_loggers(trainer)
+    finish_fit(cfg, trainer)
     last = stage_dir / "checkpoints" / "last.ckpt"
     rank_zero_info(f"ldm stage: {seconds:.0f} s, {_last_metrics(trainer, 'train/loss')}; saved {last}")
     return last
@@ -339,13 +486,17 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
 def run(cfg: DictConfig) -> dict[str, Path]:
     """Check the whole config, then run the configured stages in the run folder, which one training holds at a
     time; returns the checkpoint paths by stage."""
+    log_to_run_file()
     unknown = set(cfg.stages) - set(STAGES)
     if unknown:
         raise ConfigError(f"unknown stages {sorted(unknown)}; use stages=[vae], [ldm] or [vae,ldm]")
     check_run(cfg)
     resume = find_resume(cfg)
-    check_latent_source(cfg, resume)
     out = Path(cfg.out_dir) if resume is None or resume[3] is None else resume[3]
+    if resume is not None:
+        cfg = resume_config(cfg, out / resume[0], command_line_overrides())
+        check_run(cfg)
+    check_latent_source(cfg, resume)
     lock = RunLock(out) if rank_zero_only.rank == 0 else nullcontext()
     with lock:
         return _run_stages(cfg, out, resume)
@@ -367,10 +518,10 @@ def _run_stages(cfg: DictConfig, out: Path, resume: tuple[str, str, int, Path | 
         else:
             rank_zero_info(f"resumed from {path} at step {step}")
     if "vae" in cfg.stages and vae_path is None and (resume is None or resume[0] == "vae"):
-        results["vae"] = train_vae(cfg, out, resume[1] if resume else None)
+        results["vae"] = train_vae(cfg, out, *((resume[1], resume[2]) if resume else ()))
     if "ldm" in cfg.stages:
-        ldm_resume = resume[1] if resume and resume[0] == "ldm" else None
-        results["ldm"] = train_ldm(cfg, out, results.get("vae") or vae_path, ldm_resume)
+        ldm_resume = (resume[1], resume[2]) if resume and resume[0] == "ldm" else ()
+        results["ldm"] = train_ldm(cfg, out, results.get("vae") or vae_path, *ldm_resume)
     lines = [f"  {stage}: {path}" for stage, path in results.items()]
     if cfg.get("logger") is not None and cfg.logger.get("save_dir"):
         lines.append(f"  logs ({cfg.logger._target_.rsplit('.', 1)[-1]}): {cfg.logger.save_dir}")

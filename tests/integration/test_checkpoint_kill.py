@@ -78,8 +78,10 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_resume_wor
     final = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
     assert final["global_step"] == 6 and int(final["state_dict"]["ema.num_updates"]) == 6
     assert not any(p.name.endswith(".tmp") for p in ckpts.iterdir())
-    rows = read_metrics(run / "logs" / "version_2" / "metrics.csv")  # version_0: vae, 1: the killed ldm stage
-    assert sorted(rows) == [2, 3, 4, 5]  # the steps after the checkpoint, none replayed
+    # version_0: vae, 1: the ldm stage, continued: the killed process's rows before the checkpoint, then the resumed
+    # run's (its rows after the checkpoint dropped, none replayed)
+    rows = read_metrics(run / "logs" / "version_1" / "metrics.csv")
+    assert sorted(rows) == [0, 1, 2, 3, 4, 5] and not (run / "logs" / "version_2").exists()
 
 def test_atomic_save_failing_mid_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / "x.ckpt"

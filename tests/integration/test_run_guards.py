@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from ldm.errors import ConfigError
 from ldm.lightning import stages
 from ldm.lightning.run_lock import LOCK_NAME, RunLock
-from tests.integration.tiny_run import ROOT, train_env
+from tests.integration.tiny_run import ROOT, read_metrics, run_train, train_env
 
 
 def _compose(run: Path, *overrides: str):
@@ -97,3 +97,42 @@ def test_a_finished_run_says_so_and_trains_nothing(tmp_path: Path, caplog) -> No
         assert stages.run(_compose(run, "resume=last", "stages=[ldm]", "ldm_stage.max_steps=7")) == {}
     assert f"the ldm stage of {run} finished at step 7 (max_steps=7): nothing to resume" in caplog.text
     assert not (run / "ldm" / "config.yaml").exists() and not (run / LOCK_NAME).exists()
+
+
+def test_resume_runs_on_the_runs_config_and_refuses_overrides_that_change_the_model(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_train(tmp_path, "stages=[vae]", "vae_stage.max_steps=2", run_dir=run)
+
+    def resume(*overrides: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run}", "resume=last", *overrides]
+        return subprocess.run(cmd, cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=300)
+
+    refused = resume("autoencoder.ch_mult=[1,2]", "vae_stage.lr=0.5")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    last_line = refused.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: resuming") and "Traceback" not in refused.stderr
+    assert "autoencoder.ch_mult (the run has [1, 1, 1], the command line [1, 2])" in last_line
+    assert "vae_stage.lr (the run has" in last_line and "start a new run" in last_line
+
+    # None of the run's own overrides (tiny models, its shards, the csv logger) on this command line: the run's
+    # saved config supplies them, so its checkpoint loads; max_steps may change.
+    ok = resume("vae_stage.max_steps=3")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert f"resumed from {run / 'vae' / 'checkpoints' / 'last.ckpt'} at step 2" in ok.stderr + ok.stdout
+    assert torch.load(run / "vae" / "vae.ckpt", map_location="cpu", weights_only=False)["spec"] is not None
+    rows = read_metrics(run / "logs" / "version_0" / "metrics.csv")
+    assert sorted(rows) == [0, 1, 2] and not (run / "logs" / "version_1").exists()  # the same logger run
+
+
+def test_resume_auto_starts_fresh_without_a_checkpoint_and_is_the_default_under_slurm(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    run = tmp_path / "run"
+    assert stages.find_resume(_compose(run, "resume=auto")) is None
+    _fake_ckpt(run / "ldm" / "checkpoints" / "last.ckpt", 3)
+    assert stages.find_resume(_compose(run, "resume=auto"))[:3] == ("ldm", str(run / "ldm/checkpoints/last.ckpt"), 3)
+    assert stages.find_resume(_compose(run)) is None  # outside SLURM: no resume unless asked
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert stages.find_resume(_compose(run))[2] == 3
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # an salloc shell is not a batch job
+    assert stages.find_resume(_compose(run)) is None

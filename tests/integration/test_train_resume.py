@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,14 @@ def test_ldm_stage_resumes_exactly(vae_ckpt):
     run_train(tmp, *LDM, f"vae_ckpt={vae_ckpt}", run_dir=full)
     mid = full / "ldm" / "checkpoints" / f"step{K:06d}.ckpt"
     assert mid.is_file(), sorted(p.name for p in (full / "ldm" / "checkpoints").iterdir())
-    # A new process, another run directory, and no vae_ckpt: the checkpoint alone is enough to resume.
-    run_train(tmp, *LDM, f"resume={mid}", run_dir=resumed)  # periodic names hold no "=": no quoting needed
+    # A new process, in a run folder holding only the step-K checkpoint and the run's config (no vae_ckpt, no
+    # latents, no logs): the checkpoint alone is enough to resume. The run continues in its checkpoint's folder.
+    (resumed / "ldm" / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "overrides.yaml"):
+        shutil.copy(full / "ldm" / name, resumed / "ldm" / name)
+    start = shutil.copy(mid, resumed / "ldm" / "checkpoints" / mid.name)
+    run_train(tmp, *LDM, f"resume={start}", run_dir=tmp / "elsewhere")  # periodic names hold no "=": no quoting
+    assert not (tmp / "elsewhere" / "ldm").exists()
 
     a = read_metrics(full / "logs" / "version_0" / "metrics.csv")
     b = read_metrics(resumed / "logs" / "version_0" / "metrics.csv")
@@ -74,14 +81,16 @@ def test_vae_stage_resumes_exactly(vae_ckpt):
     tmp = vae_ckpt.parents[2]
     run_train(tmp, *VAE, "vae_stage.max_steps=5", run_dir=tmp / "vae_stopped")  # a run stopped at step 5 ...
     last = tmp / "vae_stopped" / "vae" / "checkpoints" / "last.ckpt"
-    run_train(tmp, *VAE, "vae_stage.max_steps=8", f"resume={last}", run_dir=tmp / "vae_resumed")  # ... resumed to 8
+    # ... resumed to 8 (max_steps may change on resume), in its own folder and logger run
+    run_train(tmp, *VAE, "vae_stage.max_steps=8", f"resume={last}", run_dir=tmp / "vae_resumed")
 
     a = read_metrics(tmp / "vae_full" / "logs" / "version_0" / "metrics.csv")
-    b = read_metrics(tmp / "vae_resumed" / "logs" / "version_0" / "metrics.csv")
+    b = read_metrics(tmp / "vae_stopped" / "logs" / "version_0" / "metrics.csv")
+    assert sorted(b) == list(range(8))
     # loss and KL depend on the posterior samples (the module's generator, restored), grad norm on weights + Adam
     assert_same_curve(a, b, range(5, 8), ("train/loss", "train/kl", "train/grad_norm", "train/lr"))
     full_vae = torch.load(vae_ckpt, map_location="cpu", weights_only=False)
-    resumed_vae = torch.load(tmp / "vae_resumed" / "vae" / "vae.ckpt", map_location="cpu", weights_only=False)
+    resumed_vae = torch.load(tmp / "vae_stopped" / "vae" / "vae.ckpt", map_location="cpu", weights_only=False)
     assert resumed_vae["latent_scale"] == pytest.approx(full_vae["latent_scale"], rel=1e-6)
     for k, v in full_vae["state_dict"].items():
         torch.testing.assert_close(resumed_vae["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)

@@ -1,0 +1,56 @@
+"""A CSV logger that a resumed run continues: the same version folder, the rows logged before the resumed step kept.
+
+Lightning's CSVLogger deletes ``metrics.csv`` when its version folder exists, so a resumed run could either lose its
+history or start a new version; neither is "the same logger run".
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Keeps an existing ``metrics.csv``, minus its rows at or after ``resume_step`` (work the checkpoint lacks)."""
+
+    def __init__(self, log_dir: str, resume_step: int | None):
+        self._resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            keys, rows = list(reader.fieldnames or []), list(reader)
+        if self._resume_step is not None:
+            rows = [r for r in rows if r.get("step") in (None, "") or int(r["step"]) < self._resume_step]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+        self.metrics_keys = keys
+
+
+class CSVLogger(_LightningCSVLogger):
+    """``lightning.pytorch.loggers.CSVLogger`` that continues ``version``'s ``metrics.csv`` from ``resume_step``."""
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(self.log_dir, self._resume_step)
+        return self._experiment

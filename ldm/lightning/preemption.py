@@ -1,0 +1,134 @@
+"""Preemption: on SIGTERM or the pre-timeout signal a run finishes its step, writes a resumable checkpoint and stops.
+
+Lightning's own handling does not fit: its SIGTERM path saves nothing and exits 0, and its SLURM requeue saves from
+inside the signal handler, in the middle of a step. Here the handler only records the signal; the ranks agree on it
+at the end of a step, every rank saves the same state through the trainer, and ``stages.run`` then requeues the SLURM
+job (pre-timeout signal only) and raises ``Preempted``, which ``train.py`` turns into a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from ldm.errors import ConfigError
+
+
+class Preempted(Exception):  # noqa: N818 (not an error: the run stopped on request, with its state saved)
+    """The run stopped on a signal after saving ``checkpoint``; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, signum: int, checkpoint: str | None, requeued: bool):
+        self.signum, self.checkpoint, self.requeued = signum, checkpoint, requeued
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        then = "the SLURM job is requeued and resumes from it" if requeued else "resume with resume=auto (or last)"
+        super().__init__(f"stopped on {name} after saving {checkpoint}; {then}")
+
+
+def parse_signal(name: str | int) -> signal.Signals:
+    """``SIGUSR1``, ``USR1`` or a number as a signal; a ConfigError naming the valid spellings otherwise."""
+    try:
+        if isinstance(name, int) and not isinstance(name, bool):
+            return signal.Signals(name)
+        text = str(name).upper()
+        return signal.Signals[text if text.startswith("SIG") else "SIG" + text]
+    except (KeyError, ValueError):
+        raise ConfigError(f"preemption.signal={name!r} is not a signal; use a name such as SIGUSR1 or SIGUSR2 (as in "
+                          "sbatch --signal=USR1@90)") from None
+
+
+def slurm_job_id() -> str | None:
+    """The id ``scontrol requeue`` takes (``ARRAYJOB_TASK`` for an array task), or None outside a SLURM batch job."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
+    if not job or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):  # an interactive allocation
+        return None
+    return job if re.fullmatch(r"[0-9_]+", job) else None
+
+
+def requeue_slurm_job(job: str) -> bool:
+    """``scontrol requeue JOB``; False (with a warning naming the command's output) when it fails."""
+    try:
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        rank_zero_warn(f"scontrol requeue {job} did not run ({err}); resubmit the job to resume")
+        return False
+    if proc.returncode != 0:
+        rank_zero_warn(f"scontrol requeue {job} failed ({proc.returncode}): {proc.stderr.strip()[:300]}; resubmit the "
+                       "job to resume")
+        return False
+    rank_zero_info(f"requeued SLURM job {job}")
+    return True
+
+
+class PreemptionCheckpoint(L.Callback):
+    """Stops training at the end of the step in which SIGTERM or ``signal`` arrived, after saving ``last.ckpt``.
+
+    The handlers are installed when training starts (after Lightning's own, which they replace for these signals)
+    and Lightning restores the previous ones when fit ends. Under DDP the ranks agree every ``check_every_n_steps``
+    steps (one boolean all-reduce), so a signal that reaches one rank stops all of them at the same step.
+    """
+
+    def __init__(self, signal: str | int = "SIGUSR1", check_every_n_steps: int = 1):
+        self.signals = sorted({parse_signal("SIGTERM"), parse_signal(signal)})
+        self.pretimeout = parse_signal(signal)
+        self.check_every_n_steps = check_every_n_steps
+        self.received: int | None = None  # the first signal this process got
+        self.stopped_by: int | None = None  # the signal the ranks stopped on (set on every rank)
+        self.checkpoint: str | None = None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                signal.signal(signum, self._handle)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.stopped_by is not None or trainer.global_step % self.check_every_n_steps:
+            return
+        got = self.received if self.received is not None else 0
+        if trainer.world_size > 1:  # the largest signal number any rank got (0: none), the same on every rank
+            import torch
+
+            flag = trainer.strategy.reduce(torch.tensor(float(got), device=pl_module.device), reduce_op="max")
+            got = int(flag.item())
+        if not got:
+            return
+        self.stopped_by = got
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        path = Path(dirpath or Path(trainer.default_root_dir) / "checkpoints") / "last.ckpt"
+        rank_zero_info(f"{signal.Signals(got).name} received: saving {path} at step {trainer.global_step} and stopping")
+        for callback in trainer.checkpoint_callbacks:  # it is their last.ckpt: theirs to overwrite, not to version
+            if getattr(callback, "dirpath", None) and Path(callback.dirpath) == path.parent:
+                callback.last_model_path = str(path)
+        trainer.save_checkpoint(path, weights_only=False)  # every rank: a collective under FSDP
+        self.checkpoint = str(path)
+        trainer.should_stop = True
+
+    def stop(self, trainer: L.Trainer, requeue: bool) -> None:
+        """After ``fit`` returned: nothing when no signal stopped it; otherwise requeue the SLURM job on the
+        pre-timeout signal (rank 0, when ``requeue``) and raise ``Preempted`` on every rank."""
+        if self.stopped_by is None:
+            return
+        job = slurm_job_id()
+        requeued = False
+        if requeue and job is not None and self.stopped_by == self.pretimeout:
+            requeued = requeue_slurm_job(job) if trainer.is_global_zero else False
+        trainer.strategy.barrier()
+        raise Preempted(self.stopped_by, self.checkpoint, requeued)
+
+
+def preempted(trainer: L.Trainer) -> bool:
+    """Whether a ``PreemptionCheckpoint`` stopped this trainer (end-of-training work, such as grids, is skipped)."""
+    return any(isinstance(c, PreemptionCheckpoint) and c.stopped_by is not None for c in trainer.callbacks)

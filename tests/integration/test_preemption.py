@@ -1,0 +1,158 @@
+"""Preemption: SIGTERM or the pre-timeout signal ends a run at a step boundary with its state saved and a non-zero
+status; under SLURM the job requeues itself, and the requeued command (no resume flag) continues the loss curve of an
+uninterrupted run step for step, on one process and on two DDP ranks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.test_train_resume import assert_same_curve
+from tests.integration.tiny_run import ROOT, TINY_MODELS, read_metrics, run_train, train_env
+
+N = 8  # ldm steps in all
+LDM = ["stages=[ldm]", f"ldm_stage.max_steps={N}", "callbacks.ldm.checkpoint.every_n_train_steps=100",
+       "ldm_stage.ema_decay=0.9", "ldm_stage.lr_schedule=cosine", "ldm_stage.cache_latents=false"]
+KEYS = ("train/loss", "train/lr", "train/grad_norm")
+
+# train.py plus a callback that sends this process SIGNAL when step AT starts on rank RANK (as a scheduler would,
+# between two steps' work): the run must finish that step, so its checkpoint holds AT + 1 steps.
+SIGNALLING = textwrap.dedent(
+    f"""
+    import os, signal
+    import hydra
+    import lightning as L
+    from ldm.errors import ConfigError
+    from ldm.lightning import stages
+    from ldm.lightning.preemption import Preempted
+
+    class Send(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            at, sig, rank = os.environ.get("SEND_AT"), os.environ.get("SEND_SIGNAL"), os.environ.get("SEND_RANK", "0")
+            if at and trainer.global_step == int(at) and trainer.global_rank == int(rank):
+                os.kill(os.getpid(), getattr(signal, sig))
+
+    make_trainer = stages.make_trainer
+
+    def with_sender(cfg, stage_dir, max_steps, callbacks, logger, manual=False):
+        return make_trainer(cfg, stage_dir, max_steps, [*callbacks, Send()], logger, manual)
+
+    stages.make_trainer = with_sender
+
+    def main(cfg):
+        try:
+            stages.run(cfg)
+        except Preempted as stop:
+            raise SystemExit(stop.exit_code)
+
+    if __name__ == "__main__":
+        hydra.main(config_path={str(ROOT / "conf")!r}, config_name="train", version_base="1.3")(main)()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def vae_ckpt(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("preempt")
+    run_train(tmp, "stages=[vae]", "vae_stage.max_steps=2", run_dir=tmp / "vae")
+    return tmp / "vae" / "vae" / "vae.ckpt"
+
+
+def _cmd(script: Path, run: Path, shards: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(script), f"hydra.run.dir={run}", f"data.train_shards={shards}", *TINY_MODELS, *LDM,
+            *extra]
+
+
+def test_sigterm_saves_the_step_exits_143_and_resume_auto_continues_the_same_logger_run(vae_ckpt, tmp_path):
+    script = tmp_path / "signalling.py"
+    script.write_text(SIGNALLING)
+    shards = vae_ckpt.parents[2] / "shards"
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    base = [f"vae_ckpt={vae_ckpt}"]
+    ran = subprocess.run(_cmd(script, full, shards, *base), cwd=tmp_path, env=train_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+
+    stopped = subprocess.run(_cmd(script, cut, shards, *base), cwd=tmp_path, capture_output=True, text=True,
+                             env=train_env(SEND_AT="3", SEND_SIGNAL="SIGTERM"), timeout=300)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-4000:]
+    last = cut / "ldm" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4  # step 3 was finished
+    assert not (cut / "ldm" / "samples").exists() or not any((cut / "ldm" / "samples").iterdir())  # no end grid
+    assert not (cut / "train.lock").exists()
+    log = (cut / "signalling.log").read_text()
+    assert "SIGTERM received: saving" in log and "ldm stage" in log  # the run's log file holds its lines
+
+    # The same command with resume=auto continues in the folder, in the same CSV logger version.
+    again = subprocess.run(_cmd(script, cut, shards, *base, "resume=auto"), cwd=tmp_path, env=train_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"resumed from {last} at step 4" in again.stderr + again.stdout
+    a = read_metrics(full / "logs" / "version_0" / "metrics.csv")
+    b = read_metrics(cut / "logs" / "version_0" / "metrics.csv")
+    assert not (cut / "logs" / "version_1").exists()
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # overwritten, not versioned
+    assert_same_curve(a, b, range(N), KEYS)
+
+
+def _fake_slurm(tmp: Path, rank: int, **extra: str) -> dict[str, str]:
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp / 'scontrol.calls'}\n")
+    scontrol.chmod(0o755)
+    return train_env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NAME="ldm-test",
+        SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+        SLURM_NODEID="0", SLURM_NODELIST="127.0.0.1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(extra.pop("port")),
+        **extra)
+
+
+def _srun(cmd: list[str], tmp: Path, port: int, **extra: str) -> list[subprocess.CompletedProcess]:
+    """Both tasks of a fake 2-task SLURM job step, as srun would start them."""
+    procs = [subprocess.Popen(cmd, cwd=tmp, env=_fake_slurm(tmp, rank, port=port, **extra), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=400)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def test_slurm_pretimeout_signal_on_one_rank_requeues_and_the_requeued_job_continues_exactly(vae_ckpt, tmp_path):
+    script = tmp_path / "signalling.py"
+    script.write_text(SIGNALLING)
+    shards = vae_ckpt.parents[2] / "shards"
+    full, job = tmp_path / "full", tmp_path / "job"
+    cmd = [*_cmd(script, job, shards, f"vae_ckpt={vae_ckpt}"), "trainer=ddp_cpu", "trainer.devices=2"]
+    ref = [*_cmd(script, full, shards, f"vae_ckpt={vae_ckpt}"), "trainer=ddp_cpu", "trainer.devices=2"]
+    for p in _srun(ref, tmp_path, 29631):
+        assert p.returncode == 0, p.stderr[-4000:]
+    assert not (tmp_path / "scontrol.calls").exists()
+
+    # SIGUSR1 (the pre-timeout signal) reaches rank 1 only, at step 3: both ranks stop after it, requeue once.
+    stopped = _srun(cmd, tmp_path, 29632, SEND_AT="3", SEND_SIGNAL="SIGUSR1", SEND_RANK="1")
+    assert [p.returncode for p in stopped] == [128 + signal.SIGUSR1] * 2, stopped[0].stderr[-4000:]
+    assert (tmp_path / "scontrol.calls").read_text().split("\n")[:-1] == ["requeue 4242"]
+    last = job / "ldm" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+
+    # The requeued job runs the same command, with no resume flag: resume=auto under SLURM.
+    for p in _srun(cmd, tmp_path, 29633):
+        assert p.returncode == 0, p.stderr[-4000:]
+    a = read_metrics(full / "logs" / "version_0" / "metrics.csv")
+    b = read_metrics(job / "logs" / "version_0" / "metrics.csv")
+    assert_same_curve(a, b, range(N), KEYS)
+    end_a = torch.load(full / "ldm" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    end_b = torch.load(last, map_location="cpu", weights_only=False)
+    assert end_a["global_step"] == end_b["global_step"] == N
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    for k, v in end_a["state_dict"].items():
+        torch.testing.assert_close(end_b["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)
