@@ -255,3 +255,5 @@ def test_submitit_slurm_launcher_preset_composes(tmp_path: Path) -> None:
     assert launcher.tasks_per_node == launcher.gpus_per_node == 8  # one task per GPU: Lightning does not spawn
     assert launcher.nodes == cfg.trainer.num_nodes == 2
     assert launcher.submitit_folder.startswith(cfg.hydra.sweep.dir)
+    # sbatch's pre-timeout signal is the one train.py saves and requeues on
+    assert launcher.additional_parameters.signal == f"{cfg.preemption.signal.removeprefix('SIG')}@120"
