@@ -21,9 +21,10 @@ import os
 import pickle
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.distributed as dist
@@ -77,15 +78,16 @@ def rank_state(states: list[torch.Tensor], rank: int) -> torch.Tensor:
     return states[rank] if rank < len(states) else states[0]
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename: a crash (even SIGKILL) leaves the
-    old file whole. Temporaries of ``path`` that a killed writer left behind are removed after a successful save."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """``write(file)`` to a temporary file in the same directory, fsync, then rename: a crash (even SIGKILL) or a full
+    disk leaves the old file whole, or none. Temporaries of ``path`` that a killed writer left behind are removed
+    after a successful write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -95,6 +97,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     _fsync_dir(path.parent)  # the rename itself survives a power cut
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         stale.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save through ``atomic_write``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """A text file (configs, logger records, indexes) written through ``atomic_write``."""
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _fsync_dir(directory: Path) -> None:

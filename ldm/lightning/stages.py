@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.autoencoder import SD_LATENT_SCALE
 from ldm.checkpoint import (
     AtomicCheckpointIO,
+    atomic_write_text,
     checkpoint_kind,
     load_autoencoder,
     load_first_stage,
@@ -58,10 +59,10 @@ def save_config(cfg: DictConfig, stage_dir: Path) -> None:
     under DDP the others reuse the path). A resumed run reads both (``resume_config``)."""
     if rank_zero_only.rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(stage_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         overrides, record = command_line_overrides(), stage_dir / "overrides.yaml"
         if overrides is not None and not record.exists():  # the command line that started the stage
-            record.write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+            atomic_write_text(record, OmegaConf.to_yaml(OmegaConf.create(overrides)))
 
 
 def make_callbacks(group: DictConfig | None) -> list[L.Callback]:
@@ -122,7 +123,7 @@ def make_logger(cfg: DictConfig, name: str, stage_dir: Path, resume_step: int | 
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the run's config beside its curves
     if rank_zero_only.rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"target": target, "version": logger.version}))
+        atomic_write_text(record, json.dumps({"target": target, "version": logger.version}))
     return logger
 
 

@@ -103,3 +103,26 @@ def test_atomic_save_failing_mid_write_keeps_the_old_file_and_no_temporary(tmp_p
     assert torch.load(path, weights_only=False) == {"v": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ckpt"]  # the stale temporary cleared too
 
+
+
+def test_a_full_disk_leaves_no_empty_or_partial_text_file(tmp_path, monkeypatch):
+    import errno
+
+    from ldm.checkpoint import atomic_write_text
+
+    path = tmp_path / "config.yaml"
+    real_fsync = os.fsync
+
+    def full_disk(fd):  # the data does not fit: the write fails at its flush to disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_text(path, "seed: 0\n")
+    assert list(tmp_path.iterdir()) == []  # no zero-byte config.yaml, no temporary
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    atomic_write_text(path, "seed: 0\n")
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        atomic_write_text(path, "seed: 1\n")
+    assert path.read_text() == "seed: 0\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
