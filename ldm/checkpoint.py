@@ -31,7 +31,6 @@ import torch.distributed as dist
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from torch import nn
 
-from ldm.autoencoder import SD_LATENT_SCALE
 from ldm.diffusion.parameterization import canonical_prediction_type
 from ldm.diffusion.sampling import SamplingDefaults
 from ldm.diffusion.schedules import SD_SCHEDULE
@@ -286,16 +285,19 @@ def load_parts(
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if path.suffix == ".safetensors":
-        from ldm.convert import read_state_dict
+        from ldm.convert import read_sd_file
 
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
-        return _sd_parts(read_state_dict(path), str(path), use_ema, prediction_type, image_size, text_config)
+        return _sd_parts(*read_sd_file(path), str(path), use_ema, prediction_type, image_size, text_config)
     ckpt = read_checkpoint(path, map_location)
     if checkpoint_kind(ckpt) == "sd_single_file":
+        from ldm.convert import CKPT_METADATA
+
         state = ckpt.get("state_dict", ckpt)
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        return _sd_parts(tensors, str(path), use_ema, prediction_type, image_size, text_config)
+        return _sd_parts(tensors, ckpt.get(CKPT_METADATA) or {}, str(path), use_ema, prediction_type, image_size,
+                         text_config)
     header, state = _ldm_header(ckpt, path), ckpt["state_dict"]
     if prediction_type is not None and prediction_type != header["prediction_type"]:
         raise ValueError(f"{path} was trained with prediction_type={header['prediction_type']!r}; "
@@ -355,23 +357,25 @@ def load_autoencoder(path: str | os.PathLike) -> nn.Module:
     return load_first_stage(path)
 
 
-def _sd_parts(state: dict[str, torch.Tensor], source: str, use_ema: bool, prediction_type: str | None,
-              image_size: int | None, text_config: dict[str, Any] | None) -> ModelParts:
-    """An SD 1.x/2.x single-file state dict -> parts (UNet, VAE and text encoder inferred from shapes)."""
+def _sd_parts(state: dict[str, torch.Tensor], metadata: dict[str, str], source: str, use_ema: bool,
+              prediction_type: str | None, image_size: int | None, text_config: dict[str, Any] | None) -> ModelParts:
+    """An SD 1.x/2.x single-file state dict -> parts (UNet, VAE and text encoder inferred from shapes); what its
+    ldm metadata records (heads, latent scale, prediction type, schedule, sampling defaults) is used."""
     from ldm.convert import load_sd_text_encoder, sd_checkpoint_from_state_dict, sd_text_family
 
-    loaded = sd_checkpoint_from_state_dict(state, prefer_ema=use_ema, vae_kwargs={"scale_factor": SD_LATENT_SCALE},
-                                           source=source)
+    loaded = sd_checkpoint_from_state_dict(state, prefer_ema=use_ema, source=source, metadata=metadata)
     family = sd_text_family(loaded.cond_stage_state_dict)
     if family is None:
         raise ValueError(f"{source} has no text encoder weights in the SD 1.x (cond_stage_model.transformer."
                          "text_model.*) or SD 2.x (cond_stage_model.model.*) layout; cond_stage_model keys found: "
                          f"{sorted(loaded.cond_stage_state_dict)[:3]}")
-    text = load_sd_text_encoder(loaded.cond_stage_state_dict, text_config)
+    text = load_sd_text_encoder(loaded.cond_stage_state_dict, text_config, loaded.text_encoder)
     context_dim = loaded.unet.config.get("context_dim")
     if context_dim != text.width:
         raise ValueError(f"{source}: the text encoder is {text.width} wide but the UNet's context_dim is "
                          f"{context_dim}")
+    if prediction_type is None:
+        prediction_type = loaded.prediction_type
     if prediction_type is None:
         if family == "sd2":
             warnings.warn(f"{source} is an SD 2.x checkpoint: its prediction type is not in the weights, assuming "
@@ -379,7 +383,8 @@ def _sd_parts(state: dict[str, torch.Tensor], source: str, use_ema: bool, predic
                           stacklevel=3)
         prediction_type = "epsilon"
     canonical_prediction_type(prediction_type)
-    if image_size is None:
+    sampling = SamplingDefaults.from_dict(loaded.sampling)
+    if image_size is None and sampling.image_size is None:
         image_size = 768 if family == "sd2" and prediction_type == "v_prediction" else 512
-    return ModelParts(loaded.unet, text, loaded.vae, dict(SD_SCHEDULE), prediction_type,
-                      SamplingDefaults(image_size=image_size))
+    return ModelParts(loaded.unet, text, loaded.vae, dict(loaded.schedule or SD_SCHEDULE), prediction_type,
+                      sampling.with_overrides(image_size=image_size))

@@ -4,6 +4,8 @@ a model from one."""
 from ldm.convert.diffusers_format import (
     from_diffusers,
     load_state_dict_checked,
+    schedule_from_diffusers,
+    schedule_to_diffusers,
     to_diffusers,
     to_diffusers_state_dict,
     unet_config_from_diffusers,
@@ -13,6 +15,7 @@ from ldm.convert.diffusers_format import (
 )
 from ldm.convert.initialize import init_from_sd, load_sd_vae, sd_latent_scale, sd_text_state_dict
 from ldm.convert.single_file import (
+    CKPT_METADATA,
     SDCheckpoint,
     infer_clip_text_config,
     infer_open_clip_text_config,
@@ -20,15 +23,21 @@ from ldm.convert.single_file import (
     infer_vae_config,
     load_sd_checkpoint,
     load_sd_text_encoder,
+    parse_sd_metadata,
+    read_sd_file,
     read_state_dict,
     save_state_dict,
     sd_checkpoint_from_state_dict,
+    sd_metadata,
+    sd_text_encoder_spec,
     sd_text_family,
+    text_encoder_metadata,
     text_encoder_sd_state_dict,
     to_sd_state_dict,
 )
 
 __all__ = [
+    "CKPT_METADATA",
     "SDCheckpoint",
     "from_diffusers",
     "infer_clip_text_config",
@@ -40,12 +49,19 @@ __all__ = [
     "load_sd_text_encoder",
     "load_sd_vae",
     "load_state_dict_checked",
+    "parse_sd_metadata",
+    "read_sd_file",
     "read_state_dict",
     "save_state_dict",
+    "schedule_from_diffusers",
+    "schedule_to_diffusers",
     "sd_checkpoint_from_state_dict",
     "sd_latent_scale",
+    "sd_metadata",
+    "sd_text_encoder_spec",
     "sd_text_family",
     "sd_text_state_dict",
+    "text_encoder_metadata",
     "text_encoder_sd_state_dict",
     "to_diffusers",
     "to_diffusers_state_dict",

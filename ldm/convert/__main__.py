@@ -1,65 +1,396 @@
-"""CLI: ``python -m ldm.convert SRC DST`` between diffusers folders and original SD single files."""
+"""Convert a model (``python -m ldm.convert SRC DST``) between ldm checkpoints (``RUN/ldm/checkpoints/*.ckpt`` of
+train.py), original SD single files (.safetensors / .ckpt) and diffusers folders.
+
+SRC is recognised by what it is: a folder is a diffusers model (unet/, vae/, optionally text_encoder/, scheduler/),
+a file with an ldm header is an ldm checkpoint (its EMA weights unless --no-ema), any other file an SD single file.
+DST is an SD single file when it ends in .safetensors / .ckpt / .pt / .pth, else a diffusers folder; --to ldm writes
+an ldm checkpoint (.ckpt) that the pipeline and sample.py load. SD files are written with ``ldm.*`` metadata (the
+UNet's heads, the latent scale and shift, prediction type, noise schedule, sampling defaults, text-encoder options)
+and read back with it; for files without it, the head count is guessed from the shapes (with a warning) and the
+override flags below set what the file does not say.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from ldm.autoencoder import AutoencoderKL
-from ldm.convert.diffusers_format import from_diffusers, to_diffusers
-from ldm.convert.single_file import load_sd_checkpoint, read_state_dict, save_state_dict, to_sd_state_dict
+from ldm.convert.diffusers_format import from_diffusers, schedule_from_diffusers, schedule_to_diffusers, to_diffusers
+from ldm.convert.single_file import (
+    load_sd_text_encoder,
+    parse_sd_metadata,
+    read_sd_file,
+    read_state_dict,
+    save_state_dict,
+    sd_checkpoint_from_state_dict,
+    sd_metadata,
+    sd_text_encoder_spec,
+    sd_text_family,
+    text_encoder_metadata,
+    text_encoder_sd_state_dict,
+    to_sd_state_dict,
+)
+from ldm.diffusion.noise_schedule import NoiseSchedule
+from ldm.diffusion.parameterization import canonical_prediction_type
+from ldm.diffusion.schedules import SD_SCHEDULE
+from ldm.errors import ConfigError
 from ldm.unet import UNet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SD_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+_CLIP_TOWER = ("embeddings.", "encoder.", "final_layer_norm.")  # a CLIPTextModel's keys in transformers >= 5
+FOLDER_METADATA = "ldm_metadata.json"  # a diffusers folder's record of what diffusers' configs have no place for
 
 
-def _diffusers_text_encoder(folder: Path) -> dict[str, torch.Tensor] | None:
-    """An SD1-style CLIP text encoder from ``folder/text_encoder`` in the SD layout (``transformer.text_model.*``)."""
+@dataclass
+class Model:
+    """A model between reading and writing: UNet and VAE, the text encoder as a module (ldm sources) or as SD-layout
+    weights (``cond_stage_model.*`` without the prefix) with its ``text_encoder_metadata`` options, and what the
+    source records of its diffusion process (None where it records nothing)."""
+
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: nn.Module | None = None
+    text_sd: dict[str, torch.Tensor] | None = None
+    text_options: dict[str, Any] | None = None
+    prediction_type: str | None = None
+    schedule: dict[str, Any] | None = None
+    sampling: dict[str, Any] | None = None
+    guessed: tuple[str, ...] = ()  # "unet" (heads) / "vae" (latent scale): assumed, so not recorded as metadata
+
+    def sd_text(self) -> dict[str, torch.Tensor] | None:
+        """The text encoder's weights in the SD layout, or None when the model has none."""
+        if self.text_encoder is None:
+            return self.text_sd
+        try:
+            return text_encoder_sd_state_dict(self.text_encoder)
+        except TypeError as err:
+            raise ConfigError(f"{err}; or write a diffusers folder or an ldm checkpoint instead") from None
+
+
+# ------------------------------------------------------------------------------------------------------- reading
+
+
+def source_kind(src: Path) -> str:
+    """``diffusers``, ``ldm`` or ``sd`` for SRC; a ConfigError when it does not exist."""
+    if src.is_dir():
+        if not (src / "unet").is_dir() or not (src / "vae").is_dir():
+            raise ConfigError(f"{src} is a folder but not a diffusers model: it needs unet/ and vae/ subfolders")
+        return "diffusers"
+    if not src.is_file():
+        raise ConfigError(f"{src} does not exist: give an ldm checkpoint (RUN/ldm/checkpoints/last.ckpt), an SD "
+                          ".safetensors/.ckpt file or a diffusers folder")
+    if src.suffix == ".safetensors":
+        return "sd"
+    try:  # mmap: only the header is read, the tensors stay on disk
+        obj = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  (pickled objects or an old format: the SD reader explains --unsafe-pickle)
+        return "sd"
+    return "ldm" if isinstance(obj, dict) and ("ldm" in obj or obj.get("kind") == "autoencoder") else "sd"
+
+
+def _load_ldm(src: Path, use_ema: bool) -> Model:
+    """An ldm checkpoint's parts (glue: ``ldm.checkpoint`` sits above ``ldm.convert``, so it is imported here)."""
+    from ldm.checkpoint import load_parts  # noqa: PLC0415
+
+    parts = load_parts(src, use_ema=use_ema)
+    if parts.first_stage is None:
+        raise ConfigError(f"{src} is a pixel-space model (no first stage): SD files and diffusers folders hold latent "
+                          "diffusion models only")
+    if not isinstance(parts.unet, UNet) or not isinstance(parts.first_stage, AutoencoderKL):
+        raise ConfigError(f"{src} holds a {type(parts.unet).__name__} and a {type(parts.first_stage).__name__}: "
+                          "only ldm.unet.UNet and ldm.autoencoder.AutoencoderKL convert")
+    return Model(parts.unet, parts.first_stage, text_encoder=parts.text_encoder,
+                 text_options=None if parts.text_encoder is None else text_encoder_metadata(parts.text_encoder),
+                 prediction_type=parts.prediction_type, schedule=dict(parts.schedule),
+                 sampling=parts.sampling.to_dict())
+
+
+def _load_sd(src: Path, args: argparse.Namespace) -> Model:
+    """An SD single file, its ldm metadata applied and then the override flags."""
+    state, metadata = read_sd_file(src, args.unsafe_pickle)
+    unet_kwargs, vae_kwargs = _unet_overrides(args), _vae_overrides(args)
+    ckpt = sd_checkpoint_from_state_dict(state, not args.no_ema, unet_kwargs, vae_kwargs, str(src), metadata)
+    stored = parse_sd_metadata(metadata, str(src))
+    guessed = tuple(k for k, given in (("unet", unet_kwargs), ("vae", vae_kwargs)) if k not in stored and not given)
+    return Model(ckpt.unet, ckpt.vae, text_sd=ckpt.cond_stage_state_dict or None, text_options=ckpt.text_encoder,
+                 prediction_type=ckpt.prediction_type, schedule=ckpt.schedule, sampling=ckpt.sampling,
+                 guessed=guessed)
+
+
+def _diffusers_text_encoder(folder: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+    """An SD1-style CLIP text encoder from ``folder/text_encoder`` in the SD layout (``transformer.text_model.*``),
+    and its head count and activation from its config.json."""
     for name in ("model.safetensors", "pytorch_model.bin"):
         file = folder / "text_encoder" / name
         if file.is_file():
             sd = read_state_dict(file)
+            if all(k.startswith(_CLIP_TOWER) for k in sd):  # transformers >= 5 saves the tower without text_model.
+                sd = {"text_model." + k: v for k, v in sd.items()}
             if all(k.startswith("text_model.") for k in sd):
-                return {"transformer." + k: v for k, v in sd.items()}
-            warnings.warn("text encoder is not a transformers CLIPTextModel; not written", stacklevel=2)
-            return None
-    return None
+                cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
+                keys = ("num_attention_heads", "hidden_act", "layer_norm_eps")
+                return {"transformer." + k: v for k, v in sd.items()}, {"config": {k: cfg[k] for k in keys if k in cfg}}
+            warnings.warn("text encoder is not a transformers CLIPTextModel; not converted", stacklevel=2)
+            return None, None
+    return None, None
 
 
-def load_source(src: Path, unsafe_pickle: bool) -> tuple[UNet, AutoencoderKL, dict[str, torch.Tensor] | None]:
-    """Our UNet and VAE (and the SD-layout text encoder state dict, when there is one) from a folder or a file."""
-    if src.is_dir():
-        import diffusers  # noqa: PLC0415
+def _load_diffusers(src: Path) -> Model:
+    """A diffusers folder: unet/, vae/, and text_encoder/, scheduler/ and ldm_metadata.json when present."""
+    import diffusers  # noqa: PLC0415  (optional dependency)
 
-        unet = from_diffusers(diffusers.UNet2DConditionModel.from_pretrained(src, subfolder="unet"))
-        vae = from_diffusers(diffusers.AutoencoderKL.from_pretrained(src, subfolder="vae"))
-        return unet, vae, _diffusers_text_encoder(src)  # type: ignore[return-value]
-    ckpt = load_sd_checkpoint(src, unsafe_pickle=unsafe_pickle)
-    return ckpt.unet, ckpt.vae, ckpt.cond_stage_state_dict or None
+    unet = from_diffusers(diffusers.UNet2DConditionModel.from_pretrained(src, subfolder="unet"))
+    vae = from_diffusers(diffusers.AutoencoderKL.from_pretrained(src, subfolder="vae"))
+    text_sd, text_options = _diffusers_text_encoder(src)
+    extra = {}
+    if (src / FOLDER_METADATA).is_file():
+        stored = json.loads((src / FOLDER_METADATA).read_text())
+        extra = parse_sd_metadata({f"ldm.{k}": json.dumps(v) for k, v in stored.items()}, str(src / FOLDER_METADATA))
+    schedule, prediction_type = extra.get("schedule"), extra.get("prediction_type")
+    scheduler_cfg = src / "scheduler" / "scheduler_config.json"
+    if scheduler_cfg.is_file():
+        schedule, prediction_type = schedule_from_diffusers(json.loads(scheduler_cfg.read_text()))
+    if extra.get("text_encoder") and text_options is not None:
+        text_options = {**extra["text_encoder"], "config": {**extra["text_encoder"].get("config", {}),
+                                                            **text_options["config"]}}
+    return Model(unet, vae, text_sd=text_sd, text_options=text_options, prediction_type=prediction_type,
+                 schedule=schedule, sampling=extra.get("sampling"))  # type: ignore[arg-type]
+
+
+def _unet_overrides(args: argparse.Namespace) -> dict[str, int]:
+    if args.num_heads is not None:
+        return {"num_heads": args.num_heads, "num_head_channels": -1}
+    if args.num_head_channels is not None:
+        return {"num_heads": -1, "num_head_channels": args.num_head_channels}
+    return {}
+
+
+def _vae_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.latent_scale is not None:
+        out["scale_factor"] = args.latent_scale
+    if args.latent_shift is not None:
+        out.update(shift_factor=args.latent_shift, latent_mean=None)
+    return out
+
+
+def _rebuilt(module: nn.Module, changes: dict[str, Any]) -> Any:
+    """``module`` rebuilt with its config changed by ``changes`` (settings that no weight depends on)."""
+    if not changes or all(module.config.get(k) == v for k, v in changes.items()):  # type: ignore[union-attr]
+        return module
+    new = type(module)(**{**module.config, **changes})  # type: ignore[operator]
+    new.load_state_dict(module.state_dict())
+    return new.to(next(module.parameters()).dtype)
+
+
+def load_source(src: Path, args: argparse.Namespace) -> Model:
+    """SRC read as what it is, with the override flags applied."""
+    kind = source_kind(src)
+    if kind == "sd":
+        model = _load_sd(src, args)
+    else:
+        model = _load_ldm(src, not args.no_ema) if kind == "ldm" else _load_diffusers(src)
+        model.unet = _rebuilt(model.unet, _unet_overrides(args))
+        model.vae = _rebuilt(model.vae, _vae_overrides(args))
+    if args.prediction_type is not None:
+        model.prediction_type = args.prediction_type
+    if args.schedule is not None:
+        model.schedule = args.schedule
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------- writing
+
+
+def _diffusion_process(model: Model, src: Path) -> tuple[dict[str, Any], str]:
+    """The schedule and prediction type to record; Stable Diffusion's (with a warning) when the source has none."""
+    schedule, prediction_type = model.schedule, model.prediction_type
+    if schedule is None:
+        warnings.warn(f"{src} records no noise schedule: writing Stable Diffusion's {SD_SCHEDULE} (override with "
+                      "--schedule)", stacklevel=2)
+        schedule = dict(SD_SCHEDULE)
+    if prediction_type is None:
+        warnings.warn(f"{src} records no prediction type: writing epsilon (override with --prediction-type)",
+                      stacklevel=2)
+        prediction_type = "epsilon"
+    return schedule, prediction_type
+
+
+def write_sd(model: Model, dst: Path) -> None:
+    """An SD single file with the ldm metadata."""
+    if model.unet.config.get("context_dim") is None:
+        raise ConfigError("the SD single-file layout holds text-conditioned UNets only; this UNet has context_dim=None")
+    metadata = sd_metadata(model.unet, model.vae, model.prediction_type, model.schedule, model.sampling,
+                           model.text_options)
+    for part in model.guessed:  # a guess stays a guess: the next reader warns again
+        metadata.pop(f"ldm.{part}")
+    save_state_dict(to_sd_state_dict(model.unet, model.vae, model.sd_text()), dst, metadata)
+
+
+def _text_module(model: Model, what: str) -> tuple[nn.Module, dict[str, Any]] | None:
+    """The text encoder as a module, with its constructor arguments, built from SD-layout weights when needed."""
+    if model.text_sd is None or sd_text_family(model.text_sd) is None:
+        if model.text_sd:
+            print(f"note: the text encoder ({sorted(model.text_sd)[:2]}...) is not a CLIP layout ldm knows; not "
+                  f"written to the {what}", file=sys.stderr)
+        return None
+    _, kwargs = sd_text_encoder_spec(model.text_sd, None, model.text_options)
+    return load_sd_text_encoder(model.text_sd, None, model.text_options), kwargs
+
+
+def write_diffusers(model: Model, dst: Path) -> None:
+    """A diffusers folder: unet/, vae/, the text encoder (SD 1.x CLIP) under text_encoder/, the schedule as a
+    DDPMScheduler under scheduler/, and ldm_metadata.json (sampling defaults, text-encoder options)."""
+    import diffusers  # noqa: PLC0415  (optional dependency)
+
+    from ldm.text.hf_encoder import HFCLIPTextEncoder  # noqa: PLC0415
+
+    scheduler = None
+    if model.schedule is not None:
+        scheduler = diffusers.DDPMScheduler(**schedule_to_diffusers(model.schedule,
+                                                                    model.prediction_type or "epsilon"))
+    unet, vae = to_diffusers(model.unet), to_diffusers(model.vae)
+    text = model.text_encoder
+    if text is None:
+        built = _text_module(model, "diffusers folder")
+        text = built[0] if built else None
+    unet.save_pretrained(dst / "unet")
+    vae.save_pretrained(dst / "vae")
+    if isinstance(text, HFCLIPTextEncoder):
+        text.model.save_pretrained(dst / "text_encoder")
+    elif text is not None:
+        print(f"note: a {type(text).__name__} has no diffusers text_encoder/ layout here; not written",
+              file=sys.stderr)
+    if scheduler is not None:
+        scheduler.save_pretrained(dst / "scheduler")
+    else:
+        print("note: the source records no noise schedule; no scheduler/ written", file=sys.stderr)
+    options = text_encoder_metadata(text) if text is not None else None
+    extra = {k: v for k, v in (("format", 1), ("sampling", model.sampling), ("text_encoder", options)) if v}
+    (dst / FOLDER_METADATA).write_text(json.dumps(extra, indent=1) + "\n")
+
+
+def write_ldm(model: Model, dst: Path, src: Path) -> None:
+    """An ldm checkpoint (``{"ldm": header, "state_dict": ...}``) that ``ldm.checkpoint.load_parts`` reads."""
+    from ldm.checkpoint import atomic_torch_save, describe_ldm  # noqa: PLC0415  (glue: checkpoint is above convert)
+    from ldm.diffusion.sampling import SamplingDefaults  # noqa: PLC0415
+
+    if dst.suffix != ".ckpt":
+        raise ConfigError(f"--to ldm writes a .ckpt file, got {dst}")
+    built = _text_module(model, "ldm checkpoint")
+    if built is None and model.unet.config.get("context_dim") is not None:
+        raise ConfigError(f"{src} has no SD 1.x/2.x text encoder weights, and its UNet is text-conditioned: an ldm "
+                          "checkpoint needs the text encoder to sample")
+    text, text_kwargs = built if built else (None, None)
+    schedule, prediction_type = _diffusion_process(model, src)
+    header = describe_ldm(unet=model.unet, text_encoder=text, first_stage=model.vae, schedule=schedule,
+                          prediction_type=prediction_type, sampling=SamplingDefaults.from_dict(model.sampling),
+                          ema=False, text_encoder_kwargs=text_kwargs)
+    state = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
+    state.update({f"first_stage.{k}": v for k, v in model.vae.state_dict().items()})
+    if text is not None:
+        state.update({f"text_encoder.{k}": v for k, v in text.state_dict().items()})
+    atomic_torch_save({"ldm": header, "state_dict": {k: v.detach().cpu() for k, v in state.items()}}, dst)
+
+
+# ----------------------------------------------------------------------------------------------------------- CLI
+
+
+def _schedule_arg(text: str) -> dict[str, Any]:
+    """--schedule: a JSON object of ``NoiseSchedule.from_name`` keywords, checked by building the schedule."""
+    try:
+        spec = json.loads(text)
+        NoiseSchedule.from_name(**spec)
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"not a JSON object of NoiseSchedule.from_name keywords ({err})") from None
+    return spec
+
+
+def _prediction_arg(text: str) -> str:
+    try:
+        return canonical_prediction_type(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m ldm.convert``."""
+    p = argparse.ArgumentParser(prog="python -m ldm.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", type=Path, help="ldm checkpoint (RUN/ldm/checkpoints/last.ckpt), SD .safetensors/.ckpt "
+                                           "file, or diffusers folder (unet/, vae/)")
+    p.add_argument("dst", type=Path, help="output .safetensors/.ckpt SD file, or a folder for the diffusers layout")
+    p.add_argument("--to", choices=("sd", "diffusers", "ldm"), default=None,
+                   help="output format (default: sd for .safetensors/.ckpt/.pt/.pth, else diffusers); ldm writes an "
+                        "ldm checkpoint .ckpt")
+    p.add_argument("--no-ema", action="store_true",
+                   help="take the raw UNet weights instead of their EMA averages (ldm checkpoints, SD files with "
+                        "model_ema.*)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights before saving")
+    p.add_argument("--unsafe-pickle", action="store_true", help="allow full unpickling of trusted SD .ckpt files")
+    o = p.add_argument_group("overrides", "set what the source does not record (an SD file without ldm metadata) "
+                                          "or records wrongly")
+    heads = o.add_mutually_exclusive_group()
+    heads.add_argument("--num-heads", type=int, metavar="N", default=None,
+                       help="attention heads per UNet attention layer (SD 1.x style: 8)")
+    heads.add_argument("--num-head-channels", type=int, metavar="C", default=None,
+                       help="channels per UNet attention head, the head count following the width (SD 2.x style: 64)")
+    o.add_argument("--latent-scale", type=float, metavar="S", default=None,
+                   help="the VAE's latent scale_factor (Stable Diffusion: 0.18215)")
+    o.add_argument("--latent-shift", type=float, metavar="B", default=None,
+                   help="the VAE's latent shift_factor, subtracted before scaling (Stable Diffusion: none)")
+    o.add_argument("--prediction-type", type=_prediction_arg, metavar="TYPE", default=None,
+                   help="what the UNet predicts: epsilon, v_prediction or sample (Stable Diffusion: epsilon)")
+    o.add_argument("--schedule", type=_schedule_arg, metavar="JSON", default=None,
+                   help='noise schedule as JSON NoiseSchedule.from_name keywords, e.g. \'{"schedule": '
+                        '"scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}\'')
+    return p
+
+
+def convert(args: argparse.Namespace) -> None:
+    """Read SRC, apply the overrides, write DST."""
+    to = args.to or ("sd" if args.dst.suffix in SD_SUFFIXES else "diffusers")
+    kind = source_kind(args.src)
+    if to == "ldm" and kind == "ldm":
+        raise ConfigError(f"{args.src} is already an ldm checkpoint")
+    if to == "diffusers" and args.dst.suffix in SD_SUFFIXES:
+        raise ConfigError(f"--to diffusers writes a folder, got the file name {args.dst}")
+    if to == "sd" and args.dst.suffix not in SD_SUFFIXES:
+        raise ConfigError(f"an SD single file ends in one of {SD_SUFFIXES}, got {args.dst}")
+    model = load_source(args.src, args)
+    if args.dtype:
+        dtype = DTYPES[args.dtype]
+        model.unet, model.vae = model.unet.to(dtype), model.vae.to(dtype)
+        if model.text_encoder is not None:
+            model.text_encoder = model.text_encoder.to(dtype)
+        if model.text_sd is not None:
+            model.text_sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.text_sd.items()}
+    if to == "sd":
+        write_sd(model, args.dst)
+    elif to == "diffusers":
+        write_diffusers(model, args.dst)
+    else:
+        write_ldm(model, args.dst, args.src)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Convert SRC (diffusers folder or SD single file) to DST (.safetensors / .ckpt file or diffusers folder)."""
-    parser = argparse.ArgumentParser(prog="python -m ldm.convert", description=__doc__)
-    parser.add_argument("src", type=Path, help="diffusers folder (unet/, vae/) or SD .ckpt/.safetensors file")
-    parser.add_argument("dst", type=Path, help="output .safetensors/.ckpt file, or a folder for diffusers layout")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights before saving")
-    parser.add_argument("--unsafe-pickle", action="store_true", help="allow full unpickling of trusted .ckpt files")
-    args = parser.parse_args(argv)
-    unet, vae, text = load_source(args.src, args.unsafe_pickle)
-    if args.dtype:
-        unet, vae = unet.to(DTYPES[args.dtype]), vae.to(DTYPES[args.dtype])
-    if args.dst.suffix in (".safetensors", ".ckpt", ".pt", ".pth"):
-        save_state_dict(to_sd_state_dict(unet, vae, text), args.dst)
-    else:
-        to_diffusers(unet).save_pretrained(args.dst / "unet")
-        to_diffusers(vae).save_pretrained(args.dst / "vae")
-        if text:
-            print("note: the text encoder is not written to the diffusers folder", file=sys.stderr)
+    """Convert SRC to DST; wrong input prints ``error: ...`` and returns 2."""
+    args = parser().parse_args(argv)
+    try:
+        convert(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {args.dst}")
     return 0
 

@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 from ldm.autoencoder import SD_LATENT_SCALE, AutoencoderKL
+from ldm.diffusion.parameterization import canonical_prediction_type
+from ldm.diffusion.schedules import canonical_schedule_name
+from ldm.errors import ConfigError
 from ldm.unet import UNet
 
 _UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -27,12 +30,12 @@ def _cfg(model: Any) -> dict[str, Any]:
 
 
 def _require(cfg: Mapping[str, Any], expected: Mapping[str, Any], what: str) -> None:
-    """Raise ValueError when a diffusers config uses a feature our module does not implement."""
+    """Raise ConfigError when a diffusers config uses a feature our module does not implement."""
     for key, allowed in expected.items():
         value = cfg.get(key, allowed[0] if isinstance(allowed, tuple) else allowed)
         ok = value in allowed if isinstance(allowed, tuple) else value == allowed
         if not ok:
-            raise ValueError(f"unsupported {what} config: {key}={value!r} (ldm supports {allowed!r})")
+            raise ConfigError(f"unsupported {what} config: {key}={value!r} (ldm supports {allowed!r})")
 
 
 # ---------------------------------------------------------------------------------------------------------- UNet
@@ -55,16 +58,16 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
     boc = list(cfg["block_out_channels"])
     mc = boc[0]
     if any(c % mc for c in boc):
-        raise ValueError(f"block_out_channels {boc} must be multiples of the first entry")
+        raise ConfigError(f"block_out_channels {boc} must be multiples of the first entry")
     n = len(boc)
     downs, ups = list(cfg["down_block_types"]), list(cfg["up_block_types"])
     attn_levels = []
     for i, kind in enumerate(downs):
         if kind not in ("CrossAttnDownBlock2D", "DownBlock2D"):
-            raise ValueError(f"unsupported down block type {kind!r} (ldm supports CrossAttnDownBlock2D, DownBlock2D)")
+            raise ConfigError(f"unsupported down block type {kind!r} (ldm supports CrossAttnDownBlock2D, DownBlock2D)")
         up = ups[n - 1 - i]
         if ("CrossAttn" in kind) != (up == "CrossAttnUpBlock2D") or up not in ("CrossAttnUpBlock2D", "UpBlock2D"):
-            raise ValueError(f"up_block_types {ups} must mirror down_block_types {downs}")
+            raise ConfigError(f"up_block_types {ups} must mirror down_block_types {downs}")
         if "CrossAttn" in kind:
             attn_levels.append(i)
     layers = cfg["layers_per_block"]
@@ -74,7 +77,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
                         ("cross_attention_dim", ctx)):
         if isinstance(value, (list, tuple)):
             if len(set(value)) != 1:
-                raise ValueError(f"per-level {name}={value} is not supported; ldm uses one value for all levels")
+                raise ConfigError(f"per-level {name}={value} is not supported; ldm uses one value for all levels")
     layers = layers[0] if isinstance(layers, (list, tuple)) else layers
     depth = depth[0] if isinstance(depth, (list, tuple)) else depth
     ctx = ctx[0] if isinstance(ctx, (list, tuple)) else ctx
@@ -89,7 +92,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
     elif len(widths) == 1 and all(boc[i] % heads[i] == 0 for i in used):
         head_args = {"num_heads": -1, "num_head_channels": widths.pop()}
     else:
-        raise ValueError(f"heads per level {heads} with widths {boc}: neither the head count nor the head width is "
+        raise ConfigError(f"heads per level {heads} with widths {boc}: neither the head count nor the head width is "
                          "constant, which ldm's UNet (num_heads / num_head_channels) cannot express")
     return dict(
         in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], model_channels=mc,
@@ -104,9 +107,9 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def unet_config_to_diffusers(cfg: Mapping[str, Any], sample_size: int = 64) -> dict[str, Any]:
     """Translate our ``UNet`` config into diffusers ``UNet2DConditionModel`` constructor arguments."""
     if cfg.get("context_dim") is None:
-        raise ValueError("diffusers' UNet2DConditionModel needs a cross-attention context: context_dim is None")
+        raise ConfigError("diffusers' UNet2DConditionModel needs a cross-attention context: context_dim is None")
     if cfg.get("pool_context"):
-        raise ValueError("pool_context=true (the mean context token added to the timestep embedding) has no "
+        raise ConfigError("pool_context=true (the mean context token added to the timestep embedding) has no "
                          "UNet2DConditionModel equivalent: export a UNet built with pool_context=false")
     mc, mult = cfg["model_channels"], list(cfg["channel_mult"])
     boc = [mc * m for m in mult]
@@ -173,10 +176,10 @@ def vae_config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
     boc = list(cfg["block_out_channels"])
     for kinds, name in ((cfg["down_block_types"], "DownEncoderBlock2D"), (cfg["up_block_types"], "UpDecoderBlock2D")):
         if any(k != name for k in kinds):
-            raise ValueError(f"unsupported VAE block types {list(kinds)} (ldm supports {name})")
+            raise ConfigError(f"unsupported VAE block types {list(kinds)} (ldm supports {name})")
     ch = boc[0]
     if any(c % ch for c in boc):
-        raise ValueError(f"block_out_channels {boc} must be multiples of the first entry")
+        raise ConfigError(f"block_out_channels {boc} must be multiples of the first entry")
     mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
     return dict(
         in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], ch=ch, ch_mult=[c // ch for c in boc],
@@ -189,7 +192,7 @@ def vae_config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def vae_config_to_diffusers(cfg: Mapping[str, Any], sample_size: int = 512) -> dict[str, Any]:
     """Translate our ``AutoencoderKL`` config into diffusers ``AutoencoderKL`` constructor arguments."""
     if cfg["z_channels"] != cfg["embed_dim"]:
-        raise ValueError(f"diffusers' AutoencoderKL needs z_channels == embed_dim, got {cfg['z_channels']} and "
+        raise ConfigError(f"diffusers' AutoencoderKL needs z_channels == embed_dim, got {cfg['z_channels']} and "
                          f"{cfg['embed_dim']}")
     n = len(cfg["ch_mult"])
     return dict(
@@ -234,6 +237,44 @@ def _is_vae_attn_weight(ours_key: str) -> bool:
     return ".mid.attn_1." in ours_key and ours_key.endswith(".weight") and ".norm." not in ours_key
 
 
+# ----------------------------------------------------------------------------------------------------- scheduler
+
+_SCHEDULE_TO_DIFFUSERS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+
+
+def schedule_to_diffusers(schedule: Mapping[str, Any], prediction_type: str) -> dict[str, Any]:
+    """Our noise schedule (``NoiseSchedule.from_name`` keywords) and prediction type -> diffusers scheduler config
+    keywords (``DDPMScheduler`` and the other discrete-time schedulers)."""
+    try:
+        name = canonical_schedule_name(str(schedule.get("schedule")))
+    except ValueError as err:
+        raise ConfigError(f"schedule {dict(schedule)} has no diffusers scheduler equivalent ({err}): only the "
+                          "linear, scaled_linear and cosine beta schedules go to a diffusers folder") from err
+    try:
+        prediction_type = canonical_prediction_type(prediction_type)
+    except ValueError as err:
+        raise ConfigError(f"prediction type {prediction_type!r} has no diffusers scheduler equivalent ({err})") from err
+    return {"beta_schedule": _SCHEDULE_TO_DIFFUSERS[name],
+            "num_train_timesteps": int(schedule.get("num_train_timesteps", 1000)),
+            "beta_start": float(schedule.get("beta_start", 0.0001)), "beta_end": float(schedule.get("beta_end", 0.02)),
+            "rescale_betas_zero_snr": bool(schedule.get("rescale_betas_zero_snr", False)),
+            "prediction_type": prediction_type}
+
+
+def schedule_from_diffusers(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """A diffusers scheduler config -> our schedule (``NoiseSchedule.from_name`` keywords) and prediction type."""
+    if cfg.get("trained_betas") is not None:
+        raise ConfigError("the scheduler config lists trained_betas, which ldm's named schedules cannot express")
+    try:
+        name = canonical_schedule_name(str(cfg.get("beta_schedule", "linear")))
+        prediction_type = canonical_prediction_type(str(cfg.get("prediction_type", "epsilon")))
+    except ValueError as err:
+        raise ConfigError(f"unsupported diffusers scheduler config: {err}") from err
+    return {"schedule": name, "num_train_timesteps": int(cfg.get("num_train_timesteps", 1000)),
+            "beta_start": float(cfg.get("beta_start", 0.0001)), "beta_end": float(cfg.get("beta_end", 0.02)),
+            "rescale_betas_zero_snr": bool(cfg.get("rescale_betas_zero_snr", False))}, prediction_type
+
+
 # -------------------------------------------------------------------------------------------------------- generic
 
 
@@ -259,7 +300,7 @@ def rename_state_dict(
         except KeyError:
             unknown.append(k)
     if unknown:
-        raise ValueError(f"{what}: {len(unknown)} keys have no mapping, first: {unknown[:5]}")
+        raise ConfigError(f"{what}: {len(unknown)} keys have no mapping, first: {unknown[:5]}")
     return out
 
 
@@ -271,7 +312,7 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, torch.Te
     shapes = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
-        raise ValueError(
+        raise ConfigError(
             f"{what} state dict does not match the model: {len(missing)} missing keys (first: {missing[:5]}), "
             f"{len(unexpected)} unexpected keys (first: {unexpected[:5]}), {len(shapes)} shape mismatches "
             f"(first: {shapes[:3]})"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,12 +16,21 @@ from torch import nn
 
 from ldm.autoencoder import AutoencoderKL
 from ldm.convert.diffusers_format import load_state_dict_checked
+from ldm.errors import ConfigError
 from ldm.unet import UNet
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
 EMA_PREFIX = "model_ema."
+
+# What the SD layout cannot express travels as metadata: safetensors' string -> string header, or the top-level
+# CKPT_METADATA entry of a .ckpt. Every value is JSON.
+METADATA_FORMAT = 1
+CKPT_METADATA = "ldm_metadata"
+_META_KEYS = ("format", "unet", "vae", "prediction_type", "schedule", "sampling", "text_encoder")
+_UNET_META = ("num_heads", "num_head_channels")
+_VAE_META = ("scale_factor", "shift_factor", "latent_mean", "latent_std")
 
 
 # SD 1.x: FrozenCLIPEmbedder's transformers CLIPTextModel; SD 2.x: FrozenOpenCLIPEmbedder's open_clip model.
@@ -29,13 +41,19 @@ _OPTIONAL_TEXT_KEYS = ("position_ids", "attn_mask")
 
 
 class SDCheckpoint(NamedTuple):
-    """What ``load_sd_checkpoint`` returns: our UNet and VAE, the text encoder's state dict as stored, and the file's
-    ``scale_factor`` entry (CompVis stores it when ``scale_by_std``; None when absent)."""
+    """What ``load_sd_checkpoint`` returns: our UNet and VAE, the text encoder's state dict as stored, the latent
+    scale the file records (ldm metadata, or CompVis' ``scale_factor`` entry; None when absent), and what its ldm
+    metadata records (None when absent): prediction type, noise schedule (``NoiseSchedule.from_name`` keywords),
+    sampling defaults and text encoder options (see ``sd_metadata``)."""
 
     unet: UNet
     vae: AutoencoderKL
     cond_stage_state_dict: dict[str, torch.Tensor]
     scale_factor: float | None = None
+    prediction_type: str | None = None
+    schedule: dict[str, Any] | None = None
+    sampling: dict[str, Any] | None = None
+    text_encoder: dict[str, Any] | None = None
 
 
 def _hf_text_prefix(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -85,6 +103,69 @@ def to_sd_state_dict(
     return out
 
 
+def text_encoder_metadata(text_encoder: nn.Module) -> dict[str, Any] | None:
+    """What the SD layout loses of our text encoder: its head count and activation (``config``, overrides for
+    ``load_sd_text_encoder``) and the layer it conditions with (``clip_skip`` / ``layer``). None for other encoders."""
+    from ldm.text.hf_encoder import HFCLIPTextEncoder  # noqa: PLC0415  (transformers only when needed)
+    from ldm.text.openclip_encoder import OpenCLIPTextEncoder  # noqa: PLC0415
+
+    if isinstance(text_encoder, HFCLIPTextEncoder):
+        cfg = text_encoder.model.config
+        return {"config": {"num_attention_heads": cfg.num_attention_heads, "hidden_act": cfg.hidden_act,
+                           "layer_norm_eps": cfg.layer_norm_eps}, "clip_skip": text_encoder.clip_skip}
+    if isinstance(text_encoder, OpenCLIPTextEncoder):
+        heads = text_encoder.model.transformer.resblocks[0].attn.num_heads
+        return {"config": {"heads": heads}, "layer": text_encoder.layer}
+    return None
+
+
+def sd_metadata(
+    unet: UNet,
+    vae: AutoencoderKL,
+    prediction_type: str | None = None,
+    schedule: Mapping[str, Any] | None = None,
+    sampling: Mapping[str, Any] | None = None,
+    text_encoder: nn.Module | Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """The ``ldm.*`` metadata of an SD single file: what its tensor layout cannot express, as JSON strings.
+
+    ``ldm.unet``: the UNet's ``num_heads`` / ``num_head_channels``; ``ldm.vae``: the latent ``scale_factor``,
+    ``shift_factor``, ``latent_mean``, ``latent_std``; ``ldm.prediction_type``; ``ldm.schedule``: the
+    ``NoiseSchedule.from_name`` keywords; ``ldm.sampling``: the sampling defaults; ``ldm.text_encoder``: see
+    ``text_encoder_metadata`` (a mapping is stored as given). None values are left out.
+    """
+    if isinstance(text_encoder, nn.Module):
+        text_encoder = text_encoder_metadata(text_encoder)
+    values = {"format": METADATA_FORMAT, "unet": {k: unet.config[k] for k in _UNET_META},
+              "vae": {k: vae.config[k] for k in _VAE_META}, "prediction_type": prediction_type,
+              "schedule": None if schedule is None else dict(schedule),
+              "sampling": None if sampling is None else dict(sampling),
+              "text_encoder": None if text_encoder is None else dict(text_encoder)}
+    return {f"ldm.{k}": json.dumps(v) for k, v in values.items() if v is not None}
+
+
+def parse_sd_metadata(metadata: Mapping[str, str] | None, source: str = "the checkpoint") -> dict[str, Any]:
+    """The ``ldm.*`` entries of an SD file's metadata (``sd_metadata``), decoded, without the prefix; other
+    entries (other tools' metadata) are ignored."""
+    out: dict[str, Any] = {}
+    for key, raw in (metadata or {}).items():
+        if not key.startswith("ldm.") or key[4:] not in _META_KEYS:
+            continue
+        try:
+            out[key[4:]] = json.loads(raw)
+        except (TypeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{source}: metadata entry {key}={raw!r} is not valid JSON ({err}); fix or remove the "
+                              "entry (the CLI also takes --num-heads, --latent-scale, ... overrides)") from err
+    if int(out.get("format", METADATA_FORMAT)) > METADATA_FORMAT:
+        raise ConfigError(f"{source} was written with ldm metadata format {out['format']}, newer than this ldm "
+                          f"reads ({METADATA_FORMAT}): upgrade ldm")
+    for key, allowed in (("unet", _UNET_META), ("vae", _VAE_META)):
+        if key in out and (not isinstance(out[key], dict) or set(out[key]) - set(allowed)):
+            raise ConfigError(f"{source}: metadata entry ldm.{key}={metadata['ldm.' + key]!r} must be a JSON object "  # type: ignore[index]
+                              f"with keys among {list(allowed)}")
+    return out
+
+
 def ema_key(key: str) -> str:
     """The name LitEma gives the EMA copy of ``model.<name>``: ``model_ema.`` + name without dots."""
     return EMA_PREFIX + key[len("model."):].replace(".", "")
@@ -96,29 +177,39 @@ def read_state_dict(path: str | Path, unsafe_pickle: bool = False) -> dict[str, 
     Torch files are read with ``weights_only=True``; files that need arbitrary unpickling are refused unless
     ``unsafe_pickle=True`` (only for files you trust).
     """
+    return read_sd_file(path, unsafe_pickle)[0]
+
+
+def read_sd_file(path: str | Path, unsafe_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``read_state_dict`` and the file's metadata: a safetensors header's string map, or a ``.ckpt``'s
+    ``ldm_metadata`` entry (empty when there is none)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # noqa: PLC0415
+        from safetensors import safe_open  # noqa: PLC0415
 
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle of non-tensor objects (e.g. Lightning callbacks' state)
         if not unsafe_pickle:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: "
                 f"{str(err).strip().splitlines()[0][:200]}); if you "
                 "trust the file, pass unsafe_pickle=True (CLI: --unsafe-pickle), or convert it to .safetensors"
             ) from err
         warnings.warn(f"unpickling {path} with weights_only=False: only do this for trusted files", stacklevel=2)
         obj = torch.load(path, map_location="cpu", weights_only=False)
+    metadata: dict[str, str] = {}
+    if isinstance(obj, Mapping) and isinstance(obj.get(CKPT_METADATA), Mapping):
+        metadata = {str(k): str(v) for k, v in obj[CKPT_METADATA].items()}
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        raise ConfigError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, metadata
 
 
 def _sub(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -142,7 +233,7 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         mc = sd["time_embed.0.weight"].shape[1]
         in_ch, out_ch = sd["input_blocks.0.0.weight"].shape[1], sd["out.2.weight"].shape[0]
     except KeyError as err:
-        raise ValueError(f"not an SD-layout UNet state dict: missing {err}") from err
+        raise ConfigError(f"not an SD-layout UNet state dict: missing {err}") from err
     mults: list[int] = []
     blocks_per_level: list[int] = [0]
     attn_levels: set[int] = set()
@@ -158,7 +249,7 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         if f"input_blocks.{idx}.1.norm.weight" in sd:
             attn_levels.add(level)
     if len(set(blocks_per_level)) != 1:
-        raise ValueError(f"unequal res blocks per level {blocks_per_level} are not supported")
+        raise ConfigError(f"unequal res blocks per level {blocks_per_level} are not supported")
     keys = list(sd)
     ctx = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
     linear = sd["middle_block.1.proj_in.weight"].ndim == 2
@@ -183,7 +274,7 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         embed = sd["post_quant_conv.weight"].shape[1]
         out_ch = sd["decoder.conv_out.weight"].shape[0]
     except KeyError as err:
-        raise ValueError(f"not an SD-layout VAE state dict: missing {err}") from err
+        raise ConfigError(f"not an SD-layout VAE state dict: missing {err}") from err
     levels = _indices(list(sd), r"encoder\.down\.(\d+)\.")
     mults = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels]
     nrb = len(_indices(list(sd), r"encoder\.down\.0\.block\.(\d+)\."))
@@ -215,12 +306,24 @@ def load_sd_checkpoint(
     unet_kwargs: Mapping[str, Any] | None = None,
     vae_kwargs: Mapping[str, Any] | None = None,
 ) -> SDCheckpoint:
-    """Load an original-layout SD checkpoint: our UNet (EMA weights preferred) and VAE, configs inferred from shapes.
+    """Load an original-layout SD checkpoint: our UNet (EMA weights preferred) and VAE, configs inferred from shapes
+    and from the file's ldm metadata (``sd_metadata``) when it has some.
 
-    ``unet_kwargs`` / ``vae_kwargs`` override inferred or default arguments (e.g. ``num_heads``, ``scale_factor``).
+    ``unet_kwargs`` / ``vae_kwargs`` override inferred, stored or default arguments (e.g. ``num_heads``,
+    ``scale_factor``).
     """
-    return sd_checkpoint_from_state_dict(read_state_dict(path, unsafe_pickle), prefer_ema, unet_kwargs, vae_kwargs,
-                                         source=str(path))
+    state_dict, metadata = read_sd_file(path, unsafe_pickle)
+    return sd_checkpoint_from_state_dict(state_dict, prefer_ema, unet_kwargs, vae_kwargs, source=str(path),
+                                         metadata=metadata)
+
+
+def _with_heads(cfg: dict[str, Any], heads: Mapping[str, Any]) -> None:
+    """Update ``cfg`` by ``heads`` (num_heads / num_head_channels), clearing the other one when only one is given."""
+    if "num_heads" in heads and "num_head_channels" not in heads:
+        cfg["num_head_channels"] = -1
+    if "num_head_channels" in heads and "num_heads" not in heads:
+        cfg["num_heads"] = -1
+    cfg.update(heads)
 
 
 def sd_checkpoint_from_state_dict(
@@ -229,28 +332,44 @@ def sd_checkpoint_from_state_dict(
     unet_kwargs: Mapping[str, Any] | None = None,
     vae_kwargs: Mapping[str, Any] | None = None,
     source: str = "the state dict",
+    metadata: Mapping[str, str] | None = None,
 ) -> SDCheckpoint:
-    """``load_sd_checkpoint`` on a state dict already in memory (SD single-file layout)."""
+    """``load_sd_checkpoint`` on a state dict (SD single-file layout) and its file's metadata already in memory.
+
+    Without ``ldm.unet`` metadata or ``unet_kwargs`` heads, the head configuration is guessed from the shapes
+    (``infer_unet_config``) with a warning that names the guess.
+    """
+    meta = parse_sd_metadata(metadata, source)
     state_dict = _apply_ema(dict(state_dict), prefer_ema)
     unet_sd, vae_sd = _sub(state_dict, UNET_PREFIX), _sub(state_dict, VAE_PREFIX)
     vae_sd = {k: v for k, v in vae_sd.items() if not k.startswith("loss.")}  # training-only LPIPS/discriminator
     if not unet_sd or not vae_sd:
-        raise ValueError(f"{source} is not an SD single-file checkpoint: found {len(unet_sd)} '{UNET_PREFIX}*' and "
-                         f"{len(vae_sd)} '{VAE_PREFIX}*' keys")
+        raise ConfigError(f"{source} is not an SD single-file checkpoint: found {len(unet_sd)} '{UNET_PREFIX}*' and "
+                          f"{len(vae_sd)} '{VAE_PREFIX}*' keys")
     unet_cfg = infer_unet_config(unet_sd)
+    explicit = {k: v for k, v in (unet_kwargs or {}).items() if k in _UNET_META}
+    if "unet" in meta:
+        _with_heads(unet_cfg, meta["unet"])
+    elif not explicit:
+        guess = {k: unet_cfg[k] for k in _UNET_META if unet_cfg[k] != -1}
+        warnings.warn(
+            f"{source} does not record the UNet's attention heads (no ldm.unet metadata): guessed "
+            f"{', '.join(f'{k}={v}' for k, v in guess.items())} from the tensor shapes (the Stable Diffusion "
+            f"{'2.x' if 'num_head_channels' in guess else '1.x'} convention). A model trained with other heads gives "
+            "wrong outputs: pass unet_kwargs={'num_heads': N} or {'num_head_channels': C} (CLI: --num-heads / "
+            "--num-head-channels)", stacklevel=3)
     if unet_kwargs:
-        if "num_heads" in unet_kwargs and "num_head_channels" not in unet_kwargs:
-            unet_cfg["num_head_channels"] = -1
-        if "num_head_channels" in unet_kwargs and "num_heads" not in unet_kwargs:
-            unet_cfg["num_heads"] = -1
-        unet_cfg.update(unet_kwargs)
+        _with_heads(unet_cfg, unet_kwargs)
     unet = UNet(**unet_cfg)
     load_state_dict_checked(unet, unet_sd, "UNet")
-    vae = AutoencoderKL(**{**infer_vae_config(vae_sd), **(vae_kwargs or {})})
+    vae = AutoencoderKL(**{**infer_vae_config(vae_sd), **meta.get("vae", {}), **(vae_kwargs or {})})
     load_state_dict_checked(vae, vae_sd, "AutoencoderKL")
     stored_scale = state_dict.get("scale_factor")
     scale = float(stored_scale) if isinstance(stored_scale, torch.Tensor) and stored_scale.numel() == 1 else None
-    return SDCheckpoint(unet, vae, _sub(state_dict, TEXT_PREFIX), scale)
+    if "scale_factor" in meta.get("vae", {}):
+        scale = float(meta["vae"]["scale_factor"])
+    return SDCheckpoint(unet, vae, _sub(state_dict, TEXT_PREFIX), scale, meta.get("prediction_type"),
+                        meta.get("schedule"), meta.get("sampling"), meta.get("text_encoder"))
 
 
 def sd_text_family(cond_sd: Mapping[str, torch.Tensor]) -> str | None:
@@ -270,7 +389,8 @@ def infer_clip_text_config(cond_sd: Mapping[str, torch.Tensor]) -> dict[str, Any
         positions = sd["embeddings.position_embedding.weight"].shape[0]
         intermediate = sd["encoder.layers.0.mlp.fc1.weight"].shape[0]
     except KeyError as err:
-        raise ValueError(f"not an SD 1.x CLIP text encoder state dict: missing {SD1_TEXT_PREFIX}{err.args[0]}") from err
+        raise ConfigError(
+            f"not an SD 1.x CLIP text encoder state dict: missing {SD1_TEXT_PREFIX}{err.args[0]}") from err
     return dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=len(_indices(list(sd), r"encoder\.layers\.(\d+)\.")),
@@ -287,7 +407,7 @@ def infer_open_clip_text_config(cond_sd: Mapping[str, torch.Tensor]) -> dict[str
         context = sd["positional_embedding"].shape[0]
         mlp = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     except KeyError as err:
-        raise ValueError(f"not an SD 2.x open_clip text state dict: missing {SD2_TEXT_PREFIX}{err.args[0]}") from err
+        raise ConfigError(f"not an SD 2.x open_clip text state dict: missing {SD2_TEXT_PREFIX}{err.args[0]}") from err
     if "text_projection" in sd:  # a [width, embed_dim] parameter, as in SD 2.x
         embed_dim = sd["text_projection"].shape[1]
     else:  # an nn.Linear (newer open_clip towers), or none
@@ -298,52 +418,78 @@ def infer_open_clip_text_config(cond_sd: Mapping[str, torch.Tensor]) -> dict[str
     return dict(embed_dim=embed_dim, text_cfg=text_cfg)
 
 
-def load_sd_text_encoder(cond_sd: Mapping[str, torch.Tensor], text_config: Mapping[str, Any] | None = None
-                         ) -> nn.Module:
-    """Our text encoder with the weights of an SD ``cond_stage_model.*`` state dict (prefix stripped).
-
-    SD 1.x (``transformer.text_model.*``): ``HFCLIPTextEncoder`` (last layer). SD 2.x (``model.*``):
-    ``OpenCLIPTextEncoder`` on the penultimate layer, as SD 2.x conditions. Shapes give every size but the head
-    count, taken as width // 64 (CLIP ViT-L/14 and ViT-H/14); ``text_config`` overrides the inferred
-    ``CLIPTextConfig`` keys (SD 1.x) or open_clip ``text_cfg`` keys (SD 2.x).
-    """
+def sd_text_encoder_spec(
+    cond_sd: Mapping[str, torch.Tensor],
+    text_config: Mapping[str, Any] | None = None,
+    stored: Mapping[str, Any] | None = None,
+) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The class and constructor arguments of our text encoder for an SD ``cond_stage_model.*`` state dict (prefix
+    stripped): see ``load_sd_text_encoder``."""
+    stored = stored or {}
+    config = {**stored.get("config", {}), **(text_config or {})}
     family = sd_text_family(cond_sd)
     if family == "sd1":
         from ldm.text.hf_encoder import HFCLIPTextEncoder  # noqa: PLC0415
 
-        config = {**infer_clip_text_config(cond_sd), **(text_config or {})}
-        encoder: nn.Module = HFCLIPTextEncoder(config=config)
-        inner = _hf_text_prefix(encoder.state_dict())
-        weights = {inner + k[len(SD1_TEXT_PREFIX):]: v for k, v in cond_sd.items() if k.startswith(SD1_TEXT_PREFIX)}
-    elif family == "sd2":
+        return HFCLIPTextEncoder, {"config": {**infer_clip_text_config(cond_sd), **config},
+                                   "clip_skip": int(stored.get("clip_skip", 1))}
+    if family == "sd2":
         from ldm.text.openclip_encoder import OpenCLIPTextEncoder  # noqa: PLC0415
 
         kw = infer_open_clip_text_config(cond_sd)
-        kw["text_cfg"].update(text_config or {})
+        kw["text_cfg"].update(config)
         # a token vision tower: open_clip builds one, OpenCLIPTextEncoder deletes it
         kw["vision_cfg"] = dict(image_size=32, patch_size=16, width=64, head_width=64, layers=1)
-        encoder = OpenCLIPTextEncoder("ViT-H-14", layer="penultimate", model_kwargs=kw)
-        weights = {k: v for k, v in cond_sd.items() if k.startswith(SD2_TEXT_PREFIX)}
+        return OpenCLIPTextEncoder, {"arch": "ViT-H-14", "layer": stored.get("layer", "penultimate"),
+                                     "model_kwargs": kw}
+    raise ConfigError(f"unknown SD text encoder layout: expected cond_stage_model.{SD1_TEXT_PREFIX}* (SD 1.x) or "
+                      f"cond_stage_model.{SD2_TEXT_PREFIX}token_embedding.weight (SD 2.x), got {sorted(cond_sd)[:5]}")
+
+
+def load_sd_text_encoder(cond_sd: Mapping[str, torch.Tensor], text_config: Mapping[str, Any] | None = None,
+                         stored: Mapping[str, Any] | None = None) -> nn.Module:
+    """Our text encoder with the weights of an SD ``cond_stage_model.*`` state dict (prefix stripped).
+
+    SD 1.x (``transformer.text_model.*``): ``HFCLIPTextEncoder`` (last layer). SD 2.x (``model.*``):
+    ``OpenCLIPTextEncoder`` on the penultimate layer, as SD 2.x conditions. Shapes give every size but the head
+    count, taken as width // 64 (CLIP ViT-L/14 and ViT-H/14); ``stored`` (the file's ``ldm.text_encoder``
+    metadata, see ``text_encoder_metadata``) gives the head count and layer of a model ldm exported, and
+    ``text_config`` overrides the ``CLIPTextConfig`` keys (SD 1.x) or open_clip ``text_cfg`` keys (SD 2.x).
+    """
+    cls, kwargs = sd_text_encoder_spec(cond_sd, text_config, stored)
+    encoder = cls(**kwargs)
+    if sd_text_family(cond_sd) == "sd1":
+        inner = _hf_text_prefix(encoder.state_dict())
+        weights = {inner + k[len(SD1_TEXT_PREFIX):]: v for k, v in cond_sd.items() if k.startswith(SD1_TEXT_PREFIX)}
     else:
-        raise ValueError(f"unknown SD text encoder layout: expected cond_stage_model.{SD1_TEXT_PREFIX}* (SD 1.x) or "
-                         f"cond_stage_model.{SD2_TEXT_PREFIX}token_embedding.weight (SD 2.x), got "
-                         f"{sorted(cond_sd)[:5]}")
+        weights = {k: v for k, v in cond_sd.items() if k.startswith(SD2_TEXT_PREFIX)}
     own = encoder.state_dict()
     weights = {k: v for k, v in weights.items() if k in own or k.rsplit(".", 1)[-1] not in _OPTIONAL_TEXT_KEYS}
     load_state_dict_checked(encoder, weights, type(encoder).__name__)
     return encoder.eval()
 
 
-def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
-    """Write a state dict as ``.safetensors`` or as a torch ``.ckpt`` (``{"state_dict": ...}``, SD's convention)."""
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path,
+                    metadata: Mapping[str, str] | None = None) -> None:
+    """Write a state dict as ``.safetensors`` (``metadata`` in its header) or as a torch ``.ckpt``
+    (``{"state_dict": ..., "ldm_metadata": metadata}``, SD's convention), through a temporary file renamed into place,
+    so a failed write leaves no partial file."""
     path = Path(path)
+    if path.suffix not in (".safetensors", ".ckpt", ".pt", ".pth"):
+        raise ConfigError(f"unknown checkpoint suffix {path.suffix!r} for {path}: use .safetensors or .ckpt")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file  # noqa: PLC0415
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file  # noqa: PLC0415
 
-        save_file(tensors, str(path))
-    elif path.suffix in (".ckpt", ".pt", ".pth"):
-        torch.save({"state_dict": tensors}, path)
-    else:
-        raise ValueError(f"unknown checkpoint suffix {path.suffix!r} for {path}: use .safetensors or .ckpt")
+            save_file(tensors, tmp, metadata=meta or None)
+        else:
+            torch.save({"state_dict": tensors, **({CKPT_METADATA: meta} if meta else {})}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
