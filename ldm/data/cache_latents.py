@@ -10,7 +10,9 @@ metadata, and with a frozen text encoder ``text_hidden.npy`` [L, D], ``text_pool
 Output shards are written atomically and skipped when present, so an interrupted run resumes. Read them with
 ``ShardDataModule(source="latents")``, which samples mean + std * noise per sample (or takes the mean with
 ``sample_latents=False``). Text embeddings are cached only for a frozen encoder: a trainable one (``frozen=False``)
-would make them stale, so they are not written and training encodes the captions.
+would make them stale, so they are not written and training encodes the captions. A sample whose image does not
+decode, or that a damaged input shard lost, is skipped with a warning and counted (``skipped`` in index.json).
+Wrong input (a zero or negative ``--size``/``--batch-size``, a missing file) prints ``error: ...`` and exits with 2.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import os
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,8 +31,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ldm.data.shards import ShardWriter, clean_temporaries, iter_shard, resolve_shards, write_index
+from ldm.data.shards import ShardWriter, clean_temporaries, count_samples, iter_shard, resolve_shards, write_index
 from ldm.data.transforms import IMAGE_EXTS, ImageTransform, decode_image, npy_bytes
+from ldm.errors import ConfigError
 
 
 class Posterior(Protocol):
@@ -71,6 +75,11 @@ def cache_latents(
     precision (``float32`` or ``float16``). A text encoder with ``frozen=False`` is ignored (its embeddings would go
     stale as it trains). Returns the written index.
     """
+    for flag, value in (("--size", image_size), ("--batch-size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+    if dtype not in ("float32", "float16"):
+        raise ConfigError(f"--dtype must be float32 or float16, got {dtype!r}")
     if text_encoder is not None and getattr(text_encoder, "frozen", True) is False:
         warnings.warn("not caching text embeddings: the text encoder is trainable (frozen=False), so they would go "
                       "stale; training encodes the captions instead", stacklevel=2)
@@ -86,10 +95,27 @@ def cache_latents(
     transform = ImageTransform(size=image_size, crop="center", hflip=False, mode=image_mode)
     entries: list[dict[str, Any]] = []
     latent_shape: list[int] | None = None
+    skipped: Counter = Counter()
+
+    def pixels(raw: dict[str, Any]) -> torch.Tensor | None:
+        """The sample's image as a [-1, 1] tensor, or None (skipped and counted) when it has none that decodes."""
+        if "__error__" in raw:  # lost to a damaged shard; iter_shard has warned
+            skipped["damaged shard"] += 1
+            return None
+        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        try:
+            if ext is None:
+                raise KeyError(f"no image member ({', '.join(IMAGE_EXTS)})")
+            return transform(decode_image(raw[ext]))
+        except Exception as err:
+            reason = f"unreadable image ({type(err).__name__})"
+            skipped[reason] += 1
+            warnings.warn(f"skipping sample {raw['__shard__']}/{raw['__key__']}: {reason}: {err}", stacklevel=2)
+            return None
 
     @torch.no_grad()
-    def flush(writer: ShardWriter, raws: list[dict[str, Any]]) -> list[int]:
-        x = torch.stack([transform(decode_image(r[next(e for e in IMAGE_EXTS if e in r)])) for r in raws]).to(device)
+    def flush(writer: ShardWriter, raws: list[dict[str, Any]], images: list[torch.Tensor]) -> list[int]:
+        x = torch.stack(images).to(device)
         posterior = vae.encode(x)
         mean = posterior.mean.float().cpu().numpy().astype(np_dtype)
         std = posterior.std.float().cpu().numpy().astype(np_dtype)
@@ -113,24 +139,39 @@ def cache_latents(
         name = Path(path).name
         target = out / name
         if target.exists():
+            cached = count_samples(target)  # not the input count: the earlier run may have skipped samples
+            if cached < count:
+                skipped["skipped by an earlier run"] += count - cached
             if log:
                 log(f"{name}: already cached")
-            entries.append({"name": name, "count": count})
+            entries.append({"name": name, "count": cached})
             continue
         with ShardWriter(target) as writer:
             group: list[dict[str, Any]] = []
-            for raw in iter_shard(path):
+            images: list[torch.Tensor] = []
+            for raw in iter_shard(path, count):
+                image = pixels(raw)
+                if image is None:
+                    continue
                 group.append(raw)
+                images.append(image)
                 if len(group) == batch_size:
-                    latent_shape = flush(writer, group)
-                    group = []
+                    latent_shape = flush(writer, group, images)
+                    group, images = [], []
             if group:
-                latent_shape = flush(writer, group)
+                latent_shape = flush(writer, group, images)
         entries.append({"name": name, "count": writer.count})
         if log:
             log(f"{name}: {writer.count} latents")
+    if not any(e["count"] for e in entries):
+        for e in entries:  # empty shards would be taken as "already cached" by a rerun
+            (out / e["name"]).unlink(missing_ok=True)
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
+        raise ConfigError(f"no latents written to {out}: every sample of {shards} was skipped ({reasons})")
+    if skipped and log:
+        log("skipped: " + ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())))
     extra = {"latents": {"shape": latent_shape, "dtype": dtype, "image_size": image_size,
-                         "text": text_encoder is not None}}
+                         "text": text_encoder is not None}, "skipped": dict(skipped)}
     return write_index(out, entries, **extra)
 
 
@@ -157,6 +198,9 @@ def _load_module(config: str | None, checkpoint: str | None) -> torch.nn.Module:
     """A module from a Hydra yaml (``_target_``) with a state dict (plain, Lightning or SD layout) loaded, or without
     ``config`` from an ldm checkpoint (the VAE stage's ``vae/vae.ckpt``, or an ldm model's first stage)."""
     state: dict[str, Any] | None = None
+    for what, given in (("checkpoint", checkpoint), ("config", config)):
+        if given and not os.path.isfile(given):
+            raise ConfigError(f"{what} {given} does not exist (or is not a file)")
     if checkpoint:
         if checkpoint.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -174,10 +218,10 @@ def _load_module(config: str | None, checkpoint: str | None) -> torch.nn.Module:
 
         module = load_first_stage(checkpoint)
         if module is None:
-            raise ValueError(f"{checkpoint} is a pixel-space model: it has no VAE to cache latents with")
+            raise ConfigError(f"{checkpoint} is a pixel-space model: it has no VAE to cache latents with")
         return module.eval()
     else:
-        raise ValueError(f"{checkpoint or 'no checkpoint'}: not self-describing (no 'spec'); pass its Hydra yaml "
+        raise ConfigError(f"{checkpoint or 'no checkpoint'}: not self-describing (no 'spec'); pass its Hydra yaml "
                          "(--vae-config / --text-encoder-config)")
     if state is not None:
         state = state.get("state_dict", state)
@@ -189,11 +233,12 @@ def _load_module(config: str | None, checkpoint: str | None) -> torch.nn.Module:
                 module.load_state_dict(picked)
                 break
         else:
-            raise ValueError(f"{checkpoint} holds no complete state dict for {type(module).__name__}")
+            raise ConfigError(f"{checkpoint} holds no complete state dict for {type(module).__name__}")
     return module.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI; returns the exit status (2 with ``error: ...`` on stderr for wrong input)."""
     p = argparse.ArgumentParser(prog="python -m ldm.data.cache_latents", description=__doc__.split("\n\n")[0])
     p.add_argument("shards", help="shard folder (index.json) or brace pattern")
     p.add_argument("out")
@@ -207,6 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"))
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
+    try:
+        return _run(a)
+    except ConfigError as err:  # a wrong input: its message, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(a: argparse.Namespace) -> int:
+    for flag, value in (("--size", a.size), ("--batch-size", a.batch_size)):
+        if value < 1:  # refused before the models load
+            raise ConfigError(f"{flag} must be a positive integer, got {value}")
     try:
         import ldm.autoencoder  # noqa: F401
     except ImportError as err:

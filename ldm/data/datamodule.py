@@ -9,6 +9,7 @@ ranks, computed from the shard counts in index.json), set on the loader, not per
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ldm.data.shards import ReadPlan, _rng, resolve_shards
+from ldm.data.shards import ReadPlan, ShardError, _rng, resolve_shards
 from ldm.data.transforms import ImageTransform, SampleDecoder, collate, uint8_to_float
 
 POS_KEY = "__pos__"  # (split, epoch, batch index) attached to each batch; the DataModule pops it
@@ -46,8 +47,10 @@ class _EpochStream(IterableDataset):
         if todo == 0:
             return
         stream = plan.worker_samples(self.rank, worker, self.epoch)
-        for _ in range(done * plan.batch_size):  # skip what was consumed before the resume, raw (no decoding)
-            next(stream)
+        skip = done * plan.batch_size
+        if skip and sum(1 for _ in itertools.islice(stream, skip)) < skip:  # consumed before the resume: raw, no decode
+            raise RuntimeError(f"worker {worker} of rank {self.rank} ran out of samples while skipping to batch "
+                               f"{self.start} of epoch {self.epoch}: the shards changed since the position was saved")
         group: list[dict[str, Any]] = []
         produced = 0
         for raw in stream:
@@ -61,15 +64,28 @@ class _EpochStream(IterableDataset):
             yield self._batch(group)
 
     def _batch(self, raws: list[dict[str, Any]]) -> dict[str, Any]:
+        """Decode and collate; a bad sample shrinks its batch (the position bookkeeping stays exact). Samples lost to
+        a damaged shard arrive as placeholders (``__error__``) that the reader has already warned about."""
         samples = []
+        errors: list[str] = []
         for raw in raws:
+            if "__error__" in raw:
+                errors.append(raw["__error__"])
+                continue
             rng = _rng("sample", self.plan.seed, self.epoch, raw["__shard__"], raw["__key__"])
             try:
                 samples.append(self.decoder(raw, rng))
-            except Exception as err:  # a bad sample shrinks its batch; the position bookkeeping stays exact
+            except Exception as err:
+                errors.append(f"sample {raw['__shard__']}/{raw['__key__']}: {type(err).__name__}: {err}")
                 warnings.warn(f"skipping sample {raw['__shard__']}/{raw['__key__']}: {err}", stacklevel=2)
         if not samples:
-            raise RuntimeError(f"every sample of a batch failed to decode (first key {raws[0]['__key__']})")
+            lost = [r for r in raws if "__error__" in r]
+            if lost:  # a batch made only of a damaged shard's lost samples: nothing to train on
+                raise ShardError(f"every sample of a batch (epoch {self.epoch}) was lost to a damaged shard: "
+                                 f"{lost[0]['__error__']}. Fix: delete that shard and rerun the command that wrote it "
+                                 "(make_shards and cache_latents write missing shards again), or leave it out")
+            raise RuntimeError(f"every sample of a batch failed to decode (shard {raws[0]['__shard__']}, first key "
+                               f"{raws[0]['__key__']}); first error: {errors[0]}")
         return collate(samples)
 
 
@@ -125,7 +141,10 @@ class ShardLoader:
                 )
             )
         for index in range(start, n):
-            batch = next(it)
+            batch = next(it, None)
+            if batch is None:  # the read plan promised n batches (index.json counts); the streams held fewer
+                raise RuntimeError(f"the shards yielded {index} of the {n} batches of epoch {epoch} (rank "
+                                   f"{self.rank}): they hold fewer samples than their index.json counts")
             if "image" in batch and batch["image"].dtype == torch.uint8:
                 batch["image"] = uint8_to_float(batch["image"])
             batch[POS_KEY] = (self.split, epoch, index)

@@ -7,7 +7,8 @@ stem) or from one ``captions.json`` / ``captions.jsonl`` / ``captions.csv`` in S
 OUT gets ``000000.tar, 000001.tar, ...`` (members ``{key}.png|jpg``, ``{key}.txt``, ``{key}.json``) and
 ``index.json``. Source item ``i`` always goes to shard ``i // maxcount`` (skipped items leave that shard smaller),
 so each shard is a fixed function of the source: shards are written to a temporary name and renamed when complete,
-and a rerun skips complete shards and writes only the missing ones.
+and a rerun skips complete shards and writes only the missing ones. Wrong input (a zero or negative count, a missing
+SRC, a source where every item is skipped) prints ``error: ...`` and exits with status 2.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from PIL import Image
 
 from ldm.data.shards import ShardWriter, atomic_write_bytes, clean_temporaries, count_samples, write_index
 from ldm.data.transforms import decode_image
+from ldm.errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_FILES = ("captions.json", "captions.jsonl", "captions.csv")
@@ -134,10 +136,11 @@ def folder_items(src: Path) -> list[Item]:
 
 
 def builtin_items(name: str, length: int | None, size: int | None, seed: int) -> list[Item]:
+    """The items of a built-in dataset (``length`` None: its default; ``size`` None: 32 for shapes)."""
     if name == "shapes":
         from ldm.data.builtin.shapes import ShapesDataset
 
-        ds = ShapesDataset(size=size or 32, seed=seed, length=length or 10_000)
+        ds = ShapesDataset(size=32 if size is None else size, seed=seed, length=10_000 if length is None else length)
 
         def shape_item(i: int) -> Item:
             def load() -> tuple[Image.Image | bytes, str, dict[str, Any]]:
@@ -162,7 +165,7 @@ def builtin_items(name: str, length: int | None, size: int | None, seed: int) ->
             return Item(load)
 
         return [digit_item(i) for i in range(n)]
-    raise ValueError(f"unknown builtin {name!r}")
+    raise ConfigError(f"unknown builtin {name!r}: use one of shapes, mnist, or an image folder")
 
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -206,11 +209,16 @@ def make_shards(
     seed: int = 0,
     log: Callable[[str], None] | None = print,
 ) -> Report:
-    """Write (or complete) the shards of ``src`` into ``out``; returns the counts, with skip reasons."""
+    """Write (or complete) the shards of ``src`` into ``out``; returns the counts, with skip reasons.
+
+    Raises ConfigError for wrong input (zero or negative ``maxcount``/``length``/``size``, a missing source) and
+    when every source item was skipped (the message gives the reasons); then no index.json is written.
+    """
     from ldm.data.builtin import BUILTINS
 
+    _check_positive(maxcount=maxcount, length=length, size=size)
     if fmt not in (None, "png", "jpg"):
-        raise ValueError(f"format must be png or jpg, got {fmt!r}")
+        raise ConfigError(f"--format must be png or jpg, got {fmt!r}")
     name = str(src)
     resize = size  # shorter side to resize to when encoding (None: keep)
     if name in BUILTINS and not Path(name).is_dir():
@@ -220,10 +228,10 @@ def make_shards(
         fmt = fmt or "png"
     else:
         if not Path(src).is_dir():
-            raise FileNotFoundError(f"{src} is neither a folder nor a builtin ({', '.join(BUILTINS)})")
+            raise ConfigError(f"SRC={src} is neither a folder nor a builtin ({', '.join(BUILTINS)})")
         items = folder_items(Path(src))
     if not items:
-        raise ValueError(f"no images found in {src}")
+        raise ConfigError(f"no images found in {src} (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
     out = Path(out)
     (out / STATS_DIR).mkdir(parents=True, exist_ok=True)
     clean_temporaries(out)
@@ -235,7 +243,7 @@ def make_shards(
     if run_path.exists():
         previous = json.loads(run_path.read_text())
         if previous != run:
-            raise ValueError(f"{out} holds shards of a different run ({previous}); use a new OUT folder")
+            raise ConfigError(f"{out} holds shards of a different run ({previous}); use a new OUT folder")
     else:
         atomic_write_bytes(run_path, json.dumps(run).encode())
 
@@ -270,13 +278,30 @@ def make_shards(
         if log:
             log(f"{shard_name}: {stats['count']} samples")
     shards = [s for s in shards if s["count"] > 0]
+    if not shards:  # an index of nothing would only fail later, in the reader; the empty shards would stick
+        for s in range(num_shards):
+            (out / f"{s:06d}.tar").unlink(missing_ok=True)
+            (out / STATS_DIR / f"{s:06d}.json").unlink(missing_ok=True)
+        run_path.unlink(missing_ok=True)
+        reasons = "; ".join(f"{reason}: {n}" for reason, n in sorted(report.skipped.items()))
+        raise ConfigError(f"no samples written to {out}: all {len(items)} items of {name} were skipped ({reasons}). "
+                          "Fix the source (images must decode; folder images need a caption: a .txt beside each "
+                          "image or a captions.json/.jsonl/.csv in SRC) and rerun")
     write_index(out, shards, source=name, skipped=dict(report.skipped))
     if log:
         log(report.text())
     return report
 
 
+def _check_positive(**values: int | None) -> None:
+    """ConfigError naming the flag when a count or size is zero or negative (None means the default)."""
+    for flag, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"--{flag} must be a positive integer, got {value!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The CLI; returns the exit status (2 with ``error: ...`` on stderr for wrong input)."""
     p = argparse.ArgumentParser(prog="python -m ldm.data.make_shards", description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="image folder, or a builtin: shapes, mnist")
     p.add_argument("out", help="output folder for the shards and index.json")
@@ -286,7 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, default=None, help="builtin: number of items")
     p.add_argument("--seed", type=int, default=0, help="builtin shapes: dataset seed")
     a = p.parse_args(argv)
-    make_shards(a.src, a.out, maxcount=a.maxcount, size=a.size, fmt=a.format, length=a.length, seed=a.seed)
+    try:
+        make_shards(a.src, a.out, maxcount=a.maxcount, size=a.size, fmt=a.format, length=a.length, seed=a.seed)
+    except ConfigError as err:  # a wrong input: its message, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -20,12 +20,26 @@ import random
 import re
 import tarfile
 import time
+import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ldm.errors import ConfigError
+
 INDEX_NAME = "index.json"
+MAKE_SHARDS_HOW = "python -m ldm.data.make_shards SRC OUT (SRC: an image folder, shapes or mnist)"
+
+
+class ShardError(ConfigError):
+    """A shard that cannot be read (missing, truncated or corrupt); the message names it and the byte offset.
+    ``member`` is the name of the member the damage cut short, where its header was intact."""
+
+    def __init__(self, message: str, member: str | None = None) -> None:
+        super().__init__(message)
+        self.member = member
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
@@ -73,42 +87,93 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file through a temporary name and ``os.replace`` so readers never see a partial file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a kill: no partial file under either name
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def count_samples(path: str | os.PathLike) -> int:
-    """Number of distinct keys in a shard (reads the tar headers only)."""
-    with tarfile.open(path, "r") as tar:
-        return len({sample_key(m.name)[0] for m in tar.getmembers() if m.isfile()})
+    """Number of distinct keys in a shard (reads the tar headers only). Damage is warned about and the readable
+    keys are counted (the reader skips what is lost); a missing file or one that is no tar raises ShardError."""
+    keys: set[str] = set()
+    damaged: list[str] = []
+    try:
+        keys.update(sample_key(name)[0] for name, _ in _tar_members(path, headers_only=True, damaged=damaged))
+    except ShardError as err:
+        if not keys:
+            raise
+        damaged.append(str(err))
+    if damaged:
+        warnings.warn(f"{'; '.join(damaged)}: counting the {len(keys)} readable samples", stacklevel=2)
+    return len(keys)
 
 
 def resolve_shards(spec: str | os.PathLike | Iterable[str]) -> tuple[list[str], list[int]]:
     """Shard paths and sample counts from a directory (its index.json), a brace pattern, or a list of paths.
 
-    Without an index the counts are read from the tar headers (local files only).
+    Without an index the counts are read from the tar headers (local files only). A spec that names no shards, or
+    shards holding no samples, is a ConfigError that says how to make some.
     """
     if isinstance(spec, str | os.PathLike) and Path(spec).is_dir():
         directory = Path(spec)
         if (directory / INDEX_NAME).exists():
-            index = read_index(directory)
-            return [str(directory / s["name"]) for s in index["shards"]], [int(s["count"]) for s in index["shards"]]
+            try:
+                index = read_index(directory)
+                paths = [str(directory / s["name"]) for s in index["shards"]]
+                counts = [int(s["count"]) for s in index["shards"]]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ConfigError(f"{directory / INDEX_NAME} is not a valid shard index ({type(err).__name__}: "
+                                  f"{err}); rewrite the shards with {MAKE_SHARDS_HOW}") from None
+            missing = [p for p in paths if not Path(p).exists()]
+            if missing:
+                raise ConfigError(f"{len(missing)} shard(s) listed in {directory / INDEX_NAME} do not exist "
+                                  f"(first: {missing[0]}); rerun make_shards into {directory} to write them again")
+            _check_not_empty(spec, counts)
+            return paths, counts
         paths = sorted(str(p) for p in directory.glob("*.tar"))
     elif isinstance(spec, str | os.PathLike):
         paths = expand_braces(str(spec))
     else:
         paths = [p for s in spec for p in expand_braces(str(s))]
     if not paths:
-        raise ValueError(f"no shards found for {spec!r}")
+        raise ConfigError(f"no shards found for {spec!r}: give a shard folder (with index.json), a brace pattern "
+                          f"such as data/{{000000..000009}}.tar, or a list of .tar paths; make shards with "
+                          f"{MAKE_SHARDS_HOW}")
     counts: list[int] = []
     for p in paths:
         index_path = Path(p).parent / INDEX_NAME
         known = _index_counts(index_path)
         counts.append(known[Path(p).name] if Path(p).name in known else count_samples(p))
+    _check_not_empty(spec, counts)
     return paths, counts
+
+
+def _check_not_empty(spec: Any, counts: list[int]) -> None:
+    if sum(counts) == 0:
+        raise ConfigError(f"the shard set {spec!r} holds no samples ({len(counts)} shard(s), 0 samples): nothing to "
+                          f"read. Make shards with samples: {MAKE_SHARDS_HOW} (its report says why items were "
+                          "skipped)")
 
 
 _INDEX_CACHE: dict[str, dict[str, int]] = {}
@@ -125,70 +190,208 @@ def _index_counts(index_path: Path) -> dict[str, int]:
     return _INDEX_CACHE[key]
 
 
-def _tar_members(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
+_FILE_KINDS = (b"0", b"\0", b"7")  # tar type flags of regular files
+
+
+def _tar_members(
+    path: str | os.PathLike, headers_only: bool = False, damaged: list[str] | None = None
+) -> Iterator[tuple[str, bytes]]:
     """(name, data) of the regular files of an uncompressed tar, in order; a small reader (ustar, GNU long names,
     pax path records) several times faster than ``tarfile`` for many small members. Compressed tars go to
-    ``tarfile``."""
-    with open(path, "rb") as f:
+    ``tarfile``. ``headers_only`` yields empty data (for counting).
+
+    Damage raises ShardError naming the file and the byte offset, after yielding the members before it: a member
+    cut short, a partial header, a missing end-of-archive marker (truncation), or a header that fails its checksum.
+    Given a ``damaged`` list, a corrupt header is instead skipped: its message is appended to the list and reading
+    resumes at the next valid header (the members in between are lost).
+    """
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except FileNotFoundError:
+        raise ShardError(f"shard {path} does not exist") from None
+    except OSError as err:
+        raise ShardError(f"cannot read shard {path}: {err}") from None
+    with f:
+        file_size = os.fstat(f.fileno()).st_size
         head = f.read(2)
         f.seek(0)
         if head in (b"\x1f\x8b", b"BZ", b"\xfd7"):  # gzip / bzip2 / xz
-            with tarfile.open(fileobj=f, mode="r|*") as tar:
-                for member in tar:
-                    if member.isfile():
-                        data = tar.extractfile(member)
-                        yield member.name, data.read() if data is not None else b""
+            yield from _compressed_members(path, f, headers_only)
             return
         long_name: str | None = None
+        offset = 0
         while True:
             header = f.read(512)
-            if len(header) < 512 or header == bytes(512):
+            if header == bytes(512):
                 return
-            size_field = header[124:136]
-            if size_field[0] & 0x80:  # base-256 size (GNU, > 8 GiB)
-                size = int.from_bytes(size_field[1:], "big")
+            if len(header) < 512:
+                what = f"a partial tar header ({len(header)} of 512 bytes)" if header else "the end of the file"
+                raise ShardError(f"shard {path} is truncated: {what} at byte {offset}, where a tar header or the "
+                                 "end-of-archive marker should be")
+            try:
+                size, kind = _parse_header(path, header, offset)
+            except ShardError as err:
+                resume = _next_header(f, offset + 512) if damaged is not None else None
+                if resume is None:
+                    raise
+                assert damaged is not None
+                damaged.append(f"{err}; skipped to the next valid header at byte {resume}")
+                f.seek(resume)
+                offset, long_name = resume, None
+                continue
+            if headers_only and kind not in (b"L", b"x", b"g"):
+                data = b""
+                f.seek(size, 1)
+                got = max(0, min(size, file_size - offset - 512))
             else:
-                size = int(size_field.strip(b"\0 ") or b"0", 8)
-            kind = header[156:157]
-            data = f.read(size)
+                data = f.read(size)
+                got = len(data)
+            if got < size:
+                cut = long_name or header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+                raise ShardError(f"shard {path} is truncated: the member whose header is at byte {offset} declares "
+                                 f"{size} bytes, {got} are present", member=cut if kind in _FILE_KINDS else None)
             f.seek((-size) % 512, 1)
-            if kind == b"L":
-                long_name = data.rstrip(b"\0").decode("utf-8")
-                continue
-            if kind in (b"x", b"g"):
-                if kind == b"x":
-                    for record in data.decode("utf-8").split("\n"):
-                        _, _, kv = record.partition(" ")
-                        key, _, value = kv.partition("=")
-                        if key == "path":
-                            long_name = value
-                continue
-            if kind not in (b"0", b"\0", b"7"):
-                long_name = None
-                continue
-            name = long_name
-            if name is None:
-                name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
-                prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
-                if prefix:
-                    name = f"{prefix}/{name}"
+            member_offset, offset = offset, offset + 512 + size + (-size) % 512
+            try:
+                if kind == b"L":
+                    long_name = data.rstrip(b"\0").decode("utf-8")
+                    continue
+                if kind in (b"x", b"g"):
+                    if kind == b"x":
+                        for record in data.decode("utf-8").split("\n"):
+                            _, _, kv = record.partition(" ")
+                            key, _, value = kv.partition("=")
+                            if key == "path":
+                                long_name = value
+                    continue
+                if kind not in _FILE_KINDS:
+                    long_name = None
+                    continue
+                name = long_name
+                if name is None:
+                    name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
+                    ustar = header[257:262] == b"ustar"
+                    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if ustar else ""
+                    if prefix:
+                        name = f"{prefix}/{name}"
+            except UnicodeDecodeError as err:
+                raise ShardError(f"shard {path} is corrupt: a member name that is not UTF-8 (header at byte "
+                                 f"{member_offset}: {err})") from None
             long_name = None
             yield name, data
 
 
-def iter_shard(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard in tar order: ``{"__key__", "__shard__", ext: bytes, ...}``."""
-    current: dict[str, Any] | None = None
+def _next_header(f: Any, start: int) -> int | None:
+    """Offset of the first 512-byte block at or after ``start`` that is a valid ustar/GNU header, else None."""
+    f.seek(start)
+    pos = start
+    while True:
+        chunk = f.read(1 << 20)
+        if len(chunk) < 512:
+            return None
+        for i in range(0, len(chunk) - 511, 512):
+            block = chunk[i : i + 512]
+            if block[257:262] == b"ustar" and _checksum_ok(block):
+                return pos + i
+        pos += len(chunk) - len(chunk) % 512
+        f.seek(pos)
+
+
+def _checksum_ok(header: bytes) -> bool:
+    field = header[148:156].split(b"\0", 1)[0].strip(b" ")
+    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])  # the checksum field counts as 8 spaces
+    try:
+        stored = int(field, 8)
+    except ValueError:
+        return False
+    return stored == unsigned or stored == unsigned - 256 * sum(b > 127 for b in header[:148] + header[156:])
+
+
+def _parse_header(path: str | os.PathLike, header: bytes, offset: int) -> tuple[int, bytes]:
+    """(data size, type flag) of a 512-byte tar header, after checking its checksum (as tar and tarfile do)."""
+    if not _checksum_ok(header):
+        raise ShardError(f"shard {path} is corrupt: the tar header at byte {offset} fails its checksum (damaged "
+                         "bytes, or not a tar file)")
+    size_field = header[124:136]
+    if size_field[0] & 0x80:  # base-256 size (GNU, > 8 GiB)
+        return int.from_bytes(size_field[1:], "big"), header[156:157]
+    try:
+        return int(size_field.split(b"\0", 1)[0].strip(b" ") or b"0", 8), header[156:157]
+    except ValueError:
+        raise ShardError(f"shard {path} is corrupt: the tar header at byte {offset} has a size field that is not "
+                         f"octal ({size_field!r})") from None
+
+
+def _compressed_members(path: str | os.PathLike, f: Any, headers_only: bool) -> Iterator[tuple[str, bytes]]:
+    """The members of a gzip/bzip2/xz tar through ``tarfile``; damage raises ShardError with the offset in the
+    uncompressed stream."""
+    import lzma
+
+    tar = None
+    try:
+        with tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if member.isfile():
+                    data = tar.extractfile(member) if not headers_only else None
+                    yield member.name, data.read() if data is not None else b""
+    except (tarfile.TarError, EOFError, zlib.error, OSError, lzma.LZMAError, ValueError) as err:
+        where = f"byte {tar.offset} of the uncompressed tar" if tar is not None else "its start"
+        raise ShardError(f"shard {path} is corrupt or truncated at {where}: {type(err).__name__}: {err}") from None
+
+
+def iter_shard(path: str | os.PathLike, count: int | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard in tar order: ``{"__key__", "__shard__", ext: bytes, ...}``.
+
+    Without ``count``, damage raises ShardError (shard path and byte offset) after the samples before it. With
+    ``count`` (the shard's index.json count) damage is skipped and counted: a sample with a corrupt member is
+    dropped and reading resumes at the next valid tar header; a truncated shard ends early. The stream still has
+    ``count`` samples: each missing one becomes a placeholder ``{"__key__", "__shard__", "__error__": reason}``
+    that the loader drops from its batch, as it drops a sample that fails to decode, so the read plan's positions
+    (and exact resume) stay valid. One warning per read names the shard, the byte offset and the number lost.
+    """
     shard = Path(path).name
-    for name, data in _tar_members(path):
-        key, ext = sample_key(name)
-        if current is None or current["__key__"] != key:
-            if current is not None:
-                yield current
-            current = {"__key__": key, "__shard__": shard}
-        current[ext] = data
+    damaged: list[str] | None = [] if count is not None else None
+    noted = 0  # damage messages already acted on
+    lost: set[str] = set()  # keys whose members the damage may have cut: the samples are dropped whole
+    current: dict[str, Any] | None = None
+    produced = 0
+    try:
+        for name, data in _tar_members(path, damaged=damaged):
+            key, ext = sample_key(name)
+            if damaged and len(damaged) > noted:  # a corrupt header was skipped just before this member: the
+                noted = len(damaged)  # lost member belonged to the sample before it, this one, or one in between
+                lost.add(key)
+                if current is not None:
+                    lost.add(current["__key__"])
+                    current = None
+            if key in lost:
+                continue
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                    produced += 1
+                current = {"__key__": key, "__shard__": shard}
+            current[ext] = data
+        if damaged and len(damaged) > noted:
+            current = None
+    except ShardError as err:
+        if damaged is None:
+            raise
+        damaged.append(str(err))
+        if current is not None and (err.member is None or sample_key(err.member)[0] == current["__key__"]):
+            current = None  # the sample the damage cut through (or may have) is incomplete
     if current is not None:
         yield current
+        produced += 1
+    if count is None:
+        return
+    if produced < count and not damaged:
+        damaged.append(f"shard {path} holds {produced} samples, fewer than the {count} its index.json lists")
+    if damaged:
+        lost = f"skipping its last {count - produced} of {count} samples" if produced < count else "samples skipped"
+        warnings.warn(f"{'; '.join(damaged)}: {lost} (rewrite the shard to get them back)", stacklevel=2)
+    for j in range(produced, count):
+        yield {"__key__": f"{shard}#missing{j}", "__shard__": shard, "__error__": damaged[0]}
 
 
 class ShardWriter:
@@ -218,17 +421,29 @@ class ShardWriter:
         self.count += 1
 
     def commit(self) -> None:
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
+        """Finish the tar, fsync it and rename it into place; on failure (a full disk) nothing is left behind."""
         try:
             self._tar.close()
-        finally:
+            self._file.flush()
+            os.fsync(self._file.fileno())
             self._file.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        _fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        """Delete the temporary file (errors closing it, such as a full disk, are dropped: the file goes anyway)."""
+        try:
+            self._tar.close()
+        except OSError:
+            pass
+        finally:
+            try:
+                self._file.close()
+            except OSError:
+                pass
             self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
@@ -306,6 +521,10 @@ class ReadPlan:
         """Refuse layouts that would leave a rank or worker without data (the classic DDP hang)."""
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if sum(self.counts) == 0:
+            first = f" ({self.shards[0]}, ...)" if self.shards else ""
+            raise ConfigError(f"the shard set{first} holds no samples ({len(self.shards)} shard(s)): nothing to read. "
+                              f"Make shards with samples: {MAKE_SHARDS_HOW}")
         if self.resampled:
             return
         need = self.world_size * self.num_workers
@@ -364,12 +583,13 @@ class ReadPlan:
         if self.resampled:
             def draw() -> Iterator[dict[str, Any]]:
                 while True:
-                    yield from iter_shard(self.shards[rng.randrange(len(self.shards))])
+                    i = rng.randrange(len(self.shards))
+                    yield from iter_shard(self.shards[i], self.counts[i])
 
             source: Iterable[dict[str, Any]] = draw()
         else:
             slot = list(self.slots(rank)[worker])
             if self.shuffle_shards:
                 rng.shuffle(slot)
-            source = (s for i in slot for s in iter_shard(self.shards[i]))
+            source = (s for i in slot for s in iter_shard(self.shards[i], self.counts[i]))
         yield from shuffle_buffer(source, self.shuffle_buffer, rng)
