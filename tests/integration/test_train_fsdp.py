@@ -4,6 +4,7 @@ strategies, a run resumed from its mid-run checkpoint ends where the uninterrupt
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -71,14 +72,23 @@ def test_fsdp_trains_the_ldm_stage_to_the_ddp_weights_and_ema(runs):
 
 @pytest.mark.parametrize("trainer", ["ddp_cpu", "fsdp_cpu"])
 def test_two_rank_runs_resume_exactly(runs, trainer):
+    """A copy of the finished run, cut back to its step-3 checkpoint (later checkpoints and log rows gone), resumed
+    from that checkpoint: it continues in its own folder and ends where the uninterrupted run did."""
     tmp_path, ddp, fsdp = runs
     full = ddp if trainer == "ddp_cpu" else fsdp
-    mid = full / "ldm" / "checkpoints" / "step000003.ckpt"
-    resumed = _train(tmp_path, f"{trainer}_resumed", trainer, "stages=[ldm]", f"resume={mid}")
+    cut = tmp_path / f"{trainer}_resumed"
+    shutil.copytree(full, cut)
+    (cut / "ldm" / "checkpoints" / "last.ckpt").unlink()
+    metrics = cut / "logs" / "version_0" / "metrics.csv"
+    rows = metrics.read_text().splitlines(keepends=True)
+    step_col = rows[0].rstrip("\n").split(",").index("step")
+    metrics.write_text("".join(r for i, r in enumerate(rows) if i == 0 or int(r.split(",")[step_col]) < 3))
+    mid = cut / "ldm" / "checkpoints" / "step000003.ckpt"
+    resumed = _train(tmp_path, cut.name, trainer, "stages=[ldm]", f"resume={mid}")
     a = read_metrics(full / "logs" / "version_0" / "metrics.csv")
     b = read_metrics(resumed / "logs" / "version_0" / "metrics.csv")
-    assert min(b) == 3 and max(b) == 4, sorted(b)  # the resumed run logged steps 3 and 4 only
-    for step in (3, 4):  # loss: data position, t, noise and caption dropout per rank; grad norm: weights + AdamW
+    assert sorted(b) == sorted(a) == [0, 1, 2, 3, 4]  # the kept rows, then steps 3 and 4 logged by the resumed run
+    for step in range(5):  # loss: data position, t, noise and caption dropout per rank; grad norm: weights + AdamW
         for key in ("train/loss", "train/lr", "train/grad_norm"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-6), (step, key)
     end_a, end_b = _last(full)["state_dict"], _last(resumed)["state_dict"]
