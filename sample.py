@@ -22,24 +22,34 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ldm.errors import ConfigError
 from ldm.images import make_grid, to_pil
 from ldm.pipeline import LatentDiffusionPipeline
 
+MAX_IMAGES = 1_000_000  # per command: more is a typo in n
+
 
 def read_prompts(cfg: DictConfig) -> list[str]:
+    """The prompts: ``prompts_file``'s non-empty lines, or ``prompt`` (one string or a list of strings)."""
     if cfg.prompts_file:
-        lines = Path(cfg.prompts_file).read_text().splitlines()
-        prompts = [line.strip() for line in lines if line.strip()]
+        path = Path(str(cfg.prompts_file))
+        if not path.is_file():
+            raise ConfigError(f"prompts_file={path}: no such file (one prompt per line)")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"no prompts in {path}")
     elif cfg.prompt is not None:
-        prompts = [cfg.prompt] if isinstance(cfg.prompt, str) else list(cfg.prompt)
+        prompts = [cfg.prompt] if not OmegaConf.is_list(cfg.prompt) else list(cfg.prompt)
+        if not prompts:
+            raise ConfigError("prompt=[] is empty: give at least one prompt")
     else:
         raise ConfigError('give prompt="..." or prompts_file=PATH')
-    if not prompts:
-        raise ConfigError(f"no prompts in {cfg.prompts_file}")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise ConfigError(f"prompt {p!r} is not text: quote it, e.g. 'prompt=\"{p}\"'")
     return prompts
 
 
@@ -57,7 +67,15 @@ def regenerate_config(cfg: DictConfig) -> DictConfig:
 
     The JSON's checkpoint is used unless ``ckpt=`` is given; ``out``, ``gif`` and ``batch_size`` stay as given.
     """
-    meta = json.loads(Path(cfg.regenerate).read_text())
+    path = Path(str(cfg.regenerate))
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"regenerate={path}: no such file (give the JSON written beside an image)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"regenerate={path} is not the JSON written beside an image: {err}") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"regenerate={path} is not the JSON written beside an image (a dict of settings)")
     cfg = cfg.copy()
     for field, key in _REGENERATED.items():
         if field not in meta or (key == "ckpt" and not OmegaConf.is_missing(cfg, "ckpt")):
@@ -69,41 +87,91 @@ def regenerate_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def _text(cfg: DictConfig, key: str) -> str | None:
+    """A text setting (None allowed); a number or a list where text belongs is a ConfigError with the fix."""
+    value = cfg[key]
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{key} must be text, got {value!r}: quote it, e.g. '{key}=\"{value}\"'")
+    return value
+
+
+def check_config(cfg: DictConfig) -> list[str]:
+    """Check the settings that need no checkpoint (counts, seed, flags, paths) and return the prompts.
+
+    Every wrong value is a ConfigError naming the key; nothing is read or written yet but the prompts file.
+    """
+    for key in ("n", "batch_size"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ConfigError(f"{key} must be an integer >= 1, got {cfg[key]!r}")
+    for key in ("gif", "use_ema"):
+        if not isinstance(cfg[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        raise ConfigError("give ckpt=PATH: a latent diffusion checkpoint (RUN/ldm/checkpoints/last.ckpt) or an SD "
+                          "single file")
+    ckpt = _text(cfg, "ckpt")
+    if not ckpt or not Path(ckpt).is_file():
+        raise ConfigError(f"ckpt={ckpt}: no such file")
+    out = _text(cfg, "out")
+    if not out:
+        raise ConfigError("out must name a folder for the images")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"out={out} is a file: give a folder for the images")
+    for key in ("negative_prompt", "init_image", "dtype"):
+        _text(cfg, key)
+    if cfg.init_image is not None and not Path(cfg.init_image).is_file():
+        raise ConfigError(f"init_image={cfg.init_image}: no such file")
+    prompts = read_prompts(cfg)
+    seed, count = cfg.seed, len(prompts) * cfg.n
+    if count > MAX_IMAGES:
+        raise ConfigError(f"{len(prompts)} prompts x n={cfg.n} is {count} images, more than {MAX_IMAGES}: lower n")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**64 - count:
+        raise ConfigError(f"seed must be an integer in [0, 2**64 - {count}] (image i uses seed + i), got {seed!r}")
+    return prompts
+
+
+def sample_settings(cfg: DictConfig, pipe: LatentDiffusionPipeline, prompts: list[str]) -> dict:
+    """The settings every image of this command samples with: the checkpoint's defaults with ``cfg``'s overrides,
+    checked by the pipeline (a ConfigError naming the key), as recorded in each image's JSON."""
+    interval = cfg.guidance_interval  # a malformed value reaches the check as the user wrote it
+    if OmegaConf.is_list(interval):
+        interval = tuple(interval)
+    c = pipe.check_call(prompts, negative_prompt=cfg.negative_prompt, num_inference_steps=cfg.steps,
+                        guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, sampler=cfg.sampler,
+                        eta=cfg.eta, strength=cfg.strength, guidance_rescale=cfg.guidance_rescale,
+                        guidance_interval=interval, autoguidance_scale=cfg.get("autoguidance_scale"),
+                        dtype=cfg.dtype, vae_tile_size=cfg.vae_tile_size)
+    s = c.sampling
+    return {
+        "ckpt": str(cfg.ckpt), "negative_prompt": cfg.negative_prompt,
+        "num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale,
+        "guidance_rescale": s.guidance_rescale, "sampler": s.sampler, "eta": c.eta,
+        "guidance_interval": None if s.guidance_interval is None else list(s.guidance_interval),
+        "autoguidance_scale": c.autoguidance_scale, "height": c.height, "width": c.width,
+        "init_image": cfg.init_image, "strength": c.strength if cfg.init_image else None, "use_ema": cfg.use_ema,
+        "dtype": cfg.dtype, "vae_tile_size": c.vae_tile_size,
+    }
+
+
 def run(cfg: DictConfig) -> list[Path]:
     """Sample every prompt ``n`` times; image i uses seed ``seed + i`` alone, whatever the batch size."""
     if cfg.get("regenerate"):
         cfg = regenerate_config(cfg)
-    for key in ("n", "batch_size"):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ConfigError(f"{key} must be an integer >= 1, got {cfg[key]!r}")
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise ConfigError(f"out={cfg.out} is a file: give a folder for the images")
+    prompts = check_config(cfg)
+    init = None
+    if cfg.init_image:
+        try:
+            init = Image.open(cfg.init_image)
+            init.load()
+        except (OSError, UnidentifiedImageError) as err:
+            raise ConfigError(f"init_image={cfg.init_image} is not an image PIL can read: {err}") from None
     pipe = LatentDiffusionPipeline.from_checkpoint(cfg.ckpt, use_ema=cfg.use_ema)
-    prompts = read_prompts(cfg)
-    interval = cfg.guidance_interval  # a malformed value reaches the check as the user wrote it
-    if OmegaConf.is_list(interval):
-        interval = tuple(interval)
     # the checkpoint's defaults with this command's overrides, checked before the output folder is made
-    s = pipe.settings(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler,
-                      guidance_rescale=cfg.guidance_rescale,
-                      guidance_interval=interval)
-    auto = pipe.resolve_autoguidance(cfg.get("autoguidance_scale"))
-    size = s.image_size or 32
-    settings = {
-        "ckpt": str(cfg.ckpt), "negative_prompt": cfg.negative_prompt,
-        "num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale,
-        "guidance_rescale": s.guidance_rescale, "sampler": s.sampler, "eta": cfg.eta,
-        "guidance_interval": None if s.guidance_interval is None else list(s.guidance_interval),
-        "autoguidance_scale": auto,
-        "height": size if cfg.height is None else cfg.height, "width": size if cfg.width is None else cfg.width,
-        "init_image": cfg.init_image, "strength": cfg.strength if cfg.init_image else None, "use_ema": cfg.use_ema,
-        "dtype": cfg.dtype, "vae_tile_size": cfg.vae_tile_size,
-    }
+    settings = sample_settings(cfg, pipe, prompts)
     jobs = [(p, cfg.seed + i) for i, p in enumerate(p for p in prompts for _ in range(cfg.n))]
     # One generator per image (its initial noise, and its step noise with the stochastic samplers), so any image
     # can be regenerated alone from its JSON: prompt, seed and the settings, with n=1.
     batch = cfg.batch_size
-    init = Image.open(cfg.init_image) if cfg.init_image else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     written, images = [], []
@@ -114,16 +182,16 @@ def run(cfg: DictConfig) -> list[Path]:
                       guidance_scale=settings["guidance_scale"], guidance_rescale=settings["guidance_rescale"],
                       guidance_interval=settings["guidance_interval"],
                       autoguidance_scale=settings["autoguidance_scale"],
-                      sampler=settings["sampler"], eta=cfg.eta, height=settings["height"], width=settings["width"],
-                      generator=[torch.Generator().manual_seed(seed) for _, seed in chunk], dtype=cfg.dtype,
-                      vae_tile_size=cfg.vae_tile_size)
+                      sampler=settings["sampler"], eta=settings["eta"], height=settings["height"],
+                      width=settings["width"], generator=[torch.Generator().manual_seed(seed) for _, seed in chunk],
+                      dtype=cfg.dtype, vae_tile_size=settings["vae_tile_size"])
         if cfg.gif:
             def keep(i, t, x, x0, frames=frames):
                 decoded = x if pipe.vae is None else pipe.vae.decode_latents(x, tile_size=cfg.vae_tile_size)
                 frames.append(to_pil(decoded))
             kwargs["callback"] = keep
         if init is not None:
-            kwargs.update(image=init, strength=cfg.strength)
+            kwargs.update(image=init, strength=settings["strength"])
         result = pipe([p for p, _ in chunk], **kwargs)
         for j, ((prompt, seed), image) in enumerate(zip(chunk, result, strict=True)):
             idx = start + j

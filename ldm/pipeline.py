@@ -3,10 +3,12 @@ used by ``sample.py``, the training sample grids and the judges."""
 
 from __future__ import annotations
 
-import math
+import numbers
+import reprlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,31 +18,72 @@ from torch import nn
 
 from ldm.checkpoint import ModelParts, load_parts
 from ldm.diffusion.guidance import AutoGuidance, ClassifierFreeGuidance
-from ldm.diffusion.sampling import SAMPLERS, Generators, SamplingDefaults, make_scheduler, randn, sample_loop
+from ldm.diffusion.sampling import (
+    SAMPLERS,
+    Generators,
+    SamplingDefaults,
+    check_int,
+    check_real,
+    make_scheduler,
+    randn,
+    sample_loop,
+)
 from ldm.errors import ConfigError
 from ldm.images import to_pil
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 OUTPUT_TYPES = ("pil", "tensor", "latent")
+MAX_SIDE = 16384  # pixels: a larger height or width is a typo, and more memory than a device holds
+MAX_BATCH = 4096  # images in one call: more is a typo (sample.py and the judges sample in batches)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``None``/fp32 -> None (no autocast); bf16/fp16 (names or torch dtypes) -> the torch dtype."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+            raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     if dtype is None or dtype == torch.float32:
         return None
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.bfloat16, torch.float16):
+        raise ConfigError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32 (or one of {sorted(DTYPES)}), "
+                          f"got {reprlib.repr(dtype)}")
     return dtype
 
 
 def _interval(value):
     """A list or tuple as a tuple (SamplingDefaults' type); anything else as given, for its check to name."""
     return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _texts(name: str, value: object) -> list[str]:
+    """One string, or a sequence of strings, as a list; anything else is a ConfigError naming ``name``."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and not isinstance(value, bytes) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(f"{name} must be a string or a list of strings, got {reprlib.repr(value)} "
+                      f"({type(value).__name__})")
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    """A call's arguments, checked, with the checkpoint's defaults filled in: what a call samples with (and what
+    ``sample.py`` records beside each image)."""
+
+    prompts: list[str]  # one per image: each prompt num_images_per_prompt times
+    negatives: list[str]  # one per image
+    sampling: SamplingDefaults  # the checkpoint's defaults with the call's overrides
+    height: int
+    width: int
+    eta: float
+    strength: float
+    autoguidance_scale: float
+    output_type: str
+    autocast_dtype: torch.dtype | None  # None: fp32, no autocast
+    vae_tile_size: int | None
+    vae_tile_overlap: int
 
 
 class LatentDiffusionPipeline:
@@ -68,6 +111,12 @@ class LatentDiffusionPipeline:
         """The modules the pipeline runs (those it holds)."""
         return [p for p in (self.unet, self.text_encoder, self.vae, self.guide_unet, self.guide_text_encoder)
                 if p is not None]
+
+    @property
+    def size_multiple(self) -> int:
+        """What height and width must be multiples of: the first stage's downsampling times the UNet's
+        (2 per level below the top)."""
+        return self.downsample_factor * 2 ** (getattr(self.unet, "num_levels", 1) - 1)
 
     @property
     def device(self) -> torch.device:
@@ -110,25 +159,128 @@ class LatentDiffusionPipeline:
 
     # ------------------------------------------------------------------ inputs
 
-    def _check(self, prompts: list[str], s: SamplingDefaults, strength: float, height: int, width: int) -> None:
-        try:
-            self._check_values(prompts, s, strength, height, width)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-
-    def _check_values(self, prompts: list[str], s: SamplingDefaults, strength: float, height: int, width: int) -> None:
+    def check_call(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        sampler: str | None = None,
+        eta: float = 0.0,
+        strength: float = 0.8,
+        guidance_rescale: float | None = None,
+        guidance_interval: Sequence[float] | None = None,
+        autoguidance_scale: float | None = None,
+        output_type: str = "pil",
+        dtype: torch.dtype | str | None = None,
+        vae_tile_size: int | None = None,
+        vae_tile_overlap: int | None = None,
+    ) -> CallSettings:
+        """Check a call's plain arguments (those of :meth:`__call__` but the tensors, generators and callback) and
+        fill in the checkpoint's defaults, without sampling. A wrong value (zero steps or pixels, NaN or inf, a bool
+        or a string for a number, an unknown name) is a ConfigError naming the argument; None takes the default."""
+        prompts = _texts("prompt", prompt)
         if not prompts:
-            raise ValueError("prompt is an empty list: give at least one prompt")
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must lie in (0, 1], got {strength}")
+            raise ConfigError("prompt is an empty list: give at least one prompt")
+        per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, "be an integer >= 1", lambda v: v >= 1)
+        if len(prompts) * per_prompt > MAX_BATCH:
+            raise ConfigError(f"{len(prompts)} prompts x num_images_per_prompt={per_prompt} is more than {MAX_BATCH} "
+                              "images in one call: sample in batches")
+        s = self.settings(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
+                          guidance_rescale=guidance_rescale, guidance_interval=_interval(guidance_interval))
         T = self.schedule.get("num_train_timesteps", 1000)
-        if not 1 <= s.num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps must lie in [1, {T}] (the training timesteps), got "
-                             f"{s.num_inference_steps}")
-        f = self.downsample_factor
-        if height < 1 or width < 1 or height % f or width % f:
-            raise ValueError(f"height and width must be positive multiples of the model's downsampling factor {f}, "
-                             f"got {height}x{width}")
+        if s.num_inference_steps > T:
+            raise ConfigError(f"num_inference_steps must lie in [1, {T}] (the training timesteps), got "
+                              f"{s.num_inference_steps}")
+        size = s.image_size or 32
+        height = size if height is None else height
+        width = size if width is None else width
+        f = self.size_multiple
+        for side in (height, width):
+            if isinstance(side, bool) or not isinstance(side, numbers.Integral) or not 1 <= side <= MAX_SIDE or \
+                    side % f:
+                raise ConfigError(f"height and width must be positive multiples of the model's downsampling factor "
+                                  f"{f} (at most {MAX_SIDE}), got {reprlib.repr(height)}x{reprlib.repr(width)}")
+        height, width = int(height), int(width)
+        eta = check_real("eta", eta, "be a finite number >= 0 (DDIM's noise: 0 = deterministic)", lambda v: v >= 0)
+        if eta != 0 and s.sampler != "ddim":
+            warnings.warn(f"eta={eta} is DDIM's noise: sampler={s.sampler} ignores it", stacklevel=3)
+        strength = check_real("strength", strength, "lie in (0, 1]", lambda v: 0 < v <= 1)
+        auto = self.resolve_autoguidance(autoguidance_scale)
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
+            raise ConfigError(f"output_type must be one of {OUTPUT_TYPES}, got {reprlib.repr(output_type)}")
+        autocast_dtype = resolve_dtype(dtype)
+        overlap = 0
+        if vae_tile_size is not None:
+            vae_tile_size = check_int("vae_tile_size", vae_tile_size, "be a positive number of latent pixels (or None)",
+                                      lambda v: v >= 1)
+            overlap = min(8, vae_tile_size // 4) if vae_tile_overlap is None else check_int(
+                "vae_tile_overlap", vae_tile_overlap, f"lie in [0, vae_tile_size={vae_tile_size})",
+                lambda v: 0 <= v < vae_tile_size)
+        elif vae_tile_overlap is not None:
+            raise ConfigError(f"vae_tile_overlap={reprlib.repr(vae_tile_overlap)} needs vae_tile_size (the tiles it "
+                              "overlaps); give both, or neither")
+        images = [p for p in prompts for _ in range(per_prompt)]
+        if negative_prompt is None:
+            negatives = [""] * len(images)
+        else:
+            given = _texts("negative_prompt", negative_prompt)
+            if isinstance(negative_prompt, str):
+                given = given * len(prompts)
+            if len(given) != len(prompts):
+                raise ConfigError(f"got {len(given)} negative prompts for {len(prompts)} prompts; give one, or one "
+                                  "per prompt")
+            negatives = [p for p in given for _ in range(per_prompt)]
+        return CallSettings(images, negatives, s, height, width, eta, strength, auto, output_type, autocast_dtype,
+                            vae_tile_size, overlap)
+
+    def _check_tensors(self, c: CallSettings, generator: Generators, image, latents, class_labels,
+                       callback) -> list[torch.Generator] | torch.Generator | None:
+        """Check the tensor-valued arguments against the call's batch and size; the generators as given or a list."""
+        n = len(c.prompts)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            try:
+                generator = list(generator)
+            except TypeError:
+                generator = None
+            if generator is None or not all(isinstance(g, torch.Generator) for g in generator):
+                raise ConfigError("generator must be a torch.Generator or a list of them (one per image)")
+            if len(generator) != n:
+                raise ConfigError(f"got {len(generator)} generators for {n} images: give one, or one per image")
+        channels = self.unet.in_channels if self.vae is None else self.vae.config["in_channels"]
+        if isinstance(image, torch.Tensor):
+            x = image if image.ndim == 4 else image[None]
+            if image.ndim not in (3, 4) or x.shape[0] not in (1, n) or tuple(x.shape[1:]) != (channels, c.height,
+                                                                                                c.width):
+                raise ConfigError(f"image tensor must have shape [{channels}, {c.height}, {c.width}] or [1 or {n}, "
+                                  f"{channels}, {c.height}, {c.width}] (values in [-1, 1]), got {tuple(image.shape)}")
+            if not image.is_floating_point() or not torch.isfinite(image).all():
+                raise ConfigError("image tensor must hold finite floating-point values in [-1, 1]")
+        elif image is not None and (not isinstance(image, Image.Image) or 0 in image.size):
+            raise ConfigError(f"image must be a non-empty PIL image or a tensor, got {reprlib.repr(image)}")
+        if latents is not None:
+            f = self.downsample_factor
+            shape = (n, self.unet.in_channels, c.height // f, c.width // f)
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else reprlib.repr(latents)
+                raise ConfigError(f"latents must have shape {shape}, got {got}")
+            if not latents.is_floating_point() or not torch.isfinite(latents).all():
+                raise ConfigError("latents must hold finite floating-point values (no NaN or inf)")
+        num_classes = getattr(self.unet, "num_classes", None)
+        if num_classes is None and class_labels is not None:
+            raise ConfigError("class_labels were given but this UNet is not class-conditional")
+        if num_classes is not None:
+            if not isinstance(class_labels, torch.Tensor) or tuple(class_labels.shape) != (n,) or \
+                    class_labels.is_floating_point() or class_labels.dtype == torch.bool or \
+                    not bool(((class_labels >= 0) & (class_labels < num_classes)).all()):
+                raise ConfigError(f"this UNet is class-conditional: class_labels must be an integer tensor of shape "
+                                  f"[{n}] with values in [0, {num_classes})")
+        if callback is not None and not callable(callback):
+            raise ConfigError(f"callback must be callable(i, t, latents, x0) or None, got {reprlib.repr(callback)}")
+        return generator
 
     def _image_tensor(self, image: Image.Image | torch.Tensor, height: int, width: int) -> torch.Tensor:
         if isinstance(image, torch.Tensor):
@@ -163,16 +315,16 @@ class LatentDiffusionPipeline:
                               "(saved before its snapshot step): sampling without autoguidance", stacklevel=3)
                 auto = 1.0
             return auto
-        auto = float(requested)
-        if not math.isfinite(auto) or auto < 1:
-            raise ValueError(f"autoguidance_scale must be >= 1 (1 disables it), got {auto}")
+        auto = check_real("autoguidance_scale", requested, "be a finite number >= 1 (1 disables it)",
+                          lambda v: v >= 1)
         if auto != 1.0 and self.guide_unet is None:
-            raise ValueError(f"autoguidance_scale={auto} needs a guide snapshot, and this checkpoint holds none (train "
-                             "with ldm_stage.guide_snapshot_step=N); use autoguidance_scale=1")
+            raise ConfigError(f"autoguidance_scale={auto} needs a guide snapshot, and this checkpoint holds none "
+                              "(train with ldm_stage.guide_snapshot_step=N); use autoguidance_scale=1")
         return auto
 
     def settings(self, **overrides) -> SamplingDefaults:
-        """The checkpoint's sampling defaults with a call's overrides (None keeps the default), checked."""
+        """The checkpoint's sampling defaults with a call's overrides (None keeps the default), checked: a wrong value
+        or an unknown name is a ConfigError."""
         return self.sampling.with_overrides(**overrides)
 
     # ------------------------------------------------------------------ call
@@ -211,7 +363,8 @@ class LatentDiffusionPipeline:
             num_inference_steps: sampler steps, in [1, num_train_timesteps].
             guidance_scale: classifier-free guidance scale (1 = none). Ignored, with a warning, by a model
                 without a text encoder.
-            height, width: in pixels, multiples of the first stage's downsampling factor.
+            height, width: in pixels, multiples of :attr:`size_multiple` (the first stage's and the UNet's
+                downsampling), at most ``MAX_SIDE``.
             generator: one ``torch.Generator`` for the batch, or one per image (image i's noise then comes from
                 generator i alone, so it can be regenerated alone).
             sampler: ``ddpm``, ``ddim`` or ``dpm_solver++``; ``eta`` is DDIM's noise (0 = deterministic).
@@ -229,19 +382,12 @@ class LatentDiffusionPipeline:
             vae_tile_size, vae_tile_overlap: decode overlapping tiles of this many latent pixels, blended over the
                 overlap (default min(8, tile // 4)), bounding the decoder's memory.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        s = self.settings(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
-                          guidance_rescale=guidance_rescale,
-                          guidance_interval=_interval(guidance_interval))
-        size = s.image_size or 32
-        height = size if height is None else height
-        width = size if width is None else width
-        self._check(prompts, s, strength, height, width)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if vae_tile_size is not None and vae_tile_size < 1:
-            raise ValueError(f"vae_tile_size must be a positive number of latent pixels, got {vae_tile_size}")
-        autocast_dtype = resolve_dtype(dtype)
+        c = self.check_call(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
+                            num_images_per_prompt, sampler, eta, strength, guidance_rescale, guidance_interval,
+                            autoguidance_scale, output_type, dtype, vae_tile_size, vae_tile_overlap)
+        generator = self._check_tensors(c, generator, image, latents, class_labels, callback)
+        s, height, width, auto, autocast_dtype = c.sampling, c.height, c.width, c.autoguidance_scale, c.autocast_dtype
+        prompts, negatives, n = c.prompts, c.negatives, len(c.prompts)
         scale = s.guidance_scale
         if self.text_encoder is None and scale != 1.0:
             if not self._warned_guidance:
@@ -249,22 +395,6 @@ class LatentDiffusionPipeline:
                               "is ignored, sampling with guidance 1", stacklevel=2)
                 self._warned_guidance = True
             scale = 1.0
-        auto = self.resolve_autoguidance(autoguidance_scale)
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        n = len(prompts)
-        if negative_prompt is None:
-            negatives = [""] * n
-        elif isinstance(negative_prompt, str):
-            negatives = [negative_prompt] * n
-        else:
-            negatives = [p for p in negative_prompt for _ in range(num_images_per_prompt)]
-            if len(negatives) != n:
-                raise ValueError(f"got {len(negative_prompt)} negative prompts for {n // num_images_per_prompt} "
-                                 "prompts; give one, or one per prompt")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            generator = list(generator)
-            if len(generator) != n:
-                raise ValueError(f"got {len(generator)} generators for {n} images: give one, or one per image")
         device = self.device
         autocast = torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                   enabled=autocast_dtype is not None)
@@ -288,29 +418,37 @@ class LatentDiffusionPipeline:
                 z0 = x if self.vae is None else self.vae.normalize_latents(self.vae.encode(x).mode())
                 z0 = z0.expand(n, -1, -1, -1) if z0.shape[0] == 1 else z0
                 steps = s.num_inference_steps
-                keep = min(steps, max(1, int(round(steps * strength))))
+                keep = min(steps, max(1, int(round(steps * c.strength))))
                 scheduler.timesteps = scheduler.timesteps[steps - keep:]
                 x = scheduler.add_noise(z0, randn(shape, generator, device), scheduler.timesteps[:1].expand(n))
             elif latents is not None:
-                if tuple(latents.shape) != shape:
-                    raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
                 x = latents.to(device)
             else:
                 x = randn(shape, generator, device)
 
             with autocast:
-                z = sample_loop(self.unet, scheduler, x, context, guidance, eta=eta, generator=generator,
+                z = sample_loop(self.unet, scheduler, x, context, guidance, eta=c.eta, generator=generator,
                                 callback=callback, y=None if class_labels is None else class_labels.to(device))
-            if output_type == "latent":
+            self._check_finite(z, c, "latents")
+            if c.output_type == "latent":
                 return z
             if self.vae is None:
                 images = z.clamp(-1, 1)
             else:
-                tile = vae_tile_size
-                overlap = min(8, tile // 4) if vae_tile_overlap is None and tile else vae_tile_overlap
-                images = self.vae.decode_latents(z.to(next(self.vae.parameters()).dtype), tile_size=tile,
-                                                 tile_overlap=overlap or 0)
-        return images.float() if output_type == "tensor" else to_pil(images)
+                images = self.vae.decode_latents(z.to(next(self.vae.parameters()).dtype), tile_size=c.vae_tile_size,
+                                                 tile_overlap=c.vae_tile_overlap)
+                self._check_finite(images, c, "decoded images")
+        return images.float() if c.output_type == "tensor" else to_pil(images)
+
+    @staticmethod
+    def _check_finite(x: torch.Tensor, c: CallSettings, what: str) -> None:
+        """NaN or inf in a result is an error, never an image (it would save as black)."""
+        if not torch.isfinite(x).all():
+            raise ConfigError(
+                f"sampling produced NaN or inf {what} (guidance_scale={c.sampling.guidance_scale}, "
+                f"sampler={c.sampling.sampler}, dtype={c.autocast_dtype or torch.float32}): the settings overflow "
+                "(lower guidance_scale; sample in fp32 or bf16 rather than fp16) or the checkpoint's weights are not "
+                "finite")
 
 
-__all__ = ["SAMPLERS", "LatentDiffusionPipeline", "resolve_dtype"]
+__all__ = ["MAX_BATCH", "MAX_SIDE", "SAMPLERS", "CallSettings", "LatentDiffusionPipeline", "resolve_dtype"]

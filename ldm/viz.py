@@ -1,23 +1,33 @@
 """Pictures of the diffusion process: the forward-noising strip and log-SNR curves.
 
 CLI (key=value arguments, like the Hydra entry points):
-    python -m ldm.viz forward image=PATH schedule=linear|cosine|scaled_linear out=strip.png [size=128] [seed=0]
-    python -m ldm.viz logsnr out=logsnr.png
+    python -m ldm.viz forward [image=PATH] [schedule=linear|cosine|scaled_linear] [out=strip.png] [size=128] [seed=0]
+    python -m ldm.viz logsnr [out=logsnr.png]
+A wrong argument prints ``error: ...`` and exits with status 2.
 """
 
 from __future__ import annotations
 
+import difflib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from ldm.diffusion.noise_schedule import NoiseSchedule
+from ldm.diffusion.schedules import SCHEDULE_ALIASES
+from ldm.errors import ConfigError
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+USAGE = """usage:
+    python -m ldm.viz forward [image=PATH] [schedule=linear|cosine|scaled_linear] [out=strip.png] [size=128] [seed=0]
+    python -m ldm.viz logsnr [out=logsnr.png]"""
+KEYS = {"forward": ("image", "schedule", "out", "size", "seed"), "logsnr": ("out",)}
+MAX_SIZE = 4096  # pixels per side of the forward strip's frames
 
 
 def demo_image(size: int = 128) -> Image.Image:
@@ -88,31 +98,117 @@ def plot_log_snr(schedules: dict[str, NoiseSchedule], out: str | Path) -> None:
     plt.close(fig)
 
 
-def _parse(argv: list[str]) -> dict[str, str]:
-    out = {}
-    for arg in argv:
-        if "=" not in arg:
-            raise SystemExit(f"expected key=value arguments, got {arg!r}\n{__doc__}")
-        k, v = arg.split("=", 1)
-        out[k] = v
-    return out
+def _closest(word: str, choices: Sequence[str]) -> str:
+    """" (did you mean 'x'?)" for the choice closest to ``word``, or ""."""
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _int(key: str, value: str, lo: int, hi: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or not lo <= number <= hi:
+        raise ConfigError(f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
+    return number
+
+
+def _out(value: str, formats: Sequence[str]) -> Path:
+    """An output file whose folder exists and whose suffix names a format that can be written."""
+    path = Path(value)
+    if not value or path.is_dir():
+        raise ConfigError(f"out={value!r} must name a file to write (e.g. out=strip.png), not a folder")
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise ConfigError(f"out={value}: cannot write {path.suffix or 'a file without a suffix'}; use one of "
+                          f"{', '.join('.' + f for f in formats)}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"out={value}: the folder {path.parent} does not exist")
+    return path
+
+
+def _image_formats() -> list[str]:
+    """The suffixes the strip can be saved as (RGB formats this PIL writes)."""
+    Image.init()
+    return [ext for ext in ("bmp", "gif", "jpeg", "jpg", "png", "tif", "tiff", "webp")
+            if Image.registered_extensions().get("." + ext) in Image.SAVE]
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """``[command, key=value, ...]`` -> (command, its checked values with the defaults filled in).
+
+    An unknown command or key (with the closest valid one suggested), a repeated key, or a value that is wrong
+    (a size that is not an integer, an unknown schedule, a missing image, an unwritable ``out``) is a ConfigError.
+    """
+    if not argv:
+        raise ConfigError(f"give a command, forward or logsnr\n{USAGE}")
+    command, *rest = argv
+    if command not in KEYS:
+        raise ConfigError(f"unknown command {command!r}{_closest(command, list(KEYS))}; expected forward or logsnr"
+                          f"\n{USAGE}")
+    given: dict[str, str] = {}
+    for arg in rest:
+        key, eq, value = arg.partition("=")
+        if not eq:
+            raise ConfigError(f"expected key=value arguments, got {arg!r}\n{USAGE}")
+        if key not in KEYS[command]:
+            raise ConfigError(f"unknown key {key!r} for {command}{_closest(key, KEYS[command])}; valid keys: "
+                              f"{', '.join(KEYS[command])}")
+        if key in given:
+            raise ConfigError(f"{key} is given twice ({given[key]!r} and {value!r}): give it once")
+        given[key] = value
+    if command == "logsnr":
+        return command, {"out": _out(given.get("out", "logsnr.png"), _PLOT_FORMATS)}
+    schedule = given.get("schedule", "linear")
+    if schedule not in SCHEDULE_ALIASES:
+        raise ConfigError(f"unknown schedule {schedule!r}{_closest(schedule, list(SCHEDULE_ALIASES))}; expected "
+                          f"one of {', '.join(SCHEDULE_ALIASES)}")
+    image = given.get("image")
+    if image is not None and not Path(image).is_file():
+        raise ConfigError(f"image={image}: no such file")
+    return command, {
+        "image": None if image is None else Path(image),
+        "schedule": schedule,
+        "size": _int("size", given.get("size", "128"), 1, MAX_SIZE),
+        "seed": _int("seed", given.get("seed", "0"), 0, 2**63 - 1),
+        "out": _out(given.get("out", f"forward_{schedule}.png"), _image_formats()),
+    }
+
+
+# what matplotlib's Agg canvas writes
+_PLOT_FORMATS = ("eps", "jpeg", "jpg", "pdf", "png", "ps", "svg", "svgz", "tif", "tiff", "webp")
+
+
+def run(command: str, args: dict[str, Any]) -> Path:
+    """Make the figure ``parse_args`` described; returns the file written."""
+    if command == "forward":
+        size = args["size"]
+        if args["image"] is None:
+            image = demo_image(size)
+        else:
+            try:
+                with Image.open(args["image"]) as img:
+                    image = img.convert("RGB")
+            except OSError as err:
+                raise ConfigError(f"image={args['image']} is not an image PIL can read: {err}") from None
+        image = image.resize((size, size), Image.BICUBIC)
+        forward_strip(image, NoiseSchedule.from_name(args["schedule"]), seed=args["seed"]).save(args["out"])
+    else:
+        plot_log_snr({n: NoiseSchedule.from_name(n) for n in ("linear", "scaled_linear", "cosine")}, args["out"])
+    return args["out"]
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The CLI: ``-h`` prints the usage; a wrong argument prints ``error: ...`` and exits with status 2."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("forward", "logsnr"):
-        raise SystemExit(__doc__)
-    args = _parse(argv[1:])
-    if argv[0] == "forward":
-        size = int(args.get("size", 128))
-        image = Image.open(args["image"]).convert("RGB") if "image" in args else demo_image(size)
-        image = image.resize((size, size), Image.BICUBIC)
-        schedule = NoiseSchedule.from_name(args.get("schedule", "linear"))
-        out = args.get("out", f"forward_{args.get('schedule', 'linear')}.png")
-        forward_strip(image, schedule, seed=int(args.get("seed", 0))).save(out)
-    else:
-        out = args.get("out", "logsnr.png")
-        plot_log_snr({n: NoiseSchedule.from_name(n) for n in ("linear", "scaled_linear", "cosine")}, out)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return
+    try:
+        out = run(*parse_args(argv))
+    except ConfigError as err:  # a wrong input: its message, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote {out}")
 
 

@@ -6,9 +6,12 @@ with, so the sampling loop stays a plain scheduler loop."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
+
+from ldm.errors import ConfigError
 
 Denoiser = Callable[..., torch.Tensor]  # denoise(x, t, context, **kwargs) -> model output
 
@@ -21,8 +24,8 @@ def classifier_free_guidance(
     ``guidance_rescale`` in [0, 1] blends in a copy rescaled to the per-sample std of ``cond``, which counters the
     over-exposure strong guidance causes with zero-terminal-SNR models. Scale 1 returns ``cond``.
     """
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0 (1 disables guidance), got {guidance_scale}")
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0 and finite (1 disables guidance), got {guidance_scale}")
     if not 0.0 <= guidance_rescale <= 1.0:
         raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
     if uncond.shape != cond.shape:
@@ -44,7 +47,7 @@ def autoguidance(cond: torch.Tensor, guide: torch.Tensor, scale: float) -> torch
     Karras et al. (2024) guide with guide + scale (cond - guide); the term is added to the (CFG-)guided output, so
     the two guidances combine.
     """
-    if scale < 1:
+    if not math.isfinite(scale) or scale < 1:
         raise ValueError(f"autoguidance_scale must be >= 1 (1 disables it), got {scale}")
     if guide.shape != cond.shape:
         raise ValueError(f"cond and guide outputs differ in shape: {tuple(cond.shape)} vs {tuple(guide.shape)}")
@@ -52,16 +55,18 @@ def autoguidance(cond: torch.Tensor, guide: torch.Tensor, scale: float) -> torch
 
 
 def check_guidance_interval(interval: Sequence[float] | None) -> tuple[float, float]:
-    """``(lo, hi)`` of a guidance interval, checked; None means every step, (-inf, inf)."""
+    """``(lo, hi)`` of a guidance interval, checked (two finite numbers, 0 <= lo <= hi; a ConfigError otherwise);
+    None means every step, (-inf, inf)."""
     if interval is None:
         return -math.inf, math.inf
-    try:
-        lo, hi = (float(v) for v in interval)
-    except (TypeError, ValueError):
-        raise ValueError(f"guidance_interval must be two timesteps [lo, hi] (e.g. [400, 1000]) or null, got "
-                         f"{interval!r}") from None
+    values = list(interval) if isinstance(interval, Sequence) and not isinstance(interval, str | bytes) else None
+    if values is None or len(values) != 2 or \
+            not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise ConfigError(f"guidance_interval must be two timesteps [lo, hi] (finite numbers, e.g. [400, 1000]) or "
+                          f"null, got {interval!r:.80}")
+    lo, hi = float(values[0]), float(values[1])
     if not 0 <= lo <= hi:
-        raise ValueError(f"guidance_interval [lo, hi] needs 0 <= lo <= hi (timesteps, 0 = clean), got {interval!r}")
+        raise ConfigError(f"guidance_interval [lo, hi] needs 0 <= lo <= hi (timesteps, 0 = clean), got {interval!r}")
     return lo, hi
 
 

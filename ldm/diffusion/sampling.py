@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,29 @@ SAMPLERS: dict[str, type[DiscreteScheduler]] = {
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
+def _got(value: Any, kind: type = numbers.Real) -> str:
+    """``value`` for an error message: its repr (shortened), and its type when it is not of ``kind``."""
+    shown = reprlib.repr(value)
+    return shown if isinstance(value, kind) and not isinstance(value, bool) else f"{shown} ({type(value).__name__})"
+
+
+def check_real(name: str, value: Any, must: str, ok: Callable[[float], bool] = lambda v: True) -> float:
+    """``value`` as a float if it is a finite real number (not a bool, not a string) for which ``ok`` holds; else a
+    ConfigError "``name`` must ``must``, got ...". NaN and inf are never accepted."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or \
+            not ok(float(value)):
+        raise ConfigError(f"{name} must {must}, got {_got(value)}")
+    return float(value)
+
+
+def check_int(name: str, value: Any, must: str, ok: Callable[[int], bool] = lambda v: True) -> int:
+    """``value`` as an int if it is an integer (not a bool, not a float such as 3.0) for which ``ok`` holds; else a
+    ConfigError "``name`` must ``must``, got ..."."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not ok(int(value)):
+        raise ConfigError(f"{name} must {must}, got {_got(value, numbers.Integral)}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     """How a model samples when a call does not say: saved in every checkpoint, read by the pipeline, ``sample.py``,
@@ -41,27 +66,25 @@ class SamplingDefaults:
     image_size: int | None = None
 
     def __post_init__(self) -> None:
-        try:
-            self._check()
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        """Check every field (a ConfigError naming it) and normalize numbers to plain int/float (JSON-safe)."""
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
 
-    def _check(self) -> None:
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 and finite (1 = no guidance), got {self.guidance_scale}")
-        if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int) or \
-                self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {self.num_inference_steps!r}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {sorted(SAMPLERS)}")
-        if not 0.0 <= self.guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must lie in [0, 1], got {self.guidance_rescale}")
+        put("guidance_scale", check_real("guidance_scale", self.guidance_scale,
+                                         "be a finite number >= 0 (1 = no guidance)", lambda v: v >= 0))
+        put("num_inference_steps", check_int("num_inference_steps", self.num_inference_steps, "be an integer >= 1",
+                                             lambda v: v >= 1))
+        if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {reprlib.repr(self.sampler)}; expected one of {sorted(SAMPLERS)}")
+        put("guidance_rescale", check_real("guidance_rescale", self.guidance_rescale, "lie in [0, 1]",
+                                           lambda v: 0 <= v <= 1))
         if self.guidance_interval is not None:
-            object.__setattr__(self, "guidance_interval", check_guidance_interval(self.guidance_interval))
-        if not math.isfinite(self.autoguidance_scale) or self.autoguidance_scale < 1:
-            raise ValueError(f"autoguidance_scale must be >= 1 (1 disables it), got {self.autoguidance_scale}")
-        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
-            raise ValueError(f"image_size must be a positive integer or null, got {self.image_size!r}")
+            put("guidance_interval", check_guidance_interval(self.guidance_interval))
+        put("autoguidance_scale", check_real("autoguidance_scale", self.autoguidance_scale,
+                                             "be a finite number >= 1 (1 disables it)", lambda v: v >= 1))
+        if self.image_size is not None:
+            put("image_size", check_int("image_size", self.image_size, "be a positive integer or null",
+                                        lambda v: v >= 1))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> SamplingDefaults:
@@ -83,7 +106,11 @@ class SamplingDefaults:
         return d
 
     def with_overrides(self, **overrides: Any) -> SamplingDefaults:
-        """A copy with the overrides that are not None."""
+        """A copy with the overrides that are not None, checked; an unknown name is a ConfigError."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown sampling settings {unknown}; known: {sorted(known)}")
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 

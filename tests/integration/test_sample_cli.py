@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -162,8 +164,51 @@ def test_zero_and_wrong_outputs_are_errors_not_defaults(tiny_ckpt, tmp_path) -> 
                        ("height", "height and width must be positive")]:
         with pytest.raises(ConfigError, match=match):
             sample(tiny_ckpt, tmp_path / "out", prompt="a red circle", **{key: 0})
-    with pytest.raises(ConfigError, match="guidance_scale must be >= 0 and finite"):
-        sample(tiny_ckpt, tmp_path / "out", prompt="a red circle", guidance_scale=float("nan"))
+    for key, value, match in [
+        ("guidance_scale", "nan", "guidance_scale must be a finite number >= 0"),
+        ("guidance_scale", "inf", "guidance_scale must be a finite number >= 0"),
+        ("guidance_scale", "true", r"guidance_scale must be .* got True \(bool\)"),
+        ("guidance_rescale", "nan", r"guidance_rescale must lie in \[0, 1\]"),
+        ("autoguidance_scale", "nan", "autoguidance_scale must be a finite number >= 1"),
+        ("guidance_interval", "[0,inf]", "guidance_interval must be two timesteps"),
+        ("steps", "2.5", r"num_inference_steps must be an integer >= 1, got 2.5 \(float\)"),
+        ("steps", "abc", r"num_inference_steps must be an integer >= 1, got 'abc' \(str\)"),
+        ("steps", "5000", r"num_inference_steps must lie in \[1, 1000\]"),
+        ("height", "-16", "height and width must be positive"), ("width", "99999999", "at most 16384"),
+        ("eta", "-1", "eta must be a finite number >= 0"), ("eta", "nan", "eta must be a finite number >= 0"),
+        ("strength", "0", r"strength must lie in \(0, 1\]"), ("strength", "inf", r"strength must lie in \(0, 1\]"),
+        ("seed", "-1", r"seed must be an integer in \[0, 2\*\*64 - 1\]"), ("seed", "1.5", "seed must be an integer"),
+        ("n", "true", "n must be an integer >= 1"), ("n", "99999999", "more than 1000000"),
+        ("batch_size", "2.0", "batch_size must be an integer >= 1"),
+        ("vae_tile_size", "0", "vae_tile_size must be a positive number"), ("dtype", "int8", "unknown dtype"),
+        ("sampler", "euler", "unknown sampler 'euler'"), ("gif", "1", "gif must be true or false"),
+        ("prompt", "1984", r"prompt 1984 is not text: quote it"),
+        ("negative_prompt", "[a,b]", "negative_prompt must be text"),
+        ("init_image", "missing.png", "init_image=missing.png: no such file"),
+        ("prompts_file", "missing.txt", "prompts_file=missing.txt: no such file"),
+    ]:
+        settings = {"prompt": "a red circle"} if key != "prompt" else {}
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("sample", overrides=[f"ckpt={tiny_ckpt}", f"out={tmp_path / 'out'}", f"{key}={value}",
+                                               *(f"{k}={v}" for k, v in settings.items() if k != key)])
+        with pytest.raises(ConfigError, match=match):
+            sample_cli.run(cfg)
+        assert not (tmp_path / "out").exists(), key  # refused before anything is written
     (tmp_path / "file.png").write_bytes(b"")
     with pytest.raises(ConfigError, match="is a file: give a folder"):
         sample(tiny_ckpt, tmp_path / "file.png", prompt="a red circle")
+
+
+def test_cli_exit_status_and_unknown_keys(tiny_ckpt, tmp_path) -> None:
+    """A wrong value prints ``error: ...`` and exits 2 without a traceback; an unknown key (a typo) is refused by
+    Hydra's struct mode before sample.py runs."""
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "sample.py"), f"ckpt={tiny_ckpt}", *args],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+    bad = cli("prompt=a cat", "steps=0", f"out={tmp_path / 'out'}")
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("num_inference_steps must be an integer >= 1, got 0")
+    assert "Traceback" not in bad.stderr and not (tmp_path / "out").exists()
+    typo = cli("prompt=a cat", "stpes=3", f"out={tmp_path / 'out'}")
+    assert typo.returncode != 0 and "Key 'stpes' is not in struct" in typo.stderr
+    assert not (tmp_path / "out").exists()

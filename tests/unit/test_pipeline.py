@@ -354,3 +354,129 @@ def test_sampling_defaults_live_in_one_dataclass() -> None:
                        ({"sampler": "euler"}, "unknown sampler"), ({"autoguidance_scale": 0.5}, ">= 1")]:
         with pytest.raises(ValueError, match=match):
             SamplingDefaults.from_dict(bad)
+
+
+# ----------------------------------------------------------------------------- wrong input
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    # zero is never "the default"
+    ({"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1, got 0"),
+    ({"height": 0}, r"height and width must be positive multiples .* got 0x16"),
+    ({"width": 0}, r"got 16x0"),
+    ({"num_images_per_prompt": 0}, "num_images_per_prompt must be an integer >= 1, got 0"),
+    # NaN and inf wherever a float is taken
+    ({"guidance_scale": NAN}, "guidance_scale must be a finite number >= 0"),
+    ({"guidance_scale": INF}, "guidance_scale must be a finite number >= 0"),
+    ({"guidance_rescale": NAN}, r"guidance_rescale must lie in \[0, 1\], got nan"),
+    ({"strength": NAN}, r"strength must lie in \(0, 1\], got nan"),
+    ({"eta": NAN}, "eta must be a finite number >= 0"),
+    ({"eta": INF}, "eta must be a finite number >= 0"),
+    ({"eta": -0.5}, "eta must be a finite number >= 0"),
+    ({"autoguidance_scale": NAN}, "autoguidance_scale must be a finite number >= 1"),
+    ({"guidance_interval": (NAN, 1000)}, "guidance_interval must be two timesteps"),
+    ({"guidance_interval": (0, INF)}, "guidance_interval must be two timesteps"),
+    # bools are not numbers, floats are not integers, strings are not numbers
+    ({"num_inference_steps": True}, r"num_inference_steps must be an integer >= 1, got True \(bool\)"),
+    ({"guidance_scale": True}, r"guidance_scale must be .* got True \(bool\)"),
+    ({"height": True}, "height and width must be positive"),
+    ({"num_inference_steps": 2.0}, r"num_inference_steps must be an integer >= 1, got 2.0 \(float\)"),
+    ({"height": 16.0}, "height and width must be positive"),
+    ({"num_images_per_prompt": 2.0}, "num_images_per_prompt must be an integer"),
+    ({"guidance_scale": "5"}, r"guidance_scale must be .* got '5' \(str\)"),
+    ({"strength": "0.5"}, r"strength must lie in \(0, 1\], got '0.5' \(str\)"),
+    ({"guidance_interval": (True, 1000)}, "guidance_interval must be two timesteps"),
+    ({"vae_tile_size": 2.5}, "vae_tile_size must be a positive number of latent pixels"),
+    ({"vae_tile_size": "8"}, "vae_tile_size must be a positive number of latent pixels"),
+    ({"sampler": ["ddim"]}, "unknown sampler"),
+    ({"output_type": None}, "output_type must be one of"),
+    ({"dtype": 3}, "dtype must be torch.bfloat16"),
+    # too large, and malformed text and tensors
+    ({"height": 10**9}, r"at most 16384\), got 1000000000x16"),
+    ({"num_inference_steps": 1001}, r"num_inference_steps must lie in \[1, 1000\]"),
+    ({"num_images_per_prompt": 10**9}, "more than 4096 images in one call"),
+    ({"height": 10}, "multiples of the model's downsampling factor 4"),  # VAE 2 x UNet 2: 5x8 latents would fail
+    ({"prompt": None}, r"prompt must be a string or a list of strings, got None"),
+    ({"prompt": ["a", 3]}, "prompt must be a string or a list of strings"),
+    ({"prompt": []}, "prompt is an empty list"),
+    ({"negative_prompt": 3}, "negative_prompt must be a string or a list of strings"),
+    ({"negative_prompt": ["x", "y"]}, "got 2 negative prompts for 1 prompts"),
+    ({"generator": "ab"}, "generator must be a torch.Generator or a list of them"),
+    ({"vae_tile_overlap": 2}, "vae_tile_overlap=2 needs vae_tile_size"),
+    ({"vae_tile_size": 4, "vae_tile_overlap": 4}, r"vae_tile_overlap must lie in \[0, vae_tile_size=4\)"),
+    ({"latents": torch.full((1, 4, 8, 8), NAN)}, "latents must hold finite"),
+    ({"image": torch.zeros(3, 8, 8)}, r"image tensor must have shape \[3, 16, 16\]"),
+    ({"image": torch.full((3, 16, 16), NAN)}, "image tensor must hold finite"),
+    ({"image": "in.png"}, "image must be a non-empty PIL image or a tensor"),
+    ({"class_labels": torch.zeros(1, dtype=torch.long)}, "this UNet is not class-conditional"),
+    ({"callback": 3}, "callback must be callable"),
+])
+def test_wrong_arguments_are_config_errors_naming_them(pipe, kwargs, match) -> None:
+    from ldm.errors import ConfigError
+
+    kw = {"prompt": "a cat", "num_inference_steps": 1, "generator": _gen(0), **kwargs}
+    with pytest.raises(ConfigError, match=match):
+        pipe(**kw)
+
+
+def test_check_call_resolves_defaults_without_sampling(pipe) -> None:
+    c = pipe.check_call(["a", "b"], negative_prompt=["x", "y"], num_images_per_prompt=2, guidance_scale=3,
+                        vae_tile_size=16)
+    assert c.prompts == ["a", "a", "b", "b"] and c.negatives == ["x", "x", "y", "y"]
+    assert (c.height, c.width, c.sampling.num_inference_steps) == (16, 16, 4)  # the pipeline's defaults
+    assert c.sampling.guidance_scale == 3.0 and isinstance(c.sampling.guidance_scale, float)
+    assert c.vae_tile_overlap == 4 and c.autocast_dtype is None and c.output_type == "pil"
+
+
+def test_non_finite_output_is_an_error_not_a_black_image(pipe) -> None:
+    """A guidance scale that overflows the arithmetic gave black PNGs (NaN cast to 0); now it names the cause."""
+    from ldm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sampling produced NaN or inf latents \(guidance_scale=1e\+300"):
+        pipe("a cat", guidance_scale=1e300, num_inference_steps=1, generator=_gen(0))
+
+
+def test_eta_with_a_sampler_that_ignores_it_warns(pipe) -> None:
+    with pytest.warns(UserWarning, match="eta=0.5 is DDIM's noise: sampler=ddpm ignores it"):
+        pipe("a cat", eta=0.5, sampler="ddpm", num_inference_steps=1, generator=_gen(0), output_type="latent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe("a cat", eta=0.5, sampler="ddim", num_inference_steps=1, generator=_gen(0), output_type="latent")
+
+
+def test_class_labels_are_checked_against_the_unet() -> None:
+    from ldm.errors import ConfigError
+
+    unet = _randomize(UNet(3, 3, 32, (1, 2), 1, (), num_heads=8, context_dim=None, num_classes=3), 6)
+    pixel = LatentDiffusionPipeline(unet, None, None, SD_SCHEDULE, "epsilon", {"image_size": 8})
+    kw = dict(num_inference_steps=1, output_type="tensor", guidance_scale=1.0)
+    one = pixel(["", ""], class_labels=torch.tensor([0, 2]), generator=_gen(0), **kw)
+    assert one.shape == (2, 3, 8, 8) and torch.isfinite(one).all()
+    for labels in (None, torch.tensor([0]), torch.tensor([0, 3]), torch.tensor([0.0, 1.0]), torch.tensor([-1, 0])):
+        with pytest.raises(ConfigError, match=r"class_labels must be an integer tensor of shape \[2\] with values "
+                                              r"in \[0, 3\)"):
+            pixel(["", ""], class_labels=labels, **kw)
+
+
+def test_sampling_defaults_take_numbers_only_and_store_plain_ones() -> None:
+    import json
+
+    import numpy as np
+
+    from ldm.errors import ConfigError
+
+    s = SamplingDefaults(guidance_scale=np.float32(2.5), num_inference_steps=np.int64(3), image_size=np.int64(16))
+    assert type(s.guidance_scale) is float and type(s.num_inference_steps) is int and type(s.image_size) is int
+    assert json.loads(json.dumps(s.to_dict()))["guidance_scale"] == 2.5  # numpy scalars would not serialize
+    for bad, match in [({"guidance_scale": True}, "guidance_scale"), ({"image_size": True}, "image_size"),
+                       ({"image_size": 0}, "image_size must be a positive integer"),
+                       ({"guidance_rescale": "0.5"}, "guidance_rescale must lie in"),
+                       ({"autoguidance_scale": INF}, "autoguidance_scale must be a finite number"),
+                       ({"num_inference_steps": 3.0}, r"got 3.0 \(float\)"), ({"sampler": None}, "unknown sampler")]:
+        with pytest.raises(ConfigError, match=match):
+            SamplingDefaults(**bad)
+    with pytest.raises(ConfigError, match=r"unknown sampling settings \['steps'\]"):
+        SamplingDefaults().with_overrides(steps=3)
