@@ -48,6 +48,8 @@ def draw_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.T
 class DiscreteScheduler:
     """Base of the DDPM/DDIM/DPM-Solver schedulers, with diffusers-compatible constructor keywords."""
 
+    order = 1  # timesteps per step (Heun: 2); image-to-image cuts the schedule at a multiple of it
+
     def __init__(
         self,
         num_train_timesteps: int = 1000,
