@@ -24,9 +24,14 @@ from ldm.diffusion.sampling import (
     SamplingDefaults,
     check_int,
     check_real,
+    check_sampler,
+    default_sampler,
     make_scheduler,
+    noise_to_start,
     randn,
     sample_loop,
+    set_steps,
+    start_at,
 )
 from ldm.errors import ConfigError
 from ldm.images import to_pil
@@ -101,7 +106,10 @@ class LatentDiffusionPipeline:
         self.guide_unet, self.guide_text_encoder = guide_unet, guide_text_encoder
         self.schedule, self.prediction_type = dict(schedule), prediction_type
         if not isinstance(sampling, SamplingDefaults):
-            sampling = SamplingDefaults.from_dict(sampling)
+            values = dict(sampling or {})
+            if values.get("sampler") is None:  # a flow model's default differs from a diffusion model's
+                values["sampler"] = default_sampler(self.schedule, prediction_type)
+            sampling = SamplingDefaults.from_dict(values)
         self.sampling = sampling
         self.downsample_factor = vae.downsample_factor if vae is not None else 1
         self._warned_guidance = False
@@ -191,6 +199,7 @@ class LatentDiffusionPipeline:
                               "images in one call: sample in batches")
         s = self.settings(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
                           guidance_rescale=guidance_rescale, guidance_interval=_interval(guidance_interval))
+        check_sampler(s.sampler, self.schedule, self.prediction_type)
         T = self.schedule.get("num_train_timesteps", 1000)
         if s.num_inference_steps > T:
             raise ConfigError(f"num_inference_steps must lie in [1, {T}] (the training timesteps), got "
@@ -409,22 +418,20 @@ class LatentDiffusionPipeline:
             if auto != 1.0:
                 guidance = AutoGuidance(self.guide_unet, auto, guide_context, cfg=guidance)
 
-            scheduler = make_scheduler(s.sampler, self.schedule, self.prediction_type)
-            scheduler.set_timesteps(s.num_inference_steps)
             f = self.downsample_factor
             shape = (n, self.unet.in_channels, height // f, width // f)
+            scheduler = make_scheduler(s.sampler, self.schedule, self.prediction_type, latent_shape=shape)
+            set_steps(scheduler, s.num_inference_steps, shape)
             if image is not None:
                 x = self._image_tensor(image, height, width)
                 z0 = x if self.vae is None else self.vae.normalize_latents(self.vae.encode(x).mode())
                 z0 = z0.expand(n, -1, -1, -1) if z0.shape[0] == 1 else z0
                 steps = s.num_inference_steps
-                keep = min(steps, max(1, int(round(steps * c.strength))))
-                scheduler.timesteps = scheduler.timesteps[steps - keep:]
-                x = scheduler.add_noise(z0, randn(shape, generator, device), scheduler.timesteps[:1].expand(n))
-            elif latents is not None:
-                x = latents.to(device)
+                start_at(scheduler, steps, min(steps, max(1, int(round(steps * c.strength)))))
+                x = noise_to_start(scheduler, z0, randn(shape, generator, device))
             else:
-                x = randn(shape, generator, device)
+                noise = latents.to(device) if latents is not None else randn(shape, generator, device)
+                x = noise * scheduler.init_noise_sigma  # the sigma samplers start at their largest level
 
             with autocast:
                 z = sample_loop(self.unet, scheduler, x, context, guidance, eta=c.eta, generator=generator,

@@ -105,6 +105,13 @@ class FlowMatchingLoss:
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be an integer >= 1, got {self.num_train_timesteps!r}")
 
+    @property
+    def spec(self) -> dict:
+        """What samplers need to know, saved in checkpoints in place of a noise schedule: the objective and the shift
+        (the same one must be used in sampling)."""
+        return {"objective": "flow_matching", "num_train_timesteps": self.num_train_timesteps, "shift": self.shift,
+                "resolution_shift": self.resolution_shift}
+
     def shift_for(self, x0: torch.Tensor) -> float:
         """The shift used for latents like ``x0``: fixed, or from their token count."""
         return resolution_shift(latent_tokens(x0)) if self.resolution_shift else self.shift

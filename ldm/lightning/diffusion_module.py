@@ -14,6 +14,7 @@ from torch import nn
 
 from ldm.checkpoint import describe_ldm, gather_rank_states, rank_state
 from ldm.diffusion import DiffusionLoss, NoiseSchedule, SamplingDefaults
+from ldm.diffusion.flow import FlowMatchingLoss
 from ldm.lightning.optim import LRSchedule, grad_norm
 from ldm.lightning.sharding import full_params, global_sum, is_fsdp
 from ldm.nn.ema import EMA, EMASettings
@@ -52,7 +53,7 @@ class LatentDiffusionModule(L.LightningModule):
         unet: nn.Module,
         text_encoder: nn.Module | None = None,
         first_stage: nn.Module | None = None,
-        loss: DiffusionLoss | None = None,
+        loss: DiffusionLoss | FlowMatchingLoss | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_schedule: LRSchedule = LRSchedule(),
         ema: EMASettings | None = EMASettings(),
@@ -71,11 +72,13 @@ class LatentDiffusionModule(L.LightningModule):
         if first_stage is not None:
             first_stage.requires_grad_(False).eval()
         self.loss_fn = loss or DiffusionLoss(NoiseSchedule.from_name())
-        self.schedule = self.loss_fn.schedule
-        if self.schedule.spec is None:
-            raise ValueError("the loss's noise schedule must be built with NoiseSchedule.from_name(...), so that "
-                             "checkpoints record it for the samplers")
-        self.schedule_kwargs = dict(self.schedule.spec)
+        if isinstance(self.loss_fn, FlowMatchingLoss):  # no noise schedule: the checkpoint records the shift
+            self.schedule_kwargs = self.loss_fn.spec
+        else:
+            if self.loss_fn.schedule.spec is None:
+                raise ValueError("the loss's noise schedule must be built with NoiseSchedule.from_name(...), so that "
+                                 "checkpoints record it for the samplers")
+            self.schedule_kwargs = dict(self.loss_fn.schedule.spec)
         self.prediction_type = self.loss_fn.prediction_type
         self.caption_dropout = caption_dropout
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))

@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.diffusion import SamplingDefaults
+from ldm.diffusion.sampling import check_sampler, default_sampler
 from ldm.errors import ConfigError
 
 LR_SCHEDULES = ("constant", "cosine", "linear", "wsd")
@@ -100,6 +101,21 @@ def check_ldm_stage(s: DictConfig) -> None:
         _float("ldm_stage.guide_snapshot_step", step, 0.0, open_low=True)
 
 
+def run_sampling(cfg: DictConfig) -> SamplingDefaults:
+    """The sampling defaults a run's checkpoints record: ``sampling.*``, with the model kind's sampler when none is
+    named (flow_euler for ``diffusion.objective=flow_matching``); a sampler of the other kind is a ConfigError."""
+    values = OmegaConf.to_container(cfg.sampling, resolve=True)
+    d = cfg.diffusion
+    if d.get("objective", "diffusion") == "flow_matching":
+        schedule = {"objective": "flow_matching"}
+    else:
+        schedule = OmegaConf.to_container(d.schedule, resolve=True)
+    if values.get("sampler") is None:
+        values["sampler"] = default_sampler(schedule, d.prediction_type)
+    check_sampler(values["sampler"], schedule, d.prediction_type)
+    return SamplingDefaults.from_dict(values)
+
+
 def check_run(cfg: DictConfig) -> None:
     """Everything a run will read, checked before its first stage: the stages it runs, their settings, the sampling
     defaults and the input files."""
@@ -109,7 +125,7 @@ def check_run(cfg: DictConfig) -> None:
     if "ldm" in stages:
         check_ldm_stage(cfg.ldm_stage)
         try:
-            SamplingDefaults.from_dict(OmegaConf.to_container(cfg.sampling, resolve=True))
+            run_sampling(cfg)
         except ValueError as err:
             raise ConfigError(f"sampling: {err}") from None
         if cfg.get("vae_ckpt") and not Path(cfg.vae_ckpt).is_file():

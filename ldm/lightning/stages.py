@@ -32,7 +32,8 @@ from ldm.checkpoint import (
 )
 from ldm.convert import init_from_sd, load_sd_checkpoint, load_sd_vae, sd_latent_scale
 from ldm.data.cache_latents import cache_for_vae
-from ldm.diffusion import DiffusionLoss, NoiseSchedule, SamplingDefaults
+from ldm.diffusion import DiffusionLoss, NoiseSchedule
+from ldm.diffusion.flow import FlowMatchingLoss
 from ldm.errors import ConfigError
 from ldm.lightning.autoencoder_module import AutoencoderModule
 from ldm.lightning.console import StepProgressBar, headline, log_to_run_file, parts_summary
@@ -40,7 +41,7 @@ from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy
 from ldm.lightning.optim import LRSchedule
 from ldm.lightning.preemption import PreemptionCheckpoint, slurm_job_id
 from ldm.lightning.run_lock import RunLock
-from ldm.lightning.settings import RESUME_FREE, check_run
+from ldm.lightning.settings import RESUME_FREE, check_run, run_sampling
 from ldm.nn.ema import EMASettings
 
 STAGES = ("vae", "ldm")
@@ -412,17 +413,21 @@ def build_first_stage(cfg: DictConfig, vae_path: Path | None, resume: str | None
 
 def build_diffusion_module(cfg: DictConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
                            first_stage: torch.nn.Module | None) -> LatentDiffusionModule:
-    """LatentDiffusionModule from the ``diffusion``, ``optimizer``, ``ldm_stage`` and ``sampling`` groups."""
+    """LatentDiffusionModule from the ``diffusion`` (a noise schedule and prediction target, or ``objective:
+    flow_matching``), ``optimizer``, ``ldm_stage`` and ``sampling`` groups."""
     s, d = cfg.ldm_stage, cfg.diffusion
-    schedule = NoiseSchedule.from_name(**OmegaConf.to_container(d.schedule, resolve=True))
-    loss = DiffusionLoss(schedule, d.prediction_type, d.loss_weighting, d.snr_gamma, d.offset_noise,
-                         d.get("timestep_shift", 1.0))
+    if d.get("objective", "diffusion") == "flow_matching":
+        loss = FlowMatchingLoss(**OmegaConf.to_container(d.flow, resolve=True))
+    else:
+        schedule = NoiseSchedule.from_name(**OmegaConf.to_container(d.schedule, resolve=True))
+        loss = DiffusionLoss(schedule, d.prediction_type, d.loss_weighting, d.snr_gamma, d.offset_noise,
+                             d.get("timestep_shift", 1.0))
     text_cfg = cfg.get("text_encoder")
     return LatentDiffusionModule(
         unet, text_encoder, first_stage, loss=loss, optimizer=instantiate(cfg.optimizer),
         lr_schedule=LRSchedule(s.lr_schedule, s.warmup_steps, s.max_steps, s.lr_decay_fraction),
         ema=EMASettings(s.ema_decay, s.ema_warmup) if s.ema_decay is not None else None,
-        sampling=SamplingDefaults.from_dict(OmegaConf.to_container(cfg.sampling, resolve=True)),
+        sampling=run_sampling(cfg),
         caption_dropout=s.caption_dropout, nan=NaNPolicy(s.nan_policy, s.max_nan_skips),
         guide_snapshot_step=s.guide_snapshot_step,
         text_encoder_kwargs=OmegaConf.to_container(text_cfg, resolve=True) if text_cfg else None,
@@ -437,7 +442,8 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     if resume is None and OmegaConf.is_missing(cfg, "init_ckpt"):
         raise ConfigError("init_ckpt=PATH is required: the Stable Diffusion single file (.safetensors/.ckpt) to load")
     init_ckpt = cfg.get("init_ckpt") if resume is None else None  # a resumed run has its weights already
-    sd = load_sd_checkpoint(init_ckpt) if init_ckpt else None
+    heads = {k: cfg.unet[k] for k in ("num_heads", "num_head_channels") if k in cfg.unet}  # the run declares them
+    sd = load_sd_checkpoint(init_ckpt, unet_kwargs=heads) if init_ckpt else None
     if sd is not None and cfg.first_stage != "vae":
         raise ConfigError(f"init_ckpt (an SD single file) needs first_stage=vae, got {cfg.first_stage!r}")
     first_stage = build_first_stage(cfg, vae_path, resume, sd, init_ckpt)

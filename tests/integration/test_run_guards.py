@@ -32,7 +32,7 @@ def _compose(run: Path, *overrides: str):
     ("vae_stage.max_steps=0", r"vae_stage.max_steps must be >= 1, got 0"),
     ("ldm_stage.caption_dropout=1.5", r"ldm_stage.caption_dropout must be <= 1"),
     ("ldm_stage.lr_schedule=cosin", r"ldm_stage.lr_schedule must be one of"),
-    ("sampling.guidance_scale=nan", r"sampling: guidance_scale must be >= 0 and finite"),
+    ("sampling.guidance_scale=nan", r"sampling: guidance_scale must be a finite number >= 0 .*got nan"),
     ("sampling.num_inference_steps=0", r"sampling: num_inference_steps must be an integer >= 1"),
     ("vae_ckpt=/nonexistent/vae.ckpt", r"vae_ckpt=/nonexistent/vae.ckpt: no such file"),
 ])

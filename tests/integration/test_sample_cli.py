@@ -181,7 +181,7 @@ def test_zero_and_wrong_outputs_are_errors_not_defaults(tiny_ckpt, tmp_path) -> 
         ("n", "true", "n must be an integer >= 1"), ("n", "99999999", "more than 1000000"),
         ("batch_size", "2.0", "batch_size must be an integer >= 1"),
         ("vae_tile_size", "0", "vae_tile_size must be a positive number"), ("dtype", "int8", "unknown dtype"),
-        ("sampler", "euler", "unknown sampler 'euler'"), ("gif", "1", "gif must be true or false"),
+        ("sampler", "euler_x", "unknown sampler 'euler_x'"), ("gif", "1", "gif must be true or false"),
         ("prompt", "1984", r"prompt 1984 is not text: quote it"),
         ("negative_prompt", "[a,b]", "negative_prompt must be text"),
         ("init_image", "missing.png", "init_image=missing.png: no such file"),

@@ -107,7 +107,7 @@ VALID = {
 }
 # wrong values that are not in ADVERSARIAL's list, per argument
 WRONG = {
-    "sampler": st.sampled_from(["euler", "DDIM", ["ddim"]]),
+    "sampler": st.sampled_from(["euler_x", "DDIM", ["ddim"], "flow_euler"]),  # flow_euler: a flow model's only
     "output_type": st.sampled_from(["numpy", "PIL", ["pil"]]),
     "dtype": st.sampled_from(["int8", torch.int64, "bf 16"]),
     "height": st.integers(-20, 20),

@@ -279,7 +279,7 @@ def test_guide_snapshot_settings_are_checked_at_construction():
         diffusion_module(net, None, None, ema_decay=None, max_steps=10, guide_snapshot_step=2.5)
     with pytest.raises(ValueError, match="needs a guide model: set ldm_stage.guide_snapshot_step"):
         diffusion_module(net, None, None, ema_decay=None, sampling={"autoguidance_scale": 2.0})
-    with pytest.raises(ValueError, match="autoguidance_scale must be >= 1"):
+    with pytest.raises(ValueError, match="autoguidance_scale must be a finite number >= 1"):
         diffusion_module(net, None, None, ema_decay=None, sampling={"autoguidance_scale": 0.0})
     frozen_text = HashTextEncoder().requires_grad_(False)
     m = diffusion_module(net, frozen_text, None, ema_decay=None, max_steps=10, guide_snapshot_step=4)

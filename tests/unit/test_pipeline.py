@@ -175,7 +175,8 @@ def test_no_text_encoder_ignores_guidance_with_one_warning() -> None:
         sample_loop(unet, scheduler, x, torch.zeros(1, 2, 4), None, guidance_scale=3.0)
 
 
-@pytest.mark.parametrize("sampler,image_to_image", [("dpm_solver++", True), ("ddpm", False)])
+@pytest.mark.parametrize("sampler,image_to_image", [("dpm_solver++", True), ("ddpm", False), ("euler_a", False),
+                                                     ("euler_a", True), ("heun", True), ("unipc", True)])
 def test_a_generator_per_image_regenerates_each_image_alone(pipe, sampler: str, image_to_image: bool) -> None:
     prompts = ["a cat", "a dog"]
     kw = dict(sampler=sampler, output_type="tensor", num_inference_steps=3)
@@ -351,7 +352,7 @@ def test_sampling_defaults_live_in_one_dataclass() -> None:
     with pytest.raises(ValueError, match=r"unknown sampling settings \['guidance'\]"):
         SamplingDefaults.from_dict({"guidance": 3})
     for bad, match in [({"num_inference_steps": 0}, "integer >= 1"), ({"guidance_scale": float("nan")}, "finite"),
-                       ({"sampler": "euler"}, "unknown sampler"), ({"autoguidance_scale": 0.5}, ">= 1")]:
+                       ({"sampler": "euler_x"}, "unknown sampler"), ({"autoguidance_scale": 0.5}, ">= 1")]:
         with pytest.raises(ValueError, match=match):
             SamplingDefaults.from_dict(bad)
 
