@@ -9,9 +9,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from ldm.errors import ConfigError
 from ldm.images import make_grid, to_pil
 from ldm.lightning.preemption import preempted
 from ldm.lightning.sharding import is_fsdp
@@ -114,7 +116,8 @@ class Throughput(L.Callback):
 
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` (and at the end) sample fixed prompts with fixed seeds through the module's pipeline
-    (its sampling defaults, EMA weights); save and log the grid."""
+    (its sampling defaults, EMA weights); save and log the grid. Samples that come out NaN or inf (the pipeline
+    refuses them) are named in a warning and give no grid: a preview does not stop the training."""
 
     def __init__(self, prompts: list[str], every_n_steps: int, out_dir: str | Path, seed: int = 0, cols: int = 4):
         if not prompts:
@@ -126,7 +129,11 @@ class SampleGrid(L.Callback):
         if not trainer.is_global_zero and not is_fsdp(trainer):  # under FSDP every rank takes part in sampling
             return
         g = torch.Generator().manual_seed(self.seed)
-        images = to_pil(pl_module.generate(self.prompts, generator=g))
+        try:
+            images = to_pil(pl_module.generate(self.prompts, generator=g))
+        except ConfigError as err:  # every rank samples the same prompts, so all of them skip together
+            rank_zero_warn(f"no sample grid at step {trainer.global_step}: {err}")
+            return
         if trainer.is_global_zero:
             grid = make_grid(images, cols=self.cols)
             save_and_log_grid(trainer, grid, self.out_dir, "samples", " | ".join(self.prompts))

@@ -1,5 +1,5 @@
 """Training callbacks: the FLOP count behind perf/tflops and perf/mfu, a last.ckpt that is the final state, and the
-autoencoder's reconstruction grid."""
+autoencoder's reconstruction grid, and a sample grid that skips NaN samples."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from torch import nn
 
 from ldm.autoencoder import AutoencoderKL
 from ldm.checkpoint import AtomicCheckpointIO
+from ldm.errors import ConfigError
 from ldm.lightning.autoencoder_module import AutoencoderModule
-from ldm.lightning.callbacks import ReconstructionGrid, StageCheckpoint, Throughput
+from ldm.lightning.callbacks import ReconstructionGrid, SampleGrid, StageCheckpoint, Throughput
 from ldm.pipeline import to_pil
 
 B, N_IN, N_HID, N_OUT = 4, 16, 32, 8
@@ -98,3 +99,28 @@ def test_reconstruction_grid_shows_fixed_inputs_over_their_reconstructions(tmp_p
     assert torch.equal(resumed.images, batches[0]["image"][:4])  # a resumed run shows the same images
     with pytest.raises(ValueError, match="n >= 1"):
         ReconstructionGrid(every_n_steps=2, out_dir=tmp_path, n=0)
+
+
+class Previewed(TwoLayers):
+    """TwoLayers with a generate() that gives plain images, or fails as the pipeline does on NaN samples."""
+
+    def __init__(self, nan_at: int):
+        super().__init__()
+        self.nan_at = nan_at
+
+    def generate(self, prompts, generator=None):
+        if self.trainer.global_step == self.nan_at:
+            raise ConfigError("sampling produced NaN or inf latents (guidance_scale=7.5, ...)")
+        return torch.zeros(len(prompts), 3, 8, 8)
+
+
+def test_sample_grid_skips_nan_samples_with_a_warning_and_training_goes_on(tmp_path):
+    grid = SampleGrid(["a", "b"], every_n_steps=1, out_dir=tmp_path / "samples")
+    data = [{"x": torch.randn(B, N_IN)} for _ in range(3)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, callbacks=[grid], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="no sample grid at step 2: sampling produced NaN"):
+        trainer.fit(Previewed(nan_at=2), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    assert trainer.global_step == 3
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        "samples_step000001.png", "samples_step000003.png"]  # step 2's grid skipped, the final one written
