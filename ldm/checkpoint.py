@@ -31,6 +31,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from torch import nn
 
+from ldm.diffusion.flow import FLOW_PREDICTION
 from ldm.diffusion.parameterization import canonical_prediction_type
 from ldm.diffusion.sampling import SamplingDefaults
 from ldm.diffusion.schedules import SD_SCHEDULE
@@ -382,7 +383,8 @@ def _sd_parts(state: dict[str, torch.Tensor], metadata: dict[str, str], source: 
                           "epsilon (SD 2.x-base); pass prediction_type='v_prediction' for the 768-px v models",
                           stacklevel=3)
         prediction_type = "epsilon"
-    canonical_prediction_type(prediction_type)
+    if prediction_type != FLOW_PREDICTION:  # a flow model's metadata records its objective too
+        canonical_prediction_type(prediction_type)
     sampling = SamplingDefaults.from_dict(loaded.sampling)
     if image_size is None and sampling.image_size is None:
         image_size = 768 if family == "sd2" and prediction_type == "v_prediction" else 512

@@ -24,7 +24,13 @@ import torch
 from torch import nn
 
 from ldm.autoencoder import AutoencoderKL
-from ldm.convert.diffusers_format import from_diffusers, schedule_from_diffusers, schedule_to_diffusers, to_diffusers
+from ldm.convert.diffusers_format import (
+    flow_schedule_to_diffusers,
+    from_diffusers,
+    schedule_from_diffusers,
+    schedule_to_diffusers,
+    to_diffusers,
+)
 from ldm.convert.single_file import (
     load_sd_text_encoder,
     parse_sd_metadata,
@@ -41,6 +47,7 @@ from ldm.convert.single_file import (
 )
 from ldm.diffusion.noise_schedule import NoiseSchedule
 from ldm.diffusion.parameterization import canonical_prediction_type
+from ldm.diffusion.sampling import is_flow_model
 from ldm.diffusion.schedules import SD_SCHEDULE
 from ldm.errors import ConfigError
 from ldm.unet import UNet
@@ -250,13 +257,16 @@ def _text_module(model: Model, what: str) -> tuple[nn.Module, dict[str, Any]] | 
 
 def write_diffusers(model: Model, dst: Path) -> None:
     """A diffusers folder: unet/, vae/, the text encoder (SD 1.x CLIP) under text_encoder/, the schedule as a
-    DDPMScheduler under scheduler/, and ldm_metadata.json (sampling defaults, text-encoder options)."""
+    DDPMScheduler (a flow model's as a FlowMatchEulerDiscreteScheduler) under scheduler/, and ldm_metadata.json
+    (sampling defaults, text-encoder options)."""
     import diffusers  # noqa: PLC0415  (optional dependency)
 
     from ldm.text.hf_encoder import HFCLIPTextEncoder  # noqa: PLC0415
 
     scheduler = None
-    if model.schedule is not None:
+    if model.schedule is not None and is_flow_model(model.schedule, model.prediction_type or "epsilon"):
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**flow_schedule_to_diffusers(model.schedule))
+    elif model.schedule is not None:
         scheduler = diffusers.DDPMScheduler(**schedule_to_diffusers(model.schedule,
                                                                     model.prediction_type or "epsilon"))
     unet, vae = to_diffusers(model.unet), to_diffusers(model.vae)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ldm.autoencoder import SD_LATENT_SCALE, AutoencoderKL
+from ldm.diffusion.flow import FLOW_PREDICTION
 from ldm.diffusion.parameterization import canonical_prediction_type
 from ldm.diffusion.schedules import canonical_schedule_name
 from ldm.errors import ConfigError
@@ -242,6 +243,17 @@ def _is_vae_attn_weight(ours_key: str) -> bool:
 _SCHEDULE_TO_DIFFUSERS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # diffusers' scheduler of flow-matching models
+
+
+def flow_schedule_to_diffusers(schedule: Mapping[str, Any]) -> dict[str, Any]:
+    """A flow-matching model's schedule (``FlowMatchingLoss.spec``) -> ``FlowMatchEulerDiscreteScheduler`` keywords:
+    the training shift, or dynamic shifting for ``resolution_shift``."""
+    return {"num_train_timesteps": int(schedule.get("num_train_timesteps", 1000)),
+            "shift": float(schedule.get("shift", 1.0)),
+            "use_dynamic_shifting": bool(schedule.get("resolution_shift", False))}
+
+
 def schedule_to_diffusers(schedule: Mapping[str, Any], prediction_type: str) -> dict[str, Any]:
     """Our noise schedule (``NoiseSchedule.from_name`` keywords) and prediction type -> diffusers scheduler config
     keywords (``DDPMScheduler`` and the other discrete-time schedulers)."""
@@ -262,7 +274,12 @@ def schedule_to_diffusers(schedule: Mapping[str, Any], prediction_type: str) -> 
 
 
 def schedule_from_diffusers(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
-    """A diffusers scheduler config -> our schedule (``NoiseSchedule.from_name`` keywords) and prediction type."""
+    """A diffusers scheduler config -> our schedule (``NoiseSchedule.from_name`` keywords, or a flow model's
+    ``FlowMatchingLoss.spec`` for a ``FlowMatchEulerDiscreteScheduler``) and prediction type."""
+    if cfg.get("_class_name") == FLOW_SCHEDULER:
+        return {"objective": "flow_matching", "num_train_timesteps": int(cfg.get("num_train_timesteps", 1000)),
+                "shift": float(cfg.get("shift", 1.0)),
+                "resolution_shift": bool(cfg.get("use_dynamic_shifting", False))}, FLOW_PREDICTION
     if cfg.get("trained_betas") is not None:
         raise ConfigError("the scheduler config lists trained_betas, which ldm's named schedules cannot express")
     try:

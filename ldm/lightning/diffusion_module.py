@@ -15,6 +15,7 @@ from torch import nn
 from ldm.checkpoint import describe_ldm, gather_rank_states, rank_state
 from ldm.diffusion import DiffusionLoss, NoiseSchedule, SamplingDefaults
 from ldm.diffusion.flow import FlowMatchingLoss
+from ldm.diffusion.sampling import default_sampler
 from ldm.lightning.optim import LRSchedule, grad_norm
 from ldm.lightning.sharding import full_params, global_sum, is_fsdp
 from ldm.nn.ema import EMA, EMASettings
@@ -57,7 +58,7 @@ class LatentDiffusionModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_schedule: LRSchedule = LRSchedule(),
         ema: EMASettings | None = EMASettings(),
-        sampling: SamplingDefaults = SamplingDefaults(),
+        sampling: SamplingDefaults | None = None,
         caption_dropout: float = 0.1,
         nan: NaNPolicy = NaNPolicy(),
         guide_snapshot_step: int | float | None = None,
@@ -86,7 +87,9 @@ class LatentDiffusionModule(L.LightningModule):
         self.ema = EMA(unet, ema.decay, ema.warmup) if ema is not None else None
         self.nan = nan
         self.nan_skips = 0
-        self.sampling = sampling
+        # None: the defaults, with the sampler of the model's kind (flow_euler for a flow-matching loss)
+        self.sampling = sampling or SamplingDefaults(
+            sampler=default_sampler(self.schedule_kwargs, self.prediction_type))
         self._init_guide(guide_snapshot_step, lr_schedule.max_steps)
         self.text_encoder_kwargs = text_encoder_kwargs
         self.run_config = run_config

@@ -201,3 +201,41 @@ def test_cli_errors_exit_2_with_one_line(ldm_ckpt: Path, tmp_path: Path, capsys)
     assert convert_main([str(legacy), str(tmp_path / "x.safetensors")]) == 2
     assert "error: the SD single-file layout holds text-conditioned UNets only" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_flow_model_converts_both_ways_with_its_objective_and_shift(tmp_path: Path) -> None:
+    """A flow-matching checkpoint -> SD file and diffusers folder (FlowMatchEulerDiscreteScheduler) -> ldm: the
+    objective, shift and flow_euler default travel, and the images are the same."""
+    pytest.importorskip("diffusers")
+    from ldm.diffusion.flow import FlowMatchingLoss
+    from ldm.lightning.diffusion_module import LatentDiffusionModule
+    from ldm.text import HFCLIPTextEncoder
+
+    torch.manual_seed(0)
+    text = HFCLIPTextEncoder(config=HF_TEXT)
+    unet = _randomize(UNet(4, 4, 32, (1, 2), 1, (1, 2), num_heads=HEADS, context_dim=64), 4)
+    vae = _randomize(AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=SCALE), 5)
+    module = LatentDiffusionModule(unet, text, vae, loss=FlowMatchingLoss(shift=3.0), ema=None,
+                                   text_encoder_kwargs={"config": HF_TEXT})
+    ckpt = tmp_path / "run" / "ldm" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"ldm": module.describe(), "state_dict": module.state_dict(), "global_step": 1}, ckpt)
+    spec = {"objective": "flow_matching", "num_train_timesteps": 1000, "shift": 3.0, "resolution_shift": False}
+    pipe = LatentDiffusionPipeline.from_checkpoint(ckpt)
+    assert pipe.schedule == spec and pipe.sampling.sampler == "flow_euler"
+    original = _images(pipe)
+
+    folder, back = tmp_path / "diffusers", tmp_path / "back.ckpt"
+    assert convert_main([str(ckpt), str(folder)]) == 0
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and scheduler["shift"] == 3.0
+    assert convert_main([str(folder), str(back), "--to", "ldm"]) == 0
+    parts = load_parts(back)
+    assert parts.schedule == spec and parts.prediction_type == "flow" and parts.sampling.sampler == "flow_euler"
+    torch.testing.assert_close(_images(LatentDiffusionPipeline.from_parts(parts)), original, rtol=0, atol=1e-5)
+
+    sd = tmp_path / "flow.safetensors"
+    assert convert_main([str(ckpt), str(sd)]) == 0
+    from_sd = LatentDiffusionPipeline.from_checkpoint(sd)
+    assert from_sd.schedule == spec and from_sd.prediction_type == "flow"
+    torch.testing.assert_close(_images(from_sd), original, rtol=0, atol=1e-5)
