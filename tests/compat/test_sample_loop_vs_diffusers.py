@@ -25,7 +25,8 @@ from ldm.diffusion.sampling import (  # noqa: E402
 from ldm.diffusion.schedules import SD_SCHEDULE  # noqa: E402
 from ldm.errors import ConfigError  # noqa: E402
 
-COSINE_ZERO_SNR = {"schedule": "cosine", "num_train_timesteps": 1000, "rescale_betas_zero_snr": True}
+COSINE = {"schedule": "cosine", "num_train_timesteps": 1000, "rescale_betas_zero_snr": False}  # the quickstart's
+COSINE_ZERO_SNR = {**COSINE, "rescale_betas_zero_snr": True}
 FLOW = {"objective": "flow_matching", "num_train_timesteps": 1000, "shift": 3.0, "resolution_shift": False}
 SHAPE = (2, 4, 8, 8)
 
@@ -99,6 +100,7 @@ def _reference(name, schedule, prediction_type, steps, seed, clean=None, keep=No
 
 DIFFUSION = sorted(set(SAMPLERS) - set(FLOW_SAMPLERS))
 CASES = [pytest.param(name, SD_SCHEDULE, "epsilon", id=f"{name}-sd-eps") for name in DIFFUSION]
+CASES += [pytest.param(name, COSINE, "v_prediction", id=f"{name}-cosine-v") for name in DIFFUSION]
 CASES += [pytest.param(name, COSINE_ZERO_SNR, "v_prediction", id=f"{name}-cosine-zsnr-v")
           for name in DIFFUSION if name != "heun"]
 CASES += [pytest.param("flow_euler", FLOW, "flow", id="flow_euler-shift3")]
