@@ -94,7 +94,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)  # the rename itself survives a power cut
+    fsync_dir(path.parent)  # the rename itself survives a power cut
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         stale.unlink(missing_ok=True)
 
@@ -109,7 +109,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _fsync_dir(directory: Path) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """A binary file (shard metadata) written through ``atomic_write``."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX); a no-op where directories cannot be opened."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # e.g. Windows: directories cannot be opened

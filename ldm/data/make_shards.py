@@ -27,7 +27,8 @@ from typing import Any
 
 from PIL import Image
 
-from ldm.data.shards import ShardWriter, atomic_write_bytes, clean_temporaries, count_samples, write_index
+from ldm.checkpoint import atomic_write_bytes
+from ldm.data.shards import ShardWriter, clean_temporaries, count_samples, write_index
 from ldm.data.transforms import decode_image
 from ldm.errors import ConfigError
 

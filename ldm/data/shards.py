@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ldm.checkpoint import atomic_write_bytes, fsync_dir
 from ldm.errors import ConfigError
 
 INDEX_NAME = "index.json"
@@ -81,36 +82,6 @@ def write_index(directory: str | os.PathLike, shards: list[dict[str, Any]], **ex
     index = {"shards": shards, "total": int(sum(s["count"] for s in shards)), **extra}
     atomic_write_bytes(Path(directory) / INDEX_NAME, json.dumps(index, indent=1).encode())
     return index
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file through a temporary name and ``os.replace`` so readers never see a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk or a kill: no partial file under either name
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def count_samples(path: str | os.PathLike) -> int:
@@ -431,7 +402,7 @@ class ShardWriter:
         except BaseException:
             self.abort()
             raise
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         """Delete the temporary file (errors closing it, such as a full disk, are dropped: the file goes anyway)."""
