@@ -4,8 +4,10 @@
         sampler=dpm_solver++ seed=0 out=samples/
     python sample.py ckpt=PATH prompts_file=prompts.txt
     python sample.py ckpt=PATH prompt="..." init_image=in.png strength=0.6
+    python sample.py ckpt=INPAINT prompt="..." init_image=in.png mask=mask.png   # repaint the mask's white region
     python sample.py ckpt=PATH prompt="..." gif=true
     python sample.py ckpt=PATH prompt="..." dtype=bf16 vae_tile_size=32 height=1024 width=1024
+    python sample.py ckpt=BASE prompt="..." lora=adapter.safetensors lora_scale=0.8   # a LoRA on a base model
     python sample.py regenerate=samples/00003.json out=again/     # one image again, from its JSON
 
 Writes one PNG per image with a JSON of every setting beside it, and grid.png. Image i uses seed ``seed + i``
@@ -16,6 +18,7 @@ float rounding (batched and single-image kernels may differ in the last bits).
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -59,7 +62,8 @@ _REGENERATED = {"ckpt": "ckpt", "prompt": "prompt", "seed": "seed", "negative_pr
                 "guidance_rescale": "guidance_rescale", "guidance_interval": "guidance_interval", "sampler": "sampler",
                 "autoguidance_scale": "autoguidance_scale",
                 "eta": "eta", "height": "height", "width": "width", "init_image": "init_image", "strength": "strength",
-                "use_ema": "use_ema", "dtype": "dtype", "vae_tile_size": "vae_tile_size"}
+                "use_ema": "use_ema", "dtype": "dtype", "vae_tile_size": "vae_tile_size", "lora": "lora",
+                "lora_scale": "lora_scale", "mask": "mask", "legacy_inpaint": "legacy_inpaint"}
 
 
 def regenerate_config(cfg: DictConfig) -> DictConfig:
@@ -80,7 +84,7 @@ def regenerate_config(cfg: DictConfig) -> DictConfig:
     for field, key in _REGENERATED.items():
         if field not in meta or (key == "ckpt" and not OmegaConf.is_missing(cfg, "ckpt")):
             continue
-        if key == "strength" and meta[field] is None:
+        if key in ("strength", "lora_scale") and meta[field] is None:
             continue
         cfg[key] = meta[field]
     cfg.prompts_file, cfg.n = None, 1
@@ -121,6 +125,21 @@ def check_config(cfg: DictConfig) -> list[str]:
         _text(cfg, key)
     if cfg.init_image is not None and not Path(cfg.init_image).is_file():
         raise ConfigError(f"init_image={cfg.init_image}: no such file")
+    mask = _text(cfg, "mask") if "mask" in cfg else None
+    if mask is not None:
+        if cfg.init_image is None:
+            raise ConfigError("mask=PATH repaints the white region of init_image: give init_image=PATH too")
+        if not Path(mask).is_file():
+            raise ConfigError(f"mask={mask}: no such file")
+    if not isinstance(cfg.get("legacy_inpaint", False), bool):
+        raise ConfigError(f"legacy_inpaint must be true or false, got {cfg.legacy_inpaint!r}")
+    lora = _text(cfg, "lora")
+    if lora is not None and not Path(lora).is_file():
+        raise ConfigError(f"lora={lora}: no such file (a LoRA .safetensors, diffusers or kohya format, or a LoRA run's "
+                          "checkpoint)")
+    scale = cfg.get("lora_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise ConfigError(f"lora_scale must be a finite number, got {scale!r}")
     prompts = read_prompts(cfg)
     seed, count = cfg.seed, len(prompts) * cfg.n
     if count > MAX_IMAGES:
@@ -150,6 +169,8 @@ def sample_settings(cfg: DictConfig, pipe: LatentDiffusionPipeline, prompts: lis
         "autoguidance_scale": c.autoguidance_scale, "height": c.height, "width": c.width,
         "init_image": cfg.init_image, "strength": c.strength if cfg.init_image else None, "use_ema": cfg.use_ema,
         "dtype": cfg.dtype, "vae_tile_size": c.vae_tile_size,
+        "lora": cfg.get("lora"), "lora_scale": cfg.get("lora_scale", 1.0) if cfg.get("lora") else None,
+        "mask": cfg.get("mask"), "legacy_inpaint": bool(cfg.get("legacy_inpaint", False)),
     }
 
 
@@ -165,9 +186,23 @@ def run(cfg: DictConfig) -> list[Path]:
             init.load()
         except (OSError, UnidentifiedImageError) as err:
             raise ConfigError(f"init_image={cfg.init_image} is not an image PIL can read: {err}") from None
+    mask = None
+    if cfg.get("mask"):
+        try:
+            mask = Image.open(cfg.mask)
+            mask.load()
+        except (OSError, UnidentifiedImageError) as err:
+            raise ConfigError(f"mask={cfg.mask} is not an image PIL can read: {err}") from None
     pipe = LatentDiffusionPipeline.from_checkpoint(cfg.ckpt, use_ema=cfg.use_ema)
+    if cfg.get("lora"):
+        pipe.load_lora(cfg.lora, scale=float(cfg.get("lora_scale", 1.0)))
     # the checkpoint's defaults with this command's overrides, checked before the output folder is made
     settings = sample_settings(cfg, pipe, prompts)
+    if mask is not None and not pipe.is_inpainting and not settings["legacy_inpaint"]:
+        raise ConfigError(f"mask={cfg.mask} needs an inpainting checkpoint (its UNet takes the mask); {cfg.ckpt} is a "
+                          "text-to-image model: set legacy_inpaint=true to blend the unmasked region back instead")
+    if init is not None and mask is None and pipe.is_inpainting:
+        raise ConfigError(f"{cfg.ckpt} is an inpainting model: give mask=PATH with init_image (white = repaint)")
     jobs = [(p, cfg.seed + i) for i, p in enumerate(p for p in prompts for _ in range(cfg.n))]
     # One generator per image (its initial noise, and its step noise with the stochastic samplers), so any image
     # can be regenerated alone from its JSON: prompt, seed and the settings, with n=1.
@@ -192,6 +227,8 @@ def run(cfg: DictConfig) -> list[Path]:
             kwargs["callback"] = keep
         if init is not None:
             kwargs.update(image=init, strength=settings["strength"])
+        if mask is not None:
+            kwargs.update(mask_image=mask, legacy_inpaint=settings["legacy_inpaint"])
         result = pipe([p for p, _ in chunk], **kwargs)
         for j, ((prompt, seed), image) in enumerate(zip(chunk, result, strict=True)):
             idx = start + j

@@ -16,6 +16,7 @@ single file; files are written atomically.
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib
 import os
 import pickle
@@ -187,11 +188,13 @@ def describe_ldm(
     guide: dict[str, Any] | None = None,
     text_encoder_kwargs: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
+    lora: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``"ldm"`` header of a latent diffusion checkpoint: everything needed to rebuild the parts and sample.
 
     ``guide`` (``{"snapshot_step": N, "text_encoder": bool}``) describes an autoguidance snapshot, if the run keeps
-    one; ``text_encoder_kwargs`` are its constructor arguments when it has no ``.config``.
+    one; ``text_encoder_kwargs`` are its constructor arguments when it has no ``.config``. ``lora`` (a LoRA run,
+    :func:`lora_header`) makes the file an adapter checkpoint: its ``state_dict`` holds the adapters only.
     """
     return {
         "kind": "latent_diffusion",
@@ -205,7 +208,89 @@ def describe_ldm(
         "ema": ema,
         "guide": guide,
         "config": config,
+        **({"lora": lora} if lora is not None else {}),
     }
+
+
+# ------------------------------------------------------------------------------------------------------ LoRA runs
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (read in 16 MiB blocks): what a LoRA checkpoint records of its base file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def lora_header(base_path: str | os.PathLike, sha256: str, parts: dict[str, nn.Module]) -> dict[str, Any]:
+    """The ``lora`` entry of a LoRA run's header: the base file (absolute path, sha256) the adapters were trained
+    on, and per adapted part (``unet``, ``text_encoder``) its alphas and dropout (``ldm.lora.lora_config``)."""
+    from ldm.lora import lora_config
+
+    return {"base": {"path": str(Path(base_path).resolve()), "sha256": sha256},
+            **{name: lora_config(module) for name, module in parts.items()}}
+
+
+def check_lora_base(base: dict[str, Any], what: str = "this LoRA checkpoint") -> Path:
+    """The base file of a LoRA checkpoint, after checking that it is there and unchanged (its sha256); a
+    ConfigError says which and what to do otherwise."""
+    path = Path(base["path"])
+    if not path.is_file():
+        raise ConfigError(f"{what} holds adapters for the base model {path}, which does not exist: put the base "
+                          "file back at that path (the checkpoint stores only the adapters)")
+    digest = file_sha256(path)
+    if digest != base["sha256"]:
+        raise ConfigError(f"{what} holds adapters for the base model {path}, but that file has changed (sha256 "
+                          f"{digest[:12]}..., the adapters were trained on {base['sha256'][:12]}...): restore the "
+                          "original base file")
+    return path
+
+
+def lora_weights(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint's adapters of one part (``unet.``, ``text_encoder.``) as ``ldm.lora.lora_state_dict``
+    names them (peft's adapter name dropped)."""
+    from ldm.lora import ADAPTER
+
+    return {k.replace(f".{ADAPTER}.", "."): v for k, v in _prefixed(state, prefix).items()}
+
+
+def read_lora_checkpoint(path: str | os.PathLike) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, float]]]:
+    """A LoRA run's checkpoint as ``{part: (adapter weights, alphas)}`` for ``ldm.lora.load_lora_state_dict``,
+    to put its adapters on a base the caller holds."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    lora = _ldm_header(ckpt, path).get("lora")
+    if lora is None:
+        raise ConfigError(f"{path} is a full model checkpoint, not a LoRA run's (or a .safetensors LoRA file): load "
+                          "it with ckpt=, not lora=")
+    return {name: (lora_weights(ckpt["state_dict"], f"{name}."), lora[name]["alphas"])
+            for name in ("unet", "text_encoder") if lora.get(name) is not None}
+
+
+def _lora_parts(header: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> tuple[nn.Module, ...]:
+    """The parts of a LoRA checkpoint: built from its header, the base weights from its base file (checked) as
+    training loaded them (``ldm.convert.init_from_sd``), then the adapters."""
+    from ldm.convert import init_from_sd, load_sd_checkpoint
+    from ldm.lora import load_lora_state_dict
+
+    lora = header["lora"]
+    base = check_lora_base(lora["base"], f"{path}")
+    unet = build_module(header["unet"])
+    text = build_module(header["text_encoder"]) if header["text_encoder"] is not None else None
+    first_stage = build_module(header["first_stage"]) if header["first_stage"] is not None else None
+    kwargs = header["unet"]["kwargs"]
+    heads = {k: kwargs[k] for k in ("num_heads", "num_head_channels") if k in kwargs}
+    pretrained = text is not None and any(header["text_encoder"]["kwargs"].get(k) is not None
+                                          for k in ("pretrained_path", "pretrained"))
+    init_from_sd(load_sd_checkpoint(base, unet_kwargs=heads), str(base), unet, text, first_stage,
+                 text_encoder_pretrained=pretrained)
+    for name, module in (("unet", unet), ("text_encoder", text)):
+        if lora.get(name) is not None:
+            load_lora_state_dict(module, lora_weights(state, f"{name}."), lora[name]["alphas"],
+                                 lora[name].get("dropout", 0.0))
+    return unet, text, first_stage
 
 
 def save_autoencoder(path: str | os.PathLike, vae: nn.Module, config: dict[str, Any] | None = None) -> None:
@@ -309,6 +394,13 @@ def load_parts(
     if prediction_type is not None and prediction_type != header["prediction_type"]:
         raise ValueError(f"{path} was trained with prediction_type={header['prediction_type']!r}; "
                          f"prediction_type={prediction_type!r} applies to SD single files only")
+    sampling = SamplingDefaults.from_dict(header.get("sampling"))
+    if image_size is not None:
+        sampling = sampling.with_overrides(image_size=image_size)
+    if header.get("lora") is not None:  # adapters only: the base comes from its file
+        unet, text, first_stage = _lora_parts(header, state, path)
+        return ModelParts(unet, text, first_stage, dict(header["schedule"]), header["prediction_type"], sampling,
+                          config=header.get("config"))
     unet = build_module(header["unet"])
     weights = _prefixed(state, "unet.")
     if use_ema and header.get("ema"):
@@ -328,9 +420,6 @@ def load_parts(
         if guide["text_encoder"]:
             guide_text = build_module(header["text_encoder"])
             _load_strict(guide_text, _prefixed(state, "guide_text_encoder."), "the guide's text encoder", path)
-    sampling = SamplingDefaults.from_dict(header.get("sampling"))
-    if image_size is not None:
-        sampling = sampling.with_overrides(image_size=image_size)
     return ModelParts(unet, text, first_stage, dict(header["schedule"]), header["prediction_type"], sampling,
                       guide_unet, guide_text, header.get("config"))
 
@@ -346,6 +435,8 @@ def load_first_stage(path: str | os.PathLike) -> nn.Module | None:
     header = _ldm_header(ckpt, path)
     if header["first_stage"] is None:
         return None
+    if header.get("lora") is not None:  # an adapter checkpoint: the VAE is the base file's
+        return _lora_parts(header, ckpt["state_dict"], path)[2]
     vae = build_module(header["first_stage"])
     _load_strict(vae, _prefixed(ckpt["state_dict"], "first_stage."), "the first stage", path)
     return vae

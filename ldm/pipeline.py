@@ -1,5 +1,5 @@
-"""The one generation path: text-to-image and image-to-image with classifier-free guidance (and autoguidance),
-used by ``sample.py``, the training sample grids and the judges."""
+"""The one generation path: text-to-image, image-to-image and inpainting with classifier-free guidance (and
+autoguidance), used by ``sample.py``, the training sample grids and the judges."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from ldm.checkpoint import ModelParts, load_parts
+from ldm.data.masks import binarize, latent_mask, masked_image
 from ldm.diffusion.guidance import AutoGuidance, ClassifierFreeGuidance
 from ldm.diffusion.sampling import (
     SAMPLERS,
@@ -121,6 +122,19 @@ class LatentDiffusionPipeline:
                 if p is not None]
 
     @property
+    def latent_channels(self) -> int:
+        """Channels of the latents the sampler steps: the VAE's, or the UNet's output (a pixel model)."""
+        if self.vae is not None:
+            return self.vae.embed_dim
+        return getattr(self.unet, "out_channels", None) or self.unet.in_channels
+
+    @property
+    def is_inpainting(self) -> bool:
+        """Whether the UNet takes a mask and masked-image latents after the noisy latents (SD-inpainting's 9
+        input channels: latents, mask, masked-image latents)."""
+        return getattr(self.unet, "in_channels", self.latent_channels) == 2 * self.latent_channels + 1
+
+    @property
     def size_multiple(self) -> int:
         """What height and width must be multiples of: the first stage's downsampling times the UNet's
         (2 per level below the top)."""
@@ -152,6 +166,32 @@ class LatentDiffusionPipeline:
         return cls.from_parts(load_parts(path, use_ema=use_ema, map_location=map_location,
                                          prediction_type=prediction_type, image_size=image_size,
                                          text_config=text_config))
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> LatentDiffusionPipeline:
+        """Add a LoRA's adapters to the UNet (and the text encoder, where the file has some), scaled by ``scale``:
+        a ``.safetensors`` file in the diffusers or kohya format, or a LoRA run's ldm checkpoint (its adapters;
+        this pipeline is the base). Returns the pipeline."""
+        from ldm.checkpoint import read_lora_checkpoint
+        from ldm.lora import load_lora, load_lora_state_dict, lora_file_parts
+
+        parts = {"unet": self.unet, "text_encoder": self.text_encoder}
+        if Path(path).suffix == ".safetensors":
+            found = lora_file_parts(path)
+            adapters = None
+        else:
+            adapters = read_lora_checkpoint(path)
+            found = set(adapters)
+        if "text_encoder" in found and self.text_encoder is None:
+            raise ConfigError(f"{path} has text-encoder adapters but this model has no text encoder")
+        if "unet" not in found and "text_encoder" not in found:
+            raise ConfigError(f"{path} has no adapters for the UNet or the text encoder")
+        for name in sorted(found):
+            if adapters is None:
+                load_lora(parts[name], path, scale=scale)
+            else:
+                state, alphas = adapters[name]
+                load_lora_state_dict(parts[name], state, alphas, scale=scale)
+        return self
 
     @contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -259,7 +299,7 @@ class LatentDiffusionPipeline:
                 raise ConfigError("generator must be a torch.Generator or a list of them (one per image)")
             if len(generator) != n:
                 raise ConfigError(f"got {len(generator)} generators for {n} images: give one, or one per image")
-        channels = self.unet.in_channels if self.vae is None else self.vae.config["in_channels"]
+        channels = self.latent_channels if self.vae is None else self.vae.config["in_channels"]
         if isinstance(image, torch.Tensor):
             x = image if image.ndim == 4 else image[None]
             if image.ndim not in (3, 4) or x.shape[0] not in (1, n) or tuple(x.shape[1:]) != (channels, c.height,
@@ -272,7 +312,7 @@ class LatentDiffusionPipeline:
             raise ConfigError(f"image must be a non-empty PIL image or a tensor, got {reprlib.repr(image)}")
         if latents is not None:
             f = self.downsample_factor
-            shape = (n, self.unet.in_channels, c.height // f, c.width // f)
+            shape = (n, self.latent_channels, c.height // f, c.width // f)
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
                 got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else reprlib.repr(latents)
                 raise ConfigError(f"latents must have shape {shape}, got {got}")
@@ -295,7 +335,7 @@ class LatentDiffusionPipeline:
         if isinstance(image, torch.Tensor):
             x = image if image.ndim == 4 else image[None]
         else:
-            channels = self.unet.in_channels if self.vae is None else self.vae.config["in_channels"]
+            channels = self.latent_channels if self.vae is None else self.vae.config["in_channels"]
             mode = "L" if channels == 1 else "RGB"
             if image.mode != mode:
                 warnings.warn(f"init image has mode {image.mode}; converted to {mode}", stacklevel=3)
@@ -307,6 +347,98 @@ class LatentDiffusionPipeline:
             arr = np.asarray(image, dtype=np.float32) / 127.5 - 1
             x = torch.from_numpy(arr if arr.ndim == 3 else arr[..., None]).permute(2, 0, 1)[None]
         return x.to(self.device)
+
+    def _check_mask(self, c: CallSettings, image, mask_image, legacy_inpaint: bool) -> None:
+        """Check ``mask_image`` against the image, the model and the call's size and batch (a ConfigError)."""
+        if not isinstance(legacy_inpaint, bool):
+            raise ConfigError(f"legacy_inpaint must be true or false, got {reprlib.repr(legacy_inpaint)}")
+        if mask_image is None:
+            if legacy_inpaint:
+                raise ConfigError("legacy_inpaint=True blends the unmasked region back: give image= and mask_image=")
+            if image is not None and self.is_inpainting:
+                raise ConfigError("this is an inpainting model (its UNet takes a mask): give mask_image= with image= "
+                                  "(white = repaint; an all-white mask repaints everything)")
+            return
+        if image is None:
+            raise ConfigError("mask_image needs image=, the picture whose white-masked region is repainted")
+        if self.is_inpainting and legacy_inpaint:
+            raise ConfigError("legacy_inpaint=True is for a model without mask inputs; this inpainting model's UNet "
+                              "takes the mask itself: drop legacy_inpaint")
+        if not self.is_inpainting and not legacy_inpaint:
+            raise ConfigError(
+                f"mask_image needs an inpainting model (a UNet with {2 * self.latent_channels + 1} input channels: "
+                f"latents, mask, masked-image latents); this UNet takes {getattr(self.unet, 'in_channels', '?')}. "
+                "Pass legacy_inpaint=True to blend the unmasked region back at each step instead (weaker at the "
+                "mask's edges), or load an SD-inpainting checkpoint")
+        n = len(c.prompts)
+        image_size = image.size if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
+        if isinstance(mask_image, Image.Image):
+            if 0 in mask_image.size:
+                raise ConfigError("mask_image is an empty PIL image")
+            size = mask_image.size
+        elif isinstance(mask_image, torch.Tensor):
+            m = mask_image
+            if m.ndim not in (2, 3, 4) or (m.ndim == 4 and m.shape[1] != 1) or \
+                    (m.ndim >= 3 and m.shape[0] not in (1, n)):
+                raise ConfigError(f"mask_image tensor must have shape [H, W], [1 or {n}, H, W] or [1 or {n}, 1, H, "
+                                  f"W] (values in [0, 1], 1 = repaint), got {tuple(m.shape)}")
+            if m.dtype != torch.bool and (not m.is_floating_point() or not torch.isfinite(m).all()):
+                raise ConfigError("mask_image tensor must hold finite floating-point (or bool) values in [0, 1]")
+            size = (m.shape[-1], m.shape[-2])
+        else:
+            raise ConfigError(f"mask_image must be a PIL image or a tensor, got {reprlib.repr(mask_image)}")
+        if tuple(size) != tuple(image_size):
+            raise ConfigError(f"mask_image is {size[0]}x{size[1]} but image is {image_size[0]}x{image_size[1]} "
+                              "(width x height): give a mask of the image's size")
+
+    def _mask_tensor(self, mask_image: Image.Image | torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The mask as [1 or B, 1, height, width] in {0, 1} on the device: grey-scale, resized as the image is,
+        binarized at 0.5 (diffusers' ``VaeImageProcessor(do_binarize=True)``)."""
+        if isinstance(mask_image, torch.Tensor):
+            m = mask_image.float()
+            m = m[None, None] if m.ndim == 2 else m[:, None] if m.ndim == 3 else m
+        else:
+            image = mask_image.convert("L")
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.LANCZOS)
+            m = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
+        return binarize(m).to(self.device)
+
+    def _inpaint_start(self, c: CallSettings, scheduler, image, mask_image, noise: torch.Tensor):
+        """The starting latents, the UNet's extra inputs (mask and masked-image latents, or None) and the legacy
+        blend (or None) of an inpainting call, as diffusers' ``StableDiffusionInpaintPipeline``: strength 1 starts
+        from noise, a lower one from the image noised as image-to-image. Without an image (an inpainting model
+        asked for text-to-image) everything is repainted, as training's full masks."""
+        n, (h, w) = noise.shape[0], noise.shape[-2:]
+        if image is None:
+            channels = self.latent_channels if self.vae is None else self.vae.config["in_channels"]
+            pixels = torch.zeros(1, channels, c.height, c.width, device=self.device)
+            mask = torch.ones(1, 1, c.height, c.width, device=self.device)
+        else:
+            pixels = self._image_tensor(image, c.height, c.width)
+            mask = self._mask_tensor(mask_image, c.height, c.width)
+
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            z = x if self.vae is None else self.vae.normalize_latents(self.vae.encode(x).mode())
+            return z.expand(n, -1, -1, -1) if z.shape[0] == 1 else z
+
+        steps = c.sampling.num_inference_steps
+        if c.strength < 1:
+            start_at(scheduler, steps, min(steps, max(1, int(round(steps * c.strength)))))
+        legacy = not self.is_inpainting
+        z0 = encode(pixels) if c.strength < 1 or legacy else None
+        x = noise_to_start(scheduler, z0, noise) if c.strength < 1 else noise * scheduler.init_noise_sigma
+        m = latent_mask(mask, (h, w)).expand(n, -1, -1, -1)
+        if not legacy:
+            return x, torch.cat([m, encode(masked_image(pixels, mask))], dim=1), None
+        timesteps = scheduler.timesteps
+
+        def blend(i: int, latents: torch.Tensor) -> torch.Tensor:
+            """Keep the unmasked region on the image's own noisy path: noised to the next timestep, clean at the end."""
+            known = z0 if i >= len(timesteps) - 1 else scheduler.add_noise(z0, noise, timesteps[i + 1:i + 2])
+            return (1 - m) * known + m * latents
+
+        return x, None, blend
 
     def _encode_prompts(self, prompts: list[str]) -> torch.Tensor | None:
         return None if self.text_encoder is None else self.text_encoder.encode(prompts).hidden
@@ -363,6 +495,8 @@ class LatentDiffusionPipeline:
         dtype: torch.dtype | str | None = None,
         vae_tile_size: int | None = None,
         vae_tile_overlap: int | None = None,
+        mask_image: Image.Image | torch.Tensor | None = None,
+        legacy_inpaint: bool = False,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images. Every ``None`` takes the checkpoint's sampling default (:class:`SamplingDefaults`).
 
@@ -390,11 +524,19 @@ class LatentDiffusionPipeline:
                 stays fp32); the VAE decodes outside autocast.
             vae_tile_size, vae_tile_overlap: decode overlapping tiles of this many latent pixels, blended over the
                 overlap (default min(8, tile // 4)), bounding the decoder's memory.
+            mask_image: inpainting: repaint the white (>= 0.5) region of ``image`` (a PIL image, or a tensor in
+                [0, 1] of shape [H, W], [B, H, W] or [B, 1, H, W], of the image's size), keep the rest. An inpainting
+                UNet (SD-inpainting's 9 input channels) gets the mask and the masked-image latents at every step;
+                ``strength`` < 1 starts from the noised image. An inpainting model called without an image repaints
+                everything (text-to-image).
+            legacy_inpaint: with a model without mask inputs, replace the unmasked region by the noised image
+                after each step (diffusers' fallback for 4-channel UNets); weaker at the mask's edges.
         """
         c = self.check_call(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                             num_images_per_prompt, sampler, eta, strength, guidance_rescale, guidance_interval,
                             autoguidance_scale, output_type, dtype, vae_tile_size, vae_tile_overlap)
         generator = self._check_tensors(c, generator, image, latents, class_labels, callback)
+        self._check_mask(c, image, mask_image, legacy_inpaint)
         s, height, width, auto, autocast_dtype = c.sampling, c.height, c.width, c.autoguidance_scale, c.autocast_dtype
         prompts, negatives, n = c.prompts, c.negatives, len(c.prompts)
         scale = s.guidance_scale
@@ -419,10 +561,14 @@ class LatentDiffusionPipeline:
                 guidance = AutoGuidance(self.guide_unet, auto, guide_context, cfg=guidance)
 
             f = self.downsample_factor
-            shape = (n, self.unet.in_channels, height // f, width // f)
+            shape = (n, self.latent_channels, height // f, width // f)
             scheduler = make_scheduler(s.sampler, self.schedule, self.prediction_type, latent_shape=shape)
             set_steps(scheduler, s.num_inference_steps, shape)
-            if image is not None:
+            concat = blend = None
+            if self.is_inpainting or mask_image is not None:
+                noise = latents.to(device) if latents is not None else randn(shape, generator, device)
+                x, concat, blend = self._inpaint_start(c, scheduler, image, mask_image, noise)
+            elif image is not None:
                 x = self._image_tensor(image, height, width)
                 z0 = x if self.vae is None else self.vae.normalize_latents(self.vae.encode(x).mode())
                 z0 = z0.expand(n, -1, -1, -1) if z0.shape[0] == 1 else z0
@@ -435,7 +581,8 @@ class LatentDiffusionPipeline:
 
             with autocast:
                 z = sample_loop(self.unet, scheduler, x, context, guidance, eta=c.eta, generator=generator,
-                                callback=callback, y=None if class_labels is None else class_labels.to(device))
+                                callback=callback, post_step=blend, concat=concat,
+                                y=None if class_labels is None else class_labels.to(device))
             self._check_finite(z, c, "latents")
             if c.output_type == "latent":
                 return z

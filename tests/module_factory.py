@@ -3,6 +3,8 @@ tests read like the config they mirror."""
 
 from __future__ import annotations
 
+import torch
+
 from ldm.diffusion import DiffusionLoss, NoiseSchedule, SamplingDefaults
 from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy
 from ldm.lightning.optim import LRSchedule
@@ -22,3 +24,12 @@ def diffusion_module(unet, text_encoder=None, first_stage=None, *, schedule: dic
         lr_schedule=LRSchedule(lr_schedule, warmup_steps, max_steps, lr_decay_fraction),
         ema=EMASettings(ema_decay, ema_warmup) if ema_decay is not None else None,
         sampling=SamplingDefaults.from_dict(sampling), nan=NaNPolicy(nan_policy, max_nan_skips), **kwargs)
+
+
+def randomize(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Fill every parameter with seeded N(0, std) values (a trained-looking model, not its init); eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module.eval()

@@ -13,7 +13,7 @@ from ldm.convert.diffusers_format import (
     vae_config_from_diffusers,
     vae_config_to_diffusers,
 )
-from ldm.convert.initialize import init_from_sd, load_sd_vae, sd_latent_scale, sd_text_state_dict
+from ldm.convert.initialize import init_from_sd, load_sd_vae, sd_latent_scale, sd_text_state_dict, widen_conv_in
 from ldm.convert.single_file import (
     CKPT_METADATA,
     SDCheckpoint,
@@ -70,4 +70,5 @@ __all__ = [
     "unet_config_to_diffusers",
     "vae_config_from_diffusers",
     "vae_config_to_diffusers",
+    "widen_conv_in",
 ]

@@ -11,6 +11,7 @@ from torch import nn
 from ldm.autoencoder import SD_LATENT_SCALE
 from ldm.convert.diffusers_format import load_state_dict_checked
 from ldm.convert.single_file import SDCheckpoint, load_sd_text_encoder, sd_text_family
+from ldm.errors import ConfigError
 
 
 def sd_latent_scale(sd: SDCheckpoint, configured: float, source: str) -> float:
@@ -37,16 +38,37 @@ def load_sd_vae(sd: SDCheckpoint, source: str, vae: nn.Module) -> None:
     load_state_dict_checked(vae, sd.vae.state_dict(), f"AutoencoderKL (autoencoder config vs init_ckpt={source})")
 
 
+CONV_IN = "input_blocks.0.0.weight"  # the UNet's first convolution, [model_channels, in_channels, 3, 3]
+
+
+def widen_conv_in(state_dict: dict[str, torch.Tensor], in_channels: int) -> dict[str, torch.Tensor]:
+    """A UNet state dict whose first convolution takes ``in_channels`` inputs, the added ones with zero weights: a
+    4-channel model started as a 9-channel inpainting UNet computes exactly the base model, whatever the mask."""
+    weight = state_dict[CONV_IN]
+    have = weight.shape[1]
+    if in_channels == have:
+        return state_dict
+    if in_channels < have:
+        raise ConfigError(f"the checkpoint's UNet takes {have} input channels, more than unet.in_channels="
+                          f"{in_channels}: dropping inputs would change the model")
+    extra = weight.new_zeros((weight.shape[0], in_channels - have, *weight.shape[2:]))
+    return {**state_dict, CONV_IN: torch.cat([weight, extra], dim=1)}
+
+
 def init_from_sd(sd: SDCheckpoint, source: str, unet: nn.Module, text_encoder: nn.Module | None = None,
                  vae: nn.Module | None = None, text_encoder_pretrained: bool = False) -> list[str]:
     """Load an SD single file's UNet (its EMA weights when present), text encoder and, given ``vae``, VAE into ours,
     strictly. Returns the names of the parts loaded.
 
-    A file without text-encoder weights is refused for a frozen encoder that has no pretrained weights of its own
-    (``text_encoder_pretrained``): it would train against random, frozen text features.
+    A UNet with more input channels than the file's (an inpainting UNet from a text-to-image file) gets the extra
+    ones zeroed (``widen_conv_in``). A file without text-encoder weights is refused for a frozen encoder that has no
+    pretrained weights of its own (``text_encoder_pretrained``): it would train against random, frozen text features.
     """
-    load_state_dict_checked(unet, sd.unet.state_dict(), f"UNet (unet config vs init_ckpt={source})")
-    loaded = ["UNet"]
+    state = sd.unet.state_dict()
+    want = getattr(unet, "in_channels", state[CONV_IN].shape[1])
+    have = state[CONV_IN].shape[1]
+    load_state_dict_checked(unet, widen_conv_in(state, want), f"UNet (unet config vs init_ckpt={source})")
+    loaded = ["UNet" if want == have else f"UNet ({have} -> {want} input channels, the new ones zeroed)"]
     if vae is not None:
         load_sd_vae(sd, source, vae)
         loaded.append("VAE")

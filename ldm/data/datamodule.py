@@ -19,8 +19,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ldm.data.shards import ReadPlan, ShardError, _rng, resolve_shards
+from ldm.data.shards import ReadPlan, ShardError, _rng, iter_shard, resolve_shards
 from ldm.data.transforms import ImageTransform, SampleDecoder, collate, uint8_to_float
+from ldm.errors import ConfigError
 
 POS_KEY = "__pos__"  # (split, epoch, batch index) attached to each batch; the DataModule pops it
 
@@ -186,6 +187,111 @@ class ShardLoader:
         self._consumed = None
 
 
+class _ValidationStream(IterableDataset):
+    """The batches of one rank's share of the validation set; inside DataLoader worker ``w`` of ``W`` only batches
+    ``w, w + W, ...`` (the DataLoader's round robin then delivers them in order). Every worker reads the raw samples
+    (cheap) and decodes only its own."""
+
+    def __init__(self, loader: ValidationLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        lo = self.loader
+        share = lo.indices_of_rank()
+        mine = (i for i in share if lo.batch_of(i) % workers == worker)
+        pads = len(share) < lo.per_rank and (lo.per_rank - 1) // lo.batch_size % workers == worker
+        wanted = next(mine, None)
+        group: list[tuple[int, dict[str, Any]]] = []
+        first: dict[str, Any] | None = None  # the rank's first sample: the padding repeats it, with weight 0
+        for index, raw in lo.raw_samples():
+            if index == share[0] and pads:
+                first = raw
+            if index != wanted:
+                if wanted is None and (first is not None or not pads):
+                    break
+                continue
+            group.append((index, lo.decode(raw)))
+            wanted = next(mine, None)
+            if len(group) == lo.batch_size:
+                yield lo.collate(group)
+                group = []
+        if wanted is not None:
+            raise RuntimeError(f"the validation shards hold fewer than the {lo.num_samples} samples their index.json "
+                               "counts: rewrite them")
+        if pads:
+            assert first is not None
+            group.append((-1, lo.decode(first)))
+        if group:
+            yield lo.collate(group)
+
+
+class ValidationLoader:
+    """The held-out shards in a fixed order (no shuffle, no resampling, no augmentation), every sample exactly once.
+
+    Sample ``i`` of the concatenated shards goes to rank ``i % world_size``. A rank with one sample fewer than the
+    others repeats its first one with weight 0, so every rank runs the same number of batches (DDP and FSDP run
+    collectives per step). Batches carry ``index`` (LongTensor, the global sample index; -1 for the padding) and
+    ``weight`` (1.0, or 0.0 for the padding) besides the training fields.
+    """
+
+    def __init__(self, shards: Any, decoder: SampleDecoder, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> None:
+        self.paths, self.counts = resolve_shards(shards)
+        self.num_samples = sum(self.counts)
+        if self.num_samples < world_size:
+            raise ConfigError(f"the validation shards {shards!r} hold {self.num_samples} sample(s), fewer than the "
+                              f"{world_size} ranks: every rank needs at least one")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.decoder, self.batch_size, self.rank, self.world_size = decoder, batch_size, rank, world_size
+        self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
+        self.per_rank = -(-self.num_samples // world_size)
+
+    def indices_of_rank(self) -> range:
+        """The global indices of this rank's samples (without the padding)."""
+        return range(self.rank, self.num_samples, self.world_size)
+
+    def batch_of(self, index: int) -> int:
+        """The batch (of this rank's) that global sample ``index`` falls in."""
+        return index // self.world_size // self.batch_size
+
+    def decode(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """A raw sample as the model sees it (center crop, no flip, the latent mean); a damaged one raises."""
+        if "__error__" in raw:
+            raise ShardError(f"validation sample {raw['__shard__']}/{raw['__key__']} is damaged ({raw['__error__']}): "
+                             "the validation set must be complete; rewrite the shard")
+        return self.decoder(raw, _rng("sample", self.seed, 0, raw["__shard__"], raw["__key__"]))
+
+    def raw_samples(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(global index, raw sample) over every shard in order; damage raises (the set must be complete)."""
+        index = 0
+        for path, count in zip(self.paths, self.counts, strict=True):
+            for raw in itertools.islice(iter_shard(path), count):
+                yield index, raw
+                index += 1
+
+    def collate(self, group: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+        batch = collate([sample for _, sample in group])
+        if "image" in batch and batch["image"].dtype == torch.uint8:
+            batch["image"] = uint8_to_float(batch["image"])
+        batch["index"] = torch.tensor([i for i, _ in group], dtype=torch.long)
+        batch["weight"] = torch.tensor([0.0 if i < 0 else 1.0 for i, _ in group])
+        return batch
+
+    def __len__(self) -> int:
+        return -(-self.per_rank // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        workers = min(self.num_workers, len(self))
+        if workers == 0:
+            yield from _ValidationStream(self)
+            return
+        yield from DataLoader(_ValidationStream(self), batch_size=None, num_workers=workers,
+                              pin_memory=self.pin_memory)
+
+
 def _dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -313,10 +419,14 @@ class ShardDataModule(L.LightningDataModule):
         assert self._train is not None
         return self._train
 
-    def val_dataloader(self) -> ShardLoader | list[Any]:
+    def val_dataloader(self) -> ValidationLoader | list[Any]:
+        """The held-out shards (``val_shards``) for the validation loss: fixed order, every sample once, padded so
+        that every rank runs the same number of batches (:class:`ValidationLoader`); empty without them."""
         if self.val_shards is None:
             return []
-        return self._loader(self.val_shards, train=False)
+        rank, world = self._layout()
+        return ValidationLoader(self.val_shards, self.val_decoder, self.batch_size, rank=rank, world_size=world,
+                                num_workers=self.num_workers, seed=self.seed, pin_memory=self.pin_memory)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the position of the batch about to be used and drop the tag. Lightning does not prefetch from a

@@ -6,6 +6,7 @@ Random choices (crop offset, flip) take a ``random.Random`` that the reader seed
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
@@ -106,7 +107,9 @@ class SampleDecoder:
     mean + std * noise from the sample's RNG when ``sample_latents`` else the mean; cached text embeddings
     (``text_hidden.npy``, ``text_pooled.npy``, ``text_mask.npy``) are passed through when present.
     The caption is the ``.txt`` member, or ``json[caption_field]`` when ``caption_field`` is set (or ``.txt`` is
-    missing); ``label`` comes from ``json["label"]`` or a ``.cls`` member when present.
+    missing); ``label`` comes from ``json["label"]`` or a ``.cls`` member when present. An optional ``.mask.png``
+    (or another image extension) member, of the image's size, is an inpainting mask (white = repaint): it gets the
+    image's resize, crop and flip and becomes ``mask``, uint8 [1, H, W] in {0, 255}.
     """
 
     transform: ImageTransform
@@ -135,7 +138,19 @@ class SampleDecoder:
             ext = next((e for e in IMAGE_EXTS if e in raw), None)
             if ext is None:
                 raise KeyError(f"sample {raw['__key__']} has no image member ({', '.join(IMAGE_EXTS)})")
-            out["image"] = self.transform.to_uint8(decode_image(raw[ext]), rng)  # to float after collation
+            state = rng.getstate()  # the mask replays the image's crop and flip
+            image = decode_image(raw[ext])
+            out["image"] = self.transform.to_uint8(image, rng)  # to float after collation
+            mask_ext = next((f"mask.{e}" for e in IMAGE_EXTS if f"mask.{e}" in raw), None)
+            if mask_ext is not None:
+                mask = decode_image(raw[mask_ext])
+                if mask.size != image.size:
+                    raise ValueError(f"sample {raw['__key__']}: mask is {mask.size[0]}x{mask.size[1]} but the image "
+                                     f"is {image.size[0]}x{image.size[1]}; masks must have the image's size")
+                replay = random.Random()
+                replay.setstate(state)
+                mask_u8 = dataclasses.replace(self.transform, mode="L").to_uint8(mask, replay)
+                out["mask"] = (mask_u8 >= 128).to(torch.uint8) * 255
         else:
             mean = torch.from_numpy(load_npy(raw["latent_mean.npy"]).astype(np.float32))
             if self.sample_latents and "latent_std.npy" in raw:

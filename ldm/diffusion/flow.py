@@ -139,8 +139,20 @@ class FlowMatchingLoss:
         if noise is None:
             device = generator.device if generator is not None else x0.device
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=device).to(x0.device)
+        per_sample = self.per_sample_mse(denoise, x0, cond, sigma, noise)
+        return (flow_loss_weights(sigma.float(), self.weighting) * per_sample).mean()
+
+    def per_sample_mse(
+        self,
+        denoise: Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor],
+        x0: torch.Tensor,
+        cond: object,
+        sigma: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """The unweighted MSE [B] (float32) between ``denoise(x_t, sigma * T, cond)`` and the velocity eps - x0: the
+        training objective before its weighting, shared with the validation loss."""
         s = sigma.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
         x_t = (1 - s) * x0 + s * noise
         pred = denoise(x_t, sigma * self.num_train_timesteps, cond)
-        per_sample = ((pred.float() - (noise - x0).float()) ** 2).mean(dim=list(range(1, x0.ndim)))
-        return (flow_loss_weights(sigma.float(), self.weighting) * per_sample).mean()
+        return ((pred.float() - (noise - x0).float()) ** 2).mean(dim=list(range(1, x0.ndim)))

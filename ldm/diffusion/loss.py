@@ -111,11 +111,23 @@ class DiffusionLoss:
             t = t.to(x0.device)
         if noise is None:
             noise = self.sample_noise(x0, generator)
+        per_sample = self.per_sample_mse(denoise, x0, cond, t, noise)
+        w = loss_weights(self.schedule.snr(t).to(per_sample.device), self.prediction_type, self.weighting,
+                         self.snr_gamma).to(per_sample.dtype)
+        return (w * per_sample).mean()
+
+    def per_sample_mse(
+        self,
+        denoise: Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor],
+        x0: torch.Tensor,
+        cond: object,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """The unweighted MSE [B] (float32) between ``denoise(x_t, t, cond)`` and the target of the prediction type:
+        the training objective before its weighting, shared with the validation loss."""
         a = self.schedule.alpha_bar(t, like=x0)
         x_t = self.schedule.add_noise(x0, noise, t)
         target = make_prediction(x0, noise, a, self.prediction_type)
         pred = denoise(x_t, t, cond)
-        per_sample = ((pred.float() - target.float()) ** 2).mean(dim=list(range(1, x0.ndim)))
-        w = loss_weights(self.schedule.snr(t).to(per_sample.device), self.prediction_type, self.weighting,
-                         self.snr_gamma).to(per_sample.dtype)
-        return (w * per_sample).mean()
+        return ((pred.float() - target.float()) ** 2).mean(dim=list(range(1, x0.ndim)))

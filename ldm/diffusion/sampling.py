@@ -278,6 +278,7 @@ def sample_loop(
     eta: float = 0.0,
     generator: Generators = None,
     callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
+    post_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     **denoise_kwargs: torch.Tensor | None,
 ) -> torch.Tensor:
     """Denoise ``latents`` through ``scheduler.timesteps`` (already set, possibly cut for image-to-image).
@@ -290,7 +291,8 @@ def sample_loop(
     runs the conditional model alone. ``generator`` may be a list with one generator per image: the stochastic
     samplers' noise for image i then comes from generator i alone. ``callback(i, t, latents, x0_prediction)`` runs
     after each scheduler step (Heun: 2n - 1 of them for n steps). ``denoise_kwargs`` (e.g. class labels ``y``) go
-    to every network call; None values are dropped.
+    to every network call; None values are dropped. ``post_step(i, latents)`` replaces the latents after step i,
+    before the callback (the inpainting blend of a model without mask inputs).
     """
     if scheduler.timesteps is None:
         raise ValueError("call scheduler.set_timesteps(n) before sample_loop")
@@ -309,6 +311,8 @@ def sample_loop(
             model_in = scheduler.scale_model_input(x, t)
         result = _step(scheduler, guidance(denoise, model_in, tt, context, **kwargs), t, i, x, eta, generator)
         x = result.prev_sample
+        if post_step is not None:
+            x = post_step(i, x)
         if callback is not None:
             callback(i, value, x, result.pred_original_sample)
     return x

@@ -3,6 +3,7 @@ and a fixed-prompt sample grid."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from ldm.checkpoint import atomic_write_text
 from ldm.errors import ConfigError
 from ldm.images import make_grid, to_pil
 from ldm.lightning.preemption import preempted
@@ -44,6 +46,17 @@ class StageCheckpoint(ModelCheckpoint):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._saved_step = trainer.global_step
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """Lightning's save after a validation; with a ``monitor``, the best so far is also summarised in
+        ``dirpath/best.json`` (monitor, mode, score, checkpoint path), for a sweep to select its best job."""
+        super().on_validation_end(trainer, pl_module)
+        if self.monitor is None or self.best_model_score is None or not self.best_model_path or self.dirpath is None:
+            return
+        if trainer.is_global_zero:
+            record = {"monitor": self.monitor, "mode": self.mode, "score": float(self.best_model_score),
+                      "checkpoint": self.best_model_path}
+            atomic_write_text(Path(self.dirpath) / "best.json", json.dumps(record, indent=1) + "\n")
 
     def on_train_end(self, trainer, pl_module) -> None:
         if preempted(trainer):  # PreemptionCheckpoint saved last.ckpt at this step

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import lightning as L
@@ -12,12 +12,21 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
-from ldm.checkpoint import describe_ldm, gather_rank_states, rank_state
+from ldm.checkpoint import describe_ldm, gather_rank_states, lora_header, rank_state
+from ldm.data.masks import MaskSettings, binarize, latent_mask, masked_image, random_masks
 from ldm.diffusion import DiffusionLoss, NoiseSchedule, SamplingDefaults
 from ldm.diffusion.flow import FlowMatchingLoss
 from ldm.diffusion.sampling import default_sampler
+from ldm.diffusion.validation import (
+    DEFAULT_NUM_TIMESTEPS,
+    objective_timesteps,
+    validation_losses,
+    validation_noise,
+    validation_timesteps,
+)
 from ldm.lightning.optim import LRSchedule, grad_norm
 from ldm.lightning.sharding import full_params, global_sum, is_fsdp
+from ldm.lora import has_lora
 from ldm.nn.ema import EMA, EMASettings
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text.conditioner import drop_captions
@@ -35,6 +44,15 @@ class NaNPolicy:
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.policy!r}")
 
 
+@dataclass(frozen=True)
+class ValidationSettings:
+    """The deterministic validation loss (``ldm.diffusion.validation``): ``num_timesteps`` fixed timesteps, noise
+    seeded ``seed + sample index``."""
+
+    num_timesteps: int = DEFAULT_NUM_TIMESTEPS
+    seed: int = 0
+
+
 class LatentDiffusionModule(L.LightningModule):
     """Composes a denoiser, a text encoder (or none) and a first stage (a VAE, or None for pixel space).
 
@@ -47,6 +65,10 @@ class LatentDiffusionModule(L.LightningModule):
     they are after N optimizer steps (a float in (0, 1): that fraction of ``lr_schedule.max_steps``): the weak model
     that autoguidance (``sampling.autoguidance_scale``) guides away from. It is saved in the checkpoint and costs one
     more copy of those weights in memory, no training time.
+
+    Given validation data (``data.val_shards``), ``validation_step`` measures the deterministic validation loss of
+    ``ldm.diffusion.validation`` (``validation``: how many fixed timesteps, the noise seed) with the EMA weights when
+    there is an EMA (the model that is sampled and published), logging ``val/loss_t<t>`` and their mean ``val/loss``.
     """
 
     def __init__(
@@ -65,11 +87,21 @@ class LatentDiffusionModule(L.LightningModule):
         text_encoder_kwargs: dict | None = None,
         run_config: dict | None = None,
         seed: int = 0,
+        validation: ValidationSettings = ValidationSettings(),
+        lora_base: dict | None = None,
+        inpainting: MaskSettings | None = None,
     ):
         super().__init__()
+        # A LoRA run (adapters added to the parts beforehand): ``{"path", "sha256"}`` of the base file; checkpoints
+        # then hold the adapters only, and a resumed run loads them into the base it rebuilt (not strictly).
+        self.lora_base = lora_base
+        if lora_base is not None:
+            self.strict_loading = False
         self.unet = unet
         self.text_encoder = text_encoder
         self.first_stage = first_stage
+        # An inpainting UNet (latents, mask, masked-image latents: SD-inpainting's 9 channels) trains on these masks
+        self.mask_settings = inpainting or MaskSettings()
         if first_stage is not None:
             first_stage.requires_grad_(False).eval()
         self.loss_fn = loss or DiffusionLoss(NoiseSchedule.from_name())
@@ -97,6 +129,10 @@ class LatentDiffusionModule(L.LightningModule):
         # checkpoint, so a resumed run draws exactly what an uninterrupted one would. Offset by rank under DDP.
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self.validation = validation
+        self.val_timesteps = validation_timesteps(objective_timesteps(self.loss_fn), validation.num_timesteps)
+        self._val_totals: torch.Tensor | None = None  # per-timestep sums of the losses, and the sample count
+        self._val_weights: ExitStack | None = None  # the EMA weights swapped in for a validation
 
     def _init_guide(self, step: int | float | None, max_steps: int) -> None:
         """The frozen modules the guide snapshot is copied into (built now, so checkpoints load strictly)."""
@@ -156,10 +192,17 @@ class LatentDiffusionModule(L.LightningModule):
         return describe_ldm(unet=self.unet, text_encoder=self.text_encoder, first_stage=self.first_stage,
                             schedule=self.schedule_kwargs, prediction_type=self.prediction_type,
                             sampling=self.sampling, ema=self.ema is not None, guide=guide,
-                            text_encoder_kwargs=self.text_encoder_kwargs, config=self.run_config)
+                            text_encoder_kwargs=self.text_encoder_kwargs, config=self.run_config,
+                            lora=None if self.lora_base is None else lora_header(
+                                self.lora_base["path"], self.lora_base["sha256"],
+                                {n: m for n, m in (("unet", self.unet), ("text_encoder", self.text_encoder))
+                                 if m is not None and has_lora(m)}))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ldm"] = self.describe()
+        if self.lora_base is not None:  # the adapters only: the base is the file the header names
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if ".lora_A." in k or ".lora_B." in k}
         checkpoint["nan_skips"] = self.nan_skips
         checkpoint["train_generator"] = self.generator.get_state()
         checkpoint["train_generators"] = gather_rank_states(checkpoint["train_generator"])  # one per DDP rank
@@ -195,8 +238,44 @@ class LatentDiffusionModule(L.LightningModule):
             return None
         return self.text_encoder.encode(list(captions)).hidden
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, y=None) -> torch.Tensor:
-        return self.unet(x, t, context) if y is None else self.unet(x, t, context, y=y)
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, y=None,
+                concat: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {k: v for k, v in (("y", y), ("concat", concat)) if v is not None}
+        return self.unet(x, t, context, **kwargs)
+
+    @property
+    def is_inpainting(self) -> bool:
+        """Whether the UNet takes a mask and masked-image latents after the noisy latents (2 x latent + 1 inputs)."""
+        latent = self.first_stage.embed_dim if self.first_stage is not None else getattr(self.unet, "out_channels", 0)
+        return bool(latent) and getattr(self.unet, "in_channels", latent) == 2 * latent + 1
+
+    def inpaint_condition(self, batch: dict, x0: torch.Tensor,
+                          generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """An inpainting UNet's extra inputs (None for other models): the mask at latent size (nearest) and the
+        latents of the image with the masked region zeroed, as SD-inpainting trains. The mask is the batch's
+        ``mask`` (the shards' own) or drawn from ``generator`` (``MaskSettings``); without one (validation) every
+        pixel is masked, the text-to-image case, so the loss stays deterministic."""
+        if not self.is_inpainting:
+            return None
+        image = batch.get("image")
+        if image is None:
+            raise ValueError("an inpainting UNet trains on images (it encodes the masked image), not on cached "
+                             "latents: set ldm_stage.cache_latents=false")
+        n, _, h, w = image.shape
+        if "mask" in batch:
+            mask = batch["mask"]
+            mask = binarize(mask.float() / 255 if mask.dtype == torch.uint8 else mask.float())
+        elif generator is not None:
+            mask = random_masks(n, h, w, self.mask_settings, generator)
+        else:
+            mask = torch.ones(n, 1, h, w)
+        mask = mask.to(image.device, image.dtype)
+        with torch.no_grad():
+            masked = masked_image(image, mask)
+            if self.first_stage is not None:
+                masked = (self.first_stage.encode_latents(masked, generator=generator) if generator is not None
+                          else self.first_stage.normalize_latents(self.first_stage.encode(masked).mode()))
+        return torch.cat([latent_mask(mask, x0.shape[-2:]).to(x0.dtype), masked.to(x0.dtype)], dim=1)
 
     def text_context(self, batch: dict) -> torch.Tensor | None:
         """Context after caption dropout: a frozen encoder's cached ``text_hidden`` (dropped rows get its null
@@ -215,7 +294,8 @@ class LatentDiffusionModule(L.LightningModule):
         x0 = self.latents_of(batch)
         context = self.text_context(batch)
         y = batch.get("label") if getattr(self.unet, "num_classes", None) else None
-        loss = self.loss_fn(lambda x, t, c: self.denoise(x, t, c, y), x0, context, generator=self.generator)
+        concat = self.inpaint_condition(batch, x0, self.generator)
+        loss = self.loss_fn(lambda x, t, c: self.denoise(x, t, c, y, concat), x0, context, generator=self.generator)
         if not torch.isfinite(loss):
             return self._on_nonfinite(loss)
         bs = x0.shape[0]
@@ -293,6 +373,84 @@ class LatentDiffusionModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # At the last step, ask Lightning to stop: its loop then validates once more (if validation is on), so the
+        # final weights are measured even when max_steps is not a multiple of the validation period.
+        trainer = self.trainer
+        if trainer.max_steps > 0 and self.global_step >= trainer.max_steps and trainer.limit_val_batches != 0:
+            trainer.should_stop = True
+
+    # ------------------------------------------------------------------ validation
+
+    def weights_for_eval(self) -> AbstractContextManager:
+        """A context in which the UNet holds the EMA weights (if there is an EMA), restored on exit."""
+        return self.ema.swapped_in(self.unet) if self.ema is not None else nullcontext()
+
+    def validation_latents(self, batch: dict) -> torch.Tensor:
+        """Clean latents without randomness: the cache's posterior mean, the VAE posterior's mode, or pixels."""
+        if "latent" in batch:
+            latent = batch["latent"]
+            return latent if self.first_stage is None else self.first_stage.normalize_latents(latent)
+        image = batch["image"]
+        if self.first_stage is None:
+            return image
+        return self.first_stage.normalize_latents(self.first_stage.encode(image).mode())
+
+    def validation_context(self, batch: dict) -> torch.Tensor | None:
+        """The text context of the captions as given (no dropout)."""
+        if self.text_encoder is None:
+            return None
+        cached = batch.get("text_hidden")
+        if cached is not None and getattr(self.text_encoder, "frozen", False):
+            null = self.text_encoder.null_embedding().hidden
+            return cached.to(null.device, null.dtype)
+        return self.encode_text(batch["caption"])
+
+    def on_validation_epoch_start(self) -> None:
+        """Swap the EMA weights in for the whole validation. Under FSDP the swap happens in the full parameters
+        with write-back, outside the forward (where the parameters are views), so FSDP's forward gathers them."""
+        self._val_totals = torch.zeros(len(self.val_timesteps) + 1, dtype=torch.float64, device=self.device)
+        self._val_weights = ExitStack()
+        with full_params(self._trainer, writeback=True):
+            self._val_weights.enter_context(self.weights_for_eval())
+
+    def _restore_training_weights(self) -> None:
+        if self._val_weights is not None:
+            with full_params(self._trainer, writeback=True):
+                self._val_weights.close()
+            self._val_weights = None
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Accumulate the per-timestep validation losses of the batch's real samples (padding has weight 0)."""
+        x0 = self.validation_latents(batch)
+        context = self.validation_context(batch)
+        y = batch.get("label") if getattr(self.unet, "num_classes", None) else None
+        index = batch["index"].clamp(min=0).cpu()  # -1 marks a rank's padding sample
+        noise = validation_noise(x0.shape[1:], index, len(self.val_timesteps), self.validation.seed)
+        concat = self.inpaint_condition(batch, x0)
+        losses = validation_losses(self.loss_fn, lambda x, t, c: self.denoise(x, t, c, y, concat), x0, context,
+                                   self.val_timesteps, noise)
+        weight = batch["weight"].to(losses.device, torch.float64)
+        assert self._val_totals is not None
+        self._val_totals[:-1] += (losses.double() * weight).sum(dim=1)
+        self._val_totals[-1] += weight.sum()
+
+    def on_validation_epoch_end(self) -> None:
+        """Restore the training weights; sum over ranks, then log ``val/loss_t<t>`` per timestep and ``val/loss``,
+        their mean."""
+        self._restore_training_weights()
+        if self._val_totals is None:
+            return
+        totals = self.trainer.strategy.reduce(self._val_totals, reduce_op="sum")
+        self._val_totals = None
+        if totals[-1] <= 0:
+            return
+        means = (totals[:-1] / totals[-1]).float()
+        for t, value in zip(self.val_timesteps, means, strict=True):
+            self.log(f"val/loss_t{t}", value, sync_dist=True)  # equal on every rank: the mean changes nothing
+        self.log("val/loss", means.mean(), prog_bar=True, sync_dist=True)
+
     # ------------------------------------------------------------------ sampling
 
     def pipeline(self) -> LatentDiffusionPipeline:
@@ -302,6 +460,20 @@ class LatentDiffusionModule(L.LightningModule):
                                        self.prediction_type, self.sampling, self.guide_unet if guide else None,
                                        self.guide_text_encoder if guide else None)
 
+    def guide_kwargs(self, kwargs: dict) -> dict:
+        """``kwargs`` of a pipeline call, with autoguidance off before the guide snapshot is taken (no guide yet)."""
+        if kwargs.get("autoguidance_scale") is None and self.guide_unet is not None and not self.has_guide():
+            return {**kwargs, "autoguidance_scale": 1.0}
+        return kwargs
+
+    @contextmanager
+    def sampling_pipeline(self, use_ema: bool = True) -> Iterator[LatentDiffusionPipeline]:
+        """The pipeline around this module's parts with the full weights (FSDP) and the EMA weights (``use_ema``)
+        in the UNet for the duration. Under FSDP every rank must enter it (the weights are gathered)."""
+        with full_params(self._trainer):  # FSDP: the whole model on every rank (a no-op otherwise)
+            with self.weights_for_eval() if use_ema else nullcontext():
+                yield self.pipeline()
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], use_ema: bool = True, **kwargs) -> torch.Tensor:
         """Images in [-1, 1], [B, C, H, W], for ``prompts`` through :class:`LatentDiffusionPipeline` (EMA weights
@@ -309,9 +481,5 @@ class LatentDiffusionModule(L.LightningModule):
 
         Under FSDP every rank must call it (the full weights are gathered for the duration).
         """
-        if kwargs.get("autoguidance_scale") is None and self.guide_unet is not None and not self.has_guide():
-            kwargs["autoguidance_scale"] = 1.0  # grids before the snapshot step: there is no guide yet
-        with full_params(self._trainer):  # FSDP: the whole model on every rank (a no-op otherwise)
-            weights = self.ema.swapped_in(self.unet) if use_ema and self.ema is not None else nullcontext()
-            with weights:
-                return self.pipeline()(list(prompts), output_type="tensor", **kwargs)
+        with self.sampling_pipeline(use_ema) as pipe:
+            return pipe(list(prompts), output_type="tensor", **self.guide_kwargs(kwargs))

@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.data.masks import MaskSettings
 from ldm.diffusion import SamplingDefaults
 from ldm.diffusion.sampling import check_sampler, default_sampler
 from ldm.errors import ConfigError
@@ -19,6 +20,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear", "wsd")
 RESUME_FREE = (
     "resume", "out_dir", "stages", "logger", "callbacks", "sampling", "perf", "preemption", "vae_stage.max_steps",
     "ldm_stage.max_steps", "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "eval", "data.val_shards", "ldm_stage.val_every_n_steps", "ldm_stage.val_timesteps", "ldm_stage.val_seed",
 )
 
 
@@ -99,6 +101,25 @@ def check_ldm_stage(s: DictConfig) -> None:
     step = s.guide_snapshot_step
     if step is not None:
         _float("ldm_stage.guide_snapshot_step", step, 0.0, open_low=True)
+    _int("ldm_stage.val_every_n_steps", s.get("val_every_n_steps", 0), 0)
+    _int("ldm_stage.val_timesteps", s.get("val_timesteps", 8), 1)
+    _int("ldm_stage.val_seed", s.get("val_seed", 0), 0)
+    lora = s.get("lora")
+    if lora is not None:  # ldm/lora.py checks the targets against the model
+        _int("ldm_stage.lora.rank", lora.get("rank"), 1, allow_none=True)
+        _float("ldm_stage.lora.alpha", lora.get("alpha"), 0.0, open_low=True, allow_none=True)
+        _float("ldm_stage.lora.dropout", lora.get("dropout", 0.0), 0.0, 1.0)
+        if lora.get("dropout", 0.0) == 1.0:
+            raise ConfigError("ldm_stage.lora.dropout must be < 1, got 1.0")
+        _bool("ldm_stage.lora.text_encoder", lora.get("text_encoder", False))
+    inpainting = s.get("inpainting")
+    if inpainting is not None:  # the masks an inpainting UNet trains on: checked by MaskSettings
+        if not isinstance(inpainting, DictConfig):
+            raise ConfigError(f"ldm_stage.inpainting must be a mapping of mask settings, got {inpainting!r}")
+        try:
+            MaskSettings(**OmegaConf.to_container(inpainting, resolve=True))
+        except TypeError as err:
+            raise ConfigError(f"ldm_stage.inpainting: {err}") from None
 
 
 def run_sampling(cfg: DictConfig) -> SamplingDefaults:
@@ -132,8 +153,23 @@ def check_run(cfg: DictConfig) -> None:
             raise ConfigError(f"vae_ckpt={cfg.vae_ckpt}: no such file (the vae/vae.ckpt of a vae-stage run)")
         if not OmegaConf.is_missing(cfg, "init_ckpt") and cfg.get("init_ckpt") and not Path(cfg.init_ckpt).is_file():
             raise ConfigError(f"init_ckpt={cfg.init_ckpt}: no such file (a Stable Diffusion .ckpt/.safetensors)")
+        check_evaluations(cfg)
     _int("seed", cfg.seed, 0)
     check_preemption(cfg.get("preemption"))
+
+
+def check_evaluations(cfg: DictConfig) -> None:
+    """Each enabled evaluation callback of the ldm stage (``ldm.lightning.evaluation.Evaluation``): its reference
+    statistics, extractor weights and captions, before any training (a missing file would otherwise surface at the
+    first evaluation, hours in)."""
+    from ldm.lightning.evaluation import EVALUATION_TARGET, check_evaluation
+
+    group = (cfg.get("callbacks") or {}).get("ldm") or {}
+    for name, entry in group.items():
+        if entry is not None and entry.get("_target_") == EVALUATION_TARGET:
+            kwargs = OmegaConf.to_container(entry, resolve=True)
+            kwargs.pop("_target_")
+            check_evaluation(f"callbacks.ldm.{name}", kwargs, cfg.get("text_encoder") is not None)
 
 
 def check_preemption(p: DictConfig | None) -> None:

@@ -21,18 +21,19 @@ def is_fsdp(trainer: L.Trainer | None) -> bool:
     return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
 
 
-def full_params(trainer: L.Trainer | None) -> AbstractContextManager:
+def full_params(trainer: L.Trainer | None, writeback: bool = False) -> AbstractContextManager:
     """A context in which every rank holds the full, unsharded parameters (FSDP), else a no-op.
 
     Every rank must enter it (it is a collective). Code that changes the weights inside it restores them itself
     (``EMA.swapped_in`` does): ``writeback=False`` discards changes only where the parameters are really sharded,
-    not with one rank or ``NO_SHARD``.
+    not with one rank or ``NO_SHARD``. With ``writeback=True`` the changes reach each rank's shard (to run FSDP's own
+    forward on other weights, e.g. the EMA's, and to restore them later the same way).
     """
     if not is_fsdp(trainer):
         return nullcontext()
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False)
+    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=writeback)
 
 
 def global_sum(trainer: L.Trainer | None, value: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ plain objects.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import warnings
@@ -18,13 +19,15 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.autoencoder import SD_LATENT_SCALE
 from ldm.checkpoint import (
     AtomicCheckpointIO,
     atomic_write_text,
+    check_lora_base,
     checkpoint_kind,
+    file_sha256,
     load_autoencoder,
     load_first_stage,
     read_checkpoint,
@@ -32,16 +35,19 @@ from ldm.checkpoint import (
 )
 from ldm.convert import init_from_sd, load_sd_checkpoint, load_sd_vae, sd_latent_scale
 from ldm.data.cache_latents import cache_for_vae
+from ldm.data.masks import MaskSettings
 from ldm.diffusion import DiffusionLoss, NoiseSchedule
 from ldm.diffusion.flow import FlowMatchingLoss
+from ldm.diffusion.validation import DEFAULT_NUM_TIMESTEPS
 from ldm.errors import ConfigError
 from ldm.lightning.autoencoder_module import AutoencoderModule
 from ldm.lightning.console import StepProgressBar, headline, log_to_run_file, parts_summary
-from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy
+from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy, ValidationSettings
 from ldm.lightning.optim import LRSchedule
 from ldm.lightning.preemption import PreemptionCheckpoint, slurm_job_id
 from ldm.lightning.run_lock import RunLock
 from ldm.lightning.settings import RESUME_FREE, check_run, run_sampling
+from ldm.lora import add_lora, save_lora
 from ldm.nn.ema import EMASettings
 
 STAGES = ("vae", "ldm")
@@ -69,6 +75,25 @@ def save_config(cfg: DictConfig, stage_dir: Path) -> None:
 def make_callbacks(group: DictConfig | None) -> list[L.Callback]:
     """The callbacks of one stage (``callbacks.vae`` / ``callbacks.ldm``); a null entry switches one off."""
     return [instantiate(c) for c in (group or {}).values() if c is not None]
+
+
+def with_validation(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` whose ``trainer`` validates on the ldm stage's schedule: with ``data.val_shards``, every
+    ``ldm_stage.val_every_n_steps`` optimizer steps, counted over epochs (the module adds one at the last step);
+    without them, never (so Lightning neither runs nor warns about an empty validation loop). Validation keys given
+    in ``cfg.trainer`` win."""
+    every = cfg.ldm_stage.get("val_every_n_steps", 0)
+    if cfg.data.get("val_shards") is None or not every:
+        schedule: dict[str, Any] = {"limit_val_batches": 0}
+    else:
+        accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)  # the interval counts batches
+        schedule = {"val_check_interval": every * accumulate, "check_val_every_n_epoch": None}
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        for key, value in schedule.items():
+            if key not in out.trainer:
+                out.trainer[key] = value
+    return out
 
 
 def make_trainer(cfg: DictConfig, stage_dir: Path, max_steps: int, callbacks: list, logger,
@@ -411,10 +436,71 @@ def build_first_stage(cfg: DictConfig, vae_path: Path | None, resume: str | None
     return vae
 
 
+def export_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, path: Path) -> None:
+    """Write a LoRA run's adapters in the diffusers format (``sample.py lora=PATH``, diffusers'
+    ``load_lora_weights``); a model diffusers cannot express is named in a warning instead."""
+    try:
+        save_lora(unet, path, format="diffusers", text_encoder=text_encoder)
+        rank_zero_info(f"ldm_stage.lora: adapters written to {path} (diffusers format)")
+    except ConfigError as err:
+        warnings.warn(f"the adapters could not be written as a diffusers LoRA file: {err}", stacklevel=2)
+
+
+def lora_settings(cfg: DictConfig) -> dict[str, Any] | None:
+    """``ldm_stage.lora`` as a plain dict when it asks for adapters (a rank), else None (full fine-tuning)."""
+    lora = cfg.ldm_stage.get("lora")
+    if lora is None or lora.get("rank") is None:
+        return None
+    return OmegaConf.to_container(lora, resolve=True)
+
+
+def apply_lora(cfg: DictConfig, lora: dict[str, Any], unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
+               init_ckpt: str | None, resume: str | None) -> dict[str, str]:
+    """Add the LoRA adapters of ``ldm_stage.lora`` to the UNet (and the text encoder with ``text_encoder: true``);
+    everything else stays frozen. Returns the base file's reference (path, sha256) the checkpoints record.
+
+    The base is ``init_ckpt`` alone (UNet, VAE, text encoder): a LoRA checkpoint stores no base weights, so the
+    parts it is trained on must all come from that file."""
+    if not init_ckpt:
+        raise ConfigError("ldm_stage.lora.rank trains adapters on a base model: set init_ckpt=PATH, an SD single file "
+                          "(an ldm checkpoint converts to one: python -m ldm.convert RUN/ldm/checkpoints/last.ckpt "
+                          "base.safetensors)")
+    if cfg.get("vae_ckpt") or "vae" in cfg.stages:
+        raise ConfigError("ldm_stage.lora takes the VAE from init_ckpt (the checkpoint records that one base file): "
+                          "drop vae_ckpt and run stages=[ldm]")
+    if cfg.ldm_stage.get("guide_snapshot_step") is not None:
+        raise ConfigError("ldm_stage.lora does not keep an autoguidance snapshot: set ldm_stage.guide_snapshot_step="
+                          "null")
+    if lora.get("text_encoder") and text_encoder is None:
+        raise ConfigError("ldm_stage.lora.text_encoder=true but the model has no text encoder")
+    if resume is not None:  # the base must be the file the adapters were trained on
+        base = read_checkpoint(resume)["ldm"].get("lora")
+        if base is None:
+            raise ConfigError(f"resume={resume} is a full checkpoint, not a LoRA run's: drop ldm_stage.lora")
+        check_lora_base(base["base"], f"resume={resume}")
+        sha = base["base"]["sha256"]
+    else:
+        sha = file_sha256(init_ckpt)
+    kwargs = {k: lora.get(k) for k in ("rank", "alpha")} | {"dropout": float(lora.get("dropout") or 0.0)}
+    add_lora(unet, targets=lora.get("targets"), **kwargs)
+    if text_encoder is not None:
+        if lora.get("text_encoder"):
+            text_encoder.frozen = False  # no cached null embedding while its adapters train
+            add_lora(text_encoder, **kwargs)
+        else:
+            text_encoder.frozen = True
+    trained = sum(p.numel() for m in (unet, text_encoder) if m is not None for p in m.parameters() if p.requires_grad)
+    rank_zero_info(f"ldm_stage.lora: rank {lora['rank']}, {trained:,} adapter parameters on the frozen base "
+                   f"{init_ckpt}")
+    return {"path": str(Path(init_ckpt).resolve()), "sha256": sha}
+
+
 def build_diffusion_module(cfg: DictConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
-                           first_stage: torch.nn.Module | None) -> LatentDiffusionModule:
+                           first_stage: torch.nn.Module | None,
+                           lora_base: dict[str, str] | None = None) -> LatentDiffusionModule:
     """LatentDiffusionModule from the ``diffusion`` (a noise schedule and prediction target, or ``objective:
-    flow_matching``), ``optimizer``, ``ldm_stage`` and ``sampling`` groups."""
+    flow_matching``), ``optimizer``, ``ldm_stage`` and ``sampling`` groups. A LoRA run (``lora_base``) keeps no
+    EMA: the adapters train at a fine-tuning learning rate for few steps, and the checkpoint stays adapters-only."""
     s, d = cfg.ldm_stage, cfg.diffusion
     if d.get("objective", "diffusion") == "flow_matching":
         loss = FlowMatchingLoss(**OmegaConf.to_container(d.flow, resolve=True))
@@ -426,13 +512,22 @@ def build_diffusion_module(cfg: DictConfig, unet: torch.nn.Module, text_encoder:
     return LatentDiffusionModule(
         unet, text_encoder, first_stage, loss=loss, optimizer=instantiate(cfg.optimizer),
         lr_schedule=LRSchedule(s.lr_schedule, s.warmup_steps, s.max_steps, s.lr_decay_fraction),
-        ema=EMASettings(s.ema_decay, s.ema_warmup) if s.ema_decay is not None else None,
+        ema=EMASettings(s.ema_decay, s.ema_warmup) if s.ema_decay is not None and lora_base is None else None,
         sampling=run_sampling(cfg),
         caption_dropout=s.caption_dropout, nan=NaNPolicy(s.nan_policy, s.max_nan_skips),
         guide_snapshot_step=s.guide_snapshot_step,
         text_encoder_kwargs=OmegaConf.to_container(text_cfg, resolve=True) if text_cfg else None,
         run_config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
+        validation=ValidationSettings(s.get("val_timesteps", DEFAULT_NUM_TIMESTEPS), s.get("val_seed", 0)),
+        lora_base=lora_base, inpainting=inpainting_settings(cfg),
     )
+
+
+def inpainting_settings(cfg: DictConfig) -> MaskSettings:
+    """``ldm_stage.inpainting`` (the masks an inpainting UNet trains on) as ``MaskSettings``; defaults when absent."""
+    block = cfg.ldm_stage.get("inpainting")
+    values = OmegaConf.to_container(block, resolve=True) if block is not None else {}
+    return MaskSettings(**values)
 
 
 def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | None = None,
@@ -441,12 +536,14 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     s = cfg.ldm_stage
     if resume is None and OmegaConf.is_missing(cfg, "init_ckpt"):
         raise ConfigError("init_ckpt=PATH is required: the Stable Diffusion single file (.safetensors/.ckpt) to load")
-    init_ckpt = cfg.get("init_ckpt") if resume is None else None  # a resumed run has its weights already
+    lora = lora_settings(cfg)
+    # a resumed run has its weights already; a LoRA run's checkpoint has only the adapters: the base loads again
+    init_ckpt = cfg.get("init_ckpt") if resume is None or lora is not None else None
     heads = {k: cfg.unet[k] for k in ("num_heads", "num_head_channels") if k in cfg.unet}  # the run declares them
     sd = load_sd_checkpoint(init_ckpt, unet_kwargs=heads) if init_ckpt else None
     if sd is not None and cfg.first_stage != "vae":
         raise ConfigError(f"init_ckpt (an SD single file) needs first_stage=vae, got {cfg.first_stage!r}")
-    first_stage = build_first_stage(cfg, vae_path, resume, sd, init_ckpt)
+    first_stage = build_first_stage(cfg, vae_path, None if lora is not None else resume, sd, init_ckpt)
     text_cfg = cfg.get("text_encoder")
     text_encoder = instantiate(text_cfg) if text_cfg else None
     unet = instantiate(cfg.unet, gradient_checkpointing=s.gradient_checkpointing)
@@ -456,11 +553,15 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
         loaded = init_from_sd(sd, init_ckpt, unet, text_encoder, text_encoder_pretrained=pretrained)
         rank_zero_info(f"init_ckpt: {', '.join(loaded)} weights from {init_ckpt}")
         del sd
+    lora_base = apply_lora(cfg, lora, unet, text_encoder, init_ckpt, resume) if lora is not None else None
     if s.compile:  # in place: the module keeps its class and state-dict names, so checkpoints stay loadable
         unet.compile()
     f = first_stage.downsample_factor if first_stage is not None else 1
     size = cfg.sampling.get("image_size") or cfg.data.image_size
-    latent_shape = [cfg.unet.in_channels, size // f, size // f]
+    latent_shape = [first_stage.embed_dim if first_stage is not None else cfg.unet.out_channels, size // f, size // f]
+    if s.cache_latents and unet.in_channels == 2 * latent_shape[0] + 1:
+        raise ConfigError(f"unet.in_channels={unet.in_channels} is an inpainting UNet, which encodes each masked image "
+                          "while training: set ldm_stage.cache_latents=false")
     data_overrides = {}
     if s.cache_latents:
         if first_stage is None:
@@ -471,20 +572,26 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
         t0 = time.perf_counter()
         cache = cache_for_vae(cfg.data.train_shards, out / "latents", first_stage, cfg.data.image_size,
                               cfg.data.get("image_mode", "RGB"), s.cache_batch_size)
-        rank_zero_info(f"latent cache: {cache} ({time.perf_counter() - t0:.0f} s)")
         data_overrides = {"source": "latents", "train_shards": str(cache)}
+        if cfg.data.get("val_shards") is not None:  # the validation images are encoded once too (their mean is used)
+            val_cache = cache_for_vae(cfg.data.val_shards, out / "latents_val", first_stage, cfg.data.image_size,
+                                      cfg.data.get("image_mode", "RGB"), s.cache_batch_size)
+            data_overrides["val_shards"] = str(val_cache)
+        rank_zero_info(f"latent cache: {cache} ({time.perf_counter() - t0:.0f} s)")
     check_cache_shape(cfg, latent_shape)
-    module = build_diffusion_module(cfg, unet, text_encoder, first_stage)
+    module = build_diffusion_module(cfg, unet, text_encoder, first_stage, lora_base)
     data = make_data(cfg, s, **data_overrides)
     stage_dir = out / "ldm"
     headline(f"ldm stage: {s.max_steps} steps at batch {s.batch_size}; {parts_summary(module)}; output {stage_dir}")
     save_config(cfg, stage_dir)
-    trainer = make_trainer(cfg, stage_dir, s.max_steps, make_callbacks(cfg.callbacks.get("ldm")),
+    trainer = make_trainer(with_validation(cfg), stage_dir, s.max_steps, make_callbacks(cfg.callbacks.get("ldm")),
                            make_logger(cfg, "ldm", stage_dir, resume_step))
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     seconds = time.perf_counter() - t0
     finish_fit(cfg, trainer)
+    if lora_base is not None and trainer.is_global_zero:  # the adapters as the SD ecosystem reads them
+        export_lora(unet, text_encoder, stage_dir / "lora.safetensors")
     last = stage_dir / "checkpoints" / "last.ckpt"
     rank_zero_info(f"ldm stage: {seconds:.0f} s, {_last_metrics(trainer, 'train/loss')}; saved {last}")
     return last

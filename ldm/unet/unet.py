@@ -128,10 +128,18 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
 
-    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None) -> None:
+    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None,
+                      concat: torch.Tensor | None = None) -> None:
         """Raise ValueError with an actionable message when the inputs cannot run through this UNet."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        if concat is not None:
+            if concat.ndim != 4 or concat.shape[0] != x.shape[0] or concat.shape[-2:] != x.shape[-2:] or \
+                    x.shape[1] + concat.shape[1] != self.in_channels:
+                raise ValueError(f"concat must be [B, {self.in_channels} - x channels, H, W] like x "
+                                 f"{tuple(x.shape)} (in_channels={self.in_channels}), got {tuple(concat.shape)}")
+        elif x.ndim != 4 or x.shape[1] != self.in_channels:
+            hint = (" (an inpainting UNet: pass the mask and masked-image latents as concat)"
+                    if x.ndim == 4 and x.shape[1] < self.in_channels else "")
+            raise ValueError(f"x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}{hint}")
         factor = 2 ** (self.num_levels - 1)
         bad = [s for s in x.shape[-2:] if s % factor]
         if bad:
@@ -167,9 +175,13 @@ class UNet(nn.Module):
         t: torch.Tensor | float | int,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict from noisy latents ``x`` [B, C, H, W] at timesteps ``t`` ([B] or scalar), context [B, L, D]."""
-        self._check_inputs(x, context, y)
+        """Predict from noisy latents ``x`` [B, C, H, W] at timesteps ``t`` ([B] or scalar), context [B, L, D].
+
+        ``concat`` holds extra input channels joined after ``x`` (an inpainting UNet's mask and masked-image latents,
+        diffusers' order), so samplers and losses keep handling ``x`` alone."""
+        self._check_inputs(x, context, y, concat)
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -178,7 +190,7 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y)
         if self.context_emb is not None:
             emb = emb + self.context_emb(context.mean(dim=1).to(emb.dtype))
-        h = x
+        h = x if concat is None else torch.cat([x, concat.to(x.dtype)], dim=1)
         skips = []
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)

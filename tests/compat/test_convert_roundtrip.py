@@ -21,6 +21,7 @@ from ldm.convert.__main__ import main as convert_main
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.unet import UNet
 from tests.module_factory import diffusion_module
+from tests.module_factory import randomize as _randomize
 
 ROOT = Path(__file__).resolve().parents[2]
 HF_TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
@@ -44,14 +45,6 @@ def read_sd_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
     obj = torch.load(path, weights_only=True)
     return obj["state_dict"], obj.get("ldm_metadata", {})
-
-
-def _randomize(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module.eval()
 
 
 @pytest.fixture(scope="module")

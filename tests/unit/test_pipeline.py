@@ -16,6 +16,7 @@ from ldm.diffusion import sample_loop as _sample_loop
 from ldm.diffusion.schedules import SD_SCHEDULE
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.unet import UNet
+from tests.module_factory import randomize as _randomize
 
 HF_TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
                max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407)
@@ -31,14 +32,6 @@ def sample_loop(denoise, scheduler, x, context, uncond=None, guidance_scale=1.0,
     if guide is not None or autoguidance_scale != 1.0:
         guidance = AutoGuidance(guide, autoguidance_scale, guide_context, cfg=guidance)
     return _sample_loop(denoise, scheduler, x, context, guidance, **kw)
-
-
-def _randomize(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module.eval()
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -1,0 +1,78 @@
+"""The evaluation callback's settings: off without reference statistics, and every missing or mismatched input a
+ConfigError when it is built (before training), naming the config entry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.errors import ConfigError
+from ldm.eval.metrics import ENV_VARS, save_stats
+from ldm.lightning.evaluation import Evaluation, check_evaluation
+
+
+@pytest.fixture(autouse=True)
+def _no_env_weights(monkeypatch):
+    for var in ENV_VARS.values():
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def files(tmp_path):
+    feats = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    save_stats(tmp_path / "ref.npz", feats, {"extractor": "inception-v3-compat"})
+    save_stats(tmp_path / "clip.npz", feats, {"extractor": "clip-vit-b-32"})
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"not loaded at construction")
+    return tmp_path
+
+
+def test_off_without_reference_statistics_checks_nothing():
+    callback = Evaluation(weights_path="/nowhere.pth", captions=None)
+    assert not callback.enabled
+    callback.on_train_end(None, None)  # no-ops: nothing is generated
+    check_evaluation("callbacks.ldm.evaluation", {"ref_stats": None}, text_conditioned=True)
+
+
+def test_enabled_resolves_weights_and_cycles_captions(files, monkeypatch):
+    callback = Evaluation(str(files / "ref.npz"), weights_path=str(files / "weights.pth"), n=5, captions=["a", "b"])
+    assert callback.enabled and callback.weights_path == str(files / "weights.pth")
+    assert callback.captions_of(range(5)) == ["a", "b", "a", "b", "a"]
+    monkeypatch.setenv("LDM_INCEPTION_WEIGHTS", str(files / "weights.pth"))
+    from_env = Evaluation(str(files / "ref.npz"), captions_file=None)
+    assert from_env.weights_path == str(files / "weights.pth") and from_env.captions_of([3]) == [""]
+    (files / "captions.txt").write_text("one\n\n two \n")
+    assert Evaluation(str(files / "ref.npz"), captions_file=str(files / "captions.txt")).captions == ["one", "two"]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"weights_path": "MISSING"}, "does not exist"),
+    ({"weights_path": None}, "LDM_INCEPTION_WEIGHTS"),
+    ({"ref_stats": "nowhere.npz"}, "does not exist"),
+    ({"ref_stats": "clip.npz"}, "clip-vit-b-32 features"),
+    ({"n": 1}, "n must be an integer >= 2"),
+    ({"every_n_steps": -1}, "every_n_steps"),
+    ({"captions_file": "none.txt"}, "no such file"),
+])
+def test_bad_inputs_are_config_errors_naming_the_entry(files, kwargs, message):
+    args = {"ref_stats": "ref.npz", "weights_path": "weights.pth", "captions": ["x"], **kwargs}
+    paths = ("ref_stats", "weights_path", "captions_file")
+    args = {k: str(files / v) if k in paths and v is not None else v for k, v in args.items()}
+    with pytest.raises(ConfigError, match=message) as err:
+        check_evaluation("callbacks.ldm.evaluation", args, text_conditioned=False)
+    assert str(err.value).startswith("callbacks.ldm.evaluation: ")
+
+
+def test_kid_needs_reference_features_and_text_models_need_captions(files):
+    import numpy as np
+
+    np.savez(files / "mu_sigma.npz", mu=np.zeros(8), sigma=np.eye(8))  # a pytorch-fid style file: no features
+    weights = str(files / "weights.pth")
+    Evaluation(str(files / "mu_sigma.npz"), weights_path=weights)  # FID alone is fine
+    with pytest.raises(ConfigError, match="kid=true needs the reference features"):
+        Evaluation(str(files / "mu_sigma.npz"), weights_path=weights, kid=True)
+    with pytest.raises(ConfigError, match="captions"):
+        check_evaluation("callbacks.ldm.evaluation", {"ref_stats": str(files / "ref.npz"), "weights_path": weights},
+                         text_conditioned=True)
+    with pytest.raises(ConfigError, match="unexpected keyword"):
+        check_evaluation("callbacks.ldm.evaluation", {"ref_stats": str(files / "ref.npz"), "typo": 1}, True)
