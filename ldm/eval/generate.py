@@ -22,7 +22,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ldm.checkpoint import atomic_write_bytes
 from ldm.errors import ConfigError
 from ldm.pipeline import LatentDiffusionPipeline
 
@@ -115,18 +115,8 @@ def default_device() -> torch.device:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """``data`` to a temporary name beside ``path``, fsync, rename: a killed job leaves whole files or none (no
-    directory scan per file, unlike ldm.checkpoint.atomic_write: DIR may hold 30k images)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``data`` written atomically, without a folder scan per file (DIR may hold 30k images)."""
+    atomic_write_bytes(path, data, many=True)
 
 
 def _png_bytes(image: Image.Image) -> bytes:
