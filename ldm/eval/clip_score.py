@@ -27,6 +27,7 @@ from PIL import Image
 
 from ldm.data.make_shards import IMAGE_SUFFIXES
 from ldm.errors import ConfigError
+from ldm.eval.generate import read_captions
 
 ENV_VAR = "LDM_CLIP_WEIGHTS"
 HF_MODEL = "openai/clip-vit-large-patch14"  # torchmetrics' default CLIP, the usual one for text-to-image papers
@@ -222,7 +223,7 @@ def read_pairs(folder: str | os.PathLike, captions_file: str | os.PathLike | Non
         raise ConfigError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}): generate them first "
                           "(python -m ldm.eval.generate) or point at the right folder")
     if captions_file is not None:
-        lines = _read_lines(Path(captions_file))
+        lines = read_captions(Path(captions_file))
         numbered = all(p.stem.isdigit() for p in files)
         return [(p, lines[(int(p.stem) if numbered else k) % len(lines)]) for k, p in enumerate(files)]
     pairs = []
@@ -233,15 +234,6 @@ def read_pairs(folder: str | os.PathLike, captions_file: str | os.PathLike | Non
                               "one per image) or pass --captions FILE")
         pairs.append((p, txt.read_text(encoding="utf-8").strip()))
     return pairs
-
-
-def _read_lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise ConfigError(f"--captions {path}: no such file; give a text file with one caption per line")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise ConfigError(f"--captions {path} holds no captions (only blank lines); write one caption per line")
-    return lines
 
 
 def _open(path: Path) -> Image.Image:

@@ -74,17 +74,17 @@ def generate_images(pipe: LatentDiffusionPipeline, captions: Sequence[str], indi
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def read_captions(path: str | os.PathLike) -> list[str]:
-    """The non-blank lines of ``path``, stripped."""
+def read_captions(path: str | os.PathLike, option: str = "--captions ") -> list[str]:
+    """The non-blank lines of ``path``, stripped; ``option`` names the flag or config key in the errors."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--captions {path}: no such file; give a text file with one caption per line")
+        raise ConfigError(f"{option}{path}: no such file; give a text file with one caption per line")
     try:
         captions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as err:
-        raise ConfigError(f"--captions {path} is not UTF-8 text ({err}); give one caption per line") from None
+        raise ConfigError(f"{option}{path} is not UTF-8 text ({err}); give one caption per line") from None
     if not captions:
-        raise ConfigError(f"--captions {path} holds no captions (only blank lines); write one caption per line")
+        raise ConfigError(f"{option}{path} holds no captions (only blank lines); write one caption per line")
     return captions
 
 

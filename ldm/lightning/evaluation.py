@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ldm.data.transforms import pil_to_uint8
 from ldm.errors import ConfigError
 from ldm.eval.generate import generate_images
+from ldm.eval.generate import read_captions as read_caption_file
 from ldm.eval.metrics import (
     DEFAULT_EXTRACTOR,
     FeatureExtractor,
@@ -44,13 +45,7 @@ EVALUATION_TARGET = "ldm.lightning.evaluation.Evaluation"
 def read_captions(captions: Sequence[str] | None, captions_file: str | None) -> list[str]:
     """The fixed captions: the list, or the non-empty lines of ``captions_file`` (one caption a line)."""
     if captions_file:
-        path = Path(captions_file)
-        if not path.is_file():
-            raise ConfigError(f"captions_file={captions_file}: no such file (one caption a line)")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not lines:
-            raise ConfigError(f"captions_file={captions_file} holds no captions (one caption a line)")
-        return lines
+        return read_caption_file(captions_file, option="captions_file=")
     return [str(c) for c in captions or []]
 
 
