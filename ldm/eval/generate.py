@@ -71,6 +71,18 @@ def generate_images(pipe: LatentDiffusionPipeline, captions: Sequence[str], indi
     return images
 
 
+def judge_samples(pipe: LatentDiffusionPipeline, captions: Sequence[str], *, seed: int = 0, batch_size: int = 100,
+                  **call_kwargs: Any) -> torch.Tensor:
+    """The built-in judges' samples as uint8 [N, C, H, W]: batches of ``batch_size`` captions, the batch that starts
+    at image i drawing from one CPU generator seeded ``seed + i`` (the protocol their recorded figures use)."""
+    out = []
+    for i in range(0, len(captions), batch_size):
+        x = pipe(list(captions[i:i + batch_size]), generator=torch.Generator().manual_seed(seed + i),
+                 output_type="tensor", **call_kwargs)
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().byte().cpu())
+    return torch.cat(out)
+
+
 # ---------------------------------------------------------------------------------------------- command line
 
 
@@ -114,11 +126,6 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """``data`` written atomically, without a folder scan per file (DIR may hold 30k images)."""
-    atomic_write_bytes(path, data, many=True)
-
-
 def _png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -152,7 +159,7 @@ def _check_settings(out: Path, settings: dict[str, Any], rank: int) -> None:
         if old.get("n", 0) >= settings["n"]:
             return
     if rank == 0:
-        _write_atomic(path, (json.dumps(settings, indent=2) + "\n").encode())
+        atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
 
 
 def _positive_int(name: str, value: int) -> int:
@@ -210,7 +217,7 @@ def run(args: argparse.Namespace) -> tuple[int, int, Path]:
         images = generate_images(pipe, texts, chunk, seed=args.seed, batch_size=batch_size, **call)
         for i, text, image in zip(chunk, texts, images, strict=True):
             _write_caption(out, i, text, present)  # before the PNG: a PNG on disk always has its caption
-            _write_atomic(out / f"{i:06d}.png", _png_bytes(image))
+            atomic_write_bytes(out / f"{i:06d}.png", _png_bytes(image), many=True)  # DIR may hold 30k files
         progress.update(len(chunk))
     progress.close()
     return len(todo), len(mine) - len(todo), out
@@ -220,7 +227,7 @@ def _write_caption(out: Path, i: int, text: str, present: set[str]) -> None:
     path = out / f"{i:06d}.txt"
     if path.name in present and path.read_text(encoding="utf-8") == text:
         return
-    _write_atomic(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), many=True)
 
 
 def main(argv: list[str] | None = None) -> int:

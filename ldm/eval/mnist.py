@@ -24,6 +24,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from ldm.data.builtin.mnist import DIGIT_NAMES, MNISTDataset, caption_for
 from ldm.errors import ConfigError
 from ldm.eval.digits import DigitClassifier, classify, load_classifier
+from ldm.eval.generate import judge_samples
 
 DEFAULT_CLASSIFIER = "outputs/classifiers/mnist.pt"
 
@@ -89,14 +90,10 @@ def evaluate(pipe, classifier: DigitClassifier, n: int = 500, guidance_scales=(N
     results = {}
     for scale in guidance_scales:
         t0 = time.perf_counter()
-        images = []
-        for i in range(0, n, batch):
-            g = torch.Generator().manual_seed(seed + i)
-            out = pipe(captions[i:i + batch], guidance_scale=scale, num_inference_steps=steps, sampler=sampler,
-                       generator=g, output_type="tensor")
-            images.append(((out.clamp(-1, 1) + 1) * 127.5).round().byte().cpu())
+        images = judge_samples(pipe, captions, seed=seed, batch_size=batch, guidance_scale=scale,
+                               num_inference_steps=steps, sampler=sampler)
         label = pipe.sampling.guidance_scale if scale is None else scale
-        results[f"guidance_{label:g}"] = {**judge_images(torch.cat(images), labels, classifier, seed, reference),
+        results[f"guidance_{label:g}"] = {**judge_images(images, labels, classifier, seed, reference),
                                           "seconds": time.perf_counter() - t0}
     return results
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ldm.data.builtin.shapes import BACKGROUND, COLORS, POSITIONS, ShapesDataset, caption_for
+from ldm.eval.generate import judge_samples
 
 ATTRIBUTES = ("color", "shape", "position")
 
@@ -121,13 +122,10 @@ def evaluate(pipe, n: int = 500, guidance_scales=(None,), steps: int | None = No
     results = {}
     for scale in guidance_scales:
         t0 = time.perf_counter()
-        images = []
-        for i in range(0, n, batch):
-            g = torch.Generator().manual_seed(seed + i)
-            out = pipe(captions[i:i + batch], guidance_scale=scale, num_inference_steps=steps, sampler=sampler,
-                       generator=g, output_type="tensor", guidance_interval=guidance_interval,
-                       autoguidance_scale=autoguidance_scale)
-            images += list(((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+        samples = judge_samples(pipe, captions, seed=seed, batch_size=batch, guidance_scale=scale,
+                                num_inference_steps=steps, sampler=sampler, guidance_interval=guidance_interval,
+                                autoguidance_scale=autoguidance_scale)
+        images = list(samples.permute(0, 2, 3, 1).numpy())
         label = pipe.sampling.guidance_scale if scale is None else scale
         results[f"guidance_{label:g}"] = {**score(images, captions), "seconds": time.perf_counter() - t0}
     if pipe.vae is not None:
