@@ -17,7 +17,7 @@ import os
 import pickle
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ STATS_SUFFIX = ".npz"
 # the data layer's image extensions, as (lowercase) shard member extensions
 _SHARD_IMAGE_EXTS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
 
-ImageSource = str | os.PathLike | torch.Tensor | Sequence[Image.Image]
+ImageSource = str | os.PathLike | torch.Tensor | Sequence[Image.Image] | Mapping[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -197,11 +197,16 @@ def _describe(source: Any) -> str:
         return f"a tensor of shape {tuple(source.shape)}"
     if isinstance(source, str | os.PathLike):
         return str(source)
+    if isinstance(source, Mapping):
+        return f"statistics of {source.get('n')} images"
     return f"a list of {len(source)} images"
 
 
 def _kind(source: Any) -> str:
-    """``tensor``, ``pil``, ``stats``, ``shards`` or ``folder``; ConfigError for a path that does not exist."""
+    """``tensor``, ``pil``, ``stats`` (an ``.npz`` or statistics already in memory, as ``load_stats`` and
+    ``features_to_stats`` return them), ``shards`` or ``folder``; ConfigError for a path that does not exist."""
+    if isinstance(source, Mapping):
+        return "stats"
     if isinstance(source, torch.Tensor):
         return "tensor"
     if isinstance(source, Sequence) and not isinstance(source, str | bytes):
@@ -313,22 +318,31 @@ def iter_images(source: ImageSource, limit: int | None = None) -> Iterator[torch
 # ---------------------------------------------------------------------------------------------- statistics
 
 
-def save_stats(path: str | os.PathLike, features: torch.Tensor, metadata: dict[str, Any] | None = None) -> None:
-    """Write ``mu``, ``sigma`` (torch-fidelity's statistics of ``features``, float64), ``features`` (float32),
-    ``n`` and ``metadata`` (extractor, resize, ...: one string or number per key) to an ``.npz``, atomically."""
+def features_to_stats(features: torch.Tensor, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Statistics in memory, as ``load_stats`` returns them: ``mu``, ``sigma`` (torch-fidelity's statistics of
+    ``features``, float64), ``features`` (float32, CPU), ``n`` and the ``metadata`` keys."""
     from torch_fidelity.metric_fid import fid_features_to_statistics
 
-    if str(path)[-len(STATS_SUFFIX):] != STATS_SUFFIX:
-        raise ConfigError(f"statistics file {path} must end in {STATS_SUFFIX}")
     if features.dim() != 2 or len(features) < 2:
         raise ConfigError(f"statistics need features [N, D] with N >= 2, got shape {tuple(features.shape)}")
-    feats = features.detach().cpu()
+    feats = features.detach().cpu().float()
     stats = fid_features_to_statistics(feats.double())
-    arrays: dict[str, np.ndarray] = {"mu": stats["mu"], "sigma": stats["sigma"], "features": feats.float().numpy(),
-                                     "n": np.asarray(len(feats), dtype=np.int64)}
-    for key, value in (metadata or {}).items():
-        if key in arrays:
+    out: dict[str, Any] = {"extractor": None, "resize": None, **(metadata or {})}
+    for key in ("mu", "sigma", "features", "n"):
+        if key in out:
             raise ValueError(f"metadata key {key!r} would overwrite the statistics")
+    return {**out, "mu": stats["mu"], "sigma": stats["sigma"], "features": feats, "n": len(feats)}
+
+
+def save_stats(path: str | os.PathLike, features: torch.Tensor, metadata: dict[str, Any] | None = None) -> None:
+    """Write ``features_to_stats(features, metadata)`` to an ``.npz``, atomically (metadata: one string or number
+    per key)."""
+    if str(path)[-len(STATS_SUFFIX):] != STATS_SUFFIX:
+        raise ConfigError(f"statistics file {path} must end in {STATS_SUFFIX}")
+    stats = features_to_stats(features, metadata)
+    arrays: dict[str, np.ndarray] = {"mu": stats["mu"], "sigma": stats["sigma"],
+                                     "features": stats["features"].numpy(), "n": np.asarray(stats["n"], np.int64)}
+    for key, value in (metadata or {}).items():
         arrays[key] = np.asarray(value if isinstance(value, str | int | float) else json.dumps(value))
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -441,13 +455,13 @@ def compute_metrics(gen: ImageSource, ref: ImageSource, *, extractor: str = DEFA
     need_features = kid or prc
     for side in sides:  # every input check before the network is loaded
         if side.kind == "stats":
-            side.stats = load_stats(side.source)
-            _check_stats_extractor(side.stats, extractor, str(side.source))
+            side.stats = side.source if isinstance(side.source, Mapping) else load_stats(side.source)
+            _check_stats_extractor(side.stats, extractor, _describe(side.source))
             if need_features and side.stats["features"] is None:
                 wanted = " and ".join(w for w, on in (("KID", kid), ("precision/recall", prc)) if on)
-                raise ConfigError(f"{wanted} need features, and {side.source} holds only mu/sigma (a pytorch-fid or "
-                                  "clean-fid file?): compute the reference with python -m ldm.eval.ref_stats, which "
-                                  "stores the features, or ask for FID alone")
+                raise ConfigError(f"{wanted} need features, and {_describe(side.source)} holds only mu/sigma (a "
+                                  "pytorch-fid or clean-fid file?): compute the reference with python -m "
+                                  "ldm.eval.ref_stats, which stores the features, or ask for FID alone")
             side.features = side.stats["features"] if need_features else None
         else:
             _check_count(side, count_images(side.source), kid, prc)

@@ -16,9 +16,7 @@ hyperparameters under ``eval_protocol``.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -33,9 +31,9 @@ from ldm.eval.metrics import (
     DEFAULT_EXTRACTOR,
     FeatureExtractor,
     compute_metrics,
+    features_to_stats,
     load_stats,
     resolve_weights,
-    save_stats,
 )
 from ldm.lightning.preemption import preempted
 
@@ -97,6 +95,7 @@ class Evaluation(L.Callback):
         self.weights_path: str | None = weights_path
         self._done_step: int | None = None
         self._extractor: FeatureExtractor | None = None
+        self._ref: dict[str, Any] | None = None  # the reference statistics, loaded by _check
         self._protocol_logged = False
         if self.enabled:
             self._check()
@@ -107,7 +106,7 @@ class Evaluation(L.Callback):
                                 ("metric_batch_size", self.metric_batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
-        stats = load_stats(self.ref_stats)  # a ConfigError names a missing or unreadable file
+        stats = self._ref = load_stats(self.ref_stats)  # a ConfigError names a missing or unreadable file
         if stats.get("extractor") not in (None, self.extractor):
             raise ConfigError(f"ref_stats={self.ref_stats} holds {stats['extractor']} features, but the evaluation "
                               f"uses {self.extractor}: recompute it (python -m ldm.eval.ref_stats --feature-extractor "
@@ -177,11 +176,10 @@ class Evaluation(L.Callback):
         values: dict[str, float] | None = None
         if trainer.is_global_zero:
             assert self._extractor is not None
-            with tempfile.TemporaryDirectory() as tmp:  # the generated side as statistics: no second extraction
-                gen = Path(tmp) / "generated.npz"
-                save_stats(gen, features, {k: v for k, v in self._extractor.meta.items() if v is not None})
-                m = compute_metrics(gen, self.ref_stats, extractor=self.extractor, fid=True, kid=self.kid,
-                                    kid_subset_size=self.kid_subset_size)
+            # both sides as statistics in memory: the gathered features, and the reference loaded once at start-up
+            gen = features_to_stats(features, {k: v for k, v in self._extractor.meta.items() if v is not None})
+            m = compute_metrics(gen, self._ref, extractor=self.extractor, fid=True, kid=self.kid,
+                                kid_subset_size=self.kid_subset_size)
             values = {f"eval/fid_n{self.n}": m["fid"]}
             if self.kid:
                 values[f"eval/kid_n{self.n}"] = m["kid_mean"]

@@ -25,6 +25,7 @@ from ldm.eval import ref_stats as ref_stats_cli
 from ldm.eval.metrics import (
     compute_metrics,
     extract_features,
+    features_to_stats,
     iter_images,
     load_stats,
     resolve_weights,
@@ -195,6 +196,18 @@ def test_kid_subset_clamped_with_warning(stats_files, oracle):
         m = compute_metrics(gen_npz, ref_npz, fid=False, kid=True)  # default subset 1000 > 6
     assert _close(m["kid_mean"], oracle["kernel_inception_distance_mean"])
     assert m.meta["kid_subset_size"] == N_REF
+
+
+def test_statistics_in_memory_equal_the_files(stats_files, oracle):
+    """A training callback's inputs: features gathered in memory against a reference loaded once."""
+    gen_npz, ref_npz = stats_files
+    gen = features_to_stats(load_stats(gen_npz)["features"], {"extractor": "inception-v3-compat"})
+    m = compute_metrics(gen, load_stats(ref_npz), kid=True, kid_subset_size=N_REF)
+    assert _close(m["fid"], oracle["frechet_inception_distance"])
+    assert _close(m["kid_mean"], oracle["kernel_inception_distance_mean"])
+    assert m["n_gen"] == N_GEN and m["n_ref"] == N_REF
+    with pytest.raises(ValueError, match="overwrite"):
+        features_to_stats(gen["features"], {"mu": 0})
 
 
 def test_pytorch_fid_style_npz(stats_files, oracle, tmp_path):
