@@ -278,7 +278,7 @@ def read_lora_checkpoint(path: str | os.PathLike) -> dict[str, tuple[dict[str, t
 def _lora_parts(header: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> tuple[nn.Module, ...]:
     """The parts of a LoRA checkpoint: built from its header, the base weights from its base file (checked) as
     training loaded them (``ldm.convert.init_from_sd``), then the adapters."""
-    from ldm.convert import init_from_sd, load_sd_checkpoint
+    from ldm.convert import init_from_sd
     from ldm.lora import load_lora_state_dict
 
     lora = header["lora"]
@@ -290,13 +290,47 @@ def _lora_parts(header: dict[str, Any], state: dict[str, torch.Tensor], path: Pa
     heads = {k: kwargs[k] for k in ("num_heads", "num_head_channels") if k in kwargs}
     pretrained = text is not None and any(header["text_encoder"]["kwargs"].get(k) is not None
                                           for k in ("pretrained_path", "pretrained"))
-    init_from_sd(load_sd_checkpoint(base, unet_kwargs=heads), str(base), unet, text, first_stage,
+    init_from_sd(load_init_checkpoint(base, unet_kwargs=heads), str(base), unet, text, first_stage,
                  text_encoder_pretrained=pretrained)
     for name, module in (("unet", unet), ("text_encoder", text)):
         if lora.get(name) is not None:
             load_lora_state_dict(module, lora_weights(state, f"{name}."), lora[name]["alphas"],
                                  lora[name].get("dropout", 0.0))
     return unet, text, first_stage
+
+
+def load_init_checkpoint(path: str | os.PathLike, unet_kwargs: dict[str, Any] | None = None):
+    """The weights a run starts from (``init_ckpt``) as ``ldm.convert.SDCheckpoint``: an original SD single file,
+    or an ldm checkpoint (``RUN/ldm/checkpoints/*.ckpt``: its EMA UNet, its text encoder and its first stage, with
+    the latent scale it was trained on). ``unet_kwargs`` (heads) apply to SD files, which do not always record them.
+
+    An ldm checkpoint is read here rather than converted to an SD file first because the SD layout has no place for
+    a from-scratch text encoder or a pixel-space model; an adapter-only (LoRA) checkpoint is refused, since its
+    weights are not a base model."""
+    from ldm.convert import SDCheckpoint, load_sd_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"init_ckpt={path}: no such file; give an SD single file (.safetensors/.ckpt) or an ldm "
+                          "checkpoint (RUN/ldm/checkpoints/last.ckpt)")
+    if path.suffix != ".safetensors":
+        ckpt = read_checkpoint(path)
+        if checkpoint_kind(ckpt) == "latent_diffusion":
+            header = _ldm_header(ckpt, path)
+            if header.get("lora") is not None:
+                raise ConfigError(f"init_ckpt={path} is a LoRA run's checkpoint (adapters only): start from its base "
+                                  f"{header['lora']['base']['path']}, or merge the adapters into a full model first")
+            del ckpt
+            parts = load_parts(path)
+            first = parts.first_stage
+            scale = None if first is None else float(first.config.get("scale_factor", 1.0))
+            text = {} if parts.text_encoder is None else parts.text_encoder.state_dict()
+            return SDCheckpoint(parts.unet, first, text, scale, parts.prediction_type, parts.schedule,
+                                parts.sampling.to_dict())
+        if checkpoint_kind(ckpt) == "autoencoder":
+            raise ConfigError(f"init_ckpt={path} is an autoencoder (vae.ckpt): pass it as vae_ckpt=, and as "
+                              "init_ckpt an ldm checkpoint or SD single file")
+    return load_sd_checkpoint(path, unet_kwargs=unet_kwargs)
 
 
 def save_autoencoder(path: str | os.PathLike, vae: nn.Module, config: dict[str, Any] | None = None) -> None:

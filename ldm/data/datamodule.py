@@ -403,7 +403,7 @@ class ShardDataModule(L.LightningDataModule):
 
         report = make_shards(self.builtin["source"], out, maxcount=self.builtin.get("maxcount", 1000),
                              size=self.builtin.get("size"), length=self.builtin.get("length"),
-                             seed=self.builtin.get("seed", 0), log=None)
+                             seed=self.builtin.get("seed", 0), log=None, colors=self.builtin.get("colors"))
         print(f"built-in dataset {self.builtin['source']!r} -> {out}: {report.text()}")
 
     def setup(self, stage: str | None = None) -> None:

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,12 +136,20 @@ def folder_items(src: Path) -> list[Item]:
     return [make(p) for p in files]
 
 
-def builtin_items(name: str, length: int | None, size: int | None, seed: int) -> list[Item]:
-    """The items of a built-in dataset (``length`` None: its default; ``size`` None: 32 for shapes)."""
+def builtin_items(name: str, length: int | None, size: int | None, seed: int,
+                  colors: Sequence[str] | None = None) -> list[Item]:
+    """The items of a built-in dataset (``length`` None: its default; ``size`` None: 32 for shapes; ``colors``:
+    the shapes' palette, None for the default seven)."""
+    if colors is not None and name != "shapes":
+        raise ConfigError(f"colors= applies to the shapes dataset only, not {name!r}")
     if name == "shapes":
         from ldm.data.builtin.shapes import ShapesDataset
 
-        ds = ShapesDataset(size=32 if size is None else size, seed=seed, length=10_000 if length is None else length)
+        try:
+            ds = ShapesDataset(size=32 if size is None else size, seed=seed,
+                               length=10_000 if length is None else length, colors=colors)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
         def shape_item(i: int) -> Item:
             def load() -> tuple[Image.Image | bytes, str, dict[str, Any]]:
@@ -209,6 +217,7 @@ def make_shards(
     length: int | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = print,
+    colors: Sequence[str] | None = None,
 ) -> Report:
     """Write (or complete) the shards of ``src`` into ``out``; returns the counts, with skip reasons.
 
@@ -223,7 +232,7 @@ def make_shards(
     name = str(src)
     resize = size  # shorter side to resize to when encoding (None: keep)
     if name in BUILTINS and not Path(name).is_dir():
-        items = builtin_items(name, length, size, seed)
+        items = builtin_items(name, length, size, seed, colors)
         if name == "shapes":
             resize = None  # shapes draws at the requested size; mnist's 28 px digits are resized
         fmt = fmt or "png"
@@ -311,9 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=("png", "jpg"), default=None, help="image encoding (default: keep / png)")
     p.add_argument("--length", type=int, default=None, help="builtin: number of items")
     p.add_argument("--seed", type=int, default=0, help="builtin shapes: dataset seed")
+    p.add_argument("--colors", nargs="+", default=None,
+                   help="builtin shapes: the colours to draw (default: the seven; extra ones: cyan)")
     a = p.parse_args(argv)
     try:
-        make_shards(a.src, a.out, maxcount=a.maxcount, size=a.size, fmt=a.format, length=a.length, seed=a.seed)
+        make_shards(a.src, a.out, maxcount=a.maxcount, size=a.size, fmt=a.format, length=a.length, seed=a.seed,
+                    colors=a.colors)
     except ConfigError as err:  # a wrong input: its message, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,10 +1,12 @@
 """The shapes judge: read colour, shape and position back from the pixels of generated images.
 
     python -m ldm.eval.shapes CKPT [--n 500] [--guidance 1 3 5] [--steps N] [--sampler NAME]
-        [--guidance-interval LO HI] [--json OUT]
+        [--guidance-interval LO HI] [--colors C ...] [--palette C ...] [--lora FILE] [--json OUT]
 
 It samples random captions of the ``shapes`` grammar, generates one image per caption, and reports per-attribute
 and full-match accuracy for each guidance scale, plus the VAE's reconstruction PSNR on held-out dataset images.
+``--colors`` draws the captions' colours from another list (e.g. ``cyan``, an extra colour a LoRA taught); the
+colours read back are the seven, those and ``--palette``'s.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import json
 import math
 import random
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ldm.data.builtin.shapes import BACKGROUND, COLORS, POSITIONS, ShapesDataset, caption_for
+from ldm.data.builtin.shapes import BACKGROUND, COLORS, PALETTE, POSITIONS, ShapesDataset, caption_for, check_colors
 from ldm.eval.generate import judge_samples
 
 ATTRIBUTES = ("color", "shape", "position")
@@ -32,8 +35,9 @@ class Reading:
     position: str | None
 
 
-def read_image(image: np.ndarray, threshold: float = 60.0) -> Reading:
-    """Classify one RGB uint8 image [H, W, 3].
+def read_image(image: np.ndarray, threshold: float = 60.0,
+               palette: Mapping[str, tuple[int, int, int]] = COLORS) -> Reading:
+    """Classify one RGB uint8 image [H, W, 3]; the colour is the nearest of ``palette``'s.
 
     Two passes: pixels more than ``threshold`` from the background colour give the shape's colour (their median);
     then the foreground is every pixel nearer that colour than the background (past half the distance between them,
@@ -49,7 +53,7 @@ def read_image(image: np.ndarray, threshold: float = 60.0) -> Reading:
         return Reading(None, None, None)
     size = image.shape[0]
     median = np.median(arr[mask], axis=0)
-    color = min(COLORS, key=lambda c: float(np.sum((median - np.array(COLORS[c])) ** 2)))
+    color = min(palette, key=lambda c: float(np.sum((median - np.array(palette[c])) ** 2)))
     mask = dist > max(threshold, 0.5 * float(np.linalg.norm(median - background)))
     if mask.sum() < 4:
         return Reading(color, None, None)
@@ -79,12 +83,13 @@ def parse_caption(caption: str) -> Reading:
     return Reading(color, shape, words[1])
 
 
-def score(images: list[np.ndarray], captions: list[str]) -> dict[str, float]:
+def score(images: list[np.ndarray], captions: list[str],
+          palette: Mapping[str, tuple[int, int, int]] = COLORS) -> dict[str, float]:
     """Per-attribute and full-match accuracy of ``images`` against the captions they were generated from."""
     hits = {a: 0 for a in ATTRIBUTES}
     full = 0
     for image, caption in zip(images, captions, strict=True):
-        got, want = read_image(image), parse_caption(caption)
+        got, want = read_image(image, palette=palette), parse_caption(caption)
         ok = [getattr(got, a) == getattr(want, a) for a in ATTRIBUTES]
         for a, o in zip(ATTRIBUTES, ok, strict=True):
             hits[a] += o
@@ -93,10 +98,24 @@ def score(images: list[np.ndarray], captions: list[str]) -> dict[str, float]:
     return {**{a: hits[a] / n for a in ATTRIBUTES}, "full": full / n, "n": n}
 
 
-def random_captions(n: int, seed: int) -> list[str]:
+def summary(r: dict) -> str:
+    """One line of a score dict: full match and each attribute, n and seconds."""
+    return (f"full {r['full']:.1%}  color {r['color']:.1%}  shape {r['shape']:.1%}  position {r['position']:.1%}  "
+            f"(n={r['n']}, {r['seconds']:.0f}s)")
+
+
+def random_captions(n: int, seed: int, colors: Sequence[str] | None = None) -> list[str]:
+    """``n`` captions of uniformly drawn attributes, colours from ``colors`` (None: the seven)."""
     rng = random.Random(seed)
-    return [caption_for(rng.choice(list(COLORS)), rng.choice(["circle", "square", "triangle"]),
+    colors = list(check_colors(colors))
+    return [caption_for(rng.choice(colors), rng.choice(["circle", "square", "triangle"]),
                         rng.choice(list(POSITIONS))) for _ in range(n)]
+
+
+def judge_palette(*color_lists: Sequence[str] | None) -> dict[str, tuple[int, int, int]]:
+    """The colours the judge reads: the seven, plus every colour in ``color_lists``."""
+    names = list(COLORS) + [c for colors in color_lists if colors for c in check_colors(colors)]
+    return {c: PALETTE[c] for c in dict.fromkeys(names)}
 
 
 def vae_psnr(vae: torch.nn.Module, size: int, n: int = 256, seed: int = 12345) -> float:
@@ -113,12 +132,15 @@ def vae_psnr(vae: torch.nn.Module, size: int, n: int = 256, seed: int = 12345) -
 
 def evaluate(pipe, n: int = 500, guidance_scales=(None,), steps: int | None = None, sampler: str | None = None,
              seed: int = 0, batch: int = 100, guidance_interval: tuple[float, float] | None = None,
-             autoguidance_scale: float | None = None) -> dict:
+             autoguidance_scale: float | None = None, colors: Sequence[str] | None = None,
+             palette: Sequence[str] | None = None) -> dict:
     """Generate ``n`` images per guidance scale (None = the checkpoint's default) and score them.
 
-    ``guidance_interval`` and ``autoguidance_scale`` None sample with the checkpoint's.
+    ``guidance_interval`` and ``autoguidance_scale`` None sample with the checkpoint's. ``colors`` are the captions'
+    colours (None: the seven); the judge reads the seven, ``colors`` and ``palette``.
     """
-    captions = random_captions(n, seed)
+    captions = random_captions(n, seed, colors)
+    read = judge_palette(colors, palette)
     results = {}
     for scale in guidance_scales:
         t0 = time.perf_counter()
@@ -127,7 +149,7 @@ def evaluate(pipe, n: int = 500, guidance_scales=(None,), steps: int | None = No
                                 autoguidance_scale=autoguidance_scale)
         images = list(samples.permute(0, 2, 3, 1).numpy())
         label = pipe.sampling.guidance_scale if scale is None else scale
-        results[f"guidance_{label:g}"] = {**score(images, captions), "seconds": time.perf_counter() - t0}
+        results[f"guidance_{label:g}"] = {**score(images, captions, read), "seconds": time.perf_counter() - t0}
     if pipe.vae is not None:
         results["vae_psnr_db"] = vae_psnr(pipe.vae, pipe.sampling.image_size or 32)
     return results
@@ -149,16 +171,22 @@ def main(argv: list[str] | None = None) -> dict:
                    help="autoguidance scale (1 = off; default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--colors", nargs="+", default=None,
+                   help="the captions' colours (default: the seven; extra: cyan)")
+    p.add_argument("--palette", nargs="+", default=None, help="extra colours the judge also reads (e.g. cyan)")
+    p.add_argument("--lora", default=None, help="a LoRA file or LoRA run checkpoint to apply to CKPT")
+    p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     pipe = LatentDiffusionPipeline.from_checkpoint(args.ckpt)
+    if args.lora:
+        pipe.load_lora(args.lora, scale=args.lora_scale)
     scales = tuple(args.guidance) if args.guidance else (None,)
     results = evaluate(pipe, args.n, scales, args.steps, args.sampler, args.seed, args.batch, args.guidance_interval,
-                       args.autoguidance)
+                       args.autoguidance, args.colors, args.palette)
     for key, r in results.items():
         if isinstance(r, dict):
-            print(f"{key}: full {r['full']:.1%}  color {r['color']:.1%}  shape {r['shape']:.1%}  "
-                  f"position {r['position']:.1%}  (n={r['n']}, {r['seconds']:.0f}s)")
+            print(f"{key}: {summary(r)}")
         elif not math.isnan(r):
             print(f"{key}: {r:.2f}")
     if args.json:

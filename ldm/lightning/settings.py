@@ -152,7 +152,8 @@ def check_run(cfg: DictConfig) -> None:
         if cfg.get("vae_ckpt") and not Path(cfg.vae_ckpt).is_file():
             raise ConfigError(f"vae_ckpt={cfg.vae_ckpt}: no such file (the vae/vae.ckpt of a vae-stage run)")
         if not OmegaConf.is_missing(cfg, "init_ckpt") and cfg.get("init_ckpt") and not Path(cfg.init_ckpt).is_file():
-            raise ConfigError(f"init_ckpt={cfg.init_ckpt}: no such file (a Stable Diffusion .ckpt/.safetensors)")
+            raise ConfigError(f"init_ckpt={cfg.init_ckpt}: no such file (an SD .ckpt/.safetensors, or an ldm "
+                              "checkpoint RUN/ldm/checkpoints/last.ckpt)")
         check_evaluations(cfg)
     _int("seed", cfg.seed, 0)
     check_preemption(cfg.get("preemption"))

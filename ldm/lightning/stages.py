@@ -30,10 +30,11 @@ from ldm.checkpoint import (
     file_sha256,
     load_autoencoder,
     load_first_stage,
+    load_init_checkpoint,
     read_checkpoint,
     save_autoencoder,
 )
-from ldm.convert import init_from_sd, load_sd_checkpoint, load_sd_vae, sd_latent_scale
+from ldm.convert import init_from_sd, load_sd_vae, sd_latent_scale
 from ldm.data.cache_latents import cache_for_vae
 from ldm.data.masks import MaskSettings
 from ldm.diffusion import DiffusionLoss, NoiseSchedule
@@ -463,8 +464,7 @@ def apply_lora(cfg: DictConfig, lora: dict[str, Any], unet: torch.nn.Module, tex
     parts it is trained on must all come from that file."""
     if not init_ckpt:
         raise ConfigError("ldm_stage.lora.rank trains adapters on a base model: set init_ckpt=PATH, an SD single file "
-                          "(an ldm checkpoint converts to one: python -m ldm.convert RUN/ldm/checkpoints/last.ckpt "
-                          "base.safetensors)")
+                          "or an ldm checkpoint (RUN/ldm/checkpoints/last.ckpt)")
     if cfg.get("vae_ckpt") or "vae" in cfg.stages:
         raise ConfigError("ldm_stage.lora takes the VAE from init_ckpt (the checkpoint records that one base file): "
                           "drop vae_ckpt and run stages=[ldm]")
@@ -540,9 +540,10 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     # a resumed run has its weights already; a LoRA run's checkpoint has only the adapters: the base loads again
     init_ckpt = cfg.get("init_ckpt") if resume is None or lora is not None else None
     heads = {k: cfg.unet[k] for k in ("num_heads", "num_head_channels") if k in cfg.unet}  # the run declares them
-    sd = load_sd_checkpoint(init_ckpt, unet_kwargs=heads) if init_ckpt else None
-    if sd is not None and cfg.first_stage != "vae":
-        raise ConfigError(f"init_ckpt (an SD single file) needs first_stage=vae, got {cfg.first_stage!r}")
+    sd = load_init_checkpoint(init_ckpt, unet_kwargs=heads) if init_ckpt else None
+    if sd is not None and (sd.vae is None) != (cfg.first_stage == "pixel"):
+        raise ConfigError(f"init_ckpt={init_ckpt} is a {'pixel-space' if sd.vae is None else 'latent'} model but "
+                          f"first_stage={cfg.first_stage!r}: set first_stage={'pixel' if sd.vae is None else 'vae'}")
     first_stage = build_first_stage(cfg, vae_path, None if lora is not None else resume, sd, init_ckpt)
     text_cfg = cfg.get("text_encoder")
     text_encoder = instantiate(text_cfg) if text_cfg else None

@@ -87,3 +87,36 @@ def test_two_cpu_ranks_train_both_stages_to_identical_weights(tmp_path):
     assert not (tmp_path / "outputs").exists()  # rank 1 reused rank 0's run directory (no Hydra dir of its own)
     assert (run / "ldm" / "checkpoints" / "step000004.ckpt").is_file()
     assert not any(p.name.endswith(".tmp") for p in run.rglob("*"))
+
+
+def test_two_cpu_ranks_train_the_same_lora_adapters_on_a_frozen_base(tmp_path):
+    """ldm_stage.lora under DDP: on an ldm checkpoint as init_ckpt, both ranks end with the same adapters, which
+    moved, while every base weight stays as the base checkpoint's."""
+    from tests.integration.tiny_run import run_train
+
+    run_train(tmp_path, "vae_stage.max_steps=1", "ldm_stage.max_steps=1", run_dir=tmp_path / "base")
+    base = tmp_path / "base" / "ldm" / "checkpoints" / "last.ckpt"
+    script = tmp_path / "train_probe.py"
+    script.write_text(PROBE)
+    run = tmp_path / "lora"
+    cmd = [sys.executable, str(script), f"hydra.run.dir={run}", f"data.train_shards={tmp_path / 'shards'}",
+           *TINY_MODELS, "trainer=ddp_cpu", "stages=[ldm]", f"+init_ckpt={base}", "ldm_stage.lora.rank=4",
+           "ldm_stage.lora.targets=[attention,proj]", "optimizer.lr=1e-2", "ldm_stage.max_steps=3",
+           "ldm_stage.cache_latents=false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    r0, r1 = (torch.load(run / "ldm" / f"probe_rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert len(r0["keys"]) == len(r1["keys"]) == 3
+    assert r0["end"].keys() == r1["end"].keys()
+    for k in r0["end"]:
+        assert torch.equal(r0["end"][k], r1["end"][k]), f"{k} differs between ranks"
+    adapters = [k for k in r0["end"] if ".lora_" in k]
+    frozen = [k for k in r0["end"] if k.startswith(("unet.", "text_encoder.")) and ".lora_" not in k
+              and r0["end"][k].is_floating_point()]
+    assert adapters and frozen
+    assert any(not torch.equal(r0["start"][k], r0["end"][k]) for k in adapters)
+    assert all(torch.equal(r0["start"][k], r0["end"][k]) for k in frozen)
+    last = torch.load(run / "ldm" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert set(last["state_dict"]) == {k for k in adapters if k in last["state_dict"]}
+    for k, v in last["state_dict"].items():
+        assert torch.equal(v, r1["end"][k]), k

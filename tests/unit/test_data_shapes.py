@@ -6,7 +6,15 @@ import re
 import numpy as np
 import pytest
 
-from ldm.data.builtin.shapes import BACKGROUND, COLORS, POSITIONS, SHAPES, ShapesDataset, random_caption
+from ldm.data.builtin.shapes import (
+    BACKGROUND,
+    COLORS,
+    EXTRA_COLORS,
+    POSITIONS,
+    SHAPES,
+    ShapesDataset,
+    random_caption,
+)
 
 CAPTION = re.compile(r"^a (\w+) (circle|square|triangle) in the (top left|top right|bottom left|bottom right|center)$")
 
@@ -94,3 +102,39 @@ def test_random_caption():
     rng = random.Random(0)
     caps = {random_caption(rng) for _ in range(200)}
     assert all(CAPTION.match(c) for c in caps) and len(caps) > 50
+
+
+def test_colors_option_draws_extra_colours_and_keeps_the_default_items():
+    default = ShapesDataset(size=32, seed=4, length=30)
+    explicit = ShapesDataset(size=32, seed=4, length=30, colors=list(COLORS))
+    assert [default[i]["image"].tobytes() for i in range(30)] == [explicit[i]["image"].tobytes() for i in range(30)]
+    assert "cyan" not in COLORS and "cyan" in EXTRA_COLORS  # the default dataset never shows it
+    mixed = ShapesDataset(size=32, seed=4, length=200, colors=[*COLORS, "cyan"])
+    cyan = [it for it in mixed if it["color"] == "cyan"]
+    assert 10 < len(cyan) < 50  # about 1 in 8
+    item = cyan[0]
+    assert item["caption"].startswith("a cyan ")
+    x, y = (int(v) for v in item["center"])
+    assert np.asarray(item["image"])[y, x].tolist() == list(EXTRA_COLORS["cyan"])
+    assert {it["color"] for it in ShapesDataset(length=20, colors=["cyan"])} == {"cyan"}
+    for bad in (["teal"], [], "cyan"):
+        with pytest.raises(ValueError, match="colou?r"):
+            ShapesDataset(colors=bad)
+
+
+def test_make_shards_writes_the_chosen_colours(tmp_path):
+    import tarfile
+
+    from ldm.data.make_shards import main, make_shards
+    from ldm.errors import ConfigError
+
+    assert main(["shapes", str(tmp_path / "s"), "--length", "16", "--maxcount", "8", "--colors", "cyan", "red"]) == 0
+    captions = []
+    for shard in sorted((tmp_path / "s").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            captions += [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")]
+    assert len(captions) == 16 and {c.split()[1] for c in captions} == {"cyan", "red"}
+    with pytest.raises(ConfigError, match="unknown shapes colours"):
+        make_shards("shapes", tmp_path / "t", length=4, colors=["teal"], log=None)
+    with pytest.raises(ConfigError, match="shapes dataset only"):
+        make_shards("mnist", tmp_path / "u", length=4, colors=["red"], log=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ldm.data.builtin.shapes import BACKGROUND, COLORS, ShapesDataset, draw_shape
-from ldm.eval.shapes import parse_caption, read_image, score
+from ldm.eval.shapes import judge_palette, parse_caption, random_captions, read_image, score
 
 
 def _data(n=300, size=32, seed=3):
@@ -49,3 +49,17 @@ def test_a_faint_fringe_around_a_bright_shape_is_not_part_of_it():
     assert (got.color, got.shape, got.position) == ("white", "square", "top left")
     half = np.where((clean != np.array(BACKGROUND)).any(-1, keepdims=True), 0.5 * (clean + np.array(BACKGROUND)), clean)
     assert read_image(half.astype(np.uint8)).shape == "square"  # a shape drawn at half contrast is all foreground
+
+
+def test_the_judge_reads_an_extra_colour_only_when_its_palette_has_it():
+    items = list(ShapesDataset(size=32, seed=5, length=60, colors=["cyan", "green", "blue"]))
+    images, captions = [np.asarray(i["image"]) for i in items], [i["caption"] for i in items]
+    palette = judge_palette(["cyan"])
+    assert list(palette)[:len(COLORS)] == list(COLORS) and "cyan" in palette
+    assert score(images, captions, palette)["full"] == 1.0
+    plain = score(images, captions)  # without cyan, cyan shapes read as another colour
+    n_cyan = sum(" cyan " in c for c in captions)
+    assert 0 < n_cyan < 60 and plain["color"] == 1 - n_cyan / 60
+    drawn = random_captions(50, seed=0, colors=["cyan"])
+    assert len(drawn) == 50 and all(c.startswith("a cyan ") for c in drawn)
+    assert random_captions(20, seed=3) == random_captions(20, seed=3, colors=list(COLORS))

@@ -2,14 +2,16 @@
 
 Each item is a square RGB image of size ``S`` with a constant background and one filled shape (circle, square or
 upright isosceles triangle) in one of seven colours, centred in one of five regions, and the caption
-``"a {color} {shape} in the {position}"``. Item ``i`` is drawn from its own RNG seeded by ``(seed, i)``, so it does
-not depend on access order, workers or the other items.
+``"a {color} {shape} in the {position}"``. ``colors=`` draws from another list, which may name the extra colours
+(``EXTRA_COLORS``) that the default dataset never shows: new words to teach a trained model (a LoRA, for example).
+Item ``i`` is drawn from its own RNG seeded by ``(seed, i)``, so it does not depend on access order, workers or the
+other items.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -25,6 +27,13 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (240, 140, 30),
     "white": (240, 240, 240),
 }
+
+# colours outside the default palette, only drawn when ``colors=`` names them
+EXTRA_COLORS: dict[str, tuple[int, int, int]] = {
+    "cyan": (40, 200, 200),
+}
+
+PALETTE: dict[str, tuple[int, int, int]] = {**COLORS, **EXTRA_COLORS}  # every colour name the dataset knows
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
@@ -47,6 +56,18 @@ def caption_for(color: str, shape: str, position: str) -> str:
     return f"a {color} {shape} in the {position}"
 
 
+def check_colors(colors: Sequence[str] | None) -> tuple[str, ...]:
+    """``colors`` as a tuple of known colour names (None: the default seven); a ValueError names unknown ones."""
+    if colors is None:
+        return tuple(COLORS)
+    if isinstance(colors, str) or not colors:
+        raise ValueError(f"colors must be a non-empty list of colour names, got {colors!r}")
+    unknown = [c for c in colors if c not in PALETTE]
+    if unknown:
+        raise ValueError(f"unknown shapes colours {unknown}; known: {', '.join(PALETTE)}")
+    return tuple(colors)
+
+
 def random_caption(rng: random.Random) -> str:
     """A caption drawn uniformly from the dataset's vocabulary (for prompts in sampling and tests)."""
     return caption_for(rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(POSITIONS)))
@@ -61,7 +82,7 @@ def draw_shape(
     cx, cy = center
     h = extent / 2
     box = (cx - h, cy - h, cx + h, cy + h)
-    fill = COLORS[color]
+    fill = PALETTE[color]
     if shape == "circle":
         draw.ellipse(box, fill=fill)
     elif shape == "square":
@@ -77,11 +98,15 @@ class ShapesDataset:
     """``length`` deterministic shape images of side ``size``; indexable and iterable.
 
     Items are dicts ``{image: PIL.Image (RGB), caption, color, shape, position, center (x, y px), extent (px)}``.
+    ``colors`` (default: the seven of ``COLORS``) are drawn uniformly from the list, so a colour listed twice is
+    drawn twice as often; with the default, item ``i`` is the same as ever.
     """
 
-    def __init__(self, size: int = 32, seed: int = 0, length: int = 10_000) -> None:
+    def __init__(self, size: int = 32, seed: int = 0, length: int = 10_000,
+                 colors: Sequence[str] | None = None) -> None:
         if size < 8:
             raise ValueError(f"size must be >= 8 pixels, got {size}")
+        self.colors = check_colors(colors)
         self.size = size
         self.seed = seed
         self.length = length
@@ -96,7 +121,7 @@ class ShapesDataset:
             raise IndexError(f"index {index} out of range for {self.length} items")
         # a string seed is hashed deterministically by random.Random (sha512), independent of PYTHONHASHSEED
         rng = random.Random(f"shapes/{self.seed}/{index}")
-        color = rng.choice(list(COLORS))
+        color = rng.choice(self.colors)
         shape = rng.choice(SHAPES)
         position = rng.choice(list(POSITIONS))
         s = self.size
