@@ -13,11 +13,10 @@ seeded from that tuple, and the DataLoader's round robin over workers fixes the 
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import os
 import random
-import re
 import tarfile
 import time
 import warnings
@@ -28,38 +27,19 @@ from pathlib import Path
 from typing import Any
 
 from ldm.checkpoint import atomic_write_bytes, fsync_dir
+from ldm.data.urls import ShardError, is_local, local_path, open_url, read_small, shard_name, sibling
 from ldm.errors import ConfigError
 
 INDEX_NAME = "index.json"
 MAKE_SHARDS_HOW = "python -m ldm.data.make_shards SRC OUT (SRC: an image folder, shapes or mnist)"
 
 
-class ShardError(ConfigError):
-    """A shard that cannot be read (missing, truncated or corrupt); the message names it and the byte offset.
-    ``member`` is the name of the member the damage cut short, where its header was intact."""
-
-    def __init__(self, message: str, member: str | None = None) -> None:
-        super().__init__(message)
-        self.member = member
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
-
-
 def expand_braces(spec: str) -> list[str]:
-    """Expand ``{000000..000009}`` ranges (zero padding kept) and ``{a,b,c}`` lists, as webdataset URLs do."""
-    m = _BRACE.search(spec)
-    if m is None:
-        return [spec]
-    head, body, tail = spec[: m.start()], m.group(1), spec[m.end() :]
-    r = _RANGE.match(body)
-    if r:
-        lo, hi = int(r.group(1)), int(r.group(2))
-        width = len(r.group(1)) if r.group(1).startswith("0") else 0
-        step = 1 if hi >= lo else -1
-        parts = [str(i).zfill(width) for i in range(lo, hi + step, step)]
-    else:
-        parts = body.split(",")
-    return [out for part in parts for out in expand_braces(head + part + tail)]
+    """Expand a shard spec as webdataset does (``webdataset.shardlists.expand_urls``): ``{000000..000009}`` ranges
+    (zero padding kept), ``{a,b,c}`` lists, and ``::`` between specs."""
+    from webdataset.shardlists import expand_urls
+
+    return list(expand_urls(spec))
 
 
 def sample_key(member_name: str) -> tuple[str, str]:
@@ -101,13 +81,16 @@ def count_samples(path: str | os.PathLike) -> int:
 
 
 def resolve_shards(spec: str | os.PathLike | Iterable[str]) -> tuple[list[str], list[int]]:
-    """Shard paths and sample counts from a directory (its index.json), a brace pattern, or a list of paths.
+    """Shard URLs and sample counts from a local directory (its index.json, or img2dataset's ``*_stats.json``), a
+    brace pattern of paths or URLs (``http://``, ``pipe:``, ``s3://``, ...), or a list of them.
 
-    Without an index the counts are read from the tar headers (local files only). A spec that names no shards, or
+    A shard's count comes from the ``index.json`` beside it (fetched the way the shard is opened: ``sibling``), else
+    from img2dataset's ``{shard}_stats.json`` beside it, else from reading the shard's tar headers once; remote counts
+    read that way are cached locally (``LDM_CACHE``, default ``~/.cache/ldm``). A spec that names no shards, or
     shards holding no samples, is a ConfigError that says how to make some.
     """
-    if isinstance(spec, str | os.PathLike) and Path(spec).is_dir():
-        directory = Path(spec)
+    if isinstance(spec, str | os.PathLike) and is_local(str(spec)) and local_path(spec).is_dir():
+        directory = local_path(spec)
         if (directory / INDEX_NAME).exists():
             try:
                 index = read_index(directory)
@@ -129,15 +112,46 @@ def resolve_shards(spec: str | os.PathLike | Iterable[str]) -> tuple[list[str], 
         paths = [p for s in spec for p in expand_braces(str(s))]
     if not paths:
         raise ConfigError(f"no shards found for {spec!r}: give a shard folder (with index.json), a brace pattern "
-                          f"such as data/{{000000..000009}}.tar, or a list of .tar paths; make shards with "
-                          f"{MAKE_SHARDS_HOW}")
-    counts: list[int] = []
-    for p in paths:
-        index_path = Path(p).parent / INDEX_NAME
-        known = _index_counts(index_path)
-        counts.append(known[Path(p).name] if Path(p).name in known else count_samples(p))
+                          f"such as data/{{000000..000009}}.tar or http://host/{{000000..000009}}.tar, or a list of "
+                          f"shard paths or URLs; make shards with {MAKE_SHARDS_HOW}")
+    counts = [shard_count(p) for p in paths]
     _check_not_empty(spec, counts)
     return paths, counts
+
+
+def shard_count(url: str) -> int:
+    """The sample count of one shard: from the ``index.json`` beside it, img2dataset's ``{shard}_stats.json``
+    (``successes``), or by reading its tar headers (remote: once, then from the local cache)."""
+    name = shard_name(url)
+    known = _index_counts(sibling(url, INDEX_NAME))
+    if name in known:
+        return known[name]
+    stats = read_small(sibling(url, name[: -len(".tar")] + "_stats.json")) if name.endswith(".tar") else None
+    if stats is not None:
+        try:
+            return int(json.loads(stats)["successes"])
+        except (ValueError, KeyError, TypeError):
+            warnings.warn(f"{sibling(url, name)}: its _stats.json has no 'successes' count; counting the samples",
+                          stacklevel=3)
+    if is_local(url):
+        return count_samples(url)
+    cache = count_cache_dir() / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".json")
+    if cache.is_file():
+        try:
+            record = json.loads(cache.read_text())
+            if record.get("url") == url:
+                return int(record["count"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    count = count_samples(url)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cache, json.dumps({"url": url, "count": count}).encode())
+    return count
+
+
+def count_cache_dir() -> Path:
+    """Where the sample counts of remote shards without an index are kept: ``$LDM_CACHE/shard_counts``."""
+    return Path(os.environ.get("LDM_CACHE", "~/.cache/ldm")).expanduser() / "shard_counts"
 
 
 def _check_not_empty(spec: Any, counts: list[int]) -> None:
@@ -150,44 +164,88 @@ def _check_not_empty(spec: Any, counts: list[int]) -> None:
 _INDEX_CACHE: dict[str, dict[str, int]] = {}
 
 
-def _index_counts(index_path: Path) -> dict[str, int]:
-    key = str(index_path)
-    if key not in _INDEX_CACHE:
+def _index_counts(index_url: str) -> dict[str, int]:
+    """{shard name: count} of the index.json at ``index_url`` (local or remote), {} when there is none; read once
+    per process."""
+    if index_url not in _INDEX_CACHE:
         try:
-            with open(index_path) as f:
-                _INDEX_CACHE[key] = {s["name"]: int(s["count"]) for s in json.load(f)["shards"]}
-        except (OSError, ValueError, KeyError):
-            _INDEX_CACHE[key] = {}
-    return _INDEX_CACHE[key]
+            raw = read_small(index_url)
+            _INDEX_CACHE[index_url] = {} if raw is None else \
+                {s["name"]: int(s["count"]) for s in json.loads(raw)["shards"]}
+        except (ValueError, KeyError, TypeError):
+            _INDEX_CACHE[index_url] = {}
+    return _INDEX_CACHE[index_url]
 
 
 _FILE_KINDS = (b"0", b"\0", b"7")  # tar type flags of regular files
 
 
+class _ForwardReader:
+    """Forward-only reading of a shard stream with push-back, so one tar reader serves local files (skips are seeks)
+    and remote streams (skips are reads)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.pending, self.pos = f, b"", 0
+        try:
+            self.seekable = bool(f.seekable()) and f.seek(0, 1) == 0
+        except (AttributeError, OSError, ValueError):
+            self.seekable = False
+
+    def read(self, n: int) -> bytes:
+        out = self.pending[:n]
+        self.pending = self.pending[n:]
+        while len(out) < n:
+            chunk = self.f.read(n - len(out))
+            if not chunk:
+                break
+            out += chunk
+        self.pos += len(out)
+        return out
+
+    def skip(self, n: int) -> int:
+        """Skip ``n`` bytes; returns how many were there to skip."""
+        if n <= len(self.pending) or not self.seekable:
+            done = 0
+            while done < n:
+                got = len(self.read(min(n - done, 1 << 20)))
+                if not got:
+                    break
+                done += got
+            return done
+        done = len(self.pending)
+        self.pending = b""
+        here = self.f.tell()
+        end = self.f.seek(0, 2)
+        target = min(end, here + n - done)
+        self.f.seek(target)
+        self.pos += done + (target - here)
+        return done + target - here
+
+    def unread(self, data: bytes) -> None:
+        self.pending = data + self.pending
+        self.pos -= len(data)
+
+
 def _tar_members(
     path: str | os.PathLike, headers_only: bool = False, damaged: list[str] | None = None
 ) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files of an uncompressed tar, in order; a small reader (ustar, GNU long names,
-    pax path records) several times faster than ``tarfile`` for many small members. Compressed tars go to
-    ``tarfile``. ``headers_only`` yields empty data (for counting).
+    """(name, data) of the regular files of an uncompressed tar, in order, from a local path or any shard URL
+    (``ldm.data.urls.open_url``); compressed tars go to ``tarfile``. ``headers_only`` yields empty data (for
+    counting).
 
-    Damage raises ShardError naming the file and the byte offset, after yielding the members before it: a member
-    cut short, a partial header, a missing end-of-archive marker (truncation), or a header that fails its checksum.
-    Given a ``damaged`` list, a corrupt header is instead skipped: its message is appended to the list and reading
-    resumes at the next valid header (the members in between are lost).
+    Our own reader (ustar, GNU long names, pax path records), not webdataset's tar iteration: that one uses tarfile's
+    stream mode, which ends a shard silently at a header failing its checksum or at a cut between members, and
+    gives no byte offset. Here damage raises ShardError naming the shard and the byte offset, after yielding the
+    members before it: a member cut short, a partial header, a missing end-of-archive marker (truncation), or a
+    header that fails its checksum. Given a ``damaged`` list, a corrupt header is instead skipped: its message is
+    appended to the list and reading resumes at the next valid header (the members in between are lost).
     """
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed by the with below
-    except FileNotFoundError:
-        raise ShardError(f"shard {path} does not exist") from None
-    except OSError as err:
-        raise ShardError(f"cannot read shard {path}: {err}") from None
-    with f:
-        file_size = os.fstat(f.fileno()).st_size
+    with open_url(path) as stream:
+        f = _ForwardReader(stream)
         head = f.read(2)
-        f.seek(0)
+        f.unread(head)
         if head in (b"\x1f\x8b", b"BZ", b"\xfd7"):  # gzip / bzip2 / xz
-            yield from _compressed_members(path, f, headers_only)
+            yield from _compressed_members(path, _Unbuffered(f), headers_only)
             return
         long_name: str | None = None
         offset = 0
@@ -207,13 +265,11 @@ def _tar_members(
                     raise
                 assert damaged is not None
                 damaged.append(f"{err}; skipped to the next valid header at byte {resume}")
-                f.seek(resume)
                 offset, long_name = resume, None
                 continue
             if headers_only and kind not in (b"L", b"x", b"g"):
                 data = b""
-                f.seek(size, 1)
-                got = max(0, min(size, file_size - offset - 512))
+                got = f.skip(size)
             else:
                 data = f.read(size)
                 got = len(data)
@@ -221,7 +277,7 @@ def _tar_members(
                 cut = long_name or header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
                 raise ShardError(f"shard {path} is truncated: the member whose header is at byte {offset} declares "
                                  f"{size} bytes, {got} are present", member=cut if kind in _FILE_KINDS else None)
-            f.seek((-size) % 512, 1)
+            f.skip((-size) % 512)
             member_offset, offset = offset, offset + 512 + size + (-size) % 512
             try:
                 if kind == b"L":
@@ -252,20 +308,32 @@ def _tar_members(
             yield name, data
 
 
-def _next_header(f: Any, start: int) -> int | None:
-    """Offset of the first 512-byte block at or after ``start`` that is a valid ustar/GNU header, else None."""
-    f.seek(start)
+class _Unbuffered:
+    """A ``_ForwardReader`` as the plain ``read`` stream tarfile's stream mode takes."""
+
+    def __init__(self, reader: _ForwardReader) -> None:
+        self.reader = reader
+
+    def read(self, n: int = -1) -> bytes:
+        return self.reader.read(n if n >= 0 else 1 << 62)
+
+
+def _next_header(f: _ForwardReader, start: int) -> int | None:
+    """Offset of the first 512-byte block at or after ``start`` that is a valid ustar/GNU header, else None; the
+    reader is left at that header."""
     pos = start
     while True:
         chunk = f.read(1 << 20)
         if len(chunk) < 512:
             return None
-        for i in range(0, len(chunk) - 511, 512):
+        usable = len(chunk) - len(chunk) % 512
+        for i in range(0, usable, 512):
             block = chunk[i : i + 512]
             if block[257:262] == b"ustar" and _checksum_ok(block):
+                f.unread(chunk[i:])
                 return pos + i
-        pos += len(chunk) - len(chunk) % 512
-        f.seek(pos)
+        f.unread(chunk[usable:])
+        pos += usable
 
 
 def _checksum_ok(header: bytes) -> bool:
@@ -320,7 +388,7 @@ def iter_shard(path: str | os.PathLike, count: int | None = None) -> Iterator[di
     that the loader drops from its batch, as it drops a sample that fails to decode, so the read plan's positions
     (and exact resume) stay valid. One warning per read names the shard, the byte offset and the number lost.
     """
-    shard = Path(path).name
+    shard = shard_name(str(path))
     damaged: list[str] | None = [] if count is not None else None
     noted = 0  # damage messages already acted on
     lost: set[str] = set()  # keys whose members the damage may have cut: the samples are dropped whole
@@ -357,6 +425,10 @@ def iter_shard(path: str | os.PathLike, count: int | None = None) -> Iterator[di
     if count is None:
         return
     if produced < count and not damaged:
+        if not is_local(str(path)):  # a stream that ended early without damage: never a silently short epoch
+            raise ShardError(f"shard {path} delivered {produced} samples, fewer than the {count} its count says "
+                             "(index.json, _stats.json or the cached count): the stream ended early, or the shard "
+                             f"changed since it was counted (delete its entry in {count_cache_dir()} to count again)")
         damaged.append(f"shard {path} holds {produced} samples, fewer than the {count} its index.json lists")
     if damaged:
         lost = f"skipping its last {count - produced} of {count} samples" if produced < count else "samples skipped"
@@ -366,29 +438,27 @@ def iter_shard(path: str | os.PathLike, count: int | None = None) -> Iterator[di
 
 
 class ShardWriter:
-    """Write one shard to a temporary name; ``commit()`` renames it into place, so a killed run leaves no partial tar.
+    """Write one shard through webdataset's ``TarWriter`` to a temporary name; ``commit()`` renames it into place, so
+    a killed run leaves no partial tar.
 
     Use as a context manager: an exception inside the block deletes the temporary file instead of committing.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
+        from webdataset import TarWriter
+
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
+        # an integer mtime keeps headers plain ustar (no pax record per member); the fields are bytes already
+        self._tar = TarWriter(self._file, encoder=False, mode=0o644, mtime=int(time.time()))
         self.count = 0
-        self._mtime = int(time.time())  # an integer mtime keeps headers plain ustar (no pax record per member)
 
     def write(self, key: str, fields: dict[str, bytes]) -> None:
         """Add one sample: ``fields`` maps extension (``png``, ``txt``, ``json``, ``latent_mean.npy``) to bytes."""
         if "." in key.rpartition("/")[2]:
             raise ValueError(f"sample keys must not contain dots: {key!r}")
-        for ext, data in fields.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = self._mtime
-            info.mode = 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+        self._tar.write({"__key__": key, **fields})
         self.count += 1
 
     def commit(self) -> None:

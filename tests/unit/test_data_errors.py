@@ -67,7 +67,7 @@ def _keys(samples: list[dict]) -> list[str]:
 def test_corrupt_header_is_skipped_and_counted(shards, member, lost):
     path = shards / "000001.tar"
     clean = _keys(list(iter_shard(path)))
-    offset = _corrupt_size_field(path, member)  # 3 members a sample: 4 is the 2nd's txt, 3 its png (its first)
+    offset = _corrupt_size_field(path, member)  # 3 members a sample: 4 is the 2nd's png, 3 its json (its first)
     with pytest.raises(ConfigError, match=rf"{path}.*byte {offset}"):  # no count to pad to: named, not int()'d
         list(iter_shard(path))
     with pytest.warns(UserWarning, match=rf"{path}.*byte {offset}.*skipping its last {len(lost)} of 8"):

@@ -1,0 +1,199 @@
+"""Shards read over HTTP (a server on 127.0.0.1 started here) and through pipe: commands, as from local files: every
+sample exactly once per epoch, exact mid-epoch resume, counts from the remote index.json or counted once and cached,
+clear errors naming the URL and the command's stderr, and img2dataset's output read as it is."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import tarfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ldm.data import make_shards as ms
+from ldm.data import shards as shards_module
+from ldm.data.datamodule import ShardDataModule
+from ldm.data.shards import iter_shard, resolve_shards
+from ldm.data.urls import ShardError, serve_directory, shard_name, sibling
+from ldm.errors import ConfigError
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset opens http:// URLs with curl")
+
+SPEC = "{000000..000003}.tar"
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    """4 shards x 8 samples of 8 px shapes, with index.json."""
+    out = tmp_path / "shards"
+    ms.make_shards("shapes", out, maxcount=8, length=32, size=8, log=None)
+    return out
+
+
+@pytest.fixture
+def server(shards: Path) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 serving the shard folder; stopped at the end of the test."""
+    with serve_directory(shards) as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def count_cache(tmp_path: Path, monkeypatch) -> Path:
+    """Counted remote shards are cached under $LDM_CACHE: a fresh one per test; no index is cached across tests."""
+    monkeypatch.setenv("LDM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(shards_module, "_INDEX_CACHE", {})
+    return tmp_path / "cache"
+
+
+def _keys(dm: ShardDataModule) -> list[list[str]]:
+    dm.setup("fit")
+    return [list(b["key"]) for b in dm.train_dataloader()]
+
+
+def _all_keys(shards: Path) -> set[str]:
+    return {s["__key__"] for p in sorted(shards.glob("*.tar")) for s in iter_shard(p)}
+
+
+def test_url_helpers():
+    assert shard_name("http://h/d/000001.tar") == "000001.tar"
+    assert sibling("http://h/d/000001.tar", "index.json") == "http://h/d/index.json"
+    assert sibling("pipe:aws s3 cp s3://b/d/train-000001.tar -", "index.json") == \
+        "pipe:aws s3 cp s3://b/d/index.json -"
+    assert sibling("/x/y/000002.tar", "000002_stats.json") == "/x/y/000002_stats.json"
+    assert sibling("file:///x/y/000002.tar", "index.json") == "/x/y/index.json"
+
+
+@pytest.mark.parametrize("scheme", ["http", "pipe"])
+def test_an_epoch_over_http_or_a_pipe_delivers_every_sample_once(shards, server, scheme):
+    spec = f"{server}/{SPEC}" if scheme == "http" else f"pipe:cat {shards}/{SPEC}"
+    paths, counts = resolve_shards(spec)
+    assert counts == [8, 8, 8, 8] and paths[0].startswith("http" if scheme == "http" else "pipe:cat ")
+    batches = _keys(ShardDataModule(spec, batch_size=8, image_size=8, shuffle_buffer=4, seed=1))
+    keys = [k for b in batches for k in b]
+    assert len(keys) == 32 and set(keys) == _all_keys(shards)
+    # the same order as from the local folder: the read plan does not depend on where the bytes come from
+    local = _keys(ShardDataModule(str(shards), batch_size=8, image_size=8, shuffle_buffer=4, seed=1))
+    assert batches == local
+
+
+def test_mid_epoch_resume_over_http_is_exact(server):
+    spec = f"{server}/{SPEC}"
+    kw = dict(batch_size=4, image_size=8, shuffle_buffer=4, seed=2)
+    whole = _keys(ShardDataModule(spec, **kw))
+    first = ShardDataModule(spec, **kw)
+    first.setup("fit")
+    loader = first.train_dataloader()
+    it = iter(loader)
+    head = [list(next(it)["key"]) for _ in range(3)]
+    state = loader.state_dict()
+    resumed = ShardDataModule(spec, **kw)
+    resumed.load_state_dict(state)
+    assert head + _keys(resumed) == whole
+
+
+def test_counts_come_from_the_remote_index_or_are_counted_once_and_cached(shards, server, count_cache, monkeypatch):
+    spec = f"{server}/{SPEC}"
+    assert resolve_shards(spec)[1] == [8] * 4 and not count_cache.exists()  # from http://.../index.json
+    (shards / "index.json").unlink()
+    monkeypatch.setattr(shards_module, "_INDEX_CACHE", {})
+    assert resolve_shards(spec)[1] == [8] * 4  # read once over HTTP ...
+    assert len(list((count_cache / "shard_counts").glob("*.json"))) == 4
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("counted again")
+
+    monkeypatch.setattr(shards_module, "count_samples", no_reading)
+    monkeypatch.setattr(shards_module, "_INDEX_CACHE", {})
+    assert resolve_shards(spec)[1] == [8] * 4  # ... then from the local cache
+
+
+def test_a_shard_that_delivers_fewer_samples_than_its_count_is_an_error(shards, server):
+    index = json.loads((shards / "index.json").read_text())
+    index["shards"][1]["count"] = 9
+    (shards / "index.json").write_text(json.dumps(index))
+    url = f"{server}/000001.tar"
+    with pytest.raises(ShardError, match=rf"{url} delivered 8 samples, fewer than the 9"):
+        list(iter_shard(url, 9))
+
+
+def test_unreachable_urls_and_failing_commands_name_the_url_and_stderr(shards, tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/000000.tar"
+    with pytest.raises(ShardError, match=rf"reading {url} failed: .*status 7.*stderr: .*(connect|Connection)"):
+        list(iter_shard(url))
+    missing = f"pipe:cat {tmp_path}/nope/000000.tar"
+    with pytest.raises(ShardError, match=r"reading pipe:cat .*nope/000000.tar failed: .*status 1.*No such file"):
+        resolve_shards(missing)
+
+
+def test_a_404_names_the_url(server):
+    with pytest.raises(ShardError, match=rf"reading {server}/missing.tar failed: .*status 22.*404"):
+        list(iter_shard(f"{server}/missing.tar"))
+
+
+def test_a_corrupt_remote_sample_is_skipped_and_counted(shards, server):
+    path = shards / "000001.tar"
+    with tarfile.open(path) as tar:
+        offset = tar.getmembers()[4].offset  # the second sample's second member
+    data = bytearray(path.read_bytes())
+    data[offset + 124 : offset + 136] = b"zzzzzzzzzzz\0"
+    path.write_bytes(bytes(data))
+    url = f"{server}/000001.tar"
+    with pytest.warns(UserWarning, match=rf"{url} is corrupt.*byte {offset}.*skipping its last 1 of 8"):
+        got = list(iter_shard(url, 8))
+    assert len(got) == 8 and sum("__error__" in s for s in got) == 1
+
+
+def _img2dataset_folder(root: Path, shards: int = 2, per_shard: int = 5) -> Path:
+    """A folder as img2dataset writes it (output_format=webdataset): NNNNN.tar with {key}.jpg/.txt/.json members,
+    NNNNN_stats.json and NNNNN.parquet beside each."""
+    root.mkdir()
+    for s in range(shards):
+        with tarfile.open(root / f"{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                buf = io.BytesIO()
+                Image.new("RGB", (12, 10), (20 * i, 100, 200)).save(buf, "JPEG")
+                members = {"jpg": buf.getvalue(), "txt": f"a photo number {i}".encode(),
+                           "json": json.dumps({"url": f"http://example/{key}.jpg", "key": key, "status": "success",
+                                               "width": 12, "height": 10}).encode()}
+                for ext, payload in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        (root / f"{s:05d}_stats.json").write_text(json.dumps({"count": per_shard + 1, "successes": per_shard,
+                                                               "failed_to_download": 1}))
+        (root / f"{s:05d}.parquet").write_bytes(b"PAR1")
+    return root
+
+
+def test_img2dataset_output_is_read_as_it_is(tmp_path, monkeypatch):
+    folder = _img2dataset_folder(tmp_path / "img2dataset")
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the _stats.json files give the counts")
+
+    monkeypatch.setattr(shards_module, "count_samples", no_reading)
+    paths, counts = resolve_shards(str(folder))
+    assert [Path(p).name for p in paths] == ["00000.tar", "00001.tar"] and counts == [5, 5]
+    dm = ShardDataModule(str(folder), batch_size=5, image_size=8, shuffle_buffer=0)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert sorted(k for b in batches for k in b["key"]) == sorted(f"{s:05d}{i:04d}" for s in range(2)
+                                                                  for i in range(5))
+    assert batches[0]["image"].shape[1:] == (3, 8, 8) and batches[0]["caption"][0].startswith("a photo number")
+
+
+def test_too_few_remote_shards_for_ranks_and_workers_fail_before_reading(server):
+    dm = ShardDataModule(f"{server}/{{000000..000001}}.tar", batch_size=4, image_size=8, num_workers=3)
+    with warnings.catch_warnings(), pytest.raises((ConfigError, ValueError), match="2 shard.*3 worker"):
+        warnings.simplefilter("ignore")
+        dm.setup("fit")
