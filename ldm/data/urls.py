@@ -2,8 +2,8 @@
 
 Opening goes through webdataset's openers (``webdataset.gopen`` and its ``Pipe``), the library cluster users already
 name their shards with: ``pipe:aws s3 cp s3://bucket/train-000001.tar -``, ``pipe:gsutil cat gs://...``, ``http://``
-(webdataset runs ``curl``). ``s3://`` and ``gs://`` open through fsspec when s3fs / gcsfs are installed (the
-``remote`` extra). ldm adds one thing around them: a failing command or an unreachable URL raises a ShardError that
+(webdataset runs ``curl``). ``s3://``, ``gs://`` and any other scheme fsspec has a backend for open through fsspec
+(s3fs and gcsfs are the ``remote`` extra); the rest go to webdataset's ``gopen``. ldm adds one thing around them: a failing command or an unreachable URL raises a ShardError that
 names the URL and the command's stderr, where webdataset alone would print to the terminal and raise a bare exit
 status.
 """
@@ -25,8 +25,10 @@ from urllib.request import url2pathname
 
 from ldm.errors import ConfigError
 
-# schemes fsspec opens (with s3fs / gcsfs); webdataset's gopen has no handler for them
-FSSPEC_SCHEMES = ("s3", "gs", "gcs")
+OBJECT_STORE_HOW = {  # what to do when a scheme has no opener here
+    "s3": "pip install 'ldm[remote]' (s3fs), or name the shards as 'pipe:aws s3 cp s3://bucket/x.tar -'",
+    "gs": "pip install 'ldm[remote]' (gcsfs), or name the shards as 'pipe:gsutil cat gs://bucket/x.tar'",
+}
 PIPE_OK = (0, 141)  # 141: SIGPIPE, the reader stopped early (webdataset ignores it too)
 CURL_OK = (0, 23, 141)  # 23: curl's write error when the reader closed the pipe early
 
@@ -149,11 +151,14 @@ def open_url(url: str | os.PathLike, timeout: float = 30.0) -> Iterator[IO[bytes
     elif scheme in ("http", "https"):  # webdataset's curl opener, with curl's own message kept (-sS)
         args = ["curl", "--connect-timeout", str(int(timeout)), "-f", "-sS", "-L", text]
         stream = _CommandStream(text, args, shell=False, ok=CURL_OK)
-    elif scheme in FSSPEC_SCHEMES:
+    elif fsspec_backend(scheme):
         stream = _fsspec_open(text)
     else:
-        from webdataset.gopen import gopen
+        from webdataset.gopen import gopen, gopen_schemes
 
+        if scheme not in gopen_schemes:
+            how = OBJECT_STORE_HOW.get(scheme, "use a pipe: command that writes the shard to stdout")
+            raise ConfigError(f"{text}: no opener for {scheme}:// URLs here: {how}")
         try:
             stream = gopen(text, "rb")
         except (OSError, ValueError) as err:
@@ -164,16 +169,26 @@ def open_url(url: str | os.PathLike, timeout: float = 30.0) -> Iterator[IO[bytes
         stream.close()
 
 
-def _fsspec_open(url: str) -> IO[bytes]:
+def fsspec_backend(scheme: str) -> bool:
+    """True when fsspec is installed and has a usable backend for ``scheme`` (``s3`` needs s3fs, ``gs`` gcsfs)."""
+    if scheme in ("", "file", "pipe", "http", "https"):
+        return False
     try:
         import fsspec
-    except ImportError:
-        raise ConfigError(f"{url}: s3:// and gs:// shards open through fsspec: pip install 'ldm[remote]' (s3fs, "
-                          "gcsfs), or name them as a pipe: 'pipe:aws s3 cp s3://bucket/x.tar -'") from None
+
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def _fsspec_open(url: str) -> IO[bytes]:
+    import fsspec
+
     try:
         return fsspec.open(url, "rb").open()
-    except ImportError as err:
-        raise ConfigError(f"{url}: {err}; pip install 'ldm[remote]' (s3fs, gcsfs), or use a pipe: command") from None
+    except FileNotFoundError:
+        raise ShardError(f"shard {url} does not exist") from None
     except Exception as err:  # the backends raise their own error types
         raise ShardError(f"cannot open {url}: {type(err).__name__}: {err}") from None
 

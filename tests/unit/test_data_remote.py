@@ -197,3 +197,27 @@ def test_too_few_remote_shards_for_ranks_and_workers_fail_before_reading(server)
     with warnings.catch_warnings(), pytest.raises((ConfigError, ValueError), match="2 shard.*3 worker"):
         warnings.simplefilter("ignore")
         dm.setup("fit")
+
+
+def test_fsspec_urls_read_like_local_ones_and_unknown_stores_say_what_to_install(shards):
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    for p in sorted(shards.glob("*")):
+        if p.is_file():
+            memory.pipe(f"/bucket/{p.name}", p.read_bytes())
+    try:
+        spec = "memory://bucket/{000000..000003}.tar"
+        assert resolve_shards(spec)[1] == [8] * 4  # the index.json beside them, through fsspec
+        keys = [k for b in _keys(ShardDataModule(spec, batch_size=8, image_size=8, shuffle_buffer=0)) for k in b]
+        assert sorted(keys) == sorted(_all_keys(shards))
+        with pytest.raises(ShardError, match="memory://bucket/nope.tar does not exist"):
+            list(iter_shard("memory://bucket/nope.tar"))
+    finally:
+        memory.rm("/bucket", recursive=True)
+    with pytest.raises(ConfigError, match=r"no opener for nosuchstore://.*pipe: command"):
+        list(iter_shard("nosuchstore://b/000000.tar"))
+    from ldm.data.urls import fsspec_backend
+
+    if not fsspec_backend("s3"):  # without s3fs: what to install, or the pipe: form
+        with pytest.raises(ConfigError, match=r"s3://b/000000.tar: .*ldm\[remote\].*pipe:aws s3 cp"):
+            list(iter_shard("s3://b/000000.tar"))
