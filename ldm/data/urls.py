@@ -3,9 +3,9 @@
 Opening goes through webdataset's openers (``webdataset.gopen`` and its ``Pipe``), the library cluster users already
 name their shards with: ``pipe:aws s3 cp s3://bucket/train-000001.tar -``, ``pipe:gsutil cat gs://...``, ``http://``
 (webdataset runs ``curl``). ``s3://``, ``gs://`` and any other scheme fsspec has a backend for open through fsspec
-(s3fs and gcsfs are the ``remote`` extra); the rest go to webdataset's ``gopen``. ldm adds one thing around them: a failing command or an unreachable URL raises a ShardError that
-names the URL and the command's stderr, where webdataset alone would print to the terminal and raise a bare exit
-status.
+(s3fs and gcsfs are the ``remote`` extra); the rest go to webdataset's ``gopen``. ldm adds one thing around them: a
+failing command or an unreachable URL raises a ShardError that names the URL and the command's stderr, where
+webdataset alone would print to the terminal and raise a bare exit status.
 """
 
 from __future__ import annotations
