@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ldm.data.buckets import BucketSpec, shard_buckets
 from ldm.data.shards import ReadPlan, ShardError, _rng, iter_shard, resolve_shards
 from ldm.data.transforms import ImageTransform, SampleDecoder, collate, uint8_to_float
 from ldm.errors import ConfigError
@@ -31,8 +32,10 @@ class _EpochStream(IterableDataset):
     ``(order[start] + d) % W`` so the DataLoader's round robin (which always begins at worker 0) continues the
     uninterrupted order."""
 
-    def __init__(self, plan: ReadPlan, rank: int, epoch: int, start: int, decoder: SampleDecoder) -> None:
+    def __init__(self, plan: ReadPlan, rank: int, epoch: int, start: int, decoder: SampleDecoder,
+                 bucket_sizes: tuple[tuple[int, int], ...] | None = None) -> None:
         self.plan, self.rank, self.epoch, self.start, self.decoder = plan, rank, epoch, start, decoder
+        self.bucket_sizes = bucket_sizes
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         plan = self.plan
@@ -47,21 +50,12 @@ class _EpochStream(IterableDataset):
         done, todo = order[: self.start].count(worker), order[self.start :].count(worker)
         if todo == 0:
             return
-        stream = plan.worker_samples(self.rank, worker, self.epoch)
-        skip = done * plan.batch_size
-        if skip and sum(1 for _ in itertools.islice(stream, skip)) < skip:  # consumed before the resume: raw, no decode
+        groups = plan.groups(plan.worker_samples(self.rank, worker, self.epoch))
+        # the batches consumed before the resume: grouped again from the raw samples, not decoded
+        if done and sum(1 for _ in itertools.islice(groups, done)) < done:
             raise RuntimeError(f"worker {worker} of rank {self.rank} ran out of samples while skipping to batch "
                                f"{self.start} of epoch {self.epoch}: the shards changed since the position was saved")
-        group: list[dict[str, Any]] = []
-        produced = 0
-        for raw in stream:
-            group.append(raw)
-            if len(group) == plan.batch_size:
-                yield self._batch(group)
-                group, produced = [], produced + 1
-                if produced == todo:
-                    return
-        if group and not plan.drop_last and produced < todo:
+        for group in itertools.islice(groups, todo):
             yield self._batch(group)
 
     def _batch(self, raws: list[dict[str, Any]]) -> dict[str, Any]:
@@ -69,13 +63,14 @@ class _EpochStream(IterableDataset):
         a damaged shard arrive as placeholders (``__error__``) that the reader has already warned about."""
         samples = []
         errors: list[str] = []
+        size = None if self.bucket_sizes is None else self.bucket_sizes[raws[0]["__bucket__"]]
         for raw in raws:
             if "__error__" in raw:
                 errors.append(raw["__error__"])
                 continue
             rng = _rng("sample", self.plan.seed, self.epoch, raw["__shard__"], raw["__key__"])
             try:
-                samples.append(self.decoder(raw, rng))
+                samples.append(self.decoder(raw, rng, size))
             except Exception as err:
                 errors.append(f"sample {raw['__shard__']}/{raw['__key__']}: {type(err).__name__}: {err}")
                 warnings.warn(f"skipping sample {raw['__shard__']}/{raw['__key__']}: {err}", stacklevel=2)
@@ -106,11 +101,14 @@ class ShardLoader:
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
         split: str = "train",
+        bucket_sizes: tuple[tuple[int, int], ...] | None = None,
     ) -> None:
         if plan.num_workers != max(1, num_workers):
             raise ValueError("plan.num_workers must equal max(1, num_workers)")
+        if (plan.buckets is None) != (bucket_sizes is None):
+            raise ValueError("a plan with buckets needs their sizes (bucket_sizes), and only such a plan")
         plan.check()
-        self.plan, self.decoder, self.rank = plan, decoder, rank
+        self.plan, self.decoder, self.rank, self.bucket_sizes = plan, decoder, rank, bucket_sizes
         self.num_workers, self.pin_memory, self.prefetch_factor, self.split = (
             num_workers, pin_memory, prefetch_factor, split
         )
@@ -128,7 +126,7 @@ class ShardLoader:
             epoch, start = epoch + 1, 0
         self._next = (epoch + 1, 0)
         self._pos = (epoch, start)
-        dataset = _EpochStream(self.plan, self.rank, epoch, start, self.decoder)
+        dataset = _EpochStream(self.plan, self.rank, epoch, start, self.decoder, self.bucket_sizes)
         if self.num_workers == 0:
             it: Iterator[dict[str, Any]] = iter(dataset)
         else:
@@ -172,6 +170,7 @@ class ShardLoader:
             "batch_size": p.batch_size,
             "resampled": p.resampled,
             "num_shards": len(p.shards),
+            **({"buckets": [list(b) for b in self.bucket_sizes]} if self.bucket_sizes is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -308,6 +307,8 @@ class ShardDataModule(L.LightningDataModule):
     as shards when they are missing: ``{"source": "shapes" | "mnist", "out": folder (default train_shards),
     "length", "size", "maxcount", "seed"}`` (``make_shards``' arguments). Batches: ``image`` [B, C, H, W] in
     [-1, 1] (or ``latent``), ``caption`` (list of str), ``label`` (LongTensor, where every sample has one), ``key``.
+    ``buckets`` (``{pixels, step, max_ratio}``, :class:`ldm.data.buckets.BucketSpec`) trains at several aspect
+    ratios: each training batch holds images of one bucket's size (validation stays square at ``image_size``).
     """
 
     def __init__(
@@ -334,8 +335,13 @@ class ShardDataModule(L.LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
         builtin: dict[str, Any] | None = None,
+        buckets: dict[str, Any] | BucketSpec | None = None,
     ) -> None:
         super().__init__()
+        self.buckets = BucketSpec.from_config(buckets)
+        if self.buckets is not None and source != "images":
+            raise ConfigError("data.buckets resizes images to each bucket's size: it needs data.source=images (a "
+                              "latent cache holds one size); set ldm_stage.cache_latents=false")
         self.train_shards, self.val_shards = train_shards, val_shards
         self.source, self.builtin = source, dict(builtin) if builtin else None
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -368,6 +374,9 @@ class ShardDataModule(L.LightningDataModule):
     def _loader(self, shards: Any, train: bool) -> ShardLoader:
         paths, counts = resolve_shards(shards)
         rank, world = self._layout()
+        bucketed = self.buckets is not None and train
+        buckets = tuple(shard_buckets(p, c, self.buckets) for p, c in zip(paths, counts, strict=True)) \
+            if bucketed else None
         plan = ReadPlan(
             shards=tuple(paths),
             counts=tuple(counts),
@@ -380,10 +389,12 @@ class ShardDataModule(L.LightningDataModule):
             resampled=self.resampled and train,
             drop_last=self.drop_last and train,
             epoch_length=self.epoch_length if train else None,
+            buckets=buckets,
         )
         return ShardLoader(
             plan,
             self.decoder if train else self.val_decoder,
+            bucket_sizes=self.buckets.sizes() if bucketed else None,
             rank=rank,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -21,6 +21,7 @@ import tarfile
 import time
 import warnings
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,7 @@ def shard_count(url: str) -> int:
             pass
     count = count_samples(url)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(cache, json.dumps({"url": url, "count": count}).encode())
+    atomic_write_bytes(cache, json.dumps({"url": url, "count": count}).encode(), many=True)  # ranks write it at once
     return count
 
 
@@ -557,6 +558,7 @@ class ReadPlan:
     resampled: bool = False
     drop_last: bool = False
     epoch_length: int | None = None
+    buckets: tuple[tuple[int, ...], ...] | None = None  # per shard, the bucket of each sample (ldm.data.buckets)
 
     def check(self) -> None:
         """Refuse layouts that would leave a rank or worker without data (the classic DDP hang)."""
@@ -587,11 +589,15 @@ class ReadPlan:
         return [mine[w :: self.num_workers] for w in range(self.num_workers)]
 
     def worker_batches(self, rank: int) -> list[int]:
-        """Batches each logical worker of ``rank`` yields per epoch (non-resampled mode)."""
+        """Batches each logical worker of ``rank`` yields per epoch (non-resampled mode). With buckets a worker
+        batches each bucket apart, so it yields the sum over buckets of its samples in the bucket / batch size."""
         out = []
         for slot in self.slots(rank):
-            n = sum(self.counts[i] for i in slot)
-            out.append(n // self.batch_size if self.drop_last else -(-n // self.batch_size))
+            if self.buckets is None:
+                sizes = [sum(self.counts[i] for i in slot)]
+            else:
+                sizes = list(Counter(b for i in slot for b in self.buckets[i]).values())
+            out.append(sum(n // self.batch_size if self.drop_last else -(-n // self.batch_size) for n in sizes))
         return out
 
     def batches_per_epoch(self) -> int:
@@ -624,13 +630,45 @@ class ReadPlan:
         if self.resampled:
             def draw() -> Iterator[dict[str, Any]]:
                 while True:
-                    i = rng.randrange(len(self.shards))
-                    yield from iter_shard(self.shards[i], self.counts[i])
+                    yield from self._shard_samples(rng.randrange(len(self.shards)))
 
             source: Iterable[dict[str, Any]] = draw()
         else:
             slot = list(self.slots(rank)[worker])
             if self.shuffle_shards:
                 rng.shuffle(slot)
-            source = (s for i in slot for s in iter_shard(self.shards[i], self.counts[i]))
+            source = (s for i in slot for s in self._shard_samples(i))
         yield from shuffle_buffer(source, self.shuffle_buffer, rng)
+
+    def _shard_samples(self, i: int) -> Iterator[dict[str, Any]]:
+        """The raw samples of shard ``i``, each with its bucket (``__bucket__``) when the plan has buckets."""
+        if self.buckets is None:
+            yield from iter_shard(self.shards[i], self.counts[i])
+            return
+        for sample, bucket in zip(iter_shard(self.shards[i], self.counts[i]), self.buckets[i], strict=True):
+            sample["__bucket__"] = bucket
+            yield sample
+
+    def groups(self, samples: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+        """A worker's raw samples in batches: consecutive runs of ``batch_size`` (the last one partial unless
+        ``drop_last``); with buckets, each bucket filled apart, a batch leaving as soon as its bucket holds
+        ``batch_size`` samples, then the partial ones in bucket order."""
+        if self.buckets is None:
+            group: list[dict[str, Any]] = []
+            for sample in samples:
+                group.append(sample)
+                if len(group) == self.batch_size:
+                    yield group
+                    group = []
+            if group and not self.drop_last:
+                yield group
+            return
+        pending: dict[int, list[dict[str, Any]]] = {}
+        for sample in samples:
+            bucket = pending.setdefault(sample["__bucket__"], [])
+            bucket.append(sample)
+            if len(bucket) == self.batch_size:
+                yield bucket
+                pending[sample["__bucket__"]] = []
+        if not self.drop_last:
+            yield from (pending[b] for b in sorted(pending) if pending[b])

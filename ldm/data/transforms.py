@@ -40,23 +40,25 @@ class ImageTransform:
         """Float tensor [C, size, size] in [-1, 1]."""
         return uint8_to_float(self.to_uint8(image, rng))
 
-    def to_uint8(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        """The same image as a uint8 tensor [C, size, size] (4x less to send from a DataLoader worker)."""
+    def to_uint8(self, image: Image.Image, rng: random.Random | None = None,
+                 target: tuple[int, int] | None = None) -> torch.Tensor:
+        """The same image as a uint8 tensor [C, size, size] (4x less to send from a DataLoader worker); with
+        ``target`` (width, height), an aspect-ratio bucket's size: resized to cover it, then cropped to it."""
         rng = rng or random.Random(0)
         image = image.convert(self.mode)
         w, h = image.size
-        s = self.size
-        if min(w, h) != s:
-            scale = s / min(w, h)
-            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+        tw, th = target if target is not None else (self.size, self.size)
+        scale = max(tw / w, th / h)
+        if scale != 1:
+            nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
             image = image.resize((nw, nh), Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
             w, h = nw, nh
         if self.crop == "random":
-            left, top = rng.randint(0, w - s), rng.randint(0, h - s)
+            left, top = rng.randint(0, w - tw), rng.randint(0, h - th)
         else:
-            left, top = (w - s) // 2, (h - s) // 2
-        if (w, h) != (s, s):
-            image = image.crop((left, top, left + s, top + s))
+            left, top = (w - tw) // 2, (h - th) // 2
+        if (w, h) != (tw, th):
+            image = image.crop((left, top, left + tw, top + th))
         if self.hflip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return pil_to_uint8(image)
@@ -121,7 +123,9 @@ class SampleDecoder:
         if self.source not in ("images", "latents"):
             raise ValueError(f"source must be 'images' or 'latents', got {self.source!r}")
 
-    def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    def __call__(self, raw: dict[str, Any], rng: random.Random,
+                 size: tuple[int, int] | None = None) -> dict[str, Any]:
+        """The training sample of ``raw``; ``size`` (width, height) is its aspect-ratio bucket's, if any."""
         meta = json.loads(raw["json"]) if "json" in raw else {}
         out: dict[str, Any] = {"key": raw["__key__"]}
         if self.caption_field is not None:
@@ -140,7 +144,7 @@ class SampleDecoder:
                 raise KeyError(f"sample {raw['__key__']} has no image member ({', '.join(IMAGE_EXTS)})")
             state = rng.getstate()  # the mask replays the image's crop and flip
             image = decode_image(raw[ext])
-            out["image"] = self.transform.to_uint8(image, rng)  # to float after collation
+            out["image"] = self.transform.to_uint8(image, rng, size)  # to float after collation
             mask_ext = next((f"mask.{e}" for e in IMAGE_EXTS if f"mask.{e}" in raw), None)
             if mask_ext is not None:
                 mask = decode_image(raw[mask_ext])
@@ -149,7 +153,7 @@ class SampleDecoder:
                                      f"is {image.size[0]}x{image.size[1]}; masks must have the image's size")
                 replay = random.Random()
                 replay.setstate(state)
-                mask_u8 = dataclasses.replace(self.transform, mode="L").to_uint8(mask, replay)
+                mask_u8 = dataclasses.replace(self.transform, mode="L").to_uint8(mask, replay, size)
                 out["mask"] = (mask_u8 >= 128).to(torch.uint8) * 255
         else:
             mean = torch.from_numpy(load_npy(raw["latent_mean.npy"]).astype(np.float32))

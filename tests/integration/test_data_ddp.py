@@ -78,3 +78,67 @@ def test_rank_world_from_process_group_rejects_too_few_shards(tmp_path):
     with pytest.raises(ValueError, match=r"2 shard\(s\) for 2 rank\(s\) x 2 worker\(s\)"):
         dm.setup("fit")
     assert torch.distributed.is_available()
+
+
+def _bucket_rank_main(rank: int, world: int, port: int, shards: str, out: str, cache: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LDM_CACHE=cache)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        kw = dict(batch_size=3, image_size=32, shuffle_buffer=4, seed=7, buckets=BUCKETS)
+        dm = ShardDataModule(shards, **kw)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        epoch = [b for b in loader]
+        first = ShardDataModule(shards, **kw)
+        first.setup("fit")
+        it = iter(first.train_dataloader())
+        head = [list(next(it)["key"]) for _ in range(2)]
+        resumed = ShardDataModule(shards, **kw)
+        resumed.load_state_dict(first.train_dataloader().state_dict())
+        resumed.setup("fit")
+        tail = [list(b["key"]) for b in resumed.train_dataloader()]
+        record = {"len": len(loader), "keys": [list(b["key"]) for b in epoch],
+                  "shapes": [list(b["image"].shape[-2:]) for b in epoch], "resumed": head + tail}
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, record)
+        if rank == 0:
+            Path(out).write_text(json.dumps(gathered))
+    finally:
+        dist.destroy_process_group()
+
+
+BUCKETS = {"pixels": 64 * 64, "step": 16, "max_ratio": 2.0}
+
+
+def test_two_ranks_get_equal_bucketed_batches_and_resume_exactly(tmp_path):
+    """Buckets make a worker's batch count depend on its images' shapes; every rank still gets the same number of
+    batches (the plan knows each sample's bucket before reading), each batch one size, and a resume is exact."""
+    import io
+
+    from PIL import Image
+
+    from ldm.data.shards import ShardWriter, write_index
+
+    shards = tmp_path / "mixed"
+    shards.mkdir()
+    sizes = [(40, 60), (50, 50), (60, 40), (64, 64), (70, 40), (45, 45), (40, 60)]
+    entries = []
+    for s in range(6):  # unequal bucket mixes per shard: rank 0 and rank 1 hold different histograms
+        with ShardWriter(shards / f"{s:06d}.tar") as w:
+            for i in range(5 + s % 2):
+                n = s * 10 + i
+                buf = io.BytesIO()
+                Image.new("RGB", sizes[(n * (s + 1)) % len(sizes)], (n, 90, 150)).save(buf, "PNG")
+                w.write(f"{n:08d}", {"png": buf.getvalue(), "txt": f"image {n}".encode()})
+        entries.append({"name": f"{s:06d}.tar", "count": 5 + s % 2})
+    write_index(shards, entries)
+    out = tmp_path / "buckets.json"
+    mp.start_processes(_bucket_rank_main, args=(2, _free_port(), str(shards), str(out), str(tmp_path / "cache")),
+                       nprocs=2, start_method="fork")
+    r0, r1 = json.loads(out.read_text())
+    assert len(r0["keys"]) == len(r1["keys"]) == r0["len"] == r1["len"] > 0
+    assert not {k for b in r0["keys"] for k in b} & {k for b in r1["keys"] for k in b}
+    allowed = [[80, 48], [64, 64], [48, 80]]  # (height, width) of the three buckets
+    assert all(shape in allowed for r in (r0, r1) for shape in r["shapes"])
+    assert len({tuple(s) for r in (r0, r1) for s in r["shapes"]}) > 1  # several sizes were trained on
+    assert r0["resumed"] == r0["keys"] and r1["resumed"] == r1["keys"]
