@@ -138,12 +138,15 @@ class AutoencoderModule(L.LightningModule):
         return opts, scheds
 
     @torch.no_grad()
-    def fit_latent_scale(self, images: torch.Tensor) -> float:
-        """Set ``vae.scale_factor`` (and its config) to 1 / std of the posterior-sampled latents of ``images``."""
+    def fit_latent_scale(self, images: torch.Tensor | list[torch.Tensor]) -> float:
+        """Set ``vae.scale_factor`` (and its config) to 1 / std of the posterior-sampled latents of ``images`` (one
+        batch, or a list of batches that may differ in size, as aspect-ratio buckets give)."""
         if self.vae.config.get("latent_std") is not None:
             raise ValueError("the VAE normalises per channel (latent_std); fit_latent_scale sets a scalar scale")
-        z = self.vae.encode(images).sample(torch.Generator().manual_seed(self.seed))  # reproducible
-        scale = float(1.0 / z.float().std())
+        generator = torch.Generator().manual_seed(self.seed)  # reproducible
+        batches = [images] if isinstance(images, torch.Tensor) else images
+        z = torch.cat([self.vae.encode(x).sample(generator).float().flatten() for x in batches])
+        scale = float(1.0 / z.std())
         self.vae.config["scale_factor"] = scale
         self.vae.latent_scale.fill_(scale)
         return scale

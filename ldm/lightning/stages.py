@@ -400,7 +400,7 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None, resume_step
     finish_fit(cfg, trainer)
     # Diffusion trains on unit-variance latents: fit the scale on a few batches of training images.
     loader = data.train_dataloader()
-    images = torch.cat([b["image"] for b, _ in zip(loader, range(s.latent_scale_batches), strict=False)])
+    images = [b["image"] for b, _ in zip(loader, range(s.latent_scale_batches), strict=False)]  # buckets: sizes vary
     scale = module.fit_latent_scale(images)
     path = stage_dir / "vae.ckpt"
     if trainer.is_global_zero:
