@@ -130,20 +130,23 @@ class Throughput(L.Callback):
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` (and at the end) sample fixed prompts with fixed seeds through the module's pipeline
     (its sampling defaults, EMA weights); save and log the grid. Samples that come out NaN or inf (the pipeline
-    refuses them) are named in a warning and give no grid: a preview does not stop the training."""
+    refuses them) are named in a warning and give no grid: a preview does not stop the training. ``height`` and
+    ``width`` (pixels) preview another size than the checkpoint's default, e.g. one of ``data.buckets``'."""
 
-    def __init__(self, prompts: list[str], every_n_steps: int, out_dir: str | Path, seed: int = 0, cols: int = 4):
+    def __init__(self, prompts: list[str], every_n_steps: int, out_dir: str | Path, seed: int = 0, cols: int = 4,
+                 height: int | None = None, width: int | None = None):
         if not prompts:
             raise ValueError("SampleGrid needs at least one prompt (callbacks.ldm.samples.prompts)")
         self.prompts, self.every, self.out_dir, self.seed = list(prompts), every_n_steps, Path(out_dir), seed
         self.cols = cols
+        self.size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
 
     def _sample(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero and not is_fsdp(trainer):  # under FSDP every rank takes part in sampling
             return
         g = torch.Generator().manual_seed(self.seed)
         try:
-            images = to_pil(pl_module.generate(self.prompts, generator=g))
+            images = to_pil(pl_module.generate(self.prompts, generator=g, **self.size))
         except ConfigError as err:  # every rank samples the same prompts, so all of them skip together
             rank_zero_warn(f"no sample grid at step {trainer.global_step}: {err}")
             return

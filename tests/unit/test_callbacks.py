@@ -124,3 +124,28 @@ def test_sample_grid_skips_nan_samples_with_a_warning_and_training_goes_on(tmp_p
     assert trainer.global_step == 3
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
         "samples_step000001.png", "samples_step000003.png"]  # step 2's grid skipped, the final one written
+
+
+class SizedPreview(TwoLayers):
+    """TwoLayers whose generate() records the size it was asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked: list[dict] = []
+
+    def generate(self, prompts, generator=None, **size):
+        self.asked.append(size)
+        return torch.zeros(len(prompts), 3, size.get("height", 8), size.get("width", 8))
+
+
+def test_sample_grid_previews_the_size_it_is_given(tmp_path):
+    module = SizedPreview()
+    grid = SampleGrid(["a"], every_n_steps=0, out_dir=tmp_path / "samples", height=16, width=32)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, callbacks=[grid], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([{"x": torch.randn(B, N_IN)}], batch_size=None))
+    assert module.asked == [{"height": 16, "width": 32}]
+    from PIL import Image
+
+    with Image.open(next((tmp_path / "samples").iterdir())) as image:
+        assert image.size[0] >= 32 and image.size[1] >= 16 and image.size[0] > image.size[1]
