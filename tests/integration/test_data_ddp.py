@@ -81,6 +81,9 @@ def test_rank_world_from_process_group_rejects_too_few_shards(tmp_path):
 
 
 def _bucket_rank_main(rank: int, world: int, port: int, shards: str, out: str, cache: str) -> None:
+    # a forked child must not enter the OpenMP pool the parent has used (earlier tests ran torch ops): it would
+    # wait forever on the parent's threads; these batches (3 x 3 x 80 x 48) are large enough to go parallel
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LDM_CACHE=cache)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
