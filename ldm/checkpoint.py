@@ -307,30 +307,37 @@ def load_init_checkpoint(path: str | os.PathLike, unet_kwargs: dict[str, Any] | 
     An ldm checkpoint is read here rather than converted to an SD file first because the SD layout has no place for
     a from-scratch text encoder or a pixel-space model; an adapter-only (LoRA) checkpoint is refused, since its
     weights are not a base model."""
-    from ldm.convert import SDCheckpoint, load_sd_checkpoint
+    from ldm.convert import CKPT_METADATA, SDCheckpoint, load_sd_checkpoint, sd_checkpoint_from_state_dict
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"init_ckpt={path}: no such file; give an SD single file (.safetensors/.ckpt) or an ldm "
                           "checkpoint (RUN/ldm/checkpoints/last.ckpt)")
-    if path.suffix != ".safetensors":
-        ckpt = read_checkpoint(path)
-        if checkpoint_kind(ckpt) == "latent_diffusion":
-            header = _ldm_header(ckpt, path)
-            if header.get("lora") is not None:
-                raise ConfigError(f"init_ckpt={path} is a LoRA run's checkpoint (adapters only): start from its base "
-                                  f"{header['lora']['base']['path']}, or merge the adapters into a full model first")
-            del ckpt
-            parts = load_parts(path)
-            first = parts.first_stage
-            scale = None if first is None else float(first.config.get("scale_factor", 1.0))
-            text = {} if parts.text_encoder is None else parts.text_encoder.state_dict()
-            return SDCheckpoint(parts.unet, first, text, scale, parts.prediction_type, parts.schedule,
-                                parts.sampling.to_dict())
-        if checkpoint_kind(ckpt) == "autoencoder":
-            raise ConfigError(f"init_ckpt={path} is an autoencoder (vae.ckpt): pass it as vae_ckpt=, and as "
-                              "init_ckpt an ldm checkpoint or SD single file")
-    return load_sd_checkpoint(path, unet_kwargs=unet_kwargs)
+    try:
+        ckpt = read_checkpoint(path) if path.suffix != ".safetensors" else None
+    except ValueError:  # pickled objects: not an ldm file; the SD reader says how to read a trusted one
+        ckpt = None
+    if ckpt is None:
+        return load_sd_checkpoint(path, unet_kwargs=unet_kwargs)
+    kind = checkpoint_kind(ckpt)
+    if kind == "autoencoder":
+        raise ConfigError(f"init_ckpt={path} is an autoencoder (vae.ckpt): pass it as vae_ckpt=, and as init_ckpt "
+                          "an ldm checkpoint or SD single file")
+    if kind != "latent_diffusion":  # an SD .ckpt, read once
+        state = ckpt.get("state_dict", ckpt)
+        return sd_checkpoint_from_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)},
+                                             unet_kwargs=unet_kwargs, source=str(path),
+                                             metadata=ckpt.get(CKPT_METADATA) or {})
+    lora = _ldm_header(ckpt, path).get("lora")
+    if lora is not None:
+        raise ConfigError(f"init_ckpt={path} is a LoRA run's checkpoint (adapters only): start from its base "
+                          f"{lora['base']['path']}, or merge the adapters into a full model first")
+    parts = _ldm_parts(ckpt, path)
+    first = parts.first_stage
+    scale = None if first is None else float(first.config.get("scale_factor", 1.0))
+    text = {} if parts.text_encoder is None else parts.text_encoder.state_dict()
+    return SDCheckpoint(parts.unet, first, text, scale, parts.prediction_type, parts.schedule,
+                        parts.sampling.to_dict())
 
 
 def save_autoencoder(path: str | os.PathLike, vae: nn.Module, config: dict[str, Any] | None = None) -> None:
@@ -430,6 +437,12 @@ def load_parts(
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         return _sd_parts(tensors, ckpt.get(CKPT_METADATA) or {}, str(path), use_ema, prediction_type, image_size,
                          text_config)
+    return _ldm_parts(ckpt, path, use_ema, prediction_type, image_size)
+
+
+def _ldm_parts(ckpt: dict[str, Any], path: Path, use_ema: bool = True, prediction_type: str | None = None,
+               image_size: int | None = None) -> ModelParts:
+    """``load_parts`` on an ldm checkpoint already read."""
     header, state = _ldm_header(ckpt, path), ckpt["state_dict"]
     if prediction_type is not None and prediction_type != header["prediction_type"]:
         raise ValueError(f"{path} was trained with prediction_type={header['prediction_type']!r}; "

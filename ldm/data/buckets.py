@@ -14,7 +14,6 @@ diffusers' examples work on map-style datasets, not on a sharded stream with exa
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -25,7 +24,6 @@ from typing import Any
 
 from PIL import Image
 
-from ldm.checkpoint import atomic_write_bytes
 from ldm.errors import ConfigError
 
 
@@ -98,26 +96,19 @@ def image_size(raw: Mapping[str, Any]) -> tuple[int, int]:
 def shard_buckets(url: str, count: int, spec: BucketSpec) -> tuple[int, ...]:
     """The bucket of each of the ``count`` samples of shard ``url``, in tar order (a damaged one's: the square
     bucket); read once, then from the cache."""
-    from ldm.data.shards import count_cache_dir, iter_shard
+    from ldm.data.shards import cached, iter_shard
+
+    def read() -> list[int]:
+        ids = []
+        for raw in iter_shard(url, count):
+            try:
+                ids.append(spec.square() if "__error__" in raw else spec.assign(*image_size(raw)))
+            except Exception:  # undecodable: the loader skips it at decode time; any fixed bucket keeps positions
+                ids.append(spec.square())
+        return ids
 
     key = json.dumps({"url": str(url), "count": count, "spec": asdict(spec), "stamp": _stamp(url)}, sort_keys=True)
-    cache = count_cache_dir().parent / "buckets" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
-    if cache.is_file():
-        try:
-            ids = json.loads(cache.read_text())["buckets"]
-            if len(ids) == count:
-                return tuple(int(i) for i in ids)
-        except (ValueError, KeyError, TypeError):
-            pass
-    ids = []
-    for raw in iter_shard(url, count):
-        try:
-            ids.append(spec.square() if "__error__" in raw else spec.assign(*image_size(raw)))
-        except Exception:  # undecodable: the loader skips it at decode time; any fixed bucket keeps positions
-            ids.append(spec.square())
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(cache, json.dumps({"key": key, "buckets": ids}).encode(), many=True)  # ranks write it at once
-    return tuple(ids)
+    return tuple(cached("buckets", key, read))
 
 
 def _stamp(url: str) -> list[int] | None:

@@ -22,7 +22,7 @@ import time
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,23 +136,29 @@ def shard_count(url: str) -> int:
                           stacklevel=3)
     if is_local(url):
         return count_samples(url)
-    cache = count_cache_dir() / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".json")
-    if cache.is_file():
+    return cached("shard_counts", url, lambda: count_samples(url))
+
+
+def cache_dir(kind: str) -> Path:
+    """Where ldm keeps what it measured of shards (``shard_counts``, ``buckets``): ``$LDM_CACHE/kind``, by default
+    under ``~/.cache/ldm``."""
+    return Path(os.environ.get("LDM_CACHE", "~/.cache/ldm")).expanduser() / kind
+
+
+def cached(kind: str, key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per ``key``, then its JSON value from ``cache_dir(kind)``; written whole, and ranks that
+    compute the same value at once may both write it."""
+    path = cache_dir(kind) / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+    if path.is_file():
         try:
-            record = json.loads(cache.read_text())
-            if record.get("url") == url:
-                return int(record["count"])
+            record = json.loads(path.read_text())
+            if record["key"] == key:
+                return record["value"]
         except (ValueError, KeyError, TypeError):
             pass
-    count = count_samples(url)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(cache, json.dumps({"url": url, "count": count}).encode(), many=True)  # ranks write it at once
-    return count
-
-
-def count_cache_dir() -> Path:
-    """Where the sample counts of remote shards without an index are kept: ``$LDM_CACHE/shard_counts``."""
-    return Path(os.environ.get("LDM_CACHE", "~/.cache/ldm")).expanduser() / "shard_counts"
+    value = compute()
+    atomic_write_bytes(path, json.dumps({"key": key, "value": value}).encode(), many=True)
+    return value
 
 
 def _check_not_empty(spec: Any, counts: list[int]) -> None:
@@ -186,11 +192,11 @@ class _ForwardReader:
     and remote streams (skips are reads)."""
 
     def __init__(self, f: Any) -> None:
-        self.f, self.pending, self.pos = f, b"", 0
-        try:
-            self.seekable = bool(f.seekable()) and f.seek(0, 1) == 0
+        self.f, self.pending = f, b""
+        try:  # a local file: its size bounds the seeks
+            self.end = os.fstat(f.fileno()).st_size if f.seekable() else None
         except (AttributeError, OSError, ValueError):
-            self.seekable = False
+            self.end = None
 
     def read(self, n: int) -> bytes:
         out = self.pending[:n]
@@ -200,12 +206,11 @@ class _ForwardReader:
             if not chunk:
                 break
             out += chunk
-        self.pos += len(out)
         return out
 
     def skip(self, n: int) -> int:
         """Skip ``n`` bytes; returns how many were there to skip."""
-        if n <= len(self.pending) or not self.seekable:
+        if n <= len(self.pending) or self.end is None:
             done = 0
             while done < n:
                 got = len(self.read(min(n - done, 1 << 20)))
@@ -216,15 +221,12 @@ class _ForwardReader:
         done = len(self.pending)
         self.pending = b""
         here = self.f.tell()
-        end = self.f.seek(0, 2)
-        target = min(end, here + n - done)
+        target = min(self.end, here + n - done)
         self.f.seek(target)
-        self.pos += done + (target - here)
         return done + target - here
 
     def unread(self, data: bytes) -> None:
         self.pending = data + self.pending
-        self.pos -= len(data)
 
 
 def _tar_members(
@@ -246,7 +248,7 @@ def _tar_members(
         head = f.read(2)
         f.unread(head)
         if head in (b"\x1f\x8b", b"BZ", b"\xfd7"):  # gzip / bzip2 / xz
-            yield from _compressed_members(path, _Unbuffered(f), headers_only)
+            yield from _compressed_members(path, f, headers_only)
             return
         long_name: str | None = None
         offset = 0
@@ -307,16 +309,6 @@ def _tar_members(
                                  f"{member_offset}: {err})") from None
             long_name = None
             yield name, data
-
-
-class _Unbuffered:
-    """A ``_ForwardReader`` as the plain ``read`` stream tarfile's stream mode takes."""
-
-    def __init__(self, reader: _ForwardReader) -> None:
-        self.reader = reader
-
-    def read(self, n: int = -1) -> bytes:
-        return self.reader.read(n if n >= 0 else 1 << 62)
 
 
 def _next_header(f: _ForwardReader, start: int) -> int | None:
@@ -429,7 +421,8 @@ def iter_shard(path: str | os.PathLike, count: int | None = None) -> Iterator[di
         if not is_local(str(path)):  # a stream that ended early without damage: never a silently short epoch
             raise ShardError(f"shard {path} delivered {produced} samples, fewer than the {count} its count says "
                              "(index.json, _stats.json or the cached count): the stream ended early, or the shard "
-                             f"changed since it was counted (delete its entry in {count_cache_dir()} to count again)")
+                             f"changed since it was counted (delete its entry in {cache_dir('shard_counts')} to "
+                             "count again)")
         damaged.append(f"shard {path} holds {produced} samples, fewer than the {count} its index.json lists")
     if damaged:
         lost = f"skipping its last {count - produced} of {count} samples" if produced < count else "samples skipped"

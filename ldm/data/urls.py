@@ -90,16 +90,11 @@ class _CommandStream:
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         self.pipe = Pipe(args, mode="rb", shell=shell, bufsize=bufsize, ignore_errors=True, stderr=self.stderr)
 
-    def read(self, *args: Any) -> bytes:
-        data = self.pipe.stream.read(*args)
-        if not data:
+    def read(self, n: int = -1) -> bytes:
+        data = self.pipe.stream.read(n)
+        if not data or n < 0:  # at the end of the output: did the command succeed?
             self.check()
         return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
     def check(self) -> None:
         """Wait for the command and raise a ShardError naming the URL and its stderr if it failed."""
@@ -118,9 +113,6 @@ class _CommandStream:
                 self.pipe.proc.kill()
             self.pipe.proc.wait()
         self.stderr.close()
-
-    def readable(self) -> bool:
-        return True
 
     def __enter__(self) -> _CommandStream:
         return self

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,10 +24,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, shards: str, num_workers: int, out: str) -> None:
+@contextlib.contextmanager
+def _process_group(rank: int, world: int, port: int, out: str) -> Iterator[list]:
+    """A gloo group on 127.0.0.1 for the block; what the block appends to the yielded list is gathered from every
+    rank and written to ``out`` as JSON by rank 0."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        record: list = []
+        yield record
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, record[0])
+        if rank == 0:
+            Path(out).write_text(json.dumps(gathered))
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_main(rank: int, world: int, port: int, shards: str, num_workers: int, out: str) -> None:
+    with _process_group(rank, world, port, out) as record:
         dm = ShardDataModule(shards, batch_size=5, num_workers=num_workers, shuffle_buffer=4)
         dm.setup("fit")  # rank and world size come from the process group
         loader = dm.train_dataloader()
@@ -33,12 +50,7 @@ def _rank_main(rank: int, world: int, port: int, shards: str, num_workers: int, 
         for _ in range(2):
             batches = [b["key"] for b in loader]
             epochs.append({"batches": len(batches), "keys": [k for b in batches for k in b], "len": len(loader)})
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, epochs)
-        if rank == 0:
-            Path(out).write_text(json.dumps(gathered))
-    finally:
-        dist.destroy_process_group()
+        record.append(epochs)
 
 
 def _run(shards: Path, num_workers: int, tmp_path: Path) -> list:
@@ -84,9 +96,8 @@ def _bucket_rank_main(rank: int, world: int, port: int, shards: str, out: str, c
     # a forked child must not enter the OpenMP pool the parent has used (earlier tests ran torch ops): it would
     # wait forever on the parent's threads; these batches (3 x 3 x 80 x 48) are large enough to go parallel
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LDM_CACHE=cache)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    os.environ["LDM_CACHE"] = cache
+    with _process_group(rank, world, port, out) as record:
         kw = dict(batch_size=3, image_size=32, shuffle_buffer=4, seed=7, buckets=BUCKETS)
         dm = ShardDataModule(shards, **kw)
         dm.setup("fit")
@@ -100,14 +111,8 @@ def _bucket_rank_main(rank: int, world: int, port: int, shards: str, out: str, c
         resumed.load_state_dict(first.train_dataloader().state_dict())
         resumed.setup("fit")
         tail = [list(b["key"]) for b in resumed.train_dataloader()]
-        record = {"len": len(loader), "keys": [list(b["key"]) for b in epoch],
-                  "shapes": [list(b["image"].shape[-2:]) for b in epoch], "resumed": head + tail}
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, record)
-        if rank == 0:
-            Path(out).write_text(json.dumps(gathered))
-    finally:
-        dist.destroy_process_group()
+        record.append({"len": len(loader), "keys": [list(b["key"]) for b in epoch],
+                       "shapes": [list(b["image"].shape[-2:]) for b in epoch], "resumed": head + tail})
 
 
 BUCKETS = {"pixels": 64 * 64, "step": 16, "max_ratio": 2.0}
