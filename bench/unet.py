@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both models")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (timed after warm-up)")
+    parser.add_argument("--channels-last", action="store_true", help="our UNet in channels-last memory format")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,6 +87,8 @@ def main() -> None:
     if args.checkpointing:
         theirs.enable_gradient_checkpointing()
     models: dict[str, nn.Module] = {"ours": ours.to(device), "diffusers": theirs.to(device)}
+    if args.channels_last:
+        ours.to(memory_format=torch.channels_last)
     x = torch.randn(args.batch, 4, latent, latent, device=device)
     t = torch.randint(0, 1000, (args.batch,), device=device)
     ctx = torch.randn(args.batch, 77, cfg["context_dim"], device=device)

@@ -36,6 +36,7 @@ from ldm.diffusion.sampling import (
 )
 from ldm.errors import ConfigError
 from ldm.images import to_pil
+from ldm.nn.attention import reuse_context_projections
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -579,7 +580,7 @@ class LatentDiffusionPipeline:
                 noise = latents.to(device) if latents is not None else randn(shape, generator, device)
                 x = noise * scheduler.init_noise_sigma  # the sigma samplers start at their largest level
 
-            with autocast:
+            with autocast, reuse_context_projections(self.unet):  # the context is one tensor for every step
                 z = sample_loop(self.unet, scheduler, x, context, guidance, eta=c.eta, generator=generator,
                                 callback=callback, post_step=blend, concat=concat,
                                 y=None if class_labels is None else class_labels.to(device))

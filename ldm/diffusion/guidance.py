@@ -89,6 +89,14 @@ class ClassifierFreeGuidance:
                              "prompt)")
         self.scale, self.uncond_context, self.rescale = float(scale), uncond_context, float(rescale)
         self.lo, self.hi = check_guidance_interval(interval)
+        self._pair: tuple[torch.Tensor, torch.Tensor] | None = None  # (context, [uncond; context])
+
+    def paired_context(self, context: torch.Tensor) -> torch.Tensor:
+        """[uncond; context], the same tensor object at every step of one sampling loop, so a UNet that reuses
+        cross-attention keys and values per context tensor (``reuse_context_projections``) computes them once."""
+        if self._pair is None or self._pair[0] is not context:
+            self._pair = (context, torch.cat([self.uncond_context, context]))
+        return self._pair[1]
 
     def guides_at(self, t: int) -> bool:
         """Whether step ``t`` runs the unconditional half too."""
@@ -101,7 +109,7 @@ class ClassifierFreeGuidance:
             cond = denoise(x, t, context, **kwargs).float()
             return cond, cond
         doubled = {k: torch.cat([v, v]) for k, v in kwargs.items()}
-        out = denoise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond_context, context]), **doubled)
+        out = denoise(torch.cat([x, x]), torch.cat([t, t]), self.paired_context(context), **doubled)
         uncond, cond = out.float().chunk(2)
         return classifier_free_guidance(uncond, cond, self.scale, self.rescale), cond
 

@@ -10,6 +10,8 @@ import functools
 import importlib.util
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -154,11 +156,33 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(self.context_dim, inner, bias=False)
         self.to_v = nn.Linear(self.context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        self._kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, heads*d] -> [B, heads, L, d]."""
         b, n, _ = x.shape
         return x.view(b, n, self.heads, self.dim_head).transpose(1, 2)
+
+    def _project(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [B, L, heads*d]. One matmul for the three in self-attention and one for keys and
+        values in cross-attention (fused weights, concatenated per call, so the state dict keeps the three Linears'
+        names diffusers and SD files use)."""
+        plain = all(type(m) is nn.Linear for m in (self.to_q, self.to_k, self.to_v))  # not adapter-wrapped (LoRA)
+        if context is x:
+            if not plain:
+                return self.to_q(x), self.to_k(x), self.to_v(x)
+            return F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])).chunk(3, dim=-1)
+        cache = self._kv_cache if not torch.is_grad_enabled() else None
+        hit = cache.get(id(context)) if cache is not None else None
+        if hit is not None and hit[0] is context:
+            return self.to_q(x), hit[1], hit[2]
+        if plain:
+            k, v = F.linear(context, torch.cat([self.to_k.weight, self.to_v.weight])).chunk(2, dim=-1)
+        else:
+            k, v = self.to_k(context), self.to_v(context)
+        if cache is not None:
+            cache[id(context)] = (context, k, v)  # the tensor itself is kept, so its id stays unique while cached
+        return self.to_q(x), k, v
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -169,12 +193,27 @@ class CrossAttention(nn.Module):
             raise ValueError(
                 f"context has feature dimension {context.shape[-1]}, expected context_dim={self.context_dim}"
             )
-        q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
+        q, k, v = (self._split(t) for t in self._project(x, context))
         if mask is not None and mask.ndim == 2:
             mask = mask[:, None, None, :]
         out = attention(q, k, v, mask=mask, backend=self.backend)
         b, _, n, _ = out.shape
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
+
+
+@contextmanager
+def reuse_context_projections(model: nn.Module) -> Iterator[None]:
+    """Within the block, each cross-attention layer of ``model`` computes the keys and values of a context tensor
+    once and reuses them while the same tensor object comes back (a sampling loop passes one context at every step);
+    only without autograd. The context must not be changed in place inside the block."""
+    layers = [m for m in model.modules() if isinstance(m, CrossAttention)]
+    for m in layers:
+        m._kv_cache = {}
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._kv_cache = None
 
 
 class GEGLU(nn.Module):

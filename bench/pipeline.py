@@ -1,0 +1,116 @@
+"""Sampling throughput: LatentDiffusionPipeline against diffusers' StableDiffusionPipeline on the same weights.
+
+The diffusers pipeline is built from the converted UNet and VAE (``to_diffusers``), the same scheduler settings
+(``schedule_to_diffusers``), steps, guidance scale and initial noise, and takes the same text embeddings
+(``prompt_embeds``). The two are alternated in one process; the script checks that their latents agree, then prints
+median images/s and the ratio ours/diffusers (>= 1.0: we are no slower).
+
+    python bench/pipeline.py --config tiny --batch 8 --steps 25 --repeats 5 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from unet import CONFIGS  # noqa: E402  (the UNet configs bench/unet.py compares)
+
+from ldm.autoencoder import AutoencoderKL  # noqa: E402
+from ldm.convert import schedule_to_diffusers, to_diffusers  # noqa: E402
+from ldm.diffusion.schedules import SD_SCHEDULE  # noqa: E402
+from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
+from ldm.unet import UNet  # noqa: E402
+
+#: first stages per UNet config: (channel multipliers, base channels); 2 ** (len - 1) is the downsampling factor
+VAES = {"tiny": ((1, 2, 2), 32), "small": ((1, 2, 2, 4), 64), "sd15": ((1, 2, 4, 4), 128)}
+CONTEXT_TOKENS = 77
+
+
+class FixedText(torch.nn.Module):
+    """A text encoder with one fixed embedding per prompt, so diffusers can take the same ones as prompt_embeds."""
+
+    def __init__(self, dim: int, prompts: list[str]) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.table = {p: torch.randn(CONTEXT_TOKENS, dim, generator=g) for p in ["", *prompts]}
+
+    def encode(self, prompts: list[str]) -> SimpleNamespace:
+        return SimpleNamespace(hidden=torch.stack([self.table[p] for p in prompts]))
+
+
+def main() -> None:
+    """Build both pipelines on the same weights, check they agree, time them alternately, print the ratio."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument("--batch", type=int, default=8, help="images per call")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--sampler", choices=["ddim", "dpm_solver++"], default="dpm_solver++")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import diffusers
+
+    cfg = dict(CONFIGS[args.config])
+    latent = cfg.pop("latent")
+    torch.manual_seed(0)
+    unet = UNet(**cfg).eval()
+    mult, ch = VAES[args.config]
+    vae = AutoencoderKL(ch=ch, ch_mult=mult, num_res_blocks=1).eval()
+    with torch.no_grad():  # non-zero everywhere, so every op does real work
+        for p in [*unet.parameters(), *vae.parameters()]:
+            p.normal_(0, 0.02)
+    size = latent * 2 ** (len(mult) - 1)
+    prompts = [f"prompt {i}" for i in range(args.batch)]
+    text = FixedText(cfg["context_dim"], prompts)
+    ours = LatentDiffusionPipeline(unet, text, vae, SD_SCHEDULE, "epsilon", {"image_size": size})
+    kw = schedule_to_diffusers(SD_SCHEDULE, "epsilon")
+    scheduler = (diffusers.DDIMScheduler(clip_sample=False, timestep_spacing="trailing", **kw)
+                 if args.sampler == "ddim" else diffusers.DPMSolverMultistepScheduler(**kw))
+    theirs = diffusers.StableDiffusionPipeline(
+        vae=to_diffusers(vae).eval(), text_encoder=None, tokenizer=None,
+        unet=to_diffusers(unet, sample_size=latent).eval(),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    noise = torch.randn(args.batch, 4, latent, latent, generator=torch.Generator().manual_seed(11))
+    common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=size, width=size)
+
+    @torch.inference_mode()
+    def run_ours(output_type: str = "tensor") -> torch.Tensor:
+        return ours(prompts, latents=noise, sampler=args.sampler, output_type=output_type, **common)
+
+    @torch.inference_mode()
+    def run_theirs(output_type: str = "pt") -> torch.Tensor:
+        return theirs(prompt_embeds=text.encode(prompts).hidden,
+                      negative_prompt_embeds=text.encode([""] * args.batch).hidden, latents=noise,
+                      output_type=output_type, **common).images
+
+    diff = (run_ours("latent") - run_theirs("latent")).abs().max().item()
+    runs = {"ours": run_ours, "diffusers": run_theirs}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(args.repeats):
+        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    ratios = [d / o for d, o in zip(times["diffusers"], times["ours"], strict=True)]
+    print(f"config={args.config} batch={args.batch} size={size}px latent={latent} sampler={args.sampler} "
+          f"steps={args.steps} guidance={args.guidance} repeats={args.repeats} threads={torch.get_num_threads()}")
+    print(f"max |latent difference| ours vs diffusers: {diff:.2e}")
+    print(f"images/s  ours {args.batch / med['ours']:8.2f}   diffusers {args.batch / med['diffusers']:8.2f}   "
+          f"ratio ours/diffusers {med['diffusers'] / med['ours']:.3f} "
+          f"(per repeat {min(ratios):.2f}..{max(ratios):.2f})")
+
+
+if __name__ == "__main__":
+    main()
