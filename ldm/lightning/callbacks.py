@@ -10,13 +10,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.checkpoint import atomic_write_text
 from ldm.errors import ConfigError
 from ldm.images import make_grid, to_pil
+from ldm.lightning.flops import device_peak_flops, flop_counter_mode
 from ldm.lightning.preemption import preempted
 from ldm.lightning.sharding import is_fsdp
 
@@ -69,24 +70,54 @@ class StageCheckpoint(ModelCheckpoint):
 
 
 class Throughput(L.Callback):
-    """Logs images/s (all ranks), the model FLOP/s achieved per device (``perf/tflops``) and, given the device's
-    peak FLOP/s, the model FLOP utilisation (``perf/mfu``).
+    """Logs images/s (all ranks), the model FLOP/s achieved per device (``perf/tflops``) and, knowing the device's
+    peak FLOP/s, the model FLOP utilisation (``perf/mfu`` = FLOPs per step / step time / peak).
 
     Unless ``flops_per_step`` is given, the FLOPs of one training step's forward and backward (per rank, up to the
     first optimizer step) are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the first batch: matmuls,
-    convolutions and attention as executed (with gradient checkpointing the recomputed forward counts too). The count
-    is saved in checkpoints, so a resumed run does not count again. Logged every step from the second on.
+    convolutions and attention as executed, CPU attention included (``ldm.lightning.flops``; with gradient
+    checkpointing the recomputed forward counts too). The count is saved in checkpoints, so a resumed run does not
+    count again. Logged every step from the second on.
+
+    ``peak_flops`` (FLOP/s at the training precision) overrides the peak; left None, a bf16 or fp16 run on a GPU in
+    ``ldm.lightning.flops.PEAK_BF16_DENSE_FLOPS`` takes that GPU's dense peak (the fp16 and bf16 tensor-core peaks
+    are equal on the GPUs listed). Another precision or an unknown GPU gets no MFU, with a warning.
     """
 
     def __init__(self, flops_per_step: float | None = None, peak_flops: float | None = None):
         self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+        self._peak: float | None = peak_flops  # the peak in use: peak_flops, or the device's (on_fit_start)
         self._t0: float | None = None
         self._counter: FlopCounterMode | None = None
         self._counting_step = False
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Settle the peak MFU is measured against: the configured one, else the device's."""
+        self._peak = self.peak_flops or self._device_peak(trainer)
+
+    @staticmethod
+    def _device_peak(trainer: L.Trainer) -> float | None:
+        """The training device's dense peak for a half-precision run, None (with a warning on a GPU) without one."""
+        device = trainer.strategy.root_device
+        peak = device_peak_flops(device)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+        if peak is None:
+            if device.type == "cuda":
+                rank_zero_warn(f"no perf/mfu: the peak FLOP/s of {name!r} is not in ldm.lightning.flops."
+                               "PEAK_BF16_DENSE_FLOPS; set perf.peak_flops (the device's peak at the training "
+                               "precision)")
+            return None
+        precision = str(trainer.precision)
+        if not precision.startswith(("bf16", "16")):
+            rank_zero_warn(f"no perf/mfu: the known peak of {name} ({peak / 1e12:g} TFLOP/s) is for bf16/fp16 tensor "
+                           f"cores, this run's precision is {precision}; set perf.peak_flops for it")
+            return None
+        rank_zero_info(f"perf/mfu against the dense bf16 peak of {name}: {peak / 1e12:g} TFLOP/s")
+        return peak
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.flops_per_step is None and not self._counting_step:
-            self._counter = FlopCounterMode(display=False)
+            self._counter = flop_counter_mode()
             self._counter.__enter__()
             self._counting_step = True
         self._t0 = time.perf_counter()
@@ -110,8 +141,8 @@ class Throughput(L.Callback):
             return
         if self.flops_per_step:
             pl_module.log("perf/tflops", self.flops_per_step / dt / 1e12, batch_size=n)
-            if self.peak_flops:
-                pl_module.log("perf/mfu", self.flops_per_step / dt / self.peak_flops, batch_size=n)
+            if self._peak:
+                pl_module.log("perf/mfu", self.flops_per_step / dt / self._peak, batch_size=n)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._stop_counting()

@@ -3,6 +3,8 @@ autoencoder's reconstruction grid, and a sample grid that skips NaN samples."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning as L
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from torch import nn
 from ldm.autoencoder import AutoencoderKL
 from ldm.checkpoint import AtomicCheckpointIO
 from ldm.errors import ConfigError
+from ldm.lightning import callbacks
 from ldm.lightning.autoencoder_module import AutoencoderModule
 from ldm.lightning.callbacks import ReconstructionGrid, SampleGrid, StageCheckpoint, Throughput
 from ldm.pipeline import to_pil
@@ -32,27 +35,50 @@ class TwoLayers(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit(tmp_path, callbacks, steps: int = 3) -> L.Trainer:
+def fit(tmp_path, callbacks, steps: int = 3, precision: str = "32-true") -> L.Trainer:
     data = [{"x": torch.randn(B, N_IN)} for _ in range(steps)]
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()],
-        enable_checkpointing=any(isinstance(c, StageCheckpoint) for c in callbacks),
+        enable_checkpointing=any(isinstance(c, StageCheckpoint) for c in callbacks), precision=precision,
     )
     trainer.fit(TwoLayers(), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     return trainer
 
 
-def test_throughput_counts_forward_and_backward_flops_and_logs_mfu(tmp_path):
+@pytest.fixture
+def step_time(monkeypatch) -> float:
+    """The callback's clock advances by this many seconds a reading: every step takes exactly that long."""
+    dt, clock = 0.25, iter(range(10**6))
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(perf_counter=lambda: next(clock) * dt))
+    return dt
+
+
+def test_throughput_counts_forward_and_backward_flops_and_logs_mfu(tmp_path, step_time):
     throughput = Throughput(peak_flops=1e9)
     trainer = fit(tmp_path, [throughput])
     forward = 2 * B * (N_IN * N_HID + N_HID * N_OUT)
     # the weight gradients of both layers, and the input gradient of the second (x needs none)
     backward = 2 * B * (N_IN * N_HID + N_HID * N_OUT) + 2 * B * N_HID * N_OUT
     assert throughput.flops_per_step == forward + backward
-    tflops, mfu = float(trainer.callback_metrics["perf/tflops"]), float(trainer.callback_metrics["perf/mfu"])
-    assert tflops > 0 and mfu == pytest.approx(tflops * 1e12 / 1e9, rel=1e-5)
-    assert float(trainer.callback_metrics["perf/images_per_s"]) > 0
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert metrics["perf/tflops"] == pytest.approx((forward + backward) / step_time / 1e12, rel=1e-6)
+    assert metrics["perf/mfu"] == pytest.approx((forward + backward) / step_time / 1e9, rel=1e-6)
+    assert metrics["perf/images_per_s"] == pytest.approx(B / step_time, rel=1e-6)
+
+
+def test_throughput_takes_the_device_peak_for_half_precision_runs_only(tmp_path, monkeypatch, step_time):
+    monkeypatch.setattr(callbacks, "device_peak_flops", lambda device=None: 2e9)  # as on a GPU of the table
+    auto = Throughput()
+    trainer = fit(tmp_path, [auto], precision="bf16-mixed")
+    assert float(trainer.callback_metrics["perf/mfu"]) == pytest.approx(auto.flops_per_step / step_time / 2e9, rel=1e-6)
+    configured = Throughput(peak_flops=1e9)  # a configured peak wins over the device's
+    trainer = fit(tmp_path, [configured], precision="bf16-mixed")
+    assert float(trainer.callback_metrics["perf/mfu"]) == pytest.approx(configured.flops_per_step / step_time / 1e9,
+                                                                        rel=1e-6)
+    with pytest.warns(UserWarning, match="precision is 32-true"):  # a bf16 peak says nothing of an fp32 run
+        trainer = fit(tmp_path, [Throughput()])
+    assert "perf/tflops" in trainer.callback_metrics and "perf/mfu" not in trainer.callback_metrics
 
 
 def test_throughput_without_a_peak_logs_no_mfu_and_given_flops_are_not_recounted(tmp_path):

@@ -1,0 +1,92 @@
+"""FLOP counting and device peaks: what ``perf/tflops`` and ``perf/mfu`` are computed from.
+
+``PEAK_BF16_DENSE_FLOPS`` holds the dense (without sparsity) bf16 tensor-core peak FLOP/s per GPU, from the vendors'
+datasheets (where one gives only a "with sparsity" figure, the dense one is half of it):
+
+- NVIDIA H200 Tensor Core GPU datasheet: H200 SXM 1,979 TFLOPS with sparsity -> 989.4 dense; H200 NVL 1,671 -> 835.
+- NVIDIA H100 Tensor Core GPU datasheet: H100 SXM 1,979 -> 989.4 dense; H100 PCIe 1,513 -> 756; H100 NVL 1,671 -> 835.
+- NVIDIA A100 Tensor Core GPU datasheet: 312 TFLOPS dense (624 with sparsity), SXM and PCIe alike.
+- NVIDIA L40S datasheet: 362.05 TFLOPS dense (733 with sparsity).
+- NVIDIA L4 datasheet: 242 TFLOPS with sparsity -> 121 dense.
+- NVIDIA A10 datasheet: 125 TFLOPS dense (250 with sparsity); AWS's A10G has no NVIDIA datasheet and is taken as A10.
+- NVIDIA Ada Lovelace architecture whitepaper (GeForce RTX 4090): 165.2 TFLOPS dense bf16 with FP32 accumulate.
+
+V100 has no bf16 tensor cores and is left out: on it (and on any GPU not listed) no peak is known.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+# Device-name fragment -> dense bf16 peak FLOP/s. The first fragment found in the name wins, so a more specific
+# fragment comes before the one it contains ("H100 PCIe" before "H100"). A fragment matches whole words only ("L4"
+# is not found in "L40S", nor "A10" in "A100"); names look like "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB".
+PEAK_BF16_DENSE_FLOPS: dict[str, float] = {
+    "H200 NVL": 835e12,
+    "H200": 989e12,  # SXM
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 125e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+}
+
+
+def peak_for_name(name: str) -> float | None:
+    """The dense bf16 peak FLOP/s of the GPU called ``name`` (as ``torch.cuda.get_device_name`` gives it), or None
+    when it is not in ``PEAK_BF16_DENSE_FLOPS``: an unknown device gets no MFU rather than a wrong one."""
+    for fragment, peak in PEAK_BF16_DENSE_FLOPS.items():
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(fragment)}(?![A-Za-z0-9])", name, flags=re.IGNORECASE):
+            return peak
+    return None
+
+
+def device_peak_flops(device: torch.device | None = None) -> float | None:
+    """The dense bf16 peak FLOP/s of ``device`` (default: the current CUDA device), so MFU needs no configured peak;
+    None on CPU, without CUDA, or for a GPU not in the table."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return None
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type != "cuda":
+        return None
+    return peak_for_name(torch.cuda.get_device_name(device))
+
+
+def _register_cpu_sdpa_formulas() -> None:
+    """Count torch's CPU attention kernel like its CUDA ones, so a CPU count includes attention."""
+    # FlopCounterMode has formulas for the flash, memory-efficient and cuDNN SDPA kernels only; on CPU
+    # F.scaled_dot_product_attention runs aten._scaled_dot_product_flash_attention_for_cpu (and its _backward), which
+    # it counted as 0 FLOPs (torch 2.14). Their leading arguments are those of the CUDA kernels (query, key, value;
+    # grad_out, query, key, value), so torch's own formulas apply as they are: forward 2 matmuls = 4*B*H*Lq*Lk*d,
+    # backward 5 = 10*B*H*Lq*Lk*d. They are already shape-wrapped, hence get_raw. Skipped once torch counts them.
+    aten = torch.ops.aten
+    for op, helper in ((aten._scaled_dot_product_flash_attention_for_cpu, "sdpa_flop"),
+                       (aten._scaled_dot_product_flash_attention_for_cpu_backward, "sdpa_backward_flop")):
+        formula = getattr(flop_counter, helper, None)  # not public API: a torch without it leaves CPU attention out
+        if formula is not None and op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op, get_raw=True)(formula)
+
+
+_register_cpu_sdpa_formulas()
+
+
+def flop_counter_mode() -> FlopCounterMode:
+    """A silent FlopCounterMode that counts matmuls, convolutions and attention (CPU attention included)."""
+    return FlopCounterMode(display=False)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """The FLOPs ``fn()`` executes (forward, and backward if it runs one), as FlopCounterMode counts them."""
+    with flop_counter_mode() as counter:
+        fn()
+    return counter.get_total_flops()
