@@ -55,7 +55,15 @@ def main() -> None:
     parser.add_argument("--sampler", choices=["ddim", "dpm_solver++"], default="dpm_solver++")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-context-reuse", action="store_true",
+                        help="recompute cross-attention keys and values at every step, as diffusers does")
     args = parser.parse_args()
+    if args.no_context_reuse:
+        import contextlib
+
+        import ldm.pipeline
+
+        ldm.pipeline.reuse_context_projections = lambda model: contextlib.nullcontext()
     if args.threads:
         torch.set_num_threads(args.threads)
     import diffusers
@@ -105,7 +113,8 @@ def main() -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
     ratios = [d / o for d, o in zip(times["diffusers"], times["ours"], strict=True)]
     print(f"config={args.config} batch={args.batch} size={size}px latent={latent} sampler={args.sampler} "
-          f"steps={args.steps} guidance={args.guidance} repeats={args.repeats} threads={torch.get_num_threads()}")
+          f"steps={args.steps} guidance={args.guidance} repeats={args.repeats} threads={torch.get_num_threads()} "
+          f"context_reuse={not args.no_context_reuse}")
     print(f"max |latent difference| ours vs diffusers: {diff:.2e}")
     print(f"images/s  ours {args.batch / med['ours']:8.2f}   diffusers {args.batch / med['diffusers']:8.2f}   "
           f"ratio ours/diffusers {med['diffusers'] / med['ours']:.3f} "

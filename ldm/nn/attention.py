@@ -164,22 +164,15 @@ class CrossAttention(nn.Module):
         return x.view(b, n, self.heads, self.dim_head).transpose(1, 2)
 
     def _project(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values [B, L, heads*d]. One matmul for the three in self-attention and one for keys and
-        values in cross-attention (fused weights, concatenated per call, so the state dict keeps the three Linears'
-        names diffusers and SD files use)."""
-        plain = all(type(m) is nn.Linear for m in (self.to_q, self.to_k, self.to_v))  # not adapter-wrapped (LoRA)
+        """Queries, keys and values [B, L, heads*d]; the keys and values of a context from the cache when
+        ``reuse_context_projections`` holds them."""
         if context is x:
-            if not plain:
-                return self.to_q(x), self.to_k(x), self.to_v(x)
-            return F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])).chunk(3, dim=-1)
+            return self.to_q(x), self.to_k(x), self.to_v(x)
         cache = self._kv_cache if not torch.is_grad_enabled() else None
         hit = cache.get(id(context)) if cache is not None else None
         if hit is not None and hit[0] is context:
             return self.to_q(x), hit[1], hit[2]
-        if plain:
-            k, v = F.linear(context, torch.cat([self.to_k.weight, self.to_v.weight])).chunk(2, dim=-1)
-        else:
-            k, v = self.to_k(context), self.to_v(context)
+        k, v = self.to_k(context), self.to_v(context)
         if cache is not None:
             cache[id(context)] = (context, k, v)  # the tensor itself is kept, so its id stays unique while cached
         return self.to_q(x), k, v

@@ -190,47 +190,15 @@ def test_xformers_wrapper_follows_its_documented_contract(monkeypatch: pytest.Mo
     assert seen["bias"].shape == (2, 2, 5, 7)
 
 
-def _three_linears(m: CrossAttention, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-    """The layer computed with its three projections applied one by one (the unfused reference)."""
-    context = x if context is None else context
-    split = m._split
-    out = attention(split(m.to_q(x)), split(m.to_k(context)), split(m.to_v(context)), backend="math")
-    b, _, n, _ = out.shape
-    return m.to_out(out.transpose(1, 2).reshape(b, n, m.heads * m.dim_head))
-
-
-@pytest.mark.parametrize("context_dim", [None, 12])
-def test_fused_projections_give_the_unfused_outputs_and_gradients(context_dim: int | None) -> None:
-    torch.manual_seed(0)
-    m = CrossAttention(16, context_dim, heads=2, dim_head=8, backend="math")
-    x = torch.randn(3, 5, 16, requires_grad=True)
-    ctx = None if context_dim is None else torch.randn(3, 7, context_dim, requires_grad=True)
-    inputs = [x] if ctx is None else [x, ctx]
-    got = m(x, ctx)
-    grads = torch.autograd.grad(got.square().sum(), [*inputs, *m.parameters()])
-    ref = _three_linears(m, x, ctx)
-    ref_grads = torch.autograd.grad(ref.square().sum(), [*inputs, *m.parameters()])
-    torch.testing.assert_close(got, ref)
-    for g, r in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, r)
-    assert set(m.state_dict()) == {"to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias"}
-
-
-def test_context_projections_are_computed_once_per_context_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_context_projections_are_computed_once_per_context_tensor() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(CrossAttention(16, 12, heads=2, dim_head=8))
     layer = model[0]
     x, ctx, other = torch.randn(2, 5, 16), torch.randn(2, 7, 12), torch.randn(2, 7, 12)
     with torch.no_grad():
         ref = [layer(x, ctx), layer(x + 1, ctx), layer(x, other)]
-    linear, projected = attn_mod.F.linear, []
-
-    def counting_linear(inp, weight, bias=None):
-        if inp.shape[-1] == 12:  # a projection of the context (keys and values)
-            projected.append(inp)
-        return linear(inp, weight, bias)
-
-    monkeypatch.setattr(attn_mod.F, "linear", counting_linear)
+    projected = []
+    layer.to_k.register_forward_hook(lambda module, args, out: projected.append(args[0]))
     with torch.no_grad(), reuse_context_projections(model):
         got = [layer(x, ctx), layer(x + 1, ctx), layer(x, other), layer(x, ctx)]
     assert [p is ctx for p in projected] == [True, False]  # ctx once, then other once; the 4th call reused ctx's

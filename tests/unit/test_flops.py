@@ -61,7 +61,7 @@ class HandCount:
         self.handles = []
         for module in model.modules():
             if isinstance(module, CrossAttention):
-                # q/k/v run as one fused F.linear, not as the Linear modules: counted from the attention's inputs
+                # q/k/v are counted from the attention's inputs (its context may be None: self-attention)
                 attention_projections |= {id(module.to_q), id(module.to_k), id(module.to_v)}
                 self.handles.append(module.register_forward_hook(self.attention, with_kwargs=True))
         for module in model.modules():
