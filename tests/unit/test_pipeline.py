@@ -198,6 +198,22 @@ def test_latents_in_and_out(pipe) -> None:
         pipe("a", output_type="numpy")
 
 
+@pytest.mark.parametrize("interval", [None, (300, 1000)])
+def test_context_reuse_gives_the_same_samples_as_recomputing(pipe, monkeypatch: pytest.MonkeyPatch,
+                                                             interval) -> None:
+    """Keys and values reused across steps (CFG steps and, with an interval, unguided ones) change no number."""
+    import contextlib
+
+    import ldm.pipeline
+
+    kw = dict(generator=_gen(4), output_type="latent", guidance_scale=4.0, guidance_interval=interval,
+              negative_prompt=["x", ""])
+    reused = pipe(["a", "b"], **kw)
+    monkeypatch.setattr(ldm.pipeline, "reuse_context_projections", lambda model: contextlib.nullcontext())
+    kw["generator"] = _gen(4)
+    torch.testing.assert_close(pipe(["a", "b"], **kw), reused, rtol=0, atol=0)
+
+
 def test_guidance_rescale_changes_the_output_and_strength_zero_raises(pipe) -> None:
     kw = dict(generator=_gen(0), output_type="latent", guidance_scale=20.0)
     plain, rescaled = pipe("a cat", **kw), pipe("a cat", guidance_rescale=0.7, **kw)
