@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--sampler", choices=["ddim", "dpm_solver++"], default="dpm_solver++")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--compile", choices=["none", "ours", "both"], default="none",
+                        help="torch.compile the UNet of our pipeline, or of both (timed after warm-up)")
     parser.add_argument("--no-context-reuse", action="store_true",
                         help="recompute cross-attention keys and values at every step, as diffusers does")
     args = parser.parse_args()
@@ -89,6 +91,10 @@ def main() -> None:
         unet=to_diffusers(unet, sample_size=latent).eval(),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     theirs.set_progress_bar_config(disable=True)
+    if args.compile != "none":
+        ours.unet = torch.compile(ours.unet)
+    if args.compile == "both":
+        theirs.unet = torch.compile(theirs.unet)
     noise = torch.randn(args.batch, 4, latent, latent, generator=torch.Generator().manual_seed(11))
     common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=size, width=size)
 
@@ -102,7 +108,10 @@ def main() -> None:
                       negative_prompt_embeds=text.encode([""] * args.batch).hidden, latents=noise,
                       output_type=output_type, **common).images
 
+    start = time.perf_counter()
     diff = (run_ours("latent") - run_theirs("latent")).abs().max().item()
+    run_ours(), run_theirs()  # warm-up (and compilation) of the decoding path too
+    warmup = time.perf_counter() - start
     runs = {"ours": run_ours, "diffusers": run_theirs}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(args.repeats):
@@ -114,8 +123,8 @@ def main() -> None:
     ratios = [d / o for d, o in zip(times["diffusers"], times["ours"], strict=True)]
     print(f"config={args.config} batch={args.batch} size={size}px latent={latent} sampler={args.sampler} "
           f"steps={args.steps} guidance={args.guidance} repeats={args.repeats} threads={torch.get_num_threads()} "
-          f"context_reuse={not args.no_context_reuse}")
-    print(f"max |latent difference| ours vs diffusers: {diff:.2e}")
+          f"context_reuse={not args.no_context_reuse} compile={args.compile}")
+    print(f"max |latent difference| ours vs diffusers: {diff:.2e}; warm-up {warmup:.1f} s")
     print(f"images/s  ours {args.batch / med['ours']:8.2f}   diffusers {args.batch / med['diffusers']:8.2f}   "
           f"ratio ours/diffusers {med['diffusers'] / med['ours']:.3f} "
           f"(per repeat {min(ratios):.2f}..{max(ratios):.2f})")
