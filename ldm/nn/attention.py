@@ -170,11 +170,11 @@ class CrossAttention(nn.Module):
             return self.to_q(x), self.to_k(x), self.to_v(x)
         cache = self._kv_cache if not torch.is_grad_enabled() else None
         hit = cache.get(id(context)) if cache is not None else None
-        if hit is not None and hit[0] is context:
+        if hit is not None:  # the cache holds the tensor itself, so no other object can have its id meanwhile
             return self.to_q(x), hit[1], hit[2]
         k, v = self.to_k(context), self.to_v(context)
         if cache is not None:
-            cache[id(context)] = (context, k, v)  # the tensor itself is kept, so its id stays unique while cached
+            cache[id(context)] = (context, k, v)
         return self.to_q(x), k, v
 
     def forward(
