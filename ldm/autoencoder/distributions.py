@@ -30,7 +30,7 @@ class DiagonalGaussianDistribution:
         """Draw mean + std * eps, eps from ``generator`` on its own device (a CPU generator serves any device)."""
         device = generator.device if generator is not None else self.mean.device
         eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
+        return self.mean + self.std * eps.to(self.mean.device, non_blocking=True)  # a blocking copy waits for the GPU
 
     def mode(self) -> torch.Tensor:
         """The most likely latent: the mean."""

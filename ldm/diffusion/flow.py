@@ -121,7 +121,8 @@ class FlowMatchingLoss:
         device = generator.device if generator is not None else x0.device
         u = sample_noise_levels(x0.shape[0], self.timestep_sampling, self.logit_mean, self.logit_std,
                                 self.mode_scale, generator, device)
-        return shift_sigmas(u, self.shift_for(x0)).to(x0.device)
+        # non-blocking: a blocking copy to a GPU would first wait for the work already queued there
+        return shift_sigmas(u, self.shift_for(x0)).to(x0.device, non_blocking=True)
 
     def __call__(
         self,
@@ -138,7 +139,8 @@ class FlowMatchingLoss:
             sigma = self.sample_sigmas(x0, generator)
         if noise is None:
             device = generator.device if generator is not None else x0.device
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=device).to(x0.device)
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=device)
+            noise = noise.to(x0.device, non_blocking=True)
         per_sample = self.per_sample_mse(denoise, x0, cond, sigma, noise)
         return (flow_loss_weights(sigma.float(), self.weighting) * per_sample).mean()
 

@@ -92,7 +92,8 @@ class DiffusionLoss:
         if self.offset_noise > 0:
             shape = (x0.shape[0], x0.shape[1], *([1] * (x0.ndim - 2)))
             noise = noise + self.offset_noise * torch.randn(shape, generator=generator, dtype=x0.dtype, device=device)
-        return noise.to(x0.device)
+        # non-blocking: a blocking copy to a GPU would first wait for all the work already queued there
+        return noise.to(x0.device, non_blocking=True)
 
     def __call__(
         self,
@@ -103,17 +104,20 @@ class DiffusionLoss:
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """The mean weighted MSE between ``denoise(x_t, t, cond)`` and the target; t and noise drawn if not given."""
+        """The mean weighted MSE between ``denoise(x_t, t, cond)`` and the target; t and noise drawn if not given.
+
+        Drawn here, the timesteps stay on the generator's device (the host, usually) for the schedule lookups, so a
+        training step on a GPU reads nothing back from it."""
         B = x0.shape[0]
-        if t is None:
+        drawn = t is None
+        if drawn:
             device = generator.device if generator is not None else x0.device
             t = sample_timesteps(B, self.schedule.num_train_timesteps, self.timestep_shift, generator, device)
-            t = t.to(x0.device)
         if noise is None:
             noise = self.sample_noise(x0, generator)
-        per_sample = self.per_sample_mse(denoise, x0, cond, t, noise)
-        w = loss_weights(self.schedule.snr(t).to(per_sample.device), self.prediction_type, self.weighting,
-                         self.snr_gamma).to(per_sample.dtype)
+        per_sample = self.per_sample_mse(denoise, x0, cond, t, noise, check=not drawn)
+        snr = self.schedule.snr(t, check=not drawn).to(per_sample.device, non_blocking=True)
+        w = loss_weights(snr, self.prediction_type, self.weighting, self.snr_gamma).to(per_sample.dtype)
         return (w * per_sample).mean()
 
     def per_sample_mse(
@@ -123,11 +127,14 @@ class DiffusionLoss:
         cond: object,
         t: torch.Tensor,
         noise: torch.Tensor,
+        *,
+        check: bool = True,
     ) -> torch.Tensor:
         """The unweighted MSE [B] (float32) between ``denoise(x_t, t, cond)`` and the target of the prediction type:
-        the training objective before its weighting, shared with the validation loss."""
-        a = self.schedule.alpha_bar(t, like=x0)
-        x_t = self.schedule.add_noise(x0, noise, t)
+        the training objective before its weighting, shared with the validation loss. ``check=False``: ``t`` is
+        known to be in range (``NoiseSchedule.alpha_bar``)."""
+        a = self.schedule.alpha_bar(t, like=x0, check=check)
+        x_t = self.schedule.add_noise(x0, noise, t, check=check)
         target = make_prediction(x0, noise, a, self.prediction_type)
-        pred = denoise(x_t, t, cond)
+        pred = denoise(x_t, t.to(x0.device, non_blocking=True), cond)
         return ((pred.float() - target.float()) ** 2).mean(dim=list(range(1, x0.ndim)))

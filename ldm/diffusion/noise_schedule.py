@@ -53,25 +53,29 @@ class NoiseSchedule:
     def has_zero_terminal_snr(self) -> bool:
         return bool(self.alphas_cumprod[-1] == 0)
 
-    def alpha_bar(self, t: torch.Tensor | int, like: torch.Tensor | None = None) -> torch.Tensor:
-        """alpha_bar at integer timesteps ``t`` (any shape), in the dtype and device of ``like`` if given."""
+    def alpha_bar(self, t: torch.Tensor | int, like: torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
+        """alpha_bar at integer timesteps ``t`` (any shape), in the dtype and device of ``like`` if given.
+
+        ``check=False`` skips the range check, for host timesteps known to be valid (the training loss's own draws):
+        the check reads the values, which for timesteps on a GPU waits for the GPU."""
         t = torch.as_tensor(t)
         if t.is_floating_point():
             raise ValueError(f"timesteps must be integers, got dtype {t.dtype}")
-        if (t < 0).any() or (t >= self.num_train_timesteps).any():
+        if check and ((t < 0).any() or (t >= self.num_train_timesteps).any()):
             raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}], got {t.tolist()}")
         a = self.alphas_cumprod[t.cpu().long()]
-        if like is not None:
-            a = a.to(dtype=like.dtype, device=like.device)
+        if like is not None:  # from pageable host memory: staged at once, without waiting for the GPU's queue
+            a = a.to(dtype=like.dtype, device=like.device, non_blocking=True)
         return a
 
-    def _per_sample(self, t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
-        a = self.alpha_bar(t, like=x)
+    def _per_sample(self, t: torch.Tensor | int, x: torch.Tensor, check: bool = True) -> torch.Tensor:
+        a = self.alpha_bar(t, like=x, check=check)
         return a.reshape(*a.shape, *([1] * (x.ndim - a.ndim)))
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int, *,
+                  check: bool = True) -> torch.Tensor:
         """Jump the forward process to timestep t: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
-        a = self._per_sample(t, x0)
+        a = self._per_sample(t, x0, check)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def get_velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
@@ -79,9 +83,9 @@ class NoiseSchedule:
         a = self._per_sample(t, x0)
         return a.sqrt() * noise - (1 - a).sqrt() * x0
 
-    def snr(self, t: torch.Tensor | int | None = None) -> torch.Tensor:
+    def snr(self, t: torch.Tensor | int | None = None, *, check: bool = True) -> torch.Tensor:
         """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) in float64, at ``t`` or for every timestep."""
-        a = self.alphas_cumprod if t is None else self.alpha_bar(t)
+        a = self.alphas_cumprod if t is None else self.alpha_bar(t, check=check)
         return a / (1 - a)
 
     def log_snr(self, t: torch.Tensor | int | None = None) -> torch.Tensor:

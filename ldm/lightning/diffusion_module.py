@@ -24,24 +24,13 @@ from ldm.diffusion.validation import (
     validation_noise,
     validation_timesteps,
 )
+from ldm.lightning.nonfinite import NaNPolicy, NonFiniteSteps, skips_on_device
 from ldm.lightning.optim import LRSchedule, grad_norm
 from ldm.lightning.sharding import full_params, global_sum, is_fsdp
 from ldm.lora import has_lora
 from ldm.nn.ema import EMA, EMASettings
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.text.conditioner import drop_captions
-
-
-@dataclass(frozen=True)
-class NaNPolicy:
-    """What a non-finite loss does: ``stop`` the run, or ``skip`` the batch (at most ``max_skips`` times)."""
-
-    policy: str = "stop"
-    max_skips: int = 10
-
-    def __post_init__(self) -> None:
-        if self.policy not in ("stop", "skip"):
-            raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.policy!r}")
 
 
 @dataclass(frozen=True)
@@ -82,7 +71,7 @@ class LatentDiffusionModule(L.LightningModule):
         ema: EMASettings | None = EMASettings(),
         sampling: SamplingDefaults | None = None,
         caption_dropout: float = 0.1,
-        nan: NaNPolicy = NaNPolicy(),
+        nan: NaNPolicy | None = None,
         guide_snapshot_step: int | float | None = None,
         text_encoder_kwargs: dict | None = None,
         run_config: dict | None = None,
@@ -117,8 +106,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.lr_factor = lr_schedule.factor()
         self.ema = EMA(unet, ema.decay, ema.warmup) if ema is not None else None
-        self.nan = nan
-        self.nan_skips = 0
+        self.nonfinite = NonFiniteSteps(nan or NaNPolicy())
         # None: the defaults, with the sampler of the model's kind (flow_euler for a flow-matching loss)
         self.sampling = sampling or SamplingDefaults(
             sampler=default_sampler(self.schedule_kwargs, self.prediction_type))
@@ -203,12 +191,13 @@ class LatentDiffusionModule(L.LightningModule):
         if self.lora_base is not None:  # the adapters only: the base is the file the header names
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                         if ".lora_A." in k or ".lora_B." in k}
-        checkpoint["nan_skips"] = self.nan_skips
+        self.nonfinite.flush()  # the exact count (a device read; a checkpoint waits for the GPU anyway)
+        checkpoint["nan_skips"] = self.nonfinite.skipped
         checkpoint["train_generator"] = self.generator.get_state()
         checkpoint["train_generators"] = gather_rank_states(checkpoint["train_generator"])  # one per DDP rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.nan_skips = checkpoint.get("nan_skips", 0)
+        self.nonfinite.skipped = checkpoint.get("nan_skips", 0)
         states = checkpoint.get("train_generators") or [checkpoint.get("train_generator")]
         if states[0] is not None:
             self.generator.set_state(rank_state(states, self.global_rank))
@@ -287,7 +276,7 @@ class LatentDiffusionModule(L.LightningModule):
             return self.encode_text(drop_captions(batch["caption"], self.caption_dropout, self.generator))
         dropped = drop_captions(["x"] * cached.shape[0], self.caption_dropout, self.generator)
         null = self.text_encoder.null_embedding().hidden
-        drop = torch.tensor([c == "" for c in dropped], device=null.device)
+        drop = torch.tensor([c == "" for c in dropped]).to(null.device, non_blocking=True)
         return torch.where(drop[:, None, None], null, cached.to(null.device, null.dtype))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
@@ -296,23 +285,26 @@ class LatentDiffusionModule(L.LightningModule):
         y = batch.get("label") if getattr(self.unet, "num_classes", None) else None
         concat = self.inpaint_condition(batch, x0, self.generator)
         loss = self.loss_fn(lambda x, t, c: self.denoise(x, t, c, y, concat), x0, context, generator=self.generator)
-        if not torch.isfinite(loss):
-            return self._on_nonfinite(loss)
+        if not self.nonfinite.loss_is_finite(loss, self.global_step):
+            return None  # Lightning skips the backward and the optimizer's update for a None loss
         bs = x0.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        self.log("train/nan_skips", float(self.nonfinite.skipped), batch_size=bs)
         return loss
 
-    def _on_nonfinite(self, loss: torch.Tensor) -> None:
-        self.nan_skips += 1
-        self.log("train/nan_skips", float(self.nan_skips))
-        if self.nan.policy == "stop" or self.nan_skips > self.nan.max_skips:
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {self.global_step} (skipped so far: {self.nan_skips - 1}). The last "
-                "checkpoint is kept. Lower the learning rate, use bf16 rather than fp16, or set "
-                "ldm_stage.nan_policy=skip (with ldm_stage.max_nan_skips) to skip such batches."
-            )
-        return None  # Lightning skips the optimizer step for a None loss
+    @property
+    def nan_skips(self) -> int:
+        """The training steps skipped for a non-finite loss or gradient (``NaNPolicy``), as known on the host."""
+        return self.nonfinite.skipped
+
+    def on_train_start(self) -> None:
+        self.nonfinite.start(skips_on_device(self.trainer.optimizers[0], self.trainer.precision_plugin), self.device)
+
+    def on_train_end(self) -> None:
+        self.nonfinite.flush()
+        inner = getattr(self.trainer.optimizers[0], "optimizer", self.trainer.optimizers[0])
+        inner.__dict__.pop("found_inf", None)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # The gradient norm before clipping (Lightning clips after this hook).
@@ -325,6 +317,7 @@ class LatentDiffusionModule(L.LightningModule):
             norm = total[0].sqrt() if total[1] > 0 else None  # no rank has any (a skipped step): log nothing
         if norm is not None:
             self.log("train/grad_norm", norm)
+        self.nonfinite.before_optimizer_step(optimizer, norm, self.global_step)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's clipping, except in two cases it refuses.

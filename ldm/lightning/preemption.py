@@ -18,6 +18,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ldm.errors import ConfigError
+from ldm.lightning.host_reads import LaggedReads
 
 
 class Preempted(Exception):  # noqa: N818 (not an error: the run stopped on request, with its state saved)
@@ -72,7 +73,9 @@ class PreemptionCheckpoint(L.Callback):
 
     The handlers are installed when training starts (after Lightning's own, which they replace for these signals)
     and Lightning restores the previous ones when fit ends. Under DDP the ranks agree every ``check_every_n_steps``
-    steps (one boolean all-reduce), so a signal that reaches one rank stops all of them at the same step.
+    steps (one all-reduce), so a signal that reaches one rank stops all of them at the same step. On GPUs the
+    agreed value is read two steps after the all-reduce (``LaggedReads``), so the training step never waits for the
+    GPU; the ranks then stop two steps after the check.
     """
 
     def __init__(self, signal: str | int = "SIGUSR1", check_every_n_steps: int = 1):
@@ -82,6 +85,7 @@ class PreemptionCheckpoint(L.Callback):
         self.received: int | None = None  # the first signal this process got
         self.stopped_by: int | None = None  # the signal the ranks stopped on (set on every rank)
         self.checkpoint: str | None = None
+        self._agreed: LaggedReads | None = None  # under DDP: the ranks' agreed signal, read on the host
 
     def _handle(self, signum: int, frame) -> None:
         if self.received is None:
@@ -95,14 +99,22 @@ class PreemptionCheckpoint(L.Callback):
                 signal.signal(signum, self._handle)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if self.stopped_by is not None or trainer.global_step % self.check_every_n_steps:
+        if self.stopped_by is not None:
             return
-        got = self.received if self.received is not None else 0
-        if trainer.world_size > 1:  # the largest signal number any rank got (0: none), the same on every rank
-            import torch
+        step = trainer.global_step
+        got = 0
+        if trainer.world_size == 1:
+            if step % self.check_every_n_steps == 0:
+                got = self.received or 0
+        else:  # the largest signal number any rank got (0: none), the same on every rank
+            if self._agreed is None:  # GPU: read two steps late, so the host never waits for the GPU's queue
+                self._agreed = LaggedReads(2 if pl_module.device.type == "cuda" else 0)
+            if step % self.check_every_n_steps == 0:
+                import torch
 
-            flag = trainer.strategy.reduce(torch.tensor(float(got), device=pl_module.device), reduce_op="max")
-            got = int(flag.item())
+                local = torch.tensor(float(self.received or 0)).to(pl_module.device, non_blocking=True)
+                self._agreed.push(step, trainer.strategy.reduce(local, reduce_op="max"))
+            got = int(max((value for _, value in self._agreed.due(step)), default=0))
         if not got:
             return
         self.stopped_by = got

@@ -20,7 +20,8 @@ LR_SCHEDULES = ("constant", "cosine", "linear", "wsd")
 RESUME_FREE = (
     "resume", "out_dir", "stages", "logger", "callbacks", "sampling", "perf", "preemption", "vae_stage.max_steps",
     "ldm_stage.max_steps", "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-    "eval", "data.val_shards", "ldm_stage.val_every_n_steps", "ldm_stage.val_timesteps", "ldm_stage.val_seed",
+    "trainer.progress_bar_refresh_steps", "eval", "data.val_shards", "ldm_stage.val_every_n_steps",
+    "ldm_stage.val_timesteps", "ldm_stage.val_seed",
 )
 
 

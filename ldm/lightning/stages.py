@@ -106,8 +106,9 @@ def make_trainer(cfg: DictConfig, stage_dir: Path, max_steps: int, callbacks: li
     if manual:  # manual optimisation (the VAE's two optimizers) does its own clipping, if any
         kwargs.pop("gradient_clip_val", None)
     kwargs.setdefault("enable_model_summary", False)  # the stage's headline names the parts and their sizes
+    refresh = kwargs.pop("progress_bar_refresh_steps", 1)  # ldm's key, not Lightning's
     if kwargs.setdefault("enable_progress_bar", True):
-        callbacks = [*callbacks, StepProgressBar()]
+        callbacks = [*callbacks, StepProgressBar(refresh_rate=refresh)]
     plugins: list = [AtomicCheckpointIO()]
     if cfg.get("preemption") is not None:
         p = cfg.preemption

@@ -44,6 +44,7 @@ class EMA(nn.Module):
         for i, name in enumerate(self._names):
             self.register_buffer(f"shadow_{i}", model.get_parameter(name).detach().float().clone())
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._host_updates: int | None = 0  # num_updates counted on the host; None: read the buffer once
 
     def _shadows(self) -> Iterator[tuple[str, torch.Tensor]]:
         for i, name in enumerate(self._names):
@@ -70,11 +71,19 @@ class EMA(nn.Module):
             else:
                 with torch.no_grad():
                     target.copy_(value)
+        self._host_updates = None
         if strict:
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in expected)
 
+    def _updates(self) -> int:
+        """num_updates, read from the buffer once after loading and then counted on the host: reading a GPU buffer
+        at every update would make the host wait for the GPU."""
+        if self._host_updates is None:
+            self._host_updates = int(self.num_updates)
+        return self._host_updates
+
     def current_decay(self) -> float:
-        n = int(self.num_updates)
+        n = self._updates()
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
@@ -88,6 +97,7 @@ class EMA(nn.Module):
             # a no-op for float32 parameters on the shadow's device (the usual case): no copies
             params.append(named[name].detach().to(shadow.device, torch.float32))
         torch._foreach_lerp_(shadows, params, 1.0 - d)  # one fused pass instead of a Python loop over tensors
+        self._host_updates = self._updates() + 1  # before the buffer moves on
         self.num_updates += 1
 
     @torch.no_grad()

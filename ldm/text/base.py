@@ -115,7 +115,7 @@ class TextEncoder(nn.Module, ABC):
         """Tokenize ``prompts`` and encode them on this module's device."""
         input_ids, mask = self.tokenizer(prompts)
         device = self.device
-        input_ids, mask = input_ids.to(device), mask.to(device)
+        input_ids, mask = input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)  # no GPU wait
         hidden, pooled = self.encode_tokens(input_ids, mask)
         return TextEncoding(hidden, pooled, mask)
 

@@ -14,6 +14,7 @@ from ldm.autoencoder import AutoencoderKL
 from ldm.lightning.autoencoder_module import AutoencoderModule
 from ldm.lightning.optim import warmup_then
 from ldm.nn.ema import EMA
+from ldm.text import ScratchTextEncoder
 from ldm.unet import UNet
 from tests.module_factory import diffusion_module
 
@@ -195,6 +196,112 @@ def test_nan_loss_stops_with_a_clear_message_or_is_skipped(tmp_path):
     skip = diffusion_module(NaNNet(), None, None, ema_decay=None, nan_policy="skip", max_nan_skips=10)
     trainer(2, tmp_path).fit(skip, DataLoader(image_batches(8), batch_size=4, collate_fn=collate))
     assert skip.nan_skips == 2 and torch.equal(skip.unet.w.detach(), torch.ones(()))
+
+
+class NaNAtSteps(nn.Module):
+    """A one-weight denoiser whose output (so its loss and gradient) is NaN at the given forward calls."""
+
+    def __init__(self, nan_at=()):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+        self.num_classes = None
+        self.nan_at, self.calls = set(nan_at), 0
+
+    def forward(self, x, t, context=None):
+        self.calls += 1
+        out = x * self.w
+        return out * float("nan") if self.calls - 1 in self.nan_at else out
+
+
+def fused_adamw(params):
+    return torch.optim.AdamW(params, lr=1e-2, fused=True)
+
+
+def test_with_a_fused_optimizer_nonfinite_steps_are_skipped_on_the_device(tmp_path):
+    data = DataLoader(image_batches(16), batch_size=4, collate_fn=collate)
+    # steps 1 and 2 of 4 are NaN: the fused kernel leaves the weight and its Adam state as they were
+    net = NaNAtSteps(nan_at={1, 2})
+    module = diffusion_module(net, None, None, ema_decay=0.9, nan_policy="skip", max_nan_skips=2,
+                              optimizer=fused_adamw)
+    weights = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            weights.append(net.w.detach().clone())
+
+    recorded = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[Record()])
+    recorded.fit(module, data)
+    assert module.nonfinite.on_device and module.nan_skips == 2
+    assert not torch.equal(weights[0], torch.ones(())) and torch.equal(weights[1], weights[0])
+    assert torch.equal(weights[2], weights[0]) and not torch.equal(weights[3], weights[2])
+    opt = recorded.optimizers[0]
+    assert int(opt.state[net.w]["step"]) == 2 and not hasattr(opt, "found_inf")
+    assert torch.isfinite(net.w) and all(torch.isfinite(s).all() for s in opt.state[net.w].values())
+    assert module.ema.num_updates == 4 and torch.isfinite(module.ema.shadow_0)
+
+    # stop: raised when the count is read, two steps late, naming the step; the weights stay those of step 0
+    stop = diffusion_module(NaNAtSteps(nan_at={1}), None, None, ema_decay=None, optimizer=fused_adamw)
+    with pytest.raises(FloatingPointError, match=r"gradients are not finite at step 1 .*nan_policy=skip"):
+        trainer_ = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer_.fit(stop, data)
+    assert trainer_.global_step == 3 and torch.isfinite(stop.unet.w)
+    # skip, past max_skips: the third skipped step ends the run
+    many = diffusion_module(NaNAtSteps(nan_at=set(range(8))), None, None, ema_decay=None, nan_policy="skip",
+                            max_nan_skips=2, optimizer=fused_adamw)
+    with pytest.raises(FloatingPointError, match=r"at step 2 \(skipped so far: 2\)"):
+        trainer(8, tmp_path).fit(many, data)
+    assert torch.equal(many.unet.w.detach(), torch.ones(()))
+
+
+def test_a_training_step_reads_no_value_back_from_the_device(tmp_path):
+    """Every .item(), bool(), int() or float() of a tensor is an aten._local_scalar_dense call; on a GPU each one
+    makes the host wait for the GPU. The step (forward, loss, backward, clipping, fused AdamW, EMA, the non-finite
+    test, logging) makes none, with the real UNet, tokenizer and trainable text encoder, except the deferred reads of
+    LaggedReads (on a GPU: pinned host copies made steps earlier)."""
+    import sys
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def deferred() -> bool:
+        frame = sys._getframe()
+        while frame is not None:
+            if frame.f_code.co_name == "_read" and frame.f_code.co_filename.endswith("host_reads.py"):
+                return True
+            frame = frame.f_back
+        return False
+
+    class CountReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default) and not deferred():
+                self.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    mode = CountReads()
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx >= 1:  # the first step sets things up (the EMA's count is read once)
+                mode.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx >= 1:
+                mode.__exit__(None, None, None)
+
+    text = ScratchTextEncoder(width=32, layers=1, heads=2, context_length=8)
+    module = diffusion_module(tiny_unet(), text, tiny_vae(), ema_decay=0.99, optimizer=fused_adamw)
+    watched = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        gradient_clip_val=1.0, callbacks=[Watch()])
+    watched.fit(module, DataLoader(image_batches(16), batch_size=4, collate_fn=collate))
+    assert module.nonfinite.on_device and watched.global_step == 4
+    assert mode.reads == 0, f"{mode.reads} reads of device values in 3 training steps"
 
 
 def test_a_bad_guidance_interval_fails_at_construction_not_at_the_first_sample_grid():
