@@ -140,8 +140,8 @@ def shard_count(url: str) -> int:
 
 
 def cache_dir(kind: str) -> Path:
-    """Where ldm keeps what it measured of shards (``shard_counts``, ``buckets``): ``$LDM_CACHE/kind``, by default
-    under ``~/.cache/ldm``."""
+    """Where ldm keeps what it computes once for many runs (of shards: ``shard_counts``, ``buckets``; compiled
+    kernels: ``inductor``): ``$LDM_CACHE/kind``, by default under ``~/.cache/ldm``."""
     return Path(os.environ.get("LDM_CACHE", "~/.cache/ldm")).expanduser() / kind
 
 

@@ -42,6 +42,7 @@ from ldm.diffusion.flow import FlowMatchingLoss
 from ldm.diffusion.validation import DEFAULT_NUM_TIMESTEPS
 from ldm.errors import ConfigError
 from ldm.lightning.autoencoder_module import AutoencoderModule
+from ldm.lightning.compiling import compile_in_place
 from ldm.lightning.console import StepProgressBar, headline, log_to_run_file, parts_summary
 from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy, ValidationSettings
 from ldm.lightning.optim import LRSchedule
@@ -556,8 +557,8 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
         rank_zero_info(f"init_ckpt: {', '.join(loaded)} weights from {init_ckpt}")
         del sd
     lora_base = apply_lora(cfg, lora, unet, text_encoder, init_ckpt, resume) if lora is not None else None
-    if s.compile:  # in place: the module keeps its class and state-dict names, so checkpoints stay loadable
-        unet.compile()
+    if s.compile:
+        compile_in_place(unet)
     f = first_stage.downsample_factor if first_stage is not None else 1
     size = cfg.sampling.get("image_size") or cfg.data.image_size
     latent_shape = [first_stage.embed_dim if first_stage is not None else cfg.unet.out_channels, size // f, size // f]
