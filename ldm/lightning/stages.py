@@ -497,6 +497,17 @@ def apply_lora(cfg: DictConfig, lora: dict[str, Any], unet: torch.nn.Module, tex
     return {"path": str(Path(init_ckpt).resolve()), "sha256": sha}
 
 
+def build_optimizer(cfg: DictConfig):
+    """``cfg.optimizer``: a partial that the module calls with its parameters. ``fused: null`` becomes ``fused:
+    true`` (one kernel for the whole step, and the on-device skip of non-finite steps of ``ldm.lightning.nonfinite``),
+    except under fp16, whose gradient scaler Lightning will not combine with clipping a fused optimizer; there it
+    stays null (torch's per-tensor-group loop)."""
+    opt = cfg.optimizer
+    if "fused" in opt and opt.fused is None and not str(cfg.trainer.get("precision", "32")).startswith("16"):
+        return instantiate(opt, fused=True)
+    return instantiate(opt)
+
+
 def build_diffusion_module(cfg: DictConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
                            first_stage: torch.nn.Module | None,
                            lora_base: dict[str, str] | None = None) -> LatentDiffusionModule:
@@ -512,7 +523,7 @@ def build_diffusion_module(cfg: DictConfig, unet: torch.nn.Module, text_encoder:
                              d.get("timestep_shift", 1.0))
     text_cfg = cfg.get("text_encoder")
     return LatentDiffusionModule(
-        unet, text_encoder, first_stage, loss=loss, optimizer=instantiate(cfg.optimizer),
+        unet, text_encoder, first_stage, loss=loss, optimizer=build_optimizer(cfg),
         lr_schedule=LRSchedule(s.lr_schedule, s.warmup_steps, s.max_steps, s.lr_decay_fraction),
         ema=EMASettings(s.ema_decay, s.ema_warmup) if s.ema_decay is not None and lora_base is None else None,
         sampling=run_sampling(cfg),

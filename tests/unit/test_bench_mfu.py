@@ -1,0 +1,43 @@
+"""bench/mfu.py: the largest-batch search, and one CPU run whose FLOP count matches the counter's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bench.mfu import largest_batch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 7, 8, 37, 64, 1000])
+def test_largest_batch_finds_the_capacity_of_a_fake_device(capacity):
+    tried = []
+
+    def build(batch):
+        tried.append(batch)
+        if batch > capacity:
+            raise torch.cuda.OutOfMemoryError(f"{batch} > {capacity}")
+        return lambda: None
+
+    assert largest_batch(build, nn.Linear(1, 1)) == capacity
+    assert len(tried) <= 2 * max(capacity, 8).bit_length() + 2  # doubling then bisecting, not a linear scan
+
+
+def test_a_cpu_run_prints_the_step_flops_and_mfu_against_a_given_peak():
+    out = subprocess.run([sys.executable, "bench/mfu.py", "--config", "tiny", "--device", "cpu", "--batch", "2",
+                          "--steps", "2", "--threads", "1", "--peak", "1e11"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("config=tiny latent=8 batch=2") and "GFLOP per step" in lines[1]
+    gflop = float(lines[1].split(", ")[1].split()[0])
+    assert gflop > 0
+    mfu = float(lines[2].split()[1].rstrip("%"))
+    tflops = float(lines[1].split(", ")[2].split()[0])
+    assert lines[2].endswith("of 0.100 TFLOP/s (the peak)") and mfu == pytest.approx(tflops / 0.1 * 100, abs=0.6)  # tflops is printed to 0.001
