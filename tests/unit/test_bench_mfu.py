@@ -40,4 +40,5 @@ def test_a_cpu_run_prints_the_step_flops_and_mfu_against_a_given_peak():
     assert gflop > 0
     mfu = float(lines[2].split()[1].rstrip("%"))
     tflops = float(lines[1].split(", ")[2].split()[0])
-    assert lines[2].endswith("of 0.100 TFLOP/s (the peak)") and mfu == pytest.approx(tflops / 0.1 * 100, abs=0.6)  # tflops is printed to 0.001
+    assert lines[2].endswith("of 0.100 TFLOP/s (the peak)")
+    assert mfu == pytest.approx(tflops / 0.1 * 100, abs=0.6)  # TFLOP/s is printed to 0.001
