@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ldm.errors import ConfigError
+from ldm.host_memory import keep_freed_host_memory
 from ldm.images import make_grid, to_pil
 from ldm.pipeline import LatentDiffusionPipeline
 
@@ -248,6 +249,7 @@ def run(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    keep_freed_host_memory()  # each denoising step reuses the memory the last one freed (no page faults)
     try:
         run(cfg)
     except ConfigError as err:  # a wrong input: its message, no traceback

@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ldm.errors import ConfigError
+from ldm.host_memory import keep_freed_host_memory
 from ldm.lightning.console import log_to_run_file, quiet_known_warnings
 from ldm.lightning.preemption import Preempted
 from ldm.lightning.stages import run
@@ -23,6 +24,7 @@ from ldm.lightning.stages import run
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    keep_freed_host_memory()  # each step reuses the memory the last one freed (no page faults)
     quiet_known_warnings()
     log = log_to_run_file()
     try:

@@ -196,4 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from ldm.host_memory import keep_freed_host_memory
+
+    keep_freed_host_memory()  # the sampling steps reuse freed memory (no page faults)
     main()
