@@ -314,7 +314,10 @@ class LatentDiffusionModule(L.LightningModule):
             if norm is not None:
                 local[0], local[1] = norm.square(), 1.0
             total = global_sum(self._trainer, local)
-            norm = total[0].sqrt() if total[1] > 0 else None  # no rank has any (a skipped step): log nothing
+            if self.nonfinite.on_device:  # every rank has gradients (no step skips its backward): no host read
+                norm = total[0].sqrt()
+            else:
+                norm = total[0].sqrt() if total[1] > 0 else None  # no rank has any (a skipped step): log nothing
         if norm is not None:
             self.log("train/grad_norm", norm)
         self.nonfinite.before_optimizer_step(optimizer, norm, self.global_step)
