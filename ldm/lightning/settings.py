@@ -157,6 +157,8 @@ def check_run(cfg: DictConfig) -> None:
                               "checkpoint RUN/ldm/checkpoints/last.ckpt)")
         check_evaluations(cfg)
     _int("seed", cfg.seed, 0)
+    if cfg.get("trainer") is not None and "progress_bar_refresh_steps" in cfg.trainer:
+        _int("trainer.progress_bar_refresh_steps", cfg.trainer.progress_bar_refresh_steps, 1)
     check_preemption(cfg.get("preemption"))
 
 

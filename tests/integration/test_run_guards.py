@@ -35,6 +35,7 @@ def _compose(run: Path, *overrides: str):
     ("sampling.guidance_scale=nan", r"sampling: guidance_scale must be a finite number >= 0 .*got nan"),
     ("sampling.num_inference_steps=0", r"sampling: num_inference_steps must be an integer >= 1"),
     ("vae_ckpt=/nonexistent/vae.ckpt", r"vae_ckpt=/nonexistent/vae.ckpt: no such file"),
+    ("+trainer.progress_bar_refresh_steps=0", r"trainer.progress_bar_refresh_steps must be >= 1, got 0"),
 ])
 def test_every_stage_is_checked_before_any_work(tmp_path: Path, override: str, message: str) -> None:
     t0 = time.perf_counter()
