@@ -27,7 +27,8 @@ def skips_on_device(optimizer: torch.optim.Optimizer, precision_plugin: object) 
     """Whether ``optimizer`` can skip a step on the device: a fused torch optimizer (it takes ``found_inf``, as
     under a gradient scaler), with no gradient scaler of its own (fp16's scaler sets ``found_inf`` itself)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
-    fused = getattr(inner, "_step_supports_amp_scaling", False) and inner.defaults.get("fused", False)
+    # every group: a state dict loaded on resume replaces the groups, and one saved without fusing runs unfused
+    fused = getattr(inner, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in inner.param_groups)
     return bool(fused) and getattr(precision_plugin, "scaler", None) is None
 
 

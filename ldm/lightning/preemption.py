@@ -110,13 +110,35 @@ class PreemptionCheckpoint(L.Callback):
             if self._agreed is None:  # GPU: read two steps late, so the host never waits for the GPU's queue
                 self._agreed = LaggedReads(2 if pl_module.device.type == "cuda" else 0)
             if step % self.check_every_n_steps == 0:
-                import torch
-
-                local = torch.tensor(float(self.received or 0)).to(pl_module.device, non_blocking=True)
-                self._agreed.push(step, trainer.strategy.reduce(local, reduce_op="max"))
+                self._agreed.push(step, self._all_ranks_max(float(self.received or 0), pl_module.device))
             got = int(max((value for _, value in self._agreed.due(step)), default=0))
-        if not got:
-            return
+        if got:
+            self._save_and_stop(trainer, got)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._drain(trainer)  # a signal still being agreed on: save before a validation delays the checkpoint
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._drain(trainer)  # a signal agreed on in the last steps still stops the run (and the stages after it)
+
+    def _drain(self, trainer: L.Trainer) -> None:
+        if self.stopped_by is None and self._agreed is not None:
+            got = int(max((value for _, value in self._agreed.drain()), default=0))
+            if got:
+                self._save_and_stop(trainer, got)
+
+    @staticmethod
+    def _all_ranks_max(value: float, device):
+        """An all-reduce (max) of ``value`` over the ranks, left on the device. Not Lightning's ``strategy.reduce``:
+        it puts a barrier first, which blocks the host until the GPU has run everything queued."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor(value).to(device, non_blocking=True)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag
+
+    def _save_and_stop(self, trainer: L.Trainer, got: int) -> None:
         self.stopped_by = got
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
         path = Path(dirpath or Path(trainer.default_root_dir) / "checkpoints") / "last.ckpt"

@@ -28,3 +28,4 @@ def test_lag_zero_reads_at_once_and_a_negative_lag_is_refused():
     assert reads.due(7) == [(7, 2.5)]
     with pytest.raises(ValueError, match="lag must be >= 0"):
         LaggedReads(lag=-1)
+
