@@ -299,7 +299,8 @@ class LatentDiffusionModule(L.LightningModule):
         return self.nonfinite.skipped
 
     def on_train_start(self) -> None:
-        self.nonfinite.start(skips_on_device(self.trainer.optimizers[0], self.trainer.precision_plugin), self.device)
+        self.nonfinite.start(
+            skips_on_device(self.trainer.optimizers[0], self.trainer.precision_plugin, self.device), self.device)
 
     def on_train_end(self) -> None:
         self.nonfinite.flush()

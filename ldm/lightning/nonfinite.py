@@ -23,13 +23,17 @@ class NaNPolicy:
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.policy!r}")
 
 
-def skips_on_device(optimizer: torch.optim.Optimizer, precision_plugin: object) -> bool:
+def skips_on_device(optimizer: torch.optim.Optimizer, precision_plugin: object,
+                    device: torch.device | None = None) -> bool:
     """Whether ``optimizer`` can skip a step on the device: a fused torch optimizer (it takes ``found_inf``, as
-    under a gradient scaler), with no gradient scaler of its own (fp16's scaler sets ``found_inf`` itself)."""
+    under a gradient scaler), with no gradient scaler of its own (fp16's scaler sets ``found_inf`` itself), whose
+    parameters are all on ``device`` (the test's result lives there; FSDP's CPU offload would read it unsynced)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
     # every group: a state dict loaded on resume replaces the groups, and one saved without fusing runs unfused
     fused = getattr(inner, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in inner.param_groups)
-    return bool(fused) and getattr(precision_plugin, "scaler", None) is None
+    same_device = device is None or all(p.device.type == torch.device(device).type
+                                        for g in inner.param_groups for p in g["params"])
+    return bool(fused) and same_device and getattr(precision_plugin, "scaler", None) is None
 
 
 class NonFiniteSteps:

@@ -23,6 +23,9 @@ def test_an_optimizer_resumed_from_an_unfused_state_is_not_trusted_to_skip_on_th
     fused.load_state_dict(unfused.state_dict())
     assert not skips_on_device(fused, precision_plugin=None)
     assert not skips_on_device(torch.optim.AdamW(params, fused=True), precision_plugin=type("P", (), {"scaler": 1}))
+    # parameters elsewhere than the training device (FSDP's CPU offload): the test's result would not be there
+    assert skips_on_device(torch.optim.AdamW(params, fused=True), None, torch.device("cpu"))
+    assert not skips_on_device(torch.optim.AdamW(params, fused=True), None, torch.device("meta"))
 
 
 def test_a_signal_agreed_on_in_the_last_steps_still_saves_and_stops(tmp_path):
