@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ldm.errors import ConfigError
 from ldm.lightning.host_reads import LaggedReads
+from ldm.lightning.sharding import all_ranks
 
 
 class Preempted(Exception):  # noqa: N818 (not an error: the run stopped on request, with its state saved)
@@ -110,7 +111,10 @@ class PreemptionCheckpoint(L.Callback):
             if self._agreed is None:  # GPU: read two steps late, so the host never waits for the GPU's queue
                 self._agreed = LaggedReads(2 if pl_module.device.type == "cuda" else 0)
             if step % self.check_every_n_steps == 0:
-                self._agreed.push(step, self._all_ranks_max(float(self.received or 0), pl_module.device))
+                import torch
+
+                local = torch.tensor(float(self.received or 0)).to(pl_module.device, non_blocking=True)
+                self._agreed.push(step, all_ranks(local, "max"))
             got = int(max((value for _, value in self._agreed.due(step)), default=0))
         if got:
             self._save_and_stop(trainer, got)
@@ -126,17 +130,6 @@ class PreemptionCheckpoint(L.Callback):
             got = int(max((value for _, value in self._agreed.drain()), default=0))
             if got:
                 self._save_and_stop(trainer, got)
-
-    @staticmethod
-    def _all_ranks_max(value: float, device):
-        """An all-reduce (max) of ``value`` over the ranks, left on the device. Not Lightning's ``strategy.reduce``:
-        it puts a barrier first, which blocks the host until the GPU has run everything queued."""
-        import torch
-        import torch.distributed as dist
-
-        flag = torch.tensor(value).to(device, non_blocking=True)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag
 
     def _save_and_stop(self, trainer: L.Trainer, got: int) -> None:
         self.stopped_by = got

@@ -36,15 +36,19 @@ def full_params(trainer: L.Trainer | None, writeback: bool = False) -> AbstractC
     return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=writeback)
 
 
-def global_sum(trainer: L.Trainer | None, value: torch.Tensor) -> torch.Tensor:
-    """Sum ``value`` over ranks under FSDP (where each rank holds a different shard), else return it as it is."""
-    if not is_fsdp(trainer):
-        return value
+def all_ranks(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``value`` reduced over the ranks (``sum`` or ``max``), left on its device. A bare all-reduce, not Lightning's
+    ``strategy.reduce``, which puts a barrier first: that blocks the host until the GPU has run everything queued."""
     import torch.distributed as dist
 
     value = value.clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    dist.all_reduce(value, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return value
+
+
+def global_sum(trainer: L.Trainer | None, value: torch.Tensor) -> torch.Tensor:
+    """Sum ``value`` over ranks under FSDP (where each rank holds a different shard), else return it as it is."""
+    return all_ranks(value) if is_fsdp(trainer) else value
 
 
 class FloatBuffersFSDPStrategy(FSDPStrategy):
