@@ -1,8 +1,9 @@
 """Benchmark our UNet against diffusers' UNet2DConditionModel with the same config and weights.
 
 Alternates the two models in one process over several repeats; for each, one training step (forward, backward,
-AdamW) and one inference forward. Prints median times, time ratios diffusers/ours (>= 1.0: we are no slower) and the
-peak-memory ratio of a training step (CUDA: max_memory_allocated; CPU: torch profiler memory events).
+AdamW, or SGD with ``--optimizer sgd``) and one inference forward. Prints median times, time ratios diffusers/ours
+(>= 1.0: we are no slower) and the peak-memory ratio of a training step (CUDA: max_memory_allocated; CPU: torch
+profiler memory events).
 
     python bench/unet.py --config small --device cpu --dtype fp32 --repeats 5
 """
@@ -71,6 +72,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both models")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (timed after warm-up)")
     parser.add_argument("--channels-last", action="store_true", help="our UNet in channels-last memory format")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                        help="sgd (no momentum) keeps no state: sd15's two models with AdamW need about 28 GB")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,7 +96,8 @@ def main() -> None:
     t = torch.randint(0, 1000, (args.batch,), device=device)
     ctx = torch.randn(args.batch, 77, cfg["context_dim"], device=device)
     target = torch.randn_like(x)
-    optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-6) for k, m in models.items()}
+    optimizer = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
+    optims = {k: optimizer(m.parameters(), lr=1e-6) for k, m in models.items()}
     if args.compile:  # the optimizers keep the eager parameters; the compiled wrappers share them
         models = {k: torch.compile(m) for k, m in models.items()}
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -143,14 +147,14 @@ def main() -> None:
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"config={args.config} params={n_params:,} device={device} dtype={args.dtype} backend={args.backend} "
           f"batch={args.batch} latent={latent} repeats={args.repeats} threads={torch.get_num_threads()} "
-          f"checkpointing={args.checkpointing} compile={args.compile}")
+          f"checkpointing={args.checkpointing} compile={args.compile} optimizer={args.optimizer}")
     for kind in ("train", "infer"):
         med = {n: statistics.median(times[(n, kind)]) for n in models}
         ratios = [d / o for d, o in zip(times[("diffusers", kind)], times[("ours", kind)], strict=True)]
         print(f"{kind:5s}  ours {med['ours'] * 1e3:9.1f} ms   diffusers {med['diffusers'] * 1e3:9.1f} ms   "
               f"ratio diffusers/ours {med['diffusers'] / med['ours']:.3f} "
               f"(per repeat {min(ratios):.2f}..{max(ratios):.2f})")
-    for label, p in (("train step (fwd+bwd+AdamW)", peak), ("fwd+bwd", peak_fb)):
+    for label, p in ((f"train step (fwd+bwd+{args.optimizer})", peak), ("fwd+bwd", peak_fb)):
         print(f"peak memory {label}: ours {p['ours'] / 2**20:.1f} MiB   diffusers {p['diffusers'] / 2**20:.1f} MiB"
               f"   ratio diffusers/ours {p['diffusers'] / max(p['ours'], 1):.3f}")
 
