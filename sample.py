@@ -197,6 +197,8 @@ def run(cfg: DictConfig) -> list[Path]:
     pipe = LatentDiffusionPipeline.from_checkpoint(cfg.ckpt, use_ema=cfg.use_ema)
     if cfg.get("lora"):
         pipe.load_lora(cfg.lora, scale=float(cfg.get("lora_scale", 1.0)))
+    if cfg.get("compile"):
+        pipe.compile_unet()
     # the checkpoint's defaults with this command's overrides, checked before the output folder is made
     settings = sample_settings(cfg, pipe, prompts)
     if mask is not None and not pipe.is_inpainting and not settings["legacy_inpaint"]:

@@ -7,7 +7,7 @@ import numbers
 import reprlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from ldm.checkpoint import ModelParts, load_parts
+from ldm.compiling import compile_in_place, is_compiled
 from ldm.data.masks import binarize, latent_mask, masked_image
 from ldm.diffusion.guidance import AutoGuidance, ClassifierFreeGuidance
 from ldm.diffusion.sampling import (
@@ -167,6 +168,15 @@ class LatentDiffusionPipeline:
         return cls.from_parts(load_parts(path, use_ema=use_ema, map_location=map_location,
                                          prediction_type=prediction_type, image_size=image_size,
                                          text_config=text_config))
+
+    def compile_unet(self) -> LatentDiffusionPipeline:
+        """torch.compile the UNet in place (kernels cached under ``$LDM_CACHE/inductor``, see
+        :func:`ldm.compiling.compile_in_place`); returns the pipeline. The first call compiles (a minute or two on a
+        CPU for a small UNet, much less from the cache), so it pays for many images, not for a few. A compiled UNet
+        recomputes the context's keys and values at every step: the reuse cache, keyed by the context tensor's
+        identity, would give the compiler one graph for the first step and another for the rest."""
+        compile_in_place(self.unet)
+        return self
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> LatentDiffusionPipeline:
         """Add a LoRA's adapters to the UNet (and the text encoder, where the file has some), scaled by ``scale``:
@@ -580,7 +590,8 @@ class LatentDiffusionPipeline:
                 noise = latents.to(device) if latents is not None else randn(shape, generator, device)
                 x = noise * scheduler.init_noise_sigma  # the sigma samplers start at their largest level
 
-            with autocast, reuse_context_projections(self.unet):  # the context is one tensor for every step
+            reuse = nullcontext() if is_compiled(self.unet) else reuse_context_projections(self.unet)
+            with autocast, reuse:  # the context is one tensor for every step
                 z = sample_loop(self.unet, scheduler, x, context, guidance, eta=c.eta, generator=generator,
                                 callback=callback, post_step=blend, concat=concat,
                                 y=None if class_labels is None else class_labels.to(device))

@@ -188,6 +188,8 @@ def run(args: argparse.Namespace) -> tuple[int, int, Path]:
         raise ConfigError(f"--device {args.device!r} is not a torch device ({err}); e.g. cpu, cuda, cuda:1") from None
 
     pipe = LatentDiffusionPipeline.from_checkpoint(ckpt, use_ema=not args.no_ema).to(device)
+    if args.compile:
+        pipe.compile_unet()
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, dtype=args.dtype)
     c = pipe.check_call(captions[0], **call)  # every setting checked before any image
     stat = ckpt.stat()
@@ -246,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", default=None, help="sampler name (default: the checkpoint's)")
     p.add_argument("--dtype", default=None, help="bf16 | fp16: autocast the text encoder and UNet (default fp32)")
     p.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA weights")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (pays for many images; kernels cached under $LDM_CACHE/inductor)")
     p.add_argument("--device", default=None,
                    help="torch device (default: the accelerator numbered LOCAL_RANK if there is one, else cpu)")
     args = p.parse_args(argv)

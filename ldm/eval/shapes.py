@@ -177,10 +177,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lora", default=None, help="a LoRA file or LoRA run checkpoint to apply to CKPT")
     p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (pays for many images; kernels cached under $LDM_CACHE/inductor)")
     args = p.parse_args(argv)
     pipe = LatentDiffusionPipeline.from_checkpoint(args.ckpt)
     if args.lora:
         pipe.load_lora(args.lora, scale=args.lora_scale)
+    if args.compile:
+        pipe.compile_unet()
     scales = tuple(args.guidance) if args.guidance else (None,)
     results = evaluate(pipe, args.n, scales, args.steps, args.sampler, args.seed, args.batch, args.guidance_interval,
                        args.autoguidance, args.colors, args.palette)

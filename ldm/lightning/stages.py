@@ -34,6 +34,7 @@ from ldm.checkpoint import (
     read_checkpoint,
     save_autoencoder,
 )
+from ldm.compiling import compile_in_place
 from ldm.convert import init_from_sd, load_sd_vae, sd_latent_scale
 from ldm.data.cache_latents import cache_for_vae
 from ldm.data.masks import MaskSettings
@@ -42,7 +43,6 @@ from ldm.diffusion.flow import FlowMatchingLoss
 from ldm.diffusion.validation import DEFAULT_NUM_TIMESTEPS
 from ldm.errors import ConfigError
 from ldm.lightning.autoencoder_module import AutoencoderModule
-from ldm.lightning.compiling import compile_in_place
 from ldm.lightning.console import StepProgressBar, headline, log_to_run_file, parts_summary
 from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy, ValidationSettings
 from ldm.lightning.optim import LRSchedule

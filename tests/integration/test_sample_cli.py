@@ -212,3 +212,14 @@ def test_cli_exit_status_and_unknown_keys(tiny_ckpt, tmp_path) -> None:
     typo = cli("prompt=a cat", "stpes=3", f"out={tmp_path / 'out'}")
     assert typo.returncode != 0 and "Key 'stpes' is not in struct" in typo.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_compile_true_compiles_the_unet_once_before_sampling(tiny_ckpt, tmp_path, monkeypatch) -> None:
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    compiled = []
+    monkeypatch.setattr(LatentDiffusionPipeline, "compile_unet", lambda self: compiled.append(self) or self)
+    assert len(sample(tiny_ckpt, tmp_path / "compiled", prompt="a red circle", n=2, compile=True)) >= 2
+    assert len(compiled) == 1 and isinstance(compiled[0], LatentDiffusionPipeline)
+    sample(tiny_ckpt, tmp_path / "eager", prompt="a red circle", n=2)
+    assert len(compiled) == 1  # off by default

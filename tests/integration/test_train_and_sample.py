@@ -133,6 +133,19 @@ def test_judge_cli_runs_on_the_checkpoint(trained, tmp_path):
     assert 0.0 <= out["guidance_3"]["full"] <= 1.0 and (tmp_path / "r.json").is_file()
 
 
+def test_judge_cli_compiles_the_unet_with_compile(trained, monkeypatch):
+    from ldm.eval.shapes import main
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    compiled = []
+    monkeypatch.setattr(LatentDiffusionPipeline, "compile_unet", lambda self: compiled.append(self) or self)
+    args = [str(trained / "ldm" / "checkpoints" / "last.ckpt"), "--n", "4", "--batch", "4", "--guidance", "3"]
+    main(args)
+    assert not compiled
+    main([*args, "--compile"])
+    assert len(compiled) == 1 and isinstance(compiled[0], LatentDiffusionPipeline)
+
+
 def test_ldm_stage_without_a_vae_says_how_to_get_one(tmp_path):
     proc = run_train(tmp_path, "stages=[ldm]", check=False)
     assert proc.returncode != 0

@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.lightning.compiling import compile_in_place
+from ldm.compiling import compile_in_place
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = """
 import json, torch
 from torch import nn
 from torch._dynamo.utils import counters
-from ldm.lightning.compiling import compile_in_place
+from ldm.compiling import compile_in_place
 torch.set_num_threads(1)
 m = compile_in_place(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SiLU(), nn.Conv2d(4, 3, 1)))
 x = torch.randn(2, 3, 8, 8, requires_grad=True)

@@ -154,6 +154,19 @@ def test_rerun_regenerates_only_missing_images(ckpt, captions_file, reference, t
     assert "other settings (sampling differ" in capsys.readouterr().err
 
 
+def test_compile_compiles_the_unet_once_and_is_off_by_default(ckpt, captions_file, reference, tmp_path,
+                                                              monkeypatch) -> None:
+    compiled = []
+    monkeypatch.setattr(LatentDiffusionPipeline, "compile_unet", lambda self: compiled.append(self) or self)
+    assert gen.main(_args(ckpt, captions_file, tmp_path / "compiled", "--n", "2", "--compile")) == 0
+    assert len(compiled) == 1 and isinstance(compiled[0], LatentDiffusionPipeline)
+    assert gen.main(_args(ckpt, captions_file, tmp_path / "eager", "--n", "2")) == 0
+    assert len(compiled) == 1
+    for i in range(2):  # the flag is not a sampling setting: the images are the reference's
+        np.testing.assert_array_equal(_pixels(tmp_path / "compiled" / f"{i:06d}.png"),
+                                      _pixels(reference / f"{i:06d}.png"))
+
+
 def test_ema_weights_are_the_default(ckpt, captions_file, reference, tmp_path, monkeypatch) -> None:
     seen = []
     original = LatentDiffusionPipeline.from_checkpoint.__func__

@@ -214,6 +214,36 @@ def test_context_reuse_gives_the_same_samples_as_recomputing(pipe, monkeypatch: 
     torch.testing.assert_close(pipe(["a", "b"], **kw), reused, rtol=0, atol=0)
 
 
+def test_a_compiled_unet_samples_the_same_images_in_one_graph(sd1_parts, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile_unet: the same latents as eager; the UNet is one graph (the context reuse, keyed by a tensor's
+    identity, would give one graph for the first step and another for the rest, so it is off), and a second call
+    compiles nothing again."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    unet, vae, text = sd1_parts
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a cold cache: a real compile
+    sampling = {"image_size": 16, "num_inference_steps": 3}
+    eager = LatentDiffusionPipeline(unet, text, vae, SD_SCHEDULE, "epsilon", sampling)
+    compiled = LatentDiffusionPipeline(copy.deepcopy(unet), text, vae, SD_SCHEDULE, "epsilon", sampling)
+    assert compiled.compile_unet() is compiled
+    kw = dict(output_type="latent", guidance_scale=4.0, negative_prompt=["x", ""])
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        got = compiled(["a red circle", "a blue square"], generator=_gen(3), **kw)
+        torch.testing.assert_close(got, eager(["a red circle", "a blue square"], generator=_gen(3), **kw),
+                                   rtol=1e-4, atol=1e-4)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        with torch._dynamo.config.patch(error_on_recompile=True):  # other prompts, same shapes: no new compile
+            compiled(["a green star", "a cat"], generator=_gen(4), **kw)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_guidance_rescale_changes_the_output_and_strength_zero_raises(pipe) -> None:
     kw = dict(generator=_gen(0), output_type="latent", guidance_scale=20.0)
     plain, rescaled = pipe("a cat", **kw), pipe("a cat", guidance_rescale=0.7, **kw)

@@ -1,4 +1,4 @@
-"""torch.compile for training runs, with the compiled kernels kept across runs."""
+"""torch.compile for training and sampling, with the compiled kernels kept across runs."""
 
 from __future__ import annotations
 
@@ -21,3 +21,9 @@ def compile_in_place(module: nn.Module) -> nn.Module:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir("inductor"))
     module.compile()
     return module
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` runs through torch.compile: compiled in place (``module.compile()``, which sets
+    ``_compiled_call_impl``) or wrapped by ``torch.compile(module)``."""
+    return getattr(module, "_compiled_call_impl", None) is not None or hasattr(module, "_orig_mod")
