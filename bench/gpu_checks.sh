@@ -2,7 +2,7 @@
 # The GPU-only checks, for a machine with one CUDA GPU: the CUDA tests (tests/gpu), bench/unet.py in bf16 on each
 # attention back end, and the quickstart trained on the GPU in bf16 and judged. Prints the figures docs/gpu.md records.
 #
-#   bash bench/gpu_checks.sh tests bench mfu quickstart quickstart_fp32    # any subset, in that order
+#   bash bench/gpu_checks.sh tests bench sampling mfu quickstart quickstart_fp32    # any subset, in that order
 #
 # Wheels the GPU machine lacks (hydra-core, omegaconf, antlr4, open_clip_torch, ftfy, webdataset, braceexpand,
 # diffusers, xformers...) may sit in .whl/; they are installed first, without dependencies and without a network.
@@ -33,6 +33,14 @@ for what in "$@"; do
         done
         echo "== bench/unet.py --config sd15 --dtype fp32 --backend sdpa"
         timeout 180 python3 bench/unet.py --config sd15 --device cuda --dtype fp32 --backend sdpa --batch 8 --repeats 10
+        ;;
+    sampling)
+        # the pipeline against diffusers' on sd15 in bf16: eager (context reuse), compiled, compiled with CUDA graphs
+        for args in "" "--compile ours" "--compile ours --compile-mode reduce-overhead" "--compile both"; do
+            echo "== bench/pipeline.py --config sd15 --dtype bf16 $args"
+            timeout 300 python3 bench/pipeline.py --config sd15 --device cuda --dtype bf16 --batch 8 --steps 25 \
+                --repeats 5 $args 2>&1 | grep -E "config=|latent difference|images/s|Error"
+        done
         ;;
     mfu)
         # sd15's training step in bf16: MFU at 256 and 512 px at the largest batch that fits, and that batch at 512 px

@@ -6,6 +6,7 @@ The diffusers pipeline is built from the converted UNet and VAE (``to_diffusers`
 median images/s and the ratio ours/diffusers (>= 1.0: we are no slower).
 
     python bench/pipeline.py --config tiny --batch 8 --steps 25 --repeats 5 --threads 2
+    python bench/pipeline.py --config sd15 --device cuda --dtype bf16 --compile ours --compile-mode reduce-overhead
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ CONTEXT_TOKENS = 77
 class FixedText(torch.nn.Module):
     """A text encoder with one fixed embedding per prompt, so diffusers can take the same ones as prompt_embeds."""
 
-    def __init__(self, dim: int, prompts: list[str]) -> None:
+    def __init__(self, dim: int, prompts: list[str], device: torch.device) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(7)
-        self.table = {p: torch.randn(CONTEXT_TOKENS, dim, generator=g) for p in ["", *prompts]}
+        self.table = {p: torch.randn(CONTEXT_TOKENS, dim, generator=g).to(device) for p in ["", *prompts]}
 
     def encode(self, prompts: list[str]) -> SimpleNamespace:
         return SimpleNamespace(hidden=torch.stack([self.table[p] for p in prompts]))
@@ -55,6 +56,13 @@ def main() -> None:
     parser.add_argument("--sampler", choices=["ddim", "dpm_solver++"], default="dpm_solver++")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: both pipelines run under one bf16 autocast (diffusers' VAE decodes under it; "
+                             "ours decodes in fp32, as its pipeline does; on a CPU without bf16 units that decode "
+                             "dominates diffusers' time)")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile's mode, e.g. reduce-overhead (CUDA graphs on a GPU)")
     parser.add_argument("--compile", choices=["none", "ours", "both"], default="none",
                         help="torch.compile the UNet of our pipeline (compile_unet: no context reuse), or of both "
                              "(timed after warm-up)")
@@ -82,8 +90,9 @@ def main() -> None:
             p.normal_(0, 0.02)
     size = latent * 2 ** (len(mult) - 1)
     prompts = [f"prompt {i}" for i in range(args.batch)]
-    text = FixedText(cfg["context_dim"], prompts)
-    ours = LatentDiffusionPipeline(unet, text, vae, SD_SCHEDULE, "epsilon", {"image_size": size})
+    device = torch.device(args.device)
+    text = FixedText(cfg["context_dim"], prompts, device)
+    ours = LatentDiffusionPipeline(unet, text, vae, SD_SCHEDULE, "epsilon", {"image_size": size}).to(device)
     kw = schedule_to_diffusers(SD_SCHEDULE, "epsilon")
     scheduler = (diffusers.DDIMScheduler(clip_sample=False, timestep_spacing="trailing", **kw)
                  if args.sampler == "ddim" else diffusers.DPMSolverMultistepScheduler(**kw))
@@ -92,25 +101,34 @@ def main() -> None:
         unet=to_diffusers(unet, sample_size=latent).eval(),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     theirs.set_progress_bar_config(disable=True)
+    theirs.to(device)
     if args.compile != "none":  # the product's path: compiled in place, without the context reuse
-        ours.compile_unet()
+        ours.compile_unet(mode=args.compile_mode)
     if args.compile == "both":
-        theirs.unet = torch.compile(theirs.unet)
-    noise = torch.randn(args.batch, 4, latent, latent, generator=torch.Generator().manual_seed(11))
+        theirs.unet = torch.compile(theirs.unet, mode=args.compile_mode)
+    noise = torch.randn(args.batch, 4, latent, latent, generator=torch.Generator().manual_seed(11)).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=size, width=size)
+
+    def finished(out: torch.Tensor) -> torch.Tensor:  # a GPU's queued work done, so the timings are honest
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
 
     @torch.inference_mode()
     def run_ours(output_type: str = "tensor") -> torch.Tensor:
-        return ours(prompts, latents=noise, sampler=args.sampler, output_type=output_type, **common)
+        with autocast:
+            return finished(ours(prompts, latents=noise, sampler=args.sampler, output_type=output_type, **common))
 
     @torch.inference_mode()
     def run_theirs(output_type: str = "pt") -> torch.Tensor:
-        return theirs(prompt_embeds=text.encode(prompts).hidden,
-                      negative_prompt_embeds=text.encode([""] * args.batch).hidden, latents=noise,
-                      output_type=output_type, **common).images
+        with autocast:
+            return finished(theirs(prompt_embeds=text.encode(prompts).hidden,
+                                   negative_prompt_embeds=text.encode([""] * args.batch).hidden, latents=noise,
+                                   output_type=output_type, **common).images)
 
     start = time.perf_counter()
-    diff = (run_ours("latent") - run_theirs("latent")).abs().max().item()
+    diff = (run_ours("latent").float() - run_theirs("latent").float()).abs().max().item()
     run_ours(), run_theirs()  # warm-up (and compilation) of the decoding path too
     warmup = time.perf_counter() - start
     runs = {"ours": run_ours, "diffusers": run_theirs}
@@ -124,7 +142,8 @@ def main() -> None:
     ratios = [d / o for d, o in zip(times["diffusers"], times["ours"], strict=True)]
     print(f"config={args.config} batch={args.batch} size={size}px latent={latent} sampler={args.sampler} "
           f"steps={args.steps} guidance={args.guidance} repeats={args.repeats} threads={torch.get_num_threads()} "
-          f"context_reuse={not args.no_context_reuse and args.compile == 'none'} compile={args.compile}")
+          f"device={device} dtype={args.dtype} context_reuse={not args.no_context_reuse and args.compile == 'none'} "
+          f"compile={args.compile} mode={args.compile_mode}")
     print(f"max |latent difference| ours vs diffusers: {diff:.2e}; warm-up {warmup:.1f} s")
     print(f"images/s  ours {args.batch / med['ours']:8.2f}   diffusers {args.batch / med['diffusers']:8.2f}   "
           f"ratio ours/diffusers {med['diffusers'] / med['ours']:.3f} "

@@ -169,13 +169,14 @@ class LatentDiffusionPipeline:
                                          prediction_type=prediction_type, image_size=image_size,
                                          text_config=text_config))
 
-    def compile_unet(self) -> LatentDiffusionPipeline:
+    def compile_unet(self, mode: str | None = None) -> LatentDiffusionPipeline:
         """torch.compile the UNet in place (kernels cached under ``$LDM_CACHE/inductor``, see
         :func:`ldm.compiling.compile_in_place`); returns the pipeline. The first call compiles (a minute or two on a
         CPU for a small UNet, much less from the cache), so it pays for many images, not for a few. A compiled UNet
         recomputes the context's keys and values at every step: the reuse cache, keyed by the context tensor's
-        identity, would give the compiler one graph for the first step and another for the rest."""
-        compile_in_place(self.unet)
+        identity, would give the compiler one graph for the first step and another for the rest. ``mode`` is
+        torch.compile's: ``reduce-overhead`` replays each step as a CUDA graph on a GPU."""
+        compile_in_place(self.unet, mode=mode)
         return self
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> LatentDiffusionPipeline:
