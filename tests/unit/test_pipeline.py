@@ -223,7 +223,9 @@ def test_a_compiled_unet_samples_the_same_images_in_one_graph(sd1_parts, tmp_pat
 
     from torch._dynamo.utils import counters
 
-    unet, vae, text = sd1_parts
+    _, vae, text = sd1_parts
+    # one level (cross-attention in its blocks and the middle block): fewer kernels for inductor to build
+    unet = _randomize(UNet(4, 4, 32, (1,), 1, (1,), num_heads=2, context_dim=64), 5)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a cold cache: a real compile
     sampling = {"image_size": 16, "num_inference_steps": 3}
     eager = LatentDiffusionPipeline(unet, text, vae, SD_SCHEDULE, "epsilon", sampling)
