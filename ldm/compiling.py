@@ -22,9 +22,3 @@ def compile_in_place(module: nn.Module, mode: str | None = None) -> nn.Module:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir("inductor"))
     module.compile(mode=mode)
     return module
-
-
-def is_compiled(module: nn.Module) -> bool:
-    """Whether ``module`` runs through torch.compile: compiled in place (``module.compile()``, which sets
-    ``_compiled_call_impl``) or wrapped by ``torch.compile(module)``."""
-    return getattr(module, "_compiled_call_impl", None) is not None or hasattr(module, "_orig_mod")

@@ -7,7 +7,7 @@ import numbers
 import reprlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from ldm.checkpoint import ModelParts, load_parts
-from ldm.compiling import compile_in_place, is_compiled
+from ldm.compiling import compile_in_place
 from ldm.data.masks import binarize, latent_mask, masked_image
 from ldm.diffusion.guidance import AutoGuidance, ClassifierFreeGuidance
 from ldm.diffusion.sampling import (
@@ -173,8 +173,8 @@ class LatentDiffusionPipeline:
         """torch.compile the UNet in place (kernels cached under ``$LDM_CACHE/inductor``, see
         :func:`ldm.compiling.compile_in_place`); returns the pipeline. The first call compiles (a minute or two on a
         CPU for a small UNet, much less from the cache), so it pays for many images, not for a few. A compiled UNet
-        recomputes the context's keys and values at every step: the reuse cache, keyed by the context tensor's
-        identity, would give the compiler one graph for the first step and another for the rest. ``mode`` is
+        recomputes the context's keys and values at every step (``reuse_context_projections`` stays out of compiled
+        graphs). ``mode`` is
         torch.compile's: ``reduce-overhead`` replays each step as a CUDA graph on a GPU."""
         compile_in_place(self.unet, mode=mode)
         return self
@@ -591,8 +591,7 @@ class LatentDiffusionPipeline:
                 noise = latents.to(device) if latents is not None else randn(shape, generator, device)
                 x = noise * scheduler.init_noise_sigma  # the sigma samplers start at their largest level
 
-            reuse = nullcontext() if is_compiled(self.unet) else reuse_context_projections(self.unet)
-            with autocast, reuse:  # the context is one tensor for every step
+            with autocast, reuse_context_projections(self.unet):  # the context is one tensor for every step
                 z = sample_loop(self.unet, scheduler, x, context, guidance, eta=c.eta, generator=generator,
                                 callback=callback, post_step=blend, concat=concat,
                                 y=None if class_labels is None else class_labels.to(device))

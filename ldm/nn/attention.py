@@ -165,10 +165,11 @@ class CrossAttention(nn.Module):
 
     def _project(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values [B, L, heads*d]; the keys and values of a context from the cache when
-        ``reuse_context_projections`` holds them."""
+        ``reuse_context_projections`` holds them. Under torch.compile the cache is not used: keyed by a tensor's
+        identity, it would give the compiler one graph for the first step and another for the rest."""
         if context is x:
             return self.to_q(x), self.to_k(x), self.to_v(x)
-        cache = self._kv_cache if not torch.is_grad_enabled() else None
+        cache = None if torch.compiler.is_compiling() or torch.is_grad_enabled() else self._kv_cache
         hit = cache.get(id(context)) if cache is not None else None
         if hit is not None:  # the cache holds the tensor itself, so no other object can have its id meanwhile
             return self.to_q(x), hit[1], hit[2]
@@ -198,7 +199,7 @@ class CrossAttention(nn.Module):
 def reuse_context_projections(model: nn.Module) -> Iterator[None]:
     """Within the block, each cross-attention layer of ``model`` computes the keys and values of a context tensor
     once and reuses them while the same tensor object comes back (a sampling loop passes one context at every step);
-    only without autograd. The context must not be changed in place inside the block."""
+    only without autograd, and not in a compiled model. The context must not be changed in place inside the block."""
     layers = [m for m in model.modules() if isinstance(m, CrossAttention)]
     for m in layers:
         m._kv_cache = {}

@@ -217,8 +217,8 @@ def test_context_reuse_gives_the_same_samples_as_recomputing(pipe, monkeypatch: 
 def test_a_compiled_unet_samples_the_same_images_in_one_graph(sd1_parts, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """compile_unet: the same latents as eager; the UNet is one graph (the context reuse, keyed by a tensor's
-    identity, would give one graph for the first step and another for the rest, so it is off), and a second call
-    compiles nothing again."""
+    identity, would give one graph for the first step and another for the rest, so compiled graphs leave it out),
+    and a second call compiles nothing again."""
     import copy
 
     from torch._dynamo.utils import counters
