@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,12 +15,7 @@ import torch.multiprocessing as mp
 
 from ldm.data.datamodule import ShardDataModule
 from ldm.data.make_shards import make_shards
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 @contextlib.contextmanager
@@ -55,7 +49,7 @@ def _rank_main(rank: int, world: int, port: int, shards: str, num_workers: int, 
 
 def _run(shards: Path, num_workers: int, tmp_path: Path) -> list:
     out = tmp_path / f"ddp{num_workers}.json"
-    mp.start_processes(_rank_main, args=(2, _free_port(), str(shards), num_workers, str(out)), nprocs=2,
+    mp.start_processes(_rank_main, args=(2, free_port(), str(shards), num_workers, str(out)), nprocs=2,
                        start_method="fork")
     return json.loads(out.read_text())
 
@@ -141,7 +135,7 @@ def test_two_ranks_get_equal_bucketed_batches_and_resume_exactly(tmp_path):
         entries.append({"name": f"{s:06d}.tar", "count": 5 + s % 2})
     write_index(shards, entries)
     out = tmp_path / "buckets.json"
-    mp.start_processes(_bucket_rank_main, args=(2, _free_port(), str(shards), str(out), str(tmp_path / "cache")),
+    mp.start_processes(_bucket_rank_main, args=(2, free_port(), str(shards), str(out), str(tmp_path / "cache")),
                        nprocs=2, start_method="fork")
     r0, r1 = json.loads(out.read_text())
     assert len(r0["keys"]) == len(r1["keys"]) == r0["len"] == r1["len"] > 0

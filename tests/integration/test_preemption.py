@@ -16,6 +16,7 @@ import torch
 
 from tests.integration.test_train_resume import assert_same_curve
 from tests.integration.tiny_run import ROOT, TINY_MODELS, read_metrics, run_train, train_env
+from tests.ports import free_port
 
 N = 8  # ldm steps in all
 LDM = ["stages=[ldm]", f"ldm_stage.max_steps={N}", "callbacks.ldm.checkpoint.every_n_train_steps=100",
@@ -120,9 +121,15 @@ def _srun(cmd: list[str], tmp: Path, port: int, **extra: str) -> list[subprocess
     procs = [subprocess.Popen(cmd, cwd=tmp, env=_fake_slurm(tmp, rank, port=port, **extra), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=400)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=400)
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    finally:  # a rank that hangs must not outlive the test, holding the port and a core
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return out
 
 
@@ -133,19 +140,19 @@ def test_slurm_pretimeout_signal_on_one_rank_requeues_and_the_requeued_job_conti
     full, job = tmp_path / "full", tmp_path / "job"
     cmd = [*_cmd(script, job, shards, f"vae_ckpt={vae_ckpt}"), "trainer=ddp_cpu", "trainer.devices=2"]
     ref = [*_cmd(script, full, shards, f"vae_ckpt={vae_ckpt}"), "trainer=ddp_cpu", "trainer.devices=2"]
-    for p in _srun(ref, tmp_path, 29631):
+    for p in _srun(ref, tmp_path, free_port()):
         assert p.returncode == 0, p.stderr[-4000:]
     assert not (tmp_path / "scontrol.calls").exists()
 
     # SIGUSR1 (the pre-timeout signal) reaches rank 1 only, at step 3: both ranks stop after it, requeue once.
-    stopped = _srun(cmd, tmp_path, 29632, SEND_AT="3", SEND_SIGNAL="SIGUSR1", SEND_RANK="1")
+    stopped = _srun(cmd, tmp_path, free_port(), SEND_AT="3", SEND_SIGNAL="SIGUSR1", SEND_RANK="1")
     assert [p.returncode for p in stopped] == [128 + signal.SIGUSR1] * 2, stopped[0].stderr[-4000:]
     assert (tmp_path / "scontrol.calls").read_text().split("\n")[:-1] == ["requeue 4242"]
     last = job / "ldm" / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
 
     # The requeued job runs the same command, with no resume flag: resume=auto under SLURM.
-    for p in _srun(cmd, tmp_path, 29633):
+    for p in _srun(cmd, tmp_path, free_port()):
         assert p.returncode == 0, p.stderr[-4000:]
     a = read_metrics(full / "logs" / "version_0" / "metrics.csv")
     b = read_metrics(job / "logs" / "version_0" / "metrics.csv")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # 16 px shapes, a f=4 autoencoder and a UNet of 32 channels and a one-layer text tower: a step is a few ms.
@@ -29,8 +31,10 @@ def train_cmd(run_dir: Path, shards: Path, *overrides: str, multirun: bool = Fal
 
 
 def train_env(**extra: str) -> dict[str, str]:
-    """The environment of a train.py subprocess: this checkout importable, wandb offline, few threads."""
-    return {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+    """The environment of a train.py subprocess: this checkout importable, wandb offline, few threads, and a
+    MASTER_PORT of this test worker's own for the runs that start a process group."""
+    return {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+            "MASTER_PORT": str(free_port()), **extra}
 
 
 def run_train(tmp: Path, *overrides: str, run_dir: Path | None = None, multirun: bool = False, timeout: int = 300,
