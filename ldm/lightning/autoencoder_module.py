@@ -60,12 +60,18 @@ class AutoencoderModule(L.LightningModule):
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
-    def setup(self, stage: str) -> None:
-        if is_fsdp(self._trainer):
+    @staticmethod
+    def refuse_fsdp(trainer: L.Trainer | None) -> None:
+        """Raise if ``trainer`` runs FSDP, which this module cannot train under. ``train.py`` calls it before ``fit``
+        launches the ranks; ``setup`` calls it for a Trainer built elsewhere."""
+        if is_fsdp(trainer):
             raise ValueError(
                 "the vae stage cannot train under FSDP: its two optimizers step by hand inside training_step, which "
                 "FSDP runs inside the wrapped forward (backward there is not allowed). Train the VAE with trainer=ddp "
                 "(stages=[vae]), then the LDM with trainer=fsdp stages=[ldm] vae_ckpt=RUN/vae/vae.ckpt")
+
+    def setup(self, stage: str) -> None:
+        self.refuse_fsdp(self._trainer)
         if self.global_rank:
             self.generator.manual_seed(self.seed + 1000003 * self.global_rank)
 

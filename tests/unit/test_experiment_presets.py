@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -205,13 +206,27 @@ def test_init_ckpt_run_trains_from_the_loaded_weights(tmp_path: Path, sd_file) -
 
 
 def test_fsdp_is_refused_by_the_vae_stage_with_the_way_around(tmp_path: Path) -> None:
-    """AutoencoderModule.setup refuses an FSDP strategy (here one CPU process), before any step or checkpoint."""
+    """The vae stage refuses an FSDP strategy (here one CPU process) before fit: no rank launched, no process group
+    joined, no step, no checkpoint; and AutoencoderModule.setup refuses it for a Trainer built elsewhere."""
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from ldm.autoencoder import AutoencoderKL
+    from ldm.lightning.autoencoder_module import AutoencoderModule
+
     make_shards("shapes", tmp_path / "shapes", maxcount=8, size=32, length=16, log=None)
     cfg = _compose(f"out_dir={tmp_path}", "trainer=fsdp_cpu", "trainer.devices=1", "dataset=null", "logger=csv",
                    f"data.train_shards={tmp_path / 'shapes'}")
-    with pytest.raises(ValueError, match=r"vae stage cannot train under FSDP.*trainer=ddp \(stages=\[vae\]\)"):
+    refusal = r"vae stage cannot train under FSDP.*trainer=ddp \(stages=\[vae\]\)"
+    with pytest.raises(ValueError, match=refusal):
         stages.train_vae(cfg, tmp_path)
+    assert not dist.is_initialized()
     assert not (tmp_path / "vae" / "checkpoints").exists() and not (tmp_path / "vae" / "vae.ckpt").exists()
+
+    module = AutoencoderModule(AutoencoderKL(ch=32, ch_mult=(1,), num_res_blocks=1))
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy), global_rank=0)
+    with pytest.raises(ValueError, match=refusal):
+        module.setup("fit")
 
 
 # ------------------------------------------------------------------------------------------------- sweeps, SLURM
