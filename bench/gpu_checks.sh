@@ -19,8 +19,8 @@ python3 -c "import xformers; print('xformers', xformers.__version__)" 2>/dev/nul
 
 for what in "$@"; do
     case $what in
-    tests)
-        python3 -m pytest -q -p no:cacheprovider -m cuda tests/gpu 2>&1 \
+    tests)  # one process (no pytest-xdist workers sharing the GPU; the wheels in .whl/ may not include it)
+        python3 -m pytest -q -p no:cacheprovider -o addopts= -m cuda tests/gpu 2>&1 \
             | tee "$OUT/pytest_gpu.log" | tail -40
         ;;
     bench)
