@@ -17,58 +17,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def ldm_step():
-    """The quickstart's LDM step: the scratch text encoder and the tiny UNet (cross-attention at 8x8) at batch 48,
-    v-loss, fused AdamW."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    text = instantiate(OmegaConf.load(ROOT / "conf/text_encoder/scratch_tiny.yaml"))
-    ucfg = OmegaConf.load(ROOT / "conf/unet/tiny.yaml")
-    ucfg.context_dim, ucfg.attention_resolutions = text.width, [1]
-    unet = instantiate(ucfg)
-    params = [*unet.parameters(), *text.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    captions = ["a red circle at the top left"] * 24 + ["a blue square in the middle"] * 24
-    x, target = torch.randn(48, 4, 8, 8), torch.randn(48, 4, 8, 8)
-    t = torch.randint(0, 1000, (48,))
-
-    def step() -> None:
-        loss = (unet(x, t, text.encode(captions).hidden) - target).square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-def vae_step():
-    """The quickstart's VAE step: the tiny f4 autoencoder on 16 images of 32 px, L2 + KL, AdamW."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    vae = instantiate(OmegaConf.load(ROOT / "conf/autoencoder/tiny.yaml"))
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-4, fused=True)
-    x = torch.rand(16, 3, 32, 32) * 2 - 1
-
-    def step() -> None:
-        posterior = vae.encode(x)
-        loss = (vae.decode(posterior.sample()) - x).square().mean() + 1e-6 * posterior.kl().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-STEPS = {"ldm": ldm_step, "vae": vae_step}
+from quickstart_steps import ROOT, STEPS
 
 
 def measure(kind: str, keep: bool, steps: int, threads: int) -> dict:

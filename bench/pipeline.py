@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from alternate import alternated_times  # noqa: E402
 from unet import CONFIGS  # noqa: E402  (the UNet configs bench/unet.py compares)
 
 from ldm.autoencoder import AutoencoderKL  # noqa: E402
@@ -132,12 +133,7 @@ def main() -> None:
     run_ours(), run_theirs()  # warm-up (and compilation) of the decoding path too
     warmup = time.perf_counter() - start
     runs = {"ours": run_ours, "diffusers": run_theirs}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(args.repeats):
-        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-            start = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - start)
+    times = alternated_times(runs, args.repeats)
     med = {name: statistics.median(t) for name, t in times.items()}
     ratios = [d / o for d, o in zip(times["diffusers"], times["ours"], strict=True)]
     print(f"config={args.config} batch={args.batch} size={size}px latent={latent} sampler={args.sampler} "

@@ -46,6 +46,7 @@ from ldm.lightning.autoencoder_module import AutoencoderModule
 from ldm.lightning.console import StepProgressBar, headline, log_to_run_file, parts_summary
 from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy, ValidationSettings
 from ldm.lightning.optim import LRSchedule
+from ldm.lightning.precision import AUTO, resolve_precision
 from ldm.lightning.preemption import PreemptionCheckpoint, slurm_job_id
 from ldm.lightning.run_lock import RunLock
 from ldm.lightning.settings import RESUME_FREE, check_run, run_sampling
@@ -107,6 +108,10 @@ def make_trainer(cfg: DictConfig, stage_dir: Path, max_steps: int, callbacks: li
     if manual:  # manual optimisation (the VAE's two optimizers) does its own clipping, if any
         kwargs.pop("gradient_clip_val", None)
     kwargs.setdefault("enable_model_summary", False)  # the stage's headline names the parts and their sizes
+    if str(kwargs.get("precision")) == AUTO:
+        kwargs["precision"] = resolve_precision(AUTO, kwargs.get("accelerator", "auto"))
+        rank_zero_info(f"trainer.precision auto: {kwargs['precision']} (bf16-mixed on a CPU with native bf16, "
+                       "else 32-true)")
     refresh = kwargs.pop("progress_bar_refresh_steps", 1)  # ldm's key, not Lightning's
     if kwargs.setdefault("enable_progress_bar", True):
         callbacks = [*callbacks, StepProgressBar(refresh_rate=refresh)]

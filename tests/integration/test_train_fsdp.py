@@ -33,8 +33,10 @@ def runs(tmp_path_factory):
     """The VAE under DDP (the vae stage refuses FSDP), then the same 5-step ldm stage from it under DDP and FSDP."""
     tmp_path = tmp_path_factory.mktemp("fsdp")
     vae = _train(tmp_path, "vae", "ddp_cpu", "stages=[vae]") / "vae" / "vae.ckpt"
-    ddp = _train(tmp_path, "ddp", "ddp_cpu", "stages=[ldm]", f"vae_ckpt={vae}")
-    fsdp = _train(tmp_path, "fsdp", "fsdp_cpu", "stages=[ldm]", f"vae_ckpt={vae}")
+    # float32: the weights are compared to 1e-4, and FSDP's bf16 keeps its parameters in bf16 for the forward, which
+    # autocast under DDP does not (the quickstart's precision auto would pick bf16 on a CPU with native bf16)
+    ddp = _train(tmp_path, "ddp", "ddp_cpu", "stages=[ldm]", f"vae_ckpt={vae}", "trainer.precision=32-true")
+    fsdp = _train(tmp_path, "fsdp", "fsdp_cpu", "stages=[ldm]", f"vae_ckpt={vae}", "trainer.precision=32-true")
     return tmp_path, ddp, fsdp
 
 

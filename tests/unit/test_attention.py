@@ -53,6 +53,55 @@ def test_math_softmax_in_fp32_under_bf16_autocast() -> None:
     torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.02)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_half_precision_sdpa_on_the_cpu_runs_in_float32(dtype: torch.dtype, mask_kind: str | None) -> None:
+    """Half-precision CPU tensors take torch's float32 kernel (its bf16 backward is the slow one): the output and the
+    gradients are float32 SDPA's of the same half inputs, rounded once to their dtype, and the masked keys stay out."""
+    q, k, v = (t.to(dtype) for t in _qkv(lq=16, lk=24, d=16, scale=2.0))
+    mask = None
+    if mask_kind is not None:
+        mask = torch.ones(2, 1, 1, 24, dtype=torch.bool)
+        mask[0, ..., 17:] = False
+        if mask_kind == "additive":
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
+    half = [t.clone().requires_grad_() for t in (q, k, v)]
+    full = [t.float().requires_grad_() for t in (q, k, v)]
+    out = attention(*half, mask, backend="sdpa")
+    ref_mask = mask.float() if mask_kind == "additive" else mask
+    ref = torch.nn.functional.scaled_dot_product_attention(*full, attn_mask=ref_mask)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref.to(dtype), rtol=0, atol=0)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(grad.to(dtype))
+    ref.backward(grad.to(dtype).float())
+    for h, f in zip(half, full, strict=True):
+        assert h.grad.dtype == dtype
+        torch.testing.assert_close(h.grad, f.grad.to(dtype), rtol=0, atol=0)
+    if mask_kind is not None:  # no gradient reaches a masked key or value
+        assert half[1].grad[0, :, 17:].abs().max() == 0 and half[2].grad[0, :, 17:].abs().max() == 0
+    # and it is attention: within half precision of torch's own kernel on the same inputs
+    native = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out.float(), native.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_half_precision_sdpa_under_cpu_autocast_matches_float32() -> None:
+    """Under CPU bf16 autocast (Lightning's bf16-mixed), CrossAttention's output and input gradient stay within bf16
+    rounding of the float32 layer's."""
+    torch.manual_seed(0)
+    layer = CrossAttention(query_dim=32, context_dim=16, heads=4, dim_head=8)
+    x = torch.randn(3, 20, 32, requires_grad=True)
+    ctx = torch.randn(3, 7, 16)
+    ref = layer(x, ctx)
+    (gref,) = torch.autograd.grad(ref.square().sum(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, ctx)
+    assert out.dtype == torch.bfloat16
+    (g,) = torch.autograd.grad(out.float().square().sum(), x)
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+    assert torch.nn.functional.cosine_similarity(g.flatten(), gref.flatten(), dim=0) > 0.999
+
+
 def test_math_backend_does_not_overflow_in_fp16() -> None:
     q, k, v = _qkv(d=16, scale=100.0)
     naive_logits = q.half() @ k.half().transpose(-1, -2)

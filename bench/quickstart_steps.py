@@ -1,0 +1,68 @@
+"""The quickstart's two training steps (LDM and VAE) as closures, built from the repository's configs, for the
+benchmarks that time them (host_memory.py, precision.py). ``dtype`` autocasts the forward as Lightning's
+``bf16-mixed`` does: weights, gradients and the optimizer stay float32."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _autocast(dtype: torch.dtype | None):
+    return nullcontext() if dtype in (None, torch.float32) else torch.autocast("cpu", dtype=dtype)
+
+
+def ldm_step(dtype: torch.dtype | None = None) -> Callable[[], None]:
+    """The quickstart's LDM step: the scratch text encoder and the tiny UNet (cross-attention at 8x8) at batch 48,
+    v-loss, fused AdamW."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    text = instantiate(OmegaConf.load(ROOT / "conf/text_encoder/scratch_tiny.yaml"))
+    ucfg = OmegaConf.load(ROOT / "conf/unet/tiny.yaml")
+    ucfg.context_dim, ucfg.attention_resolutions = text.width, [1]
+    unet = instantiate(ucfg)
+    params = [*unet.parameters(), *text.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    captions = ["a red circle at the top left"] * 24 + ["a blue square in the middle"] * 24
+    x, target = torch.randn(48, 4, 8, 8), torch.randn(48, 4, 8, 8)
+    t = torch.randint(0, 1000, (48,))
+
+    def step() -> None:
+        with _autocast(dtype):
+            out = unet(x, t, text.encode(captions).hidden)
+        loss = (out.float() - target).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def vae_step(dtype: torch.dtype | None = None) -> Callable[[], None]:
+    """The quickstart's VAE step: the tiny f4 autoencoder on 16 images of 32 px, L2 + KL, fused AdamW."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    vae = instantiate(OmegaConf.load(ROOT / "conf/autoencoder/tiny.yaml"))
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-4, fused=True)
+    x = torch.rand(16, 3, 32, 32) * 2 - 1
+
+    def step() -> None:
+        with _autocast(dtype):
+            posterior = vae.encode(x)
+            recon = vae.decode(posterior.sample())
+        loss = (recon.float() - x).square().mean() + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+STEPS = {"ldm": ldm_step, "vae": vae_step}
