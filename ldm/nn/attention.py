@@ -89,9 +89,15 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
         return torch.matmul(probs.to(v.dtype), v)
 
 
+def _records_grad(*tensors: torch.Tensor) -> bool:
+    """True when autograd will record an op on ``tensors`` (a backward will follow)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _float32_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA of half-precision CPU tensors computed in float32 and cast back: torch's CPU flash-attention kernel runs
-    its bf16 backward 2-4x slower than its float32 one (docs/performance.md), so casting is the faster way."""
+    """SDPA of half-precision CPU tensors that need gradients, computed in float32 and cast back: torch's CPU
+    flash-attention kernel runs its bf16 and fp16 backward 2-4x slower than its float32 one (docs/performance.md).
+    Without gradients the half-precision forward is the faster one, and it is used."""
     with torch.autocast(device_type="cpu", enabled=False):
         mask = mask.float() if mask is not None and mask.is_floating_point() else mask
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
@@ -137,7 +143,7 @@ def attention(
             # an fp32 bias on bf16 queries: the cuDNN kernel that SDPA picks on an H200 (torch 2.11) let masked keys
             # through (the memory-efficient one refuses the mix); in q's dtype every kernel is right (docs/gpu.md)
             mask = mask.to(q.dtype)
-        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and _records_grad(q, k, v):
             return _float32_sdpa(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if chosen == "math":

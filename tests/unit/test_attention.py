@@ -85,6 +85,17 @@ def test_half_precision_sdpa_on_the_cpu_runs_in_float32(dtype: torch.dtype, mask
     torch.testing.assert_close(out.float(), native.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_half_precision_sdpa_on_the_cpu_without_gradients_keeps_the_half_kernel() -> None:
+    """Sampling needs no backward, and the half-precision forward is the faster one: it runs as torch's own."""
+    q, k, v = (t.bfloat16() for t in _qkv(lq=16, lk=24, d=16, scale=2.0))
+    native = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with torch.no_grad():
+        torch.testing.assert_close(attention(q, k, v, backend="sdpa"), native, rtol=0, atol=0)
+    torch.testing.assert_close(attention(q, k, v, backend="sdpa"), native, rtol=0, atol=0)  # nothing requires grad
+    with_grad = attention(q.clone().requires_grad_(), k, v, backend="sdpa")
+    assert not torch.equal(with_grad, native)  # the float32 kernel, rounded once: other bits
+
+
 def test_half_precision_sdpa_under_cpu_autocast_matches_float32() -> None:
     """Under CPU bf16 autocast (Lightning's bf16-mixed), CrossAttention's output and input gradient stay within bf16
     rounding of the float32 layer's."""

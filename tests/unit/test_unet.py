@@ -181,6 +181,31 @@ def test_pool_context_conditions_every_block_through_the_embedding() -> None:
         UNet(**{**TINY, "context_dim": None}, pool_context=True)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm32_on_cpu_bf16_equals_the_float32_round_trip(channels_last: bool):
+    """bf16 CPU activations go to torch's mixed-dtype kernel (float32 inside) on contiguous memory: the output and
+    the gradients are those of normalising a float32 copy and casting back, to bf16's last bit."""
+    from ldm.nn.norm import group_norm
+
+    torch.manual_seed(0)
+    norm = group_norm(64)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.5)
+        norm.bias.normal_()
+    x = (torch.randn(8, 64, 8, 8) * 3 + 1).bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = norm(a)
+    ref = torch.nn.functional.group_norm(b.float(), 32, norm.weight, norm.bias, 1e-5).bfloat16()
+    assert out.dtype == torch.bfloat16 and out.is_contiguous()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=8e-3, atol=1e-5)  # one bf16 rounding apart at most
+    grad = torch.randn(out.shape).bfloat16()
+    (ga,) = torch.autograd.grad(out, a, grad)
+    (gb,) = torch.autograd.grad(ref, b, grad)
+    torch.testing.assert_close(ga.float(), gb.float(), rtol=8e-3, atol=1e-5)
+
+
 def test_group_norm32_normalises_in_float32_whatever_the_dtypes():
     from ldm.nn.norm import group_norm
 
