@@ -76,15 +76,30 @@ def test_prompt_n_steps_guidance_sampler_seed_out_metadata_grid(tiny_ckpt, tmp_p
     assert json.loads((tmp_path / "again" / "00000.json").read_text())["seed"] == 8
 
 
-def test_guidance_interval_default_override_and_regenerate(tiny_ckpt, tmp_path) -> None:
-    """The checkpoint's interval (the quickstart's [400, 1000]) is used and recorded; an override changes the image,
-    is recorded, and regenerates."""
+def test_guidance_interval_default_override_and_regenerate(tiny_ckpt, tmp_path, monkeypatch) -> None:
+    """The checkpoint's interval (the quickstart's [400, 1000]) is used and recorded; an override changes which steps
+    are guided, is recorded, and regenerates. The guided steps are read off the UNet's calls (a guided step runs the
+    [uncond; cond] pair, an unguided one the conditional half): a model trained for 3 steps conditions too weakly for
+    the interval to show in 8-bit pixels."""
+    from ldm.unet import UNet
+
+    calls: list[tuple[int, int]] = []  # (timestep, batch) of each UNet call
+    forward = UNet.forward
+
+    def recording(self, x, t, *args, **kwargs):
+        calls.append((int(t[0]), x.shape[0]))
+        return forward(self, x, t, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "forward", recording)
     kw = dict(prompt="a red square in the center", steps=4, guidance_scale=5, sampler="ddim")
     default = sample(tiny_ckpt, tmp_path / "default", **kw)
     assert json.loads(default[0].with_suffix(".json").read_text())["guidance_interval"] == [400, 1000]
+    assert len(calls) == 4 and any(t < 400 for t, _ in calls)
+    assert all(batch == (2 if 400 <= t <= 1000 else 1) for t, batch in calls), calls
+    calls.clear()
     everywhere = sample(tiny_ckpt, tmp_path / "everywhere", guidance_interval=[0, 1000], **kw)
     assert json.loads(everywhere[0].with_suffix(".json").read_text())["guidance_interval"] == [0, 1000]
-    assert not np.array_equal(pixels(default[0]), pixels(everywhere[0]))
+    assert len(calls) == 4 and all(batch == 2 for _, batch in calls), calls
     again = sample(None, tmp_path / "again", regenerate=str(everywhere[0].with_suffix(".json")))
     assert_regenerated(everywhere[0], again[0])
     with pytest.raises(ValueError, match=r"two timesteps \[lo, hi\].*got '0-1000'"):
@@ -112,7 +127,7 @@ def test_autoguidance_needs_a_guide_snapshot(tiny_ckpt, tmp_path) -> None:
     assert np.array_equal(pixels(written[0]), pixels(off[0]))
 
 
-def test_prompts_file_and_negative_prompt(tiny_ckpt, tmp_path) -> None:
+def test_prompts_file_and_negative_prompt(tiny_ckpt, tmp_path, monkeypatch) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a green square in the center\n\n  a blue triangle in the bottom right \n")
     written = sample(tiny_ckpt, tmp_path / "file", prompts_file=str(prompts), n=2, steps=2, seed=0)
@@ -121,12 +136,26 @@ def test_prompts_file_and_negative_prompt(tiny_ckpt, tmp_path) -> None:
     assert [m["prompt"] for m in metas] == [lines[0], lines[0], lines[1], lines[1]]
     assert [m["seed"] for m in metas] == [0, 1, 2, 3]
     assert Image.open(tmp_path / "file" / "grid.png").size == (4 * S, S)
-    plain = sample(tiny_ckpt, tmp_path / "plain", prompt="a red square in the center", steps=2, guidance_scale=4)
+    # the unconditional half of each guided UNet call is the negative prompt's encoding, not the empty prompt's (read
+    # off the calls: a model trained for 3 steps conditions too weakly for a new prompt to show in 8-bit pixels)
+    from ldm.unet import UNet
+
+    uncond: list[torch.Tensor] = []
+    forward = UNet.forward
+
+    def recording(self, x, t, context=None, *args, **kwargs):
+        uncond.append(context[: len(context) // 2].clone())
+        return forward(self, x, t, context, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "forward", recording)
+    sample(tiny_ckpt, tmp_path / "plain", prompt="a red square in the center", steps=2, guidance_scale=4)
     negative = sample(tiny_ckpt, tmp_path / "negative", prompt="a red square in the center", steps=2,
                       guidance_scale=4, negative_prompt="a blue circle, in the top left")
     meta = json.loads(negative[0].with_suffix(".json").read_text())
     assert meta["negative_prompt"] == "a blue circle, in the top left"
-    assert not np.array_equal(pixels(plain[0]), pixels(negative[0]))
+    assert len(uncond) == 4  # two guided steps each
+    assert torch.equal(uncond[0], uncond[1]) and torch.equal(uncond[2], uncond[3])
+    assert (uncond[0] - uncond[2]).abs().max() > 0.1
 
 
 def test_gif_of_the_reverse_process(tiny_ckpt, tmp_path) -> None:
