@@ -17,12 +17,9 @@ import torch
 from alternate import alternated_times
 from quickstart_steps import STEPS
 
+from ldm.lightning.precision import native_cpu_bf16
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def native_bf16() -> bool:
-    """True when this CPU has bf16 dot-product instructions (AVX512-BF16) or AMX tiles."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def main() -> None:
@@ -32,7 +29,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16()}, "
+    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_cpu_bf16()}, "
           f"threads {args.threads}, torch {torch.__version__}")
     for kind in args.kinds:
         steps = {}

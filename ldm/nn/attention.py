@@ -96,7 +96,7 @@ def _records_grad(*tensors: torch.Tensor) -> bool:
 
 def _float32_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """SDPA of half-precision CPU tensors that need gradients, computed in float32 and cast back: torch's CPU
-    flash-attention kernel runs its bf16 and fp16 backward 2-4x slower than its float32 one (docs/performance.md).
+    flash-attention kernel runs its bf16 and fp16 backward slower than its float32 one (docs/performance.md).
     Without gradients the half-precision forward is the faster one, and it is used."""
     with torch.autocast(device_type="cpu", enabled=False):
         mask = mask.float() if mask is not None and mask.is_floating_point() else mask

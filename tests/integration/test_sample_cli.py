@@ -47,6 +47,22 @@ def sample(ckpt: Path | None, out: Path, **settings) -> list[Path]:
     return sample_cli.run(cfg)
 
 
+def record_unet_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, torch.Tensor]]:
+    """(timestep, batch, context) of every UNet call from now on in this test: a guided step runs the [uncond; cond]
+    pair, an unguided one the conditional half."""
+    from ldm.unet import UNet
+
+    calls: list[tuple[int, int, torch.Tensor]] = []
+    forward = UNet.forward
+
+    def recording(self, x, t, context=None, *args, **kwargs):
+        calls.append((int(t[0]), x.shape[0], context.clone()))
+        return forward(self, x, t, context, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "forward", recording)
+    return calls
+
+
 def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
@@ -81,25 +97,16 @@ def test_guidance_interval_default_override_and_regenerate(tiny_ckpt, tmp_path, 
     are guided, is recorded, and regenerates. The guided steps are read off the UNet's calls (a guided step runs the
     [uncond; cond] pair, an unguided one the conditional half): a model trained for 3 steps conditions too weakly for
     the interval to show in 8-bit pixels."""
-    from ldm.unet import UNet
-
-    calls: list[tuple[int, int]] = []  # (timestep, batch) of each UNet call
-    forward = UNet.forward
-
-    def recording(self, x, t, *args, **kwargs):
-        calls.append((int(t[0]), x.shape[0]))
-        return forward(self, x, t, *args, **kwargs)
-
-    monkeypatch.setattr(UNet, "forward", recording)
+    calls = record_unet_calls(monkeypatch)
     kw = dict(prompt="a red square in the center", steps=4, guidance_scale=5, sampler="ddim")
     default = sample(tiny_ckpt, tmp_path / "default", **kw)
     assert json.loads(default[0].with_suffix(".json").read_text())["guidance_interval"] == [400, 1000]
-    assert len(calls) == 4 and any(t < 400 for t, _ in calls)
-    assert all(batch == (2 if 400 <= t <= 1000 else 1) for t, batch in calls), calls
+    assert len(calls) == 4 and any(t < 400 for t, _, _ in calls)
+    assert all(batch == (2 if 400 <= t <= 1000 else 1) for t, batch, _ in calls), [c[:2] for c in calls]
     calls.clear()
     everywhere = sample(tiny_ckpt, tmp_path / "everywhere", guidance_interval=[0, 1000], **kw)
     assert json.loads(everywhere[0].with_suffix(".json").read_text())["guidance_interval"] == [0, 1000]
-    assert len(calls) == 4 and all(batch == 2 for _, batch in calls), calls
+    assert len(calls) == 4 and all(batch == 2 for _, batch, _ in calls), [c[:2] for c in calls]
     again = sample(None, tmp_path / "again", regenerate=str(everywhere[0].with_suffix(".json")))
     assert_regenerated(everywhere[0], again[0])
     with pytest.raises(ValueError, match=r"two timesteps \[lo, hi\].*got '0-1000'"):
@@ -138,22 +145,14 @@ def test_prompts_file_and_negative_prompt(tiny_ckpt, tmp_path, monkeypatch) -> N
     assert Image.open(tmp_path / "file" / "grid.png").size == (4 * S, S)
     # the unconditional half of each guided UNet call is the negative prompt's encoding, not the empty prompt's (read
     # off the calls: a model trained for 3 steps conditions too weakly for a new prompt to show in 8-bit pixels)
-    from ldm.unet import UNet
-
-    uncond: list[torch.Tensor] = []
-    forward = UNet.forward
-
-    def recording(self, x, t, context=None, *args, **kwargs):
-        uncond.append(context[: len(context) // 2].clone())
-        return forward(self, x, t, context, *args, **kwargs)
-
-    monkeypatch.setattr(UNet, "forward", recording)
+    calls = record_unet_calls(monkeypatch)
     sample(tiny_ckpt, tmp_path / "plain", prompt="a red square in the center", steps=2, guidance_scale=4)
     negative = sample(tiny_ckpt, tmp_path / "negative", prompt="a red square in the center", steps=2,
                       guidance_scale=4, negative_prompt="a blue circle, in the top left")
     meta = json.loads(negative[0].with_suffix(".json").read_text())
     assert meta["negative_prompt"] == "a blue circle, in the top left"
-    assert len(uncond) == 4  # two guided steps each
+    assert len(calls) == 4 and all(batch == 2 for _, batch, _ in calls)  # two guided steps each
+    uncond = [context[: len(context) // 2] for _, _, context in calls]
     assert torch.equal(uncond[0], uncond[1]) and torch.equal(uncond[2], uncond[3])
     assert (uncond[0] - uncond[2]).abs().max() > 0.1
 
