@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.nn.attention import attention
 from ldm.nn.norm import group_norm
 
 
@@ -52,11 +52,11 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual attention; computed by torch's SDPA on [B, 1, HW, C]."""
+        """Residual attention, computed by ``ldm.nn.attention.attention`` on [B, 1, HW, C]."""
         b, c, h, w = x.shape
         y = self.norm(x)
         q, k, v = (t.reshape(b, 1, c, h * w).transpose(-1, -2) for t in (self.q(y), self.k(y), self.v(y)))
-        out = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))
+        out = attention(q, k, v, backend="sdpa")  # its scale is 1/sqrt(C), as SD's
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 
 

@@ -79,7 +79,8 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     """Reference attention: logits and softmax in float32 (even under autocast), probabilities cast to v's dtype."""
     with torch.autocast(device_type=q.device.type, enabled=False):
         scale = 1.0 / math.sqrt(q.shape[-1])
-        scores = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
+        # scaled after the product, in place: the backward then keeps q itself, not a scaled copy
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
         if mask is not None:
             if mask.dtype == torch.bool:
                 scores = scores.masked_fill(~mask, float("-inf"))

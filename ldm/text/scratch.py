@@ -13,9 +13,9 @@ read position, and the shapes judge read position at chance (16-20%). With std 1
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ldm.nn.attention import attention
 from ldm.text.base import TextEncoder
 from ldm.text.tokenizer import OPEN_CLIP_PAD_ID, CLIPTokenizer
 
@@ -33,10 +33,10 @@ class _SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if self.causal:
             # Padding follows the end token, so under a causal mask no real token ever sees it.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
-        return self.out(y.transpose(1, 2).reshape(b, n, d))
+            mask = key_mask[:, None, None, :]
+        return self.out(attention(q, k, v, mask, backend="sdpa").transpose(1, 2).reshape(b, n, d))
 
 
 class _Block(nn.Module):

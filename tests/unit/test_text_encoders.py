@@ -65,6 +65,22 @@ def test_scratch_causal_mask():
     assert not torch.allclose(b1[:, :4], b2[:, :4])
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_scratch_self_attention_is_torch_sdpa(causal: bool):
+    """The blocks' attention (through ldm.nn.attention) equals torch's SDPA with is_causal, or with the key mask."""
+    from ldm.text.scratch import _SelfAttention
+
+    torch.manual_seed(0)
+    layer = _SelfAttention(width=32, heads=4, causal=causal)
+    x = torch.randn(3, 10, 32)
+    key_mask = torch.ones(3, 10, dtype=torch.bool)
+    key_mask[1, 6:] = key_mask[2, 3:] = False
+    q, k, v = layer.qkv(x).view(3, 10, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    y = sdpa(q, k, v, is_causal=True) if causal else sdpa(q, k, v, attn_mask=key_mask[:, None, None, :])
+    torch.testing.assert_close(layer(x, key_mask), layer.out(y.transpose(1, 2).reshape(3, 10, 32)))
+
+
 def test_frozen_encoder_has_no_grads_and_stays_in_eval():
     enc = tiny_scratch(frozen=True)
     assert enc.frozen and not enc.training
