@@ -324,7 +324,9 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear_proj:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        # contiguous again: as a channels-last view, the convolutions after it reorder their (contiguous) weights
+        # on every call and their weight gradients back (docs/performance.md)
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()
         if not self.use_linear_proj:
             x = self.proj_out(x)
         return x + residual

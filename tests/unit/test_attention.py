@@ -217,6 +217,9 @@ def test_spatial_transformer(linear: bool) -> None:
         st.proj_out.weight.normal_()
     out = st(x, torch.randn(2, 3, 12))
     assert out.shape == x.shape and not torch.allclose(out, x)
+    # in the input's (contiguous) layout, not the channels-last view of the tokens: a convolution given that view
+    # reorders its weight on every call
+    assert out.is_contiguous()
 
 
 def test_xformers_wrapper_follows_its_documented_contract(monkeypatch: pytest.MonkeyPatch) -> None:
