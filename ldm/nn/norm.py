@@ -21,7 +21,7 @@ class GroupNorm32(nn.GroupNorm):
         if x.device.type == "cpu" and x.dtype == torch.bfloat16:
             # torch's CPU kernel takes bf16 activations with float32 weights and computes in float32 itself: the same
             # result without a float32 copy of x (kept for the backward) and a cast of the output. On channels-last
-            # memory (a transformer block's output) that kernel is many times slower than on contiguous memory at the
+            # memory (a model moved to channels-last) that kernel is many times slower than on contiguous memory at the
             # UNet's sizes, so x is made contiguous first (docs/performance.md)
             return F.group_norm(x.contiguous(), self.num_groups, weight, bias, self.eps)
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
