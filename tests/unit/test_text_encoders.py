@@ -81,6 +81,27 @@ def test_scratch_self_attention_is_torch_sdpa(causal: bool):
     torch.testing.assert_close(layer(x, key_mask), layer.out(y.transpose(1, 2).reshape(3, 10, 32)))
 
 
+def test_scratch_attention_under_cpu_bf16_autocast_runs_in_float32():
+    """Trained under bf16-mixed on the CPU, the blocks' attention takes ldm.nn.attention's float32 kernel (torch's bf16
+    backward is the slow one): the result is float32 SDPA of the bf16 projections, rounded once."""
+    from ldm.text.scratch import _SelfAttention
+
+    torch.manual_seed(0)
+    layer = _SelfAttention(width=32, heads=4, causal=False)
+    x = torch.randn(3, 10, 32)
+    key_mask = torch.ones(3, 10, dtype=torch.bool)
+    key_mask[1, 6:] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, key_mask)
+        q, k, v = layer.qkv(x).view(3, 10, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        with torch.autocast("cpu", enabled=False):
+            y = torch.nn.functional.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=key_mask[:, None, None, :]).to(torch.bfloat16)
+        expected = layer.out(y.transpose(1, 2).reshape(3, 10, 32))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_frozen_encoder_has_no_grads_and_stays_in_eval():
     enc = tiny_scratch(frozen=True)
     assert enc.frozen and not enc.training
