@@ -95,14 +95,40 @@ def _records_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+class _Float32FlashAttention(torch.autograd.Function):
+    """torch's CPU flash attention run in float32 on half-precision q, k and v, which are what it keeps for the
+    backward, with its half-precision output: through autograd, the float32 copies would be kept instead, twice the
+    memory of what torch's own half-precision kernel keeps. The backward upcasts them again and runs the float32
+    kernel's backward. The ops are torch's private pair behind ``F.scaled_dot_product_attention`` on the CPU."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast(device_type="cpu", enabled=False):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q.float(), k.float(), v.float(), attn_mask=bias
+            )
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        q, k, v, out, lse, bias = ctx.saved_tensors
+        with torch.autocast(device_type="cpu", enabled=False):
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, False, attn_mask=bias
+            )
+        return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None
+
+
 def _float32_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """SDPA of half-precision CPU tensors that need gradients, computed in float32 and cast back: torch's CPU
     flash-attention kernel runs its bf16 and fp16 backward slower than its float32 one (docs/performance.md).
     Without gradients the half-precision forward is the faster one, and it is used."""
-    with torch.autocast(device_type="cpu", enabled=False):
-        mask = mask.float() if mask is not None and mask.is_floating_point() else mask
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
-    return out.to(q.dtype)
+    bias = None
+    if mask is not None:  # the flash kernel takes an additive float32 bias, as SDPA turns a boolean mask into
+        bias = mask.float() if mask.is_floating_point() else torch.zeros(mask.shape).masked_fill(~mask, -math.inf)
+    return _Float32FlashAttention.apply(q, k, v, bias)
 
 
 def dense_bias(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
