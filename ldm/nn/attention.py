@@ -95,6 +95,13 @@ def _records_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _float32_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 with unit stride along its last dimension, as the CPU flash kernel reads it (SDPA checks
+    this before choosing that kernel; called directly, the kernel reads a transposed view wrong)."""
+    t = t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 class _Float32FlashAttention(torch.autograd.Function):
     """torch's CPU flash attention run in float32 on half-precision q, k and v, which are what it keeps for the
     backward, with its half-precision output: through autograd, the float32 copies would be kept instead, twice the
@@ -105,7 +112,7 @@ class _Float32FlashAttention(torch.autograd.Function):
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         with torch.autocast(device_type="cpu", enabled=False):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q.float(), k.float(), v.float(), attn_mask=bias
+                _float32_rows(q), _float32_rows(k), _float32_rows(v), attn_mask=bias
             )
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, bias)
@@ -116,19 +123,32 @@ class _Float32FlashAttention(torch.autograd.Function):
         q, k, v, out, lse, bias = ctx.saved_tensors
         with torch.autocast(device_type="cpu", enabled=False):
             gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, False, attn_mask=bias
+                _float32_rows(grad), _float32_rows(q), _float32_rows(k), _float32_rows(v), _float32_rows(out), lse,
+                0.0, False, attn_mask=bias,
             )
         return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None
+
+
+def _flash_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The shapes torch's CPU flash kernel accepts (SDPA runs its math path on others): one head size, the same
+    batch and heads in q, k and v (no broadcasting), and no empty sequence."""
+    return (q.shape[-1] == k.shape[-1] == v.shape[-1] and q.shape[:2] == k.shape[:2] == v.shape[:2]
+            and k.shape[2] == v.shape[2] and min(q.shape[2], k.shape[2]) > 0)
 
 
 def _float32_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """SDPA of half-precision CPU tensors that need gradients, computed in float32 and cast back: torch's CPU
     flash-attention kernel runs its bf16 and fp16 backward slower than its float32 one (docs/performance.md).
     Without gradients the half-precision forward is the faster one, and it is used."""
-    bias = None
-    if mask is not None:  # the flash kernel takes an additive float32 bias, as SDPA turns a boolean mask into
-        bias = mask.float() if mask.is_floating_point() else torch.zeros(mask.shape).masked_fill(~mask, -math.inf)
-    return _Float32FlashAttention.apply(q, k, v, bias)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.float()
+    if not _flash_kernel_takes(q, k, v):  # autograd through the casts: it keeps the float32 copies
+        with torch.autocast(device_type="cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
+    bias = mask  # the flash kernel takes an additive float32 bias, into which SDPA turns a boolean mask
+    if mask is not None and mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape).masked_fill(~mask, -math.inf)
+    return _Float32FlashAttention.apply(q, k, v, None if bias is None else _float32_rows(bias))
 
 
 def dense_bias(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -61,11 +61,17 @@ def _grads(fn, inputs, grad: torch.Tensor) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
-def test_half_precision_sdpa_on_the_cpu_runs_in_float32(dtype: torch.dtype, mask_kind: str | None) -> None:
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_half_precision_sdpa_on_the_cpu_runs_in_float32(dtype: torch.dtype, mask_kind: str | None, layout: str) -> None:
     """Half-precision CPU tensors take torch's float32 kernel (its bf16 backward is the slow one): the output is
     float32 SDPA's of the same half inputs, rounded once; the gradients are nearer the float64 ones than torch's own
-    half-precision kernel's; the masked keys stay out."""
+    half-precision kernel's; the masked keys stay out. ``transposed``: q, k and v are views whose last dimension is
+    not the dense one, as the VAE's attention block passes them."""
     q, k, v = (t.to(dtype) for t in _qkv(lq=16, lk=24, d=16, scale=2.0))
+    if layout == "transposed":
+        q, k, v = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v))
+        assert q.stride(-1) != 1
+    dense = [t.contiguous() for t in (q, k, v)]  # the references run torch's flash kernels on these
     mask = None
     if mask_kind is not None:
         mask = torch.ones(2, 1, 1, 24, dtype=torch.bool)
@@ -76,14 +82,14 @@ def test_half_precision_sdpa_on_the_cpu_runs_in_float32(dtype: torch.dtype, mask
     ref_mask = mask.float() if mask_kind == "additive" else mask
     out = attention(*(t.clone().requires_grad_() for t in (q, k, v)), mask, backend="sdpa")
     assert out.dtype == dtype
-    torch.testing.assert_close(out, sdpa(q.float(), k.float(), v.float(), attn_mask=ref_mask).to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(out, sdpa(*(t.float() for t in dense), attn_mask=ref_mask).to(dtype), rtol=0, atol=0)
 
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     ours = _grads(lambda *t: attention(*t, mask, backend="sdpa"), (q, k, v), grad)
-    native = _grads(lambda *t: sdpa(*t, attn_mask=mask), (q, k, v), grad)
-    float32 = _grads(lambda *t: sdpa(*t, attn_mask=ref_mask), [t.float() for t in (q, k, v)], grad)
+    native = _grads(lambda *t: sdpa(*t, attn_mask=mask), dense, grad)
+    float32 = _grads(lambda *t: sdpa(*t, attn_mask=ref_mask), [t.float() for t in dense], grad)
     exact_mask = mask.double() if mask_kind == "additive" else mask
-    exact = _grads(lambda *t: sdpa(*t, attn_mask=exact_mask), [t.double() for t in (q, k, v)], grad)
+    exact = _grads(lambda *t: sdpa(*t, attn_mask=exact_mask), [t.double() for t in dense], grad)
     for o, n, f, e in zip(ours, native, float32, exact, strict=True):
         assert o.dtype == dtype
         assert (o.float() - f).norm() < 1e-2 * f.norm()
@@ -91,7 +97,7 @@ def test_half_precision_sdpa_on_the_cpu_runs_in_float32(dtype: torch.dtype, mask
     if mask_kind is not None:  # no gradient reaches a masked key or value
         assert ours[1][0, :, 17:].abs().max() == 0 and ours[2][0, :, 17:].abs().max() == 0
     # and it is attention: within half precision of torch's own kernel on the same inputs
-    torch.testing.assert_close(out.float(), sdpa(q, k, v, attn_mask=mask).float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), sdpa(*dense, attn_mask=mask).float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -299,3 +305,15 @@ def test_context_projections_are_computed_once_per_context_tensor() -> None:
     with reuse_context_projections(model):  # with autograd on, nothing is cached (the keys carry the graph)
         layer(x, ctx), layer(x, ctx)
     assert len(projected) == 2
+
+
+def test_half_precision_sdpa_on_the_cpu_with_shapes_the_flash_kernel_refuses() -> None:
+    """Values of another head size than the queries' (the flash kernel wants one): SDPA's float32 path, same output."""
+    q, k = (t.bfloat16() for t in _qkv(lq=16, lk=24, d=16)[:2])
+    v = torch.randn(2, 2, 24, 8).bfloat16()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, backend="sdpa")
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(out, ref.to(torch.bfloat16), rtol=0, atol=0)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in leaves)
