@@ -7,8 +7,10 @@ Random choices (crop offset, flip) take a ``random.Random`` that the reader seed
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -90,7 +92,47 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """A .npy member as a (writable) array, as ``np.load(..., allow_pickle=False)`` reads it.
+
+    numpy parses the header with ``ast.literal_eval`` on every call, which is most of the cost for the small arrays
+    of a latent cache (two per sample, about 30 us each); the arrays of a shard share a few headers, so their parse
+    is cached here.
+    """
+    offset = _npy_data_offset(data)
+    layout = _npy_layout(bytes(data[:offset]))
+    if layout is None:  # object arrays (numpy refuses them with its message) or a version-3 header: numpy's reader
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    dtype, shape, fortran = layout
+    count = math.prod(shape)
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f"a .npy member of {len(data)} bytes holds {len(data) - offset} bytes of data, but its header "
+                         f"declares {shape} {dtype} ({count * dtype.itemsize} bytes): the shard is damaged. Fix: "
+                         "delete it and rerun the command that wrote it (cache_latents and make_shards write "
+                         "missing shards)")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return array.reshape(shape, order="F" if fortran else "C").copy(order="K")
+
+
+def _npy_data_offset(data: bytes) -> int:
+    """Where a .npy file's data starts: after the magic string, the version, the header length and the header."""
+    if len(data) < 10 or data[:6] != b"\x93NUMPY":
+        raise ValueError(f"not a .npy member (it starts with {bytes(data[:8])!r}): the shard is damaged or was not "
+                         "written by numpy's np.save")
+    if data[6] == 1:
+        return 10 + int.from_bytes(data[8:10], "little")
+    return 12 + int.from_bytes(data[8:12], "little")  # versions 2 and 3: a 4-byte header length
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool] | None:
+    """(dtype, shape, Fortran order) of a .npy header, parsed by numpy; None where numpy's whole reader must run."""
+    f = io.BytesIO(header)
+    major, _ = np.lib.format.read_magic(f)
+    read = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}.get(major)
+    if read is None:
+        return None
+    shape, fortran, dtype = read(f)
+    return None if dtype.hasobject else (dtype, shape, fortran)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -107,6 +107,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.lr_factor = lr_schedule.factor()
         self.ema = EMA(unet, ema.decay, ema.warmup) if ema is not None else None
         self.nonfinite = NonFiniteSteps(nan or NaNPolicy())
+        self._clip_norm: torch.Tensor | None = None  # this step's gradient norm, from on_before_optimizer_step
         # None: the defaults, with the sampler of the model's kind (flow_euler for a flow-matching loss)
         self.sampling = sampling or SamplingDefaults(
             sampler=default_sampler(self.schedule_kwargs, self.prediction_type))
@@ -319,12 +320,15 @@ class LatentDiffusionModule(L.LightningModule):
                 norm = total[0].sqrt()
             else:
                 norm = total[0].sqrt() if total[1] > 0 else None  # no rank has any (a skipped step): log nothing
+        else:  # clipping reuses it: the same gradients, one pass over them instead of two
+            self._clip_norm = norm
         if norm is not None:
             self.log("train/grad_norm", norm)
         self.nonfinite.before_optimizer_step(optimizer, norm, self.global_step)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's clipping, except in two cases it refuses.
+        """Clip by the gradient norm that ``on_before_optimizer_step`` computed for the log (``clip_grad_norm_``
+        would compute it again), else Lightning's clipping, except in two cases it refuses.
 
         - Under FSDP, norm clipping: the FSDP root clips by the norm over every rank's shards (``clip_grad_norm_`` on
           a shard alone would use a local norm).
@@ -332,6 +336,7 @@ class LatentDiffusionModule(L.LightningModule):
           optimizer under AMP, because with fp16's scaler it would clip still-scaled gradients; without a scaler the
           gradients are already the true ones, so they are clipped here.
         """
+        norm, self._clip_norm = self._clip_norm, None
         if not gradient_clip_val:
             return None
         if is_fsdp(self._trainer):
@@ -340,10 +345,15 @@ class LatentDiffusionModule(L.LightningModule):
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return None
         inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        params = [p for g in inner.param_groups for p in g["params"] if p.grad is not None]
         plugin = self.trainer.precision_plugin
+        scaled = isinstance(plugin, MixedPrecision) and plugin.scaler is not None  # fp16: left to Lightning
+        if gradient_clip_algorithm in (None, "norm") and norm is not None and not scaled:
+            # clip_grad_norm_ is this with the norm computed again; on_before_optimizer_step has it already
+            nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
+            return None
         if isinstance(plugin, MixedPrecision) and plugin.scaler is None and getattr(
                 inner, "_step_supports_amp_scaling", False):
-            params = [p for g in inner.param_groups for p in g["params"] if p.grad is not None]
             if gradient_clip_algorithm in (None, "norm"):
                 nn.utils.clip_grad_norm_(params, gradient_clip_val)
             else:

@@ -420,3 +420,39 @@ def test_fused_optimizer_under_bf16_mixed_is_clipped_not_refused(tmp_path):
               default_root_dir=tmp_path).fit(module, loader)
     assert len(norms) == 3
     assert all(n == pytest.approx(1e-3, rel=1e-3) for n in norms), norms  # the raw norms are far above 1e-3
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_clipping_reuses_the_logged_gradient_norm(tmp_path, monkeypatch, precision):
+    """The gradient norm logged before the optimizer step is the one the clipping divides by: one pass over the
+    gradients per step instead of two, and the same weights as torch's clip_grad_norm_ gives."""
+
+    def train(module_cls, count_norms):
+        torch.manual_seed(0)
+        module = diffusion_module(tiny_unet(), HashTextEncoder(), tiny_vae(), ema_decay=None, max_steps=3,
+                                  optimizer=fused_adamw)
+        module.__class__ = module_cls
+        passes = []
+        real = torch._foreach_norm
+        if count_norms:
+            monkeypatch.setattr(torch, "_foreach_norm", lambda *a, **k: passes.append(1) or real(*a, **k))
+        loader = DataLoader(image_batches(), batch_size=8, collate_fn=collate)
+        L.Trainer(max_steps=3, accelerator="cpu", precision=precision, gradient_clip_val=1e-3, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  default_root_dir=tmp_path).fit(module, loader)
+        monkeypatch.setattr(torch, "_foreach_norm", real)
+        return module, len(passes)
+
+    base = type(diffusion_module(tiny_unet(), HashTextEncoder(), tiny_vae(), ema_decay=None, max_steps=3))
+
+    class TorchClipping(base):  # the reference: torch's own clip_grad_norm_, which computes the norm itself
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            self._clip_norm = None
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
+    ours, passes = train(base, count_norms=True)
+    reference, _ = train(TorchClipping, count_norms=False)
+    assert passes == 3  # one norm per step: the logged one
+    for (name, a), b in zip(ours.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b), name
