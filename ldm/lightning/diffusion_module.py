@@ -327,8 +327,9 @@ class LatentDiffusionModule(L.LightningModule):
         self.nonfinite.before_optimizer_step(optimizer, norm, self.global_step)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip by the gradient norm that ``on_before_optimizer_step`` computed for the log (``clip_grad_norm_``
-        would compute it again), else Lightning's clipping, except in two cases it refuses.
+        """Norm clipping by the gradient norm that ``on_before_optimizer_step`` computed for the log
+        (``clip_grad_norm_`` would compute it again); under fp16's scaler, and for value clipping, Lightning's
+        clipping, except in two cases it refuses.
 
         - Under FSDP, norm clipping: the FSDP root clips by the norm over every rank's shards (``clip_grad_norm_`` on
           a shard alone would use a local norm).
@@ -347,18 +348,16 @@ class LatentDiffusionModule(L.LightningModule):
         inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
         params = [p for g in inner.param_groups for p in g["params"] if p.grad is not None]
         plugin = self.trainer.precision_plugin
-        scaled = isinstance(plugin, MixedPrecision) and plugin.scaler is not None  # fp16: left to Lightning
-        if gradient_clip_algorithm in (None, "norm") and norm is not None and not scaled:
-            # clip_grad_norm_ is this with the norm computed again; on_before_optimizer_step has it already
-            nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
-            return None
-        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and getattr(
-                inner, "_step_supports_amp_scaling", False):
+        if not isinstance(plugin, MixedPrecision) or plugin.scaler is None:  # fp16's scaler: Lightning's clipping
             if gradient_clip_algorithm in (None, "norm"):
-                nn.utils.clip_grad_norm_(params, gradient_clip_val)
-            else:
+                # clip_grad_norm_ is this with the norm computed again; on_before_optimizer_step has it already
+                norm = norm if norm is not None else grad_norm(params)
+                if norm is not None:  # None: no parameter has a gradient
+                    nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
+                return None
+            if isinstance(plugin, MixedPrecision) and getattr(inner, "_step_supports_amp_scaling", False):
                 nn.utils.clip_grad_value_(params, gradient_clip_val)
-            return None
+                return None
         return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
