@@ -2,12 +2,17 @@
 
     python -m ldm.data.cache_latents SHARDS OUT --vae vae/vae.ckpt [--vae-config conf/autoencoder/X.yaml]
         [--text-encoder-config conf/text_encoder/...yaml [--text-encoder CKPT]] [--size S] [--batch-size N]
+        [--precision float32|bfloat16|float16] [--compile]
 
 Each input shard ``NAME.tar`` becomes ``OUT/NAME.tar`` with, per sample, ``latent_mean.npy`` and
 ``latent_std.npy`` (the raw, unnormalised posterior moments: ``LatentDiffusionModule.latents_of`` applies the
 VAE's ``normalize_latents``, its declared scale and shift, at training time), the ``.txt`` caption and ``.json``
 metadata, and with a frozen text encoder ``text_hidden.npy`` [L, D], ``text_pooled.npy`` and ``text_mask.npy``.
-Output shards are written atomically and skipped when present, so an interrupted run resumes. Read them with
+``--precision`` is the precision the encoders run in (autocast; the stored one is ``--dtype``), and ``--compile``
+runs the VAE's encoder through torch.compile, its kernels kept under ``$LDM_CACHE/inductor``. Output shards are
+written atomically and skipped when present, so an interrupted run resumes; ``cache_settings.json`` records what
+they were encoded with (precision, stored dtype, size, the VAE's fingerprint), and a rerun with other settings into
+the same folder is refused rather than mixed in. Read them with
 ``ShardDataModule(source="latents")``, which samples mean + std * noise per sample (or takes the mean with
 ``sample_latents=False``). Text embeddings are cached only for a frozen encoder: a trainable one (``frozen=False``)
 would make them stale, so they are not written and training encodes the captions. A sample whose image does not
@@ -25,13 +30,24 @@ import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from ldm.data.shards import ShardWriter, clean_temporaries, count_samples, iter_shard, resolve_shards, write_index
+from ldm.checkpoint import atomic_write_bytes
+from ldm.compiling import compile_function
+from ldm.data.shards import (
+    INDEX_NAME,
+    ShardWriter,
+    clean_temporaries,
+    count_samples,
+    iter_shard,
+    resolve_shards,
+    write_index,
+)
 from ldm.data.transforms import IMAGE_EXTS, ImageTransform, decode_image, npy_bytes
 from ldm.errors import ConfigError
 
@@ -47,6 +63,61 @@ class ImageEncoder(Protocol):
 
 class TextEncoderLike(Protocol):
     def encode(self, prompts: list[str]) -> Sequence[torch.Tensor]: ...
+
+
+# the precisions the encoders may run in while caching: autocast's dtype (None: plain float32)
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SETTINGS_NAME = "cache_settings.json"
+
+
+def check_precision(precision: str, flag: str = "--precision") -> str:
+    """``precision`` if it names one of ``PRECISIONS``; else a ConfigError that lists them."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{flag} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def latent_moments(vae: ImageEncoder, precision: str = "float32", compile: bool = False,
+                   device: torch.device | str = "cpu") -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The caching pass's encoder: images [B, C, H, W] in [-1, 1] -> the posterior's (mean, std), without
+    gradients, under autocast to ``precision`` (a ``PRECISIONS`` key), through torch.compile with ``compile``."""
+    autocast_dtype = PRECISIONS[check_precision(precision)]
+    device_type = torch.device(device).type
+
+    def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = vae.encode(x)
+        return posterior.mean, posterior.std
+
+    compiled = compile_function(moments) if compile else moments
+
+    @torch.no_grad()
+    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
+            return compiled(x)
+
+    return encode
+
+
+def _claim_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Record what ``out``'s shards are encoded with, or refuse when they were encoded with something else: the
+    skipped-when-present shards of an earlier run would be mixed with new ones. Shards cached before the settings
+    were recorded were encoded in float32, with the stored dtype and size their index.json names."""
+    path = out / SETTINGS_NAME
+    earlier: dict[str, Any] | None = None
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+    elif any(out.glob("*.tar")):
+        index = out / INDEX_NAME
+        latents = json.loads(index.read_text()).get("latents", {}) if index.is_file() else {}
+        earlier = {"precision": "float32", **{k: latents[k] for k in ("dtype", "image_size") if k in latents}}
+    if earlier is not None:
+        changed = {k: (earlier[k], v) for k, v in settings.items() if k in earlier and earlier[k] != v}
+        if changed:
+            said = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+            raise ConfigError(f"{out} holds latents cached with other settings ({said}): cache into another folder, "
+                              "or delete this one to encode everything again")
+    if not path.is_file() or earlier != settings:
+        atomic_write_bytes(path, json.dumps({**(earlier or {}), **settings}, indent=1).encode())
 
 
 def _caption(raw: dict[str, Any]) -> str:
@@ -67,19 +138,24 @@ def cache_latents(
     device: str | torch.device | None = None,
     dtype: str = "float32",
     log: Callable[[str], None] | None = print,
+    precision: str = "float32",
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Encode every sample of ``shards`` (centre crop at ``image_size``) and write latent shards to ``out``.
 
     ``vae.encode(x)`` gets a [B, C, H, W] batch in [-1, 1] and returns an object with ``.mean`` and ``.std``;
     ``text_encoder.encode(captions)`` returns ``(hidden [B, L, D], pooled, mask)``. ``dtype`` is the stored
-    precision (``float32`` or ``float16``). A text encoder with ``frozen=False`` is ignored (its embeddings would go
-    stale as it trains). Returns the written index.
+    precision (``float32`` or ``float16``); ``precision`` the one the encoders run in (a ``PRECISIONS`` key: bf16 or
+    fp16 autocast, as training runs a frozen VAE under mixed precision), and ``compile`` runs the VAE's encoder
+    through torch.compile. A text encoder with ``frozen=False`` is ignored (its embeddings would go stale as it
+    trains). Returns the written index.
     """
     for flag, value in (("--size", image_size), ("--batch-size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
     if dtype not in ("float32", "float16"):
         raise ConfigError(f"--dtype must be float32 or float16, got {dtype!r}")
+    autocast_dtype = PRECISIONS[check_precision(precision)]
     if text_encoder is not None and getattr(text_encoder, "frozen", True) is False:
         warnings.warn("not caching text embeddings: the text encoder is trainable (frozen=False), so they would go "
                       "stale; training encodes the captions instead", stacklevel=2)
@@ -88,11 +164,18 @@ def cache_latents(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clean_temporaries(out)
+    settings = {"precision": precision, "dtype": dtype, "image_size": image_size, "image_mode": image_mode}
+    if isinstance(vae, torch.nn.Module):
+        settings["vae"] = vae_fingerprint(vae)
+    _claim_settings(out, settings)
     np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
     if device is None:
         p = next(iter(vae.parameters()), None) if isinstance(vae, torch.nn.Module) else None
         device = p.device if p is not None else torch.device("cpu")
     transform = ImageTransform(size=image_size, crop="center", hflip=False, mode=image_mode)
+    device = torch.device(device)
+    encode = latent_moments(vae, precision, compile, device)
+    precision_context = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
     entries: list[dict[str, Any]] = []
     latent_shape: list[int] | None = None
     skipped: Counter = Counter()
@@ -116,12 +199,13 @@ def cache_latents(
     @torch.no_grad()
     def flush(writer: ShardWriter, raws: list[dict[str, Any]], images: list[torch.Tensor]) -> list[int]:
         x = torch.stack(images).to(device)
-        posterior = vae.encode(x)
-        mean = posterior.mean.float().cpu().numpy().astype(np_dtype)
-        std = posterior.std.float().cpu().numpy().astype(np_dtype)
+        mean, std = encode(x)
+        mean = mean.float().cpu().numpy().astype(np_dtype)
+        std = std.float().cpu().numpy().astype(np_dtype)
         text: list[np.ndarray] | None = None
         if text_encoder is not None:
-            hidden, pooled, mask = text_encoder.encode([_caption(r) for r in raws])[:3]
+            with precision_context():
+                hidden, pooled, mask = text_encoder.encode([_caption(r) for r in raws])[:3]
             text = [hidden.float().cpu().numpy().astype(np_dtype), pooled.float().cpu().numpy().astype(np_dtype),
                     mask.cpu().numpy().astype(bool)]
         for i, r in enumerate(raws):
@@ -170,7 +254,7 @@ def cache_latents(
         raise ConfigError(f"no latents written to {out}: every sample of {shards} was skipped ({reasons})")
     if skipped and log:
         log("skipped: " + ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())))
-    extra = {"latents": {"shape": latent_shape, "dtype": dtype, "image_size": image_size,
+    extra = {"latents": {"shape": latent_shape, "dtype": dtype, "image_size": image_size, "precision": precision,
                          "text": text_encoder is not None}, "skipped": dict(skipped)}
     return write_index(out, entries, **extra)
 
@@ -185,12 +269,16 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
 
 
 def cache_for_vae(shards: str | os.PathLike | list[str], root: str | os.PathLike, vae: torch.nn.Module,
-                  image_size: int, image_mode: str = "RGB", batch_size: int = 256) -> Path:
-    """Encode ``shards`` with the frozen ``vae`` into ``root/<fingerprint of the VAE's weights>`` (or reuse that
-    cache): a resumed run finds its cache again, and a folder reused with another VAE never reads latents of the
-    old one. Returns the cache folder."""
-    cache = Path(root) / vae_fingerprint(vae)
-    cache_latents(shards, cache, vae, image_size=image_size, image_mode=image_mode, batch_size=batch_size, log=None)
+                  image_size: int, image_mode: str = "RGB", batch_size: int = 256, precision: str = "float32",
+                  compile: bool = False) -> Path:
+    """Encode ``shards`` with the frozen ``vae`` into ``root/<fingerprint of the VAE's weights>`` (``-bfloat16`` or
+    ``-float16`` appended for those precisions), or reuse that cache: a resumed run finds its cache again, and a
+    folder reused with another VAE or precision never reads latents of the old one. Returns the cache folder."""
+    name = vae_fingerprint(vae) + ("" if check_precision(precision, "ldm_stage.cache_precision") == "float32"
+                                   else f"-{precision}")
+    cache = Path(root) / name
+    cache_latents(shards, cache, vae, image_size=image_size, image_mode=image_mode, batch_size=batch_size, log=None,
+                  precision=precision, compile=compile)
     return cache
 
 
@@ -249,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--mode", default="RGB", choices=("RGB", "L"))
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="the stored precision")
+    p.add_argument("--precision", default="float32", choices=tuple(PRECISIONS),
+                   help="the precision the encoders run in (autocast)")
+    p.add_argument("--compile", action="store_true", help="run the VAE's encoder through torch.compile")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     try:
@@ -275,7 +366,7 @@ def _run(a: argparse.Namespace) -> int:
     if text is not None:
         text.to(device)
     cache_latents(a.shards, a.out, vae, text, image_size=a.size, image_mode=a.mode, batch_size=a.batch_size,
-                  device=device, dtype=a.dtype)
+                  device=device, dtype=a.dtype, precision=a.precision, compile=a.compile)
     return 0
 
 

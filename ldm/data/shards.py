@@ -30,6 +30,7 @@ from typing import Any
 from ldm.checkpoint import atomic_write_bytes, fsync_dir
 from ldm.data.urls import ShardError, is_local, local_path, open_url, read_small, shard_name, sibling
 from ldm.errors import ConfigError
+from ldm.local_cache import cache_dir
 
 INDEX_NAME = "index.json"
 MAKE_SHARDS_HOW = "python -m ldm.data.make_shards SRC OUT (SRC: an image folder, shapes or mnist)"
@@ -137,12 +138,6 @@ def shard_count(url: str) -> int:
     if is_local(url):
         return count_samples(url)
     return cached("shard_counts", url, lambda: count_samples(url))
-
-
-def cache_dir(kind: str) -> Path:
-    """Where ldm keeps what it computes once for many runs (of shards: ``shard_counts``, ``buckets``; compiled
-    kernels: ``inductor``): ``$LDM_CACHE/kind``, by default under ``~/.cache/ldm``."""
-    return Path(os.environ.get("LDM_CACHE", "~/.cache/ldm")).expanduser() / kind
 
 
 def cached(kind: str, key: str, compute: Callable[[], Any]) -> Any:

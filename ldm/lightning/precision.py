@@ -26,3 +26,15 @@ def resolve_precision(precision: str | int | None, accelerator: object = "auto")
         return precision
     on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
     return "bf16-mixed" if on_cpu and native_cpu_bf16() else "32-true"
+
+
+def autocast_precision(precision: str | int | None) -> str:
+    """The dtype (a name) that Lightning's ``precision`` computes a frozen model's forward in: ``bfloat16`` for
+    bf16 (mixed or true), ``float16`` for 16 (mixed or true), ``float32`` otherwise. ``auto`` must be resolved
+    first (``resolve_precision``)."""
+    name = str(precision)
+    if name.startswith("bf16"):
+        return "bfloat16"
+    if name in ("16", "16-mixed", "16-true"):
+        return "float16"
+    return "float32"

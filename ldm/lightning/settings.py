@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.data.cache_latents import PRECISIONS as CACHE_PRECISIONS
 from ldm.data.masks import MaskSettings
 from ldm.diffusion import SamplingDefaults
 from ldm.diffusion.sampling import check_sampler, default_sampler
@@ -99,6 +100,9 @@ def check_ldm_stage(s: DictConfig) -> None:
     for key in ("gradient_checkpointing", "compile", "cache_latents"):
         _bool(f"ldm_stage.{key}", s[key])
     _int("ldm_stage.cache_batch_size", s.cache_batch_size, 1)
+    _bool("ldm_stage.cache_compile", s.get("cache_compile", False))
+    if s.get("cache_precision") is not None:
+        _choice("ldm_stage.cache_precision", s.cache_precision, tuple(CACHE_PRECISIONS))
     step = s.guide_snapshot_step
     if step is not None:
         _float("ldm_stage.guide_snapshot_step", step, 0.0, open_low=True)

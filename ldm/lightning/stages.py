@@ -46,7 +46,7 @@ from ldm.lightning.autoencoder_module import AutoencoderModule
 from ldm.lightning.console import StepProgressBar, headline, log_to_run_file, parts_summary
 from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy, ValidationSettings
 from ldm.lightning.optim import LRSchedule
-from ldm.lightning.precision import AUTO, resolve_precision
+from ldm.lightning.precision import AUTO, autocast_precision, resolve_precision
 from ldm.lightning.preemption import PreemptionCheckpoint, slurm_job_id
 from ldm.lightning.run_lock import RunLock
 from ldm.lightning.settings import RESUME_FREE, check_run, run_sampling
@@ -368,6 +368,16 @@ def check_cache_shape(cfg: DictConfig, latent_shape: list[int]) -> None:
             "or cache again with the matching VAE and --size")
 
 
+def cache_precision(cfg: DictConfig) -> str:
+    """``ldm_stage.cache_precision``, or when null the precision the training run encodes images in without the
+    cache (its frozen VAE runs under the trainer's autocast): bfloat16 under bf16, float32 under 32-true."""
+    chosen = cfg.ldm_stage.get("cache_precision")
+    if chosen is not None:
+        return chosen
+    precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
+    return autocast_precision(precision)
+
+
 def check_cache_run(cfg: DictConfig) -> None:
     """``ldm_stage.cache_latents`` encodes image shards in one process."""
     if cfg.data.get("source", "images") != "images":
@@ -590,12 +600,15 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
         headline("latent cache: encoding the image shards once with the frozen VAE")
         make_data(cfg, s).prepare_data()  # the image shards must exist before they are encoded
         t0 = time.perf_counter()
+        precision = cache_precision(cfg)
         cache = cache_for_vae(cfg.data.train_shards, out / "latents", first_stage, cfg.data.image_size,
-                              cfg.data.get("image_mode", "RGB"), s.cache_batch_size)
+                              cfg.data.get("image_mode", "RGB"), s.cache_batch_size, precision,
+                              s.get("cache_compile", False))
         data_overrides = {"source": "latents", "train_shards": str(cache)}
         if cfg.data.get("val_shards") is not None:  # the validation images are encoded once too (their mean is used)
             val_cache = cache_for_vae(cfg.data.val_shards, out / "latents_val", first_stage, cfg.data.image_size,
-                                      cfg.data.get("image_mode", "RGB"), s.cache_batch_size)
+                                      cfg.data.get("image_mode", "RGB"), s.cache_batch_size, precision,
+                                      s.get("cache_compile", False))
             data_overrides["val_shards"] = str(val_cache)
         rank_zero_info(f"latent cache: {cache} ({time.perf_counter() - t0:.0f} s)")
     check_cache_shape(cfg, latent_shape)

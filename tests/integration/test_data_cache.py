@@ -100,9 +100,123 @@ def test_reader_yields_latents(cached):
     assert read_index(root / "lat")["latents"]["dtype"] == "float32"
 
 
+def _tiny_images(tmp_path: Path, n: int = 20) -> tuple[Path, torch.Tensor]:
+    """``n`` shapes images of 32 px as shards, and the same images as the cache's encoder gets them, in key order."""
+    make_shards("shapes", tmp_path / "img", maxcount=8, length=n, log=None)
+    images = [to_tensor(decode_image(r["png"])) for p in sorted((tmp_path / "img").glob("*.tar"))
+              for r in iter_shard(p)]
+    return tmp_path / "img", torch.stack(images)
+
+
+def _cached_means(folder: Path) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(load_npy(r["latent_mean.npy"])) for p in sorted(folder.glob("*.tar"))
+                        for r in iter_shard(p)])
+
+
+def test_the_encoders_run_in_the_chosen_precision(tmp_path):
+    """precision=bfloat16: the VAE (and a frozen text encoder) run under bf16 autocast, as a bf16-mixed training
+    run encodes images without the cache; the latents are the bf16 forward's, not float32's, stored as float32."""
+    shards, x = _tiny_images(tmp_path)
+    vae = TinyVAE()
+    seen: list[torch.dtype] = []
+
+    class RecordingText(TinyText):
+        def encode(self, prompts):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+            return super().encode(prompts)
+
+    index = cache_latents(shards, tmp_path / "bf16", vae, RecordingText(), image_size=32, batch_size=6, log=None,
+                          precision="bfloat16")
+    assert index["latents"]["precision"] == "bfloat16" and index["latents"]["dtype"] == "float32"
+    assert seen and set(seen) == {torch.bfloat16}
+    got = _cached_means(tmp_path / "bf16")
+    with torch.no_grad():
+        fp32 = vae.encode(x).mean
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = vae.encode(x).mean.float()
+    torch.testing.assert_close(got, bf16, atol=0, rtol=0)
+    assert (got - fp32).abs().max() > 1e-3  # not the float32 forward
+    with pytest.raises(ConfigError, match="--precision must be one of float32, bfloat16, float16, got 'fp8'"):
+        cache_latents(shards, tmp_path / "x", vae, image_size=32, log=None, precision="fp8")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_compiled_encoder_caches_the_same_latents(tmp_path, monkeypatch):
+    """compile=True: the encoder runs through torch.compile (graphs were compiled) and the latents equal eager's."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    shards, _ = _tiny_images(tmp_path)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        cache_latents(shards, tmp_path / "compiled", TinyVAE(), image_size=32, batch_size=6, log=None, compile=True)
+        assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+    finally:
+        torch._dynamo.reset()
+    cache_latents(shards, tmp_path / "eager", TinyVAE(), image_size=32, batch_size=6, log=None)
+    torch.testing.assert_close(_cached_means(tmp_path / "compiled"), _cached_means(tmp_path / "eager"),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_a_folder_cached_with_other_settings_is_refused_not_mixed(tmp_path):
+    """A rerun into a folder skips the shards already there: with another precision, stored dtype, size or VAE
+    they would be mixed with new ones, so it is refused, naming what changed. Shards cached before the settings
+    were recorded count as float32 with their index's dtype and size."""
+    shards, _ = _tiny_images(tmp_path)
+    out = tmp_path / "lat"
+    cache_latents(shards, out, TinyVAE(), image_size=32, log=None)
+    (out / "000001.tar").unlink()
+    with pytest.raises(ConfigError, match=r"other settings \(precision 'float32' -> 'bfloat16'\).*another folder"):
+        cache_latents(shards, out, TinyVAE(), image_size=32, log=None, precision="bfloat16")
+    other = TinyVAE()
+    with torch.no_grad():
+        other.conv.weight.add_(1.0)
+    with pytest.raises(ConfigError, match=r"other settings \(vae '[0-9a-f]{16}' -> '[0-9a-f]{16}'\)"):
+        cache_latents(shards, out, other, image_size=32, log=None)
+    with pytest.raises(ConfigError, match=r"dtype 'float32' -> 'float16', image_size 32 -> 16"):
+        cache_latents(shards, out, TinyVAE(), image_size=16, dtype="float16", log=None)
+    assert not (out / "000001.tar").exists()  # nothing was written by the refused runs
+    assert cache_latents(shards, out, TinyVAE(), image_size=32, log=None)["total"] == 20  # same settings: resumes
+
+    (out / "cache_settings.json").unlink()  # as a cache written before the settings were recorded
+    with pytest.raises(ConfigError, match=r"precision 'float32' -> 'bfloat16'"):
+        cache_latents(shards, out, TinyVAE(), image_size=32, log=None, precision="bfloat16")
+    cache_latents(shards, out, TinyVAE(), image_size=32, log=None)  # float32 at its size: adopted
+    assert json.loads((out / "cache_settings.json").read_text())["precision"] == "float32"
+
+
 def test_cli_needs_config(tmp_path):
     with pytest.raises(SystemExit):
         main([str(tmp_path), str(tmp_path / "o")])  # --vae is required
+
+
+def test_cli_precision_and_compile(tmp_path, monkeypatch, capsys):
+    """--precision and --compile reach the encoder; a precision it does not know exits with 2."""
+    import ldm.data.cache_latents as cache_module
+    from ldm.autoencoder import AutoencoderKL
+    from ldm.checkpoint import atomic_torch_save, module_spec
+
+    compiled: list = []  # the compile itself is tested above; here, that --compile asks for it
+    monkeypatch.setattr(cache_module, "compile_function", lambda fn: compiled.append(fn) or fn)
+    make_shards("shapes", tmp_path / "img", maxcount=4, length=4, size=16, log=None)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4)
+    atomic_torch_save({"kind": "autoencoder", "spec": module_spec(vae), "state_dict": vae.state_dict(),
+                       "latent_scale": 1.0, "config": {}}, tmp_path / "vae.ckpt")
+    args = [str(tmp_path / "img"), str(tmp_path / "lat"), "--vae", str(tmp_path / "vae.ckpt"), "--size", "16",
+            "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--precision", "fp8"])
+    assert exit_.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
+    assert main([*args, "--precision", "bfloat16", "--compile"]) == 0 and len(compiled) == 1
+    assert read_index(tmp_path / "lat")["latents"]["precision"] == "bfloat16"
+    x = torch.stack([to_tensor(decode_image(r["png"])) for r in iter_shard(tmp_path / "img" / "000000.tar")])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = vae.encode(x).mean.float()
+    torch.testing.assert_close(_cached_means(tmp_path / "lat"), expected, atol=3e-2, rtol=3e-2)
+    with torch.no_grad():
+        assert (_cached_means(tmp_path / "lat") - vae.encode(x).mean).abs().max() > 1e-4  # not float32's
 
 
 def test_trainable_text_encoder_is_not_cached(tmp_path):
@@ -273,14 +387,18 @@ def test_train_py_latent_source_refusals(tmp_path):
         stages.check_cache_shape(cfg, [4, 8, 8])
 
 
-def test_train_py_caches_the_run_vae_latents_for_the_ldm_stage(tmp_path):
-    """ldm_stage.cache_latents: train.py encodes the shards once with the VAE it just trained and trains on those."""
+@pytest.mark.parametrize(("precision", "suffix"), [("32-true", ""), ("bf16-mixed", "-bfloat16")])
+def test_train_py_caches_the_run_vae_latents_for_the_ldm_stage(tmp_path, precision, suffix):
+    """ldm_stage.cache_latents: train.py encodes the shards once with the VAE it just trained and trains on those,
+    encoding in the training precision (as the ldm stage would without the cache) into a folder named by the
+    VAE's fingerprint and that precision."""
     from tests.integration.tiny_run import run_train
 
-    run_train(tmp_path, "ldm_stage.cache_latents=true", "vae_stage.max_steps=2", "ldm_stage.max_steps=3")
+    run_train(tmp_path, "ldm_stage.cache_latents=true", "vae_stage.max_steps=2", "ldm_stage.max_steps=3",
+              f"trainer.precision={precision}")
     run = tmp_path / "run"
     caches = list((run / "latents").iterdir())
-    assert len(caches) == 1 and len(caches[0].name) == 16  # named by the VAE's fingerprint
+    assert len(caches) == 1 and len(caches[0].name) == 16 + len(suffix) and caches[0].name.endswith(suffix)
     index = read_index(caches[0])
     assert index["total"] == 48 and index["latents"]["shape"] == [4, 4, 4]
     assert (run / "ldm" / "checkpoints" / "last.ckpt").is_file()
@@ -288,9 +406,30 @@ def test_train_py_caches_the_run_vae_latents_for_the_ldm_stage(tmp_path):
     first = next(iter_shard(tmp_path / "shards" / "000000.tar"))
     cached = next(iter_shard(caches[0] / "000000.tar"))
     assert cached["__key__"] == first["__key__"] and cached["txt"] == first["txt"]
-    with torch.no_grad():
-        mean = vae.encode(to_tensor(decode_image(first["png"]))[None]).mean[0]
-    torch.testing.assert_close(torch.from_numpy(load_npy(cached["latent_mean.npy"])), mean, atol=1e-5, rtol=1e-4)
+    x = to_tensor(decode_image(first["png"]))[None]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(suffix)):
+        mean = vae.encode(x).mean[0].float()
+    tol = 3e-2 if suffix else 1e-5  # bf16: the cache encodes in batches of 48, oneDNN may block them otherwise
+    torch.testing.assert_close(torch.from_numpy(load_npy(cached["latent_mean.npy"])), mean, atol=tol, rtol=tol)
+
+
+def test_the_cache_precision_follows_the_training_precision(tmp_path):
+    """ldm_stage.cache_precision: null takes the precision the trainer encodes in (auto resolved as training
+    resolves it); a name is taken as given and checked."""
+    from ldm.lightning.precision import resolve_precision
+    from ldm.lightning.settings import check_ldm_stage
+
+    auto = "bfloat16" if resolve_precision("auto", "cpu") == "bf16-mixed" else "float32"
+    for trainer, expected in (("32-true", "float32"), ("bf16-mixed", "bfloat16"), ("16-mixed", "float16"),
+                              ("auto", auto)):
+        cfg = _compose(tmp_path, f"trainer.precision={trainer}", "trainer.accelerator=cpu")
+        assert stages.cache_precision(cfg) == expected, trainer
+    cfg = _compose(tmp_path, "trainer.precision=bf16-mixed", "ldm_stage.cache_precision=float32")
+    assert stages.cache_precision(cfg) == "float32"
+    with pytest.raises(ConfigError, match=r"ldm_stage.cache_precision must be one of \['float32', 'bfloat16'"):
+        check_ldm_stage(_compose(tmp_path, "ldm_stage.cache_precision=bf16").ldm_stage)
+    with pytest.raises(ConfigError, match="ldm_stage.cache_compile must be true or false"):
+        check_ldm_stage(_compose(tmp_path, "ldm_stage.cache_compile=maybe").ldm_stage)
 
 
 def test_train_py_cache_latents_refusals(tmp_path):

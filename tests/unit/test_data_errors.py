@@ -256,9 +256,10 @@ def test_cache_latents_missing_checkpoint_is_a_clean_error(shards, tmp_path, cap
 
 def test_cache_latents_skips_and_counts_a_damaged_shard(shards, tmp_path):
     _truncate_mid_member(shards / "000003.tar", 6)  # 2 of 8 samples survive
+    vae = _TinyVAE()
     with pytest.warns(UserWarning, match="000003.tar is truncated"):
-        index = cl.cache_latents(shards, tmp_path / "lat", _TinyVAE(), image_size=8, batch_size=4, log=None)
+        index = cl.cache_latents(shards, tmp_path / "lat", vae, image_size=8, batch_size=4, log=None)
     assert [s["count"] for s in index["shards"]] == [8, 8, 8, 2] and index["skipped"] == {"damaged shard": 6}
     assert len(list(iter_shard(tmp_path / "lat" / "000003.tar"))) == 2
-    again = cl.cache_latents(shards, tmp_path / "lat", _TinyVAE(), image_size=8, batch_size=4, log=None)
+    again = cl.cache_latents(shards, tmp_path / "lat", vae, image_size=8, batch_size=4, log=None)
     assert [s["count"] for s in again["shards"]] == [8, 8, 8, 2]  # the cached count, not the input's index count

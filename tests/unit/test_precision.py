@@ -46,3 +46,12 @@ def test_the_stage_trainer_resolves_auto(monkeypatch: pytest.MonkeyPatch, tmp_pa
                                         "enable_progress_bar": False}})
     trainer = stages.make_trainer(cfg, tmp_path, max_steps=1, callbacks=[], logger=False)
     assert trainer.precision == ("bf16-mixed" if native else "32-true")
+
+
+@pytest.mark.parametrize(("value", "dtype"), [
+    ("bf16-mixed", "bfloat16"), ("bf16-true", "bfloat16"), ("bf16", "bfloat16"), ("16-mixed", "float16"),
+    ("16-true", "float16"), (16, "float16"), ("32-true", "float32"), (32, "float32"), ("64-true", "float32"),
+    (None, "float32"),
+])
+def test_autocast_precision_names_the_dtype_a_frozen_forward_runs_in(value: object, dtype: str) -> None:
+    assert precision.autocast_precision(value) == dtype
