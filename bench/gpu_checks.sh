@@ -2,7 +2,7 @@
 # The GPU-only checks, for a machine with one CUDA GPU: the CUDA tests (tests/gpu), bench/unet.py in bf16 on each
 # attention back end, and the quickstart trained on the GPU in bf16 and judged. Prints the figures docs/gpu.md records.
 #
-#   bash bench/gpu_checks.sh tests bench sampling mfu quickstart quickstart_fp32    # any subset, in that order
+#   bash bench/gpu_checks.sh tests bench sampling mfu cache quickstart quickstart_fp32    # any subset, in that order
 #
 # Wheels the GPU machine lacks (hydra-core, omegaconf, antlr4, open_clip_torch, ftfy, webdataset, braceexpand,
 # diffusers, xformers...) may sit in .whl/; they are installed first, without dependencies and without a network.
@@ -49,6 +49,12 @@ for what in "$@"; do
             echo "== bench/mfu.py --config sd15 --max-batch $args"
             timeout 240 python3 bench/mfu.py --config sd15 --max-batch $args 2>&1 | grep -v Warning
         done
+        ;;
+    cache)
+        # the latent cache's encoder (SD's KL-f8 VAE at 512 px): float32, bf16 autocast, compiled
+        echo "== bench/vae_encode.py --config kl_f8 --size 512 --batch 16"
+        timeout 300 python3 bench/vae_encode.py --config kl_f8 --size 512 --batch 16 --repeats 5 --device cuda 2>&1 \
+            | grep -v Warning
         ;;
     quickstart | quickstart_fp32)
         precision=bf16-mixed
