@@ -11,8 +11,8 @@ metadata, and with a frozen text encoder ``text_hidden.npy`` [L, D], ``text_pool
 ``--precision`` is the precision the encoders run in (autocast; the stored one is ``--dtype``), and ``--compile``
 runs the VAE's encoder through torch.compile, its kernels kept under ``$LDM_CACHE/inductor``. Output shards are
 written atomically and skipped when present, so an interrupted run resumes; ``cache_settings.json`` records what
-they were encoded with (precision, stored dtype, size, the VAE's fingerprint), and a rerun with other settings into
-the same folder is refused rather than mixed in. Read them with
+they were encoded with (precision, stored dtype, size, the VAE's fingerprint, whether text embeddings are cached),
+and a rerun with other settings into the same folder is refused rather than mixed in. Read them with
 ``ShardDataModule(source="latents")``, which samples mean + std * noise per sample (or takes the mean with
 ``sample_latents=False``). Text embeddings are cached only for a frozen encoder: a trainable one (``frozen=False``)
 would make them stale, so they are not written and training encodes the captions. A sample whose image does not
@@ -101,7 +101,7 @@ def latent_moments(vae: ImageEncoder, precision: str = "float32", compile: bool 
 def _claim_settings(out: Path, settings: dict[str, Any]) -> None:
     """Record what ``out``'s shards are encoded with, or refuse when they were encoded with something else: the
     skipped-when-present shards of an earlier run would be mixed with new ones. Shards cached before the settings
-    were recorded were encoded in float32, with the stored dtype and size their index.json names."""
+    were recorded were encoded in float32, with the stored dtype, size and text embeddings their index.json names."""
     path = out / SETTINGS_NAME
     earlier: dict[str, Any] | None = None
     if path.is_file():
@@ -109,7 +109,7 @@ def _claim_settings(out: Path, settings: dict[str, Any]) -> None:
     elif any(out.glob("*.tar")):
         index = out / INDEX_NAME
         latents = json.loads(index.read_text()).get("latents", {}) if index.is_file() else {}
-        earlier = {"precision": "float32", **{k: latents[k] for k in ("dtype", "image_size") if k in latents}}
+        earlier = {"precision": "float32", **{k: latents[k] for k in ("dtype", "image_size", "text") if k in latents}}
     if earlier is not None:
         changed = {k: (earlier[k], v) for k, v in settings.items() if k in earlier and earlier[k] != v}
         if changed:
@@ -164,7 +164,8 @@ def cache_latents(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clean_temporaries(out)
-    settings = {"precision": precision, "dtype": dtype, "image_size": image_size, "image_mode": image_mode}
+    settings = {"precision": precision, "dtype": dtype, "image_size": image_size, "image_mode": image_mode,
+                "text": text_encoder is not None}
     if isinstance(vae, torch.nn.Module):
         settings["vae"] = vae_fingerprint(vae)
     _claim_settings(out, settings)

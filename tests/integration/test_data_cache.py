@@ -75,8 +75,11 @@ def test_rerun_skips_complete_shards(cached):
     root, _ = cached
     before = (root / "lat" / "000001.tar").stat().st_mtime_ns
     (root / "lat" / "000002.tar").unlink()
-    index = cache_latents(root / "img", root / "lat", TinyVAE(), image_size=32, log=None)
+    with pytest.raises(ConfigError, match=r"other settings \(text True -> False\)"):  # shards without text embeddings
+        cache_latents(root / "img", root / "lat", TinyVAE(), image_size=32, log=None)
+    index = cache_latents(root / "img", root / "lat", TinyVAE(), TinyText(), image_size=32, log=None)
     assert (root / "lat" / "000001.tar").stat().st_mtime_ns == before and index["total"] == 20
+    assert "text_hidden.npy" in next(iter_shard(root / "lat" / "000002.tar"))
 
 
 def test_reader_yields_latents(cached):
