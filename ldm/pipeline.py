@@ -533,7 +533,8 @@ class LatentDiffusionPipeline:
             callback: ``callback(i, t, latents, x0_prediction)`` after each step.
             output_type: ``pil`` (a list of images), ``tensor`` ([B, C, H, W] in [-1, 1]) or ``latent``.
             dtype: bf16/fp16 runs the text encoder and the UNet under ``torch.autocast`` (the sampler arithmetic
-                stays fp32); the VAE decodes outside autocast.
+                stays fp32); the VAE decodes outside autocast. None is fp32, even inside an enclosing autocast: the
+                call's precision is this argument's.
             vae_tile_size, vae_tile_overlap: decode overlapping tiles of this many latent pixels, blended over the
                 overlap (default min(8, tile // 4)), bounding the decoder's memory.
             mask_image: inpainting: repaint the white (>= 0.5) region of ``image`` (a PIL image, or a tensor in

@@ -133,6 +133,17 @@ def test_bf16_autocast_is_finite_and_close_to_fp32(pipe) -> None:
         pipe("a cat", dtype="int8")
 
 
+def test_the_call_computes_in_its_own_dtype_whatever_autocast_encloses_it(pipe) -> None:
+    """dtype=None samples in fp32 inside a bf16 autocast block (the same latents as outside it); dtype='bf16' in
+    bf16 either way: the precision is the argument's (bench/pipeline.py relies on it)."""
+    kw = dict(output_type="latent", num_inference_steps=2)
+    fp32, bf16 = pipe("a cat", generator=_gen(0), **kw), pipe("a cat", generator=_gen(0), dtype="bf16", **kw)
+    assert not torch.equal(fp32, bf16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(pipe("a cat", generator=_gen(0), **kw), fp32)
+        assert torch.equal(pipe("a cat", generator=_gen(0), dtype="bf16", **kw), bf16)
+
+
 def test_tiled_vae_decoding_is_close_to_untiled(pipe) -> None:
     kw = dict(output_type="tensor", height=64, width=64, num_inference_steps=1, guidance_scale=1.0)
     full = pipe("a cat", generator=_gen(0), **kw)
