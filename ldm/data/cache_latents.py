@@ -30,7 +30,7 @@ import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -77,11 +77,17 @@ def check_precision(precision: str, flag: str = "--precision") -> str:
     return precision
 
 
+def _autocast(precision: str, device_type: str) -> AbstractContextManager:
+    """Autocast to ``precision`` (a ``PRECISIONS`` key) on ``device_type``; float32: no autocast."""
+    dtype = PRECISIONS[check_precision(precision)]
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
+
+
 def latent_moments(vae: ImageEncoder, precision: str = "float32", compile: bool = False,
                    device: torch.device | str = "cpu") -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The caching pass's encoder: images [B, C, H, W] in [-1, 1] -> the posterior's (mean, std), without
     gradients, under autocast to ``precision`` (a ``PRECISIONS`` key), through torch.compile with ``compile``."""
-    autocast_dtype = PRECISIONS[check_precision(precision)]
+    check_precision(precision)
     device_type = torch.device(device).type
 
     def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +98,7 @@ def latent_moments(vae: ImageEncoder, precision: str = "float32", compile: bool 
 
     @torch.no_grad()
     def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
+        with _autocast(precision, device_type):
             return compiled(x)
 
     return encode
@@ -155,7 +161,7 @@ def cache_latents(
             raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
     if dtype not in ("float32", "float16"):
         raise ConfigError(f"--dtype must be float32 or float16, got {dtype!r}")
-    autocast_dtype = PRECISIONS[check_precision(precision)]
+    check_precision(precision)
     if text_encoder is not None and getattr(text_encoder, "frozen", True) is False:
         warnings.warn("not caching text embeddings: the text encoder is trainable (frozen=False), so they would go "
                       "stale; training encodes the captions instead", stacklevel=2)
@@ -176,7 +182,6 @@ def cache_latents(
     transform = ImageTransform(size=image_size, crop="center", hflip=False, mode=image_mode)
     device = torch.device(device)
     encode = latent_moments(vae, precision, compile, device)
-    precision_context = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
     entries: list[dict[str, Any]] = []
     latent_shape: list[int] | None = None
     skipped: Counter = Counter()
@@ -205,7 +210,7 @@ def cache_latents(
         std = std.float().cpu().numpy().astype(np_dtype)
         text: list[np.ndarray] | None = None
         if text_encoder is not None:
-            with precision_context():
+            with _autocast(precision, device.type):
                 hidden, pooled, mask = text_encoder.encode([_caption(r) for r in raws])[:3]
             text = [hidden.float().cpu().numpy().astype(np_dtype), pooled.float().cpu().numpy().astype(np_dtype),
                     mask.cpu().numpy().astype(bool)]
