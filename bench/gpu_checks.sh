@@ -3,6 +3,7 @@
 # attention back end, and the quickstart trained on the GPU in bf16 and judged. Prints the figures docs/gpu.md records.
 #
 #   bash bench/gpu_checks.sh tests bench sampling mfu cache quickstart quickstart_fp32    # any subset, in that order
+#   bash bench/gpu_checks.sh perf    # the performance figures alone, in at most 9 minutes (each command bounded)
 #
 # Wheels the GPU machine lacks (hydra-core, omegaconf, antlr4, open_clip_torch, ftfy, webdataset, braceexpand,
 # diffusers, xformers...) may sit in .whl/; they are installed first, without dependencies and without a network.
@@ -31,8 +32,29 @@ for what in "$@"; do
                     --batch 8 --repeats 10 2>&1 | grep -v Warning
             done
         done
+        echo "== bench/unet.py --config sd15 --dtype bf16 --backend sdpa --batch 32"   # math's logits would not fit
+        timeout 180 python3 bench/unet.py --config sd15 --device cuda --dtype bf16 --backend sdpa --batch 32 --repeats 10 \
+            2>&1 | grep -v Warning
         echo "== bench/unet.py --config sd15 --dtype fp32 --backend sdpa"
         timeout 180 python3 bench/unet.py --config sd15 --device cuda --dtype fp32 --backend sdpa --batch 8 --repeats 10
+        ;;
+    perf)
+        # docs/performance.md's GPU rows in one run of at most 9 minutes (the timeouts add up to 540 s; a command cut
+        # short prints nothing): ours against diffusers in bf16 at batch 8 and at batches >= 32 (sdpa), sd15's MFU and
+        # largest batch at 256 and 512 px, and sampling (eager; compiled and CUDA graphs: the sampling target)
+        for spec in "sd15 8" "sd15 32" "small 32" "tiny 64"; do
+            read -r cfg batch <<<"$spec"
+            echo "== bench/unet.py --config $cfg --dtype bf16 --batch $batch"
+            timeout 70 python3 bench/unet.py --config "$cfg" --device cuda --dtype bf16 --backend sdpa \
+                --batch "$batch" --repeats 3 2>&1 | grep -v Warning
+        done
+        for args in "--latent 32" "--latent 64" "--latent 64 --checkpointing"; do
+            echo "== bench/mfu.py --config sd15 --max-batch $args"
+            timeout 70 python3 bench/mfu.py --config sd15 --max-batch --steps 5 $args 2>&1 | grep -v Warning
+        done
+        echo "== bench/pipeline.py --config sd15 --dtype bf16"
+        timeout 50 python3 bench/pipeline.py --config sd15 --device cuda --dtype bf16 --batch 8 --steps 25 --repeats 3 \
+            2>&1 | grep -E "config=|latent difference|images/s|Error"
         ;;
     sampling)
         # the pipeline against diffusers' on sd15 in bf16: eager (context reuse), compiled, compiled with CUDA graphs
