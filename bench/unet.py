@@ -14,6 +14,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -58,6 +59,21 @@ def _peak_memory(fn: Callable[[], None], device: torch.device) -> int:
     return peak
 
 
+def _ldm_optimizer(dtype: str) -> Callable[..., torch.optim.Optimizer]:
+    """The AdamW partial ldm's trainer builds (``ldm.lightning.stages.build_optimizer``) for this precision, at the
+    benchmark's learning rate and diffusers' scripts' weight decay."""
+    from omegaconf import OmegaConf  # noqa: PLC0415  (only this option needs the configs)
+
+    from ldm.lightning.stages import build_optimizer  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[1]
+    precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[dtype]
+    cfg = OmegaConf.create({"optimizer": OmegaConf.load(root / "conf/optimizer/adamw.yaml"),
+                            "trainer": {"precision": precision}})
+    cfg.optimizer.lr, cfg.optimizer.weight_decay = 1e-6, 0.01
+    return build_optimizer(cfg)
+
+
 def main() -> None:
     """Parse arguments, build both models with the same weights, time them alternately, print the ratios."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,8 +88,11 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both models")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (timed after warm-up)")
     parser.add_argument("--channels-last", action="store_true", help="our UNet in channels-last memory format")
-    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
-                        help="sgd (no momentum) keeps no state: sd15's two models with AdamW need about 28 GB")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd", "own"), default="adamw",
+                        help="adamw: torch's AdamW with its defaults for both; sgd (no momentum) keeps no state: "
+                             "sd15's two models with AdamW need about 28 GB; own: each framework's AdamW, ours as "
+                             "ldm's trainer builds it (conf/optimizer/adamw.yaml: fused), diffusers' as its training "
+                             "scripts do (torch's defaults: foreach on CUDA, the per-tensor loop on the CPU)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,8 +115,12 @@ def main() -> None:
     t = torch.randint(0, 1000, (args.batch,), device=device)
     ctx = torch.randn(args.batch, 77, cfg["context_dim"], device=device)
     target = torch.randn_like(x)
-    optimizer = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
-    optims = {k: optimizer(m.parameters(), lr=1e-6) for k, m in models.items()}
+    if args.optimizer == "own":
+        optims = {"ours": _ldm_optimizer(args.dtype)(ours.parameters()),
+                  "diffusers": torch.optim.AdamW(theirs.parameters(), lr=1e-6, weight_decay=0.01)}
+    else:
+        optimizer = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
+        optims = {k: optimizer(m.parameters(), lr=1e-6) for k, m in models.items()}
     if args.compile:  # the optimizers keep the eager parameters; the compiled wrappers share them
         models = {k: torch.compile(m) for k, m in models.items()}
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
