@@ -396,8 +396,16 @@ def check_cache_run(cfg: DictConfig) -> None:
 # ---------------------------------------------------------------------------------------------------- stages
 
 
+def seed_stage(cfg: DictConfig) -> None:
+    """Seed the global generators (model initialisation, data order) with the run's seed at the start of a stage, so
+    that a stage trains the same model whether or not an earlier stage ran in this process: the ldm stage of a whole
+    run, of ``stages=[ldm] vae_ckpt=RUN/vae/vae.ckpt`` and of a run resumed after its vae stage are one model."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+
 def train_vae(cfg: DictConfig, out: Path, resume: str | None = None, resume_step: int | None = None) -> Path:
     """Train the autoencoder, fit its latent scale, and write ``out/vae/vae.ckpt``."""
+    seed_stage(cfg)
     s = cfg.vae_stage
     vae = instantiate(cfg.autoencoder)
     module = AutoencoderModule(
@@ -562,6 +570,7 @@ def inpainting_settings(cfg: DictConfig) -> MaskSettings:
 def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | None = None,
               resume_step: int | None = None) -> Path:
     """Train the latent diffusion model on the frozen first stage; returns ``out/ldm/checkpoints/last.ckpt``."""
+    seed_stage(cfg)
     s = cfg.ldm_stage
     if resume is None and OmegaConf.is_missing(cfg, "init_ckpt"):
         raise ConfigError("init_ckpt=PATH is required: the Stable Diffusion single file (.safetensors/.ckpt) to load")
@@ -650,7 +659,6 @@ def run(cfg: DictConfig) -> dict[str, Path]:
 
 
 def _run_stages(cfg: DictConfig, out: Path, resume: tuple[str, str, int, Path | None] | None) -> dict[str, Path]:
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     results: dict[str, Path] = {}
     vae_path = None
     if resume is not None:

@@ -77,6 +77,24 @@ def test_ldm_stage_resumes_exactly(vae_ckpt):
         torch.testing.assert_close(end_b[k], end_a[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
+def test_the_ldm_stage_trains_one_model_after_the_vae_stage_or_alone(vae_ckpt):
+    """A whole run's ldm stage equals ``stages=[ldm] vae_ckpt=...`` on its VAE with the same seed (and so a run
+    resumed between its stages, which trains its ldm stage alone): the VAE stage's draws do not move its weights."""
+    tmp = vae_ckpt.parents[2]
+    ldm = [o for o in LDM if not o.startswith("stages=")]
+    run_train(tmp, "stages=[vae,ldm]", *VAE[1:], "vae_stage.max_steps=8", *ldm, run_dir=tmp / "whole")
+    whole_vae = torch.load(tmp / "whole" / "vae" / "vae.ckpt", map_location="cpu", weights_only=False)
+    alone_vae = torch.load(vae_ckpt, map_location="cpu", weights_only=False)
+    for k, v in alone_vae["state_dict"].items():  # the same VAE under both
+        torch.testing.assert_close(whole_vae["state_dict"][k], v, rtol=0, atol=0, msg=k)
+    run_train(tmp, *LDM, f"vae_ckpt={vae_ckpt}", run_dir=tmp / "alone")
+    a = state(tmp / "whole" / "ldm" / "checkpoints" / "last.ckpt")
+    b = state(tmp / "alone" / "ldm" / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys() and any(k.startswith("unet.") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
 def test_vae_stage_resumes_exactly(vae_ckpt):
     tmp = vae_ckpt.parents[2]
     run_train(tmp, *VAE, "vae_stage.max_steps=5", run_dir=tmp / "vae_stopped")  # a run stopped at step 5 ...
