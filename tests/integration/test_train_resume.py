@@ -78,8 +78,8 @@ def test_ldm_stage_resumes_exactly(vae_ckpt):
 
 
 def test_the_ldm_stage_trains_one_model_after_the_vae_stage_or_alone(vae_ckpt):
-    """A whole run's ldm stage equals ``stages=[ldm] vae_ckpt=...`` on its VAE with the same seed (and so a run
-    resumed between its stages, which trains its ldm stage alone): the VAE stage's draws do not move its weights."""
+    """A whole run's ldm stage equals ``stages=[ldm] vae_ckpt=...`` on its VAE with the same seed, and a run resumed
+    between its stages: the vae stage's draws do not move the ldm stage's initialisation."""
     tmp = vae_ckpt.parents[2]
     ldm = [o for o in LDM if not o.startswith("stages=")]
     run_train(tmp, "stages=[vae,ldm]", *VAE[1:], "vae_stage.max_steps=8", *ldm, run_dir=tmp / "whole")
@@ -88,11 +88,16 @@ def test_the_ldm_stage_trains_one_model_after_the_vae_stage_or_alone(vae_ckpt):
     for k, v in alone_vae["state_dict"].items():  # the same VAE under both
         torch.testing.assert_close(whole_vae["state_dict"][k], v, rtol=0, atol=0, msg=k)
     run_train(tmp, *LDM, f"vae_ckpt={vae_ckpt}", run_dir=tmp / "alone")
+    # a run stopped after its vae stage: its folder holds the vae stage alone, and the same command resumes it
+    shutil.copytree(tmp / "whole" / "vae", tmp / "between" / "vae")
+    run_train(tmp, "stages=[vae,ldm]", *VAE[1:], "vae_stage.max_steps=8", *ldm, "resume=last", run_dir=tmp / "between")
     a = state(tmp / "whole" / "ldm" / "checkpoints" / "last.ckpt")
-    b = state(tmp / "alone" / "ldm" / "checkpoints" / "last.ckpt")
-    assert a.keys() == b.keys() and any(k.startswith("unet.") for k in a)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert any(k.startswith("unet.") for k in a)
+    for other in ("alone", "between"):
+        b = state(tmp / other / "ldm" / "checkpoints" / "last.ckpt")
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=f"{other}: {k}")
 
 
 def test_vae_stage_resumes_exactly(vae_ckpt):
