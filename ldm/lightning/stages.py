@@ -609,16 +609,16 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
         headline("latent cache: encoding the image shards once with the frozen VAE")
         make_data(cfg, s).prepare_data()  # the image shards must exist before they are encoded
         t0 = time.perf_counter()
-        precision = cache_precision(cfg)
-        cache = cache_for_vae(cfg.data.train_shards, out / "latents", first_stage, cfg.data.image_size,
-                              cfg.data.get("image_mode", "RGB"), s.cache_batch_size, precision,
-                              s.get("cache_compile", False))
+        precision, compile_encoder = cache_precision(cfg), s.get("cache_compile", False)
+
+        def encode(shards: str, folder: str) -> Path:
+            return cache_for_vae(shards, out / folder, first_stage, cfg.data.image_size,
+                                 cfg.data.get("image_mode", "RGB"), s.cache_batch_size, precision, compile_encoder)
+
+        cache = encode(cfg.data.train_shards, "latents")
         data_overrides = {"source": "latents", "train_shards": str(cache)}
         if cfg.data.get("val_shards") is not None:  # the validation images are encoded once too (their mean is used)
-            val_cache = cache_for_vae(cfg.data.val_shards, out / "latents_val", first_stage, cfg.data.image_size,
-                                      cfg.data.get("image_mode", "RGB"), s.cache_batch_size, precision,
-                                      s.get("cache_compile", False))
-            data_overrides["val_shards"] = str(val_cache)
+            data_overrides["val_shards"] = str(encode(cfg.data.val_shards, "latents_val"))
         rank_zero_info(f"latent cache: {cache} ({time.perf_counter() - t0:.0f} s)")
     check_cache_shape(cfg, latent_shape)
     module = build_diffusion_module(cfg, unet, text_encoder, first_stage, lora_base)
