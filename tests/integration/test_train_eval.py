@@ -74,7 +74,8 @@ def csv_run(setup) -> Path:
 def test_csv_holds_the_validation_loss_and_fid_at_the_expected_steps(csv_run):
     rows = read_metrics(csv_run / "logs" / "version_1" / "metrics.csv")  # the ldm stage
     # the quickstart preset caches latents: the validation images were encoded once too, into their own folder
-    assert [p.name for p in (csv_run / "latents_val").iterdir()] == [p.name for p in (csv_run / "latents").iterdir()]
+    caches = {folder: sorted(p.name for p in (csv_run / folder).iterdir()) for folder in ("latents", "latents_val")}
+    assert caches["latents_val"] == caches["latents"]
     # validation after optimizer steps 2, 4 and the last (5), logged where Lightning logs that batch: N - 1
     val_steps = sorted(s for s, r in rows.items() if "val/loss" in r)
     assert val_steps == [1, 3, 4]
