@@ -129,7 +129,8 @@ def test_judge_cli_runs_on_the_checkpoint(trained, tmp_path):
 
     out = main([str(trained / "ldm" / "checkpoints" / "last.ckpt"), "--n", "8", "--batch", "8", "--guidance", "1",
                 "3", "--json", str(tmp_path / "r.json")])
-    assert set(out) == {"guidance_1", "guidance_3", "vae_psnr_db"}
+    assert set(out) == {"guidance_1", "guidance_3", "vae_psnr_db", "vae_reconstruction"}
+    assert 0.0 <= out["vae_reconstruction"]["full"] <= 1.0 and out["vae_reconstruction"]["n"] == 1000
     assert 0.0 <= out["guidance_3"]["full"] <= 1.0 and (tmp_path / "r.json").is_file()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ldm.data.builtin.shapes import BACKGROUND, COLORS, ShapesDataset, draw_shape
 from ldm.eval.shapes import judge_palette, parse_caption, random_captions, read_image, score
@@ -63,3 +64,39 @@ def test_the_judge_reads_an_extra_colour_only_when_its_palette_has_it():
     drawn = random_captions(50, seed=0, colors=["cyan"])
     assert len(drawn) == 50 and all(c.startswith("a cyan ") for c in drawn)
     assert random_captions(20, seed=3) == random_captions(20, seed=3, colors=list(COLORS))
+
+
+class _Posterior:
+    def __init__(self, z):
+        self.z = z
+
+    def mode(self):
+        return self.z
+
+
+class _LosslessVAE(torch.nn.Module):
+    """Encodes an image as itself; ``blur`` > 1 decodes through an average pool of that size instead."""
+
+    def __init__(self, blur: int = 1):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))  # for the judge's device lookup
+        self.blur = blur
+
+    def encode(self, x):
+        return _Posterior(x)
+
+    def decode(self, z):
+        if self.blur == 1:
+            return z
+        return torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(z, self.blur), scale_factor=self.blur)
+
+
+def test_the_reconstruction_judge_charges_the_vae_only_with_what_it_loses():
+    from ldm.eval.shapes import vae_reconstructions
+
+    lossless = vae_reconstructions(_LosslessVAE(), size=32, n=200)
+    assert {k: lossless[k] for k in ("full", "color", "shape", "position", "n")} == {
+        "full": 1.0, "color": 1.0, "shape": 1.0, "position": 1.0, "n": 200}
+    # 4 x 4 blocks keep where a shape is but not its outline
+    blocky = vae_reconstructions(_LosslessVAE(blur=4), size=32, n=200)
+    assert blocky["position"] > 0.95 and blocky["shape"] < 0.85 and blocky["full"] < 0.8
