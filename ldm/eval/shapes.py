@@ -119,12 +119,17 @@ def judge_palette(*color_lists: Sequence[str] | None) -> dict[str, tuple[int, in
     return {c: PALETTE[c] for c in dict.fromkeys(names)}
 
 
+def held_out_images(size: int, n: int, seed: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[str]]:
+    """``n`` shapes images [n, 3, size, size] in [-1, 1] drawn with ``seed`` (not the training set's), and captions."""
+    items = list(ShapesDataset(size=size, seed=seed, length=n))
+    x = torch.stack([torch.from_numpy(np.asarray(d["image"], dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                     for d in items])
+    return x.to(device), [d["caption"] for d in items]
+
+
 def vae_psnr(vae: torch.nn.Module, size: int, n: int = 256, seed: int = 12345) -> float:
     """Mean PSNR (dB, images in [0, 1]) of VAE reconstructions (posterior mode) of held-out shapes images."""
-    data = ShapesDataset(size=size, seed=seed, length=n)
-    x = torch.stack([torch.from_numpy(np.asarray(d["image"], dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-                     for d in data])
-    x = x.to(next(vae.parameters()).device)
+    x, _ = held_out_images(size, n, seed, next(vae.parameters()).device)
     with torch.no_grad():
         rec = torch.cat([vae.decode(vae.encode(b).mode()).clamp(-1, 1) for b in x.split(64)])
     mse = (((rec - x) / 2) ** 2).mean(dim=(1, 2, 3)).clamp(min=1e-12)
@@ -134,17 +139,14 @@ def vae_psnr(vae: torch.nn.Module, size: int, n: int = 256, seed: int = 12345) -
 def vae_reconstructions(vae: torch.nn.Module, size: int, n: int = 1000, seed: int = 12345,
                         palette: Mapping[str, tuple[int, int, int]] = COLORS) -> dict[str, float]:
     """The judge's accuracy on VAE reconstructions (posterior mode) of ``n`` held-out shapes images: what the first
-    stage alone loses. Dataset images read 100%, so a miss here is the VAE's and caps what the LDM can score."""
-    data = ShapesDataset(size=size, seed=seed, length=n)
-    items = list(data)
-    x = torch.stack([torch.from_numpy(np.asarray(d["image"], dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-                     for d in items])
-    x = x.to(next(vae.parameters()).device)
+    stage alone loses. Dataset images read 100%, so a miss here is the VAE's: it bounds the LDM's figure, which can
+    still be lower on a VAE that reads 100% (docs/evaluation.md)."""
+    x, captions = held_out_images(size, n, seed, next(vae.parameters()).device)
     t0 = time.perf_counter()
     with torch.no_grad():
         rec = torch.cat([vae.decode(vae.encode(b).mode()).clamp(-1, 1) for b in x.split(250)])
     images = ((rec + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return {**score(list(images), [d["caption"] for d in items], palette), "seconds": time.perf_counter() - t0}
+    return {**score(list(images), captions, palette), "seconds": time.perf_counter() - t0}
 
 
 def evaluate(pipe, n: int = 500, guidance_scales=(None,), steps: int | None = None, sampler: str | None = None,
