@@ -127,11 +127,16 @@ def held_out_images(size: int, n: int, seed: int, device: torch.device | str = "
     return x.to(device), [d["caption"] for d in items]
 
 
+def reconstruct(vae: torch.nn.Module, x: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    """The VAE's reconstructions (posterior mode) of images ``x`` in [-1, 1], clamped to that range."""
+    with torch.no_grad():
+        return torch.cat([vae.decode(vae.encode(b).mode()).clamp(-1, 1) for b in x.split(batch)])
+
+
 def vae_psnr(vae: torch.nn.Module, size: int, n: int = 256, seed: int = 12345) -> float:
     """Mean PSNR (dB, images in [0, 1]) of VAE reconstructions (posterior mode) of held-out shapes images."""
     x, _ = held_out_images(size, n, seed, next(vae.parameters()).device)
-    with torch.no_grad():
-        rec = torch.cat([vae.decode(vae.encode(b).mode()).clamp(-1, 1) for b in x.split(64)])
+    rec = reconstruct(vae, x, batch=64)
     mse = (((rec - x) / 2) ** 2).mean(dim=(1, 2, 3)).clamp(min=1e-12)
     return float((10 * torch.log10(1 / mse)).mean())
 
@@ -139,12 +144,11 @@ def vae_psnr(vae: torch.nn.Module, size: int, n: int = 256, seed: int = 12345) -
 def vae_reconstructions(vae: torch.nn.Module, size: int, n: int = 1000, seed: int = 12345,
                         palette: Mapping[str, tuple[int, int, int]] = COLORS) -> dict[str, float]:
     """The judge's accuracy on VAE reconstructions (posterior mode) of ``n`` held-out shapes images: what the first
-    stage alone loses. Dataset images read 100%, so a miss here is the VAE's: it bounds the LDM's figure, which can
-    still be lower on a VAE that reads 100% (docs/evaluation.md)."""
+    stage alone loses. Dataset images read 100%, so a miss here is the VAE's alone; the LDM's figure can still be
+    several points lower on a VAE that reads 100% (docs/evaluation.md)."""
     x, captions = held_out_images(size, n, seed, next(vae.parameters()).device)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        rec = torch.cat([vae.decode(vae.encode(b).mode()).clamp(-1, 1) for b in x.split(250)])
+    rec = reconstruct(vae, x)
     images = ((rec + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return {**score(list(images), captions, palette), "seconds": time.perf_counter() - t0}
 
