@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -135,11 +136,16 @@ def test_judge_cli_runs_on_the_checkpoint(trained, tmp_path):
 
 
 def test_judge_cli_compiles_the_unet_with_compile(trained, monkeypatch):
+    import ldm.eval.shapes
     from ldm.eval.shapes import main
     from ldm.pipeline import LatentDiffusionPipeline
 
     compiled = []
     monkeypatch.setattr(LatentDiffusionPipeline, "compile_unet", lambda self: compiled.append(self) or self)
+    # the VAE's figures do not depend on --compile: 8 images instead of 1,256 (most of a call's time on 2 cores)
+    monkeypatch.setattr(ldm.eval.shapes, "vae_psnr", functools.partial(ldm.eval.shapes.vae_psnr, n=8))
+    monkeypatch.setattr(ldm.eval.shapes, "vae_reconstructions",
+                        functools.partial(ldm.eval.shapes.vae_reconstructions, n=8))
     args = [str(trained / "ldm" / "checkpoints" / "last.ckpt"), "--n", "4", "--batch", "4", "--guidance", "3"]
     main(args)
     assert not compiled

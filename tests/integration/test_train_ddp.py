@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import pytest
 import torch
 
 from tests.integration.tiny_run import ROOT, TINY_MODELS, train_env
@@ -47,7 +49,10 @@ PROBE = textwrap.dedent(
 )
 
 
-def test_two_cpu_ranks_train_both_stages_to_identical_weights(tmp_path):
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    """Both stages under trainer=ddp_cpu with the probe: the run folder (shards in its parent's shards/)."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
     script = tmp_path / "train_probe.py"
     script.write_text(PROBE)
     run = tmp_path / "run"
@@ -57,7 +62,11 @@ def test_two_cpu_ranks_train_both_stages_to_identical_weights(tmp_path):
            "ldm_stage.cache_latents=false"]  # the quickstart's in-run cache is single-process
     proc = subprocess.run(cmd, cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return run
 
+
+def test_two_cpu_ranks_train_both_stages_to_identical_weights(ddp_run):
+    run, tmp_path = ddp_run, ddp_run.parent
     for stage, steps, prefix in (("vae", 3, "vae."), ("ldm", 4, "unet.")):
         r0, r1 = (torch.load(run / stage / f"probe_rank{r}.pt", weights_only=False) for r in (0, 1))
         assert r0["world_size"] == r1["world_size"] == 2
@@ -89,17 +98,13 @@ def test_two_cpu_ranks_train_both_stages_to_identical_weights(tmp_path):
     assert not any(p.name.endswith(".tmp") for p in run.rglob("*"))
 
 
-def test_two_cpu_ranks_train_the_same_lora_adapters_on_a_frozen_base(tmp_path):
-    """ldm_stage.lora under DDP: on an ldm checkpoint as init_ckpt, both ranks end with the same adapters, which
-    moved, while every base weight stays as the base checkpoint's."""
-    from tests.integration.tiny_run import run_train
-
-    run_train(tmp_path, "vae_stage.max_steps=1", "ldm_stage.max_steps=1", run_dir=tmp_path / "base")
-    base = tmp_path / "base" / "ldm" / "checkpoints" / "last.ckpt"
-    script = tmp_path / "train_probe.py"
-    script.write_text(PROBE)
+def test_two_cpu_ranks_train_the_same_lora_adapters_on_a_frozen_base(ddp_run, tmp_path):
+    """ldm_stage.lora under DDP: on an ldm checkpoint as init_ckpt (the run above's), both ranks end with the same
+    adapters, which moved, while every base weight stays as the base checkpoint's."""
+    base = ddp_run / "ldm" / "checkpoints" / "last.ckpt"
+    script = ddp_run.parent / "train_probe.py"
     run = tmp_path / "lora"
-    cmd = [sys.executable, str(script), f"hydra.run.dir={run}", f"data.train_shards={tmp_path / 'shards'}",
+    cmd = [sys.executable, str(script), f"hydra.run.dir={run}", f"data.train_shards={ddp_run.parent / 'shards'}",
            *TINY_MODELS, "trainer=ddp_cpu", "stages=[ldm]", f"+init_ckpt={base}", "ldm_stage.lora.rank=4",
            "ldm_stage.lora.targets=[attention,proj]", "optimizer.lr=1e-2", "ldm_stage.max_steps=3",
            "ldm_stage.cache_latents=false"]

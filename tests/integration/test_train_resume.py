@@ -40,10 +40,17 @@ def vae_ckpt(tmp_path_factory) -> Path:
     return tmp / "vae_full" / "vae" / "vae.ckpt"
 
 
-def test_ldm_stage_resumes_exactly(vae_ckpt):
+@pytest.fixture(scope="module")
+def ldm_full(vae_ckpt) -> Path:
+    """An uninterrupted ldm-only run on that VAE: the resume test's reference and the two-stage test's "alone" run."""
+    full = vae_ckpt.parents[2] / "full"
+    run_train(full.parent, *LDM, f"vae_ckpt={vae_ckpt}", run_dir=full)
+    return full
+
+
+def test_ldm_stage_resumes_exactly(vae_ckpt, ldm_full):
     tmp = vae_ckpt.parents[2]
-    full, resumed = tmp / "full", tmp / "resumed"
-    run_train(tmp, *LDM, f"vae_ckpt={vae_ckpt}", run_dir=full)
+    full, resumed = ldm_full, tmp / "resumed"
     mid = full / "ldm" / "checkpoints" / f"step{K:06d}.ckpt"
     assert mid.is_file(), sorted(p.name for p in (full / "ldm" / "checkpoints").iterdir())
     # A new process, in a run folder holding only the step-K checkpoint and the run's config (no vae_ckpt, no
@@ -77,7 +84,7 @@ def test_ldm_stage_resumes_exactly(vae_ckpt):
         torch.testing.assert_close(end_b[k], end_a[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
-def test_the_ldm_stage_trains_one_model_after_the_vae_stage_or_alone(vae_ckpt):
+def test_the_ldm_stage_trains_one_model_after_the_vae_stage_or_alone(vae_ckpt, ldm_full):
     """A whole run's ldm stage equals ``stages=[ldm] vae_ckpt=...`` on its VAE with the same seed, and a run resumed
     between its stages: the vae stage's draws do not move the ldm stage's initialisation."""
     tmp = vae_ckpt.parents[2]
@@ -87,14 +94,13 @@ def test_the_ldm_stage_trains_one_model_after_the_vae_stage_or_alone(vae_ckpt):
     alone_vae = torch.load(vae_ckpt, map_location="cpu", weights_only=False)
     for k, v in alone_vae["state_dict"].items():  # the same VAE under both
         torch.testing.assert_close(whole_vae["state_dict"][k], v, rtol=0, atol=0, msg=k)
-    run_train(tmp, *LDM, f"vae_ckpt={vae_ckpt}", run_dir=tmp / "alone")
     # a run stopped after its vae stage: its folder holds the vae stage alone, and the same command resumes it
     shutil.copytree(tmp / "whole" / "vae", tmp / "between" / "vae")
     run_train(tmp, "stages=[vae,ldm]", *VAE[1:], "vae_stage.max_steps=8", *ldm, "resume=last", run_dir=tmp / "between")
     a = state(tmp / "whole" / "ldm" / "checkpoints" / "last.ckpt")
     assert any(k.startswith("unet.") for k in a)
-    for other in ("alone", "between"):
-        b = state(tmp / other / "ldm" / "checkpoints" / "last.ckpt")
+    for other in (ldm_full, tmp / "between"):  # alone, and resumed between the stages
+        b = state(other / "ldm" / "checkpoints" / "last.ckpt")
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=f"{other}: {k}")
