@@ -3,7 +3,8 @@
 Two kinds of file, each one plain dict that ``torch.load`` reads without any ldm class:
 - an autoencoder (``vae/vae.ckpt`` of the VAE stage): ``{"kind": "autoencoder", "spec", "state_dict",
   "latent_scale", "config"}``;
-- a latent diffusion model (``ldm/checkpoints/*.ckpt``, written by Lightning through :class:`AtomicCheckpointIO`):
+- a latent diffusion model (``ldm/checkpoints/*.ckpt``, written by Lightning through
+  ``ldm.lightning.checkpoint_io.AtomicCheckpointIO``, which calls :func:`atomic_torch_save`):
   Lightning's dict (``state_dict``, optimizer, loops, callbacks) plus the header ``"ldm"`` that
   :func:`describe_ldm` writes: the parts' class paths and constructor arguments, the noise schedule, the prediction
   type, the sampling defaults and the run's config. Weights sit under ``unet.``, ``text_encoder.``, ``first_stage.``,
@@ -29,7 +30,6 @@ from typing import Any, BinaryIO
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from torch import nn
 
 from ldm.diffusion.flow import FLOW_PREDICTION
@@ -133,22 +133,6 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-class AtomicCheckpointIO(CheckpointIO):
-    """Lightning CheckpointIO whose saves are atomic (Lightning's default writes the target file in place)."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options=None) -> None:
-        atomic_torch_save(checkpoint, path)
-
-    def load_checkpoint(
-        self, path: str | os.PathLike, map_location=None, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        """torch.load onto ``map_location`` (the CPU by default); full unpickling unless ``weights_only`` is True."""
-        return torch.load(path, map_location=map_location or "cpu", weights_only=bool(weights_only))
-
-    def remove_checkpoint(self, path: str | os.PathLike) -> None:
-        Path(path).unlink(missing_ok=True)
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

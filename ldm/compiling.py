@@ -8,7 +8,6 @@ from typing import TypeVar
 
 import torch
 from torch import nn
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from ldm.local_cache import cache_dir
 
@@ -19,6 +18,8 @@ def keep_compiled_kernels() -> None:
     """Point inductor's caches (FX graphs, autograd graphs, and Triton kernels on a GPU) at ``$LDM_CACHE/inductor``
     unless ``TORCHINDUCTOR_CACHE_DIR`` is set: torch's default is a temporary folder, which reboots and cluster
     nodes lose, so a rerun or a resumed job would compile everything again."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # here: importing inductor takes seconds
+
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     # torch writes its default into the variable once it has looked it up: that one is not a user's choice
     if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):

@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.autoencoder import SD_LATENT_SCALE
 from ldm.checkpoint import (
-    AtomicCheckpointIO,
     atomic_write_text,
     check_lora_base,
     checkpoint_kind,
@@ -43,6 +42,7 @@ from ldm.diffusion.flow import FlowMatchingLoss
 from ldm.diffusion.validation import DEFAULT_NUM_TIMESTEPS
 from ldm.errors import ConfigError
 from ldm.lightning.autoencoder_module import AutoencoderModule
+from ldm.lightning.checkpoint_io import AtomicCheckpointIO
 from ldm.lightning.console import StepProgressBar, headline, log_to_run_file, parts_summary
 from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy, ValidationSettings
 from ldm.lightning.optim import LRSchedule

@@ -17,8 +17,13 @@ True from the start token through the end token and False on padding, whatever t
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
+import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -28,12 +33,30 @@ OPEN_CLIP_PAD_ID = 0
 HF_CLIP_PAD_ID = EOT_TOKEN_ID
 
 
+def _open_clip_tokenizer_module() -> ModuleType:
+    """open_clip's ``tokenizer`` module, loaded from its file. Importing it as ``open_clip.tokenizer`` runs the
+    package's ``__init__`` first, which imports its models, torchvision and transformers (about 6 s of a sampling
+    script's start on a 2-core CPU) that the tokenizer does not use. Where open_clip is imported already, or a
+    release makes the module depend on its package, it is the ordinary import (the same code, slower to start)."""
+    if "open_clip" not in sys.modules:
+        spec = importlib.util.find_spec("open_clip")  # locates the package without running its __init__
+        if spec is not None and spec.origin is not None:
+            path = Path(spec.origin).with_name("tokenizer.py")
+            file_spec = importlib.util.spec_from_file_location("ldm.text._open_clip_tokenizer", path)
+            if file_spec is not None and file_spec.loader is not None:
+                module = importlib.util.module_from_spec(file_spec)
+                try:
+                    file_spec.loader.exec_module(module)
+                    return module
+                except ImportError:  # a relative import: it needs its package
+                    pass
+    return importlib.import_module("open_clip.tokenizer")
+
+
 @functools.lru_cache(maxsize=1)
 def _simple_tokenizer():
     """One shared open_clip SimpleTokenizer per process (reading the vocabulary takes a fraction of a second)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
+    return _open_clip_tokenizer_module().SimpleTokenizer()
 
 
 @functools.lru_cache(maxsize=65536)

@@ -13,11 +13,11 @@ from PIL import Image
 from torch import nn
 
 from ldm.autoencoder import AutoencoderKL
-from ldm.checkpoint import AtomicCheckpointIO
 from ldm.errors import ConfigError
 from ldm.lightning import callbacks
 from ldm.lightning.autoencoder_module import AutoencoderModule
 from ldm.lightning.callbacks import ReconstructionGrid, SampleGrid, StageCheckpoint, Throughput
+from ldm.lightning.checkpoint_io import AtomicCheckpointIO
 from ldm.pipeline import to_pil
 
 B, N_IN, N_HID, N_OUT = 4, 16, 32, 8

@@ -533,3 +533,19 @@ def test_sampling_defaults_take_numbers_only_and_store_plain_ones() -> None:
             SamplingDefaults(**bad)
     with pytest.raises(ConfigError, match=r"unknown sampling settings \['steps'\]"):
         SamplingDefaults().with_overrides(steps=3)
+
+
+def test_sampling_and_judging_start_without_lightning_or_open_clips_models() -> None:
+    """The inference side (pipeline, checkpoints, judges, converter) imports neither Lightning (which imports
+    torchmetrics, torchvision, transformers and scipy) nor open_clip's package nor inductor: seconds of start-up
+    for sample.py and the judges. import-linter checks the Lightning rule statically; this checks it at run time."""
+    import subprocess
+    import sys
+
+    heavy = ("lightning", "pytorch_lightning", "torchmetrics", "open_clip", "torchvision", "torch._inductor")
+    code = ("import sys; import ldm.pipeline, ldm.checkpoint, ldm.eval.shapes, ldm.eval.generate, ldm.eval.fid, "
+            "ldm.convert.__main__; from ldm.text import CLIPTokenizer; CLIPTokenizer()(['a red circle']); "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "[]"

@@ -1,6 +1,9 @@
 """CLIP tokenizer (against open_clip.tokenize) and CFG caption dropout."""
 
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -21,6 +24,22 @@ def test_ids_match_open_clip_tokenize():
     assert ids.dtype == torch.long and mask.dtype == torch.bool and ids.shape == mask.shape == (len(PROMPTS), 77)
     assert torch.equal(ids, open_clip.tokenize(PROMPTS))
     assert mask.sum(1).tolist() == [int((row != 0).sum()) for row in ids]
+
+
+def test_ids_match_open_clip_tokenize_in_a_process_without_open_clips_package():
+    """A fresh process loads open_clip's tokenizer module from its file, not through the package (whose __init__
+    imports open_clip's models, torchvision and transformers): the same ids, none of those imports."""
+    import open_clip
+
+    code = ("import json, sys; from ldm.text import CLIPTokenizer; ids, _ = CLIPTokenizer()(json.loads(sys.argv[1])); "
+            "print(json.dumps([ids.tolist(), [m for m in ('open_clip', 'torchvision', 'transformers') "
+            "if m in sys.modules]]))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(PROMPTS[:4])], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids, imported = json.loads(proc.stdout.splitlines()[-1])
+    assert imported == []
+    assert torch.equal(torch.tensor(ids), open_clip.tokenize(PROMPTS[:4]))
 
 
 def test_layout_mask_and_pad_id():
