@@ -17,22 +17,34 @@ from omegaconf import DictConfig
 
 from ldm.errors import ConfigError
 from ldm.host_memory import keep_freed_host_memory
-from ldm.lightning.console import log_to_run_file, quiet_known_warnings
-from ldm.lightning.preemption import Preempted
-from ldm.lightning.stages import run
+from ldm.lightning.run_log import log_to_run_file
+from ldm.lightning.settings import check_run
+
+
+def _wrong_input(log, err: ConfigError) -> None:
+    """A wrong input: its message in the run's log and on stderr, no traceback, exit status 2."""
+    log.error(f"error: {err}")
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     keep_freed_host_memory()  # each step reuses the memory the last one freed (no page faults)
-    quiet_known_warnings()
     log = log_to_run_file()
     try:
+        check_run(cfg)  # before Lightning is imported (seconds, with torchmetrics): a wrong input is reported at once
+    except ConfigError as err:
+        _wrong_input(log, err)
+    from ldm.lightning.console import quiet_known_warnings
+    from ldm.lightning.preemption import Preempted
+    from ldm.lightning.stages import run
+
+    quiet_known_warnings()
+    try:
         run(cfg)
-    except ConfigError as err:  # a wrong input: its message, no traceback
-        log.error(f"error: {err}")
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except ConfigError as err:
+        _wrong_input(log, err)
     except Preempted as stop:  # SIGTERM or the pre-timeout signal: the state is saved; non-zero, as the job ended early
         log.warning(str(stop))
         print(str(stop), file=sys.stderr)

@@ -40,25 +40,6 @@ def quiet_known_warnings() -> None:
             logger.addFilter(_DropTips())
 
 
-def log_to_run_file() -> logging.Logger:
-    """Send the run's log lines (Lightning's, hence the stage headlines and closing lines) to the run folder's log
-    file as well as the console, and return the logger for ldm's own lines there.
-
-    Hydra writes ``<run>/<script>.log`` through a file handler on the root logger, but Lightning's logger does not
-    propagate to the root, so the file would stay empty. The file handlers are shared; the console keeps
-    Lightning's plain lines.
-    """
-    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
-    run_log = logging.getLogger("ldm.run")
-    run_log.setLevel(logging.INFO)
-    run_log.propagate = False
-    for logger in (logging.getLogger("lightning.pytorch"), logging.getLogger("lightning.fabric"), run_log):
-        for handler in files:
-            if handler not in logger.handlers:
-                logger.addHandler(handler)
-    return run_log
-
-
 class StepProgressBar(TQDMProgressBar):
     """Lightning's progress bar without the logger's version number (``v_num``), which says nothing here."""
 

@@ -16,6 +16,8 @@ from ldm.diffusion import SamplingDefaults
 from ldm.diffusion.sampling import check_sampler, default_sampler
 from ldm.errors import ConfigError
 
+STAGES = ("vae", "ldm")  # the stages a run may name, in the order they run
+
 LR_SCHEDULES = ("constant", "cosine", "linear", "wsd")
 # The config keys a resumed run may change: they alter neither the model nor the order of the data.
 RESUME_FREE = (
@@ -146,6 +148,9 @@ def check_run(cfg: DictConfig) -> None:
     """Everything a run will read, checked before its first stage: the stages it runs, their settings, the sampling
     defaults and the input files."""
     stages = list(cfg.stages)
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"unknown stages {sorted(unknown)}; use stages=[vae], [ldm] or [vae,ldm]")
     if "vae" in stages:
         check_vae_stage(cfg.vae_stage)
     if "ldm" in stages:

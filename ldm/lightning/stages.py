@@ -43,17 +43,17 @@ from ldm.diffusion.validation import DEFAULT_NUM_TIMESTEPS
 from ldm.errors import ConfigError
 from ldm.lightning.autoencoder_module import AutoencoderModule
 from ldm.lightning.checkpoint_io import AtomicCheckpointIO
-from ldm.lightning.console import StepProgressBar, headline, log_to_run_file, parts_summary
+from ldm.lightning.console import StepProgressBar, headline, parts_summary
 from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy, ValidationSettings
 from ldm.lightning.optim import LRSchedule
 from ldm.lightning.precision import AUTO, autocast_precision, resolve_precision
 from ldm.lightning.preemption import PreemptionCheckpoint, slurm_job_id
 from ldm.lightning.run_lock import RunLock
-from ldm.lightning.settings import RESUME_FREE, check_run, run_sampling
+from ldm.lightning.run_log import log_to_run_file
+from ldm.lightning.settings import RESUME_FREE, STAGES, check_run, run_sampling
 from ldm.lora import add_lora, save_lora
 from ldm.nn.ema import EMASettings
 
-STAGES = ("vae", "ldm")
 LATENT_HOW = (
     "Train the VAE on image shards (stages=[vae], data.source=images), cache its latents (python -m "
     "ldm.data.cache_latents SHARDS CACHE --vae RUN/vae/vae.ckpt --size S), then train with data.source=latents "
@@ -643,9 +643,6 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     """Check the whole config, then run the configured stages in the run folder, which one training holds at a
     time; returns the checkpoint paths by stage."""
     log_to_run_file()
-    unknown = set(cfg.stages) - set(STAGES)
-    if unknown:
-        raise ConfigError(f"unknown stages {sorted(unknown)}; use stages=[vae], [ldm] or [vae,ldm]")
     check_run(cfg)
     resume = find_resume(cfg)
     out = Path(cfg.out_dir) if resume is None or resume[3] is None else resume[3]

@@ -44,13 +44,23 @@ def test_every_stage_is_checked_before_any_work(tmp_path: Path, override: str, m
     assert time.perf_counter() - t0 < 10 and not (tmp_path / "run").exists()  # nothing trained, nothing written
 
 
-def test_a_wrong_input_prints_one_line_and_exits_2() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "ldm_stage.max_steps=abc", "logger=csv",
-                           "hydra.run.dir=/tmp/ldm_guard_never_written"], env=train_env(), capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "error: ldm_stage.max_steps must be an integer, got 'abc'" in proc.stderr
+def test_a_wrong_input_prints_one_line_and_exits_2_before_lightning_is_imported(tmp_path: Path) -> None:
+    """train.py as a user runs it (as __main__), in a harness that reports its exit status and whether Lightning
+    was imported: the config check comes first, so a wrong input is reported without Lightning's seconds of
+    imports."""
+    args = [str(ROOT / "train.py"), "ldm_stage.max_steps=abc", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"]
+    harness = ("import runpy, sys\n"
+               f"sys.argv = {args!r}\n"
+               "try:\n"
+               f"    runpy.run_path({args[0]!r}, run_name='__main__')\n"
+               "except SystemExit as stop:\n"
+               "    print('exit', stop.code, 'lightning' in sys.modules, 'torchmetrics' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", harness], env=train_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.splitlines()[-1] == "exit 2 False False", proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "error: ldm_stage.max_steps must be an integer, got 'abc'"
     assert "Traceback" not in proc.stderr + proc.stdout
+    assert "ldm_stage.max_steps must be an integer" in (tmp_path / "run" / "train.log").read_text()  # logged too
 
 
 def test_one_training_per_run_folder(tmp_path: Path) -> None:
