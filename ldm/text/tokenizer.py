@@ -42,14 +42,16 @@ def _open_clip_tokenizer_module() -> ModuleType:
         spec = importlib.util.find_spec("open_clip")  # locates the package without running its __init__
         if spec is not None and spec.origin is not None:
             path = Path(spec.origin).with_name("tokenizer.py")
-            file_spec = importlib.util.spec_from_file_location("ldm.text._open_clip_tokenizer", path)
+            name = "_ldm_open_clip_tokenizer"  # top-level: a relative import in it fails, not resolved in ldm
+            file_spec = importlib.util.spec_from_file_location(name, path)
             if file_spec is not None and file_spec.loader is not None:
                 module = importlib.util.module_from_spec(file_spec)
+                sys.modules[name] = module  # registered while it runs, as an import would (dataclasses look it up)
                 try:
                     file_spec.loader.exec_module(module)
                     return module
                 except ImportError:  # a relative import: it needs its package
-                    pass
+                    del sys.modules[name]
     return importlib.import_module("open_clip.tokenizer")
 
 

@@ -42,6 +42,28 @@ def test_ids_match_open_clip_tokenize_in_a_process_without_open_clips_package():
     assert torch.equal(torch.tensor(ids), open_clip.tokenize(PROMPTS[:4]))
 
 
+def test_a_tokenizer_module_that_needs_its_package_is_imported_the_ordinary_way(tmp_path, monkeypatch):
+    """Where a release of open_clip gives tokenizer.py a relative import, the file cannot load on its own: the
+    loader then imports ``open_clip.tokenizer`` as usual, and leaves no half-loaded module behind."""
+    import importlib
+    import importlib.util
+    import types
+
+    from ldm.text import tokenizer
+
+    package = tmp_path / "open_clip"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "tokenizer.py").write_text("from .constants import X\n")
+    ordinary = types.ModuleType("open_clip.tokenizer")
+    monkeypatch.delitem(sys.modules, "open_clip", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: importlib.util.spec_from_file_location(
+        name, package / "__init__.py", submodule_search_locations=[str(package)]))
+    monkeypatch.setattr(importlib, "import_module", lambda name: ordinary if name == "open_clip.tokenizer" else None)
+    assert tokenizer._open_clip_tokenizer_module() is ordinary
+    assert "_ldm_open_clip_tokenizer" not in sys.modules
+
+
 def test_layout_mask_and_pad_id():
     tok = CLIPTokenizer(context_length=16, pad_token_id=EOT_TOKEN_ID)
     ids, mask = tok(["a cat", ""])
