@@ -10,6 +10,7 @@ The config is composed from conf/ (one group per swappable part); ldm.lightning.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import hydra
@@ -21,7 +22,7 @@ from ldm.lightning.run_log import log_to_run_file
 from ldm.lightning.settings import check_run
 
 
-def _wrong_input(log, err: ConfigError) -> None:
+def _wrong_input(log: logging.Logger, err: ConfigError) -> None:
     """A wrong input: its message in the run's log and on stderr, no traceback, exit status 2."""
     log.error(f"error: {err}")
     print(f"error: {err}", file=sys.stderr)
@@ -42,7 +43,7 @@ def main(cfg: DictConfig) -> None:
 
     quiet_known_warnings()
     try:
-        run(cfg)
+        run(cfg, checked=True)
     except ConfigError as err:
         _wrong_input(log, err)
     except Preempted as stop:  # SIGTERM or the pre-timeout signal: the state is saved; non-zero, as the job ended early

@@ -639,11 +639,13 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     return last
 
 
-def run(cfg: DictConfig) -> dict[str, Path]:
+def run(cfg: DictConfig, checked: bool = False) -> dict[str, Path]:
     """Check the whole config, then run the configured stages in the run folder, which one training holds at a
-    time; returns the checkpoint paths by stage."""
+    time; returns the checkpoint paths by stage. ``checked``: the caller has passed ``cfg`` through ``check_run``
+    already (train.py does, before importing Lightning), so its files are not read twice."""
     log_to_run_file()
-    check_run(cfg)
+    if not checked:
+        check_run(cfg)
     resume = find_resume(cfg)
     out = Path(cfg.out_dir) if resume is None or resume[3] is None else resume[3]
     if resume is not None:

@@ -44,6 +44,26 @@ def test_every_stage_is_checked_before_any_work(tmp_path: Path, override: str, m
     assert time.perf_counter() - t0 < 10 and not (tmp_path / "run").exists()  # nothing trained, nothing written
 
 
+def test_run_checks_the_config_unless_its_caller_did(tmp_path: Path, monkeypatch) -> None:
+    """stages.run checks the config itself; train.py checks it before importing Lightning and passes checked=True,
+    so the check (which reads the evaluations' reference files) runs once."""
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(cfg):
+        raise Stop
+
+    monkeypatch.setattr(stages, "check_run", calls.append)
+    monkeypatch.setattr(stages, "find_resume", stop)
+    cfg = _compose(tmp_path / "run")
+    for checked, expected in ((False, 1), (True, 1)):
+        with pytest.raises(Stop):
+            stages.run(cfg, checked=checked)
+        assert len(calls) == expected
+
+
 def test_a_wrong_input_prints_one_line_and_exits_2_before_lightning_is_imported(tmp_path: Path) -> None:
     """train.py as a user runs it (as __main__), in a harness that reports its exit status and whether Lightning
     was imported: the config check comes first, so a wrong input is reported without Lightning's seconds of
