@@ -37,8 +37,6 @@ from ldm.eval.metrics import (
 )
 from ldm.lightning.preemption import preempted
 
-EVALUATION_TARGET = "ldm.lightning.evaluation.Evaluation"
-
 
 def read_captions(captions: Sequence[str] | None, captions_file: str | None) -> list[str]:
     """The fixed captions: the list, or the non-empty lines of ``captions_file`` (one caption a line)."""

@@ -17,8 +17,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ldm.errors import ConfigError
 from ldm.lightning.host_reads import LaggedReads
+from ldm.lightning.settings import parse_signal
 from ldm.lightning.sharding import all_ranks
 
 
@@ -31,18 +31,6 @@ class Preempted(Exception):  # noqa: N818 (not an error: the run stopped on requ
         name = signal.Signals(signum).name
         then = "the SLURM job is requeued and resumes from it" if requeued else "resume with resume=auto (or last)"
         super().__init__(f"stopped on {name} after saving {checkpoint}; {then}")
-
-
-def parse_signal(name: str | int) -> signal.Signals:
-    """``SIGUSR1``, ``USR1`` or a number as a signal; a ConfigError naming the valid spellings otherwise."""
-    try:
-        if isinstance(name, int) and not isinstance(name, bool):
-            return signal.Signals(name)
-        text = str(name).upper()
-        return signal.Signals[text if text.startswith("SIG") else "SIG" + text]
-    except (KeyError, ValueError):
-        raise ConfigError(f"preemption.signal={name!r} is not a signal; use a name such as SIGUSR1 or SIGUSR2 (as in "
-                          "sbatch --signal=USR1@90)") from None
 
 
 def slurm_job_id() -> str | None:

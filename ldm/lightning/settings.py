@@ -4,6 +4,7 @@ checked before any work, so a typo costs seconds, not a trained stage. Each erro
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from ldm.diffusion.sampling import check_sampler, default_sampler
 from ldm.errors import ConfigError
 
 STAGES = ("vae", "ldm")  # the stages a run may name, in the order they run
+EVALUATION_TARGET = "ldm.lightning.evaluation.Evaluation"  # the evaluation callback's _target_
 
 LR_SCHEDULES = ("constant", "cosine", "linear", "wsd")
 # The config keys a resumed run may change: they alter neither the model nor the order of the data.
@@ -164,22 +166,23 @@ def check_run(cfg: DictConfig) -> None:
         if not OmegaConf.is_missing(cfg, "init_ckpt") and cfg.get("init_ckpt") and not Path(cfg.init_ckpt).is_file():
             raise ConfigError(f"init_ckpt={cfg.init_ckpt}: no such file (an SD .ckpt/.safetensors, or an ldm "
                               "checkpoint RUN/ldm/checkpoints/last.ckpt)")
-        check_evaluations(cfg)
     _int("seed", cfg.seed, 0)
     if cfg.get("trainer") is not None and "progress_bar_refresh_steps" in cfg.trainer:
         _int("trainer.progress_bar_refresh_steps", cfg.trainer.progress_bar_refresh_steps, 1)
     check_preemption(cfg.get("preemption"))
+    if "ldm" in stages:  # last: an enabled evaluation is checked by building its callback, which imports Lightning
+        check_evaluations(cfg)
 
 
 def check_evaluations(cfg: DictConfig) -> None:
     """Each enabled evaluation callback of the ldm stage (``ldm.lightning.evaluation.Evaluation``): its reference
     statistics, extractor weights and captions, before any training (a missing file would otherwise surface at the
     first evaluation, hours in)."""
-    from ldm.lightning.evaluation import EVALUATION_TARGET, check_evaluation
-
     group = (cfg.get("callbacks") or {}).get("ldm") or {}
     for name, entry in group.items():
-        if entry is not None and entry.get("_target_") == EVALUATION_TARGET:
+        if entry is not None and entry.get("_target_") == EVALUATION_TARGET and entry.get("ref_stats"):
+            from ldm.lightning.evaluation import check_evaluation  # imports Lightning: only for an enabled one
+
             kwargs = OmegaConf.to_container(entry, resolve=True)
             kwargs.pop("_target_")
             check_evaluation(f"callbacks.ldm.{name}", kwargs, cfg.get("text_encoder") is not None)
@@ -189,9 +192,18 @@ def check_preemption(p: DictConfig | None) -> None:
     """``preemption.*``: a signal name, a positive check period, a boolean requeue."""
     if p is None:
         return
-    from ldm.lightning.preemption import parse_signal
-
     parse_signal(p.signal)
     _int("preemption.check_every_n_steps", p.check_every_n_steps, 1)
     _bool("preemption.requeue", p.requeue)
 
+
+def parse_signal(name: str | int) -> signal.Signals:
+    """``SIGUSR1``, ``USR1`` or a number as a signal; a ConfigError naming the valid spellings otherwise."""
+    try:
+        if isinstance(name, int) and not isinstance(name, bool):
+            return signal.Signals(name)
+        text = str(name).upper()
+        return signal.Signals[text if text.startswith("SIG") else "SIG" + text]
+    except (KeyError, ValueError):
+        raise ConfigError(f"preemption.signal={name!r} is not a signal; use a name such as SIGUSR1 or SIGUSR2 (as in "
+                          "sbatch --signal=USR1@90)") from None

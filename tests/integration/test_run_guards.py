@@ -83,6 +83,41 @@ def test_a_wrong_input_prints_one_line_and_exits_2_before_lightning_is_imported(
     assert "ldm_stage.max_steps must be an integer" in (tmp_path / "run" / "train.log").read_text()  # logged too
 
 
+CHECK_CASES = [  # an override, and the error check_run reports (None: the config passes)
+    ("seed=-1", "seed must be >= 0, got -1"),
+    ("preemption.signal=SIGFOO", "preemption.signal='SIGFOO' is not a signal"),
+    ("preemption.check_every_n_steps=0", "preemption.check_every_n_steps must be >= 1, got 0"),
+    ("+trainer.progress_bar_refresh_steps=0", "trainer.progress_bar_refresh_steps must be >= 1, got 0"),
+    ("ldm_stage.max_steps=abc", "ldm_stage.max_steps must be an integer, got 'abc'"),
+    ("seed=0", None),  # the default config, whose evaluation callback is off
+]
+
+
+def test_the_config_check_needs_lightning_only_for_an_enabled_evaluation(tmp_path: Path) -> None:
+    """check_run's errors come without Lightning's seconds of imports (train.py runs it first); only an enabled
+    evaluation is checked by building its callback. The cases run in one fresh process."""
+    cases = CHECK_CASES
+    code = ("import sys\n"
+            "from hydra import compose, initialize_config_dir\n"
+            "from ldm.errors import ConfigError\n"
+            "from ldm.lightning.settings import check_run\n"
+            f"with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base='1.3'):\n"
+            f"    for override in {[o for o, _ in cases]!r}:\n"
+            f"        cfg = compose('train', overrides=['out_dir={tmp_path}', 'logger=csv', override])\n"
+            "        try:\n"
+            "            check_run(cfg)\n"
+            "            print('passed')\n"
+            "        except ConfigError as err:\n"
+            "            print('error', err)\n"
+            "print('lightning' in sys.modules, 'torchmetrics' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=train_env(), capture_output=True, text=True, timeout=120)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(cases) + 1, proc.stdout + proc.stderr[-3000:]
+    for line, (override, expected) in zip(lines, cases, strict=False):
+        assert (line == "passed") if expected is None else (line.startswith("error") and expected in line), override
+    assert lines[-1] == "False False"
+
+
 def test_one_training_per_run_folder(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()

@@ -9,6 +9,7 @@ import torch
 from ldm.errors import ConfigError
 from ldm.eval.metrics import ENV_VARS, save_stats
 from ldm.lightning.evaluation import Evaluation, check_evaluation
+from ldm.lightning.settings import EVALUATION_TARGET
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +33,12 @@ def test_off_without_reference_statistics_checks_nothing():
     assert not callback.enabled
     callback.on_train_end(None, None)  # no-ops: nothing is generated
     check_evaluation("callbacks.ldm.evaluation", {"ref_stats": None}, text_conditioned=True)
+
+
+def test_the_config_check_finds_the_callback_by_its_target():
+    from hydra.utils import get_class
+
+    assert get_class(EVALUATION_TARGET) is Evaluation
 
 
 def test_enabled_resolves_weights_and_cycles_captions(files, monkeypatch):
