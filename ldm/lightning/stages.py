@@ -50,7 +50,7 @@ from ldm.lightning.precision import AUTO, autocast_precision, resolve_precision
 from ldm.lightning.preemption import PreemptionCheckpoint, slurm_job_id
 from ldm.lightning.run_lock import RunLock
 from ldm.lightning.run_log import log_to_run_file
-from ldm.lightning.settings import RESUME_FREE, STAGES, check_run, run_sampling
+from ldm.lightning.settings import NO_AUTOENCODER, RESUME_FREE, STAGES, check_run, run_sampling
 from ldm.lora import add_lora, save_lora
 from ldm.nn.ema import EMASettings
 
@@ -452,10 +452,7 @@ def build_first_stage(cfg: DictConfig, vae_path: Path | None, resume: str | None
     if vae_path is not None:  # a VAE trained in this run, or vae_ckpt, takes precedence over the SD file's
         return load_autoencoder(vae_path)
     if sd is None:
-        raise ConfigError(
-            "the ldm stage needs an autoencoder: set vae_ckpt=PATH (vae/vae.ckpt of a vae-stage run), run both "
-            "stages (stages=[vae,ldm]), start from an SD single file (init_ckpt=PATH), or train in pixel space "
-            "(first_stage=pixel)")
+        raise ConfigError(NO_AUTOENCODER)
     scale = sd_latent_scale(sd, float(cfg.autoencoder.get("scale_factor", SD_LATENT_SCALE)), init_ckpt)
     vae = instantiate(cfg.autoencoder, scale_factor=scale)
     load_sd_vae(sd, init_ckpt, vae)

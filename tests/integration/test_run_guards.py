@@ -89,6 +89,7 @@ CHECK_CASES = [  # an override, and the error check_run reports (None: the confi
     ("preemption.check_every_n_steps=0", "preemption.check_every_n_steps must be >= 1, got 0"),
     ("+trainer.progress_bar_refresh_steps=0", "trainer.progress_bar_refresh_steps must be >= 1, got 0"),
     ("ldm_stage.max_steps=abc", "ldm_stage.max_steps must be an integer, got 'abc'"),
+    ("stages=[ldm]", "the ldm stage needs an autoencoder: set vae_ckpt=PATH"),
     ("seed=0", None),  # the default config, whose evaluation callback is off
 ]
 
