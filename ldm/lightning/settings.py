@@ -20,6 +20,7 @@ from ldm.errors import ConfigError
 
 STAGES = ("vae", "ldm")  # the stages a run may name, in the order they run
 EVALUATION_TARGET = "ldm.lightning.evaluation.Evaluation"  # the evaluation callback's _target_
+INIT_CKPT_REQUIRED = "init_ckpt=PATH is required: the Stable Diffusion single file (.safetensors/.ckpt) to load"
 NO_AUTOENCODER = ("the ldm stage needs an autoencoder: set vae_ckpt=PATH (vae/vae.ckpt of a vae-stage run), run both "
                   "stages (stages=[vae,ldm]), start from an SD single file (init_ckpt=PATH), or train in pixel space "
                   "(first_stage=pixel)")
@@ -167,15 +168,18 @@ def check_run(cfg: DictConfig) -> None:
             raise ConfigError(f"sampling: {err}") from None
         if cfg.get("vae_ckpt") and not Path(cfg.vae_ckpt).is_file():
             raise ConfigError(f"vae_ckpt={cfg.vae_ckpt}: no such file (the vae/vae.ckpt of a vae-stage run)")
+        # A resumed checkpoint (resume=..., or auto under SLURM) holds the weights and the first stage
+        resuming = bool(cfg.get("resume")) or "SLURM_JOB_ID" in os.environ
+        if OmegaConf.is_missing(cfg, "init_ckpt") and not resuming:  # a preset that starts from a file names none
+            raise ConfigError(INIT_CKPT_REQUIRED)
         init_ckpt = None if OmegaConf.is_missing(cfg, "init_ckpt") else cfg.get("init_ckpt")
         if init_ckpt and not Path(init_ckpt).is_file():
             raise ConfigError(f"init_ckpt={init_ckpt}: no such file (an SD .ckpt/.safetensors, or an ldm "
                               "checkpoint RUN/ldm/checkpoints/last.ckpt)")
-        # No source of a first stage at all; a resumed checkpoint (resume=..., or auto under SLURM) would hold one.
-        # (Cached latents get their own message, which says which VAE: stages.check_latent_source.)
+        # No source of a first stage at all (cached latents get their own message, which says which VAE:
+        # stages.check_latent_source)
         if ("vae" not in stages and cfg.get("first_stage", "vae") == "vae" and not cfg.get("vae_ckpt")
-                and not init_ckpt and not cfg.get("resume") and "SLURM_JOB_ID" not in os.environ
-                and (cfg.get("data") or {}).get("source", "images") != "latents"):
+                and not init_ckpt and not resuming and (cfg.get("data") or {}).get("source", "images") != "latents"):
             raise ConfigError(NO_AUTOENCODER)
     _int("seed", cfg.seed, 0)
     if cfg.get("trainer") is not None and "progress_bar_refresh_steps" in cfg.trainer:

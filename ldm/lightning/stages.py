@@ -50,7 +50,7 @@ from ldm.lightning.precision import AUTO, autocast_precision, resolve_precision
 from ldm.lightning.preemption import PreemptionCheckpoint, slurm_job_id
 from ldm.lightning.run_lock import RunLock
 from ldm.lightning.run_log import log_to_run_file
-from ldm.lightning.settings import NO_AUTOENCODER, RESUME_FREE, STAGES, check_run, run_sampling
+from ldm.lightning.settings import INIT_CKPT_REQUIRED, NO_AUTOENCODER, RESUME_FREE, STAGES, check_run, run_sampling
 from ldm.lora import add_lora, save_lora
 from ldm.nn.ema import EMASettings
 
@@ -570,7 +570,7 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     seed_stage(cfg)
     s = cfg.ldm_stage
     if resume is None and OmegaConf.is_missing(cfg, "init_ckpt"):
-        raise ConfigError("init_ckpt=PATH is required: the Stable Diffusion single file (.safetensors/.ckpt) to load")
+        raise ConfigError(INIT_CKPT_REQUIRED)
     lora = lora_settings(cfg)
     # a resumed run has its weights already; a LoRA run's checkpoint has only the adapters: the base loads again
     init_ckpt = cfg.get("init_ckpt") if resume is None or lora is not None else None
