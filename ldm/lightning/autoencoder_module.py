@@ -9,6 +9,7 @@ from torch import nn
 
 from ldm.autoencoder.losses import PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, hinge_d_loss
 from ldm.checkpoint import gather_rank_states, rank_state
+from ldm.lightning.host_reads import host_scalar
 from ldm.lightning.optim import grad_norm, warmup_then
 from ldm.lightning.sharding import is_fsdp
 
@@ -22,6 +23,8 @@ class AutoencoderModule(L.LightningModule):
     The loss is the reconstruction error's per-pixel mean plus ``kl_weight`` x the KL summed over the latent.
     CompVis sums the reconstruction over the pixels instead, so their ``kl_weight`` w is w / (C x H x W) here.
     """
+
+    progress_bar_keys = ("train/loss", "train/psnr")  # what StepProgressBar shows, read at its refresh
 
     def __init__(
         self,
@@ -113,7 +116,7 @@ class AutoencoderModule(L.LightningModule):
         norm = grad_norm(self.vae.parameters())
         if norm is not None:
             self.log("train/grad_norm", norm, batch_size=x.shape[0])
-        self.log("train/lr", opt_ae.param_groups[0]["lr"], batch_size=x.shape[0])
+        self.log("train/lr", host_scalar(opt_ae.param_groups[0]["lr"]), batch_size=x.shape[0])
         opt_ae.step()
         for sched in self._schedulers():
             sched.step()
@@ -124,12 +127,12 @@ class AutoencoderModule(L.LightningModule):
             opt_d.step()
             self.log("train/d_loss", d_loss, batch_size=x.shape[0])
         bs = x.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/loss", loss, batch_size=bs)
         self.log("train/rec_loss", nll, batch_size=bs)
         self.log("train/kl", kl, batch_size=bs)
         with torch.no_grad():
             mse = F.mse_loss(rec.clamp(-1, 1), x)
-            self.log("train/psnr", 10 * torch.log10(4.0 / mse.clamp(min=1e-10)), prog_bar=True, batch_size=bs)
+            self.log("train/psnr", 10 * torch.log10(4.0 / mse.clamp(min=1e-10)), batch_size=bs)
 
     def _schedulers(self) -> list:
         scheds = self.lr_schedulers()

@@ -18,6 +18,7 @@ from ldm.checkpoint import atomic_write_text
 from ldm.errors import ConfigError
 from ldm.images import make_grid, to_pil
 from ldm.lightning.flops import device_peak_flops, flop_counter_mode
+from ldm.lightning.host_reads import host_scalar
 from ldm.lightning.preemption import preempted
 from ldm.lightning.sharding import is_fsdp
 
@@ -134,15 +135,15 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         dt = time.perf_counter() - self._t0
         n = len(batch["caption"]) if "caption" in batch else next(iter(batch.values())).shape[0]
-        pl_module.log("perf/images_per_s", n * trainer.world_size / dt, batch_size=n)
+        pl_module.log("perf/images_per_s", host_scalar(n * trainer.world_size / dt), batch_size=n)
         if self._counting_step:  # the first step, slowed by the counting: no FLOP/s from it
             self._stop_counting()
             self._counting_step = False
             return
         if self.flops_per_step:
-            pl_module.log("perf/tflops", self.flops_per_step / dt / 1e12, batch_size=n)
+            pl_module.log("perf/tflops", host_scalar(self.flops_per_step / dt / 1e12), batch_size=n)
             if self._peak:
-                pl_module.log("perf/mfu", self.flops_per_step / dt / self._peak, batch_size=n)
+                pl_module.log("perf/mfu", host_scalar(self.flops_per_step / dt / self._peak), batch_size=n)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._stop_counting()

@@ -41,11 +41,21 @@ def quiet_known_warnings() -> None:
 
 
 class StepProgressBar(TQDMProgressBar):
-    """Lightning's progress bar without the logger's version number (``v_num``), which says nothing here."""
+    """Lightning's progress bar without the logger's version number (``v_num``), which says nothing here, showing the
+    module's ``progress_bar_keys`` as of its last step.
+
+    Those are read when the bar refreshes (``trainer.progress_bar_refresh_steps``), not logged with ``prog_bar=True``:
+    Lightning converts a ``prog_bar`` value to a number after every step, and on a GPU that read waits for the
+    step's queued work. The bar refreshes before Lightning collects the step's values, so it shows the step before.
+    """
 
     def get_metrics(self, trainer, pl_module) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
+        for key in getattr(pl_module, "progress_bar_keys", ()):
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                metrics[key] = float(value)
         return metrics
 
 

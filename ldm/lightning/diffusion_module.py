@@ -24,6 +24,7 @@ from ldm.diffusion.validation import (
     validation_noise,
     validation_timesteps,
 )
+from ldm.lightning.host_reads import host_scalar
 from ldm.lightning.nonfinite import NaNPolicy, NonFiniteSteps, skips_on_device
 from ldm.lightning.optim import LRSchedule, grad_norm
 from ldm.lightning.sharding import full_params, global_sum, is_fsdp
@@ -59,6 +60,8 @@ class LatentDiffusionModule(L.LightningModule):
     ``ldm.diffusion.validation`` (``validation``: how many fixed timesteps, the noise seed) with the EMA weights when
     there is an EMA (the model that is sampled and published), logging ``val/loss_t<t>`` and their mean ``val/loss``.
     """
+
+    progress_bar_keys = ("train/loss",)  # what StepProgressBar shows, read at its refresh
 
     def __init__(
         self,
@@ -259,7 +262,7 @@ class LatentDiffusionModule(L.LightningModule):
             mask = random_masks(n, h, w, self.mask_settings, generator)
         else:
             mask = torch.ones(n, 1, h, w)
-        mask = mask.to(image.device, image.dtype)
+        mask = mask.to(image.device, image.dtype, non_blocking=True)  # drawn on the host: no wait for the GPU
         with torch.no_grad():
             masked = masked_image(image, mask)
             if self.first_stage is not None:
@@ -289,9 +292,9 @@ class LatentDiffusionModule(L.LightningModule):
         if not self.nonfinite.loss_is_finite(loss, self.global_step):
             return None  # Lightning skips the backward and the optimizer's update for a None loss
         bs = x0.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
-        self.log("train/nan_skips", float(self.nonfinite.skipped), batch_size=bs)
+        self.log("train/loss", loss, batch_size=bs)  # on the bar at its refresh only: progress_bar_keys
+        self.log("train/lr", host_scalar(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=bs)
+        self.log("train/nan_skips", host_scalar(self.nonfinite.skipped), batch_size=bs)
         return loss
 
     @property

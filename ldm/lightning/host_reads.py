@@ -58,3 +58,9 @@ class LaggedReads:
         if event is not None:
             event.synchronize()
         return step, host.item()
+
+
+def host_scalar(value: float) -> torch.Tensor:
+    """A number known on the host, as a CPU tensor to ``self.log``: Lightning turns a Python number into a tensor on
+    the module's device, a blocking copy that on a GPU waits for the queued work. A CPU tensor stays on the CPU."""
+    return torch.tensor(float(value), dtype=torch.float32)

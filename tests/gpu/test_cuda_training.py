@@ -65,27 +65,28 @@ def test_bf16_ldm_stage_on_one_gpu(vae, trainer: str) -> None:
 def test_the_training_step_never_waits_for_the_gpu(tmp_path) -> None:
     """Under torch.cuda.set_sync_debug_mode("error") a host wait (an .item(), a blocking copy) raises: the ldm
     stage's step (a trainable text encoder, the frozen VAE's posterior sample, bf16-mixed, fused AdamW, clipping,
-    EMA, the device-side non-finite test) runs without one from its second step on."""
+    EMA, the device-side non-finite test, the logging and Lightning's collection of the logged values) runs without
+    one from its second step on."""
     import lightning as L
     from torch.utils.data import DataLoader
 
+    from ldm.lightning.callbacks import Throughput
     from ldm.text import ScratchTextEncoder
     from tests.module_factory import diffusion_module
     from tests.unit.test_lightning_modules import collate, fused_adamw, image_batches, tiny_unet, tiny_vae
 
-    class StrictSteps(L.Callback):
+    class StrictSteps(L.Callback):  # a step's start to the next's: Lightning collects the logged values in between
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx >= 1:
-                torch.cuda.set_sync_debug_mode("error")
+            torch.cuda.set_sync_debug_mode("error" if batch_idx >= 1 else "default")
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        def on_train_end(self, trainer, pl_module):
             torch.cuda.set_sync_debug_mode("default")
 
     text = ScratchTextEncoder(width=32, layers=1, heads=2, context_length=8)
     module = diffusion_module(tiny_unet(), text, tiny_vae(), ema_decay=0.99, optimizer=fused_adamw)
     trainer = L.Trainer(max_steps=6, accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, gradient_clip_val=1.0, callbacks=[StrictSteps()])
+                        default_root_dir=tmp_path, gradient_clip_val=1.0, callbacks=[StrictSteps(), Throughput()])
     try:
         trainer.fit(module, DataLoader(image_batches(24), batch_size=4, collate_fn=collate, pin_memory=True))
     finally:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from ldm.autoencoder import AutoencoderKL
 from ldm.lightning.autoencoder_module import AutoencoderModule
+from ldm.lightning.callbacks import Throughput
 from ldm.lightning.optim import warmup_then
 from ldm.nn.ema import EMA
 from ldm.text import ScratchTextEncoder
@@ -259,8 +260,9 @@ def test_with_a_fused_optimizer_nonfinite_steps_are_skipped_on_the_device(tmp_pa
 def test_a_training_step_reads_no_value_back_from_the_device(tmp_path):
     """Every .item(), bool(), int() or float() of a tensor is an aten._local_scalar_dense call; on a GPU each one
     makes the host wait for the GPU. The step (forward, loss, backward, clipping, fused AdamW, EMA, the non-finite
-    test, logging) makes none, with the real UNet, tokenizer and trainable text encoder, except the deferred reads of
-    LaggedReads (on a GPU: pinned host copies made steps earlier)."""
+    test, logging, and Lightning's collection of the logged values after the step) makes none, with the real UNet,
+    tokenizer and trainable text encoder, except the deferred reads of LaggedReads (on a GPU: pinned host copies made
+    steps earlier). Nor does it log a Python number, which Lightning would copy to the device with a blocking copy."""
     import sys
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -285,23 +287,36 @@ def test_a_training_step_reads_no_value_back_from_the_device(tmp_path):
 
     mode = CountReads()
 
-    class Watch(L.Callback):
+    class Watch(L.Callback):  # from a step's start to the next's: Lightning collects the logged values in between
+        watching = False
+
+        def _stop(self):
+            if self.watching:
+                mode.__exit__(None, None, None)
+                self.watching = False
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self._stop()
             if batch_idx >= 1:  # the first step sets things up (the EMA's count is read once)
                 mode.__enter__()
+                self.watching = True
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx >= 1:
-                mode.__exit__(None, None, None)
+        def on_train_end(self, trainer, pl_module):
+            self._stop()
 
     text = ScratchTextEncoder(width=32, layers=1, heads=2, context_length=8)
     module = diffusion_module(tiny_unet(), text, tiny_vae(), ema_decay=0.99, optimizer=fused_adamw)
+    numbers = []  # a Python number logged goes to the module's device in a blocking copy, which waits for a GPU
+    log = module.log
+    module.log = lambda name, value, *a, **k: (numbers.append(name) if not torch.is_tensor(value) else None,
+                                               log(name, value, *a, **k))[1]
     watched = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        gradient_clip_val=1.0, callbacks=[Watch()])
+                        gradient_clip_val=1.0, callbacks=[Watch(), Throughput()])
     watched.fit(module, DataLoader(image_batches(16), batch_size=4, collate_fn=collate))
     assert module.nonfinite.on_device and watched.global_step == 4
     assert mode.reads == 0, f"{mode.reads} reads of device values in 3 training steps"
+    assert numbers == [], f"logged as Python numbers: {sorted(set(numbers))}"
 
 
 def test_a_bad_guidance_interval_fails_at_construction_not_at_the_first_sample_grid():
@@ -456,3 +471,33 @@ def test_clipping_reuses_the_logged_gradient_norm(tmp_path, monkeypatch, precisi
     assert passes == 3  # one norm per step: the logged one
     for (name, a), b in zip(ours.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_the_progress_bar_shows_the_modules_keys_read_at_its_refresh(tmp_path):
+    """The loss is not a prog_bar metric (Lightning would read it back after every step); the bar reads the module's
+    progress_bar_keys when it refreshes."""
+    from ldm.lightning.console import StepProgressBar
+    from ldm.lightning.diffusion_module import LatentDiffusionModule
+
+    class Tiny(L.LightningModule):
+        progress_bar_keys = LatentDiffusionModule.progress_bar_keys
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(2))
+
+        def training_step(self, batch, batch_idx):
+            loss = (self.w - batch).square().sum()
+            self.log("train/loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    bar, module = StepProgressBar(refresh_rate=2), Tiny()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[bar])
+    trainer.fit(module, DataLoader(torch.ones(8, 2), batch_size=2))
+    assert "train/loss" not in trainer.progress_bar_metrics
+    shown = bar.get_metrics(trainer, module)
+    assert shown["train/loss"] == float(trainer.callback_metrics["train/loss"]) and "v_num" not in shown
