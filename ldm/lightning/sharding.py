@@ -1,5 +1,6 @@
-"""FSDP for the ldm stage: gathering full weights (the EMA and sampling read whole UNet weights, which FSDP keeps
-sharded), and the FSDP strategies it trains with (float32 buffers on GPUs; a CPU variant for tests).
+"""Data parallelism for the training stages: gathering full weights under FSDP (the EMA and sampling read whole UNet
+weights, which FSDP keeps sharded), and the strategies (DDP without the per-step buffer broadcast; FSDP with float32
+buffers on GPUs, and a CPU variant for tests).
 
 Outside its forward and backward, an FSDP-wrapped module (Lightning wraps the whole LightningModule, with
 ``use_orig_params=True``) holds each original parameter as a flat view of this rank's shard. Code that reads the
@@ -9,11 +10,12 @@ all-gather). Under any other strategy it is a no-op.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import AbstractContextManager, nullcontext
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 
 def is_fsdp(trainer: L.Trainer | None) -> bool:
@@ -49,6 +51,21 @@ def all_ranks(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
 def global_sum(trainer: L.Trainer | None, value: torch.Tensor) -> torch.Tensor:
     """Sum ``value`` over ranks under FSDP (where each rank holds a different shard), else return it as it is."""
     return all_ranks(value) if is_fsdp(trainer) else value
+
+
+def ddp_strategy(forward_sync_buffers: bool = False, **kwargs) -> DDPStrategy:
+    """Lightning's DDP without the broadcast of every buffer from rank 0 before each forward (torch's
+    ``forward_sync_buffers=False``; buffers are still synced once, when DDP wraps the model).
+
+    The EMA's shadow weights are buffers: by default DDP would send a float32 copy of the UNet to every rank at every
+    step, though each rank updates the EMA identically from the same all-reduced weights. torch before 2.13 has no
+    such option (its ``broadcast_buffers=False`` also skips the first sync), so there the broadcast stays.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        kwargs["forward_sync_buffers"] = forward_sync_buffers
+    return DDPStrategy(**kwargs)
 
 
 class FloatBuffersFSDPStrategy(FSDPStrategy):

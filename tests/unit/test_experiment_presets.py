@@ -272,3 +272,50 @@ def test_submitit_slurm_launcher_preset_composes(tmp_path: Path) -> None:
     assert launcher.submitit_folder.startswith(cfg.hydra.sweep.dir)
     # sbatch's pre-timeout signal is the one train.py saves and requeues on
     assert launcher.additional_parameters.signal == f"{cfg.preemption.signal.removeprefix('SIG')}@120"
+
+
+def _ddp_buffers_rank(rank: int, store: str, kwargs: dict, out) -> None:
+    """One of two gloo ranks: a module whose buffer differs by rank, wrapped by DDP with ``kwargs``; reports the
+    buffer after the wrap and after a forward in which rank 1 changed its own."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        module = torch.nn.Linear(2, 2)
+        module.register_buffer("shadow", torch.full((2,), float(rank)))
+        ddp = torch.nn.parallel.DistributedDataParallel(module, **kwargs)
+        at_wrap = module.shadow.tolist()
+        if rank == 1:
+            module.shadow.fill_(7.0)
+        ddp(torch.ones(1, 2)).sum().backward()
+        out.put((rank, at_wrap, module.shadow.tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "ddp_cpu"])
+def test_ddp_presets_do_not_broadcast_the_buffers_every_step(tmp_path: Path, trainer: str) -> None:
+    """DDP copies every buffer from rank 0 before each forward unless told not to; the EMA's shadow weights are
+    buffers (a float32 UNet), equal on every rank anyway. They are still synced once, when DDP wraps the model."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = instantiate(_compose(f"trainer={trainer}", f"out_dir={tmp_path}").trainer.strategy)
+    assert isinstance(strategy, DDPStrategy) and type(strategy).__name__ == "DDPStrategy"
+    assert strategy._ddp_kwargs == {"forward_sync_buffers": False}
+    if trainer == "ddp":
+        return
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # the test process's imports are inherited: no second start-up
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_buffers_rank, args=(rank, str(tmp_path / "store"), strategy._ddp_kwargs, out))
+             for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    seen = dict((rank, (at_wrap, after)) for rank, at_wrap, after in (out.get(timeout=60) for _ in procs))
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    # synced from rank 0 at the wrap; rank 1's own change survives the forward (no broadcast before it)
+    assert seen == {0: ([0.0, 0.0], [0.0, 0.0]), 1: ([0.0, 0.0], [7.0, 7.0])}
