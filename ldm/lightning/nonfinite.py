@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from ldm.lightning.host_reads import LaggedReads
+from ldm.lightning.sharding import all_ranks
 
 READ_LAG_STEPS = 2  # the count is read this many steps late: the host never waits for the GPU's queue
 
@@ -45,8 +47,8 @@ class NonFiniteSteps:
       ``READ_LAG_STEPS`` steps later (``LaggedReads``), so the step never waits for the GPU. The test is on the
       gradients after the DDP all-reduce (FSDP: the global norm), so every rank skips the same steps; it also
       catches a finite loss with an infinite gradient.
-    - **On the host** (any other optimizer, or fp16 with its scaler): the loss is tested on the host, and a
-      non-finite one is not backpropagated (the training step returns None).
+    - **On the host** (any other optimizer, or fp16 with its scaler): the loss is tested on the host (and agreed
+      over the ranks), and a non-finite one is not backpropagated (the training step returns None).
 
     ``stop`` raises ``FloatingPointError`` at the first skipped step (on the device: when its count is read, up to
     ``READ_LAG_STEPS`` steps later; the skipped step left the weights intact), ``skip`` after ``max_skips``.
@@ -67,10 +69,18 @@ class NonFiniteSteps:
 
     def loss_is_finite(self, loss: torch.Tensor, step: int) -> bool:
         """The host mode's test (always True on the device, where the gradients are tested instead): counts a
-        non-finite loss, raising when the policy says stop."""
-        if self.on_device or torch.isfinite(loss):
+        non-finite loss, raising when the policy says stop. With several ranks, a non-finite loss on any of them
+        counts on all: a rank that skipped its backward alone would leave the others waiting in the gradient
+        all-reduce."""
+        if self.on_device:
             return True
-        self._note(self.skipped + 1, step, f"loss is {loss.item()}")
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            bad = all_ranks(bad, "max")
+        if not bad:
+            return True
+        what = f"loss is {loss.item()}" if not torch.isfinite(loss) else "another rank's loss is not finite"
+        self._note(self.skipped + 1, step, what)
         return False
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer, norm: torch.Tensor | None, step: int) -> None:

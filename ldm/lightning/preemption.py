@@ -88,8 +88,8 @@ class PreemptionCheckpoint(L.Callback):
                 signal.signal(signum, self._handle)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if self.stopped_by is not None:
-            return
+        if self.stopped_by is not None or trainer.fit_loop._should_accumulate():
+            return  # within a gradient-accumulation window a save would lose the gradients accumulated so far
         step = trainer.global_step
         got = 0
         if trainer.world_size == 1:

@@ -1,4 +1,5 @@
-"""Which optimizers the on-device non-finite skip trusts, and a preemption signal still being agreed on at the end."""
+"""Which optimizers the on-device non-finite skip trusts, the ranks agreeing on a skipped step in the host mode, and a
+preemption signal still being agreed on at the end."""
 
 from __future__ import annotations
 
@@ -42,3 +43,72 @@ def test_a_signal_agreed_on_in_the_last_steps_still_saves_and_stops(tmp_path):
     callback.on_train_end(trainer, None)
     assert callback.stopped_by == signal.SIGUSR1 and trainer.should_stop
     assert saved == [str(tmp_path / "checkpoints" / "last.ckpt")] == [callback.checkpoint]
+
+
+def _host_mode_rank(rank: int, store: str, out) -> None:
+    """One of two gloo ranks: rank 1's loss is NaN at step 3; returns what each rank's check said per step."""
+    import torch.distributed as dist
+
+    from ldm.lightning.nonfinite import NaNPolicy, NonFiniteSteps
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        steps = NonFiniteSteps(NaNPolicy("skip", max_skips=5))
+        steps.start(on_device=False, device=torch.device("cpu"))
+        said = [steps.loss_is_finite(torch.tensor(float("nan") if (rank, step) == (1, 3) else 0.5), step)
+                for step in range(5)]
+        out.put((rank, said, steps.skipped))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    """The host-mode test (fp16, or an unfused optimizer) under DDP: a rank that alone skipped its backward would
+    leave the other waiting in the gradient all-reduce; every rank skips the step and counts it."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # the test process's imports are inherited: no second start-up
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_host_mode_rank, args=(rank, str(tmp_path / "store"), out)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict((rank, (said, skipped)) for rank, said, skipped in (out.get(timeout=60) for _ in procs))
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    expected = [True, True, True, False, True]
+    assert results == {0: (expected, 1), 1: (expected, 1)}
+
+
+def test_a_signal_within_a_gradient_accumulation_window_saves_at_its_end(tmp_path):
+    """With accumulate_grad_batches=2, a signal that arrives at the first batch of a window stops the run after the
+    window's optimizer step: a checkpoint saved between its two batches would lose the first one's gradients."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - batch).square().sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    preemption = PreemptionCheckpoint()
+
+    class Signal(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:  # the first batch of the second window
+                preemption._handle(signal.SIGUSR1, None)
+
+    trainer = L.Trainer(max_steps=10, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[Signal(), preemption])
+    trainer.fit(Tiny(), DataLoader(torch.ones(40, 2), batch_size=2))
+    assert preemption.stopped_by == signal.SIGUSR1 and trainer.global_step == 2
+    saved = torch.load(preemption.checkpoint, map_location="cpu", weights_only=False)
+    batches = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
+    assert saved["global_step"] == 2 and batches == 4  # saved after the window's second batch, not between them
