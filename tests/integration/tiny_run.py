@@ -33,7 +33,8 @@ def train_cmd(run_dir: Path, shards: Path, *overrides: str, multirun: bool = Fal
 def train_env(**extra: str) -> dict[str, str]:
     """The environment of a train.py subprocess: this checkout importable, wandb offline, few threads, and a
     MASTER_PORT of this test worker's own for the runs that start a process group."""
-    return {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # keeps packages put there
+    return {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": path, "OMP_NUM_THREADS": "1",
             "MASTER_PORT": str(free_port()), **extra}
 
 

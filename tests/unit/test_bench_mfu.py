@@ -1,4 +1,5 @@
-"""bench/mfu.py: the largest-batch search, and one CPU run whose FLOP count matches the counter's."""
+"""bench/mfu.py: the largest-batch search, the model's and the hardware's FLOPs of a step, and one CPU run whose FLOP
+count matches the counter's."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench.mfu import largest_batch
+from bench.mfu import TrainStep, largest_batch, step_flops
+from bench.unet import CONFIGS
+from ldm.lightning.flops import count_flops
+from ldm.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,8 +29,26 @@ def test_largest_batch_finds_the_capacity_of_a_fake_device(capacity):
             raise torch.cuda.OutOfMemoryError(f"{batch} > {capacity}")
         return lambda: None
 
-    assert largest_batch(build, nn.Linear(1, 1)) == capacity
+    found = largest_batch(build, nn.Linear(1, 1))
+    assert found == capacity if capacity < 32 else capacity * 16 / 17 < found <= capacity  # to within 1/16
     assert len(tried) <= 2 * max(capacity, 8).bit_length() + 2  # doubling then bisecting, not a linear scan
+
+
+def test_mfu_counts_the_models_flops_and_the_hardware_figure_the_recomputed_forward():
+    cfg = dict(CONFIGS["tiny"])
+    latent = cfg.pop("latent")
+    torch.manual_seed(0)
+    unet = UNet(**cfg, gradient_checkpointing=True).train()
+
+    def build(batch):
+        return TrainStep(unet, batch, latent, cfg["context_dim"], torch.device("cpu"), torch.float32)
+
+    model, hardware = step_flops(build, unet, 3)
+    assert unet.gradient_checkpointing  # restored
+    unet.gradient_checkpointing = False
+    assert model == count_flops(build(3).forward_backward)  # scaled from batch 1: every counted op is linear in it
+    unet.gradient_checkpointing = True
+    assert hardware == count_flops(build(3).forward_backward) > model * 1.2
 
 
 def test_a_cpu_run_prints_the_step_flops_and_mfu_against_a_given_peak():
