@@ -19,6 +19,7 @@ from ldm.convert import init_from_sd, load_sd_checkpoint, save_state_dict, to_sd
 from ldm.convert.single_file import ema_key
 from ldm.data.make_shards import make_shards
 from ldm.lightning import stages
+from tests.two_ranks import on_two_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
@@ -274,48 +275,36 @@ def test_submitit_slurm_launcher_preset_composes(tmp_path: Path) -> None:
     assert launcher.additional_parameters.signal == f"{cfg.preemption.signal.removeprefix('SIG')}@120"
 
 
-def _ddp_buffers_rank(rank: int, store: str, kwargs: dict, out) -> None:
-    """One of two gloo ranks: a module whose buffer differs by rank, wrapped by DDP with ``kwargs``; reports the
-    buffer after the wrap and after a forward in which rank 1 changed its own."""
-    import torch.distributed as dist
+def _ddp_buffers_rank(rank: int, kwargs: dict) -> tuple[list[float], list[float]]:
+    """A module whose buffer differs by rank, wrapped by DDP with ``kwargs``: the buffer after the wrap, and after a
+    forward before which rank 1 changed its own."""
+    module = torch.nn.Linear(2, 2)
+    module.register_buffer("shadow", torch.full((2,), float(rank)))
+    ddp = torch.nn.parallel.DistributedDataParallel(module, **kwargs)
+    at_wrap = module.shadow.tolist()
+    if rank == 1:
+        module.shadow.fill_(7.0)
+    ddp(torch.ones(1, 2)).sum().backward()
+    return at_wrap, module.shadow.tolist()
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        module = torch.nn.Linear(2, 2)
-        module.register_buffer("shadow", torch.full((2,), float(rank)))
-        ddp = torch.nn.parallel.DistributedDataParallel(module, **kwargs)
-        at_wrap = module.shadow.tolist()
-        if rank == 1:
-            module.shadow.fill_(7.0)
-        ddp(torch.ones(1, 2)).sum().backward()
-        out.put((rank, at_wrap, module.shadow.tolist()))
-    finally:
-        dist.destroy_process_group()
+
+def _ddp_strategy(trainer: str, tmp_path: Path):
+    return instantiate(_compose(f"trainer={trainer}", f"out_dir={tmp_path}").trainer.strategy)
 
 
 @pytest.mark.parametrize("trainer", ["ddp", "ddp_cpu"])
 def test_ddp_presets_do_not_broadcast_the_buffers_every_step(tmp_path: Path, trainer: str) -> None:
     """DDP copies every buffer from rank 0 before each forward unless told not to; the EMA's shadow weights are
-    buffers (a float32 UNet), equal on every rank anyway. They are still synced once, when DDP wraps the model."""
-    from hydra.utils import instantiate
+    buffers (a float32 UNet), equal on every rank anyway."""
     from lightning.pytorch.strategies import DDPStrategy
 
-    strategy = instantiate(_compose(f"trainer={trainer}", f"out_dir={tmp_path}").trainer.strategy)
-    assert isinstance(strategy, DDPStrategy) and type(strategy).__name__ == "DDPStrategy"
-    assert strategy._ddp_kwargs == {"forward_sync_buffers": False}
-    if trainer == "ddp":
-        return
-    import multiprocessing
+    strategy = _ddp_strategy(trainer, tmp_path)
+    assert type(strategy) is DDPStrategy and strategy._ddp_kwargs == {"forward_sync_buffers": False}
 
-    ctx = multiprocessing.get_context("fork")  # the test process's imports are inherited: no second start-up
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_buffers_rank, args=(rank, str(tmp_path / "store"), strategy._ddp_kwargs, out))
-             for rank in (0, 1)]
-    for p in procs:
-        p.start()
-    seen = dict((rank, (at_wrap, after)) for rank, at_wrap, after in (out.get(timeout=60) for _ in procs))
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    # synced from rank 0 at the wrap; rank 1's own change survives the forward (no broadcast before it)
+
+def test_the_ddp_preset_syncs_buffers_once_at_the_wrap(tmp_path: Path) -> None:
+    """On two gloo ranks: rank 0's buffer reaches rank 1 when DDP wraps the model; rank 1's own change survives
+    the forward after it (no broadcast before it)."""
+    kwargs = _ddp_strategy("ddp_cpu", tmp_path)._ddp_kwargs
+    seen = on_two_ranks(_ddp_buffers_rank, tmp_path / "store", kwargs)
     assert seen == {0: ([0.0, 0.0], [0.0, 0.0]), 1: ([0.0, 0.0], [7.0, 7.0])}

@@ -10,6 +10,7 @@ import torch
 
 from ldm.lightning.host_reads import LaggedReads
 from ldm.lightning.preemption import PreemptionCheckpoint
+from tests.two_ranks import on_two_ranks
 
 
 def test_an_optimizer_resumed_from_an_unfused_state_is_not_trusted_to_skip_on_the_device():
@@ -45,39 +46,22 @@ def test_a_signal_agreed_on_in_the_last_steps_still_saves_and_stops(tmp_path):
     assert saved == [str(tmp_path / "checkpoints" / "last.ckpt")] == [callback.checkpoint]
 
 
-def _host_mode_rank(rank: int, store: str, out) -> None:
-    """One of two gloo ranks: rank 1's loss is NaN at step 3; returns what each rank's check said per step."""
-    import torch.distributed as dist
-
+def _host_mode_rank(rank: int) -> tuple[list[bool], int]:
+    """Rank 1's loss is NaN at step 3: what each step's check said, and the count of skipped steps."""
     from ldm.lightning.nonfinite import NaNPolicy, NonFiniteSteps
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        steps = NonFiniteSteps(NaNPolicy("skip", max_skips=5))
-        steps.start(on_device=False, device=torch.device("cpu"))
-        said = [steps.loss_is_finite(torch.tensor(float("nan") if (rank, step) == (1, 3) else 0.5), step)
-                for step in range(5)]
-        out.put((rank, said, steps.skipped))
-    finally:
-        dist.destroy_process_group()
+    steps = NonFiniteSteps(NaNPolicy("skip", max_skips=5))
+    steps.start(on_device=False, device=torch.device("cpu"))
+    said = [steps.loss_is_finite(torch.tensor(float("nan") if (rank, step) == (1, 3) else 0.5), step)
+            for step in range(5)]
+    return said, steps.skipped
 
 
 def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path):
     """The host-mode test (fp16, or an unfused optimizer) under DDP: a rank that alone skipped its backward would
     leave the other waiting in the gradient all-reduce; every rank skips the step and counts it."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")  # the test process's imports are inherited: no second start-up
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_host_mode_rank, args=(rank, str(tmp_path / "store"), out)) for rank in (0, 1)]
-    for p in procs:
-        p.start()
-    results = dict((rank, (said, skipped)) for rank, said, skipped in (out.get(timeout=60) for _ in procs))
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    expected = [True, True, True, False, True]
-    assert results == {0: (expected, 1), 1: (expected, 1)}
+    expected = ([True, True, True, False, True], 1)
+    assert on_two_ranks(_host_mode_rank, tmp_path / "store") == {0: expected, 1: expected}
 
 
 def test_a_signal_within_a_gradient_accumulation_window_saves_at_its_end(tmp_path):
