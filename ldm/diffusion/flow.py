@@ -153,8 +153,11 @@ class FlowMatchingLoss:
         noise: torch.Tensor,
     ) -> torch.Tensor:
         """The unweighted MSE [B] (float32) between ``denoise(x_t, sigma * T, cond)`` and the velocity eps - x0: the
-        training objective before its weighting, shared with the validation loss."""
-        s = sigma.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+        training objective before its weighting, shared with the validation loss. The interpolation runs in float32
+        whatever the latents' dtype (in bf16 the noise level would keep 8 bits); ``denoise`` gets x_t in that dtype."""
+        dtype = x0.dtype
+        x0, noise = x0.float(), noise.float()
+        s = sigma.float().view(-1, *([1] * (x0.ndim - 1)))
         x_t = (1 - s) * x0 + s * noise
-        pred = denoise(x_t, sigma * self.num_train_timesteps, cond)
-        return ((pred.float() - (noise - x0).float()) ** 2).mean(dim=list(range(1, x0.ndim)))
+        pred = denoise(x_t.to(dtype), sigma * self.num_train_timesteps, cond)
+        return ((pred.float() - (noise - x0)) ** 2).mean(dim=list(range(1, x0.ndim)))

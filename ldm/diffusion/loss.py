@@ -132,9 +132,15 @@ class DiffusionLoss:
     ) -> torch.Tensor:
         """The unweighted MSE [B] (float32) between ``denoise(x_t, t, cond)`` and the target of the prediction type:
         the training objective before its weighting, shared with the validation loss. ``check=False``: ``t`` is
-        known to be in range (``NoiseSchedule.alpha_bar``)."""
+        known to be in range (``NoiseSchedule.alpha_bar``).
+
+        The forward process runs in float32 whatever the latents' dtype (bf16 from a VAE under autocast, or a batch
+        cast by FSDP): in bf16, 1 - alpha_bar rounds to 0 at the first timesteps, which then get no noise, and every
+        noise level is coarse. ``denoise`` gets x_t in the latents' dtype."""
+        dtype = x0.dtype
+        x0, noise = x0.float(), noise.float()
         a = self.schedule.alpha_bar(t, like=x0, check=check)
         x_t = self.schedule.add_noise(x0, noise, t, check=check)
         target = make_prediction(x0, noise, a, self.prediction_type)
-        pred = denoise(x_t, t.to(x0.device, non_blocking=True), cond)
-        return ((pred.float() - target.float()) ** 2).mean(dim=list(range(1, x0.ndim)))
+        pred = denoise(x_t.to(dtype), t.to(x0.device, non_blocking=True), cond)
+        return ((pred.float() - target) ** 2).mean(dim=list(range(1, x0.ndim)))

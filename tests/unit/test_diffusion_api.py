@@ -79,6 +79,43 @@ def test_loss_uses_the_right_target_for_each_prediction_type():
             assert loss(lambda *a: torch.zeros_like(x0), x0, t=t, noise=noise).item() > 1e-3
 
 
+def test_bf16_latents_are_noised_in_float32():
+    """Latents in bf16 (a VAE under autocast, an FSDP-cast batch): the forward process and the target are computed
+    in float32, and the denoiser gets x_t in bf16. In bf16, alpha_bar rounds to 1 at the first timesteps of SD's
+    schedule: x_t would be x0 with no noise at all."""
+    from ldm.diffusion.flow import FlowMatchingLoss
+    from ldm.diffusion.schedules import SD_SCHEDULE
+
+    s = NoiseSchedule.from_name(**SD_SCHEDULE)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 4, 8, 8, generator=g).bfloat16()
+    noise = torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([1, 2, 3, 500])
+    a = s.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    want_v = a.sqrt() * noise.double() - (1 - a).sqrt() * x0.double()
+    seen = {}
+
+    def denoise(x_t, tt, c):
+        seen["x_t"] = x_t
+        return want_v.to(x_t.dtype)  # the exact target, rounded to the model's dtype
+
+    loss = DiffusionLoss(s, prediction_type="v")(denoise, x0, t=t, noise=noise.bfloat16())
+    assert seen["x_t"].dtype == torch.bfloat16
+    noise_b = noise.bfloat16().double()  # the noise as the caller gave it
+    want_x_t = a.sqrt() * x0.double() + (1 - a).sqrt() * noise_b
+    assert torch.allclose(seen["x_t"].double(), want_x_t, rtol=2**-8, atol=1e-6)  # one bf16 rounding of the input
+    assert not torch.equal(seen["x_t"][:3], x0[:3])  # the first timesteps are noised
+    assert loss.item() < 1e-4  # the target in float32: the oracle's bf16 rounding is all that is left
+
+    sigma = torch.tensor([0.001, 0.3, 0.5, 0.999])
+    flow_seen = {}
+    FlowMatchingLoss()(lambda x_t, tt, c: flow_seen.setdefault("x_t", x_t), x0, sigma=sigma, noise=noise.bfloat16())
+    sig = sigma.double().view(-1, 1, 1, 1)
+    want = (1 - sig) * x0.double() + sig * noise_b
+    assert flow_seen["x_t"].dtype == torch.bfloat16
+    assert torch.allclose(flow_seen["x_t"].double(), want, rtol=2**-8, atol=1e-6)
+
+
 def test_min_snr_weights():
     snr = torch.tensor([0.1, 1.0, 5.0, 100.0], dtype=torch.float64)
     torch.testing.assert_close(loss_weights(snr, "epsilon", "min_snr", 5.0), torch.tensor([1, 1, 1, 0.05]).double())
