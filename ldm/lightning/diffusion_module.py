@@ -173,6 +173,11 @@ class LatentDiffusionModule(L.LightningModule):
             raise ValueError("ldm_stage.guide_snapshot_step (autoguidance) is not supported under trainer=fsdp: the "
                              "snapshot would be copied into sharded weights. Use trainer=ddp, or set "
                              "ldm_stage.guide_snapshot_step=null sampling.autoguidance_scale=1")
+        if is_fsdp(self._trainer) and any(m is not None and has_lora(m) for m in (self.unet, self.text_encoder)):
+            raise ValueError("LoRA (ldm_stage.lora.rank) is not supported under trainer=fsdp: the adapters and the "
+                             "frozen base would share FSDP's flat parameters (gradients computed and reduced for the "
+                             "whole base) and the adapters are exported from this rank's shard. Use trainer=ddp: a "
+                             "LoRA run's optimizer state and gradients are the adapters' only")
         if self.trainer is not None and self.trainer.global_rank:
             self.generator.manual_seed(self.seed + 1000003 * self.trainer.global_rank)
 

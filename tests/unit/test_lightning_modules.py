@@ -501,3 +501,25 @@ def test_the_progress_bar_shows_the_modules_keys_read_at_its_refresh(tmp_path):
     assert "train/loss" not in trainer.progress_bar_metrics
     shown = bar.get_metrics(trainer, module)
     assert shown["train/loss"] == float(trainer.callback_metrics["train/loss"]) and "v_num" not in shown
+
+
+def test_lora_and_autoguidance_are_refused_under_fsdp_before_training():
+    """Under FSDP the LoRA adapters would share flat parameters with the frozen base and be exported from one
+    rank's shard; the autoguidance snapshot would be copied into sharded weights. Both stop at setup, naming DDP."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from ldm.lora import add_lora
+
+    fsdp = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy), global_rank=0)
+    lora = diffusion_module(add_lora(tiny_unet(), rank=2), ema_decay=None)
+    lora._trainer = fsdp
+    with pytest.raises(ValueError, match=r"LoRA .* not supported under trainer=fsdp.*Use trainer=ddp"):
+        lora.setup("fit")
+    guided = diffusion_module(tiny_unet(), guide_snapshot_step=1)
+    guided._trainer = fsdp
+    with pytest.raises(ValueError, match=r"autoguidance\) is not supported under trainer=fsdp"):
+        guided.setup("fit")
+    lora._trainer = SimpleNamespace(strategy=object(), global_rank=0)  # any other strategy: no refusal
+    lora.setup("fit")
