@@ -135,14 +135,21 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
     """A checkpoint file as its dict, read with ``weights_only=True`` (tensors and plain containers only: ldm's
-    files hold nothing else, so loading one cannot run code)."""
+    files hold nothing else, so loading one cannot run code). ``mmap``: the tensors stay in the file, read only
+    where touched (to look at a checkpoint's header without loading its weights)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)  # e.g. a pre-zip (legacy) file
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path} holds pickled objects beyond tensors and plain containers, so it is not a file "
                          f"ldm wrote; refusing to unpickle it ({str(err).splitlines()[0]})") from err

@@ -203,3 +203,23 @@ def test_resume_auto_starts_fresh_without_a_checkpoint_and_is_the_default_under_
     assert stages.find_resume(_compose(run))[2] == 3
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # an salloc shell is not a batch job
     assert stages.find_resume(_compose(run)) is None
+
+
+def test_a_checkpoint_is_looked_at_memory_mapped_and_a_legacy_file_still_reads(tmp_path: Path, monkeypatch) -> None:
+    """find_resume reads only a checkpoint's step on every rank: memory-mapped, its weights stay in the file. A file
+    in torch's pre-zip format cannot be mapped and is read whole."""
+    from ldm.checkpoint import read_checkpoint
+
+    state = {"global_step": 3, "state_dict": {"w": torch.arange(6.0)}}
+    torch.save(state, tmp_path / "zip.ckpt")
+    torch.save(state, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    for name in ("zip.ckpt", "legacy.ckpt"):
+        got = read_checkpoint(tmp_path / name, mmap=True)
+        assert got["global_step"] == 3 and torch.equal(got["state_dict"]["w"], state["state_dict"]["w"])
+    loads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (loads.append(k.get("mmap")), load(*a, **k))[1])
+    run = tmp_path / "run"
+    _fake_ckpt(run / "ldm" / "checkpoints" / "last.ckpt", 5)
+    assert stages.find_resume(_compose(run, "resume=last"))[2] == 5
+    assert stages.find_resume(_compose(run, f"resume={run / 'ldm' / 'checkpoints' / 'last.ckpt'}"))[2] == 5
+    assert loads == [True, True]
