@@ -11,7 +11,8 @@ from typing import Any
 
 def on_two_ranks(target: Callable[..., Any], store: Path, *args: Any, timeout: float = 60) -> dict[int, Any]:
     """``target(rank, *args)`` on ranks 0 and 1 of a gloo group (a file store at ``store``); each rank's result.
-    The processes are forked, so they inherit the test process's imports instead of starting up again."""
+    The processes are forked, so they inherit the test process's imports instead of starting up again; ``target``
+    must not run a backward (autograd's threads do not survive a fork once the test process has used them)."""
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(rank, str(store), target, args, out)) for rank in (0, 1)]

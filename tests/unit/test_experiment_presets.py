@@ -277,14 +277,16 @@ def test_submitit_slurm_launcher_preset_composes(tmp_path: Path) -> None:
 
 def _ddp_buffers_rank(rank: int, kwargs: dict) -> tuple[list[float], list[float]]:
     """A module whose buffer differs by rank, wrapped by DDP with ``kwargs``: the buffer after the wrap, and after a
-    forward before which rank 1 changed its own."""
+    training forward before which rank 1 changed its own."""
     module = torch.nn.Linear(2, 2)
     module.register_buffer("shadow", torch.full((2,), float(rank)))
     ddp = torch.nn.parallel.DistributedDataParallel(module, **kwargs)
     at_wrap = module.shadow.tolist()
     if rank == 1:
         module.shadow.fill_(7.0)
-    ddp(torch.ones(1, 2)).sum().backward()
+    with torch.no_grad():  # DDP syncs buffers in its forward; a backward in a forked child would fail
+        ddp.require_forward_param_sync = True  # as in training: the forward that precedes a backward
+        ddp(torch.ones(1, 2))
     return at_wrap, module.shadow.tolist()
 
 
