@@ -8,8 +8,6 @@ job (pre-timeout signal only) and raises ``Preempted``, which ``train.py`` turns
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import subprocess
 from pathlib import Path
@@ -20,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from ldm.lightning.host_reads import LaggedReads
 from ldm.lightning.settings import parse_signal
 from ldm.lightning.sharding import all_ranks
+from ldm.lightning.slurm import slurm_job_id
 
 
 class Preempted(Exception):  # noqa: N818 (not an error: the run stopped on request, with its state saved)
@@ -31,15 +30,6 @@ class Preempted(Exception):  # noqa: N818 (not an error: the run stopped on requ
         name = signal.Signals(signum).name
         then = "the SLURM job is requeued and resumes from it" if requeued else "resume with resume=auto (or last)"
         super().__init__(f"stopped on {name} after saving {checkpoint}; {then}")
-
-
-def slurm_job_id() -> str | None:
-    """The id ``scontrol requeue`` takes (``ARRAYJOB_TASK`` for an array task), or None outside a SLURM batch job."""
-    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    job = f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
-    if not job or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):  # an interactive allocation
-        return None
-    return job if re.fullmatch(r"[0-9_]+", job) else None
 
 
 def requeue_slurm_job(job: str) -> bool:

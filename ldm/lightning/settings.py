@@ -4,7 +4,6 @@ checked before any work, so a typo costs seconds, not a trained stage. Each erro
 from __future__ import annotations
 
 import math
-import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from ldm.data.masks import MaskSettings
 from ldm.diffusion import SamplingDefaults
 from ldm.diffusion.sampling import check_sampler, default_sampler
 from ldm.errors import ConfigError
+from ldm.lightning.slurm import slurm_job_id
 
 STAGES = ("vae", "ldm")  # the stages a run may name, in the order they run
 EVALUATION_TARGET = "ldm.lightning.evaluation.Evaluation"  # the evaluation callback's _target_
@@ -168,8 +168,7 @@ def check_run(cfg: DictConfig) -> None:
             raise ConfigError(f"sampling: {err}") from None
         if cfg.get("vae_ckpt") and not Path(cfg.vae_ckpt).is_file():
             raise ConfigError(f"vae_ckpt={cfg.vae_ckpt}: no such file (the vae/vae.ckpt of a vae-stage run)")
-        # A resumed checkpoint (resume=..., or auto under SLURM) holds the weights and the first stage
-        resuming = bool(cfg.get("resume")) or "SLURM_JOB_ID" in os.environ
+        resuming = resume_mode(cfg) is not None  # a resumed checkpoint holds the weights and the first stage
         if OmegaConf.is_missing(cfg, "init_ckpt") and not resuming:  # a preset that starts from a file names none
             raise ConfigError(INIT_CKPT_REQUIRED)
         init_ckpt = None if OmegaConf.is_missing(cfg, "init_ckpt") else cfg.get("init_ckpt")
@@ -187,6 +186,13 @@ def check_run(cfg: DictConfig) -> None:
     check_preemption(cfg.get("preemption"))
     if "ldm" in stages:  # last: an enabled evaluation is checked by building its callback, which imports Lightning
         check_evaluations(cfg)
+
+
+def resume_mode(cfg: DictConfig) -> str | None:
+    """``cfg.resume``; unset under a SLURM batch job it is ``auto``, so a requeued job resumes with no flag."""
+    if cfg.get("resume"):
+        return str(cfg.resume)
+    return "auto" if slurm_job_id() is not None else None
 
 
 def check_evaluations(cfg: DictConfig) -> None:

@@ -47,10 +47,18 @@ from ldm.lightning.console import StepProgressBar, headline, parts_summary
 from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy, ValidationSettings
 from ldm.lightning.optim import LRSchedule
 from ldm.lightning.precision import AUTO, autocast_precision, resolve_precision
-from ldm.lightning.preemption import PreemptionCheckpoint, slurm_job_id
+from ldm.lightning.preemption import PreemptionCheckpoint
 from ldm.lightning.run_lock import RunLock
 from ldm.lightning.run_log import log_to_run_file
-from ldm.lightning.settings import INIT_CKPT_REQUIRED, NO_AUTOENCODER, RESUME_FREE, STAGES, check_run, run_sampling
+from ldm.lightning.settings import (
+    INIT_CKPT_REQUIRED,
+    NO_AUTOENCODER,
+    RESUME_FREE,
+    STAGES,
+    check_run,
+    resume_mode,
+    run_sampling,
+)
 from ldm.lora import add_lora, save_lora
 from ldm.nn.ema import EMASettings
 
@@ -194,13 +202,6 @@ def _readable(path: Path) -> dict | None:
         warnings.warn(f"{path} does not load ({type(err).__name__}: {str(err).splitlines()[0][:200]}); trying the "
                       "previous checkpoint", stacklevel=3)
         return None
-
-
-def resume_mode(cfg: DictConfig) -> str | None:
-    """``cfg.resume``; unset under a SLURM batch job it is ``auto``, so a requeued job resumes with no flag."""
-    if cfg.resume:
-        return str(cfg.resume)
-    return "auto" if slurm_job_id() is not None else None
 
 
 def _run_folder_of(path: Path) -> Path | None:
