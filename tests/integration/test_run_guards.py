@@ -97,13 +97,12 @@ CHECK_CASES = [  # an override, and the error check_run reports (None: the confi
 def test_the_config_check_needs_lightning_only_for_an_enabled_evaluation(tmp_path: Path) -> None:
     """check_run's errors come without Lightning's seconds of imports (train.py runs it first); only an enabled
     evaluation is checked by building its callback. The cases run in one fresh process."""
-    cases = CHECK_CASES
     code = ("import sys\n"
             "from hydra import compose, initialize_config_dir\n"
             "from ldm.errors import ConfigError\n"
             "from ldm.lightning.settings import check_run\n"
             f"with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base='1.3'):\n"
-            f"    for override in {[o for o, _ in cases]!r}:\n"
+            f"    for override in {[o for o, _ in CHECK_CASES]!r}:\n"
             f"        cfg = compose('train', overrides=['out_dir={tmp_path}', 'logger=csv', override])\n"
             "        try:\n"
             "            check_run(cfg)\n"
@@ -113,8 +112,8 @@ def test_the_config_check_needs_lightning_only_for_an_enabled_evaluation(tmp_pat
             "print('lightning' in sys.modules, 'torchmetrics' in sys.modules)\n")
     proc = subprocess.run([sys.executable, "-c", code], env=train_env(), capture_output=True, text=True, timeout=120)
     lines = proc.stdout.splitlines()
-    assert len(lines) == len(cases) + 1, proc.stdout + proc.stderr[-3000:]
-    for line, (override, expected) in zip(lines, cases, strict=False):
+    assert len(lines) == len(CHECK_CASES) + 1, proc.stdout + proc.stderr[-3000:]
+    for line, (override, expected) in zip(lines, CHECK_CASES, strict=False):  # the last line: the imports
         assert (line == "passed") if expected is None else (line.startswith("error") and expected in line), override
     assert lines[-1] == "False False"
 
