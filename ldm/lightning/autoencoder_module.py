@@ -10,6 +10,7 @@ from torch import nn
 from ldm.autoencoder.losses import PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, hinge_d_loss
 from ldm.checkpoint import gather_rank_states, rank_state
 from ldm.lightning.host_reads import host_scalar
+from ldm.lightning.nonfinite import NaNPolicy, NonFiniteSteps, skips_on_device
 from ldm.lightning.optim import grad_norm, warmup_then
 from ldm.lightning.sharding import is_fsdp
 
@@ -22,6 +23,10 @@ class AutoencoderModule(L.LightningModule):
 
     The loss is the reconstruction error's per-pixel mean plus ``kl_weight`` x the KL summed over the latent.
     CompVis sums the reconstruction over the pixels instead, so their ``kl_weight`` w is w / (C x H x W) here.
+
+    A non-finite loss or gradient stops the run (``NonFiniteSteps`` with the ``stop`` policy). With the fused Adam
+    optimizers (all precisions but fp16) the test runs on the device and the step's updates are skipped there, so the
+    step never waits for a GPU; the error comes up to two steps later, with the weights as they were before it.
     """
 
     progress_bar_keys = ("train/loss", "train/psnr")  # what StepProgressBar shows, read at its refresh
@@ -62,6 +67,8 @@ class AutoencoderModule(L.LightningModule):
         # by rank under DDP.
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self.nonfinite = NonFiniteSteps(NaNPolicy("stop"), hint=(
+            "Lower vae_stage.lr or the GAN's weight (vae_stage.disc_weight), or use bf16 rather than fp16."))
 
     @staticmethod
     def refuse_fsdp(trainer: L.Trainer | None) -> None:
@@ -78,7 +85,17 @@ class AutoencoderModule(L.LightningModule):
         if self.global_rank:
             self.generator.manual_seed(self.seed + 1000003 * self.global_rank)
 
+    def on_train_start(self) -> None:
+        self.nonfinite.start(skips_on_device(self._optimizers()[0], self.trainer.precision_plugin, self.device),
+                             self.device)
+
+    def on_train_end(self) -> None:
+        self.nonfinite.flush()
+        for opt in self._optimizers():
+            getattr(opt, "optimizer", opt).__dict__.pop("found_inf", None)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite.flush()  # a non-finite step raises here, before the checkpoint is written
         checkpoint["train_generators"] = gather_rank_states(self.generator.get_state())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -108,24 +125,29 @@ class AutoencoderModule(L.LightningModule):
             w = adaptive_gan_weight(nll, g_loss, self.vae.decoder.conv_out.weight) * self.disc_weight
             loss = loss + w * g_loss
             self.log("train/g_loss", g_loss, batch_size=x.shape[0])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"autoencoder loss is {loss.item()} at step {self.global_step}; the last "
-                                     "checkpoint is kept. Lower the learning rate or the GAN weight.")
+        if not self.nonfinite.loss_is_finite(loss, self.global_step):  # the host test (not with fused Adam)
+            return
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         norm = grad_norm(self.vae.parameters())
         if norm is not None:
             self.log("train/grad_norm", norm, batch_size=x.shape[0])
         self.log("train/lr", host_scalar(opt_ae.param_groups[0]["lr"]), batch_size=x.shape[0])
+        also = []
+        if self._gan_active():  # its gradients before either update, so one test can skip both
+            d_loss = hinge_d_loss(self.discriminator(x), self.discriminator(rec.detach()))
+            if not self.nonfinite.loss_is_finite(d_loss, self.global_step):
+                return
+            opt_d.zero_grad(set_to_none=True)  # drops what the generator's loss put there
+            self.manual_backward(d_loss)
+            also.append((opt_d, grad_norm(self.discriminator.parameters())))
+            self.log("train/d_loss", d_loss, batch_size=x.shape[0])
+        self.nonfinite.before_optimizer_step(opt_ae, norm, self.global_step, also)
         opt_ae.step()
+        if also:
+            self._step_uncounted(opt_d)
         for sched in self._schedulers():
             sched.step()
-        if self._gan_active():
-            d_loss = hinge_d_loss(self.discriminator(x), self.discriminator(rec.detach()))
-            opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(d_loss)
-            opt_d.step()
-            self.log("train/d_loss", d_loss, batch_size=x.shape[0])
         bs = x.shape[0]
         self.log("train/loss", loss, batch_size=bs)
         self.log("train/rec_loss", nll, batch_size=bs)
@@ -134,15 +156,28 @@ class AutoencoderModule(L.LightningModule):
             mse = F.mse_loss(rec.clamp(-1, 1), x)
             self.log("train/psnr", 10 * torch.log10(4.0 / mse.clamp(min=1e-10)), batch_size=bs)
 
+    def _step_uncounted(self, optimizer) -> None:
+        """Step ``optimizer`` (through the strategy and precision plugin, as ``LightningOptimizer.step`` does) without
+        counting a training step. In manual optimization Lightning counts each optimizer step as one (Lightning issue
+        17958): the discriminator's would make a GAN batch two steps, and ``max_steps``, ``disc_start``, the learning
+        rate schedule and step-based checkpoints would count half-batches."""
+        self.trainer.strategy.optimizer_step(getattr(optimizer, "optimizer", optimizer), closure=lambda: None)
+
+    def _optimizers(self) -> list:
+        opts = self.optimizers()
+        return opts if isinstance(opts, list) else [opts]
+
     def _schedulers(self) -> list:
         scheds = self.lr_schedulers()
         return [] if scheds is None else scheds if isinstance(scheds, list) else [scheds]
 
     def configure_optimizers(self):
-        # foreach: one kernel per group of tensors instead of a Python loop over them (CPU's default)
-        opts = [torch.optim.Adam(self.vae.parameters(), lr=self.lr, betas=self.betas, foreach=True)]
+        # fused: one kernel for the whole update, which can skip a non-finite step on the device (found_inf). Under
+        # fp16 the gradient scaler owns that test: foreach there (one kernel per group of tensors, not a loop).
+        kind = {"foreach": True} if str(self.trainer.precision).startswith("16") else {"fused": True}
+        opts = [torch.optim.Adam(self.vae.parameters(), lr=self.lr, betas=self.betas, **kind)]
         if self.discriminator is not None:
-            opts.append(torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=self.betas, foreach=True))
+            opts.append(torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=self.betas, **kind))
         scheds = [torch.optim.lr_scheduler.LambdaLR(o, self.lr_factor) for o in opts]
         return opts, scheds
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,8 @@ from ldm.lightning.host_reads import LaggedReads
 from ldm.lightning.sharding import all_ranks
 
 READ_LAG_STEPS = 2  # the count is read this many steps late: the host never waits for the GPU's queue
+LDM_HINT = ("Lower the learning rate, use bf16 rather than fp16, or set ldm_stage.nan_policy=skip (with "
+            "ldm_stage.max_nan_skips) to skip such batches.")
 
 
 @dataclass(frozen=True)
@@ -51,11 +54,13 @@ class NonFiniteSteps:
       over the ranks), and a non-finite one is not backpropagated (the training step returns None).
 
     ``stop`` raises ``FloatingPointError`` at the first skipped step (on the device: when its count is read, up to
-    ``READ_LAG_STEPS`` steps later; the skipped step left the weights intact), ``skip`` after ``max_skips``.
+    ``READ_LAG_STEPS`` steps later; the skipped step left the weights intact), ``skip`` after ``max_skips``. The
+    error ends with ``hint``: what the user can change.
     """
 
-    def __init__(self, policy: NaNPolicy, skipped: int = 0):
+    def __init__(self, policy: NaNPolicy, skipped: int = 0, hint: str = LDM_HINT):
         self.policy = policy
+        self.hint = hint
         self.skipped = skipped  # known on the host
         self.on_device = False
         self._total: torch.Tensor | None = None  # the running count on the device
@@ -83,17 +88,23 @@ class NonFiniteSteps:
         self._note(self.skipped + 1, step, what)
         return False
 
-    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, norm: torch.Tensor | None, step: int) -> None:
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, norm: torch.Tensor | None, step: int,
+                              also: Sequence[tuple[torch.optim.Optimizer, torch.Tensor | None]] = ()) -> None:
         """The device mode: mark a step with a non-finite gradient ``norm`` for the fused optimizer to skip, and act
-        on the counts that are due."""
+        on the counts that are due. ``also``: more (optimizer, gradient norm) pairs of the same training step (a
+        GAN's discriminator); a non-finite norm in any of them skips the whole step, every optimizer's update."""
         if not self.on_device:
             return
-        inner = getattr(optimizer, "optimizer", optimizer)
-        if norm is None:  # no gradients at all: nothing to skip
-            inner.__dict__.pop("found_inf", None)
+        pairs = [(optimizer, norm), *also]
+        norms = [n for _, n in pairs if n is not None]
+        if not norms:  # no gradients at all: nothing to skip
+            for opt, _ in pairs:
+                getattr(opt, "optimizer", opt).__dict__.pop("found_inf", None)
         else:
-            found = (~torch.isfinite(norm)).to(torch.float32)
-            inner.found_inf = found
+            finite = torch.isfinite(norms[0]) if len(norms) == 1 else torch.isfinite(torch.stack(norms)).all()
+            found = (~finite).to(torch.float32)
+            for opt, _ in pairs:
+                getattr(opt, "optimizer", opt).found_inf = found
             self._total += found
             self._reads.push(step, self._total)
         self._act(self._reads.due(step))
@@ -112,6 +123,5 @@ class NonFiniteSteps:
         if self.policy.policy == "stop" or self.skipped > self.policy.max_skips:
             raise FloatingPointError(
                 f"{what} at step {step} (skipped so far: {self.skipped - 1}). That step did not change the weights "
-                "and the last checkpoint is kept. Lower the learning rate, use bf16 rather than fp16, or set "
-                "ldm_stage.nan_policy=skip (with ldm_stage.max_nan_skips) to skip such batches."
+                f"and the last checkpoint is kept. {self.hint}"
             )

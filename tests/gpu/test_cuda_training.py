@@ -62,6 +62,21 @@ def test_bf16_ldm_stage_on_one_gpu(vae, trainer: str) -> None:
         assert again[step]["train/loss"] == pytest.approx(metrics[step]["train/loss"], rel=2e-2), step
 
 
+def strict_steps():
+    """A callback: torch.cuda.set_sync_debug_mode("error") from each step's start (after the first) to the next's,
+    so Lightning's collection of the logged values in between is watched too."""
+    import lightning as L
+
+    class StrictSteps(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            torch.cuda.set_sync_debug_mode("error" if batch_idx >= 1 else "default")
+
+        def on_train_end(self, trainer, pl_module):
+            torch.cuda.set_sync_debug_mode("default")
+
+    return StrictSteps()
+
+
 def test_the_training_step_never_waits_for_the_gpu(tmp_path) -> None:
     """Under torch.cuda.set_sync_debug_mode("error") a host wait (an .item(), a blocking copy) raises: the ldm
     stage's step (a trainable text encoder, the frozen VAE's posterior sample, bf16-mixed, fused AdamW, clipping,
@@ -75,20 +90,34 @@ def test_the_training_step_never_waits_for_the_gpu(tmp_path) -> None:
     from tests.module_factory import diffusion_module
     from tests.unit.test_lightning_modules import collate, fused_adamw, image_batches, tiny_unet, tiny_vae
 
-    class StrictSteps(L.Callback):  # a step's start to the next's: Lightning collects the logged values in between
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            torch.cuda.set_sync_debug_mode("error" if batch_idx >= 1 else "default")
-
-        def on_train_end(self, trainer, pl_module):
-            torch.cuda.set_sync_debug_mode("default")
-
     text = ScratchTextEncoder(width=32, layers=1, heads=2, context_length=8)
     module = diffusion_module(tiny_unet(), text, tiny_vae(), ema_decay=0.99, optimizer=fused_adamw)
     trainer = L.Trainer(max_steps=6, accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, gradient_clip_val=1.0, callbacks=[StrictSteps(), Throughput()])
+                        default_root_dir=tmp_path, gradient_clip_val=1.0, callbacks=[strict_steps(), Throughput()])
     try:
         trainer.fit(module, DataLoader(image_batches(24), batch_size=4, collate_fn=collate, pin_memory=True))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert module.nonfinite.on_device and trainer.global_step == 6 and module.nan_skips == 0
+
+
+def test_the_autoencoder_step_never_waits_for_the_gpu(tmp_path) -> None:
+    """The vae stage's step (generator and PatchGAN discriminator, bf16-mixed, fused Adam, the device-side
+    non-finite test of both updates, logging) runs without a host wait from its second step on."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from ldm.lightning.autoencoder_module import AutoencoderModule
+    from ldm.lightning.callbacks import Throughput
+    from tests.unit.test_lightning_modules import collate, image_batches, tiny_vae
+
+    module = AutoencoderModule(tiny_vae(), lr=1e-3, disc_start=2, disc_layers=2, disc_channels=8)
+    trainer = L.Trainer(max_steps=6, accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=[strict_steps(), Throughput()])
+    try:
+        trainer.fit(module, DataLoader(image_batches(48), batch_size=8, collate_fn=collate, pin_memory=True))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert module.nonfinite.on_device and trainer.global_step == 6

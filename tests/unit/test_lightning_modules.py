@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from ldm.autoencoder import AutoencoderKL
@@ -257,17 +259,17 @@ def test_with_a_fused_optimizer_nonfinite_steps_are_skipped_on_the_device(tmp_pa
     assert torch.equal(many.unet.w.detach(), torch.ones(()))
 
 
-def test_a_training_step_reads_no_value_back_from_the_device(tmp_path):
-    """Every .item(), bool(), int() or float() of a tensor is an aten._local_scalar_dense call; on a GPU each one
-    makes the host wait for the GPU. The step (forward, loss, backward, clipping, fused AdamW, EMA, the non-finite
-    test, logging, and Lightning's collection of the logged values after the step) makes none, with the real UNet,
-    tokenizer and trainable text encoder, except the deferred reads of LaggedReads (on a GPU: pinned host copies made
-    steps earlier). Nor does it log a Python number, which Lightning would copy to the device with a blocking copy."""
-    import sys
+class DeviceReads(TorchDispatchMode):
+    """Counts the reads of tensor values on the host (``.item()``, ``bool``, ``int``, ``float`` of a tensor: each an
+    ``aten._local_scalar_dense``; on a GPU each makes the host wait for it), except LaggedReads' deferred ones (on a
+    GPU: pinned host copies made steps earlier)."""
 
-    from torch.utils._python_dispatch import TorchDispatchMode
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
 
-    def deferred() -> bool:
+    @staticmethod
+    def _deferred() -> bool:
         frame = sys._getframe()
         while frame is not None:
             if frame.f_code.co_name == "_read" and frame.f_code.co_filename.endswith("host_reads.py"):
@@ -275,47 +277,59 @@ def test_a_training_step_reads_no_value_back_from_the_device(tmp_path):
             frame = frame.f_back
         return False
 
-    class CountReads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.reads = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default) and not self._deferred():
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default) and not deferred():
-                self.reads += 1
-            return func(*args, **(kwargs or {}))
 
-    mode = CountReads()
+class WatchSteps(L.Callback):
+    """Counts ``DeviceReads`` from the start of each training step after the first (which sets things up, e.g. the
+    EMA's count is read once) to the start of the next: Lightning collects the logged values in between."""
 
-    class Watch(L.Callback):  # from a step's start to the next's: Lightning collects the logged values in between
-        watching = False
+    def __init__(self):
+        self.mode = DeviceReads()
+        self.watching = False
 
-        def _stop(self):
-            if self.watching:
-                mode.__exit__(None, None, None)
-                self.watching = False
+    def _stop(self):
+        if self.watching:
+            self.mode.__exit__(None, None, None)
+            self.watching = False
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self._stop()
-            if batch_idx >= 1:  # the first step sets things up (the EMA's count is read once)
-                mode.__enter__()
-                self.watching = True
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._stop()
+        if batch_idx >= 1:
+            self.mode.__enter__()
+            self.watching = True
 
-        def on_train_end(self, trainer, pl_module):
-            self._stop()
+    def on_train_end(self, trainer, pl_module):
+        self._stop()
 
-    text = ScratchTextEncoder(width=32, layers=1, heads=2, context_length=8)
-    module = diffusion_module(tiny_unet(), text, tiny_vae(), ema_decay=0.99, optimizer=fused_adamw)
-    numbers = []  # a Python number logged goes to the module's device in a blocking copy, which waits for a GPU
+
+def logs_of_python_numbers(module: L.LightningModule) -> list[str]:
+    """The names ``module`` logs Python numbers under, filled in as it trains: Lightning copies a Python number to
+    the module's device with a blocking copy, which waits for a GPU."""
+    numbers = []
     log = module.log
     module.log = lambda name, value, *a, **k: (numbers.append(name) if not torch.is_tensor(value) else None,
                                                log(name, value, *a, **k))[1]
+    return numbers
+
+
+def test_a_training_step_reads_no_value_back_from_the_device(tmp_path):
+    """The step (forward, loss, backward, clipping, fused AdamW, EMA, the non-finite test, logging, and Lightning's
+    collection of the logged values after the step) makes no host read of a device value, with the real UNet,
+    tokenizer and trainable text encoder, and logs no Python number."""
+    text = ScratchTextEncoder(width=32, layers=1, heads=2, context_length=8)
+    module = diffusion_module(tiny_unet(), text, tiny_vae(), ema_decay=0.99, optimizer=fused_adamw)
+    numbers = logs_of_python_numbers(module)
+    watch = WatchSteps()
     watched = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        gradient_clip_val=1.0, callbacks=[Watch(), Throughput()])
+                        gradient_clip_val=1.0, callbacks=[watch, Throughput()])
     watched.fit(module, DataLoader(image_batches(16), batch_size=4, collate_fn=collate))
     assert module.nonfinite.on_device and watched.global_step == 4
-    assert mode.reads == 0, f"{mode.reads} reads of device values in 3 training steps"
+    assert watch.mode.reads == 0, f"{watch.mode.reads} reads of device values in 3 training steps"
     assert numbers == [], f"logged as Python numbers: {sorted(set(numbers))}"
 
 
@@ -339,6 +353,64 @@ def test_autoencoder_module_trains_with_gan_and_fits_latent_scale(tmp_path):
     scale = module.fit_latent_scale(torch.stack([b["image"] for b in image_batches(8)]))
     z = vae.encode_latents(torch.stack([b["image"] for b in image_batches(8, seed=1)]))
     assert vae.config["scale_factor"] == scale and 0.5 < float(z.std()) < 2.0
+
+
+def test_a_gan_batch_is_one_training_step(tmp_path):
+    """With the discriminator on, a batch still counts one step (Lightning counts each optimizer step of manual
+    optimization): max_steps, disc_start and the learning-rate schedule are in batches."""
+    module = AutoencoderModule(tiny_vae(), lr=1e-3, disc_start=2, disc_layers=2, disc_channels=8,
+                               lr_schedule="cosine", max_steps=6)
+    batches = []
+    module.on_train_batch_start = lambda batch, batch_idx: batches.append(batch_idx)
+    fitted = trainer(6, tmp_path)
+    fitted.fit(module, DataLoader(image_batches(64), batch_size=8, collate_fn=collate))
+    assert fitted.global_step == 6 and batches == list(range(6))
+    opt_ae, opt_d = fitted.optimizers
+    assert int(opt_ae.state[next(module.vae.parameters())]["step"]) == 6
+    assert int(opt_d.state[next(module.discriminator.parameters())]["step"]) == 4  # batches 2..5
+    assert [c.scheduler.last_epoch for c in fitted.lr_scheduler_configs] == [6, 6] and opt_ae.param_groups[0]["lr"] == 0.0
+
+
+def test_an_autoencoder_step_reads_no_value_back_from_the_device(tmp_path):
+    """The VAE stage's step (forward, losses, the generator's and discriminator's backward, the non-finite test,
+    fused Adam, logging and Lightning's collection of the logged values) makes no host read of a device value."""
+    module = AutoencoderModule(tiny_vae(), lr=1e-3, disc_start=2, disc_layers=2, disc_channels=8)
+    numbers = logs_of_python_numbers(module)
+    watch = WatchSteps()
+    watched = L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[watch, Throughput()])
+    watched.fit(module, DataLoader(image_batches(64), batch_size=8, collate_fn=collate))
+    assert module.nonfinite.on_device and watched.global_step == 5
+    assert all(g["fused"] for opt in watched.optimizers for g in opt.param_groups)
+    assert watch.mode.reads == 0, f"{watch.mode.reads} reads of device values in 4 training steps"
+    assert numbers == [], f"logged as Python numbers: {sorted(set(numbers))}"
+
+
+def test_a_non_finite_autoencoder_step_stops_the_run_and_changes_no_weight(tmp_path):
+    """A NaN batch at step 1: fused Adam skips the generator's and the discriminator's updates on the device, and
+    the run stops when the count is read, two steps later, naming the step and what to change."""
+    torch.manual_seed(0)
+    module = AutoencoderModule(tiny_vae(), lr=1e-3, disc_start=0, disc_layers=2, disc_channels=8)
+    data = image_batches(64)
+    for item in data[8:16]:  # the second batch of 8
+        item["image"] = item["image"] * float("nan")
+    weights = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            weights.append([p.detach().clone() for p in (*pl_module.vae.parameters(),
+                                                         *pl_module.discriminator.parameters())])
+
+    stopped = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[Record()])
+    with pytest.raises(FloatingPointError, match=r"gradients are not finite at step 1 .*vae_stage\.lr"):
+        stopped.fit(module, DataLoader(data, batch_size=8, collate_fn=collate))
+    assert len(weights) == 3 and stopped.global_step == 3
+    assert all(torch.equal(a, b) for a, b in zip(weights[1], weights[0], strict=True))  # step 1 changed nothing
+    assert any(not torch.equal(a, b) for a, b in zip(weights[2], weights[1], strict=True))
+    assert all(torch.isfinite(w).all() for w in weights[2])
 
 
 def test_perceptual_loss_needs_local_weights(tmp_path):
@@ -506,8 +578,6 @@ def test_the_progress_bar_shows_the_modules_keys_read_at_its_refresh(tmp_path):
 def test_lora_and_autoguidance_are_refused_under_fsdp_before_training():
     """Under FSDP the LoRA adapters would share flat parameters with the frozen base and be exported from one
     rank's shard; the autoguidance snapshot would be copied into sharded weights. Both stop at setup, naming DDP."""
-    from types import SimpleNamespace
-
     from lightning.pytorch.strategies import FSDPStrategy
 
     from ldm.lora import add_lora
