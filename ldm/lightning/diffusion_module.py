@@ -27,7 +27,7 @@ from ldm.diffusion.validation import (
 from ldm.lightning.host_reads import host_scalar
 from ldm.lightning.nonfinite import NaNPolicy, NonFiniteSteps, skips_on_device
 from ldm.lightning.optim import LRSchedule, grad_norm
-from ldm.lightning.sharding import full_params, global_sum, is_fsdp
+from ldm.lightning.sharding import full_params, is_fsdp, shard_sum
 from ldm.lora import has_lora
 from ldm.nn.ema import EMA, EMASettings
 from ldm.pipeline import LatentDiffusionPipeline
@@ -323,7 +323,7 @@ class LatentDiffusionModule(L.LightningModule):
             local = torch.zeros(2, device=self.device)  # (sum of squares, 1 if this rank has gradients)
             if norm is not None:
                 local[0], local[1] = norm.square(), 1.0
-            total = global_sum(self._trainer, local)
+            total = shard_sum(self._trainer, local)
             if self.nonfinite.on_device:  # every rank has gradients (no step skips its backward): no host read
                 norm = total[0].sqrt()
             else:

@@ -38,19 +38,34 @@ def full_params(trainer: L.Trainer | None, writeback: bool = False) -> AbstractC
     return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=writeback)
 
 
-def all_ranks(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """``value`` reduced over the ranks (``sum`` or ``max``), left on its device. A bare all-reduce, not Lightning's
-    ``strategy.reduce``, which puts a barrier first: that blocks the host until the GPU has run everything queued."""
+def all_ranks(value: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """``value`` reduced over the ranks (``sum`` or ``max``; of ``group``, default all), left on its device. A bare
+    all-reduce, not Lightning's ``strategy.reduce``, which puts a barrier first: that blocks the host until the GPU
+    has run everything queued."""
     import torch.distributed as dist
 
     value = value.clone()
-    dist.all_reduce(value, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    dist.all_reduce(value, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=group)
     return value
 
 
-def global_sum(trainer: L.Trainer | None, value: torch.Tensor) -> torch.Tensor:
-    """Sum ``value`` over ranks under FSDP (where each rank holds a different shard), else return it as it is."""
-    return all_ranks(value) if is_fsdp(trainer) else value
+def shard_sum(trainer: L.Trainer | None, value: torch.Tensor) -> torch.Tensor:
+    """Sum ``value`` (e.g. squared gradient norms of this rank's shard) over the ranks that hold different shards
+    under FSDP, else return it as it is. That is FSDP's sharding group: every rank under ``FULL_SHARD`` and
+    ``SHARD_GRAD_OP``, one node's ranks under ``HYBRID_SHARD`` (the other nodes hold the same shards), none under
+    ``NO_SHARD`` (every rank holds every gradient). A sum over all ranks would count replicated shards again."""
+    if not is_fsdp(trainer):
+        return value
+    return sharded_sum(trainer.strategy.model, value)
+
+
+def sharded_sum(root: torch.nn.Module, value: torch.Tensor) -> torch.Tensor:
+    """``shard_sum`` for the FSDP-wrapped ``root``."""
+    from torch.distributed.fsdp import ShardingStrategy
+
+    if root.sharding_strategy == ShardingStrategy.NO_SHARD:
+        return value
+    return all_ranks(value, group=root.process_group)
 
 
 def ddp_strategy(forward_sync_buffers: bool = False, **kwargs) -> DDPStrategy:

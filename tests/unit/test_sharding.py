@@ -1,0 +1,32 @@
+"""ldm.lightning.sharding on two forked gloo ranks: which ranks a shard-wise sum (the gradient norm's) runs over."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+from ldm.lightning.sharding import sharded_sum  # imported here: the forked ranks inherit it
+from tests.two_ranks import on_two_ranks
+
+
+def _sharded_sum_rank(rank: int, strategy: str) -> float:
+    kwargs = {}
+    if strategy == "HYBRID_SHARD":  # two one-rank "nodes": each shards over itself and replicates over the other
+        own = [dist.new_group([r]) for r in (0, 1)][rank]  # every rank creates every group, in the same order
+        kwargs["process_group"] = (own, dist.new_group([0, 1]))
+    torch.manual_seed(0)
+    root = FullyShardedDataParallel(torch.nn.Linear(4, 4), sharding_strategy=ShardingStrategy[strategy],
+                                    device_id=torch.device("cpu"), use_orig_params=True, **kwargs)
+    return float(sharded_sum(root, torch.tensor(rank + 1.0)))
+
+
+@pytest.mark.parametrize(("strategy", "expected"), [
+    ("FULL_SHARD", {0: 3.0, 1: 3.0}),      # each rank holds half: the two halves add up
+    ("SHARD_GRAD_OP", {0: 3.0, 1: 3.0}),
+    ("NO_SHARD", {0: 1.0, 1: 2.0}),        # each rank holds everything: a sum would double-count
+    ("HYBRID_SHARD", {0: 1.0, 1: 2.0}),    # each node holds everything: summed within a node only
+])
+def test_a_shard_sum_runs_over_the_ranks_holding_different_shards(tmp_path, strategy, expected):
+    assert on_two_ranks(_sharded_sum_rank, tmp_path / "store", strategy) == expected
