@@ -146,6 +146,7 @@ def cache_latents(
     log: Callable[[str], None] | None = print,
     precision: str = "float32",
     compile: bool = False,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Encode every sample of ``shards`` (centre crop at ``image_size``) and write latent shards to ``out``.
 
@@ -153,7 +154,8 @@ def cache_latents(
     ``text_encoder.encode(captions)`` returns ``(hidden [B, L, D], pooled, mask)``. ``dtype`` is the stored
     precision (``float32`` or ``float16``); ``precision`` the one the encoders run in (a ``PRECISIONS`` key: bf16 or
     fp16 autocast, as training runs a frozen VAE under mixed precision), and ``compile`` runs the VAE's encoder
-    through torch.compile. A text encoder with ``frozen=False`` is ignored (its embeddings would go stale as it
+    through torch.compile; ``fingerprint`` is ``vae_fingerprint(vae)`` where the caller has it already (hashing
+    SD's VAE takes about a second). A text encoder with ``frozen=False`` is ignored (its embeddings would go stale as it
     trains). Returns the written index.
     """
     for flag, value in (("--size", image_size), ("--batch-size", batch_size)):
@@ -173,7 +175,7 @@ def cache_latents(
     settings = {"precision": precision, "dtype": dtype, "image_size": image_size, "image_mode": image_mode,
                 "text": text_encoder is not None}
     if isinstance(vae, torch.nn.Module):
-        settings["vae"] = vae_fingerprint(vae)
+        settings["vae"] = fingerprint or vae_fingerprint(vae)
     _claim_settings(out, settings)
     np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
     if device is None:
@@ -280,11 +282,12 @@ def cache_for_vae(shards: str | os.PathLike | list[str], root: str | os.PathLike
     """Encode ``shards`` with the frozen ``vae`` into ``root/<fingerprint of the VAE's weights>`` (``-bfloat16`` or
     ``-float16`` appended for those precisions), or reuse that cache: a resumed run finds its cache again, and a
     folder reused with another VAE or precision never reads latents of the old one. Returns the cache folder."""
-    name = vae_fingerprint(vae) + ("" if check_precision(precision, "ldm_stage.cache_precision") == "float32"
-                                   else f"-{precision}")
+    fingerprint = vae_fingerprint(vae)
+    name = fingerprint + ("" if check_precision(precision, "ldm_stage.cache_precision") == "float32"
+                          else f"-{precision}")
     cache = Path(root) / name
     cache_latents(shards, cache, vae, image_size=image_size, image_mode=image_mode, batch_size=batch_size, log=None,
-                  precision=precision, compile=compile)
+                  precision=precision, compile=compile, fingerprint=fingerprint)
     return cache
 
 
