@@ -70,15 +70,50 @@ class StageCheckpoint(ModelCheckpoint):
             self.last_model_path = str(last)
 
 
+class RecomputedFlops:
+    """The FLOPs of module forwards that run during the backward, i.e. gradient checkpointing's recomputation, as
+    ``counter`` counts them: between the first forward pre-hook and its forward hook, every module's (global hooks,
+    kept until ``remove``). The forward hook runs even when the recomputation stops early (torch's non-reentrant
+    checkpoint stops once it has the tensors it needs), so what ran is what is counted."""
+
+    def __init__(self, counter: FlopCounterMode):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self.counter = counter
+        self.in_backward = False  # set by the caller between the backward's start and the optimizer step
+        self.flops = 0
+        self._depth, self._mark = 0, 0
+        self._handles = [register_module_forward_pre_hook(self._enter),
+                         register_module_forward_hook(self._leave, always_call=True)]
+
+    def _enter(self, module, args) -> None:
+        if self.in_backward:
+            if self._depth == 0:
+                self._mark = self.counter.get_total_flops()
+            self._depth += 1
+
+    def _leave(self, module, args, output) -> None:
+        if self.in_backward and self._depth:
+            self._depth -= 1
+            if self._depth == 0:
+                self.flops += self.counter.get_total_flops() - self._mark
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 class Throughput(L.Callback):
     """Logs images/s (all ranks), the model FLOP/s achieved per device (``perf/tflops``) and, knowing the device's
-    peak FLOP/s, the model FLOP utilisation (``perf/mfu`` = FLOPs per step / step time / peak).
+    peak FLOP/s, the model FLOP utilisation (``perf/mfu`` = model FLOPs per step / step time / peak). Under gradient
+    checkpointing it also logs the hardware FLOP utilisation (``perf/hfu``), which counts the recomputed forward.
 
     Unless ``flops_per_step`` is given, the FLOPs of one training step's forward and backward (per rank, up to the
     first optimizer step) are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the first batch: matmuls,
-    convolutions and attention as executed, CPU attention included (``ldm.lightning.flops``; with gradient
-    checkpointing the recomputed forward counts too). The count is saved in checkpoints, so a resumed run does not
-    count again. Logged every step from the second on.
+    convolutions and attention as executed, CPU attention included (``ldm.lightning.flops``). Module forwards that run
+    during the backward (checkpointing's recomputation, ``RecomputedFlops``) count for the hardware figure only. The
+    counts are saved in checkpoints, so a resumed run does not count again. Logged every step from the second on.
 
     ``peak_flops`` (FLOP/s at the training precision) overrides the peak; left None, a bf16 or fp16 run on a GPU in
     ``ldm.lightning.flops.PEAK_BF16_DENSE_FLOPS`` takes that GPU's dense peak (the fp16 and bf16 tensor-core peaks
@@ -87,9 +122,11 @@ class Throughput(L.Callback):
 
     def __init__(self, flops_per_step: float | None = None, peak_flops: float | None = None):
         self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+        self.hardware_flops_per_step: float | None = flops_per_step  # with the recomputed forward
         self._peak: float | None = peak_flops  # the peak in use: peak_flops, or the device's (on_fit_start)
         self._t0: float | None = None
         self._counter: FlopCounterMode | None = None
+        self._recomputed: RecomputedFlops | None = None
         self._counting_step = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -120,14 +157,21 @@ class Throughput(L.Callback):
         if self.flops_per_step is None and not self._counting_step:
             self._counter = flop_counter_mode()
             self._counter.__enter__()
+            self._recomputed = RecomputedFlops(self._counter)
             self._counting_step = True
         self._t0 = time.perf_counter()
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self._recomputed is not None:
+            self._recomputed.in_backward = True
 
     def _stop_counting(self) -> None:
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
-            self.flops_per_step = float(self._counter.get_total_flops())
-            self._counter = None
+            self._recomputed.remove()
+            self.hardware_flops_per_step = float(self._counter.get_total_flops())
+            self.flops_per_step = self.hardware_flops_per_step - self._recomputed.flops
+            self._counter = self._recomputed = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self._stop_counting()  # the optimizer step (and the EMA update after it) run outside the counting mode
@@ -144,6 +188,9 @@ class Throughput(L.Callback):
             pl_module.log("perf/tflops", host_scalar(self.flops_per_step / dt / 1e12), batch_size=n)
             if self._peak:
                 pl_module.log("perf/mfu", host_scalar(self.flops_per_step / dt / self._peak), batch_size=n)
+                if self.hardware_flops_per_step and self.hardware_flops_per_step > self.flops_per_step:
+                    pl_module.log("perf/hfu", host_scalar(self.hardware_flops_per_step / dt / self._peak),
+                                  batch_size=n)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._stop_counting()
@@ -152,11 +199,12 @@ class Throughput(L.Callback):
         self._stop_counting()
 
     def state_dict(self) -> dict:
-        return {"flops_per_step": self.flops_per_step}
+        return {"flops_per_step": self.flops_per_step, "hardware_flops_per_step": self.hardware_flops_per_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self.flops_per_step is None:
             self.flops_per_step = state_dict.get("flops_per_step")
+            self.hardware_flops_per_step = state_dict.get("hardware_flops_per_step", self.flops_per_step)
 
 
 class SampleGrid(L.Callback):

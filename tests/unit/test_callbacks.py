@@ -24,25 +24,31 @@ B, N_IN, N_HID, N_OUT = 4, 16, 32, 8
 
 
 class TwoLayers(L.LightningModule):
-    def __init__(self):
+    def __init__(self, checkpointed: bool = False):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(N_IN, N_HID), nn.ReLU(), nn.Linear(N_HID, N_OUT))
+        self.checkpointed = checkpointed  # the first layer and its ReLU recomputed in the backward
 
     def training_step(self, batch, batch_idx):
+        if self.checkpointed:
+            # (the ReLU's saved output needs the layer's matmul again; the layer alone would recompute nothing:
+            # its backward needs only the input and the weight, and torch's recomputation stops once it has those)
+            h = torch.utils.checkpoint.checkpoint(self.net[:2], batch["x"], use_reentrant=False)
+            return self.net[2](h).square().mean()
         return self.net(batch["x"]).square().mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit(tmp_path, callbacks, steps: int = 3, precision: str = "32-true") -> L.Trainer:
+def fit(tmp_path, callbacks, steps: int = 3, precision: str = "32-true", checkpointed: bool = False) -> L.Trainer:
     data = [{"x": torch.randn(B, N_IN)} for _ in range(steps)]
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()],
         enable_checkpointing=any(isinstance(c, StageCheckpoint) for c in callbacks), precision=precision,
     )
-    trainer.fit(TwoLayers(), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    trainer.fit(TwoLayers(checkpointed), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     return trainer
 
 
@@ -65,6 +71,45 @@ def test_throughput_counts_forward_and_backward_flops_and_logs_mfu(tmp_path, ste
     assert metrics["perf/tflops"] == pytest.approx((forward + backward) / step_time / 1e12, rel=1e-6)
     assert metrics["perf/mfu"] == pytest.approx((forward + backward) / step_time / 1e9, rel=1e-6)
     assert metrics["perf/images_per_s"] == pytest.approx(B / step_time, rel=1e-6)
+
+
+def test_throughput_counts_checkpointings_recomputed_forward_for_the_hardware_figure_only(tmp_path, step_time):
+    plain, recomputing = Throughput(peak_flops=1e9), Throughput(peak_flops=1e9)
+    assert "perf/hfu" not in fit(tmp_path, [plain]).callback_metrics
+    trainer = fit(tmp_path, [recomputing], checkpointed=True)
+    first_layer = 2 * B * N_IN * N_HID  # its forward, run again in the backward
+    assert recomputing.flops_per_step == plain.flops_per_step == plain.hardware_flops_per_step
+    assert recomputing.hardware_flops_per_step == plain.flops_per_step + first_layer
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert metrics["perf/mfu"] == pytest.approx(plain.flops_per_step / step_time / 1e9, rel=1e-6)
+    assert metrics["perf/hfu"] == pytest.approx((plain.flops_per_step + first_layer) / step_time / 1e9, rel=1e-6)
+    resumed = Throughput()
+    resumed.load_state_dict(recomputing.state_dict())
+    assert (resumed.flops_per_step, resumed.hardware_flops_per_step) == (plain.flops_per_step,
+                                                                         recomputing.hardware_flops_per_step)
+
+
+def test_throughput_counts_the_unets_model_flops_with_gradient_checkpointing(tmp_path):
+    """The real UNet's checkpointed blocks (torch's non-reentrant checkpoint, which may stop a recomputation early):
+    the model count equals the count without checkpointing, and the hardware count adds the recomputed forward."""
+    from ldm.text import ScratchTextEncoder
+    from tests.module_factory import diffusion_module
+    from tests.unit.test_lightning_modules import collate, image_batches, tiny_unet
+
+    counts = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        unet, text = tiny_unet(in_ch=3), ScratchTextEncoder(width=32, layers=1, heads=2, context_length=8)
+        unet.gradient_checkpointing = checkpointing
+        throughput = Throughput()
+        L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=tmp_path, callbacks=[throughput]).fit(
+            diffusion_module(unet, text, None, ema_decay=None),
+            torch.utils.data.DataLoader(image_batches(4), batch_size=4, collate_fn=collate))
+        counts[checkpointing] = throughput.flops_per_step, throughput.hardware_flops_per_step
+    (plain, plain_hw), (model, hardware) = counts[False], counts[True]
+    assert plain == plain_hw and model == pytest.approx(plain, rel=1e-9)
+    assert hardware > model * 1.2
 
 
 def test_throughput_takes_the_device_peak_for_half_precision_runs_only(tmp_path, monkeypatch, step_time):
