@@ -137,8 +137,10 @@ class AutoencoderKL(nn.Module):
         return z / self.latent_scale.to(z.dtype) + self.latent_shift.to(z.dtype)
 
     def encode_latents(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Image -> sampled, normalised latents for diffusion training."""
-        return self.normalize_latents(self.encode(x).sample(generator))
+        """Image -> sampled, normalised latents for diffusion training. The image is taken in the weights' dtype: a
+        wrapper may hand it over in another (FSDP casts a bf16-mixed module's inputs to bf16, and a frozen VAE that
+        FSDP leaves unsharded keeps float32 weights)."""
+        return self.normalize_latents(self.encode(x.to(next(self.parameters()).dtype)).sample(generator))
 
     def decode_latents(self, z: torch.Tensor, tile_size: int | None = None, tile_overlap: int = 8) -> torch.Tensor:
         """Normalised latents -> images clamped to [-1, 1]; decoded without autocast (fp16 VAE decodes overflow)."""

@@ -368,7 +368,8 @@ def test_a_gan_batch_is_one_training_step(tmp_path):
     opt_ae, opt_d = fitted.optimizers
     assert int(opt_ae.state[next(module.vae.parameters())]["step"]) == 6
     assert int(opt_d.state[next(module.discriminator.parameters())]["step"]) == 4  # batches 2..5
-    assert [c.scheduler.last_epoch for c in fitted.lr_scheduler_configs] == [6, 6] and opt_ae.param_groups[0]["lr"] == 0.0
+    assert [c.scheduler.last_epoch for c in fitted.lr_scheduler_configs] == [6, 6]
+    assert opt_ae.param_groups[0]["lr"] == 0.0  # the cosine schedule ends with the last batch
 
 
 def test_an_autoencoder_step_reads_no_value_back_from_the_device(tmp_path):
