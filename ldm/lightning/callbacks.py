@@ -44,10 +44,6 @@ class StageCheckpoint(ModelCheckpoint):
         kwargs.setdefault("filename", "step{step:06d}")
         kwargs.setdefault("auto_insert_metric_name", False)
         super().__init__(*args, **kwargs)
-        self._saved_step: int | None = None
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        self._saved_step = trainer.global_step
 
     def on_validation_end(self, trainer, pl_module) -> None:
         """Lightning's save after a validation; with a ``monitor``, the best so far is also summarised in
@@ -64,7 +60,10 @@ class StageCheckpoint(ModelCheckpoint):
         if preempted(trainer):  # PreemptionCheckpoint saved last.ckpt at this step
             return
         super().on_train_end(trainer, pl_module)
-        if self.save_last and self.dirpath is not None and self._saved_step != trainer.global_step:
+        # this instance's own last save (Lightning's attribute; each save writes last.ckpt too when save_last). Not
+        # on_save_checkpoint, which runs for every callback at any save: another instance's save at the final step
+        # (the best checkpoint after the last validation) would pass for this one's
+        if self.save_last and self.dirpath is not None and self._last_global_step_saved != trainer.global_step:
             last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
             trainer.save_checkpoint(last, weights_only=False)  # the full state: resumable
             self.last_model_path = str(last)

@@ -1,6 +1,7 @@
-"""trainer=fsdp_cpu: two processes over gloo train the ldm stage under FSDP, with the EMA and the sample grid, and
-end with the same weights and EMA as the same run under DDP (which the DDP test checks on its own). Under both
-strategies, a run resumed from its mid-run checkpoint ends where the uninterrupted one did."""
+"""trainer=fsdp_cpu: two processes over gloo train the ldm stage under FSDP, with the EMA, the
+validation loss of the EMA weights and the sample grid, and end with the same weights, EMA and validation losses as
+the same run under DDP (which the DDP test checks on its own). Under both strategies, a run resumed from its mid-run
+checkpoint ends where the uninterrupted one did."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ import sys
 import pytest
 import torch
 
+from ldm.data.make_shards import make_shards
 from tests.integration.tiny_run import ROOT, TINY_MODELS, read_metrics, train_env
 
 OVERRIDES = [*TINY_MODELS, "trainer.log_every_n_steps=1", "vae_stage.max_steps=3", "ldm_stage.max_steps=5",
              "callbacks.ldm.checkpoint.every_n_train_steps=3", "ldm_stage.ema_decay=0.9",
              "ldm_stage.cache_latents=false",
              "callbacks.ldm.samples.every_n_steps=3"]  # the grid at step 3 and at the end: every rank samples (FSDP)
+
+
+def _validation(tmp_path) -> list[str]:
+    """The ldm stage validates the EMA weights every 2 steps on held-out shards (7 samples over the two ranks)."""
+    return [f"data.val_shards={tmp_path / 'val'}", "ldm_stage.val_every_n_steps=2"]
 
 
 def _train(tmp_path, name: str, trainer: str, *overrides: str):
@@ -33,11 +40,14 @@ def runs(tmp_path_factory):
     """A VAE (in one process: the vae stage refuses FSDP), then the same 5-step ldm stage from it under DDP and
     FSDP."""
     tmp_path = tmp_path_factory.mktemp("fsdp")
+    make_shards("shapes", tmp_path / "val", maxcount=3, length=7, size=16, seed=5, log=None)
     vae = _train(tmp_path, "vae", "cpu", "stages=[vae]") / "vae" / "vae.ckpt"
     # float32: the weights are compared to 1e-4, and FSDP's bf16 keeps its parameters in bf16 for the forward, which
     # autocast under DDP does not (the quickstart's precision auto would pick bf16 on a CPU with native bf16)
-    ddp = _train(tmp_path, "ddp", "ddp_cpu", "stages=[ldm]", f"vae_ckpt={vae}", "trainer.precision=32-true")
-    fsdp = _train(tmp_path, "fsdp", "fsdp_cpu", "stages=[ldm]", f"vae_ckpt={vae}", "trainer.precision=32-true")
+    ddp = _train(tmp_path, "ddp", "ddp_cpu", "stages=[ldm]", f"vae_ckpt={vae}", "trainer.precision=32-true",
+                 *_validation(tmp_path))
+    fsdp = _train(tmp_path, "fsdp", "fsdp_cpu", "stages=[ldm]", f"vae_ckpt={vae}", "trainer.precision=32-true",
+                  *_validation(tmp_path))
     return tmp_path, ddp, fsdp
 
 
@@ -66,6 +76,13 @@ def test_fsdp_trains_the_ldm_stage_to_the_ddp_weights_and_ema(runs):
     m_ddp, m_fsdp = (read_metrics(r / "logs" / "version_0" / "metrics.csv") for r in (ddp, fsdp))
     for step in range(5):
         assert m_fsdp[step]["train/grad_norm"] == pytest.approx(m_ddp[step]["train/grad_norm"], rel=1e-4), step
+    # the validation swaps the EMA in and the training weights back (through the gathered parameters: FSDP's root
+    # keeps its gathered parameters after a forward without backward, and the next step's forward reuses them): the
+    # same losses as DDP's, and the training weights above
+    val_steps = [step for step in m_ddp if "val/loss" in m_ddp[step]]
+    assert len(val_steps) >= 2 and val_steps == [step for step in m_fsdp if "val/loss" in m_fsdp[step]]
+    for step in val_steps:
+        assert m_fsdp[step]["val/loss"] == pytest.approx(m_ddp[step]["val/loss"], rel=1e-4), step
 
     # the sample grid was written by rank 0, from weights gathered on both ranks
     grids = sorted(p.name for p in (fsdp / "ldm" / "samples").glob("*.png"))
@@ -87,7 +104,7 @@ def test_two_rank_runs_resume_exactly(runs, trainer):
     step_col = rows[0].rstrip("\n").split(",").index("step")
     metrics.write_text("".join(r for i, r in enumerate(rows) if i == 0 or int(r.split(",")[step_col]) < 3))
     mid = cut / "ldm" / "checkpoints" / "step000003.ckpt"
-    resumed = _train(tmp_path, cut.name, trainer, "stages=[ldm]", f"resume={mid}")
+    resumed = _train(tmp_path, cut.name, trainer, "stages=[ldm]", f"resume={mid}", *_validation(tmp_path))
     a = read_metrics(full / "logs" / "version_0" / "metrics.csv")
     b = read_metrics(resumed / "logs" / "version_0" / "metrics.csv")
     assert sorted(b) == sorted(a) == [0, 1, 2, 3, 4]  # the kept rows, then steps 3 and 4 logged by the resumed run

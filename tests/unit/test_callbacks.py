@@ -142,6 +142,11 @@ def test_stage_checkpoint_last_is_the_final_step(tmp_path):
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 5  # Lightning's ModelCheckpoint would leave it at step 4, the last periodic save
     assert torch.load(tmp_path / "ckpt" / "step000004.ckpt", weights_only=False)["global_step"] == 4
+    # another checkpoint callback saving at the final step (as the best one does after the last validation)
+    fit(tmp_path, [StageCheckpoint(dirpath=tmp_path / "two", save_last=True, every_n_train_steps=2),
+                   StageCheckpoint(dirpath=tmp_path / "two", filename="other-{step}", every_n_train_steps=5)],
+        steps=5)
+    assert torch.load(tmp_path / "two" / "last.ckpt", weights_only=False)["global_step"] == 5
 
 
 def test_reconstruction_grid_shows_fixed_inputs_over_their_reconstructions(tmp_path):
