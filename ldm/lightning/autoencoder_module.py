@@ -25,8 +25,10 @@ class AutoencoderModule(L.LightningModule):
     CompVis sums the reconstruction over the pixels instead, so their ``kl_weight`` w is w / (C x H x W) here.
 
     A non-finite loss or gradient stops the run (``NonFiniteSteps`` with the ``stop`` policy). With the fused Adam
-    optimizers (all precisions but fp16) the test runs on the device and the step's updates are skipped there, so the
-    step never waits for a GPU; the error comes up to two steps later, with the weights as they were before it.
+    optimizers (all precisions but fp16) each update's gradient norm is tested on the device and a non-finite one
+    skips that update there, so the step never waits for a GPU; the error comes up to two steps later. Under fp16 the
+    losses are tested on the host (a non-finite one stops the run at once) and the gradient scaler skips updates
+    with non-finite gradients, as it does by design.
     """
 
     progress_bar_keys = ("train/loss", "train/psnr")  # what StepProgressBar shows, read at its refresh
@@ -86,8 +88,8 @@ class AutoencoderModule(L.LightningModule):
             self.generator.manual_seed(self.seed + 1000003 * self.global_rank)
 
     def on_train_start(self) -> None:
-        self.nonfinite.start(skips_on_device(self._optimizers()[0], self.trainer.precision_plugin, self.device),
-                             self.device)
+        on_device = all(skips_on_device(opt, self.trainer.precision_plugin, self.device) for opt in self._optimizers())
+        self.nonfinite.start(on_device, self.device)
 
     def on_train_end(self) -> None:
         self.nonfinite.flush()
@@ -116,16 +118,17 @@ class AutoencoderModule(L.LightningModule):
         x = batch["image"]
         opts = self.optimizers()
         opt_ae, opt_d = (opts[0], opts[1]) if isinstance(opts, list) else (opts, None)
+        step, gan = self.global_step, self._gan_active()  # before the generator's update counts the step
         rec, posterior = self.vae(x, generator=self.generator)
         nll = self._reconstruction(x, rec)
         kl = posterior.kl().mean()
         loss = nll + self.kl_weight * kl
-        if self._gan_active():
+        if gan:
             g_loss = -self.discriminator(rec).mean()
             w = adaptive_gan_weight(nll, g_loss, self.vae.decoder.conv_out.weight) * self.disc_weight
             loss = loss + w * g_loss
             self.log("train/g_loss", g_loss, batch_size=x.shape[0])
-        if not self.nonfinite.loss_is_finite(loss, self.global_step):  # the host test (not with fused Adam)
+        if not self.nonfinite.loss_is_finite(loss, step):  # the host test (not with fused Adam)
             return
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(loss)
@@ -133,19 +136,17 @@ class AutoencoderModule(L.LightningModule):
         if norm is not None:
             self.log("train/grad_norm", norm, batch_size=x.shape[0])
         self.log("train/lr", host_scalar(opt_ae.param_groups[0]["lr"]), batch_size=x.shape[0])
-        also = []
-        if self._gan_active():  # its gradients before either update, so one test can skip both
+        self.nonfinite.before_optimizer_step(opt_ae, norm, step)
+        opt_ae.step()
+        if gan:  # after the generator's update, as a fp16 gradient scaler's update expects
             d_loss = hinge_d_loss(self.discriminator(x), self.discriminator(rec.detach()))
-            if not self.nonfinite.loss_is_finite(d_loss, self.global_step):
+            if not self.nonfinite.loss_is_finite(d_loss, step):
                 return
             opt_d.zero_grad(set_to_none=True)  # drops what the generator's loss put there
             self.manual_backward(d_loss)
-            also.append((opt_d, grad_norm(self.discriminator.parameters())))
-            self.log("train/d_loss", d_loss, batch_size=x.shape[0])
-        self.nonfinite.before_optimizer_step(opt_ae, norm, self.global_step, also)
-        opt_ae.step()
-        if also:
+            self.nonfinite.before_optimizer_step(opt_d, grad_norm(self.discriminator.parameters()), step)
             self._step_uncounted(opt_d)
+            self.log("train/d_loss", d_loss, batch_size=x.shape[0])
         for sched in self._schedulers():
             sched.step()
         bs = x.shape[0]

@@ -79,7 +79,7 @@ class RecomputedFlops:
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
         self.counter = counter
-        self.in_backward = False  # set by the caller between the backward's start and the optimizer step
+        self.in_backward = False  # set by the caller from a backward's start to its end
         self.flops = 0
         self._depth, self._mark = 0, 0
         self._handles = [register_module_forward_pre_hook(self._enter),
@@ -163,6 +163,10 @@ class Throughput(L.Callback):
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if self._recomputed is not None:
             self._recomputed.in_backward = True
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self._recomputed is not None:  # forwards after a backward (a GAN's discriminator) are no recomputation
+            self._recomputed.in_backward = False
 
     def _stop_counting(self) -> None:
         if self._counter is not None:

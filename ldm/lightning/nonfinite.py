@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,23 +87,17 @@ class NonFiniteSteps:
         self._note(self.skipped + 1, step, what)
         return False
 
-    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, norm: torch.Tensor | None, step: int,
-                              also: Sequence[tuple[torch.optim.Optimizer, torch.Tensor | None]] = ()) -> None:
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, norm: torch.Tensor | None, step: int) -> None:
         """The device mode: mark a step with a non-finite gradient ``norm`` for the fused optimizer to skip, and act
-        on the counts that are due. ``also``: more (optimizer, gradient norm) pairs of the same training step (a
-        GAN's discriminator); a non-finite norm in any of them skips the whole step, every optimizer's update."""
+        on the counts that are due."""
         if not self.on_device:
             return
-        pairs = [(optimizer, norm), *also]
-        norms = [n for _, n in pairs if n is not None]
-        if not norms:  # no gradients at all: nothing to skip
-            for opt, _ in pairs:
-                getattr(opt, "optimizer", opt).__dict__.pop("found_inf", None)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if norm is None:  # no gradients at all: nothing to skip
+            inner.__dict__.pop("found_inf", None)
         else:
-            finite = torch.isfinite(norms[0]) if len(norms) == 1 else torch.isfinite(torch.stack(norms)).all()
-            found = (~finite).to(torch.float32)
-            for opt, _ in pairs:
-                getattr(opt, "optimizer", opt).found_inf = found
+            found = (~torch.isfinite(norm)).to(torch.float32)
+            inner.found_inf = found
             self._total += found
             self._reads.push(step, self._total)
         self._act(self._reads.due(step))

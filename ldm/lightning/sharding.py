@@ -153,14 +153,28 @@ class CPUFSDPStrategy(FloatBuffersFSDPStrategy):
                                              **self.kwargs)
         return super()._setup_model(model)
 
+    def _cpu_autocast(self) -> AbstractContextManager:
+        """A CPU autocast for a mixed precision, as on GPUs: Lightning's FSDP precision opens a CUDA autocast, which
+        leaves CPU ops alone, so the frozen parts (float32, unsharded) and the UNet (FSDP's bf16 parameters) would
+        meet in different dtypes."""
+        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(self.precision_plugin.precision))
+        return torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
+
     def training_step(self, *args, **kwargs):
-        """The step under a CPU autocast for a mixed precision, as on GPUs: Lightning's FSDP precision opens a CUDA
-        autocast, which leaves CPU ops alone, so the frozen parts (float32, unsharded) and the UNet (FSDP's bf16
-        parameters) would meet in different dtypes."""
-        precision = str(self.precision_plugin.precision)
-        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-        with torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext():
+        with self._cpu_autocast():
             return super().training_step(*args, **kwargs)
+
+    def validation_step(self, *args, **kwargs):
+        with self._cpu_autocast():
+            return super().validation_step(*args, **kwargs)
+
+    def test_step(self, *args, **kwargs):
+        with self._cpu_autocast():
+            return super().test_step(*args, **kwargs)
+
+    def predict_step(self, *args, **kwargs):
+        with self._cpu_autocast():
+            return super().predict_step(*args, **kwargs)
 
     def optimizer_state(self, optimizer) -> dict:
         """Lightning's full optimizer state, gathered without ``offload_to_cpu``.

@@ -121,10 +121,12 @@ def test_fsdp_under_bf16_mixed_keeps_the_ema_in_float32_and_moving(runs):
     # Lightning's FSDP would cast every buffer (the EMA shadows among them) to bfloat16 at the first forward
     tmp_path, _, fsdp = runs
     vae = tmp_path / "vae" / "vae" / "vae.ckpt"
-    run = _train(tmp_path, "fsdp_bf16", "fsdp_cpu", "stages=[ldm]", f"vae_ckpt={vae}", "trainer.precision=bf16-mixed")
+    run = _train(tmp_path, "fsdp_bf16", "fsdp_cpu", "stages=[ldm]", f"vae_ckpt={vae}", "trainer.precision=bf16-mixed",
+                 *_validation(tmp_path))  # the float32 VAE, left unsharded, encodes FSDP's bf16 inputs there too
     mid = torch.load(run / "ldm" / "checkpoints" / "step000003.ckpt", map_location="cpu", weights_only=False)
     end = _last(run)["state_dict"]
     shadows = [k for k in end if k.startswith("ema.") and k != "ema.num_updates"]
     assert shadows and all(end[k].dtype == torch.float32 for k in shadows)
     assert int(end["ema.num_updates"]) == 5
     assert any(not torch.equal(end[k], mid["state_dict"][k]) for k in shadows)  # steps 4 and 5 moved the average
+    assert "val/loss" in read_metrics(run / "logs" / "version_0" / "metrics.csv")[4]

@@ -389,8 +389,9 @@ def test_an_autoencoder_step_reads_no_value_back_from_the_device(tmp_path):
 
 
 def test_a_non_finite_autoencoder_step_stops_the_run_and_changes_no_weight(tmp_path):
-    """A NaN batch at step 1: fused Adam skips the generator's and the discriminator's updates on the device, and
-    the run stops when the count is read, two steps later, naming the step and what to change."""
+    """A NaN batch at step 1: fused Adam skips the generator's and the discriminator's updates on the device (each
+    tested on its own gradients), and the run stops when the count is read, two steps later, naming the step and
+    what to change."""
     torch.manual_seed(0)
     module = AutoencoderModule(tiny_vae(), lr=1e-3, disc_start=0, disc_layers=2, disc_channels=8)
     data = image_batches(64)
@@ -412,6 +413,25 @@ def test_a_non_finite_autoencoder_step_stops_the_run_and_changes_no_weight(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(weights[1], weights[0], strict=True))  # step 1 changed nothing
     assert any(not torch.equal(a, b) for a, b in zip(weights[2], weights[1], strict=True))
     assert all(torch.isfinite(w).all() for w in weights[2])
+
+    # non-finite gradients in the discriminator only (a hook on one of its weights, at its backward of step 1): its
+    # update is skipped, the generator's goes on, and the run stops as well
+    torch.manual_seed(0)
+    module = AutoencoderModule(tiny_vae(), lr=1e-3, disc_start=0, disc_layers=2, disc_channels=8)
+    first = next(module.discriminator.parameters())
+    backwards = []
+    first.register_hook(lambda g: g * float("nan") if len(backwards) == 4 else g)  # 2 backwards per batch
+    module.manual_backward = (lambda backward: lambda loss: (backwards.append(1), backward(loss)))(
+        module.manual_backward)
+    weights.clear()
+    stopped = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[Record()])
+    with pytest.raises(FloatingPointError, match=r"gradients are not finite at step 1 "):
+        stopped.fit(module, DataLoader(image_batches(64), batch_size=8, collate_fn=collate))
+    n_vae = len(list(module.vae.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(weights[1][:n_vae], weights[0][:n_vae], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(weights[1][n_vae:], weights[0][n_vae:], strict=True))
 
 
 def test_perceptual_loss_needs_local_weights(tmp_path):
