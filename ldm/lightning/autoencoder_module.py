@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from ldm.autoencoder.losses import PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, hinge_d_loss
@@ -72,18 +73,29 @@ class AutoencoderModule(L.LightningModule):
         self.nonfinite = NonFiniteSteps(NaNPolicy("stop"), hint=(
             "Lower vae_stage.lr or the GAN's weight (vae_stage.disc_weight), or use bf16 rather than fp16."))
 
-    @staticmethod
-    def refuse_fsdp(trainer: L.Trainer | None) -> None:
-        """Raise if ``trainer`` runs FSDP, which this module cannot train under. ``train.py`` calls it before ``fit``
-        launches the ranks; ``setup`` calls it for a Trainer built elsewhere."""
+    def refuse_unsupported(self, trainer: L.Trainer | None) -> None:
+        """Raise if ``trainer`` runs a strategy this module cannot train under. ``train.py`` calls it before ``fit``
+        launches the ranks; ``setup`` calls it for a Trainer built elsewhere.
+
+        - FSDP: the two optimizers step by hand inside ``training_step``, which FSDP runs inside the wrapped forward.
+        - The PatchGAN on several DDP ranks: the discriminator is unused before ``disc_start`` and then gets gradients
+          from two backward passes in one forward, which DDP's gradient reducer refuses."""
         if is_fsdp(trainer):
             raise ValueError(
                 "the vae stage cannot train under FSDP: its two optimizers step by hand inside training_step, which "
                 "FSDP runs inside the wrapped forward (backward there is not allowed). Train the VAE with trainer=ddp "
-                "(stages=[vae]), then the LDM with trainer=fsdp stages=[ldm] vae_ckpt=RUN/vae/vae.ckpt")
+                "or on one device (stages=[vae]), then the LDM with trainer=fsdp stages=[ldm] "
+                "vae_ckpt=RUN/vae/vae.ckpt")
+        if (self.discriminator is not None and trainer is not None and trainer.world_size > 1
+                and isinstance(trainer.strategy, DDPStrategy)):
+            raise ValueError(
+                "the vae stage's PatchGAN (vae_stage.disc_start) does not train on several DDP ranks: the "
+                "discriminator is unused before disc_start and then gets gradients from two backward passes in one "
+                "forward, which DDP's gradient reducer refuses. Train a GAN VAE on one device (trainer=gpu or cpu), "
+                "or set vae_stage.disc_start=null for DDP")
 
     def setup(self, stage: str) -> None:
-        self.refuse_fsdp(self._trainer)
+        self.refuse_unsupported(self._trainer)
         if self.global_rank:
             self.generator.manual_seed(self.seed + 1000003 * self.global_rank)
 

@@ -420,7 +420,7 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None, resume_step
     save_config(cfg, stage_dir)
     trainer = make_trainer(cfg, stage_dir, s.max_steps, make_callbacks(cfg.callbacks.get("vae")),
                            make_logger(cfg, "vae", stage_dir, resume_step), manual=True)
-    AutoencoderModule.refuse_fsdp(trainer)  # here, before fit launches the ranks and joins the process group
+    module.refuse_unsupported(trainer)  # here, before fit launches the ranks and joins the process group
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     seconds = time.perf_counter() - t0

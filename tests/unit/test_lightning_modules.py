@@ -372,6 +372,18 @@ def test_a_gan_batch_is_one_training_step(tmp_path):
     assert opt_ae.param_groups[0]["lr"] == 0.0  # the cosine schedule ends with the last batch
 
 
+def test_the_patchgan_is_refused_on_several_ddp_ranks_before_launch():
+    """DDP's reducer refuses the discriminator's parameters (unused before disc_start, then two backward passes in
+    one forward): a clear error before the ranks start, and none without the GAN or on one device."""
+    several = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+    one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    gan = AutoencoderModule(tiny_vae(), disc_start=10, disc_layers=2, disc_channels=8)
+    with pytest.raises(ValueError, match=r"PatchGAN \(vae_stage.disc_start\) does not train on several DDP ranks"):
+        gan.refuse_unsupported(several)
+    gan.refuse_unsupported(one)
+    AutoencoderModule(tiny_vae()).refuse_unsupported(several)
+
+
 def test_an_autoencoder_step_reads_no_value_back_from_the_device(tmp_path):
     """The VAE stage's step (forward, losses, the generator's and discriminator's backward, the non-finite test,
     fused Adam, logging and Lightning's collection of the logged values) makes no host read of a device value."""
