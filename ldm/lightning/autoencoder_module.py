@@ -104,9 +104,7 @@ class AutoencoderModule(L.LightningModule):
         self.nonfinite.start(on_device, self.device)
 
     def on_train_end(self) -> None:
-        self.nonfinite.flush()
-        for opt in self._optimizers():
-            getattr(opt, "optimizer", opt).__dict__.pop("found_inf", None)
+        self.nonfinite.finish(self._optimizers())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.nonfinite.flush()  # a non-finite step raises here, before the checkpoint is written
@@ -128,8 +126,8 @@ class AutoencoderModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]
-        opts = self.optimizers()
-        opt_ae, opt_d = (opts[0], opts[1]) if isinstance(opts, list) else (opts, None)
+        opts = self._optimizers()
+        opt_ae, opt_d = opts[0], (opts[1] if len(opts) > 1 else None)
         step, gan = self.global_step, self._gan_active()  # before the generator's update counts the step
         rec, posterior = self.vae(x, generator=self.generator)
         nll = self._reconstruction(x, rec)

@@ -312,9 +312,7 @@ class LatentDiffusionModule(L.LightningModule):
             skips_on_device(self.trainer.optimizers[0], self.trainer.precision_plugin, self.device), self.device)
 
     def on_train_end(self) -> None:
-        self.nonfinite.flush()
-        inner = getattr(self.trainer.optimizers[0], "optimizer", self.trainer.optimizers[0])
-        inner.__dict__.pop("found_inf", None)
+        self.nonfinite.finish(self.trainer.optimizers)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # The gradient norm before clipping (Lightning clips after this hook).

@@ -106,6 +106,13 @@ class NonFiniteSteps:
         """Read every pending count now (end of training, a checkpoint) and act on it."""
         self._act(self._reads.drain())
 
+    def finish(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """The end of training: ``flush``, and take the device test's ``found_inf`` off ``optimizers`` (a later
+        step outside this class would otherwise be skipped by a stale flag)."""
+        self.flush()
+        for optimizer in optimizers:
+            getattr(optimizer, "optimizer", optimizer).__dict__.pop("found_inf", None)
+
     def _act(self, reads: list[tuple[int, float]]) -> None:
         for step, total in reads:
             if int(total) > self.skipped:

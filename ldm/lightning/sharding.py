@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 
@@ -86,8 +87,12 @@ def ddp_strategy(forward_sync_buffers: bool = False, **kwargs) -> DDPStrategy:
 def frozen_children(model: torch.nn.Module) -> list[torch.nn.Module]:
     """``model``'s direct children that have parameters, none of them trainable (the first stage, a frozen text
     encoder): what FSDP need not shard."""
-    return [child for child in model.children()
-            if any(True for _ in child.parameters()) and not any(p.requires_grad for p in child.parameters())]
+    frozen = []
+    for child in model.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            frozen.append(child)
+    return frozen
 
 
 class FloatBuffersFSDPStrategy(FSDPStrategy):
@@ -134,6 +139,17 @@ class FloatBuffersFSDPStrategy(FSDPStrategy):
         return MixedPrecision(param_dtype=config.param_dtype, reduce_dtype=torch.float32, buffer_dtype=None)
 
 
+class CPUFSDPPrecision(FSDPPrecision):
+    """Lightning's FSDP precision with a CPU autocast for the mixed precisions, as on GPUs: its own opens a CUDA
+    autocast, which leaves CPU ops alone, so the frozen parts (float32, unsharded) and the UNet (FSDP's bf16
+    parameters) would meet in different dtypes. Every step (training, validation, test, predict) runs in it."""
+
+    def forward_context(self) -> AbstractContextManager:
+        if "mixed" in self.precision:
+            return torch.autocast("cpu", dtype=torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16)
+        return super().forward_context()
+
+
 class CPUFSDPStrategy(FloatBuffersFSDPStrategy):
     """Lightning's FSDP strategy on CPU processes (gloo), to exercise the sharded code paths without a GPU.
 
@@ -153,28 +169,11 @@ class CPUFSDPStrategy(FloatBuffersFSDPStrategy):
                                              **self.kwargs)
         return super()._setup_model(model)
 
-    def _cpu_autocast(self) -> AbstractContextManager:
-        """A CPU autocast for a mixed precision, as on GPUs: Lightning's FSDP precision opens a CUDA autocast, which
-        leaves CPU ops alone, so the frozen parts (float32, unsharded) and the UNet (FSDP's bf16 parameters) would
-        meet in different dtypes."""
-        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(self.precision_plugin.precision))
-        return torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
-
-    def training_step(self, *args, **kwargs):
-        with self._cpu_autocast():
-            return super().training_step(*args, **kwargs)
-
-    def validation_step(self, *args, **kwargs):
-        with self._cpu_autocast():
-            return super().validation_step(*args, **kwargs)
-
-    def test_step(self, *args, **kwargs):
-        with self._cpu_autocast():
-            return super().test_step(*args, **kwargs)
-
-    def predict_step(self, *args, **kwargs):
-        with self._cpu_autocast():
-            return super().predict_step(*args, **kwargs)
+    def setup(self, trainer: L.Trainer) -> None:
+        """Lightning's setup, with the precision plugin's forward context on the CPU (``CPUFSDPPrecision``)."""
+        plugin = self.precision_plugin
+        self.precision_plugin = CPUFSDPPrecision(plugin.precision, scaler=getattr(plugin, "scaler", None))
+        super().setup(trainer)
 
     def optimizer_state(self, optimizer) -> dict:
         """Lightning's full optimizer state, gathered without ``offload_to_cpu``.
