@@ -15,6 +15,8 @@ class PatchDiscriminator(nn.Module):
 
     def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 3):
         super().__init__()
+        # num_layers stride-2 convolutions halve the input, then two of stride 1 take a pixel each: at least one is left
+        self.min_size = 3 * 2**num_layers
         layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
         ch = channels
         for i in range(1, num_layers + 1):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ldm.autoencoder.losses import PatchDiscriminator, PerceptualLoss, adaptive_gan_weight, hinge_d_loss
 from ldm.checkpoint import gather_rank_states, rank_state
@@ -30,6 +31,9 @@ class AutoencoderModule(L.LightningModule):
     skips that update there, so the step never waits for a GPU; the error comes up to two steps later. Under fp16 the
     losses are tested on the host (a non-finite one stops the run at once) and the gradient scaler skips updates
     with non-finite gradients, as it does by design.
+
+    Under DDP the autoencoder's gradients are averaged by DDP and the discriminator's by this module (DDP's reducer
+    takes one backward per forward; a GAN batch has two), so every rank holds the same weights.
     """
 
     progress_bar_keys = ("train/loss", "train/psnr")  # what StepProgressBar shows, read at its refresh
@@ -63,6 +67,7 @@ class AutoencoderModule(L.LightningModule):
         self.lr_factor = warmup_then(lr_schedule, 0, max_steps)
         self.disc_start = disc_start
         self.disc_weight = disc_weight
+        self.disc_layers = disc_layers
         self.discriminator = None
         if disc_start is not None:
             self.discriminator = PatchDiscriminator(vae.config["out_channels"], disc_channels, disc_layers)
@@ -74,32 +79,38 @@ class AutoencoderModule(L.LightningModule):
             "Lower vae_stage.lr or the GAN's weight (vae_stage.disc_weight), or use bf16 rather than fp16."))
 
     def refuse_unsupported(self, trainer: L.Trainer | None) -> None:
-        """Raise if ``trainer`` runs a strategy this module cannot train under. ``train.py`` calls it before ``fit``
-        launches the ranks; ``setup`` calls it for a Trainer built elsewhere.
-
-        - FSDP: the two optimizers step by hand inside ``training_step``, which FSDP runs inside the wrapped forward.
-        - The PatchGAN on several DDP ranks: the discriminator is unused before ``disc_start`` and then gets gradients
-          from two backward passes in one forward, which DDP's gradient reducer refuses."""
+        """Raise if ``trainer`` runs under FSDP, which this module cannot train under: its two optimizers step by hand
+        inside ``training_step``, which FSDP runs inside the wrapped forward. ``train.py`` calls it before ``fit``
+        launches the ranks; ``setup`` calls it for a Trainer built elsewhere."""
         if is_fsdp(trainer):
             raise ValueError(
                 "the vae stage cannot train under FSDP: its two optimizers step by hand inside training_step, which "
                 "FSDP runs inside the wrapped forward (backward there is not allowed). Train the VAE with trainer=ddp "
                 "or on one device (stages=[vae]), then the LDM with trainer=fsdp stages=[ldm] "
                 "vae_ckpt=RUN/vae/vae.ckpt")
-        if (self.discriminator is not None and trainer is not None and trainer.world_size > 1
-                and isinstance(trainer.strategy, DDPStrategy)):
-            raise ValueError(
-                "the vae stage's PatchGAN (vae_stage.disc_start) does not train on several DDP ranks: the "
-                "discriminator is unused before disc_start and then gets gradients from two backward passes in one "
-                "forward, which DDP's gradient reducer refuses. Train a GAN VAE on one device (trainer=gpu or cpu), "
-                "or set vae_stage.disc_start=null for DDP")
 
     def setup(self, stage: str) -> None:
         self.refuse_unsupported(self._trainer)
         if self.global_rank:
             self.generator.manual_seed(self.seed + 1000003 * self.global_rank)
+        if self._gan_on_ranks():
+            # DDP's reducer expects one backward per forward, and a GAN batch has two in one training_step (the
+            # generator's, whose loss also reaches the discriminator, then the discriminator's). So DDP leaves the
+            # discriminator alone and this module averages its gradients itself (``_average_discriminator``).
+            names = [f"discriminator.{n}" for n, _ in self.discriminator.named_parameters()]
+            names += [f"discriminator.{n}" for n, _ in self.discriminator.named_buffers()]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
+
+    def _gan_on_ranks(self) -> bool:
+        """Whether the discriminator trains on several DDP ranks."""
+        trainer = self._trainer
+        return (self.discriminator is not None and trainer is not None and trainer.world_size > 1
+                and isinstance(trainer.strategy, DDPStrategy))
 
     def on_train_start(self) -> None:
+        if self._gan_on_ranks():  # DDP did not broadcast the discriminator it ignores: start every rank from rank 0's
+            for t in [*self.discriminator.parameters(), *self.discriminator.buffers()]:
+                torch.distributed.broadcast(t.data, src=0)
         on_device = all(skips_on_device(opt, self.trainer.precision_plugin, self.device) for opt in self._optimizers())
         self.nonfinite.start(on_device, self.device)
 
@@ -134,6 +145,10 @@ class AutoencoderModule(L.LightningModule):
         kl = posterior.kl().mean()
         loss = nll + self.kl_weight * kl
         if gan:
+            if min(x.shape[-2:]) < self.discriminator.min_size:
+                raise ValueError(
+                    f"the PatchGAN's {self.disc_layers} layers need images of at least {self.discriminator.min_size} "
+                    f"px, got {tuple(x.shape[-2:])}: lower vae_stage.disc_layers or raise data.image_size")
             g_loss = -self.discriminator(rec).mean()
             w = adaptive_gan_weight(nll, g_loss, self.vae.decoder.conv_out.weight) * self.disc_weight
             loss = loss + w * g_loss
@@ -154,6 +169,8 @@ class AutoencoderModule(L.LightningModule):
                 return
             opt_d.zero_grad(set_to_none=True)  # drops what the generator's loss put there
             self.manual_backward(d_loss)
+            if self._gan_on_ranks():
+                self._average_discriminator()
             self.nonfinite.before_optimizer_step(opt_d, grad_norm(self.discriminator.parameters()), step)
             self._step_uncounted(opt_d)
             self.log("train/d_loss", d_loss, batch_size=x.shape[0])
@@ -166,6 +183,22 @@ class AutoencoderModule(L.LightningModule):
         with torch.no_grad():
             mse = F.mse_loss(rec.clamp(-1, 1), x)
             self.log("train/psnr", 10 * torch.log10(4.0 / mse.clamp(min=1e-10)), batch_size=bs)
+
+    def _average_discriminator(self) -> None:
+        """Average the discriminator's gradients and BatchNorm statistics over the ranks (one all-reduce per dtype),
+        as DDP does for the autoencoder: every rank then takes the same update and holds the same running statistics,
+        those of the global batch's mean. Without it, the ranks' discriminators would drift apart."""
+        d = self.discriminator
+        tensors = [p.grad for p in d.parameters() if p.grad is not None]
+        tensors += [b for b in d.buffers() if b.is_floating_point()]  # the running means and variances
+        world = self.trainer.world_size
+        for dtype in {t.dtype for t in tensors}:
+            group = [t for t in tensors if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in group])
+            torch.distributed.all_reduce(flat)
+            flat /= world
+            for t, v in zip(group, flat.split([t.numel() for t in group]), strict=True):
+                t.copy_(v.view_as(t))
 
     def _step_uncounted(self, optimizer) -> None:
         """Step ``optimizer`` (through the strategy and precision plugin, as ``LightningOptimizer.step`` does) without

@@ -88,6 +88,8 @@ def check_vae_stage(s: DictConfig) -> None:
             raise ConfigError(f"vae_stage.perceptual_weights={s.perceptual_weights}: no such file")
     _int("vae_stage.disc_start", s.disc_start, 0, allow_none=True)
     _float("vae_stage.disc_weight", s.disc_weight, 0.0)
+    _int("vae_stage.disc_channels", s.disc_channels, 1)
+    _int("vae_stage.disc_layers", s.disc_layers, 1)
     _int("vae_stage.latent_scale_batches", s.latent_scale_batches, 1)
 
 
@@ -160,6 +162,7 @@ def check_run(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown stages {sorted(unknown)}; use stages=[vae], [ldm] or [vae,ldm]")
     if "vae" in stages:
         check_vae_stage(cfg.vae_stage)
+        check_discriminator_fits(cfg)
     if "ldm" in stages:
         check_ldm_stage(cfg.ldm_stage)
         try:
@@ -186,6 +189,18 @@ def check_run(cfg: DictConfig) -> None:
     check_preemption(cfg.get("preemption"))
     if "ldm" in stages:  # last: an enabled evaluation is checked by building its callback, which imports Lightning
         check_evaluations(cfg)
+
+
+def check_discriminator_fits(cfg: DictConfig) -> None:
+    """The PatchGAN's input is at least 3 x 2^disc_layers pixels (each layer halves it), checked before training
+    rather than at ``disc_start``, which may come many hours in. Buckets' sizes are checked at the step."""
+    s, data = cfg.vae_stage, cfg.get("data") or {}
+    if s.disc_start is None or data.get("buckets") or data.get("image_size") is None:
+        return
+    least = 3 * 2**s.disc_layers
+    if data.image_size < least:
+        raise ConfigError(f"vae_stage.disc_layers={s.disc_layers} needs images of at least {least} px, and "
+                          f"data.image_size={data.image_size}: lower vae_stage.disc_layers or raise data.image_size")
 
 
 def resume_mode(cfg: DictConfig) -> str | None:

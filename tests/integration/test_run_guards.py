@@ -83,12 +83,22 @@ def test_a_wrong_input_prints_one_line_and_exits_2_before_lightning_is_imported(
     assert "ldm_stage.max_steps must be an integer" in (tmp_path / "run" / "train.log").read_text()  # logged too
 
 
+def test_images_too_small_for_the_patchgan_are_refused_before_training(tmp_path: Path) -> None:
+    """At disc_start, possibly hours in, the discriminator would fail on them: the check names both settings."""
+    with pytest.raises(ConfigError, match=r"vae_stage.disc_layers=4 needs images of at least 48 px, and "
+                                          r"data.image_size=32: lower vae_stage.disc_layers or raise data.image_size"):
+        stages.run(_compose(tmp_path / "run", "vae_stage.disc_start=5000", "vae_stage.disc_layers=4"))
+    stages.check_run(_compose(tmp_path / "run", "vae_stage.disc_start=5000", "vae_stage.disc_layers=3"))
+    assert not (tmp_path / "run").exists()
+
+
 CHECK_CASES = [  # an override, and the error check_run reports (None: the config passes)
     ("seed=-1", "seed must be >= 0, got -1"),
     ("preemption.signal=SIGFOO", "preemption.signal='SIGFOO' is not a signal"),
     ("preemption.check_every_n_steps=0", "preemption.check_every_n_steps must be >= 1, got 0"),
     ("+trainer.progress_bar_refresh_steps=0", "trainer.progress_bar_refresh_steps must be >= 1, got 0"),
     ("ldm_stage.max_steps=abc", "ldm_stage.max_steps must be an integer, got 'abc'"),
+    ("vae_stage.disc_layers=0", "vae_stage.disc_layers must be >= 1, got 0"),
     ("stages=[ldm]", "the ldm stage needs an autoencoder: set vae_ckpt=PATH"),
     ("seed=0", None),  # the default config, whose evaluation callback is off
 ]

@@ -1,4 +1,5 @@
-"""trainer=ddp_cpu: two processes over gloo train both stages end to end on shards and finish with the same weights."""
+"""trainer=ddp_cpu: two processes over gloo train both stages (the VAE with its PatchGAN) end to end on shards and
+finish with the same weights."""
 
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ def ddp_run(tmp_path_factory) -> Path:
     run = tmp_path / "run"
     cmd = [sys.executable, str(script), f"hydra.run.dir={run}", f"data.train_shards={tmp_path / 'shards'}",
            *TINY_MODELS, "trainer=ddp_cpu", "trainer.log_every_n_steps=1", "vae_stage.max_steps=3",
+           "vae_stage.disc_start=1", "vae_stage.disc_layers=2",  # the PatchGAN: its gradients averaged by hand
            "ldm_stage.max_steps=4", "callbacks.ldm.checkpoint.every_n_train_steps=2", "ldm_stage.ema_decay=0.9",
            "ldm_stage.cache_latents=false"]  # the quickstart's in-run cache is single-process
     proc = subprocess.run(cmd, cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=600)
@@ -80,6 +82,10 @@ def test_two_cpu_ranks_train_both_stages_to_identical_weights(ddp_run):
             assert torch.equal(r0["end"][k], r1["end"][k]), f"{stage}: {k} differs between ranks"
         trained = [k for k in r0["end"] if k.startswith(prefix) and r0["end"][k].is_floating_point()]
         assert any(not torch.equal(r0["start"][k], r0["end"][k]) for k in trained), f"{stage}: weights did not move"
+        if stage == "vae":  # the discriminator trained (steps 1 and 2) and its BatchNorm statistics moved
+            for kind in ("weight", "running_mean"):
+                disc = [k for k in r0["end"] if k.startswith("discriminator.") and k.endswith(kind)]
+                assert disc and any(not torch.equal(r0["start"][k], r0["end"][k]) for k in disc), kind
         if stage == "ldm":
             assert int(r0["end"]["ema.num_updates"]) == steps
             assert any(not torch.equal(r0["start"][k], r0["end"][k]) for k in r0["end"]

@@ -372,16 +372,55 @@ def test_a_gan_batch_is_one_training_step(tmp_path):
     assert opt_ae.param_groups[0]["lr"] == 0.0  # the cosine schedule ends with the last batch
 
 
-def test_the_patchgan_is_refused_on_several_ddp_ranks_before_launch():
-    """DDP's reducer refuses the discriminator's parameters (unused before disc_start, then two backward passes in
-    one forward): a clear error before the ranks start, and none without the GAN or on one device."""
-    several = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
-    one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+def test_ddp_leaves_the_patchgan_to_the_module_on_several_ranks_only():
+    """On several DDP ranks, DDP ignores the discriminator's parameters and buffers (its reducer takes one backward
+    per forward; a GAN batch has two) and nothing of the autoencoder; on one device nothing is ignored."""
+    from lightning.pytorch.strategies import DDPStrategy
+
     gan = AutoencoderModule(tiny_vae(), disc_start=10, disc_layers=2, disc_channels=8)
-    with pytest.raises(ValueError, match=r"PatchGAN \(vae_stage.disc_start\) does not train on several DDP ranks"):
-        gan.refuse_unsupported(several)
-    gan.refuse_unsupported(one)
-    AutoencoderModule(tiny_vae()).refuse_unsupported(several)
+    gan._trainer = SimpleNamespace(world_size=1, strategy=DDPStrategy(), global_rank=0)
+    gan.setup("fit")
+    assert not hasattr(gan, "_ddp_params_and_buffers_to_ignore")
+    gan._trainer = SimpleNamespace(world_size=2, strategy=DDPStrategy(), global_rank=0)
+    gan.setup("fit")
+    disc = {f"discriminator.{n}" for n, _ in [*gan.discriminator.named_parameters(),
+                                              *gan.discriminator.named_buffers()]}
+    assert set(gan._ddp_params_and_buffers_to_ignore) == disc and any("running_var" in n for n in disc)
+
+
+def _average_rank(rank: int) -> dict:
+    module = AutoencoderModule(tiny_vae(), disc_start=0, disc_layers=2, disc_channels=8)
+    module._trainer = SimpleNamespace(world_size=2)
+    d = module.discriminator
+    for i, p in enumerate(d.parameters()):
+        p.grad = torch.full_like(p, (rank + 1.0) * (i + 1))
+    for b in d.buffers():
+        b.fill_(2.0 * rank if b.is_floating_point() else 5)
+    module._average_discriminator()
+    # as lists: torch's queue reductions would share the tensors' memory with a process that is about to end
+    return {"grads": [p.grad.tolist() for p in d.parameters()], "buffers": [b.tolist() for b in d.buffers()]}
+
+
+def test_the_discriminator_gradients_and_statistics_are_averaged_over_the_ranks(tmp_path):
+    """What DDP does for the autoencoder, done by hand for the discriminator: each gradient and running statistic
+    becomes the ranks' mean, the same on both; the integer batch counters stay as they are."""
+    from tests.two_ranks import on_two_ranks
+
+    r0, r1 = on_two_ranks(_average_rank, tmp_path / "store").values()
+    assert len(r0["grads"]) > 4
+    for i, (g0, g1) in enumerate(zip(r0["grads"], r1["grads"], strict=True)):
+        g0, g1 = torch.tensor(g0), torch.tensor(g1)
+        assert torch.equal(g0, g1) and torch.equal(g0, torch.full_like(g0, 1.5 * (i + 1)))
+    for b0, b1 in zip(r0["buffers"], r1["buffers"], strict=True):
+        b0, b1 = torch.tensor(b0), torch.tensor(b1)
+        assert torch.equal(b0, b1) and torch.equal(b0, torch.full_like(b0, 1.0 if b0.is_floating_point() else 5))
+
+
+def test_images_too_small_for_the_patchgan_fail_with_the_fix(tmp_path):
+    module = AutoencoderModule(tiny_vae(), lr=1e-3, disc_start=0, disc_layers=3, disc_channels=8)  # needs 24 px
+    with pytest.raises(ValueError, match=r"3 layers need images of at least 24 px, got \(16, 16\): lower "
+                                         r"vae_stage.disc_layers"):
+        trainer(1, tmp_path).fit(module, DataLoader(image_batches(8), batch_size=8, collate_fn=collate))
 
 
 def test_an_autoencoder_step_reads_no_value_back_from_the_device(tmp_path):
