@@ -27,7 +27,7 @@ from ldm.diffusion.validation import (
 from ldm.lightning.host_reads import host_scalar
 from ldm.lightning.nonfinite import NaNPolicy, NonFiniteSteps, skips_on_device
 from ldm.lightning.optim import LRSchedule, grad_norm
-from ldm.lightning.sharding import full_params, is_fsdp, shard_sum
+from ldm.lightning.sharding import full_params, is_fsdp, local_spans, shard_sum, sharded_sum
 from ldm.lora import has_lora
 from ldm.nn.ema import EMA, EMASettings
 from ldm.pipeline import LatentDiffusionPipeline
@@ -180,6 +180,16 @@ class LatentDiffusionModule(L.LightningModule):
                              "LoRA run's optimizer state and gradients are the adapters' only")
         if self.trainer is not None and self.trainer.global_rank:
             self.generator.manual_seed(self.seed + 1000003 * self.trainer.global_rank)
+
+    def on_fit_start(self) -> None:
+        """Under FSDP (wrapped by now, not yet restored from a checkpoint) each rank keeps only its shard's part of
+        the EMA: SD 1.5's full float32 average would be 3.4 GB on every rank and need the whole UNet gathered at every
+        step. Checkpoints still hold the full averages (assembled when saved)."""
+        if self.ema is not None and is_fsdp(self._trainer):
+            root = self._trainer.strategy.model
+            spans = local_spans(root, "unet.")
+            if spans:
+                self.ema.keep_shards(spans, lambda t: sharded_sum(root, t))
 
     def describe(self) -> dict:
         """The checkpoint header (``ldm.checkpoint.describe_ldm``): everything needed to rebuild the parts and
@@ -370,8 +380,8 @@ class LatentDiffusionModule(L.LightningModule):
         """The optimizer step, then the EMA update: once per optimizer step (not per accumulated batch), and before
         the callbacks' on_train_batch_end, so a checkpoint written there holds this step's average (exact resume)."""
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
-            with full_params(self._trainer):  # FSDP: the whole UNet on every rank (a no-op otherwise)
+        if self.ema is not None:  # FSDP: each rank's part of the average from its shard (on_fit_start)
+            with nullcontext() if self.ema.sharded else full_params(self._trainer):
                 self.ema.update(self.unet)
         # global_step counts this step only after this hook returns; checkpoints are written later (exact resume)
         if self.guide_unet is not None and not self.guide_taken and self.global_step + 1 >= self.guide_snapshot_step:

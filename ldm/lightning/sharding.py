@@ -69,6 +69,33 @@ def sharded_sum(root: torch.nn.Module, value: torch.Tensor) -> torch.Tensor:
     return all_ranks(value, group=root.process_group)
 
 
+def local_spans(root: torch.nn.Module, prefix: str = "") -> dict[str, tuple[int, int]]:
+    """For each parameter whose name starts with ``prefix`` in the FSDP-wrapped ``root``, named without the prefix:
+    the elements [start, stop) of the flattened parameter that this rank's shard holds ((0, 0): none). Empty under
+    ``NO_SHARD``, where every rank holds everything.
+
+    Outside forward and backward, FSDP (``use_orig_params=True``) keeps each parameter as a flat view of exactly
+    these elements. torch has no public accessor for them: this reads each ``FlatParameter``'s ``_fqns`` and
+    ``_shard_param_infos`` (FSDP1), which ``tests/unit/test_sharding.py`` checks against the views."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp._common_utils import clean_tensor_name
+
+    if root.sharding_strategy == ShardingStrategy.NO_SHARD:
+        return {}
+    spans = {}
+    for path, module in root.named_modules():
+        flat = getattr(module, "_flat_param", None) if isinstance(module, FullyShardedDataParallel) else None
+        if flat is None:
+            continue
+        base = clean_tensor_name(path)
+        for fqn, info in zip(flat._fqns, flat._shard_param_infos, strict=True):
+            name = f"{base}.{fqn}" if base else fqn
+            if name.startswith(prefix):
+                spans[name[len(prefix):]] = ((info.intra_param_start_idx, info.intra_param_end_idx + 1)
+                                             if info.in_shard else (0, 0))
+    return spans
+
+
 def ddp_strategy(forward_sync_buffers: bool = False, **kwargs) -> DDPStrategy:
     """Lightning's DDP without the broadcast of every buffer from rank 0 before each forward (torch's
     ``forward_sync_buffers=False``; buffers are still synced once, when DDP wraps the model).

@@ -3,7 +3,7 @@ the parameters' own names, so a checkpoint's EMA weights load into the model wit
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -28,6 +28,10 @@ class EMA(nn.Module):
     to the random initialisation), else ``decay``; ``n`` counts the updates. ``state_dict()`` is
     ``{parameter name: average, ..., "num_updates": n}``. State dicts written by the earlier layout
     (``shadow_<i>`` in parameter order) still load.
+
+    With ``keep_shards`` each rank of a sharded model (FSDP) keeps and updates only its part of the averages, from its
+    part of the parameters; the full averages are assembled (a collective) only where they are read: the state dict,
+    ``averaged_state_dict``, ``copy_to`` and ``swapped_in``.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
@@ -45,6 +49,49 @@ class EMA(nn.Module):
             self.register_buffer(f"shadow_{i}", model.get_parameter(name).detach().float().clone())
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self._host_updates: int | None = 0  # num_updates counted on the host; None: read the buffer once
+        self._spans: dict[str, tuple[int, int]] = {}  # keep_shards: [start, stop) of each flattened average
+        self._shapes: dict[str, torch.Size] = {}  # the full shapes of the sharded averages
+        self._assemble: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def keep_shards(self, spans: Mapping[str, tuple[int, int]],
+                    assemble: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Keep only elements [start, stop) of each flattened average named in ``spans``: this rank's part of a
+        sharded model, whose parameters are then flat views of the same elements (FSDP's ``use_orig_params``).
+
+        ``assemble`` sums a tensor over the ranks that hold the other parts (a collective, e.g.
+        ``ldm.lightning.sharding.sharded_sum``): the full averages are that sum of each rank's part, zero-padded.
+        Averages not named stay whole."""
+        for i, (name, shadow) in enumerate(self._shadows()):
+            if name not in spans or name in self._spans:
+                continue
+            start, stop = spans[name]
+            self._shapes[name] = shadow.shape
+            self._spans[name] = (start, stop)
+            setattr(self, f"shadow_{i}", shadow.reshape(-1)[start:stop].clone())
+        self._assemble = assemble
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this rank keeps only its part of some averages (``keep_shards``)."""
+        return bool(self._spans)
+
+    def _full(self, name: str, part: torch.Tensor) -> torch.Tensor:
+        """The full tensor of ``name`` from this rank's ``part`` (a collective when it is sharded)."""
+        if name not in self._spans:
+            return part
+        assert self._assemble is not None
+        start, stop = self._spans[name]
+        shape = self._shapes[name]
+        full = part.new_zeros(shape.numel())
+        full[start:stop] = part
+        return self._assemble(full).view(shape)
+
+    def _part(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the full tensor ``full`` of ``name`` (itself when it is not sharded)."""
+        if name not in self._spans:
+            return full
+        start, stop = self._spans[name]
+        return torch.flatten(full)[start:stop]  # a function, not a method: it loads Lightning's lazily loaded tensors
 
     def _shadows(self) -> Iterator[tuple[str, torch.Tensor]]:
         for i, name in enumerate(self._names):
@@ -52,7 +99,7 @@ class EMA(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         for name, shadow in self._shadows():
-            destination[prefix + name] = shadow if keep_vars else shadow.detach()
+            destination[prefix + name] = self._full(name, shadow if keep_vars else shadow.detach())
         destination[prefix + NUM_UPDATES] = self.num_updates if keep_vars else self.num_updates.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -61,16 +108,19 @@ class EMA(nn.Module):
         expected = {NUM_UPDATES: self.num_updates}
         for i, (name, shadow) in enumerate(self._shadows()):
             expected[f"shadow_{i}" if legacy else name] = shadow
+        names = {f"shadow_{i}" if legacy else name: name for i, name in enumerate(self._names)}
         for key, target in expected.items():
             value = state_dict.get(prefix + key)
+            name = names.get(key)
+            shape = self._shapes.get(name, target.shape)
             if value is None:
                 missing_keys.append(prefix + key)
-            elif value.shape != target.shape:
+            elif value.shape != shape:
                 error_msgs.append(f"size mismatch for {prefix + key}: checkpoint {tuple(value.shape)}, EMA "
-                                  f"{tuple(target.shape)}")
+                                  f"{tuple(shape)}")
             else:
                 with torch.no_grad():
-                    target.copy_(value)
+                    target.copy_(self._part(name, value) if name is not None else value)
         self._host_updates = None
         if strict:
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in expected)
@@ -93,32 +143,42 @@ class EMA(nn.Module):
         named = dict(model.named_parameters())  # one walk of the module tree, not one per parameter
         shadows, params = [], []
         for name, shadow in self._shadows():
+            param = named[name].detach()
+            if name in self._spans:  # this rank's part: a flat view of the same elements
+                if param.numel() != shadow.numel():
+                    raise RuntimeError(f"EMA.update: {name} has {param.numel()} elements here and its average "
+                                       f"{shadow.numel()}; update a sharded model's EMA where its parameters are "
+                                       "sharded (after the optimizer step), not inside summon_full_params")
+                param = param.reshape(-1)
             shadows.append(shadow)
             # a no-op for float32 parameters on the shadow's device (the usual case): no copies
-            params.append(named[name].detach().to(shadow.device, torch.float32))
+            params.append(param.to(shadow.device, torch.float32))
         torch._foreach_lerp_(shadows, params, 1.0 - d)  # one fused pass instead of a Python loop over tensors
         self._host_updates = self._updates() + 1  # before the buffer moves on
         self.num_updates += 1
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Overwrite ``model``'s parameters with the averages."""
+        """Overwrite ``model``'s parameters with the averages (with ``keep_shards``: its full parameters, e.g.
+        inside FSDP's ``summon_full_params``)."""
         for name, shadow in self._shadows():
             p = model.get_parameter(name)
-            p.copy_(shadow.to(p.dtype))
+            p.copy_(self._full(name, shadow).view_as(p).to(p.dtype))
 
     def averaged_state_dict(self) -> dict[str, torch.Tensor]:
         """The averages under the model's own parameter names (for export or a plain ``load_state_dict``)."""
-        return {name: shadow.clone() for name, shadow in self._shadows()}
+        return {name: self._full(name, shadow).clone() for name, shadow in self._shadows()}
 
     @contextmanager
     def swapped_in(self, model: nn.Module):
-        """Run a block with the averaged weights in ``model``, restoring the trained weights afterwards."""
-        backup = {name: model.get_parameter(name).detach().clone() for name in self._names}
+        """Run a block with the averaged weights in ``model``, restoring the trained weights afterwards. With
+        ``keep_shards`` the model's parameters are full ones and only this rank's part of them is kept aside."""
+        backup = {name: self._part(name, model.get_parameter(name).detach()).clone() for name in self._names}
         self.copy_to(model)
         try:
             yield model
         finally:
             with torch.no_grad():
                 for name, value in backup.items():
-                    model.get_parameter(name).copy_(value)
+                    p = model.get_parameter(name)
+                    p.copy_(self._full(name, value).view_as(p))

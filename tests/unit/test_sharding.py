@@ -1,14 +1,19 @@
 """ldm.lightning.sharding on two forked gloo ranks: which ranks a shard-wise sum (the gradient norm's) runs over, and
-what FSDP shards."""
+what FSDP shards, and the EMA kept in shards."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, StateDictType
 
-from ldm.lightning.sharding import CPUFSDPStrategy, frozen_children, sharded_sum  # the forked ranks inherit them
+# imported here: the forked ranks inherit them
+from ldm.lightning.sharding import CPUFSDPStrategy, frozen_children, local_spans, sharded_sum
+from ldm.nn.ema import EMA
+from tests.module_factory import diffusion_module
 from tests.two_ranks import on_two_ranks
 
 
@@ -58,3 +63,96 @@ def test_fsdp_leaves_the_frozen_parts_whole_and_shards_the_trainable_ones(tmp_pa
     for rank in (0, 1):  # the frozen weights keep their shapes on every rank; the trainable ones are flat shards
         assert shapes[rank]["first_stage.weight"] == (2, 4) and shapes[rank]["first_stage.bias"] == (2,)
         assert len(shapes[rank]["unet.weight"]) == 1 and shapes[rank]["unet.weight"] != (16,)
+
+
+class _Model(torch.nn.Module):
+    """A UNet stand-in whose 46 elements split unevenly: the second layer's weight straddles the two shards."""
+
+    def __init__(self):
+        super().__init__()
+        self.unet = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 7))
+        self.first_stage = torch.nn.Linear(4, 2).requires_grad_(False)
+
+
+def _sharded_ema_rank(rank: int, strategy: str) -> dict:
+    kwargs = {}
+    if strategy == "HYBRID_SHARD":
+        own = [dist.new_group([r]) for r in (0, 1)][rank]
+        kwargs["process_group"] = (own, dist.new_group([0, 1]))
+    torch.manual_seed(0)
+    model = _Model()
+    ema = EMA(model.unet, decay=0.75, warmup=False)
+    root = FullyShardedDataParallel(model, sharding_strategy=ShardingStrategy[strategy], device_id=torch.device("cpu"),
+                                    use_orig_params=True, ignored_states=[model.first_stage], **kwargs)
+    unet = root.module.unet
+    spans = local_spans(root, "unet.")
+    views = {name: p.numel() for name, p in unet.named_parameters()}
+    ema.keep_shards(spans, lambda t: sharded_sum(root, t))
+    kept = sum(int(b.numel()) for name, b in ema.named_buffers() if name != "num_updates")
+    with torch.no_grad():
+        for p in unet.parameters():  # this rank's part of each parameter: its flat view
+            p.add_(4.0)
+    ema.update(unet)  # 0.75 x start + 0.25 x (start + 4): start + 1
+    state = ema.state_dict()  # assembled: the full averages
+    fresh = EMA(_Model().unet, decay=0.75, warmup=False)  # other weights, loaded from the state dict
+    fresh.keep_shards(spans, lambda t: sharded_sum(root, t))
+    fresh.load_state_dict(state)
+    with FullyShardedDataParallel.summon_full_params(root, writeback=True):
+        with ema.swapped_in(unet):
+            inside = {name: p.detach().clone().tolist() for name, p in unet.named_parameters()}
+        after = {name: p.detach().clone().tolist() for name, p in unet.named_parameters()}
+    return {"spans": spans, "views": views, "kept": kept, "state": {k: v.tolist() for k, v in state.items()},
+            "fresh": {k: v.tolist() for k, v in fresh.state_dict().items()}, "inside": inside, "after": after}
+
+
+@pytest.mark.parametrize("strategy", ["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"])
+def test_a_sharded_ema_keeps_its_shard_and_reads_as_the_whole_average(tmp_path, strategy):
+    """Each rank averages only its part of each parameter (FSDP's flat views, located by ``local_spans``); the
+    state dict, a load into another sharded EMA and the swap into the full weights see the whole average."""
+    torch.manual_seed(0)
+    start = {name: p.detach().clone() for name, p in _Model().unet.named_parameters()}
+    out = on_two_ranks(_sharded_ema_rank, tmp_path / "store", strategy)
+    total = sum(p.numel() for p in start.values())
+    for rank in (0, 1):
+        r = out[rank]
+        spans = r["spans"] or {n: (0, v.numel()) for n, v in start.items()}  # none: FSDP shards nothing
+        assert r["views"] == {n: stop - begin for n, (begin, stop) in spans.items()}  # spans match the views
+        for name, value in start.items():
+            assert torch.allclose(torch.tensor(r["state"][name]), value + 1.0), (rank, name)
+            assert r["fresh"][name] == r["state"][name]
+            assert torch.allclose(torch.tensor(r["inside"][name]), value + 1.0)  # the averages swapped in
+            assert torch.allclose(torch.tensor(r["after"][name]), value + 4.0)  # the trained weights back
+        assert r["state"]["num_updates"] == 1
+    if strategy == "HYBRID_SHARD":  # each one-rank "node" holds everything (FSDP runs it as NO_SHARD)
+        assert out[0]["kept"] == out[1]["kept"] == total
+    else:  # the two ranks' parts tile each parameter
+        assert out[0]["kept"] + out[1]["kept"] == total and 0 < out[0]["kept"] < total
+        for name, value in start.items():
+            (a0, b0), (a1, b1) = out[0]["spans"][name], out[1]["spans"][name]
+            covered = set(range(a0, b0)) | set(range(a1, b1))
+            assert covered == set(range(value.numel())) and not set(range(a0, b0)) & set(range(a1, b1))
+
+
+def _stage_rank(rank: int) -> dict:
+    torch.manual_seed(0)
+    module = diffusion_module(torch.nn.Conv2d(4, 4, 3, padding=1), ema_decay=0.9)
+    strategy = CPUFSDPStrategy(parallel_devices=[torch.device("cpu")] * 2)
+    strategy.model = strategy._setup_model(module)
+    module._trainer = SimpleNamespace(strategy=strategy)
+    module.on_fit_start()  # Lightning calls it once the module is wrapped
+    kept = sum(b.numel() for n, b in module.ema.named_buffers() if n != "num_updates")
+    with FullyShardedDataParallel.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT):
+        state = strategy.model.state_dict()
+    return {"kept": kept, "ema": {k: v.tolist() for k, v in state.items() if k.startswith("ema.")}}
+
+
+def test_the_ldm_stage_keeps_its_ema_in_shards_under_fsdp(tmp_path):
+    """LatentDiffusionModule.on_fit_start shards its EMA like the UNet: each rank keeps half the averages, and the
+    checkpoint's state dict still holds the whole ones."""
+    torch.manual_seed(0)
+    unet = torch.nn.Conv2d(4, 4, 3, padding=1)
+    out = on_two_ranks(_stage_rank, tmp_path / "store")
+    assert out[0]["kept"] + out[1]["kept"] == 148 and 0 < out[0]["kept"] < 148
+    for rank in (0, 1):
+        assert out[rank]["ema"]["ema.weight"] == unet.weight.tolist()
+        assert out[rank]["ema"]["ema.bias"] == unet.bias.tolist()
