@@ -108,9 +108,8 @@ class AutoencoderModule(L.LightningModule):
                 and isinstance(trainer.strategy, DDPStrategy))
 
     def on_train_start(self) -> None:
-        if self._gan_on_ranks():  # DDP did not broadcast the discriminator it ignores: start every rank from rank 0's
-            for t in [*self.discriminator.parameters(), *self.discriminator.buffers()]:
-                torch.distributed.broadcast(t.data, src=0)
+        if self._gan_on_ranks():
+            self._broadcast_discriminator()
         on_device = all(skips_on_device(opt, self.trainer.precision_plugin, self.device) for opt in self._optimizers())
         self.nonfinite.start(on_device, self.device)
 
@@ -184,15 +183,21 @@ class AutoencoderModule(L.LightningModule):
             mse = F.mse_loss(rec.clamp(-1, 1), x)
             self.log("train/psnr", 10 * torch.log10(4.0 / mse.clamp(min=1e-10)), batch_size=bs)
 
+    def _broadcast_discriminator(self) -> None:
+        """Start every rank from rank 0's discriminator (weights and statistics), which DDP, ignoring it, did not
+        broadcast when it wrapped the module."""
+        for t in [*self.discriminator.parameters(), *self.discriminator.buffers()]:
+            torch.distributed.broadcast(t.data, src=0)
+
     def _average_discriminator(self) -> None:
-        """Average the discriminator's gradients and BatchNorm statistics over the ranks (one all-reduce per dtype),
-        as DDP does for the autoencoder: every rank then takes the same update and holds the same running statistics,
-        those of the global batch's mean. Without it, the ranks' discriminators would drift apart."""
+        """Average the discriminator's gradients and BatchNorm running statistics over the ranks (one all-reduce per
+        dtype), as DDP does for the autoencoder: every rank then takes the same update and holds the same running
+        statistics (the mean of the ranks' own). Without it, the ranks' discriminators would drift apart."""
         d = self.discriminator
         tensors = [p.grad for p in d.parameters() if p.grad is not None]
         tensors += [b for b in d.buffers() if b.is_floating_point()]  # the running means and variances
         world = self.trainer.world_size
-        for dtype in {t.dtype for t in tensors}:
+        for dtype in sorted({t.dtype for t in tensors}, key=str):  # the same order on every rank
             group = [t for t in tensors if t.dtype == dtype]
             flat = torch.cat([t.reshape(-1) for t in group])
             torch.distributed.all_reduce(flat)

@@ -99,7 +99,9 @@ class EMA(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         for name, shadow in self._shadows():
-            destination[prefix + name] = self._full(name, shadow if keep_vars else shadow.detach())
+            value = shadow if keep_vars else shadow.detach()
+            # an assembled average goes to the host at once: all of them on the device would be a whole shadow again
+            destination[prefix + name] = self._full(name, value).cpu() if name in self._spans else value
         destination[prefix + NUM_UPDATES] = self.num_updates if keep_vars else self.num_updates.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -144,12 +146,16 @@ class EMA(nn.Module):
         shadows, params = [], []
         for name, shadow in self._shadows():
             param = named[name].detach()
-            if name in self._spans:  # this rank's part: a flat view of the same elements
-                if param.numel() != shadow.numel():
+            if name in self._spans:
+                if param.numel() == self._shapes[name].numel() != shadow.numel():
+                    # still gathered (FSDP's SHARD_GRAD_OP reshards in the backward: a step that skipped its
+                    # backward leaves them whole): this rank's elements of it
+                    param = self._part(name, param)
+                elif param.numel() != shadow.numel():
                     raise RuntimeError(f"EMA.update: {name} has {param.numel()} elements here and its average "
-                                       f"{shadow.numel()}; update a sharded model's EMA where its parameters are "
-                                       "sharded (after the optimizer step), not inside summon_full_params")
-                param = param.reshape(-1)
+                                       f"{shadow.numel()} of {self._shapes[name].numel()}: the model is not sharded "
+                                       "as it was at keep_shards")
+                param = param.reshape(-1)  # this rank's part: a flat view of the same elements
             shadows.append(shadow)
             # a no-op for float32 parameters on the shadow's device (the usual case): no copies
             params.append(param.to(shadow.device, torch.float32))

@@ -395,10 +395,20 @@ def _average_rank(rank: int) -> dict:
     for i, p in enumerate(d.parameters()):
         p.grad = torch.full_like(p, (rank + 1.0) * (i + 1))
     for b in d.buffers():
-        b.fill_(2.0 * rank if b.is_floating_point() else 5)
+        b.fill_(2.0 * rank if b.is_floating_point() else 5 + rank)
     module._average_discriminator()
     # as lists: torch's queue reductions would share the tensors' memory with a process that is about to end
     return {"grads": [p.grad.tolist() for p in d.parameters()], "buffers": [b.tolist() for b in d.buffers()]}
+
+
+def _broadcast_rank(rank: int) -> list:
+    torch.manual_seed(rank)  # a different discriminator on each rank
+    module = AutoencoderModule(tiny_vae(), disc_start=0, disc_layers=2, disc_channels=8)
+    with torch.no_grad():
+        for b in module.discriminator.buffers():
+            b.fill_(rank + 1)
+    module._broadcast_discriminator()
+    return [t.tolist() for t in module.discriminator.state_dict().values()]
 
 
 def test_the_discriminator_gradients_and_statistics_are_averaged_over_the_ranks(tmp_path):
@@ -413,7 +423,23 @@ def test_the_discriminator_gradients_and_statistics_are_averaged_over_the_ranks(
         assert torch.equal(g0, g1) and torch.equal(g0, torch.full_like(g0, 1.5 * (i + 1)))
     for b0, b1 in zip(r0["buffers"], r1["buffers"], strict=True):
         b0, b1 = torch.tensor(b0), torch.tensor(b1)
-        assert torch.equal(b0, b1) and torch.equal(b0, torch.full_like(b0, 1.0 if b0.is_floating_point() else 5))
+        if b0.is_floating_point():
+            assert torch.equal(b0, b1) and torch.equal(b0, torch.full_like(b0, 1.0))
+        else:  # num_batches_tracked: each rank's own
+            assert int(b0) == 5 and int(b1) == 6
+
+
+def test_every_rank_starts_from_rank_0s_discriminator(tmp_path):
+    """DDP ignores the discriminator, so it does not broadcast it when it wraps the module: the module does."""
+    from tests.two_ranks import on_two_ranks
+
+    out = on_two_ranks(_broadcast_rank, tmp_path / "store")
+    torch.manual_seed(0)
+    rank0 = AutoencoderModule(tiny_vae(), disc_start=0, disc_layers=2, disc_channels=8).discriminator
+    with torch.no_grad():
+        for b in rank0.buffers():
+            b.fill_(1)
+    assert out[0] == out[1] == [t.tolist() for t in rank0.state_dict().values()]
 
 
 def test_images_too_small_for_the_patchgan_fail_with_the_fix(tmp_path):

@@ -73,6 +73,9 @@ class _Model(torch.nn.Module):
         self.unet = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 7))
         self.first_stage = torch.nn.Linear(4, 2).requires_grad_(False)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unet(x)
+
 
 def _sharded_ema_rank(rank: int, strategy: str) -> dict:
     kwargs = {}
@@ -92,6 +95,8 @@ def _sharded_ema_rank(rank: int, strategy: str) -> dict:
     with torch.no_grad():
         for p in unet.parameters():  # this rank's part of each parameter: its flat view
             p.add_(4.0)
+    root(torch.ones(2, 5))  # a forward without its backward (a skipped step): SHARD_GRAD_OP leaves them gathered
+    gathered = any(p.numel() != views[name] for name, p in unet.named_parameters())
     ema.update(unet)  # 0.75 x start + 0.25 x (start + 4): start + 1
     state = ema.state_dict()  # assembled: the full averages
     fresh = EMA(_Model().unet, decay=0.75, warmup=False)  # other weights, loaded from the state dict
@@ -101,14 +106,17 @@ def _sharded_ema_rank(rank: int, strategy: str) -> dict:
         with ema.swapped_in(unet):
             inside = {name: p.detach().clone().tolist() for name, p in unet.named_parameters()}
         after = {name: p.detach().clone().tolist() for name, p in unet.named_parameters()}
-    return {"spans": spans, "views": views, "kept": kept, "state": {k: v.tolist() for k, v in state.items()},
+    return {"spans": spans, "views": views, "kept": kept, "gathered": gathered,
+            "state": {k: v.tolist() for k, v in state.items()},
             "fresh": {k: v.tolist() for k, v in fresh.state_dict().items()}, "inside": inside, "after": after}
 
 
 @pytest.mark.parametrize("strategy", ["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"])
 def test_a_sharded_ema_keeps_its_shard_and_reads_as_the_whole_average(tmp_path, strategy):
-    """Each rank averages only its part of each parameter (FSDP's flat views, located by ``local_spans``); the
-    state dict, a load into another sharded EMA and the swap into the full weights see the whole average."""
+    """Each rank averages only its part of each parameter (FSDP's flat views, located by ``local_spans``, or its
+    part of the gathered weights a forward without backward leaves); the state dict, a load into another sharded EMA
+    and the swap into the full weights see the whole average. HYBRID_SHARD with two one-rank "nodes" is the case
+    where FSDP shards nothing."""
     torch.manual_seed(0)
     start = {name: p.detach().clone() for name, p in _Model().unet.named_parameters()}
     out = on_two_ranks(_sharded_ema_rank, tmp_path / "store", strategy)
@@ -123,6 +131,7 @@ def test_a_sharded_ema_keeps_its_shard_and_reads_as_the_whole_average(tmp_path, 
             assert torch.allclose(torch.tensor(r["inside"][name]), value + 1.0)  # the averages swapped in
             assert torch.allclose(torch.tensor(r["after"][name]), value + 4.0)  # the trained weights back
         assert r["state"]["num_updates"] == 1
+    assert out[0]["gathered"] == (strategy == "SHARD_GRAD_OP")  # the update read the gathered weights' part
     if strategy == "HYBRID_SHARD":  # each one-rank "node" holds everything (FSDP runs it as NO_SHARD)
         assert out[0]["kept"] == out[1]["kept"] == total
     else:  # the two ranks' parts tile each parameter
