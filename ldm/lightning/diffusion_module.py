@@ -27,7 +27,7 @@ from ldm.diffusion.validation import (
 from ldm.lightning.host_reads import host_scalar
 from ldm.lightning.nonfinite import NaNPolicy, NonFiniteSteps, skips_on_device
 from ldm.lightning.optim import LRSchedule, grad_norm
-from ldm.lightning.sharding import full_params, is_fsdp, local_spans, shard_sum, sharded_sum
+from ldm.lightning.sharding import full_params, is_fsdp, local_spans, refuse_nested_units, shard_sum, sharded_sum
 from ldm.lora import has_lora
 from ldm.nn.ema import EMA, EMASettings
 from ldm.pipeline import LatentDiffusionPipeline
@@ -185,6 +185,8 @@ class LatentDiffusionModule(L.LightningModule):
         """Under FSDP (wrapped by now, not yet restored from a checkpoint) each rank keeps only its shard's part of
         the EMA: SD 1.5's full float32 average would be 3.4 GB on every rank and need the whole UNet gathered at every
         step. Checkpoints still hold the full averages (assembled when saved)."""
+        if is_fsdp(self._trainer):
+            refuse_nested_units(self._trainer.strategy.model)
         if self.ema is not None and is_fsdp(self._trainer):
             root = self._trainer.strategy.model
             spans = local_spans(root, "unet.")

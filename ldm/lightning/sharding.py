@@ -96,6 +96,18 @@ def local_spans(root: torch.nn.Module, prefix: str = "") -> dict[str, tuple[int,
     return spans
 
 
+def refuse_nested_units(root: torch.nn.Module) -> None:
+    """Raise if the FSDP-wrapped ``root`` holds FSDP units of its own (an ``auto_wrap_policy``). Sampling (the grid,
+    ``generate``) runs the UNet inside ``summon_full_params``, where a nested ``FULL_SHARD`` unit frees its gathered
+    weights again after its own forward, and the EMA's swap back would then meet shard views."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    nested = [name for name, m in root.named_modules() if name and isinstance(m, FullyShardedDataParallel)]
+    if nested:
+        raise ValueError(f"the ldm stage trains under FSDP as one unit, and this wrapping has {len(nested)} nested "
+                         f"units (e.g. {nested[0]}): remove trainer.strategy.auto_wrap_policy")
+
+
 def ddp_strategy(forward_sync_buffers: bool = False, **kwargs) -> DDPStrategy:
     """Lightning's DDP without the broadcast of every buffer from rank 0 before each forward (torch's
     ``forward_sync_buffers=False``; buffers are still synced once, when DDP wraps the model).

@@ -165,3 +165,22 @@ def test_the_ldm_stage_keeps_its_ema_in_shards_under_fsdp(tmp_path):
     for rank in (0, 1):
         assert out[rank]["ema"]["ema.weight"] == unet.weight.tolist()
         assert out[rank]["ema"]["ema.bias"] == unet.bias.tolist()
+
+
+def _nested_rank(rank: int) -> str:
+    module = diffusion_module(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 1)), ema_decay=0.9)
+    strategy = CPUFSDPStrategy(parallel_devices=[torch.device("cpu")] * 2, auto_wrap_policy={torch.nn.Conv2d})
+    strategy.model = strategy._setup_model(module)
+    module._trainer = SimpleNamespace(strategy=strategy)
+    try:
+        module.on_fit_start()
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def test_nested_fsdp_units_are_refused_when_the_fit_starts(tmp_path):
+    """An auto_wrap_policy's units would free their weights after each forward inside the sampling's
+    summon_full_params: refused with the setting to remove, before the first step."""
+    out = on_two_ranks(_nested_rank, tmp_path / "store")
+    assert out[0] == out[1] and "2 nested units" in out[0] and "remove trainer.strategy.auto_wrap_policy" in out[0]
