@@ -10,13 +10,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def patch_min_size(num_layers: int) -> int:
+    """The smallest image side a ``PatchDiscriminator`` of ``num_layers`` takes: its stride-2 convolutions halve the
+    input, then two of stride 1 take a pixel each, and at least one must be left."""
+    return 3 * 2**num_layers
+
+
 class PatchDiscriminator(nn.Module):
     """A PatchGAN: strided convs that score overlapping patches as real or fake (Isola et al., 2017)."""
 
     def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 3):
         super().__init__()
-        # num_layers stride-2 convolutions halve the input, then two of stride 1 take a pixel each: at least one is left
-        self.min_size = 3 * 2**num_layers
+        self.min_size = patch_min_size(num_layers)
         layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
         ch = channels
         for i in range(1, num_layers + 1):

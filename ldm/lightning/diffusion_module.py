@@ -182,16 +182,16 @@ class LatentDiffusionModule(L.LightningModule):
             self.generator.manual_seed(self.seed + 1000003 * self.trainer.global_rank)
 
     def on_fit_start(self) -> None:
-        """Under FSDP (wrapped by now, not yet restored from a checkpoint) each rank keeps only its shard's part of
-        the EMA: SD 1.5's full float32 average would be 3.4 GB on every rank and need the whole UNet gathered at every
-        step. Checkpoints still hold the full averages (assembled when saved)."""
-        if is_fsdp(self._trainer):
-            refuse_nested_units(self._trainer.strategy.model)
-        if self.ema is not None and is_fsdp(self._trainer):
-            root = self._trainer.strategy.model
-            spans = local_spans(root, "unet.")
-            if spans:
-                self.ema.keep_shards(spans, lambda t: sharded_sum(root, t))
+        """Under FSDP (wrapped by now, not yet restored from a checkpoint): refuse nested FSDP units, and keep only
+        this rank's shard's part of the EMA: SD 1.5's full float32 average would be 3.4 GB on every rank and need the
+        whole UNet gathered at every step. Checkpoints still hold the full averages (assembled when saved)."""
+        if not is_fsdp(self._trainer):
+            return
+        root = self._trainer.strategy.model
+        refuse_nested_units(root)
+        spans = local_spans(root, "unet.") if self.ema is not None else {}
+        if spans:
+            self.ema.keep_shards(spans, lambda t: sharded_sum(root, t))
 
     def describe(self) -> dict:
         """The checkpoint header (``ldm.checkpoint.describe_ldm``): everything needed to rebuild the parts and

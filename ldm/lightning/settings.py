@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.autoencoder.losses import patch_min_size
 from ldm.data.cache_latents import PRECISIONS as CACHE_PRECISIONS
 from ldm.data.masks import MaskSettings
 from ldm.diffusion import SamplingDefaults
@@ -197,7 +198,7 @@ def check_discriminator_fits(cfg: DictConfig) -> None:
     s, data = cfg.vae_stage, cfg.get("data") or {}
     if s.disc_start is None or data.get("buckets") or data.get("image_size") is None:
         return
-    least = 3 * 2**s.disc_layers
+    least = patch_min_size(s.disc_layers)
     if data.image_size < least:
         raise ConfigError(f"vae_stage.disc_layers={s.disc_layers} needs images of at least {least} px, and "
                           f"data.image_size={data.image_size}: lower vae_stage.disc_layers or raise data.image_size")

@@ -107,13 +107,11 @@ class EMA(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         legacy = f"{prefix}shadow_0" in state_dict
-        expected = {NUM_UPDATES: self.num_updates}
+        expected: dict[str, tuple[str | None, torch.Tensor]] = {NUM_UPDATES: (None, self.num_updates)}  # key: name
         for i, (name, shadow) in enumerate(self._shadows()):
-            expected[f"shadow_{i}" if legacy else name] = shadow
-        names = {f"shadow_{i}" if legacy else name: name for i, name in enumerate(self._names)}
-        for key, target in expected.items():
+            expected[f"shadow_{i}" if legacy else name] = (name, shadow)
+        for key, (name, target) in expected.items():
             value = state_dict.get(prefix + key)
-            name = names.get(key)
             shape = self._shapes.get(name, target.shape)
             if value is None:
                 missing_keys.append(prefix + key)
