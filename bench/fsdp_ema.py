@@ -4,7 +4,8 @@
 Two gloo ranks on this machine (one thread each), a UNet of ``bench/unet.py``'s configs wrapped as Lightning wraps
 the training module (one FSDP unit, ``use_orig_params=True``). The two updates alternate, ``--repeats`` times after
 a warm-up; printed by rank 0: the median milliseconds of each, the ratio whole/sharded with its per-repeat range,
-the shadow's bytes per rank, and the one-off cost of assembling the sharded averages for a checkpoint.
+the shadow's bytes per rank. Then the assembly of the sharded averages for a checkpoint (the state dict), bucketed
+(``ldm.nn.ema.ASSEMBLY_BUCKET_NUMEL`` elements per all-gather) against one all-gather per parameter, alternated.
 
     python bench/fsdp_ema.py --config small --repeats 9
 
@@ -17,7 +18,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from unet import CONFIGS
 
-from ldm.lightning.sharding import local_spans, sharded_sum
+from ldm.lightning.sharding import shard_layout
 from ldm.nn.ema import EMA
 from ldm.unet import UNet
 
@@ -51,10 +51,13 @@ def _rank(rank: int, store: str, config: str, repeats: int) -> None:
     cfg.pop("latent")
     torch.manual_seed(0)
     unet = UNet(**cfg)
+    tensors = len(list(unet.parameters()))
     params = sum(p.numel() for p in unet.parameters())  # before FSDP makes them this rank's shard views
-    whole, sharded = EMA(unet, decay=0.999), EMA(unet, decay=0.999)
+    whole, sharded, per_param = EMA(unet, decay=0.999), EMA(unet, decay=0.999), EMA(unet, decay=0.999)
     root = FullyShardedDataParallel(_Stage(unet), device_id=torch.device("cpu"), use_orig_params=True)
-    sharded.keep_shards(local_spans(root, "unet."), lambda t: sharded_sum(root, t))
+    layout = shard_layout(root, "unet.")
+    sharded.keep_shards(layout)
+    per_param.keep_shards(layout, bucket_numel=1)  # a bucket closes after each parameter
     model = root.module.unet
 
     def update_whole() -> None:
@@ -68,9 +71,9 @@ def _rank(rank: int, store: str, config: str, repeats: int) -> None:
 
     update_whole(), update_sharded()  # warm-up
     times = alternated_times({"whole": update_whole, "sharded": update_sharded}, repeats)
-    start = time.perf_counter()
-    sharded.state_dict()
-    assemble = time.perf_counter() - start
+    sharded.state_dict(), per_param.state_dict()  # warm-up
+    saves = alternated_times({"bucketed": sharded.state_dict, "per parameter": per_param.state_dict},
+                             max(3, repeats // 2))
     if rank == 0:
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         ratios = [w / s for w, s in zip(times["whole"], times["sharded"], strict=True)]
@@ -79,7 +82,12 @@ def _rank(rank: int, store: str, config: str, repeats: int) -> None:
               f"{med['whole'] / med['sharded']:.2f} ({min(ratios):.2f}..{max(ratios):.2f})")
         print(f"shadow per rank: whole {_shadow_bytes(whole) / 2**20:.1f} MiB, sharded "
               f"{_shadow_bytes(sharded) / 2**20:.1f} MiB")
-        print(f"assembling the sharded averages for a checkpoint: {assemble * 1e3:.0f} ms (once per save)")
+        save = {k: statistics.median(v) * 1e3 for k, v in saves.items()}
+        ratios = [p / b for b, p in zip(saves["bucketed"], saves["per parameter"], strict=True)]
+        print(f"assembling the averages for a checkpoint ({len(saves['bucketed'])} alternated repeats): bucketed "
+              f"{save['bucketed']:.0f} ms, one all-gather per parameter ({tensors} tensors) "
+              f"{save['per parameter']:.0f} ms; ratio {save['per parameter'] / save['bucketed']:.2f} "
+              f"({min(ratios):.2f}..{max(ratios):.2f})")
     dist.destroy_process_group()
 
 

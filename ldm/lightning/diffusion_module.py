@@ -27,7 +27,7 @@ from ldm.diffusion.validation import (
 from ldm.lightning.host_reads import host_scalar
 from ldm.lightning.nonfinite import NaNPolicy, NonFiniteSteps, skips_on_device
 from ldm.lightning.optim import LRSchedule, grad_norm
-from ldm.lightning.sharding import full_params, is_fsdp, local_spans, refuse_nested_units, shard_sum, sharded_sum
+from ldm.lightning.sharding import full_params, is_fsdp, refuse_nested_units, shard_layout, shard_sum
 from ldm.lora import has_lora
 from ldm.nn.ema import EMA, EMASettings
 from ldm.pipeline import LatentDiffusionPipeline
@@ -189,9 +189,9 @@ class LatentDiffusionModule(L.LightningModule):
             return
         root = self._trainer.strategy.model
         refuse_nested_units(root)
-        spans = local_spans(root, "unet.") if self.ema is not None else {}
-        if spans:
-            self.ema.keep_shards(spans, lambda t: sharded_sum(root, t))
+        layout = shard_layout(root, "unet.") if self.ema is not None else None
+        if layout is not None:
+            self.ema.keep_shards(layout)
 
     def describe(self) -> dict:
         """The checkpoint header (``ldm.checkpoint.describe_ldm``): everything needed to rebuild the parts and

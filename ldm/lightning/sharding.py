@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
+from ldm.nn.ema import ShardLayout
+
 
 def is_fsdp(trainer: L.Trainer | None) -> bool:
     """Whether ``trainer`` trains with Lightning's FSDP strategy."""
@@ -94,6 +96,27 @@ def local_spans(root: torch.nn.Module, prefix: str = "") -> dict[str, tuple[int,
                 spans[name[len(prefix):]] = ((info.intra_param_start_idx, info.intra_param_end_idx + 1)
                                              if info.in_shard else (0, 0))
     return spans
+
+
+def shard_layout(root: torch.nn.Module, prefix: str = "") -> ShardLayout | None:
+    """The ``ShardLayout`` of the parameters under ``prefix`` in the FSDP-wrapped ``root`` (named without the
+    prefix), over FSDP's sharding group: every rank's ``local_spans`` (exchanged once: a collective) and an
+    all-gather over the group. None where nothing is sharded (``NO_SHARD``)."""
+    import torch.distributed as dist
+
+    spans = local_spans(root, prefix)
+    if not spans:
+        return None
+    group = root.process_group
+    every: list[dict[str, tuple[int, int]] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, spans, group=group)
+
+    def gather(value: torch.Tensor) -> list[torch.Tensor]:
+        received = [torch.empty_like(value) for _ in every]
+        dist.all_gather(received, value, group=group)
+        return received
+
+    return ShardLayout([dict(s) for s in every], dist.get_rank(group), gather)
 
 
 def refuse_nested_units(root: torch.nn.Module) -> None:

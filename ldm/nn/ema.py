@@ -3,7 +3,7 @@ the parameters' own names, so a checkpoint's EMA weights load into the model wit
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 NUM_UPDATES = "num_updates"
+ASSEMBLY_BUCKET_NUMEL = 2**22  # elements of full averages gathered per collective (16 MiB in float32)
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,30 @@ class EMASettings:
 
     decay: float = 0.9999
     warmup: bool = True
+
+
+def _check_tiling(name: str, spans: Sequence[tuple[int, int]], numel: int) -> None:
+    """Raise unless the ranks' ``spans`` of parameter ``name`` cover its ``numel`` elements once each."""
+    covered = 0
+    for start, stop in sorted(s for s in spans if s[1] > s[0]):
+        if start != covered:
+            break
+        covered = stop
+    if covered != numel:
+        raise ValueError(f"EMA.keep_shards: the ranks' spans of {name} ({list(spans)}) do not cover its {numel} "
+                         "elements once each: not a sharding this EMA can assemble")
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How a sharded model's parameters are split over the ranks of its sharding group: ``spans[r][name]`` is the
+    [start, stop) of the flattened parameter ``name`` that rank ``r`` holds ((0, 0): none), ``rank`` is this rank's
+    index in ``spans``, and ``gather(t)`` returns every rank's ``t`` (the same size on each) in that order: a
+    collective (``ldm.lightning.sharding.shard_layout`` builds one for FSDP)."""
+
+    spans: Sequence[Mapping[str, tuple[int, int]]]
+    rank: int
+    gather: Callable[[torch.Tensor], list[torch.Tensor]]
 
 
 class EMA(nn.Module):
@@ -31,7 +56,7 @@ class EMA(nn.Module):
 
     With ``keep_shards`` each rank of a sharded model (FSDP) keeps and updates only its part of the averages, from its
     part of the parameters; the full averages are assembled (a collective) only where they are read: the state dict,
-    ``averaged_state_dict``, ``copy_to`` and ``swapped_in``.
+    ``averaged_state_dict``, ``copy_to`` and ``swapped_in``, a bucket of parameters per collective.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
@@ -51,40 +76,72 @@ class EMA(nn.Module):
         self._host_updates: int | None = 0  # num_updates counted on the host; None: read the buffer once
         self._spans: dict[str, tuple[int, int]] = {}  # keep_shards: [start, stop) of each flattened average
         self._shapes: dict[str, torch.Size] = {}  # the full shapes of the sharded averages
-        self._assemble: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._layout: ShardLayout | None = None
+        self._bucket_numel = ASSEMBLY_BUCKET_NUMEL
 
-    def keep_shards(self, spans: Mapping[str, tuple[int, int]],
-                    assemble: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Keep only elements [start, stop) of each flattened average named in ``spans``: this rank's part of a
-        sharded model, whose parameters are then flat views of the same elements (FSDP's ``use_orig_params``).
+    def keep_shards(self, layout: ShardLayout, bucket_numel: int = ASSEMBLY_BUCKET_NUMEL) -> None:
+        """Keep only this rank's elements [start, stop) of each flattened average named in ``layout.spans``: its
+        part of a sharded model, whose parameters are then flat views of the same elements (FSDP's
+        ``use_orig_params``). Averages not named stay whole.
 
-        ``assemble`` sums a tensor over the ranks that hold the other parts (a collective, e.g.
-        ``ldm.lightning.sharding.sharded_sum``): the full averages are that sum of each rank's part, zero-padded.
-        Averages not named stay whole."""
+        The full averages are assembled with ``layout.gather``, one collective per ``bucket_numel`` elements of full
+        averages (at least one parameter each): each rank sends its parts of a bucket's parameters, concatenated, and
+        places every rank's parts by their spans. Every rank must hold the same layout (it is built collectively)."""
+        own = layout.spans[layout.rank]
+        if self._spans:  # a later fit of the same module: the same shards, perhaps another process group
+            if any(tuple(own.get(name, ())) != span for name, span in self._spans.items()):
+                raise RuntimeError("EMA.keep_shards: the averages are already kept in other shards")
+            self._layout, self._bucket_numel = layout, bucket_numel
+            return
         for i, (name, shadow) in enumerate(self._shadows()):
-            if name not in spans or name in self._spans:
+            if name not in own:
                 continue
-            start, stop = spans[name]
+            _check_tiling(name, [spans[name] for spans in layout.spans], shadow.numel())
+            start, stop = own[name]
             self._shapes[name] = shadow.shape
             self._spans[name] = (start, stop)
             setattr(self, f"shadow_{i}", shadow.reshape(-1)[start:stop].clone())
-        self._assemble = assemble
+        self._layout, self._bucket_numel = layout, bucket_numel
 
     @property
     def sharded(self) -> bool:
         """Whether this rank keeps only its part of some averages (``keep_shards``)."""
         return bool(self._spans)
 
-    def _full(self, name: str, part: torch.Tensor) -> torch.Tensor:
-        """The full tensor of ``name`` from this rank's ``part`` (a collective when it is sharded)."""
-        if name not in self._spans:
-            return part
-        assert self._assemble is not None
-        start, stop = self._spans[name]
-        shape = self._shapes[name]
-        full = part.new_zeros(shape.numel())
-        full[start:stop] = part
-        return self._assemble(full).view(shape)
+    def _assembled(self, parts: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) for each (name, this rank's part), in order: the sharded ones gathered a bucket at a
+        time (a collective per bucket; at most a bucket of full tensors is held at once), the others as they are."""
+        bucket: list[tuple[str, torch.Tensor]] = []
+        numel = 0
+        for name, part in parts:
+            if bucket and (numel >= self._bucket_numel or part.dtype != bucket[0][1].dtype):
+                yield from self._gathered(bucket)
+                bucket, numel = [], 0
+            bucket.append((name, part))
+            numel += self._shapes[name].numel() if name in self._spans else 0
+        if bucket:
+            yield from self._gathered(bucket)
+
+    def _gathered(self, bucket: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The full tensors of one bucket of (name, part) pairs of one dtype: one gather of every rank's parts."""
+        sharded = [name for name, _ in bucket if name in self._spans]
+        full: dict[str, torch.Tensor] = {}
+        if sharded:
+            assert self._layout is not None
+            parts = [part.reshape(-1) for name, part in bucket if name in self._spans]
+            lengths = [[spans[name][1] - spans[name][0] for name in sharded] for spans in self._layout.spans]
+            sent = parts[0].new_empty(max(sum(n) for n in lengths))  # the gather takes one size from every rank
+            mine = sum(lengths[self._layout.rank])
+            torch.cat(parts, out=sent[:mine])
+            sent[mine:].zero_()
+            # empty, not zeros: the ranks' spans tile every parameter (checked in keep_shards)
+            full = {name: sent.new_empty(self._shapes[name].numel()) for name in sharded}
+            for spans, received, sizes in zip(self._layout.spans, self._layout.gather(sent), lengths, strict=True):
+                for name, piece in zip(sharded, received[:sum(sizes)].split(sizes), strict=True):
+                    start, stop = spans[name]
+                    full[name][start:stop] = piece
+        for name, part in bucket:
+            yield name, full[name].view(self._shapes[name]) if name in full else part
 
     def _part(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's part of the full tensor ``full`` of ``name`` (itself when it is not sharded)."""
@@ -98,10 +155,10 @@ class EMA(nn.Module):
             yield name, getattr(self, f"shadow_{i}")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        for name, shadow in self._shadows():
-            value = shadow if keep_vars else shadow.detach()
+        shadows = ((name, shadow if keep_vars else shadow.detach()) for name, shadow in self._shadows())
+        for name, value in self._assembled(shadows):
             # an assembled average goes to the host at once: all of them on the device would be a whole shadow again
-            destination[prefix + name] = self._full(name, value).cpu() if name in self._spans else value
+            destination[prefix + name] = value.cpu() if name in self._spans else value
         destination[prefix + NUM_UPDATES] = self.num_updates if keep_vars else self.num_updates.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -165,13 +222,14 @@ class EMA(nn.Module):
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite ``model``'s parameters with the averages (with ``keep_shards``: its full parameters, e.g.
         inside FSDP's ``summon_full_params``)."""
-        for name, shadow in self._shadows():
+        for name, average in self._assembled(self._shadows()):
             p = model.get_parameter(name)
-            p.copy_(self._full(name, shadow).view_as(p).to(p.dtype))
+            p.copy_(average.view_as(p).to(p.dtype))
 
     def averaged_state_dict(self) -> dict[str, torch.Tensor]:
         """The averages under the model's own parameter names (for export or a plain ``load_state_dict``)."""
-        return {name: self._full(name, shadow).clone() for name, shadow in self._shadows()}
+        return {name: average if name in self._spans else average.clone()
+                for name, average in self._assembled(self._shadows())}
 
     @contextmanager
     def swapped_in(self, model: nn.Module):
@@ -183,6 +241,6 @@ class EMA(nn.Module):
             yield model
         finally:
             with torch.no_grad():
-                for name, value in backup.items():
+                for name, value in self._assembled(backup.items()):
                     p = model.get_parameter(name)
-                    p.copy_(self._full(name, value).view_as(p))
+                    p.copy_(value.view_as(p))

@@ -11,8 +11,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, StateDictType
 
 # imported here: the forked ranks inherit them
-from ldm.lightning.sharding import CPUFSDPStrategy, frozen_children, local_spans, sharded_sum
-from ldm.nn.ema import EMA
+from ldm.lightning.sharding import CPUFSDPStrategy, frozen_children, local_spans, shard_layout, sharded_sum
+from ldm.nn.ema import EMA, ShardLayout
 from tests.module_factory import diffusion_module
 from tests.two_ranks import on_two_ranks
 
@@ -77,7 +77,19 @@ class _Model(torch.nn.Module):
         return self.unet(x)
 
 
-def _sharded_ema_rank(rank: int, strategy: str) -> dict:
+def _counted(layout: ShardLayout | None, calls: list[int]) -> ShardLayout | None:
+    """``layout`` with its gathers counted in ``calls``."""
+    if layout is None:
+        return None
+
+    def gather(value: torch.Tensor) -> list[torch.Tensor]:
+        calls.append(value.numel())
+        return layout.gather(value)
+
+    return ShardLayout(layout.spans, layout.rank, gather)
+
+
+def _sharded_ema_rank(rank: int, strategy: str, bucket_numel: int) -> dict:
     kwargs = {}
     if strategy == "HYBRID_SHARD":
         own = [dist.new_group([r]) for r in (0, 1)][rank]
@@ -90,7 +102,10 @@ def _sharded_ema_rank(rank: int, strategy: str) -> dict:
     unet = root.module.unet
     spans = local_spans(root, "unet.")
     views = {name: p.numel() for name, p in unet.named_parameters()}
-    ema.keep_shards(spans, lambda t: sharded_sum(root, t))
+    calls: list[int] = []
+    layout = _counted(shard_layout(root, "unet."), calls)
+    if layout is not None:  # None: nothing sharded
+        ema.keep_shards(layout, bucket_numel)
     kept = sum(int(b.numel()) for name, b in ema.named_buffers() if name != "num_updates")
     with torch.no_grad():
         for p in unet.parameters():  # this rank's part of each parameter: its flat view
@@ -99,27 +114,37 @@ def _sharded_ema_rank(rank: int, strategy: str) -> dict:
     gathered = any(p.numel() != views[name] for name, p in unet.named_parameters())
     ema.update(unet)  # 0.75 x start + 0.25 x (start + 4): start + 1
     state = ema.state_dict()  # assembled: the full averages
+    gathers = list(calls)
     fresh = EMA(_Model().unet, decay=0.75, warmup=False)  # other weights, loaded from the state dict
-    fresh.keep_shards(spans, lambda t: sharded_sum(root, t))
+    if layout is not None:
+        fresh.keep_shards(layout)
+        fresh.keep_shards(layout)  # a second fit of the same module: the same shards kept
     fresh.load_state_dict(state)
     with FullyShardedDataParallel.summon_full_params(root, writeback=True):
         with ema.swapped_in(unet):
             inside = {name: p.detach().clone().tolist() for name, p in unet.named_parameters()}
         after = {name: p.detach().clone().tolist() for name, p in unet.named_parameters()}
-    return {"spans": spans, "views": views, "kept": kept, "gathered": gathered,
+    return {"spans": spans, "views": views, "kept": kept, "gathered": gathered, "gathers": gathers,
             "state": {k: v.tolist() for k, v in state.items()},
             "fresh": {k: v.tolist() for k, v in fresh.state_dict().items()}, "inside": inside, "after": after}
 
 
-@pytest.mark.parametrize("strategy", ["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"])
-def test_a_sharded_ema_keeps_its_shard_and_reads_as_the_whole_average(tmp_path, strategy):
+@pytest.mark.parametrize(("strategy", "bucket_numel", "gathers"), [
+    # rank 0 holds 0.weight (15), 0.bias (3) and 6 of 1.weight's 21; rank 1 the other 15 and 1.bias (7)
+    ("FULL_SHARD", 2**26, [24]),  # the 46 elements in one gather, of the larger part's size (24 against 22)
+    ("FULL_SHARD", 1, [15, 3, 15, 7]),  # a parameter per gather
+    ("FULL_SHARD", 18, [18, 15, 7]),  # a bucket closes at 18 elements: the first two parameters, then one each
+    ("SHARD_GRAD_OP", 2**26, [24]),
+    ("HYBRID_SHARD", 2**26, []),
+])
+def test_a_sharded_ema_keeps_its_shard_and_reads_as_the_whole_average(tmp_path, strategy, bucket_numel, gathers):
     """Each rank averages only its part of each parameter (FSDP's flat views, located by ``local_spans``, or its
     part of the gathered weights a forward without backward leaves); the state dict, a load into another sharded EMA
-    and the swap into the full weights see the whole average. HYBRID_SHARD with two one-rank "nodes" is the case
-    where FSDP shards nothing."""
+    and the swap into the full weights see the whole average, assembled with a gather per bucket of parameters.
+    HYBRID_SHARD with two one-rank "nodes" is the case where FSDP shards nothing."""
     torch.manual_seed(0)
     start = {name: p.detach().clone() for name, p in _Model().unet.named_parameters()}
-    out = on_two_ranks(_sharded_ema_rank, tmp_path / "store", strategy)
+    out = on_two_ranks(_sharded_ema_rank, tmp_path / "store", strategy, bucket_numel)
     total = sum(p.numel() for p in start.values())
     for rank in (0, 1):
         r = out[rank]
@@ -131,6 +156,7 @@ def test_a_sharded_ema_keeps_its_shard_and_reads_as_the_whole_average(tmp_path, 
             assert torch.allclose(torch.tensor(r["inside"][name]), value + 1.0)  # the averages swapped in
             assert torch.allclose(torch.tensor(r["after"][name]), value + 4.0)  # the trained weights back
         assert r["state"]["num_updates"] == 1
+        assert r["gathers"] == gathers  # the state dict's gathers, and the size each rank sent
     assert out[0]["gathered"] == (strategy == "SHARD_GRAD_OP")  # the update read the gathered weights' part
     if strategy == "HYBRID_SHARD":  # each one-rank "node" holds everything (FSDP runs it as NO_SHARD)
         assert out[0]["kept"] == out[1]["kept"] == total
@@ -140,6 +166,22 @@ def test_a_sharded_ema_keeps_its_shard_and_reads_as_the_whole_average(tmp_path, 
             (a0, b0), (a1, b1) = out[0]["spans"][name], out[1]["spans"][name]
             covered = set(range(a0, b0)) | set(range(a1, b1))
             assert covered == set(range(value.numel())) and not set(range(a0, b0)) & set(range(a1, b1))
+
+
+@pytest.mark.parametrize("spans", [
+    [{"weight": (0, 10), "bias": (0, 4)}, {"weight": (12, 16), "bias": (0, 0)}],  # elements 10 and 11 held by none
+    [{"weight": (0, 10), "bias": (0, 4)}, {"weight": (8, 16), "bias": (0, 0)}],  # 8 and 9 held twice
+])
+def test_an_ema_refuses_shards_that_do_not_tile_a_parameter(spans):
+    """Assembly writes every rank's part into an uninitialised tensor: a layout that leaves an element out (or holds
+    one twice) is refused when the shards are kept, naming the parameter."""
+    ema = EMA(torch.nn.Linear(4, 4))
+
+    def gather(value: torch.Tensor) -> list[torch.Tensor]:
+        raise AssertionError("nothing is gathered")
+
+    with pytest.raises(ValueError, match="spans of weight .* do not cover its 16 elements once each"):
+        ema.keep_shards(ShardLayout(spans, 0, gather))
 
 
 def _stage_rank(rank: int) -> dict:
