@@ -25,6 +25,10 @@ class AutoencoderModule(L.LightningModule):
 
     The loss is the reconstruction error's per-pixel mean plus ``kl_weight`` x the KL summed over the latent.
     CompVis sums the reconstruction over the pixels instead, so their ``kl_weight`` w is w / (C x H x W) here.
+    ``scale_equivariance`` > 0 adds that weight x the same reconstruction error of the 2x average-pooled latent
+    sample, decoded, against the 2x average-pooled image (Skorokhodov et al., 2025, "Improving the Diffusability of
+    Autoencoders"): it penalises the high-frequency latent content that a decoder does not need but a diffusion
+    model must learn.
 
     A non-finite loss or gradient stops the run (``NonFiniteSteps`` with the ``stop`` policy). With the fused Adam
     optimizers (all precisions but fp16) each update's gradient norm is tested on the device and a non-finite one
@@ -51,6 +55,7 @@ class AutoencoderModule(L.LightningModule):
         disc_start: int | None = None,
         disc_channels: int = 64,
         disc_layers: int = 3,
+        scale_equivariance: float = 0.0,
         lr_schedule: str = "constant",
         max_steps: int = 1,
         seed: int = 0,
@@ -61,7 +66,9 @@ class AutoencoderModule(L.LightningModule):
             raise ValueError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
         self.vae = vae
         self.lr, self.betas = lr, tuple(betas)
-        self.rec_loss, self.kl_weight = rec_loss, kl_weight
+        if not scale_equivariance >= 0.0:
+            raise ValueError(f"scale_equivariance must be a weight >= 0 (0: off), got {scale_equivariance}")
+        self.rec_loss, self.kl_weight, self.scale_equivariance = rec_loss, kl_weight, scale_equivariance
         self.perceptual_weight = perceptual_weight
         self.perceptual = PerceptualLoss(perceptual_weights) if perceptual_weight > 0 else None
         self.lr_factor = warmup_then(lr_schedule, 0, max_steps)
@@ -131,6 +138,15 @@ class AutoencoderModule(L.LightningModule):
             per_sample = per_sample + self.perceptual_weight * self.perceptual(x, rec)
         return per_sample.mean()
 
+    def _scale_equivariance_loss(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The reconstruction error of the 2x average-pooled latent ``z``, decoded, against the pooled image ``x``."""
+        if z.shape[-1] % 2 or z.shape[-2] % 2:
+            raise ValueError(f"vae_stage.scale_equivariance pools the latents 2x and needs even latent sizes, got "
+                             f"{tuple(z.shape[-2:])}: set it to 0 or use an image size that is a multiple of "
+                             f"{2 * self.vae.downsample_factor}")
+        err = self.vae.decode(F.avg_pool2d(z, 2)) - F.avg_pool2d(x, 2)
+        return (err.abs() if self.rec_loss == "l1" else err**2).mean()
+
     def _gan_active(self) -> bool:
         return self.discriminator is not None and self.global_step >= self.disc_start
 
@@ -139,10 +155,16 @@ class AutoencoderModule(L.LightningModule):
         opts = self._optimizers()
         opt_ae, opt_d = opts[0], (opts[1] if len(opts) > 1 else None)
         step, gan = self.global_step, self._gan_active()  # before the generator's update counts the step
-        rec, posterior = self.vae(x, generator=self.generator)
+        posterior = self.vae.encode(x)
+        z = posterior.sample(self.generator)
+        rec = self.vae.decode(z)
         nll = self._reconstruction(x, rec)
         kl = posterior.kl().mean()
         loss = nll + self.kl_weight * kl
+        if self.scale_equivariance > 0:
+            se = self._scale_equivariance_loss(x, z)
+            loss = loss + self.scale_equivariance * se
+            self.log("train/se_loss", se, batch_size=x.shape[0])
         if gan:
             if min(x.shape[-2:]) < self.discriminator.min_size:
                 raise ValueError(

@@ -92,6 +92,7 @@ def check_vae_stage(s: DictConfig) -> None:
     _int("vae_stage.disc_channels", s.disc_channels, 1)
     _int("vae_stage.disc_layers", s.disc_layers, 1)
     _int("vae_stage.latent_scale_batches", s.latent_scale_batches, 1)
+    _float("vae_stage.scale_equivariance", s.scale_equivariance, 0.0)
 
 
 def check_ldm_stage(s: DictConfig) -> None:
@@ -164,6 +165,7 @@ def check_run(cfg: DictConfig) -> None:
     if "vae" in stages:
         check_vae_stage(cfg.vae_stage)
         check_discriminator_fits(cfg)
+        check_scale_equivariance_fits(cfg)
     if "ldm" in stages:
         check_ldm_stage(cfg.ldm_stage)
         try:
@@ -202,6 +204,19 @@ def check_discriminator_fits(cfg: DictConfig) -> None:
     if data.image_size < least:
         raise ConfigError(f"vae_stage.disc_layers={s.disc_layers} needs images of at least {least} px, and "
                           f"data.image_size={data.image_size}: lower vae_stage.disc_layers or raise data.image_size")
+
+
+def check_scale_equivariance_fits(cfg: DictConfig) -> None:
+    """``vae_stage.scale_equivariance`` pools the latents 2x: the latent size (image size / the VAE's downsampling)
+    must be even. Buckets' sizes are checked at the step."""
+    data = cfg.get("data") or {}
+    if not cfg.vae_stage.scale_equivariance or data.get("buckets") or data.get("image_size") is None:
+        return
+    factor = 2 ** (len(cfg.autoencoder.ch_mult) - 1)
+    if (data.image_size // factor) % 2:
+        raise ConfigError(f"vae_stage.scale_equivariance pools the latents 2x and needs an even latent size; "
+                          f"data.image_size={data.image_size} gives {data.image_size // factor} latent pixels: use a "
+                          f"multiple of {2 * factor} px or set vae_stage.scale_equivariance=0")
 
 
 def resume_mode(cfg: DictConfig) -> str | None:

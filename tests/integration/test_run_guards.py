@@ -92,13 +92,17 @@ def test_images_too_small_for_the_patchgan_are_refused_before_training(tmp_path:
     assert not (tmp_path / "run").exists()
 
 
-CHECK_CASES = [  # an override, and the error check_run reports (None: the config passes)
+CHECK_CASES = [  # overrides (space-separated), and the error check_run reports (None: the config passes)
     ("seed=-1", "seed must be >= 0, got -1"),
     ("preemption.signal=SIGFOO", "preemption.signal='SIGFOO' is not a signal"),
     ("preemption.check_every_n_steps=0", "preemption.check_every_n_steps must be >= 1, got 0"),
     ("+trainer.progress_bar_refresh_steps=0", "trainer.progress_bar_refresh_steps must be >= 1, got 0"),
     ("ldm_stage.max_steps=abc", "ldm_stage.max_steps must be an integer, got 'abc'"),
     ("vae_stage.disc_layers=0", "vae_stage.disc_layers must be >= 1, got 0"),
+    ("vae_stage.scale_equivariance=-1", "vae_stage.scale_equivariance must be >= 0"),
+    ("vae_stage.scale_equivariance=0.25", None),  # 32 px: 8 latent pixels, pooled to 4
+    ("vae_stage.scale_equivariance=0.25 data.image_size=36",
+     "data.image_size=36 gives 9 latent pixels: use a multiple of 8 px or set vae_stage.scale_equivariance=0"),
     ("stages=[ldm]", "the ldm stage needs an autoencoder: set vae_ckpt=PATH"),
     ("seed=0", None),  # the default config, whose evaluation callback is off
 ]
@@ -113,7 +117,7 @@ def test_the_config_check_needs_lightning_only_for_an_enabled_evaluation(tmp_pat
             "from ldm.lightning.settings import check_run\n"
             f"with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base='1.3'):\n"
             f"    for override in {[o for o, _ in CHECK_CASES]!r}:\n"
-            f"        cfg = compose('train', overrides=['out_dir={tmp_path}', 'logger=csv', override])\n"
+            f"        cfg = compose('train', overrides=['out_dir={tmp_path}', 'logger=csv', *override.split()])\n"
             "        try:\n"
             "            check_run(cfg)\n"
             "            print('passed')\n"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
@@ -353,6 +355,32 @@ def test_autoencoder_module_trains_with_gan_and_fits_latent_scale(tmp_path):
     scale = module.fit_latent_scale(torch.stack([b["image"] for b in image_batches(8)]))
     z = vae.encode_latents(torch.stack([b["image"] for b in image_batches(8, seed=1)]))
     assert vae.config["scale_factor"] == scale and 0.5 < float(z.std()) < 2.0
+
+
+def test_scale_equivariance_adds_the_pooled_latents_reconstruction_error(tmp_path):
+    """vae_stage.scale_equivariance: the loss gains w x the error of the 2x-pooled latent sample, decoded, against the
+    2x-pooled image, computed here by hand from the first step's weights and posterior sample."""
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    start = copy.deepcopy(vae)
+    module = AutoencoderModule(vae, lr=1e-3, rec_loss="l2", kl_weight=1e-3, scale_equivariance=0.5, seed=7)
+    logged = {}
+    module.log = lambda name, value, **kw: logged.setdefault(name, value.detach().clone())  # the first step's
+    images = image_batches(8)
+    trainer(1, tmp_path).fit(module, DataLoader(images, batch_size=8, collate_fn=collate))
+    x = torch.stack([b["image"] for b in images])
+    with torch.no_grad():
+        posterior = start.encode(x)
+        z = posterior.sample(torch.Generator().manual_seed(7))
+        rec = F.mse_loss(start.decode(z), x)
+        pooled = F.mse_loss(start.decode(F.avg_pool2d(z, 2)), F.avg_pool2d(x, 2))
+    assert torch.allclose(logged["train/se_loss"], pooled, rtol=1e-4)
+    assert torch.allclose(logged["train/rec_loss"], rec, rtol=1e-4)
+    assert torch.allclose(logged["train/loss"], rec + 1e-3 * logged["train/kl"] + 0.5 * pooled, rtol=1e-4)
+    with pytest.raises(ValueError, match="needs even latent sizes, got \\(3, 3\\)"):
+        module._scale_equivariance_loss(torch.zeros(1, 3, 6, 6), torch.zeros(1, 4, 3, 3))
+    with pytest.raises(ValueError, match="scale_equivariance must be a weight >= 0"):
+        AutoencoderModule(tiny_vae(), scale_equivariance=-0.1)
 
 
 def test_a_gan_batch_is_one_training_step(tmp_path):
