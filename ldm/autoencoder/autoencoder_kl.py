@@ -37,6 +37,11 @@ def _ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool, like: tor
 SD_LATENT_SCALE = 0.18215  # Stable Diffusion 1.x / 2.x: the one place this constant is written
 
 
+def downsample_factor(ch_mult: Sequence[int]) -> int:
+    """How many image pixels one latent pixel spans per side: each level after the first halves the size."""
+    return 2 ** (len(ch_mult) - 1)
+
+
 class AutoencoderKL(nn.Module):
     """KL autoencoder: ``encode(x)`` -> DiagonalGaussianDistribution, ``decode(z)`` -> image (nominally [-1, 1]).
 
@@ -75,7 +80,7 @@ class AutoencoderKL(nn.Module):
             latent_std=list(latent_std) if latent_std is not None else None,
         )  # fmt: skip
         self.embed_dim = embed_dim
-        self.downsample_factor = 2 ** (len(ch_mult) - 1)
+        self.downsample_factor = downsample_factor(ch_mult)
         self.encoder = Encoder(in_channels, ch, ch_mult, num_res_blocks, z_channels, dropout)
         self.decoder = Decoder(out_channels, ch, ch_mult, num_res_blocks, z_channels, dropout)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)

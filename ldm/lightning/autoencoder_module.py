@@ -131,9 +131,12 @@ class AutoencoderModule(L.LightningModule):
         if "train_generators" in checkpoint:
             self.generator.set_state(rank_state(checkpoint["train_generators"], self.global_rank))
 
+    def _pixel_error(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+        """The per-pixel reconstruction error, ``rec_loss``'s L1 or L2."""
+        return (rec - x).abs() if self.rec_loss == "l1" else (rec - x) ** 2
+
     def _reconstruction(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
-        err = (rec - x).abs() if self.rec_loss == "l1" else (rec - x) ** 2
-        per_sample = err.mean(dim=(1, 2, 3))
+        per_sample = self._pixel_error(x, rec).mean(dim=(1, 2, 3))
         if self.perceptual is not None:
             per_sample = per_sample + self.perceptual_weight * self.perceptual(x, rec)
         return per_sample.mean()
@@ -144,8 +147,7 @@ class AutoencoderModule(L.LightningModule):
             raise ValueError(f"vae_stage.scale_equivariance pools the latents 2x and needs even latent sizes, got "
                              f"{tuple(z.shape[-2:])}: set it to 0 or use an image size that is a multiple of "
                              f"{2 * self.vae.downsample_factor}")
-        err = self.vae.decode(F.avg_pool2d(z, 2)) - F.avg_pool2d(x, 2)
-        return (err.abs() if self.rec_loss == "l1" else err**2).mean()
+        return self._pixel_error(F.avg_pool2d(x, 2), self.vae.decode(F.avg_pool2d(z, 2))).mean()
 
     def _gan_active(self) -> bool:
         return self.discriminator is not None and self.global_step >= self.disc_start

@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.autoencoder.autoencoder_kl import downsample_factor
 from ldm.autoencoder.losses import patch_min_size
 from ldm.data.cache_latents import PRECISIONS as CACHE_PRECISIONS
 from ldm.data.masks import MaskSettings
@@ -212,7 +213,7 @@ def check_scale_equivariance_fits(cfg: DictConfig) -> None:
     data = cfg.get("data") or {}
     if not cfg.vae_stage.scale_equivariance or data.get("buckets") or data.get("image_size") is None:
         return
-    factor = 2 ** (len(cfg.autoencoder.ch_mult) - 1)
+    factor = downsample_factor(cfg.autoencoder.ch_mult)
     if (data.image_size // factor) % 2:
         raise ConfigError(f"vae_stage.scale_equivariance pools the latents 2x and needs an even latent size; "
                           f"data.image_size={data.image_size} gives {data.image_size // factor} latent pixels: use a "
