@@ -59,7 +59,10 @@ def test_a_cpu_run_prints_the_step_flops_and_mfu_against_a_given_peak():
     lines = out.stdout.splitlines()
     assert lines[0].startswith("config=tiny latent=8 batch=2") and "GFLOP per step" in lines[1]
     gflop = float(lines[1].split(", ")[1].split()[0])
-    assert gflop > 0
+    cfg = dict(CONFIGS["tiny"])
+    latent = cfg.pop("latent")
+    step = TrainStep(UNet(**cfg).train(), 2, latent, cfg["context_dim"], torch.device("cpu"), torch.float32)
+    assert gflop == pytest.approx(count_flops(step.forward_backward) / 1e9, abs=0.05)  # printed to 0.1 GFLOP
     mfu = float(lines[2].split()[1].rstrip("%"))
     tflops = float(lines[1].split(", ")[2].split()[0])
     assert lines[2].endswith("of 0.100 TFLOP/s (the peak)")

@@ -8,11 +8,13 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from ldm.data import make_shards as ms
 from ldm.data.shards import ShardWriter, expand_braces, iter_shard, read_index, resolve_shards, sample_key
+from ldm.data.transforms import decode_image
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,9 +71,15 @@ def test_builtin_shapes_shards(tmp_path):
 def test_webdataset_reads_our_shards(tmp_path):
     wds = pytest.importorskip("webdataset")
     ms.make_shards("shapes", tmp_path, maxcount=4, length=8, log=None)
-    ds = wds.WebDataset(str(tmp_path / "{000000..000001}.tar"), shardshuffle=False).decode("pil")
+    ds = wds.WebDataset(str(tmp_path / "{000000..000001}.tar"), shardshuffle=False).decode("rgb8")
     got = list(ds)
-    assert len(got) == 8 and got[0]["png"].size == (32, 32) and got[0]["txt"].startswith("a ")
+    ours = [s for name in ("000000.tar", "000001.tar") for s in iter_shard(tmp_path / name)]
+    assert len(got) == len(ours) == 8 and got[0]["png"].shape == (32, 32, 3)
+    for theirs, mine in zip(got, ours, strict=True):  # every sample's key, caption, metadata and pixels
+        assert theirs["__key__"] == mine["__key__"]
+        assert theirs["txt"] == mine["txt"].decode() and theirs["txt"].startswith("a ")
+        assert theirs["json"] == json.loads(mine["json"])
+        assert np.array_equal(theirs["png"], np.asarray(decode_image(mine["png"]).convert("RGB")))
 
 
 @pytest.mark.parametrize("captions", ["txt", "json", "jsonl", "csv"])
@@ -127,6 +135,7 @@ def test_failure_mid_run_leaves_no_partial_shard_and_rerun_completes(tmp_path, m
 KILLER = """
 import os, signal, sys
 from ldm.data import make_shards as ms
+from ldm.data.transforms import decode_image
 from ldm.data.shards import ShardWriter
 real = ShardWriter.write
 def write(self, key, fields):

@@ -107,6 +107,56 @@ def test_ema_follows_the_model_with_warmup_and_swaps_in():
     torch.testing.assert_close(ema16.shadow_0, 0.5 * start + 0.5 * half.weight.float())
 
 
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_averages_as_diffusers_ema_model_does(warmup):
+    """Oracle: diffusers' EMAModel. Its decay, 0 at its first step and min((1 + n) / (10 + n), decay) at step n + 1
+    (use_ema_warmup=False), is ours at update n >= 1 with warmup; with min_decay = decay it is a constant one. Its first
+    step copies the model, ours moves 1 - 0.1 of the way, so it starts from our average after our first update."""
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    decay = 0.9  # reached at update 81 with warmup: the cap is checked too
+    ema = EMA(model, decay=decay, warmup=warmup)
+    theirs = None
+    for n in range(100):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        if theirs is not None:
+            assert ema.current_decay() == pytest.approx(theirs.get_decay(theirs.optimization_step + 1), rel=1e-12)
+            theirs.step(model.parameters())
+        ema.update(model)
+        if theirs is None:
+            theirs = EMAModel([p.detach().clone() for p in ema.averaged_state_dict().values()], decay=decay,
+                              min_decay=0.0 if warmup else decay, use_ema_warmup=False)
+            theirs.optimization_step = 1
+        if n in (1, 10, 99):
+            for ours, other in zip(ema.averaged_state_dict().values(), theirs.shadow_params, strict=True):
+                torch.testing.assert_close(ours, other, rtol=1e-5, atol=1e-6)
+    assert ema.current_decay() == decay
+
+
+def test_ema_refuses_what_it_cannot_average():
+    with pytest.raises(ValueError, match="num_updates.*collides"):
+        EMA(nn.ParameterDict({"num_updates": nn.Parameter(torch.zeros(2))}))
+    model = nn.Linear(4, 3)
+    ema = EMA(model)
+    from ldm.nn.ema import ShardLayout
+
+    def layout(spans, rank=0):
+        return ShardLayout(spans, rank, lambda t: [t] * len(spans))
+
+    ema.keep_shards(layout([{"weight": (0, 6)}, {"weight": (6, 12)}]))
+    assert ema.sharded
+    with pytest.raises(RuntimeError, match="already kept in other shards"):
+        ema.keep_shards(layout([{"weight": (0, 4)}, {"weight": (4, 12)}]))
+    ema.keep_shards(layout([{"weight": (0, 6)}, {"weight": (6, 12)}]))  # the same shards again: kept
+    with pytest.raises(RuntimeError, match="weight has 5 elements here and its average 6 of 12: the model is not "
+                                           "sharded as it was at keep_shards"):
+        ema.update(nn.ParameterDict({"weight": nn.Parameter(torch.zeros(5)), "bias": nn.Parameter(torch.zeros(3))}))
+
+
 def test_lr_warmup_then_cosine():
     f = warmup_then("cosine", 10, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
@@ -352,9 +402,15 @@ def test_autoencoder_module_trains_with_gan_and_fits_latent_scale(tmp_path):
     d_before = [p.clone() for p in module.discriminator.parameters()]
     trainer(6, tmp_path).fit(module, DataLoader(image_batches(), batch_size=8, collate_fn=collate))
     assert any(not torch.equal(a, b) for a, b in zip(d_before, module.discriminator.parameters(), strict=True))
-    scale = module.fit_latent_scale(torch.stack([b["image"] for b in image_batches(8)]))
-    z = vae.encode_latents(torch.stack([b["image"] for b in image_batches(8, seed=1)]))
-    assert vae.config["scale_factor"] == scale and 0.5 < float(z.std()) < 2.0
+    images = torch.stack([b["image"] for b in image_batches(8)])
+    scale = module.fit_latent_scale(images)
+    assert vae.config["scale_factor"] == scale and torch.all(vae.latent_scale == scale)
+    with torch.no_grad():  # the same posterior samples (the module's seed), drawn again: unit spread once scaled
+        raw = vae.encode(images).sample(torch.Generator().manual_seed(module.seed))
+        assert scale == pytest.approx(1.0 / float(raw.std()), rel=1e-6)
+        assert float(vae.normalize_latents(raw).std()) == pytest.approx(1.0, rel=1e-5)
+        z = vae.encode_latents(torch.stack([b["image"] for b in image_batches(8, seed=1)]))
+    assert 0.5 < float(z.std()) < 2.0  # other images: near unit spread
 
 
 def test_scale_equivariance_adds_the_pooled_latents_reconstruction_error(tmp_path):

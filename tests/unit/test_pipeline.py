@@ -212,17 +212,27 @@ def test_latents_in_and_out(pipe) -> None:
 @pytest.mark.parametrize("interval", [None, (300, 1000)])
 def test_context_reuse_gives_the_same_samples_as_recomputing(pipe, monkeypatch: pytest.MonkeyPatch,
                                                              interval) -> None:
-    """Keys and values reused across steps (CFG steps and, with an interval, unguided ones) change no number."""
+    """Keys and values reused across steps (CFG steps and, with an interval, unguided ones) change no number, and
+    are computed once per context tensor: once for the guided steps' [uncond; cond] and, with an interval, once more
+    for the unguided steps' context, against once per step without the reuse."""
     import contextlib
 
     import ldm.pipeline
 
+    steps = 6
     kw = dict(generator=_gen(4), output_type="latent", guidance_scale=4.0, guidance_interval=interval,
-              negative_prompt=["x", ""])
+              negative_prompt=["x", ""], num_inference_steps=steps)
+    attn2 = next(m for name, m in pipe.unet.named_modules() if name.endswith("attn2"))
+    keys = []
+    hook = attn2.to_k.register_forward_hook(lambda module, args, out: keys.append(args[0].shape[0]))
     reused = pipe(["a", "b"], **kw)
+    assert keys == ([4] if interval is None else [4, 2])  # batch 4: [uncond; cond] of two prompts
+    keys.clear()
     monkeypatch.setattr(ldm.pipeline, "reuse_context_projections", lambda model: contextlib.nullcontext())
     kw["generator"] = _gen(4)
     torch.testing.assert_close(pipe(["a", "b"], **kw), reused, rtol=0, atol=0)
+    assert len(keys) == steps
+    hook.remove()
 
 
 def test_a_compiled_unet_samples_the_same_images_in_one_graph(sd1_parts, tmp_path: Path,

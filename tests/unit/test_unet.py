@@ -146,9 +146,20 @@ def test_input_errors() -> None:
 
 
 def test_unconditional_unet_uses_self_attention() -> None:
+    """Without a context, attn2 attends over the feature map itself: its keys come from its own input."""
     unet = UNet(**{**TINY, "context_dim": None})
+    _randomize(unet)
     x, t, _ = _inputs()
-    assert unet(x, t).shape == x.shape
+    seen = []
+    attn2 = next(m for name, m in unet.named_modules() if name.endswith("attn2"))
+    attn2.to_k.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    attn2.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0]), with_kwargs=True)
+    out = unet(x, t)
+    assert out.shape == x.shape
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])  # the keys' input is the attention's own input
+    with torch.no_grad():
+        attn2.to_v.weight.mul_(2)
+    assert not torch.allclose(unet(x, t), out)  # and it reaches the output
 
 
 def test_pool_context_conditions_every_block_through_the_embedding() -> None:
