@@ -522,7 +522,8 @@ class LatentDiffusionPipeline:
                 downsampling), at most ``MAX_SIDE``.
             generator: one ``torch.Generator`` for the batch, or one per image (image i's noise then comes from
                 generator i alone, so it can be regenerated alone).
-            sampler: ``ddpm``, ``ddim`` or ``dpm_solver++``; ``eta`` is DDIM's noise (0 = deterministic).
+            sampler: a name in ``ldm.diffusion.sampling.SAMPLERS`` (``dpm_solver++``, ``ddim``, ``euler``, ``unipc``...;
+                ``flow_euler`` for a flow-matching model); ``eta`` is DDIM's noise (0 = deterministic).
             image, strength: image-to-image: start from ``image`` noised to the fraction ``strength`` of the steps.
             guidance_rescale: blend of the std-rescaled guided output (Lin et al., 2023), in [0, 1].
             guidance_interval: ``(lo, hi)``: guide only the steps with lo <= t <= hi (training timesteps).
