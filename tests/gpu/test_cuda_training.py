@@ -144,26 +144,8 @@ def test_lagged_reads_of_gpu_values_are_the_values_pushed() -> None:
 def test_a_non_finite_step_is_skipped_on_the_gpu(tmp_path) -> None:
     """With fused AdamW on the GPU the non-finite test and the skip run on the device: the NaN steps leave the
     weight as it was, and the count read two steps late reaches the module."""
-    import lightning as L
-    from torch.utils.data import DataLoader
+    from tests.unit.test_lightning_modules import skipped_nan_steps
 
-    from tests.module_factory import diffusion_module
-    from tests.unit.test_lightning_modules import NaNAtSteps, collate, fused_adamw, image_batches
-
-    net = NaNAtSteps(nan_at={1, 2})
-    module = diffusion_module(net, None, None, ema_decay=0.9, nan_policy="skip", max_nan_skips=2,
-                              optimizer=fused_adamw)
-    weights = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            weights.append(net.w.detach().cpu().clone())
-
-    trainer = L.Trainer(max_steps=4, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[Record()])
-    trainer.fit(module, DataLoader(image_batches(16), batch_size=4, collate_fn=collate))
-    assert net.w.is_cuda and module.nonfinite.on_device and module.nan_skips == 2
-    assert not torch.equal(weights[0], torch.ones(())) and torch.equal(weights[1], weights[0])
-    assert torch.equal(weights[2], weights[0]) and not torch.equal(weights[3], weights[2])
-    assert torch.isfinite(net.w) and module.ema.num_updates == 4 and torch.isfinite(module.ema.shadow_0)
+    module, _, _ = skipped_nan_steps(tmp_path, accelerator="gpu")
+    assert module.unet.w.is_cuda and torch.isfinite(module.unet.w)
+    assert module.ema.num_updates == 4 and torch.isfinite(module.ema.shadow_0)

@@ -272,9 +272,9 @@ def fused_adamw(params):
     return torch.optim.AdamW(params, lr=1e-2, fused=True)
 
 
-def test_with_a_fused_optimizer_nonfinite_steps_are_skipped_on_the_device(tmp_path):
-    data = DataLoader(image_batches(16), batch_size=4, collate_fn=collate)
-    # steps 1 and 2 of 4 are NaN: the fused kernel leaves the weight and its Adam state as they were
+def skipped_nan_steps(tmp_path, accelerator: str = "cpu"):
+    """Four steps of fused AdamW whose steps 1 and 2 are NaN, under nan_policy=skip: (module, trainer, the weight
+    after each step, on the host)."""
     net = NaNAtSteps(nan_at={1, 2})
     module = diffusion_module(net, None, None, ema_decay=0.9, nan_policy="skip", max_nan_skips=2,
                               optimizer=fused_adamw)
@@ -282,15 +282,23 @@ def test_with_a_fused_optimizer_nonfinite_steps_are_skipped_on_the_device(tmp_pa
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            weights.append(net.w.detach().clone())
+            weights.append(net.w.detach().cpu().clone())
 
-    recorded = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=4, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                         callbacks=[Record()])
-    recorded.fit(module, data)
+    trainer.fit(module, DataLoader(image_batches(16), batch_size=4, collate_fn=collate))
+    # the fused kernel leaves the weight and its Adam state as they were at the NaN steps; the count comes two late
     assert module.nonfinite.on_device and module.nan_skips == 2
     assert not torch.equal(weights[0], torch.ones(())) and torch.equal(weights[1], weights[0])
     assert torch.equal(weights[2], weights[0]) and not torch.equal(weights[3], weights[2])
+    return module, trainer, weights
+
+
+def test_with_a_fused_optimizer_nonfinite_steps_are_skipped_on_the_device(tmp_path):
+    module, recorded, _ = skipped_nan_steps(tmp_path)
+    net = module.unet
+    data = DataLoader(image_batches(16), batch_size=4, collate_fn=collate)
     opt = recorded.optimizers[0]
     assert int(opt.state[net.w]["step"]) == 2 and not hasattr(opt, "found_inf")
     assert torch.isfinite(net.w) and all(torch.isfinite(s).all() for s in opt.state[net.w].values())
