@@ -83,3 +83,44 @@ def test_kid_needs_reference_features_and_text_models_need_captions(files):
                          text_conditioned=True)
     with pytest.raises(ConfigError, match="unexpected keyword"):
         check_evaluation("callbacks.ldm.evaluation", {"ref_stats": str(files / "ref.npz"), "typo": 1}, True)
+
+
+class _MeanColour:
+    """A stand-in extractor: each image's mean colour as its features."""
+
+    device = torch.device("cpu")
+
+    def features(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return images.float().mean((2, 3))
+
+
+def _coded_images(pipe, captions, indices, seed, batch_size, **kwargs):
+    """Image i coded in its pixels: (i, 2 i + seed, its caption's length)."""
+    from PIL import Image
+
+    return [Image.new("RGB", (4, 4), (i, 2 * i + seed, len(c))) for i, c in zip(indices, captions, strict=True)]
+
+
+def _features_of_rank(rank: int, n: int) -> list:
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    ev = Evaluation()  # off; _features needs only what is set here
+    ev.n, ev.seed, ev.captions, ev._extractor = n, 3, ["a", "bb", "ccc"], _MeanColour()
+    module = SimpleNamespace(device=torch.device("cpu"), sampling_pipeline=lambda: nullcontext(None),
+                             guide_kwargs=lambda kwargs: kwargs)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return ev._features(SimpleNamespace(global_rank=rank, world_size=world), module).tolist()
+
+
+@pytest.mark.parametrize("n", [5, 6])
+def test_features_gathered_from_two_ranks_are_in_image_order(tmp_path, monkeypatch, n):
+    """Rank r makes images r, r + 2, ...: the gathered features are every image's, in index order, the padding of
+    an uneven split dropped, as one rank would give them."""
+    import ldm.lightning.evaluation as evaluation
+    from tests.two_ranks import on_two_ranks
+
+    monkeypatch.setattr(evaluation, "generate_images", _coded_images)
+    expected = [[float(i), 2.0 * i + 3, float(len(["a", "bb", "ccc"][i % 3]))] for i in range(n)]
+    assert _features_of_rank(0, n) == expected
+    assert on_two_ranks(_features_of_rank, tmp_path / "store", n) == {0: expected, 1: expected}
