@@ -52,3 +52,19 @@ def test_a_cache_dir_the_user_set_is_kept(tmp_path, monkeypatch):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
     assert isinstance(module, nn.Linear) and "weight" in module.state_dict()  # in place: the names stay
     assert module._compiled_call_impl is not None and torch.is_tensor(module.weight)
+
+
+def test_torchs_own_default_folder_is_replaced_and_an_unset_variable_set(tmp_path, monkeypatch):
+    """torch writes its default (a temporary folder) into TORCHINDUCTOR_CACHE_DIR once it has looked it up: that
+    value is not a user's choice, so it is replaced by $LDM_CACHE/inductor, as an unset variable is."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from ldm.compiling import keep_compiled_kernels
+
+    monkeypatch.setenv("LDM_CACHE", str(tmp_path / "ldm"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    keep_compiled_kernels()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "ldm" / "inductor")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    keep_compiled_kernels()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "ldm" / "inductor")
