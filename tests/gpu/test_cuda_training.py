@@ -146,6 +146,6 @@ def test_a_non_finite_step_is_skipped_on_the_gpu(tmp_path) -> None:
     weight as it was, and the count read two steps late reaches the module."""
     from tests.unit.test_lightning_modules import skipped_nan_steps
 
-    module, _, _ = skipped_nan_steps(tmp_path, accelerator="gpu")
+    module, _ = skipped_nan_steps(tmp_path, accelerator="gpu")
     assert module.unet.w.is_cuda and torch.isfinite(module.unet.w)
     assert module.ema.num_updates == 4 and torch.isfinite(module.ema.shadow_0)

@@ -135,7 +135,6 @@ def test_failure_mid_run_leaves_no_partial_shard_and_rerun_completes(tmp_path, m
 KILLER = """
 import os, signal, sys
 from ldm.data import make_shards as ms
-from ldm.data.transforms import decode_image
 from ldm.data.shards import ShardWriter
 real = ShardWriter.write
 def write(self, key, fields):

@@ -85,6 +85,9 @@ def test_kid_needs_reference_features_and_text_models_need_captions(files):
         check_evaluation("callbacks.ldm.evaluation", {"ref_stats": str(files / "ref.npz"), "typo": 1}, True)
 
 
+CAPTIONS = ["a", "bb", "ccc"]
+
+
 class _MeanColour:
     """A stand-in extractor: each image's mean colour as its features."""
 
@@ -106,7 +109,7 @@ def _features_of_rank(rank: int, n: int) -> list:
     from types import SimpleNamespace
 
     ev = Evaluation()  # off; _features needs only what is set here
-    ev.n, ev.seed, ev.captions, ev._extractor = n, 3, ["a", "bb", "ccc"], _MeanColour()
+    ev.n, ev.seed, ev.captions, ev._extractor = n, 3, CAPTIONS, _MeanColour()
     module = SimpleNamespace(device=torch.device("cpu"), sampling_pipeline=lambda: nullcontext(None),
                              guide_kwargs=lambda kwargs: kwargs)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -121,6 +124,6 @@ def test_features_gathered_from_two_ranks_are_in_image_order(tmp_path, monkeypat
     from tests.two_ranks import on_two_ranks
 
     monkeypatch.setattr(evaluation, "generate_images", _coded_images)
-    expected = [[float(i), 2.0 * i + 3, float(len(["a", "bb", "ccc"][i % 3]))] for i in range(n)]
+    expected = [[float(i), 2.0 * i + 3, float(len(CAPTIONS[i % 3]))] for i in range(n)]
     assert _features_of_rank(0, n) == expected
     assert on_two_ranks(_features_of_rank, tmp_path / "store", n) == {0: expected, 1: expected}
