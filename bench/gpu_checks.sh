@@ -69,8 +69,9 @@ for what in "$@"; do
         fi
         ;;
     sampling)
-        # the pipeline against diffusers' on sd15 in bf16: eager (context reuse), compiled, compiled with CUDA graphs
-        for args in "" "--compile ours" "--compile ours --compile-mode reduce-overhead" "--compile both"; do
+        # the pipeline against diffusers' on sd15 in bf16: eager (context reuse and shared input, the latter also
+        # ablated), compiled, compiled with CUDA graphs
+        for args in "--ablate-shared-input" "--compile ours" "--compile ours --compile-mode reduce-overhead" "--compile both"; do
             [ "$DIFFUSERS" = 1 ] || break
             echo "== bench/pipeline.py --config sd15 --dtype bf16 $args"
             timeout 300 python3 bench/pipeline.py --config sd15 --device cuda --dtype bf16 --batch 8 --steps 25 \

@@ -47,6 +47,15 @@ class FixedText(torch.nn.Module):
         return SimpleNamespace(hidden=torch.stack([self.table[p] for p in prompts]))
 
 
+class UnsharedInputPipeline(LatentDiffusionPipeline):
+    """Ours with the latents repeated for [uncond; cond] in a guided step, as diffusers does: the shared input
+    ablated."""
+
+    @property
+    def share_guided_input(self) -> bool:
+        return False
+
+
 def main() -> None:
     """Build both pipelines on the same weights, check they agree, time them alternately, print the ratio."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,6 +79,12 @@ def main() -> None:
                              "(timed after warm-up)")
     parser.add_argument("--no-context-reuse", action="store_true",
                         help="recompute cross-attention keys and values at every step, as diffusers does")
+    parser.add_argument("--no-shared-input", action="store_true",
+                        help="give the UNet the latents twice in a guided step, as diffusers does, instead of once "
+                             "with both contexts (contexts_per_input=2)")
+    parser.add_argument("--ablate-shared-input", action="store_true",
+                        help="also time ours without the shared input, alternated with the two others, and print "
+                             "ours against it")
     args = parser.parse_args()
     if args.no_context_reuse:
         import contextlib
@@ -94,7 +109,8 @@ def main() -> None:
     prompts = [f"prompt {i}" for i in range(args.batch)]
     device = torch.device(args.device)
     text = FixedText(cfg["context_dim"], prompts, device)
-    ours = LatentDiffusionPipeline(unet, text, vae, SD_SCHEDULE, "epsilon", {"image_size": size}).to(device)
+    pipeline = UnsharedInputPipeline if args.no_shared_input else LatentDiffusionPipeline
+    ours = pipeline(unet, text, vae, SD_SCHEDULE, "epsilon", {"image_size": size}).to(device)
     kw = schedule_to_diffusers(SD_SCHEDULE, "epsilon")
     scheduler = (diffusers.DDIMScheduler(clip_sample=False, timestep_spacing="trailing", **kw)
                  if args.sampler == "ddim" else diffusers.DPMSolverMultistepScheduler(**kw))
@@ -134,6 +150,17 @@ def main() -> None:
     run_ours(), run_theirs()  # warm-up (and compilation) of the decoding path too
     warmup = time.perf_counter() - start
     runs = {"ours": run_ours, "diffusers": run_theirs}
+    if args.ablate_shared_input:
+        unshared = UnsharedInputPipeline(unet, text, vae, SD_SCHEDULE, "epsilon", {"image_size": size})
+
+        @torch.inference_mode()
+        def run_unshared(output_type: str = "tensor") -> torch.Tensor:
+            return finished(unshared(prompts, latents=noise, sampler=args.sampler, output_type=output_type,
+                                     dtype="bf16" if args.dtype == "bf16" else None, **common))
+
+        shared_diff = (run_ours("latent").float() - run_unshared("latent").float()).abs().max().item()
+        run_unshared()
+        runs["unshared"] = run_unshared
     times = alternated_times(runs, args.repeats)
     med = {name: statistics.median(t) for name, t in times.items()}
     ratios = [d / o for d, o in zip(times["diffusers"], times["ours"], strict=True)]
@@ -141,10 +168,16 @@ def main() -> None:
           f"steps={args.steps} guidance={args.guidance} repeats={args.repeats} threads={torch.get_num_threads()} "
           f"device={device} dtype={args.dtype} context_reuse={not args.no_context_reuse and args.compile == 'none'} "
           f"compile={args.compile} mode={args.compile_mode}")
-    print(f"max |latent difference| ours vs diffusers: {diff:.2e}; warm-up {warmup:.1f} s")
-    print(f"images/s  ours {args.batch / med['ours']:8.2f}   diffusers {args.batch / med['diffusers']:8.2f}   "
+    print(f"max |latent difference| ours vs diffusers: {diff:.2e}; warm-up {warmup:.1f} s; shared input "
+          f"{ours.share_guided_input}")
+    print(f"images/s  ours {args.batch / med['ours']:8.3g}   diffusers {args.batch / med['diffusers']:8.3g}   "
           f"ratio ours/diffusers {med['diffusers'] / med['ours']:.3f} "
           f"(per repeat {min(ratios):.2f}..{max(ratios):.2f})")
+    if args.ablate_shared_input:
+        gains = [u / o for u, o in zip(times["unshared"], times["ours"], strict=True)]
+        print(f"images/s  without the shared input {args.batch / med['unshared']:8.3g}   ratio ours/without "
+              f"{med['unshared'] / med['ours']:.3f} (per repeat {min(gains):.2f}..{max(gains):.2f}); max |latent "
+              f"difference| {shared_diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from ldm.diffusion.sampling import (
 from ldm.errors import ConfigError
 from ldm.images import to_pil
 from ldm.nn.attention import reuse_context_projections
+from ldm.unet import UNet
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -122,6 +123,13 @@ class LatentDiffusionPipeline:
         """The modules the pipeline runs (those it holds)."""
         return [p for p in (self.unet, self.text_encoder, self.vae, self.guide_unet, self.guide_text_encoder)
                 if p is not None]
+
+    @property
+    def share_guided_input(self) -> bool:
+        """Whether a guided step gives the UNet the latents once with both contexts (``contexts_per_input=2``), so
+        the layers before its first cross-attention run once for [uncond; cond]: ldm's UNet takes that argument.
+        The outputs equal those of the repeated batch to rounding."""
+        return isinstance(self.unet, UNet)
 
     @property
     def latent_channels(self) -> int:
@@ -570,7 +578,8 @@ class LatentDiffusionPipeline:
                 guide_context = None
                 if auto != 1.0 and self.guide_text_encoder is not None:
                     guide_context = self.guide_text_encoder.encode(prompts).hidden
-            guidance = ClassifierFreeGuidance(scale, uncond, s.guidance_rescale, s.guidance_interval)
+            guidance = ClassifierFreeGuidance(scale, uncond, s.guidance_rescale, s.guidance_interval,
+                                              share_input=self.share_guided_input)
             if auto != 1.0:
                 guidance = AutoGuidance(self.guide_unet, auto, guide_context, cfg=guidance)
 

@@ -75,11 +75,14 @@ class ClassifierFreeGuidance:
 
     ``uncond_context`` is the encoding of the negative prompt ("" for plain CFG). ``interval=(lo, hi)`` guides only
     the steps whose timestep t (training units, 0 = clean) has lo <= t <= hi; the others run the conditional model
-    alone, one network pass. Scale 1 is the conditional model alone at every step.
+    alone, one network pass. Scale 1 is the conditional model alone at every step. ``share_input=True`` is for a
+    denoiser that takes ``contexts_per_input`` (ldm's UNet): it gets ``x``, ``t`` and the keyword inputs once with
+    the two contexts, so the layers before its first cross-attention run once for both halves; otherwise they are
+    repeated for the [uncond; cond] batch.
     """
 
     def __init__(self, scale: float = 1.0, uncond_context: torch.Tensor | None = None, rescale: float = 0.0,
-                 interval: Sequence[float] | None = None):
+                 interval: Sequence[float] | None = None, share_input: bool = False):
         if not math.isfinite(scale) or scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {scale}")
         if not 0.0 <= rescale <= 1.0:
@@ -89,6 +92,7 @@ class ClassifierFreeGuidance:
                              "prompt)")
         self.scale, self.uncond_context, self.rescale = float(scale), uncond_context, float(rescale)
         self.lo, self.hi = check_guidance_interval(interval)
+        self.share_input = bool(share_input)
         self._pair: tuple[torch.Tensor, torch.Tensor] | None = None  # (context, [uncond; context])
 
     def paired_context(self, context: torch.Tensor) -> torch.Tensor:
@@ -108,8 +112,11 @@ class ClassifierFreeGuidance:
         if not self.guides_at(int(t[0])):
             cond = denoise(x, t, context, **kwargs).float()
             return cond, cond
-        doubled = {k: torch.cat([v, v]) for k, v in kwargs.items()}
-        out = denoise(torch.cat([x, x]), torch.cat([t, t]), self.paired_context(context), **doubled)
+        if self.share_input:
+            out = denoise(x, t, self.paired_context(context), contexts_per_input=2, **kwargs)
+        else:
+            doubled = {k: torch.cat([v, v]) for k, v in kwargs.items()}
+            out = denoise(torch.cat([x, x]), torch.cat([t, t]), self.paired_context(context), **doubled)
         uncond, cond = out.float().chunk(2)
         return classifier_free_guidance(uncond, cond, self.scale, self.rescale), cond
 

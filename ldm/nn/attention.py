@@ -274,6 +274,18 @@ def reuse_context_projections(model: nn.Module) -> Iterator[None]:
             m._kv_cache = None
 
 
+def context_groups(context: torch.Tensor | None, batch: int) -> int:
+    """How many contexts each of ``batch`` inputs is paired with: 1 for a context of the same batch (or none), k for
+    a context of k*``batch`` rows, k groups of ``batch`` in turn (classifier-free guidance's [uncond; cond] for one
+    copy of the latents). Any other batch is a ValueError."""
+    if context is None or context.shape[0] == batch:
+        return 1
+    if batch < 1 or context.shape[0] % batch:
+        raise ValueError(f"context batch {context.shape[0]} is not a multiple of the input batch {batch}: give one "
+                         "context per input, or k contexts per input as k groups of the input batch")
+    return context.shape[0] // batch
+
+
 class GEGLU(nn.Module):
     """Gated GELU projection: one Linear to 2x width, half gates the other through GELU."""
 
@@ -319,8 +331,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, L, dim], context [B, Lc, context_dim] (None: attn2 is self-attention)."""
+        """x [B, L, dim], context [B, Lc, context_dim] (None: attn2 is self-attention). A context of k groups
+        ([k*B, Lc, context_dim], see :func:`context_groups`) gives [k*B, L, dim]: the self-attention, which does not
+        see the context, runs once per input, and its output is repeated for each group before the cross-attention."""
         x = x + self.attn1(self.norm1(x))
+        groups = context_groups(context, x.shape[0])
+        if groups > 1:
+            x = x.repeat(groups, 1, 1)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -357,9 +374,12 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, C, H, W] -> same shape, residual around the transformer."""
-        b, _, h, w = x.shape
-        residual = x
+        """x [B, C, H, W] -> same shape, residual around the transformer. A context of k groups ([k*B, Lc, D],
+        :func:`context_groups`) gives [k*B, C, H, W], group by group, from one pass of the layers before the first
+        cross-attention."""
+        groups = context_groups(context, x.shape[0])
+        residual = x if groups == 1 else x.repeat(groups, 1, 1, 1)
+        _, _, h, w = x.shape
         x = self.norm(x)
         if not self.use_linear_proj:
             x = self.proj_in(x)
@@ -372,7 +392,7 @@ class SpatialTransformer(nn.Module):
             x = self.proj_out(x)
         # contiguous again: as a channels-last view, the convolutions after it reorder their (contiguous) weights
         # on every call and their weight gradients back (docs/performance.md)
-        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()
+        x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w).contiguous()
         if not self.use_linear_proj:
             x = self.proj_out(x)
         return x + residual

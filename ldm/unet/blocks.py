@@ -86,10 +86,11 @@ class TimestepEmbedSequential(nn.Sequential):
     """A Sequential that passes the time embedding to ResBlocks and the context to SpatialTransformers."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the layers in order, each with the inputs it takes."""
+        """Run the layers in order, each with the inputs it takes. Past a SpatialTransformer that paired each input
+        with k contexts (``ldm.nn.attention.context_groups``), the embedding is repeated for the k groups too."""
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, emb if emb.shape[0] == x.shape[0] else emb.repeat(x.shape[0] // emb.shape[0], 1))
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             else:

@@ -176,12 +176,22 @@ class UNet(nn.Module):
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         concat: torch.Tensor | None = None,
+        contexts_per_input: int = 1,
     ) -> torch.Tensor:
         """Predict from noisy latents ``x`` [B, C, H, W] at timesteps ``t`` ([B] or scalar), context [B, L, D].
 
         ``concat`` holds extra input channels joined after ``x`` (an inpainting UNet's mask and masked-image latents,
-        diffusers' order), so samplers and losses keep handling ``x`` alone."""
-        self._check_inputs(x, context, y, concat)
+        diffusers' order), so samplers and losses keep handling ``x`` alone.
+
+        ``contexts_per_input=k`` denoises each input under k contexts: ``context`` is [k*B, L, D], k groups of B
+        (classifier-free guidance's [uncond; cond]), and the output [k*B, C, H, W] is the k groups' outputs in turn,
+        as if ``x``, ``t``, ``y`` and ``concat`` had been repeated k times. The layers before the first
+        cross-attention, which do not see the context, then run once for the k groups (with ``pool_context`` every
+        layer sees it, and the inputs are repeated)."""
+        if contexts_per_input != 1 or type(contexts_per_input) is not int:
+            x, t, y, concat, context = self._grouped_inputs(x, t, y, concat, context, contexts_per_input)
+        grouped = context is not None and context.shape[0] != x.shape[0]  # checked: k groups of the x batch
+        self._check_inputs(x, context[:x.shape[0]] if grouped else context, y, concat)
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -194,8 +204,36 @@ class UNet(nn.Module):
         skips = []
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)
+            emb = self._grouped(emb, h.shape[0])
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
+        emb = self._grouped(emb, h.shape[0])
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = self._run(block, torch.cat([h, self._grouped(skips.pop(), h.shape[0])], dim=1), emb, context)
         return self.out(h)
+
+    @staticmethod
+    def _grouped(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+        """``tensor`` repeated for each context group once the first cross-attention has grouped the batch."""
+        return tensor if tensor.shape[0] == batch else tensor.repeat(batch // tensor.shape[0], *[1] * (tensor.ndim - 1))
+
+    def _grouped_inputs(self, x: torch.Tensor, t: torch.Tensor | float | int, y: torch.Tensor | None,
+                        concat: torch.Tensor | None, context: torch.Tensor | None, k: int) -> tuple:
+        """Check ``contexts_per_input`` (k) against the inputs; with ``pool_context`` (the embedding sees the
+        context) the inputs come back repeated k times, otherwise as they are."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"contexts_per_input must be an integer >= 1, got {k!r}")
+        if self.context_dim is None:
+            raise ValueError(f"contexts_per_input={k} pairs each input with k contexts, but this UNet is "
+                             "unconditional (context_dim=None): pass contexts_per_input=1")
+        if context is None or context.ndim != 3 or context.shape[0] != k * x.shape[0]:
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"contexts_per_input={k} needs a context of {k} x {x.shape[0]} rows (k groups of the "
+                             f"x batch, e.g. [uncond; cond]), got {got}")
+        if self.context_emb is None:
+            return x, t, y, concat, context
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim:
+            t = t.repeat(k)
+        return (x.repeat(k, 1, 1, 1), t, None if y is None else y.repeat(k),
+                None if concat is None else concat.repeat(k, 1, 1, 1), context)

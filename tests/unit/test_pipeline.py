@@ -235,6 +235,31 @@ def test_context_reuse_gives_the_same_samples_as_recomputing(pipe, monkeypatch: 
     hook.remove()
 
 
+@pytest.mark.parametrize("interval", [None, (300, 1000)])
+def test_guided_steps_run_the_unet_input_once_for_both_halves(pipe, monkeypatch: pytest.MonkeyPatch,
+                                                              interval) -> None:
+    """A guided step gives the UNet the latents once with [uncond; cond] (contexts_per_input=2): its input
+    convolution sees the two prompts' latents, not four rows, and the samples equal those of the repeated batch
+    (diffusers' way) to rounding. Unguided steps (outside the interval) run the conditional half alone either way."""
+    steps = 6
+    kw = dict(output_type="latent", guidance_scale=4.0, guidance_interval=interval, negative_prompt=["x", ""],
+              num_inference_steps=steps, sampler="ddim")
+    rows: list[int] = []
+    hook = pipe.unet.input_blocks[0][0].register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    assert pipe.share_guided_input
+    shared = pipe(["a", "b"], generator=_gen(4), **kw)
+    shared_rows = list(rows)
+    rows.clear()
+    monkeypatch.setattr(LatentDiffusionPipeline, "share_guided_input", property(lambda self: False))
+    repeated = pipe(["a", "b"], generator=_gen(4), **kw)
+    hook.remove()
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-5)
+    assert len(shared_rows) == len(rows) == steps and set(shared_rows) == {2}
+    n_guided = rows.count(4)
+    assert n_guided == steps if interval is None else 0 < n_guided < steps, rows
+    assert rows.count(2) == steps - n_guided
+
+
 def test_a_compiled_unet_samples_the_same_images_in_one_graph(sd1_parts, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """compile_unet: the same latents as eager; the UNet is one graph (the context reuse, keyed by a tensor's

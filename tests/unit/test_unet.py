@@ -145,6 +145,67 @@ def test_input_errors() -> None:
         UNet(**TINY, attention_backend="flash")
 
 
+@pytest.mark.parametrize("config, groups", [
+    (dict(), 2),  # cross-attention at the first level: the ResBlock and the self-attention before it are shared
+    (dict(attention_resolutions=()), 2),  # only the middle block's: the ResBlock after it gets the grouped embedding
+    (dict(attention_resolutions=(2,), transformer_depth=2, use_linear_proj=True), 3),
+    (dict(num_classes=3), 2),
+    (dict(in_channels=9), 2),  # an inpainting UNet: concat is shared like x
+    (dict(pool_context=True), 2),  # every layer sees the context: nothing is shared
+])
+def test_contexts_per_input_equals_the_repeated_batch_and_runs_the_shared_layers_once(config: dict,
+                                                                                     groups: int) -> None:
+    """unet(x, t, [c_1; ...; c_k], contexts_per_input=k) is unet on x, t, y and concat repeated k times, and the
+    layers before the first cross-attention (the input convolution, the first self-attention) see B rows, not k*B."""
+    unet = UNet(**{**TINY, **config}).eval()
+    _randomize(unet)
+    batch = 3
+    g = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(batch, 4, 16, 16, generator=g), torch.randn(groups * batch, 5, 32, generator=g)
+    t = torch.tensor([10, 500, 900])
+    kw = {"y": torch.tensor([0, 2, 1])} if "num_classes" in config else {}
+    repeated_kw = {k: v.repeat(groups) for k, v in kw.items()}
+    if "in_channels" in config:
+        kw["concat"] = torch.randn(batch, 5, 16, 16, generator=g)
+        repeated_kw["concat"] = kw["concat"].repeat(groups, 1, 1, 1)
+    rows: dict[str, list[int]] = {"conv_in": [], "attn1": [], "attn2": [], "out": []}
+    first_attn1 = next(m for name, m in unet.named_modules() if name.endswith("attn1"))
+    hooks = [module.register_forward_pre_hook(lambda m, args, key=key: rows[key].append(args[0].shape[0]))
+             for key, module in [("conv_in", unet.input_blocks[0][0]), ("attn1", first_attn1),
+                                 ("out", unet.out[2])]]
+    hooks += [m.register_forward_pre_hook(lambda m, args: rows["attn2"].append(args[0].shape[0]))
+              for name, m in unet.named_modules() if name.endswith("attn2")]
+    with torch.no_grad():
+        grouped = unet(x, t, ctx, contexts_per_input=groups, **kw)
+        seen = {key: list(value) for key, value in rows.items()}
+        for value in rows.values():
+            value.clear()
+        reference = unet(x.repeat(groups, 1, 1, 1), t.repeat(groups), ctx, **repeated_kw)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(grouped, reference, rtol=1e-5, atol=1e-5)
+    shared = "pool_context" not in config
+    assert seen["conv_in"] == [batch if shared else groups * batch]
+    assert seen["attn1"] == [batch if shared else groups * batch]
+    assert seen["attn2"] == rows["attn2"] and set(seen["attn2"]) == {groups * batch}
+    assert seen["out"] == [groups * batch] and rows["conv_in"] == [groups * batch]
+
+
+def test_contexts_per_input_errors() -> None:
+    unet = UNet(**TINY)
+    x, t, ctx = _inputs()
+    for k in (0, True, 1.5):
+        with pytest.raises(ValueError, match="contexts_per_input must be an integer >= 1"):
+            unet(x, t, torch.cat([ctx, ctx]), contexts_per_input=k)
+    with pytest.raises(ValueError, match=r"contexts_per_input=2 needs a context of 2 x 2 rows.*got \(2, 5, 32\)"):
+        unet(x, t, ctx, contexts_per_input=2)
+    with pytest.raises(ValueError, match="unconditional.*pass contexts_per_input=1"):
+        UNet(**{**TINY, "context_dim": None})(x, t, contexts_per_input=2)
+    block = unet.input_blocks[1][1]  # a SpatialTransformer called directly: k groups of the batch, or an error
+    with pytest.raises(ValueError, match="context batch 3 is not a multiple of the input batch 2"):
+        block(torch.randn(2, 32, 16, 16), torch.randn(3, 5, 32))
+
+
 def test_unconditional_unet_uses_self_attention() -> None:
     """Without a context, attn2 attends over the feature map itself: its keys come from its own input."""
     unet = UNet(**{**TINY, "context_dim": None})
