@@ -190,7 +190,7 @@ class UNet(nn.Module):
         layer sees it, and the inputs are repeated)."""
         if contexts_per_input != 1 or type(contexts_per_input) is not int:
             x, t, y, concat, context = self._grouped_inputs(x, t, y, concat, context, contexts_per_input)
-        grouped = context is not None and context.shape[0] != x.shape[0]  # checked: k groups of the x batch
+        grouped = contexts_per_input != 1 and self.context_emb is None  # checked: k groups of the x batch
         self._check_inputs(x, context[:x.shape[0]] if grouped else context, y, concat)
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
@@ -209,13 +209,23 @@ class UNet(nn.Module):
         h = self._run(self.middle_block, h, emb, context)
         emb = self._grouped(emb, h.shape[0])
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, self._grouped(skips.pop(), h.shape[0])], dim=1), emb, context)
+            h = self._run(block, self._join(h, skips.pop()), emb, context)
         return self.out(h)
 
     @staticmethod
-    def _grouped(tensor: torch.Tensor, batch: int) -> torch.Tensor:
-        """``tensor`` repeated for each context group once the first cross-attention has grouped the batch."""
-        return tensor if tensor.shape[0] == batch else tensor.repeat(batch // tensor.shape[0], *[1] * (tensor.ndim - 1))
+    def _join(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """``h`` and a skip connection along the channels; a skip from before the first cross-attention (one row
+        per input) joins each of ``h``'s context groups, in one copy."""
+        if skip.shape[0] == h.shape[0]:
+            return torch.cat([h, skip], dim=1)
+        k = h.shape[0] // skip.shape[0]
+        return torch.cat([h.unflatten(0, (k, -1)), skip.expand(k, *skip.shape)], dim=2).flatten(0, 1)
+
+    @staticmethod
+    def _grouped(emb: torch.Tensor, batch: int) -> torch.Tensor:
+        """The time embedding repeated for each context group once the first cross-attention has grouped the
+        batch."""
+        return emb if emb.shape[0] == batch else emb.repeat(batch // emb.shape[0], 1)
 
     def _grouped_inputs(self, x: torch.Tensor, t: torch.Tensor | float | int, y: torch.Tensor | None,
                         concat: torch.Tensor | None, context: torch.Tensor | None, k: int) -> tuple:

@@ -48,15 +48,15 @@ def sample(ckpt: Path | None, out: Path, **settings) -> list[Path]:
 
 
 def record_unet_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, torch.Tensor]]:
-    """(timestep, batch, context) of every UNet call from now on in this test: a guided step runs the [uncond; cond]
-    pair, an unguided one the conditional half."""
+    """(timestep, rows, context) of every UNet call from now on in this test: a guided step denoises the
+    [uncond; cond] pair (the latents given once with both contexts), an unguided one the conditional half."""
     from ldm.unet import UNet
 
     calls: list[tuple[int, int, torch.Tensor]] = []
     forward = UNet.forward
 
     def recording(self, x, t, context=None, *args, **kwargs):
-        calls.append((int(t[0]), x.shape[0], context.clone()))
+        calls.append((int(t[0]), x.shape[0] * kwargs.get("contexts_per_input", 1), context.clone()))
         return forward(self, x, t, context, *args, **kwargs)
 
     monkeypatch.setattr(UNet, "forward", recording)

@@ -199,6 +199,10 @@ def test_contexts_per_input_errors() -> None:
             unet(x, t, torch.cat([ctx, ctx]), contexts_per_input=k)
     with pytest.raises(ValueError, match=r"contexts_per_input=2 needs a context of 2 x 2 rows.*got \(2, 5, 32\)"):
         unet(x, t, ctx, contexts_per_input=2)
+    with pytest.raises(ValueError, match="context batch 4 does not match x batch 2"):
+        unet(x, t, torch.cat([ctx, ctx]))  # k groups only when asked for
+    with pytest.raises(ValueError, match="context batch 4 does not match x batch 2"):
+        UNet(**TINY, pool_context=True)(x, t, torch.cat([ctx, ctx]))
     with pytest.raises(ValueError, match="unconditional.*pass contexts_per_input=1"):
         UNet(**{**TINY, "context_dim": None})(x, t, contexts_per_input=2)
     block = unet.input_blocks[1][1]  # a SpatialTransformer called directly: k groups of the batch, or an error
