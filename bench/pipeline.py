@@ -134,9 +134,12 @@ def main() -> None:
         return out
 
     @torch.inference_mode()
-    def run_ours(output_type: str = "tensor") -> torch.Tensor:
-        return finished(ours(prompts, latents=noise, sampler=args.sampler, output_type=output_type,
+    def run_ldm(pipe: LatentDiffusionPipeline, output_type: str = "tensor") -> torch.Tensor:
+        return finished(pipe(prompts, latents=noise, sampler=args.sampler, output_type=output_type,
                              dtype="bf16" if args.dtype == "bf16" else None, **common))
+
+    def run_ours(output_type: str = "tensor") -> torch.Tensor:
+        return run_ldm(ours, output_type)
 
     @torch.inference_mode()
     def run_theirs(output_type: str = "pt") -> torch.Tensor:
@@ -152,15 +155,9 @@ def main() -> None:
     runs = {"ours": run_ours, "diffusers": run_theirs}
     if args.ablate_shared_input:
         unshared = UnsharedInputPipeline(unet, text, vae, SD_SCHEDULE, "epsilon", {"image_size": size})
-
-        @torch.inference_mode()
-        def run_unshared(output_type: str = "tensor") -> torch.Tensor:
-            return finished(unshared(prompts, latents=noise, sampler=args.sampler, output_type=output_type,
-                                     dtype="bf16" if args.dtype == "bf16" else None, **common))
-
-        shared_diff = (run_ours("latent").float() - run_unshared("latent").float()).abs().max().item()
-        run_unshared()
-        runs["unshared"] = run_unshared
+        shared_diff = (run_ours("latent").float() - run_ldm(unshared, "latent").float()).abs().max().item()
+        run_ldm(unshared)
+        runs["unshared"] = lambda: run_ldm(unshared)
     times = alternated_times(runs, args.repeats)
     med = {name: statistics.median(t) for name, t in times.items()}
     ratios = [d / o for d, o in zip(times["diffusers"], times["ours"], strict=True)]

@@ -204,10 +204,8 @@ class UNet(nn.Module):
         skips = []
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)
-            emb = self._grouped(emb, h.shape[0])
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
-        emb = self._grouped(emb, h.shape[0])
         for block in self.output_blocks:
             h = self._run(block, self._join(h, skips.pop()), emb, context)
         return self.out(h)
@@ -220,12 +218,6 @@ class UNet(nn.Module):
             return torch.cat([h, skip], dim=1)
         k = h.shape[0] // skip.shape[0]
         return torch.cat([h.unflatten(0, (k, -1)), skip.expand(k, *skip.shape)], dim=2).flatten(0, 1)
-
-    @staticmethod
-    def _grouped(emb: torch.Tensor, batch: int) -> torch.Tensor:
-        """The time embedding repeated for each context group once the first cross-attention has grouped the
-        batch."""
-        return emb if emb.shape[0] == batch else emb.repeat(batch // emb.shape[0], 1)
 
     def _grouped_inputs(self, x: torch.Tensor, t: torch.Tensor | float | int, y: torch.Tensor | None,
                         concat: torch.Tensor | None, context: torch.Tensor | None, k: int) -> tuple:
