@@ -11,10 +11,10 @@ CPU without it, bf16 matmuls and convolutions are emulated and slower than float
 from __future__ import annotations
 
 import argparse
-import statistics
+from functools import partial
 
 import torch
-from alternate import alternated_times
+from alternate import alternated_times, built_from_one_seed, ratio_summary
 from quickstart_steps import STEPS
 
 from ldm.lightning.precision import native_cpu_bf16
@@ -32,18 +32,9 @@ def main() -> None:
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_cpu_bf16()}, "
           f"threads {args.threads}, torch {torch.__version__}")
     for kind in args.kinds:
-        steps = {}
-        for name, dtype in DTYPES.items():
-            torch.manual_seed(0)
-            steps[name] = STEPS[kind](dtype)
-            for _ in range(2):
-                steps[name]()
+        steps = built_from_one_seed({name: partial(STEPS[kind], dtype) for name, dtype in DTYPES.items()})
         times = alternated_times(steps, args.repeats)
-        med = {name: statistics.median(ts) for name, ts in times.items()}
-        ratios = [a / b for a, b in zip(times["fp32"], times["bf16"], strict=True)]
-        print(f"{kind} step: fp32 {med['fp32'] * 1e3:7.1f} ms   bf16 {med['bf16'] * 1e3:7.1f} ms   "
-              f"ratio fp32/bf16 {med['fp32'] / med['bf16']:.3f} (per repeat {min(ratios):.2f}..{max(ratios):.2f}, "
-              f"{args.repeats} repeats)")
+        print(f"{kind} step: {ratio_summary(times, 'fp32', 'bf16')}")
 
 
 if __name__ == "__main__":

@@ -17,17 +17,21 @@ def _autocast(dtype: torch.dtype | None):
     return nullcontext() if dtype in (None, torch.float32) else torch.autocast("cpu", dtype=dtype)
 
 
-def ldm_step(dtype: torch.dtype | None = None) -> Callable[[], None]:
+def ldm_step(
+    dtype: torch.dtype | None = None, train_token_embedding: bool = True, clip_norm: float | None = None
+) -> Callable[[], None]:
     """The quickstart's LDM step: the scratch text encoder and the tiny UNet (cross-attention at 8x8) at batch 48,
-    v-loss, fused AdamW."""
+    v-loss, fused AdamW over the parameters that train. ``clip_norm``: the gradients' norm computed and clipped
+    to it before the step, as the stage does."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    text = instantiate(OmegaConf.load(ROOT / "conf/text_encoder/scratch_tiny.yaml"))
+    text = instantiate(OmegaConf.load(ROOT / "conf/text_encoder/scratch_tiny.yaml"),
+                       train_token_embedding=train_token_embedding)
     ucfg = OmegaConf.load(ROOT / "conf/unet/tiny.yaml")
     ucfg.context_dim, ucfg.attention_resolutions = text.width, [1]
     unet = instantiate(ucfg)
-    params = [*unet.parameters(), *text.parameters()]
+    params = [p for p in (*unet.parameters(), *text.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     captions = ["a red circle at the top left"] * 24 + ["a blue square in the middle"] * 24
     x, target = torch.randn(48, 4, 8, 8), torch.randn(48, 4, 8, 8)
@@ -38,6 +42,9 @@ def ldm_step(dtype: torch.dtype | None = None) -> Callable[[], None]:
             out = unet(x, t, text.encode(captions).hidden)
         loss = (out.float() - target).square().mean()
         loss.backward()
+        if clip_norm is not None:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+            torch.nn.utils.clip_grads_with_norm_(params, clip_norm, norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -59,19 +59,20 @@ class StepProgressBar(TQDMProgressBar):
         return metrics
 
 
-def _count(module: nn.Module) -> str:
-    n = sum(p.numel() for p in module.parameters())
+def _size(n: int) -> str:
     return f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.0f} K"
 
 
 def parts_summary(module: nn.Module) -> str:
-    """One line of the module's parts: their classes and sizes, trainable or frozen."""
+    """One line of the module's parts: their classes and sizes, and which are frozen or only partly trained."""
     items = []
     for name, child in module.named_children():
-        if not any(True for _ in child.parameters()):
+        total = sum(p.numel() for p in child.parameters())
+        if not total:
             continue
-        frozen = not any(p.requires_grad for p in child.parameters())
-        items.append(f"{name} {type(child).__name__} {_count(child)}{' (frozen)' if frozen else ''}")
+        trained = sum(p.numel() for p in child.parameters() if p.requires_grad)
+        note = " (frozen)" if not trained else "" if trained == total else f" ({_size(trained)} trained)"
+        items.append(f"{name} {type(child).__name__} {_size(total)}{note}")
     return ", ".join(items)
 
 

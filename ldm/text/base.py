@@ -90,10 +90,14 @@ class TextEncoder(nn.Module, ABC):
     @frozen.setter
     def frozen(self, value: bool) -> None:
         self._frozen = bool(value)
-        self.requires_grad_(not self._frozen)
+        self._set_trainable(not self._frozen)
         if self._frozen:
             self.eval()
         self._clear_null_cache()
+
+    def _set_trainable(self, trainable: bool) -> None:
+        """Turn ``requires_grad`` on (unfrozen) or off (frozen); a subclass may keep parameters of its own fixed."""
+        self.requires_grad_(trainable)
 
     def train(self, mode: bool = True) -> TextEncoder:
         """Like ``nn.Module.train`` but a frozen encoder stays in eval mode."""

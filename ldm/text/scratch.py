@@ -53,7 +53,14 @@ class _Block(nn.Module):
 
 
 class ScratchTextEncoder(TextEncoder):
-    """Trainable CLIP-style text tower; uses the CLIP BPE vocabulary (pad id 0) so captions need no new tokenizer."""
+    """Trainable CLIP-style text tower; uses the CLIP BPE vocabulary (pad id 0) so captions need no new tokenizer.
+
+    ``train_token_embedding=False`` keeps the token embeddings at their random initialisation while the rest of the
+    tower trains. The table (vocabulary x width) is most of the encoder's parameters, and training it costs a dense
+    gradient, its share of the gradient norm and clipping, and an AdamW update of every row each step, though a small
+    caption set uses a few dozen rows. Random unit-scale vectors are nearly orthogonal, so the blocks can still tell
+    the words apart.
+    """
 
     def __init__(
         self,
@@ -65,6 +72,7 @@ class ScratchTextEncoder(TextEncoder):
         causal: bool = True,
         frozen: bool = False,
         token_embedding_std: float = 1.0,
+        train_token_embedding: bool = True,
     ) -> None:
         super().__init__()
         if width % heads:
@@ -81,6 +89,7 @@ class ScratchTextEncoder(TextEncoder):
         self.blocks = nn.ModuleList(_Block(width, heads, causal) for _ in range(layers))
         self.final_norm = nn.LayerNorm(width)
         self._init_weights(layers, token_embedding_std)
+        self.train_token_embedding = train_token_embedding
         self.frozen = frozen
 
     def _init_weights(self, layers: int, token_embedding_std: float) -> None:
@@ -94,6 +103,11 @@ class ScratchTextEncoder(TextEncoder):
             for linear in (block.attn.out, block.mlp[2]):
                 nn.init.normal_(linear.weight, std=0.02 / (2 * layers) ** 0.5)
                 nn.init.zeros_(linear.bias)
+
+    def _set_trainable(self, trainable: bool) -> None:
+        super()._set_trainable(trainable)
+        if not self.train_token_embedding:
+            self.token_embedding.weight.requires_grad_(False)
 
     @property
     def width(self) -> int:

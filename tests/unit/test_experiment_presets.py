@@ -50,6 +50,14 @@ def test_every_preset_is_listed_and_composes(tmp_path: Path) -> None:
         assert resolved["unet"]["context_dim"] == resolved["text_encoder"]["width"], name
 
 
+def test_the_quickstart_keeps_its_token_table_fixed_and_its_measured_descendants_train_it(tmp_path: Path) -> None:
+    for name, trained in (("quickstart", False), ("mnist_quickstart", True), ("quickstart_inpaint", True)):
+        cfg = _compose(f"experiment={name}", f"out_dir={tmp_path}")
+        text = instantiate(cfg.text_encoder)
+        assert text.token_embedding.weight.requires_grad is trained, name
+        assert all(p.requires_grad for n, p in text.named_parameters() if n != "token_embedding.weight"), name
+
+
 def test_mnist_pixel_ddpm_preset_matches_the_data(tmp_path: Path) -> None:
     cfg = _compose("experiment=mnist_pixel_ddpm", f"out_dir={tmp_path}")
     assert cfg.first_stage == "pixel" and list(cfg.stages) == ["ldm"]

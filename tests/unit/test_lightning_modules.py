@@ -225,6 +225,25 @@ def test_latent_diffusion_module_learns_and_updates_ema(tmp_path):
     assert all(torch.equal(v, trained[k]) for k, v in unet.state_dict().items())
 
 
+def test_a_fixed_token_embedding_is_left_out_of_the_optimizer_and_stays_put(tmp_path):
+    torch.manual_seed(0)
+    text = ScratchTextEncoder(width=32, layers=1, heads=4, context_length=8, train_token_embedding=False)
+    module = diffusion_module(tiny_unet(), text, tiny_vae(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+                              ema_decay=None, max_steps=3)
+    optimised = {id(p) for g in module.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
+    assert id(text.token_embedding.weight) not in optimised
+    assert all(id(p) in optimised for n, p in text.named_parameters() if n != "token_embedding.weight")
+    from ldm.lightning.console import parts_summary
+
+    trained = sum(p.numel() for p in text.parameters()) - text.token_embedding.weight.numel()
+    summary = parts_summary(module)  # the stage's headline says what trains
+    assert f"text_encoder ScratchTextEncoder 1.6 M ({trained / 1e3:.0f} K trained)" in summary, summary
+    assert "first_stage AutoencoderKL" in summary and "(frozen)" in summary and "unet UNet" in summary
+    table, blocks = text.token_embedding.weight.clone(), text.blocks[0].mlp[0].weight.clone()
+    trainer(3, tmp_path).fit(module, DataLoader(image_batches(), batch_size=8, collate_fn=collate))
+    assert torch.equal(text.token_embedding.weight, table) and not torch.equal(text.blocks[0].mlp[0].weight, blocks)
+
+
 def test_pixel_space_class_conditional_module(tmp_path):
     unet = tiny_unet(in_ch=3, context_dim=None, num_classes=10)
     module = diffusion_module(unet, None, None, schedule={"schedule": "linear"}, ema_decay=None,

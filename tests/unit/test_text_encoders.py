@@ -47,6 +47,29 @@ def test_scratch_token_embeddings_start_at_unit_scale():
         0.02, rel=0.01)
 
 
+def test_fixed_token_embeddings_keep_their_init_while_the_rest_of_the_tower_trains():
+    enc = tiny_scratch(train_token_embedding=False)
+    everything = {n for n, _ in enc.named_parameters()}
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable == everything - {"token_embedding.weight"}
+    enc.frozen = True  # freezing and unfreezing the whole encoder keeps the table fixed
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.frozen = False
+    assert {n for n, p in enc.named_parameters() if p.requires_grad} == trainable
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+    opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    out = enc.encode(["a red circle", "two green triangles"])
+    assert out.hidden.requires_grad
+    (out.hidden.square().mean() + out.pooled.sum()).backward()
+    opt.step()
+    assert enc.token_embedding.weight.grad is None
+    assert torch.equal(enc.token_embedding.weight, before["token_embedding.weight"])
+    moved = {n for n, p in enc.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == everything - {"token_embedding.weight"}
+    # the same seed draws the same table whether it trains or not (a preset switch keeps the init)
+    assert torch.equal(tiny_scratch().token_embedding.weight, before["token_embedding.weight"])
+
+
 def test_scratch_causal_mask():
     enc = tiny_scratch().eval()
     ids, mask = enc.tokenizer(["a red circle in the corner"])
