@@ -1,6 +1,6 @@
 """Train ldm: the autoencoder stage, then the latent diffusion stage.
 
-    python train.py                                  # the quickstart: shapes, 32 px, CPU, 6-30 minutes by CPU
+    python train.py                                  # the quickstart: shapes, 32 px, CPU, 5-30 minutes by CPU
     python train.py experiment=mnist_pixel_ddpm      # another preset
     python train.py -m optimizer.lr=1e-4,3e-4 unet=tiny,small   # a sweep, one directory per job
     python train.py resume=last|auto|RUN|PATH        # exact resume (optimizer, EMA, LR, data position, RNG)

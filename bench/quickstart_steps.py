@@ -1,6 +1,6 @@
 """The quickstart's two training steps (LDM and VAE) as closures, built from the repository's configs, for the
-benchmarks that time them (host_memory.py, precision.py). ``dtype`` autocasts the forward as Lightning's
-``bf16-mixed`` does: weights, gradients and the optimizer stay float32."""
+benchmarks that time them (host_memory.py, precision.py, token_embedding.py). ``dtype`` autocasts the forward as
+Lightning's ``bf16-mixed`` does: weights, gradients and the optimizer stay float32."""
 
 from __future__ import annotations
 
@@ -17,17 +17,30 @@ def _autocast(dtype: torch.dtype | None):
     return nullcontext() if dtype in (None, torch.float32) else torch.autocast("cpu", dtype=dtype)
 
 
+def text_encoder_config(preset: str = "scratch_quickstart"):
+    """A ``conf/text_encoder`` preset as a config, its defaults list (a preset it builds on) merged in."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(ROOT / f"conf/text_encoder/{preset}.yaml")
+    bases = [text_encoder_config(name) for name in cfg.pop("defaults", []) if name != "_self_"]
+    return OmegaConf.merge(*bases, cfg)
+
+
 def ldm_step(
-    dtype: torch.dtype | None = None, train_token_embedding: bool = True, clip_norm: float | None = None
+    dtype: torch.dtype | None = None, text_encoder: str = "scratch_quickstart",
+    train_token_embedding: bool | None = None, clip_norm: float | None = None,
 ) -> Callable[[], None]:
-    """The quickstart's LDM step: the scratch text encoder and the tiny UNet (cross-attention at 8x8) at batch 48,
-    v-loss, fused AdamW over the parameters that train. ``clip_norm``: the gradients' norm computed and clipped
-    to it before the step, as the stage does."""
+    """The quickstart's LDM step: its text encoder (``text_encoder``, a ``conf/text_encoder`` preset;
+    ``train_token_embedding`` overrides the preset's) and the tiny UNet (cross-attention at 8x8) at batch 48, v-loss,
+    fused AdamW over the parameters that train. ``clip_norm``: the gradients' norm computed and clipped to it before
+    the step, as the stage does."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    text = instantiate(OmegaConf.load(ROOT / "conf/text_encoder/scratch_tiny.yaml"),
-                       train_token_embedding=train_token_embedding)
+    tcfg = text_encoder_config(text_encoder)
+    if train_token_embedding is not None:
+        tcfg.train_token_embedding = train_token_embedding
+    text = instantiate(tcfg)
     ucfg = OmegaConf.load(ROOT / "conf/unet/tiny.yaml")
     ucfg.context_dim, ucfg.attention_resolutions = text.width, [1]
     unet = instantiate(ucfg)

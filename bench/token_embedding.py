@@ -5,7 +5,7 @@ the gradient norm and clipping, and AdamW. Both steps are built from the same se
 one process, ``--repeats`` times after two warm-up steps each, with the stage's clipping (norm 1). Printed: the median
 step of each and the ratio trained/fixed (> 1: the fixed table is faster) with its per-repeat range.
 
-    python bench/token_embedding.py --repeats 15 --threads 2 --dtype bf16
+    python bench/token_embedding.py --repeats 15 --threads 2 --dtype bf16 [--text-encoder scratch_tiny]
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--text-encoder", default="scratch_quickstart",
+                        help="a conf/text_encoder preset: scratch_quickstart (the quickstart's) or scratch_tiny")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {args.dtype}, threads {args.threads}, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, text encoder {args.text_encoder}")
     steps = built_from_one_seed({
-        name: partial(ldm_step, DTYPES[args.dtype], train_token_embedding=train, clip_norm=1.0)
+        name: partial(ldm_step, DTYPES[args.dtype], args.text_encoder, train_token_embedding=train, clip_norm=1.0)
         for name, train in (("trained", True), ("fixed", False))
     })
     print(f"LDM step, token table: {ratio_summary(alternated_times(steps, args.repeats), 'trained', 'fixed')}")

@@ -7,6 +7,7 @@ plain objects.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import time
 import warnings
@@ -16,7 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -321,13 +322,28 @@ def _reroot(cfg: DictConfig, old: str, new: str) -> DictConfig:
 
 def _fill_missing(into: DictConfig, source: DictConfig) -> None:
     """Add the keys of ``source`` that ``into`` lacks, recursively; a node built from another ``_target_`` is left
-    as it is."""
+    as it is. A key missing from a ``_target_`` node takes that constructor's default when it has one: the saved run
+    was built without the key, so with that default, whatever today's preset sets."""
+    target = into.get("_target_")
     for key in source:
         if key not in into:
-            into[key] = source[key]
+            default = _constructor_default(target, key) if target else _NO_DEFAULT
+            into[key] = source[key] if default is _NO_DEFAULT else default
         elif OmegaConf.is_dict(into[key]) and OmegaConf.is_dict(source[key]) and \
                 into[key].get("_target_") == source[key].get("_target_"):
             _fill_missing(into[key], source[key])
+
+
+_NO_DEFAULT = object()
+
+
+def _constructor_default(target: str, key: str) -> Any:
+    """The default of parameter ``key`` of the callable ``target`` names, or ``_NO_DEFAULT``."""
+    try:
+        param = inspect.signature(get_object(target)).parameters.get(key)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return _NO_DEFAULT
+    return _NO_DEFAULT if param is None or param.default is inspect.Parameter.empty else param.default
 
 
 def _short(value: Any) -> str:

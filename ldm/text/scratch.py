@@ -89,7 +89,7 @@ class ScratchTextEncoder(TextEncoder):
         self.blocks = nn.ModuleList(_Block(width, heads, causal) for _ in range(layers))
         self.final_norm = nn.LayerNorm(width)
         self._init_weights(layers, token_embedding_std)
-        self.train_token_embedding = train_token_embedding
+        self._train_token_embedding = train_token_embedding
         self.frozen = frozen
 
     def _init_weights(self, layers: int, token_embedding_std: float) -> None:
@@ -106,8 +106,13 @@ class ScratchTextEncoder(TextEncoder):
 
     def _set_trainable(self, trainable: bool) -> None:
         super()._set_trainable(trainable)
-        if not self.train_token_embedding:
+        if not self._train_token_embedding:
             self.token_embedding.weight.requires_grad_(False)
+
+    @property
+    def train_token_embedding(self) -> bool:
+        """Whether the token table trains with the rest (fixed at construction)."""
+        return self._train_token_embedding
 
     @property
     def width(self) -> int:

@@ -51,15 +51,35 @@ def test_every_preset_is_listed_and_composes(tmp_path: Path) -> None:
 
 
 def test_the_quickstart_text_tower_and_its_measured_descendants(tmp_path: Path) -> None:
-    # (preset, blocks, tokens, token table trained): the quickstart's small tower with a fixed table; mnist keeps the
-    # recipe it was measured with; the inpainting fine-tune matches the quickstart checkpoint it loads, table trained
+    # (preset, blocks, tokens, token table trained): the quickstart's tower (text_encoder=scratch_quickstart); mnist
+    # keeps the tower it was measured with; the inpainting fine-tune builds the quickstart's, to load its checkpoint
     for name, layers, length, trained in (("quickstart", 1, 12, False), ("mnist_quickstart", 2, 24, True),
-                                          ("quickstart_inpaint", 1, 12, True)):
+                                          ("quickstart_inpaint", 1, 12, False)):
         cfg = _compose(f"experiment={name}", f"out_dir={tmp_path}")
         text = instantiate(cfg.text_encoder)
         assert (len(text.blocks), text.context_length) == (layers, length), name
         assert text.token_embedding.weight.requires_grad is trained, name
         assert all(p.requires_grad for n, p in text.named_parameters() if n != "token_embedding.weight"), name
+    # another encoder on the command line replaces the quickstart's tower whole (none of its keys leak into it)
+    clip = _compose("text_encoder=clip_vit_l14", "text_encoder.width=32", "text_encoder.config.hidden_size=32",
+                    "text_encoder.config.intermediate_size=64", "text_encoder.config.num_hidden_layers=1",
+                    "text_encoder.config.num_attention_heads=2", "text_encoder.config.projection_dim=32",
+                    f"out_dir={tmp_path}")
+    assert type(instantiate(clip.text_encoder)).__name__ == "HFCLIPTextEncoder"
+
+
+def test_a_resumed_run_keeps_the_constructor_default_of_a_key_its_saved_config_lacks(tmp_path: Path) -> None:
+    """A run saved before ``train_token_embedding`` existed was built with the class default (the table trained),
+    not with what today's preset sets; other missing keys take today's values."""
+    cfg = _compose(f"out_dir={tmp_path}")
+    assert cfg.text_encoder.train_token_embedding is False and "seed" in cfg
+    saved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    del saved.text_encoder["train_token_embedding"]
+    del saved["seed"]
+    OmegaConf.save(saved, tmp_path / "config.yaml")
+    merged = stages.resume_config(cfg, tmp_path, None)
+    assert merged.text_encoder.train_token_embedding is True
+    assert merged.seed == cfg.seed and merged.text_encoder.layers == 1
 
 
 def test_mnist_pixel_ddpm_preset_matches_the_data(tmp_path: Path) -> None:
