@@ -18,12 +18,11 @@ def _autocast(dtype: torch.dtype | None):
 
 
 def text_encoder_config(preset: str = "scratch_quickstart"):
-    """A ``conf/text_encoder`` preset as a config, its defaults list (a preset it builds on) merged in."""
-    from omegaconf import OmegaConf
+    """A ``conf/text_encoder`` preset as Hydra composes it for ``train.py`` (its defaults list included)."""
+    from hydra import compose, initialize_config_dir
 
-    cfg = OmegaConf.load(ROOT / f"conf/text_encoder/{preset}.yaml")
-    bases = [text_encoder_config(name) for name in cfg.pop("defaults", []) if name != "_self_"]
-    return OmegaConf.merge(*bases, cfg)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"text_encoder={preset}", "out_dir=."]).text_encoder
 
 
 def ldm_step(
@@ -36,6 +35,8 @@ def ldm_step(
     the step, as the stage does."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
+
+    from ldm.lightning.optim import grad_norm
 
     tcfg = text_encoder_config(text_encoder)
     if train_token_embedding is not None:
@@ -56,8 +57,7 @@ def ldm_step(
         loss = (out.float() - target).square().mean()
         loss.backward()
         if clip_norm is not None:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-            torch.nn.utils.clip_grads_with_norm_(params, clip_norm, norm)
+            torch.nn.utils.clip_grads_with_norm_(params, clip_norm, grad_norm(params))
         opt.step()
         opt.zero_grad(set_to_none=True)
 
