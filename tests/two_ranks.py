@@ -39,4 +39,7 @@ def _rank(rank: int, store: str, target: Callable[..., Any], args: tuple, out) -
     except BaseException:
         out.put((rank, traceback.format_exc()))
     finally:
+        # Neither rank leaves before both are done: gloo can finish connecting a new group on one rank before the
+        # other, and a rank that exited then would close the sockets its peer is still connecting over.
+        dist.barrier()
         dist.destroy_process_group()
