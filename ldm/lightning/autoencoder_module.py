@@ -15,6 +15,7 @@ from ldm.lightning.host_reads import host_scalar
 from ldm.lightning.nonfinite import NaNPolicy, NonFiniteSteps, skips_on_device
 from ldm.lightning.optim import grad_norm, warmup_then
 from ldm.lightning.sharding import is_fsdp
+from ldm.lightning.step_log import StepLog
 
 
 class AutoencoderModule(L.LightningModule):
@@ -62,6 +63,7 @@ class AutoencoderModule(L.LightningModule):
     ):
         super().__init__()
         self.automatic_optimization = False
+        self.step_log = StepLog()  # the step's training values, logged on the steps Lightning writes
         if rec_loss not in ("l1", "l2"):
             raise ValueError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
         self.vae = vae
@@ -166,7 +168,7 @@ class AutoencoderModule(L.LightningModule):
         if self.scale_equivariance > 0:
             se = self._scale_equivariance_loss(x, z)
             loss = loss + self.scale_equivariance * se
-            self.log("train/se_loss", se, batch_size=x.shape[0])
+            self.step_log.add("train/se_loss", se, batch_size=x.shape[0])
         if gan:
             if min(x.shape[-2:]) < self.discriminator.min_size:
                 raise ValueError(
@@ -175,15 +177,15 @@ class AutoencoderModule(L.LightningModule):
             g_loss = -self.discriminator(rec).mean()
             w = adaptive_gan_weight(nll, g_loss, self.vae.decoder.conv_out.weight) * self.disc_weight
             loss = loss + w * g_loss
-            self.log("train/g_loss", g_loss, batch_size=x.shape[0])
+            self.step_log.add("train/g_loss", g_loss, batch_size=x.shape[0])
         if not self.nonfinite.loss_is_finite(loss, step):  # the host test (not with fused Adam)
             return
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         norm = grad_norm(self.vae.parameters())
         if norm is not None:
-            self.log("train/grad_norm", norm, batch_size=x.shape[0])
-        self.log("train/lr", host_scalar(opt_ae.param_groups[0]["lr"]), batch_size=x.shape[0])
+            self.step_log.add("train/grad_norm", norm, batch_size=x.shape[0])
+        self.step_log.add("train/lr", host_scalar(opt_ae.param_groups[0]["lr"]), batch_size=x.shape[0])
         self.nonfinite.before_optimizer_step(opt_ae, norm, step)
         opt_ae.step()
         if gan:  # after the generator's update, as a fp16 gradient scaler's update expects
@@ -196,16 +198,19 @@ class AutoencoderModule(L.LightningModule):
                 self._average_discriminator()
             self.nonfinite.before_optimizer_step(opt_d, grad_norm(self.discriminator.parameters()), step)
             self._step_uncounted(opt_d)
-            self.log("train/d_loss", d_loss, batch_size=x.shape[0])
+            self.step_log.add("train/d_loss", d_loss, batch_size=x.shape[0])
         for sched in self._schedulers():
             sched.step()
         bs = x.shape[0]
-        self.log("train/loss", loss, batch_size=bs)
-        self.log("train/rec_loss", nll, batch_size=bs)
-        self.log("train/kl", kl, batch_size=bs)
+        self.step_log.add("train/loss", loss, batch_size=bs)
+        self.step_log.add("train/rec_loss", nll, batch_size=bs)
+        self.step_log.add("train/kl", kl, batch_size=bs)
         with torch.no_grad():
             mse = F.mse_loss(rec.clamp(-1, 1), x)
-            self.log("train/psnr", 10 * torch.log10(4.0 / mse.clamp(min=1e-10)), batch_size=bs)
+            self.step_log.add("train/psnr", 10 * torch.log10(4.0 / mse.clamp(min=1e-10)), batch_size=bs)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.step_log.flush(self)  # after the callbacks' hooks have added theirs
 
     def _broadcast_discriminator(self) -> None:
         """Start every rank from rank 0's discriminator (weights and statistics), which DDP, ignoring it, did not

@@ -21,6 +21,7 @@ from ldm.lightning.flops import device_peak_flops, flop_counter_mode
 from ldm.lightning.host_reads import host_scalar
 from ldm.lightning.preemption import preempted
 from ldm.lightning.sharding import is_fsdp
+from ldm.lightning.step_log import log_step_value
 
 
 def save_and_log_grid(trainer: L.Trainer, grid: Image.Image, out_dir: Path, key: str, caption: str) -> None:
@@ -182,18 +183,18 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         dt = time.perf_counter() - self._t0
         n = len(batch["caption"]) if "caption" in batch else next(iter(batch.values())).shape[0]
-        pl_module.log("perf/images_per_s", host_scalar(n * trainer.world_size / dt), batch_size=n)
+        log_step_value(pl_module, "perf/images_per_s", host_scalar(n * trainer.world_size / dt), batch_size=n)
         if self._counting_step:  # the first step, slowed by the counting: no FLOP/s from it
             self._stop_counting()
             self._counting_step = False
             return
         if self.flops_per_step:
-            pl_module.log("perf/tflops", host_scalar(self.flops_per_step / dt / 1e12), batch_size=n)
+            log_step_value(pl_module, "perf/tflops", host_scalar(self.flops_per_step / dt / 1e12), batch_size=n)
             if self._peak:
-                pl_module.log("perf/mfu", host_scalar(self.flops_per_step / dt / self._peak), batch_size=n)
+                log_step_value(pl_module, "perf/mfu", host_scalar(self.flops_per_step / dt / self._peak), batch_size=n)
                 if self.hardware_flops_per_step and self.hardware_flops_per_step > self.flops_per_step:
-                    pl_module.log("perf/hfu", host_scalar(self.hardware_flops_per_step / dt / self._peak),
-                                  batch_size=n)
+                    log_step_value(pl_module, "perf/hfu",
+                                   host_scalar(self.hardware_flops_per_step / dt / self._peak), batch_size=n)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._stop_counting()

@@ -11,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 
+from ldm.lightning.step_log import StepLog
+
 _TIP = "💡 Tip:"
 
 
@@ -46,14 +48,17 @@ class StepProgressBar(TQDMProgressBar):
 
     Those are read when the bar refreshes (``trainer.progress_bar_refresh_steps``), not logged with ``prog_bar=True``:
     Lightning converts a ``prog_bar`` value to a number after every step, and on a GPU that read waits for the
-    step's queued work. The bar refreshes before Lightning collects the step's values, so it shows the step before.
+    step's queued work. A module with a ``step_log`` (``ldm.lightning.step_log``) shows its latest step's values,
+    which it logs only on the steps Lightning writes; another module's come from ``callback_metrics``.
     """
 
     def get_metrics(self, trainer, pl_module) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
+        step_log = getattr(pl_module, "step_log", None)
+        latest = step_log.latest if isinstance(step_log, StepLog) else {}
         for key in getattr(pl_module, "progress_bar_keys", ()):
-            value = trainer.callback_metrics.get(key)
+            value = latest.get(key, trainer.callback_metrics.get(key))
             if value is not None:
                 metrics[key] = float(value)
         return metrics

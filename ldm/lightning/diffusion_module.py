@@ -28,6 +28,7 @@ from ldm.lightning.host_reads import host_scalar
 from ldm.lightning.nonfinite import NaNPolicy, NonFiniteSteps, skips_on_device
 from ldm.lightning.optim import LRSchedule, grad_norm
 from ldm.lightning.sharding import full_params, is_fsdp, refuse_nested_units, shard_layout, shard_sum
+from ldm.lightning.step_log import StepLog
 from ldm.lora import has_lora
 from ldm.nn.ema import EMA, EMASettings
 from ldm.pipeline import LatentDiffusionPipeline
@@ -84,6 +85,7 @@ class LatentDiffusionModule(L.LightningModule):
         inpainting: MaskSettings | None = None,
     ):
         super().__init__()
+        self.step_log = StepLog()  # the step's training values, logged on the steps Lightning writes
         # A LoRA run (adapters added to the parts beforehand): ``{"path", "sha256"}`` of the base file; checkpoints
         # then hold the adapters only, and a resumed run loads them into the base it rebuilt (not strictly).
         self.lora_base = lora_base
@@ -309,9 +311,9 @@ class LatentDiffusionModule(L.LightningModule):
         if not self.nonfinite.loss_is_finite(loss, self.global_step):
             return None  # Lightning skips the backward and the optimizer's update for a None loss
         bs = x0.shape[0]
-        self.log("train/loss", loss, batch_size=bs)  # on the bar at its refresh only: progress_bar_keys
-        self.log("train/lr", host_scalar(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=bs)
-        self.log("train/nan_skips", host_scalar(self.nonfinite.skipped), batch_size=bs)
+        self.step_log.add("train/loss", loss, batch_size=bs)  # on the bar at its refresh only: progress_bar_keys
+        self.step_log.add("train/lr", host_scalar(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=bs)
+        self.step_log.add("train/nan_skips", host_scalar(self.nonfinite.skipped), batch_size=bs)
         return loss
 
     @property
@@ -341,7 +343,7 @@ class LatentDiffusionModule(L.LightningModule):
         else:  # clipping reuses it: the same gradients, one pass over them instead of two
             self._clip_norm = norm
         if norm is not None:
-            self.log("train/grad_norm", norm)
+            self.step_log.add("train/grad_norm", norm)
         self.nonfinite.before_optimizer_step(optimizer, norm, self.global_step)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -403,6 +405,7 @@ class LatentDiffusionModule(L.LightningModule):
         trainer = self.trainer
         if trainer.max_steps > 0 and self.global_step >= trainer.max_steps and trainer.limit_val_batches != 0:
             trainer.should_stop = True
+        self.step_log.flush(self)  # last: the callbacks' hooks have added theirs, and should_stop is final
 
     # ------------------------------------------------------------------ validation
 
