@@ -40,7 +40,9 @@ class StepLog:
         self.latest: dict[str, torch.Tensor] = {}  # every step's values, as of the last step that added them
 
     def add(self, name: str, value: torch.Tensor, batch_size: int | None = None) -> None:
-        """Log ``value`` as ``name`` for this step (``LightningModule.log``'s defaults: on the step, not the epoch)."""
+        """Log ``value`` as ``name`` for this step (``LightningModule.log``'s defaults: on the step, not the epoch).
+        Kept detached, as ``log`` keeps it: a loss's autograd graph is not held past its step."""
+        value = value.detach()
         self.pending[name] = (value, batch_size)
         self.latest[name] = value
 

@@ -141,6 +141,7 @@ def test_the_progress_bar_shows_the_steps_own_values(tmp_path):
     data = [(torch.randn(8, 4), torch.randn(8)) for _ in range(6)]
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
     assert shown == pytest.approx(module.losses)
+    assert not module.step_log.latest["train/loss"].requires_grad  # no autograd graph kept past its step
 
 
 def test_the_stages_log_on_the_written_steps_only(tmp_path, monkeypatch):
