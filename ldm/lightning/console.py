@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 
-from ldm.lightning.step_log import StepLog
+from ldm.lightning.step_log import step_log_of
 
 _TIP = "💡 Tip:"
 
@@ -55,8 +55,8 @@ class StepProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer, pl_module) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
-        step_log = getattr(pl_module, "step_log", None)
-        latest = step_log.latest if isinstance(step_log, StepLog) else {}
+        step_log = step_log_of(pl_module)
+        latest = step_log.latest if step_log is not None else {}
         for key in getattr(pl_module, "progress_bar_keys", ()):
             value = latest.get(key, trainer.callback_metrics.get(key))
             if value is not None:

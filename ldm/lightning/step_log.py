@@ -55,11 +55,17 @@ class StepLog:
                 module.log(name, value, batch_size=batch_size)
 
 
+def step_log_of(module: L.LightningModule) -> StepLog | None:
+    """The module's ``step_log``, or None for a module that logs with ``self.log`` directly."""
+    step_log = getattr(module, "step_log", None)
+    return step_log if isinstance(step_log, StepLog) else None
+
+
 def log_step_value(module: L.LightningModule, name: str, value: torch.Tensor, batch_size: int | None = None) -> None:
     """Log a training step's value from a callback: through the module's ``step_log`` where it has one (it flushes at
     its ``on_train_batch_end``, after the callbacks' hooks), else with ``module.log``."""
-    step_log = getattr(module, "step_log", None)
-    if isinstance(step_log, StepLog):
+    step_log = step_log_of(module)
+    if step_log is not None:
         step_log.add(name, value, batch_size)
     else:
         module.log(name, value, batch_size=batch_size)
