@@ -1,7 +1,7 @@
 """A training step's logged values, handed to Lightning only on the steps whose values it writes.
 
-``LightningModule.log`` costs 0.5-1.2 ms a call on a CPU: ``_ResultCollection.log`` moves the stored metric to the
-value's device by walking all of its attributes, at every call. A stage logs 6-9 values a step, and Lightning writes
+``LightningModule.log`` is not cheap: ``_ResultCollection.log`` moves the stored metric to the value's device by
+walking all of its attributes, at every call. A stage logs 6-9 values a step, and Lightning writes
 them to its loggers only every ``trainer.log_every_n_steps`` steps and when the run stops; the other steps' values are
 overwritten unread. A module adds its step's values to a ``StepLog`` and flushes it at the end of its
 ``on_train_batch_end``, the last hook before Lightning writes: the values are logged on the steps Lightning writes and
