@@ -2,7 +2,7 @@
 # The GPU-only checks, for a machine with one CUDA GPU: the CUDA tests (tests/gpu), bench/unet.py in bf16 on each
 # attention back end, and the quickstart trained on the GPU in bf16 and judged. Prints the figures docs/gpu.md records.
 #
-#   bash bench/gpu_checks.sh tests bench sampling mfu cache quickstart quickstart_fp32    # any subset, in that order
+#   bash bench/gpu_checks.sh tests bench sampling mfu kernels cache quickstart quickstart_fp32    # any subset, in that order
 #   bash bench/gpu_checks.sh perf    # the performance figures alone, in at most 9 minutes (each command bounded)
 #
 # Wheels the GPU machine lacks (hydra-core, omegaconf, antlr4, open_clip_torch, ftfy, webdataset, braceexpand,
@@ -86,6 +86,14 @@ for what in "$@"; do
             timeout 240 python3 bench/mfu.py --config sd15 --max-batch $args 2>&1 | filter -v Warning
         done
         ;;
+    kernels)
+        # where sd15's bf16 training step goes, by kernel family, each family's TFLOP/s against a large bf16 matmul
+        for batch in 8 32; do
+            echo "== bench/kernels.py --config sd15 --batch $batch --dtype bf16"
+            timeout 120 python3 bench/kernels.py --config sd15 --batch "$batch" --device cuda --dtype bf16 --steps 3 \
+                --top 10 2>&1 | filter -v Warning
+        done
+        ;;
     cache)
         # the latent cache's encoder (SD's KL-f8 VAE at 512 px): float32, bf16 autocast, compiled
         echo "== bench/vae_encode.py --config kl_f8 --size 512 --batch 16"
@@ -114,7 +122,7 @@ EOF
         timeout 240 python3 -m ldm.eval.shapes "$ckpt" --n 500 --guidance 1 3 5 --json "$OUT/judge_$what.json" 2>&1 | tail -5
         ;;
     *)
-        echo "unknown check: $what (tests bench perf sampling mfu cache quickstart quickstart_fp32)"
+        echo "unknown check: $what (tests bench perf sampling mfu kernels cache quickstart quickstart_fp32)"
         ;;
     esac
 done
