@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--step", choices=["ldm", "vae"], default=None, help="the quickstart's step (CPU)")
     what.add_argument("--config", choices=sorted(CONFIGS), default=None, help="a bench/unet.py UNet config's step")
-    parser.add_argument("--batch", type=int, default=8, help="with --config")
+    parser.add_argument("--batch", type=int, default=None, help="with --config (default 8)")
     parser.add_argument("--latent", type=int, default=None, help="with --config (default per config)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype")
@@ -202,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.step is None and args.config is None:
         args.step = "ldm"
+    if args.step is not None and (args.batch is not None or args.latent is not None):
+        parser.error(f"--batch and --latent go with --config; the quickstart's {args.step} step has its own")
+    args.batch = args.batch or 8
     if args.threads:
         torch.set_num_threads(args.threads)
     from ldm.host_memory import keep_freed_host_memory

@@ -128,6 +128,9 @@ def test_the_quickstart_vae_step_with_its_heaviest_ops(capsys):
     assert len(heaviest) == 3 and all("ms/step" in line and "aten::" in line for line in heaviest)
 
 
-def test_the_quickstart_steps_run_on_the_cpu_only():
+def test_the_quickstart_steps_run_on_the_cpu_only_and_at_their_own_batch(capsys):
     with pytest.raises(SystemExit, match="give --config"):
         main(["--step", "ldm", "--device", "cuda"])
+    with pytest.raises(SystemExit):
+        main(["--step", "vae", "--batch", "4"])
+    assert "--batch and --latent go with --config" in capsys.readouterr().err
