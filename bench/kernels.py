@@ -196,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--latent", type=int, default=None, help="with --config (default per config)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype")
-    parser.add_argument("--steps", type=int, default=5, help="timed and profiled steps (after 3 of warm-up)")
+    parser.add_argument("--steps", type=int, default=5, help="timed and profiled steps (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps before counting and timing")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="the reference matmul's side")
     parser.add_argument("--top", type=int, default=0, help="also list the N ops (by input shapes) of most own time")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -212,19 +214,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     keep_freed_host_memory()  # as train.py runs: a step reuses the memory the last one freed
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     step, name = build_step(args, device, dtype)
-    for _ in range(3):
+    for _ in range(args.warmup):
         step()
     flops = family_flops(step)
-    before = matmul_peak(device, dtype)
+    before = matmul_peak(device, dtype, n=args.matmul_size)
     step_time = median_step_time(step, device, args.steps)
     prof, wall = profile_step(step, device, args.steps, record_shapes=args.top > 0)
-    peak = max(before, matmul_peak(device, dtype))  # the better of two, around the timings: a shared CPU's pace moves
+    # the better of two, around the timings: a shared CPU's pace moves
+    peak = max(before, matmul_peak(device, dtype, n=args.matmul_size))
     on_device = device.type == "cuda"
     shares = attribute(prof.events(), device=on_device)
     print(f"{name} dtype={args.dtype} device={torch.cuda.get_device_name(device) if on_device else 'cpu'} "
           f"threads={torch.get_num_threads()}")
     print(f"step {step_time * 1e3:.1f} ms (median of {args.steps}), {wall * 1e3:.1f} ms under the profiler; "
-          f"{sum(flops.values()) / 1e9:.2f} GFLOP per step; a 2048 x 2048 matmul: {peak / 1e9:.0f} GFLOP/s "
+          f"{sum(flops.values()) / 1e9:.2f} GFLOP per step; a {args.matmul_size} x {args.matmul_size} matmul: "
+          f"{peak / 1e9:.0f} GFLOP/s "
           f"(the better of two, before and after)")
     print("\n".join(report(shares, flops, args.steps, wall, peak, on_device)))
     if args.top:

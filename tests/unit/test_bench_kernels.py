@@ -106,10 +106,11 @@ def test_family_flops_are_the_hand_counts(model_step):
 
 
 def test_the_table_of_a_unet_config(capsys):
-    main(["--config", "tiny", "--batch", "2", "--steps", "1", "--threads", "1"])
+    main(["--config", "tiny", "--batch", "2", "--steps", "1", "--warmup", "1", "--matmul-size", "512",
+          "--threads", "1"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("config=tiny latent=8 batch=2 dtype=fp32 device=cpu threads=1")
-    assert "GFLOP per step" in out[1] and "a 2048 x 2048 matmul" in out[1]
+    assert "GFLOP per step" in out[1] and "a 512 x 512 matmul" in out[1]
     rows = {line[:26].strip(): line[26:].split() for line in out[3:]}
     assert set(rows) == {name for name, _ in FAMILIES} | {"other"}
     for family in ("convolution forward", "convolution backward", "matmul", "attention"):
@@ -121,7 +122,8 @@ def test_the_table_of_a_unet_config(capsys):
 
 
 def test_the_quickstart_vae_step_with_its_heaviest_ops(capsys):
-    main(["--step", "vae", "--steps", "1", "--threads", "1", "--top", "3"])
+    main(["--step", "vae", "--steps", "1", "--warmup", "1", "--matmul-size", "512", "--threads", "1",
+          "--top", "3"])
     out = capsys.readouterr().out
     assert out.startswith("the quickstart's vae step dtype=fp32")
     heaviest = out.split("of most own CPU time:\n")[1].splitlines()
