@@ -23,7 +23,6 @@ its forward's time stays attention's.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -35,10 +34,10 @@ from torch.profiler import ProfilerActivity, profile
 from ldm.lightning.flops import flop_counter_mode
 
 try:  # run as a script from the repository root: bench/ is on sys.path
-    from mfu import TrainStep, matmul_peak
+    from mfu import TrainStep, _sync, matmul_peak, median_seconds
     from unet import CONFIGS, DTYPES
 except ImportError:  # imported as bench.kernels
-    from bench.mfu import TrainStep, matmul_peak
+    from bench.mfu import TrainStep, _sync, matmul_peak, median_seconds
     from bench.unet import CONFIGS, DTYPES
 
 MATMULS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
@@ -105,23 +104,6 @@ def family_flops(step: Callable[[], None]) -> dict[str, int]:
         family = family_of(str(op)) or "other"
         flops[family] = flops.get(family, 0) + count
     return flops
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_step_time(step: Callable[[], None], device: torch.device, steps: int) -> float:
-    """Median seconds of ``steps`` calls, each waited for on a GPU."""
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def profile_step(step: Callable[[], None], device: torch.device, steps: int,
@@ -220,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         step()
     flops = family_flops(step)
     before = matmul_peak(device, dtype, n=args.matmul_size)
-    step_time = median_step_time(step, device, args.steps)
+    step_time = median_seconds(step, device, args.steps)
     prof, wall = profile_step(step, device, args.steps, record_shapes=args.top > 0)
     # the better of two, around the timings: a shared CPU's pace moves
     peak = max(before, matmul_peak(device, dtype, n=args.matmul_size))

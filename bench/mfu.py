@@ -34,19 +34,24 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     """FLOP/s of one n x n matmul on ``device`` (median of ``repeats``)."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
+    return 2 * n**3 / median_seconds(lambda: a @ b, device, repeats)
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn``, each waited for on a GPU."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 class TrainStep:
@@ -157,14 +162,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
     step()
     step()
-    times = []
-    for _ in range(args.steps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    dt = statistics.median(times)
+    dt = median_seconds(step, device, args.steps)
     if args.peak == "matmul":
         peak = matmul_peak(device, dtype)
     else:
