@@ -89,8 +89,8 @@ for what in "$@"; do
     kernels)
         # where sd15's bf16 training step goes, by kernel family, each family's TFLOP/s against a large bf16 matmul
         for batch in 8 32; do
-            echo "== bench/kernels.py --config sd15 --batch $batch --dtype bf16"
-            timeout 120 python3 bench/kernels.py --config sd15 --batch "$batch" --device cuda --dtype bf16 --steps 3 \
+            echo "== bench/kernel_families.py --config sd15 --batch $batch --dtype bf16"
+            timeout 120 python3 bench/kernel_families.py --config sd15 --batch "$batch" --device cuda --dtype bf16 --steps 3 \
                 --top 10 2>&1 | filter -v Warning
         done
         ;;

@@ -9,9 +9,9 @@ timed in the same process before and after the step's timings (the better of the
 alone gives per-op times, without the backward's FLOPs or the families' totals; this grouping is what
 docs/performance.md's kernel rates come from.
 
-    python bench/kernels.py --step ldm --threads 2                  # the quickstart's LDM step, float32
-    python bench/kernels.py --step vae --dtype bf16 --threads 2 --top 10
-    python bench/kernels.py --config sd15 --batch 32 --device cuda --dtype bf16
+    python bench/kernel_families.py --step ldm --threads 2                  # the quickstart's LDM step, float32
+    python bench/kernel_families.py --step vae --dtype bf16 --threads 2 --top 10
+    python bench/kernel_families.py --config sd15 --batch 32 --device cuda --dtype bf16
 
 On a CPU without native bf16 (no AVX512-BF16 or AMX) torch's bf16 matmul is a slow fallback, so ``--dtype bf16``
 there gives rates far above that reference. On a GPU the times are the kernels' (the profiler's device time of each
@@ -36,7 +36,7 @@ from ldm.lightning.flops import flop_counter_mode
 try:  # run as a script from the repository root: bench/ is on sys.path
     from mfu import TrainStep, _sync, matmul_peak, median_seconds
     from unet import CONFIGS, DTYPES
-except ImportError:  # imported as bench.kernels
+except ImportError:  # imported as bench.kernel_families
     from bench.mfu import TrainStep, _sync, matmul_peak, median_seconds
     from bench.unet import CONFIGS, DTYPES
 

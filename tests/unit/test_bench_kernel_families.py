@@ -1,5 +1,5 @@
-"""bench/kernels.py: each profiled op counted once in its family, the families' FLOPs against hand counts, and the
-printed table for a UNet config and for the quickstart's VAE step."""
+"""bench/kernel_families.py: each profiled op counted once in its family, the families' FLOPs against hand counts,
+and the printed table for a UNet config and for the quickstart's VAE step."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import profile
 
-from bench.kernels import FAMILIES, attribute, family_flops, family_of, main
+from bench.kernel_families import FAMILIES, attribute, family_flops, family_of, main
 
 B, C_IN, C, SIDE = 2, 4, 8, 4  # a batch of 2 images of 4 channels, 4 x 4 pixels; 8 channels inside
 TOKENS = SIDE * SIDE

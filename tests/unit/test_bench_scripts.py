@@ -1,0 +1,35 @@
+"""The bench scripts run as users run them (``python bench/NAME.py``), where bench/ heads ``sys.path``: no script may
+take the name of an installed top-level module, which every import of that name would then load instead (diffusers
+imports the ``kernels`` package, for one)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
+def test_no_bench_script_shadows_an_installed_module(script):
+    name = Path(script).stem
+    spec = importlib.util.find_spec(name)
+    origin = None if spec is None else str(spec.origin)
+    assert origin is None or Path(origin).parent == BENCH, (
+        f"bench/{script} shadows the installed module {name} ({origin}) when run as a script: rename it")
+
+
+@pytest.mark.parametrize("command", [
+    ["bench/unet.py", "--config", "tiny", "--batch", "1", "--repeats", "1", "--device", "cpu"],
+    ["bench/pipeline.py", "--config", "tiny", "--batch", "1", "--steps", "2", "--repeats", "1", "--device", "cpu"],
+])
+def test_the_diffusers_comparisons_run_as_scripts(command):
+    out = subprocess.run([sys.executable, *command, "--threads", "1"], cwd=BENCH.parent, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ratios = [line for line in out.stdout.splitlines() if "ratio" in line]
+    assert len(ratios) >= (3 if "unet" in command[0] else 1), out.stdout  # train, infer, memory / images per s
