@@ -146,14 +146,18 @@ def ddp_strategy(forward_sync_buffers: bool = False, **kwargs) -> DDPStrategy:
     return DDPStrategy(**kwargs)
 
 
-def frozen_children(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """``model``'s direct children that have parameters, none of them trainable (the first stage, a frozen text
-    encoder): what FSDP need not shard."""
+def frozen_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The largest submodules of ``model`` that have parameters, none of them trainable: what FSDP need not shard.
+    A child that trains only in part is searched in turn, so a frozen part inside it counts too (the scratch text
+    encoder's fixed token table, ``text_encoder.train_token_embedding=false``)."""
     frozen = []
     for child in model.children():
         params = list(child.parameters())
-        if params and not any(p.requires_grad for p in params):
+        trainable = sum(p.requires_grad for p in params)
+        if params and not trainable:
             frozen.append(child)
+        elif 0 < trainable < len(params):
+            frozen += frozen_modules(child)
     return frozen
 
 
@@ -166,19 +170,19 @@ class FloatBuffersFSDPStrategy(FSDPStrategy):
     and the float32 lerp refuses the mix of dtypes. The VAE's latent scale is a buffer too. Parameters still compute
     in the precision's dtype.
 
-    The frozen children of the wrapped module (``frozen_children``: the VAE, a frozen text encoder) are FSDP
-    ``ignored_states``: every rank keeps them whole, as under DDP. In the one flat parameter Lightning's wrapping
-    makes, they would be gathered for every forward and reduce-scattered with zero gradients after every backward
-    (SD's VAE and CLIP text encoder: 207 M parameters against the UNet's 860 M). Set ``ignored_states`` (or
+    The frozen parts of the wrapped module (``frozen_modules``: the VAE, a frozen text encoder, a fixed token table)
+    are FSDP ``ignored_states``: every rank keeps them whole, as under DDP. In the one flat parameter Lightning's
+    wrapping makes, they would be gathered for every forward and reduce-scattered with zero gradients after every
+    backward (SD's VAE and CLIP text encoder: 207 M parameters against the UNet's 860 M). Set ``ignored_states`` (or
     ``ignored_modules``) yourself to choose otherwise.
     """
 
     def _ignore_frozen(self, model: torch.nn.Module) -> None:
-        """Put ``model``'s frozen children in FSDP's ``ignored_states``, on the device (FSDP moves only what it
+        """Put ``model``'s frozen parts in FSDP's ``ignored_states``, on the device (FSDP moves only what it
         manages)."""
         if "ignored_states" in self.kwargs or "ignored_modules" in self.kwargs:
             return
-        frozen = frozen_children(model)
+        frozen = frozen_modules(model)
         if frozen:
             for child in frozen:
                 child.to(self.root_device)

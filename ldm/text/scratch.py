@@ -119,7 +119,10 @@ class ScratchTextEncoder(TextEncoder):
         return self._width
 
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.token_embedding(input_ids) + self.positional_embedding[: input_ids.shape[1]]
+        # in the positional table's dtype: under FSDP's mixed precision a fixed token table, left out of the
+        # sharding, stays float32 while the trained parameters compute in bf16
+        pos = self.positional_embedding[: input_ids.shape[1]]
+        x = self.token_embedding(input_ids).to(pos.dtype) + pos
         for block in self.blocks:
             x = block(x, attention_mask)
         hidden = self.final_norm(x)

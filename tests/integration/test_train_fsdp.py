@@ -18,6 +18,7 @@ from tests.integration.tiny_run import ROOT, TINY_MODELS, read_metrics, train_en
 OVERRIDES = [*TINY_MODELS, "trainer.log_every_n_steps=1", "vae_stage.max_steps=3", "ldm_stage.max_steps=5",
              "callbacks.ldm.checkpoint.every_n_train_steps=3", "ldm_stage.ema_decay=0.9",
              "ldm_stage.cache_latents=false",
+             "text_encoder.train_token_embedding=false",  # a frozen part inside a trained one (FSDP leaves it whole)
              "callbacks.ldm.samples.every_n_steps=3"]  # the grid at step 3 and at the end: every rank samples (FSDP)
 
 
@@ -72,6 +73,14 @@ def test_fsdp_trains_the_ldm_stage_to_the_ddp_weights_and_ema(runs):
         else:
             assert torch.equal(s_fsdp[k], s_ddp[k]), k
     assert int(s_fsdp["ema.num_updates"]) == 5
+    # the fixed token table, left out of FSDP's flat parameter, is the same after 5 steps as after 3; the text blocks
+    # beside it trained
+    s_mid = torch.load(fsdp / "ldm" / "checkpoints" / "step000003.ckpt", map_location="cpu",
+                       weights_only=False)["state_dict"]
+    table = "text_encoder.token_embedding.weight"
+    assert torch.equal(s_fsdp[table], s_mid[table])
+    blocks = [k for k in s_fsdp if k.startswith("text_encoder.blocks.") and s_fsdp[k].is_floating_point()]
+    assert blocks and any(not torch.equal(s_fsdp[k], s_mid[k]) for k in blocks)
     # the logged gradient norm is the global one (squared shard norms summed over ranks), as DDP logs it
     m_ddp, m_fsdp = (read_metrics(r / "logs" / "version_0" / "metrics.csv") for r in (ddp, fsdp))
     for step in range(5):

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, StateDictType
 
 # imported here: the forked ranks inherit them
-from ldm.lightning.sharding import CPUFSDPStrategy, frozen_children, local_spans, shard_layout, sharded_sum
+from ldm.lightning.sharding import CPUFSDPStrategy, frozen_modules, local_spans, shard_layout, sharded_sum
 from ldm.nn.ema import EMA, ShardLayout
 from tests.module_factory import diffusion_module
 from tests.two_ranks import on_two_ranks
@@ -39,12 +39,14 @@ def test_a_shard_sum_runs_over_the_ranks_holding_different_shards(tmp_path, stra
 
 
 class _Stage(torch.nn.Module):
-    """A training module's layout: a trainable part, a frozen part (the VAE), and a part without parameters."""
+    """A training module's layout: a trainable part, a frozen part (the VAE), a part that trains in part (a text
+    encoder with its token table fixed), and a part without parameters."""
 
     def __init__(self):
         super().__init__()
         self.unet = torch.nn.Linear(4, 4)
         self.first_stage = torch.nn.Linear(4, 2).requires_grad_(False)
+        self.text = torch.nn.Sequential(torch.nn.Embedding(10, 4).requires_grad_(False), torch.nn.Linear(4, 4))
         self.ema = torch.nn.Module()
         self.ema.register_buffer("shadow", torch.zeros(4))
 
@@ -58,11 +60,17 @@ def _wrapped_rank(rank: int) -> dict:
 
 
 def test_fsdp_leaves_the_frozen_parts_whole_and_shards_the_trainable_ones(tmp_path):
-    assert [type(m).__name__ for m in frozen_children(_Stage())] == ["Linear"]  # first_stage only
+    stage = _Stage()
+    assert frozen_modules(stage) == [stage.first_stage, stage.text[0]]  # the token table inside the text encoder too
     shapes = on_two_ranks(_wrapped_rank, tmp_path / "store")
     for rank in (0, 1):  # the frozen weights keep their shapes on every rank; the trainable ones are flat shards
         assert shapes[rank]["first_stage.weight"] == (2, 4) and shapes[rank]["first_stage.bias"] == (2,)
-        assert len(shapes[rank]["unet.weight"]) == 1 and shapes[rank]["unet.weight"] != (16,)
+        assert shapes[rank]["text.0.weight"] == (10, 4)
+        for name in ("unet.weight", "text.1.weight"):
+            assert len(shapes[rank][name]) == 1
+    for name in ("unet.weight", "text.1.weight"):  # 40 trainable elements, 20 on each rank
+        assert shapes[0][name][0] + shapes[1][name][0] == 16
+    assert shapes[0]["unet.weight"] == (16,) and shapes[1]["unet.weight"] == (0,)
 
 
 class _Model(torch.nn.Module):
