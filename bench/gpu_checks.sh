@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_checks.sh tests bench sampling mfu kernels cache quickstart quickstart_fp32    # any subset, in that order
 #   bash bench/gpu_checks.sh perf    # the performance figures alone, in at most 9 minutes (each command bounded)
+#   GPU_CHECKS_DRY_RUN=1 bash bench/gpu_checks.sh tests perf    # anywhere: check the commands start, run none
 #
 # Wheels the GPU machine lacks (hydra-core, omegaconf, antlr4, open_clip_torch, ftfy, webdataset, braceexpand,
 # diffusers, xformers...) may sit in .whl/; they are installed first, without dependencies and without a network.
@@ -12,6 +13,25 @@ OUT=${OUT:-outputs/gpu_checks}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_checks.log") 2>&1  # everything printed is kept in $OUT too, even if the run is cut short
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+DRY_RUN=${GPU_CHECKS_DRY_RUN:-0}
+if [ "$DRY_RUN" = 1 ]; then
+    # On any machine: the commands below are written to $OUT/dry_run_commands.txt instead of run, and at the end
+    # bench/parse_only.py checks that each script imports and its arguments parse (train.py's overrides compose and
+    # pass its checks). The CUDA tests are only collected.
+    : >"$OUT/dry_run_commands.txt"
+    timeout() { shift; "$@"; }
+    nvidia-smi() { echo "dry run: nvidia-smi not called"; }
+    python3() {
+        case "${1:-}" in
+        *.py | -m)
+            if [ "$1 ${2:-}" = "-m pytest" ]; then command python3 "$@" --collect-only; return; fi
+            printf '%q ' python3 "$@" >>"$OUT/dry_run_commands.txt"
+            echo >>"$OUT/dry_run_commands.txt"
+            ;;
+        *) command python3 "$@" ;;
+        esac
+    }
+fi
 if compgen -G ".whl/*.whl" >/dev/null; then  # a wheel that does not install is reported; the rest still runs
     timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl \
         || echo "warning: installing .whl/ failed; the checks that need those packages will say so"
@@ -123,6 +143,10 @@ EOF
         ;;
     *)
         echo "unknown check: $what (tests bench perf sampling mfu kernels cache quickstart quickstart_fp32)"
+        [ "$DRY_RUN" = 1 ] && exit 2
         ;;
     esac
 done
+if [ "$DRY_RUN" = 1 ]; then
+    command python3 bench/parse_only.py "$OUT/dry_run_commands.txt"
+fi

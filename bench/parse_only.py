@@ -1,0 +1,101 @@
+"""Check a list of commands without running them: each script imports and its arguments parse, and nothing else.
+
+`bench/gpu_checks.sh`'s dry run (``GPU_CHECKS_DRY_RUN=1``) writes the commands it would run on a GPU to a file
+instead of running them, then calls this, so a machine without a GPU can check that every command still names
+existing scripts, flags and choices. A bench script or ``python -m`` module runs up to its ``parse_args``;
+``train.py``'s overrides are composed by Hydra and checked by ``ldm.lightning.settings.check_run``, as the run would
+check them before its first stage. Prints ``ok`` or ``FAIL`` (with the reason) per command; exits 1 if any failed.
+
+    python bench/parse_only.py COMMANDS_FILE    # one shell-quoted `python3 ...` command per line
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import runpy
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Parsed(Exception):
+    """Raised by the patched ``parse_args`` once a script's arguments have parsed."""
+
+
+def _check_train(overrides: list[str]) -> None:
+    """Compose train.py's config from ``overrides`` and check it as the run would, before its first stage."""
+    from hydra import compose, initialize_config_dir
+
+    from ldm.lightning.settings import check_run
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    check_run(cfg)
+
+
+def _check_parse(target: str, args: list[str], module: bool) -> None:
+    """Run ``target`` (a script's path, or a module's name) as ``__main__`` up to its argument parsing."""
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [target, *args]
+    if not module:  # as `python SCRIPT`: the script's folder heads sys.path
+        sys.path.insert(0, str((ROOT / target).parent))
+    try:
+        if module:
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(str(ROOT / target), run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    raise RuntimeError("the command ended without parsing arguments")
+
+
+def check(command: list[str]) -> str | None:
+    """None if ``command`` (``python3 SCRIPT|-m MODULE ARGS...``) would start, else why not."""
+    if not command or not command[0].startswith("python"):
+        return "not a python command"
+    rest = command[1:]
+    module = bool(rest) and rest[0] == "-m"
+    target, args = (rest[1], rest[2:]) if module else (rest[0], rest[1:])
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            if target == "train.py":
+                _check_train(args)
+                return None
+            _check_parse(target, args, module)
+    except Parsed:
+        return None
+    except SystemExit as exit_:  # argparse's error
+        lines = stderr.getvalue().strip().splitlines()
+        return lines[-1] if lines else f"exit {exit_.code}"
+    except Exception as err:  # a script or module that does not import, an override Hydra or check_run refuses
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python bench/parse_only.py COMMANDS_FILE")
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_args(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise Parsed
+
+    argparse.ArgumentParser.parse_args = parse_args
+    failed = 0
+    for line in Path(sys.argv[1]).read_text().splitlines():
+        if not line.strip():
+            continue
+        reason = check(shlex.split(line))
+        failed += reason is not None
+        print(f"ok   {line}" if reason is None else f"FAIL {line}\n     {reason}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
