@@ -4,7 +4,8 @@
 instead of running them, then calls this, so a machine without a GPU can check that every command still names
 existing scripts, flags and choices. A bench script or ``python -m`` module runs up to its ``parse_args``;
 ``train.py``'s overrides are composed by Hydra and checked by ``ldm.lightning.settings.check_run``, as the run would
-check them before its first stage. Prints ``ok`` or ``FAIL`` (with the reason) per command; exits 1 if any failed.
+check them before its first stage (``sample.py``'s are composed). Prints ``ok`` or ``FAIL`` (with the reason) per
+command; exits 1 if any failed.
 
     python bench/parse_only.py COMMANDS_FILE    # one shell-quoted `python3 ...` command per line
 """
@@ -17,6 +18,7 @@ import io
 import runpy
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,15 +28,48 @@ class Parsed(Exception):
     """Raised by the patched ``parse_args`` once a script's arguments have parsed."""
 
 
-def _check_train(overrides: list[str]) -> None:
-    """Compose train.py's config from ``overrides`` and check it as the run would, before its first stage."""
+@contextlib.contextmanager
+def _stop_after_parsing() -> Iterator[None]:
+    """``ArgumentParser.parse_args`` parses, then raises ``Parsed`` instead of returning."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_args(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise Parsed
+
+    argparse.ArgumentParser.parse_args = parse_args
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.parse_args = original
+
+
+def _one_job(overrides: list[str]) -> list[str]:
+    """A multirun's overrides with each sweep (``a=1,2``, ``range(...)``) cut to its first value: one job's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    job = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override():
+            job.append(f"{override.get_key_element()}={next(override.sweep_string_iterator())}")
+        else:
+            job.append(override.input_line)
+    return job
+
+
+def _check_hydra_app(config: str, overrides: list[str], run_checks: bool) -> None:
+    """Compose a Hydra app's config (``train`` or ``sample``) from ``overrides``, the first job of a multirun; with
+    ``run_checks``, check a training run's config as train.py would before its first stage."""
     from hydra import compose, initialize_config_dir
 
-    from ldm.lightning.settings import check_run
-
+    multirun = {"-m", "--multirun"}
+    overrides = _one_job([o for o in overrides if o not in multirun])
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    check_run(cfg)
+        cfg = compose(config, overrides=overrides, return_hydra_config=True)
+    if run_checks and config == "train":
+        from ldm.lightning.settings import check_run
+
+        check_run(cfg)
 
 
 def _check_parse(target: str, args: list[str], module: bool) -> None:
@@ -53,8 +88,9 @@ def _check_parse(target: str, args: list[str], module: bool) -> None:
     raise RuntimeError("the command ended without parsing arguments")
 
 
-def check(command: list[str]) -> str | None:
-    """None if ``command`` (``python3 SCRIPT|-m MODULE ARGS...``) would start, else why not."""
+def check(command: list[str], run_checks: bool = True) -> str | None:
+    """None if ``command`` (``python3 SCRIPT|-m MODULE ARGS...``) would start, else why not. ``run_checks=False``
+    composes train.py's config without the run's checks, which look for the files a command names."""
     if not command or not command[0].startswith("python"):
         return "not a python command"
     rest = command[1:]
@@ -62,9 +98,9 @@ def check(command: list[str]) -> str | None:
     target, args = (rest[1], rest[2:]) if module else (rest[0], rest[1:])
     stderr = io.StringIO()
     try:
-        with contextlib.redirect_stderr(stderr):
-            if target == "train.py":
-                _check_train(args)
+        with contextlib.redirect_stderr(stderr), _stop_after_parsing():
+            if target in ("train.py", "sample.py"):
+                _check_hydra_app(target[: -len(".py")], args, run_checks)
                 return None
             _check_parse(target, args, module)
     except Parsed:
@@ -80,13 +116,6 @@ def check(command: list[str]) -> str | None:
 def main() -> None:
     if len(sys.argv) != 2:
         sys.exit("usage: python bench/parse_only.py COMMANDS_FILE")
-    original = argparse.ArgumentParser.parse_args
-
-    def parse_args(self, args=None, namespace=None):
-        original(self, args, namespace)
-        raise Parsed
-
-    argparse.ArgumentParser.parse_args = parse_args
     failed = 0
     for line in Path(sys.argv[1]).read_text().splitlines():
         if not line.strip():
