@@ -23,13 +23,10 @@ def test_no_bench_script_shadows_an_installed_module(script):
         f"bench/{script} shadows the installed module {name} ({origin}) when run as a script: rename it")
 
 
-@pytest.mark.parametrize("command", [
-    ["bench/unet.py", "--config", "tiny", "--batch", "1", "--repeats", "1", "--device", "cpu"],
-    ["bench/pipeline.py", "--config", "tiny", "--batch", "1", "--steps", "2", "--repeats", "1", "--device", "cpu"],
-])
-def test_the_diffusers_comparisons_run_as_scripts(command):
-    out = subprocess.run([sys.executable, *command, "--threads", "1"], cwd=BENCH.parent, capture_output=True,
-                         text=True, timeout=300)
+def test_a_diffusers_comparison_runs_as_a_script():
+    """bench/pipeline.py imports diffusers' UNet and pipeline, and bench/unet.py's configs, as `python bench/...`."""
+    command = ["bench/pipeline.py", "--config", "tiny", "--batch", "1", "--steps", "2", "--repeats", "1",
+               "--device", "cpu", "--threads", "1"]
+    out = subprocess.run([sys.executable, *command], cwd=BENCH.parent, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    ratios = [line for line in out.stdout.splitlines() if "ratio" in line]
-    assert len(ratios) >= (3 if "unet" in command[0] else 1), out.stdout  # train, infer, memory / images per s
+    assert any(line.startswith("images/s") and "ratio" in line for line in out.stdout.splitlines()), out.stdout
