@@ -88,9 +88,27 @@ def _check_parse(target: str, args: list[str], module: bool) -> None:
     raise RuntimeError("the command ended without parsing arguments")
 
 
+def _torchrun_target(args: list[str]) -> list[str]:
+    """The ``python`` command torchrun would start on each rank, after torchrun's own parser has read ``args`` (it
+    reads them all, the script's included: an abbreviation of its options there is an error)."""
+    from torch.distributed.run import get_args_parser
+
+    parsed = get_args_parser().parse_args(args)
+    return ["python", *(["-m"] if parsed.module else []), parsed.training_script, *parsed.training_script_args]
+
+
 def check(command: list[str], run_checks: bool = True) -> str | None:
-    """None if ``command`` (``python3 SCRIPT|-m MODULE ARGS...``) would start, else why not. ``run_checks=False``
-    composes train.py's config without the run's checks, which look for the files a command names."""
+    """None if ``command`` (``python3 SCRIPT|-m MODULE ARGS...``, or ``torchrun ... SCRIPT|-m MODULE ARGS...``) would
+    start, else why not. ``run_checks=False`` composes train.py's config without the run's checks, which look for the
+    files a command names."""
+    if command and command[0] == "torchrun":
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                command = _torchrun_target(command[1:])
+        except SystemExit:
+            lines = stderr.getvalue().strip().splitlines()
+            return f"torchrun: {lines[-1] if lines else 'its arguments do not parse'}"
     if not command or not command[0].startswith("python"):
         return "not a python command"
     rest = command[1:]

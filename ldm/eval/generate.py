@@ -3,15 +3,17 @@ across torchrun ranks without communication and an interrupted job resumes where
 
     python -m ldm.eval.generate CKPT --captions FILE --n N --out DIR [--seed S] [--batch-size B] [--steps K]
         [--guidance G] [--sampler NAME] [--dtype bf16] [--no-ema] [--device D]
+    torchrun --nproc-per-node 8 -m ldm.eval.generate CKPT --captions FILE --num-images N --out DIR ...
 
 FILE holds one caption per line (blank lines ignored); image i uses caption i modulo their number and the generator
 ``torch.Generator(device).manual_seed(seed + i)`` alone. DIR gets ``{i:06d}.png`` with its caption in ``{i:06d}.txt``
 (the layout ``python -m ldm.eval.clip_score`` and ``python -m ldm.data.make_shards`` read) and ``generate.json``, the
 settings; a rerun with other settings into the same DIR is refused. Under torchrun (RANK / WORLD_SIZE, or LOCAL_RANK
-/ LOCAL_WORLD_SIZE) rank r takes the indices i with i % world_size == r; no process group is created. Each PNG is
-written to a temporary name and renamed, and a rerun skips the indices whose PNG exists. The last line is ``wrote N
-images (skipped M existing) to DIR`` (prefixed with ``rank r/w:`` under torchrun). Wrong input prints ``error: ...``
-on stderr and exits with status 2.
+/ LOCAL_WORLD_SIZE) rank r takes the indices i with i % world_size == r; no process group is created. The number of
+images is ``--num-images`` there: torchrun's own parser refuses ``--n``, an abbreviation of several of its options.
+Each PNG is written to a temporary name and renamed, and a rerun skips the indices whose PNG exists. The last line is
+``wrote N images (skipped M existing) to DIR`` (prefixed with ``rank r/w:`` under torchrun). Wrong input prints
+``error: ...`` on stderr and exits with status 2.
 """
 
 from __future__ import annotations
@@ -239,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("ckpt", help="latent diffusion checkpoint (or an SD single file)")
     p.add_argument("--captions", required=True, metavar="FILE",
                    help="one caption per line; image i uses line i modulo their number")
-    p.add_argument("--n", type=int, required=True, help="number of images (indices 0 .. n-1)")
+    # --num-images under torchrun, whose own parser refuses --n as an ambiguous abbreviation of its options
+    p.add_argument("--n", "--num-images", dest="n", type=int, required=True,
+                   help="number of images (indices 0 .. n-1); --num-images under torchrun")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     p.add_argument("--batch-size", type=int, default=16)

@@ -20,8 +20,8 @@ NOT_OURS = [("-c",), ("-m", "pytest"), ("-m", "venv"), ("-m", "pip")]  # python'
 
 
 def shell_commands(text: str) -> list[str]:
-    """The python commands of ``text``'s bash/sh blocks: continued lines joined, ``&&`` chains split, anything
-    before ``python`` (``srun``) dropped."""
+    """The python and torchrun commands of ``text``'s bash/sh blocks: continued lines joined, ``&&`` chains split,
+    anything before ``python`` (``srun``) dropped."""
     commands, block, lines = [], None, []
     for line in text.splitlines():
         fence = FENCE.match(line)
@@ -33,7 +33,7 @@ def shell_commands(text: str) -> list[str]:
     for line in "\n".join(lines).replace("\\\n", " ").splitlines():
         for part in line.split("&&"):
             words = shlex.split(re.sub(r"<(\w+)>", r"\1", part), comments=True)
-            start = next((i for i, w in enumerate(words) if re.fullmatch(r"python3?", w)), None)
+            start = next((i for i, w in enumerate(words) if re.fullmatch(r"python3?|torchrun", w)), None)
             if start is None:
                 continue
             words = words[start:]
@@ -65,3 +65,15 @@ def test_a_command_that_would_not_start_is_found():
     assert "unrecognized arguments: --no-such-flag" in check(shlex.split(commands[0]))
     assert "Could not find 'unet/nope'" in check(shlex.split(commands[1]), run_checks=False)  # a sweep's first job
     assert check(shlex.split("python train.py -m unet=tiny,small"), run_checks=False) is None
+
+
+def test_a_torchrun_command_is_read_by_torchruns_parser_first():
+    """torchrun's parser reads every argument: ``--n`` is an ambiguous abbreviation of its options, so ldm.eval.generate
+    takes ``--num-images`` there; the script's own arguments are then checked as under python."""
+    flags = ("--captions c.txt --out o --seed 1 --batch-size 2 --steps 3 --guidance 2 --sampler ddim --dtype bf16 "
+             "--no-ema --compile --device cpu")  # every option of ldm.eval.generate but the count
+    launch = "torchrun --nproc-per-node 2 -m ldm.eval.generate CKPT"
+    assert check(shlex.split(f"{launch} --num-images 8 {flags}")) is None
+    assert "ambiguous option: --n" in check(shlex.split(f"{launch} --n 8 {flags}"))
+    assert check(shlex.split(f"python -m ldm.eval.generate CKPT --n 8 {flags}")) is None
+    assert "unrecognized arguments: --nope" in check(shlex.split(f"{launch} --num-images 8 --nope {flags}"))
