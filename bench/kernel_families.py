@@ -15,9 +15,8 @@ docs/performance.md's kernel rates come from.
 
 On a CPU without native bf16 (no AVX512-BF16 or AMX) torch's bf16 matmul is a slow fallback, so ``--dtype bf16``
 there gives rates far above that reference. On a GPU the times are the kernels' (the profiler's device time of each
-op and its children); with the ``math``
-attention back end, attention's FLOPs are counted as matmuls (the FLOP counter sees the decomposed products) while
-its forward's time stays attention's.
+op and its children). With the ``math`` attention back end, attention's FLOPs are counted as matmuls (the FLOP
+counter sees the decomposed products) while its forward's time stays attention's.
 """
 
 from __future__ import annotations

@@ -97,6 +97,12 @@ def _torchrun_target(args: list[str]) -> list[str]:
     return ["python", *(["-m"] if parsed.module else []), parsed.training_script, *parsed.training_script_args]
 
 
+def _last_line(stderr: io.StringIO, default: str) -> str:
+    """What a parser printed last (its error), else ``default``."""
+    lines = stderr.getvalue().strip().splitlines()
+    return lines[-1] if lines else default
+
+
 def check(command: list[str], run_checks: bool = True) -> str | None:
     """None if ``command`` (``python3 SCRIPT|-m MODULE ARGS...``, or ``torchrun ... SCRIPT|-m MODULE ARGS...``) would
     start, else why not. ``run_checks=False`` composes train.py's config without the run's checks, which look for the
@@ -107,12 +113,13 @@ def check(command: list[str], run_checks: bool = True) -> str | None:
             with contextlib.redirect_stderr(stderr):
                 command = _torchrun_target(command[1:])
         except SystemExit:
-            lines = stderr.getvalue().strip().splitlines()
-            return f"torchrun: {lines[-1] if lines else 'its arguments do not parse'}"
+            return f"torchrun: {_last_line(stderr, 'its arguments do not parse')}"
     if not command or not command[0].startswith("python"):
         return "not a python command"
     rest = command[1:]
     module = bool(rest) and rest[0] == "-m"
+    if len(rest) < 1 + module:
+        return "no script or module named"
     target, args = (rest[1], rest[2:]) if module else (rest[0], rest[1:])
     stderr = io.StringIO()
     try:
@@ -124,8 +131,7 @@ def check(command: list[str], run_checks: bool = True) -> str | None:
     except Parsed:
         return None
     except SystemExit as exit_:  # argparse's error
-        lines = stderr.getvalue().strip().splitlines()
-        return lines[-1] if lines else f"exit {exit_.code}"
+        return _last_line(stderr, f"exit {exit_.code}")
     except Exception as err:  # a script or module that does not import, an override Hydra or check_run refuses
         return f"{type(err).__name__}: {err}"
     return None

@@ -30,7 +30,7 @@ def test_every_gpu_check_command_starts(tmp_path):
 def test_a_command_that_would_not_start_fails_the_dry_run(tmp_path):
     bad = ["python3 bench/unet.py --config sd15 --no-such-flag", "python3 bench/mfu.py --config nope",
            "python3 bench/missing.py", "python3 train.py trainer=nope", "python3 train.py ldm_stage.max_steps=-3",
-           "python3 -m ldm.eval.shapes --n 5"]
+           "python3 -m ldm.eval.shapes --n 5", "python3 -m"]
     good = "python3 bench/vae_encode.py --config kl_f8 --size 512 --batch 16 --device cuda"
     (tmp_path / "commands.txt").write_text("\n".join([*bad, good]) + "\n")
     out = subprocess.run([sys.executable, "bench/parse_only.py", str(tmp_path / "commands.txt")], cwd=ROOT,
@@ -42,3 +42,4 @@ def test_a_command_that_would_not_start_fails_the_dry_run(tmp_path):
     assert any("unrecognized arguments: --no-such-flag" in line for line in lines)
     assert any("ldm_stage.max_steps must be >= 1" in line for line in lines)
     assert any("required: ckpt" in line for line in lines)
+    assert "     no script or module named" in lines
