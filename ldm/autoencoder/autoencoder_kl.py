@@ -66,18 +66,10 @@ class AutoencoderKL(nn.Module):
         latent_std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if shift_factor is not None and latent_mean is not None:
-            raise ValueError("give shift_factor (scalar) or latent_mean (per channel), not both")
-        for name, values in (("latent_mean", latent_mean), ("latent_std", latent_std)):
-            if values is not None and len(values) != embed_dim:
-                raise ValueError(f"{name} needs one value per latent channel ({embed_dim}), got {len(values)}")
         ch_mult = tuple(int(m) for m in ch_mult)
         self.config: dict[str, Any] = dict(
             in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=list(ch_mult),
             num_res_blocks=num_res_blocks, z_channels=z_channels, embed_dim=embed_dim, dropout=dropout,
-            scale_factor=scale_factor, shift_factor=shift_factor,
-            latent_mean=list(latent_mean) if latent_mean is not None else None,
-            latent_std=list(latent_std) if latent_std is not None else None,
         )  # fmt: skip
         self.embed_dim = embed_dim
         self.downsample_factor = downsample_factor(ch_mult)
@@ -85,17 +77,38 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(out_channels, ch, ch_mult, num_res_blocks, z_channels, dropout)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
-        shift = torch.zeros(embed_dim)
+        # non-persistent: they follow .to(device) but stay out of the SD-layout state dict
+        self.register_buffer("latent_shift", torch.zeros(1, embed_dim, 1, 1), persistent=False)
+        self.register_buffer("latent_scale", torch.ones(1, embed_dim, 1, 1), persistent=False)
+        self.set_latent_normalization(scale_factor, shift_factor, latent_mean, latent_std)
+
+    def set_latent_normalization(self, scale_factor: float, shift_factor: float | None = None,
+                                 latent_mean: Sequence[float] | None = None,
+                                 latent_std: Sequence[float] | None = None) -> None:
+        """Set the latent normalisation (the class docstring's shift and scale) in ``config`` and the buffers, as the
+        constructor and a fit after the VAE's training do."""
+        if shift_factor is not None and latent_mean is not None:
+            raise ValueError("give shift_factor (scalar) or latent_mean (per channel), not both")
+        for name, values in (("latent_mean", latent_mean), ("latent_std", latent_std)):
+            if values is not None and len(values) != self.embed_dim:
+                raise ValueError(f"{name} needs one value per latent channel ({self.embed_dim}), got {len(values)}")
+        if latent_std is not None and min(float(v) for v in latent_std) <= 0:
+            raise ValueError(f"latent_std must be positive, got {list(latent_std)}")
+        self.config.update(
+            scale_factor=float(scale_factor), shift_factor=None if shift_factor is None else float(shift_factor),
+            latent_mean=None if latent_mean is None else [float(v) for v in latent_mean],
+            latent_std=None if latent_std is None else [float(v) for v in latent_std],
+        )
+        shift = torch.zeros(self.embed_dim)
         if shift_factor is not None:
             shift.fill_(float(shift_factor))
         if latent_mean is not None:
-            shift = torch.tensor([float(v) for v in latent_mean])
-        scale = torch.full((embed_dim,), float(scale_factor))
+            shift = torch.tensor(self.config["latent_mean"])
+        scale = torch.full((self.embed_dim,), float(scale_factor))
         if latent_std is not None:
-            scale = scale / torch.tensor([float(v) for v in latent_std])
-        # non-persistent: they follow .to(device) but stay out of the SD-layout state dict
-        self.register_buffer("latent_shift", shift.view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("latent_scale", scale.view(1, -1, 1, 1), persistent=False)
+            scale = scale / torch.tensor(self.config["latent_std"])
+        self.latent_shift.copy_(shift.view(1, -1, 1, 1))
+        self.latent_scale.copy_(scale.view(1, -1, 1, 1))
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Image [B, C, H, W] in [-1, 1] -> posterior over latents [B, embed_dim, H/f, W/f]."""

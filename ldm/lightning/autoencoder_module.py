@@ -21,8 +21,8 @@ from ldm.lightning.step_log import StepLog
 class AutoencoderModule(L.LightningModule):
     """Manual optimisation with two optimizers (autoencoder, discriminator); the GAN starts at ``disc_start``.
 
-    After training, ``fit_latent_scale`` sets the VAE's ``scale_factor`` to 1 / std of the latents, so that diffusion
-    trains on unit-variance latents (Rombach et al., 2022, appendix G).
+    After training, ``fit_latent_normalization`` sets the VAE's latent normalisation (one scale, or each channel's
+    mean and std) so that diffusion trains on unit-variance latents (Rombach et al., 2022, appendix G).
 
     The loss is the reconstruction error's per-pixel mean plus ``kl_weight`` x the KL summed over the latent.
     CompVis sums the reconstruction over the pixels instead, so their ``kl_weight`` w is w / (C x H x W) here.
@@ -260,15 +260,29 @@ class AutoencoderModule(L.LightningModule):
         return opts, scheds
 
     @torch.no_grad()
-    def fit_latent_scale(self, images: torch.Tensor | list[torch.Tensor]) -> float:
-        """Set ``vae.scale_factor`` (and its config) to 1 / std of the posterior-sampled latents of ``images`` (one
-        batch, or a list of batches that may differ in size, as aspect-ratio buckets give)."""
-        if self.vae.config.get("latent_std") is not None:
-            raise ValueError("the VAE normalises per channel (latent_std); fit_latent_scale sets a scalar scale")
+    def fit_latent_normalization(self, images: torch.Tensor | list[torch.Tensor], per_channel: bool = False) -> str:
+        """Fit the VAE's latent normalisation on posterior-sampled latents of ``images`` (one batch, or a list of
+        batches that may differ in size, as aspect-ratio buckets give), so that diffusion trains on unit-variance
+        latents, and return it in words for the log.
+
+        ``per_channel=False``: one ``scale_factor``, 1 / std of all the latents' values (Rombach et al., 2022).
+        ``per_channel=True``: each channel's mean and std (``latent_mean``, ``latent_std``; Karras et al., 2024, EDM2),
+        so every channel reaches diffusion centred and at unit variance; a small VAE's channels can differ in mean and
+        spread by more than their own std.
+        """
+        if not per_channel and self.vae.config.get("latent_std") is not None:
+            raise ValueError("the VAE normalises per channel (latent_std); fit it with "
+                             "vae_stage.latent_normalization=per_channel, or drop autoencoder.latent_std")
         generator = torch.Generator().manual_seed(self.seed)  # reproducible
         batches = [images] if isinstance(images, torch.Tensor) else images
-        z = torch.cat([self.vae.encode(x).sample(generator).float().flatten() for x in batches])
-        scale = float(1.0 / z.std())
-        self.vae.config["scale_factor"] = scale
-        self.vae.latent_scale.fill_(scale)
-        return scale
+        z = [self.vae.encode(x).sample(generator).float() for x in batches]
+        if per_channel:
+            by_channel = torch.cat([b.transpose(0, 1).flatten(1) for b in z], 1)
+            mean, std = by_channel.mean(1), by_channel.std(1)
+            self.vae.set_latent_normalization(1.0, latent_mean=mean.tolist(), latent_std=std.tolist())
+            return (f"latent mean {' '.join(f'{v:.3f}' for v in mean.tolist())}, "
+                    f"std {' '.join(f'{v:.3f}' for v in std.tolist())}")
+        scale = float(1.0 / torch.cat([b.flatten() for b in z]).std())
+        config = self.vae.config
+        self.vae.set_latent_normalization(scale, config.get("shift_factor"), config.get("latent_mean"))
+        return f"latent scale {scale:.4f}"

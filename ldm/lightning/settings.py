@@ -93,6 +93,7 @@ def check_vae_stage(s: DictConfig) -> None:
     _int("vae_stage.disc_channels", s.disc_channels, 1)
     _int("vae_stage.disc_layers", s.disc_layers, 1)
     _int("vae_stage.latent_scale_batches", s.latent_scale_batches, 1)
+    _choice("vae_stage.latent_normalization", s.latent_normalization, ("scalar", "per_channel"))
     _float("vae_stage.scale_equivariance", s.scale_equivariance, 0.0)
 
 

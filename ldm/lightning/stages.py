@@ -421,7 +421,7 @@ def seed_stage(cfg: DictConfig) -> None:
 
 
 def train_vae(cfg: DictConfig, out: Path, resume: str | None = None, resume_step: int | None = None) -> Path:
-    """Train the autoencoder, fit its latent scale, and write ``out/vae/vae.ckpt``."""
+    """Train the autoencoder, fit its latent normalisation, and write ``out/vae/vae.ckpt``."""
     seed_stage(cfg)
     s = cfg.vae_stage
     vae = instantiate(cfg.autoencoder)
@@ -442,16 +442,16 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None, resume_step
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     seconds = time.perf_counter() - t0
     finish_fit(cfg, trainer)
-    # Diffusion trains on unit-variance latents: fit the scale on a few batches of training images.
+    # Diffusion trains on unit-variance latents: fit the normalisation on a few batches of training images.
     loader = data.train_dataloader()
     images = [b["image"] for b, _ in zip(loader, range(s.latent_scale_batches), strict=False)]  # buckets: sizes vary
-    scale = module.fit_latent_scale(images)
+    fitted = module.fit_latent_normalization(images, per_channel=s.latent_normalization == "per_channel")
     path = stage_dir / "vae.ckpt"
     if trainer.is_global_zero:
         save_autoencoder(path, vae, OmegaConf.to_container(cfg, resolve=True))
     trainer.strategy.barrier()  # the other ranks read vae.ckpt (rank 0's scale) in the ldm stage
-    rank_zero_info(f"vae stage: {seconds:.0f} s, {_last_metrics(trainer, 'train/loss', 'train/psnr')}, latent scale "
-                   f"{scale:.4f}; saved {path}")
+    rank_zero_info(f"vae stage: {seconds:.0f} s, {_last_metrics(trainer, 'train/loss', 'train/psnr')}, {fitted}; "
+                   f"saved {path}")
     return path
 
 

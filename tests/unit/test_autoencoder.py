@@ -90,6 +90,21 @@ def test_latent_normalisation_round_trip() -> None:
         AutoencoderKL(**TINY, shift_factor=0.1, latent_mean=[0.0] * 4)
     with pytest.raises(ValueError, match="one value per latent channel"):
         AutoencoderKL(**TINY, latent_std=[1.0, 2.0])
+    with pytest.raises(ValueError, match="latent_std must be positive"):
+        AutoencoderKL(**TINY, latent_std=[1.0, 0.0, 1.0, 1.0])
+
+
+def test_setting_the_latent_normalisation_replaces_config_and_buffers() -> None:
+    vae = AutoencoderKL(**TINY, scale_factor=0.5)
+    z = torch.randn(2, 4, 8, 8)
+    vae.set_latent_normalization(2.0, latent_mean=[0.1, 0.2, 0.3, 0.4], latent_std=[1.0, 2.0, 4.0, 8.0])
+    assert vae.config["scale_factor"] == 2.0 and vae.config["latent_std"] == [1.0, 2.0, 4.0, 8.0]
+    torch.testing.assert_close(vae.normalize_latents(z)[:, 2], (z[:, 2] - 0.3) * 2.0 / 4.0)
+    rebuilt = AutoencoderKL(**{**TINY, **{k: vae.config[k] for k in ("scale_factor", "latent_mean", "latent_std")}})
+    torch.testing.assert_close(rebuilt.normalize_latents(z), vae.normalize_latents(z))
+    vae.set_latent_normalization(0.25, shift_factor=1.0)  # back to scalar: the per-channel entries go
+    assert vae.config["latent_mean"] is None and vae.config["latent_std"] is None
+    torch.testing.assert_close(vae.normalize_latents(z), (z - 1.0) * 0.25)
 
 
 def test_encode_and_decode_latents() -> None:

@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from ldm.autoencoder import AutoencoderKL
+from ldm.checkpoint import load_autoencoder, save_autoencoder
 from ldm.lightning.autoencoder_module import AutoencoderModule
 from ldm.lightning.callbacks import Throughput
 from ldm.lightning.optim import warmup_then
@@ -430,14 +431,47 @@ def test_autoencoder_module_trains_with_gan_and_fits_latent_scale(tmp_path):
     trainer(6, tmp_path).fit(module, DataLoader(image_batches(), batch_size=8, collate_fn=collate))
     assert any(not torch.equal(a, b) for a, b in zip(d_before, module.discriminator.parameters(), strict=True))
     images = torch.stack([b["image"] for b in image_batches(8)])
-    scale = module.fit_latent_scale(images)
-    assert vae.config["scale_factor"] == scale and torch.all(vae.latent_scale == scale)
+    fitted = module.fit_latent_normalization(images)
+    scale = vae.config["scale_factor"]
+    assert fitted == f"latent scale {scale:.4f}" and torch.all(vae.latent_scale == scale)
     with torch.no_grad():  # the same posterior samples (the module's seed), drawn again: unit spread once scaled
         raw = vae.encode(images).sample(torch.Generator().manual_seed(module.seed))
         assert scale == pytest.approx(1.0 / float(raw.std()), rel=1e-6)
         assert float(vae.normalize_latents(raw).std()) == pytest.approx(1.0, rel=1e-5)
         z = vae.encode_latents(torch.stack([b["image"] for b in image_batches(8, seed=1)]))
     assert 0.5 < float(z.std()) < 2.0  # other images: near unit spread
+
+
+def test_a_per_channel_fit_centres_every_channel_at_unit_spread_and_survives_the_vae_checkpoint(tmp_path):
+    """vae_stage.latent_normalization=per_channel: each channel's mean and std of the posterior samples, over batches
+    of different sizes (buckets), become latent_mean / latent_std; the scalar scale becomes 1."""
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    with torch.no_grad():  # channels apart in mean and spread, as a trained small VAE's are
+        vae.quant_conv.bias[:4] += torch.tensor([0.8, -0.5, 0.0, 1.2])
+        vae.quant_conv.weight[:4] *= torch.tensor([0.5, 1.0, 2.0, 3.0]).view(4, 1, 1, 1)
+        vae.quant_conv.bias[4:] = -6.0  # log-variances: a narrow posterior, so the means' spread shows
+    module = AutoencoderModule(vae, seed=7)
+    batches = [torch.stack([b["image"] for b in image_batches(n, seed=n)]) for n in (8, 4)]
+    fitted = module.fit_latent_normalization(batches, per_channel=True)
+    assert fitted.startswith("latent mean ") and " std " in fitted
+    assert vae.config["scale_factor"] == 1.0 and vae.config["shift_factor"] is None
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        raw = torch.cat([vae.encode(b).sample(generator) for b in batches])
+    by_channel = raw.transpose(0, 1).flatten(1)
+    assert vae.config["latent_mean"] == pytest.approx(by_channel.mean(1).tolist(), abs=1e-6)
+    assert vae.config["latent_std"] == pytest.approx(by_channel.std(1).tolist(), rel=1e-6)
+    assert max(vae.config["latent_std"]) / min(vae.config["latent_std"]) > 2  # the channels did differ
+    normalized = vae.normalize_latents(raw)
+    torch.testing.assert_close(normalized.mean((0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(normalized.std((0, 2, 3)), torch.ones(4), atol=1e-5, rtol=0)
+    save_autoencoder(tmp_path / "vae.ckpt", vae)
+    loaded = load_autoencoder(tmp_path / "vae.ckpt")
+    torch.testing.assert_close(loaded.normalize_latents(raw), normalized)
+    torch.testing.assert_close(loaded.denormalize_latents(normalized), raw, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="latent_normalization=per_channel"):
+        module.fit_latent_normalization(batches)  # a scalar fit would drop the per-channel std silently
 
 
 def test_scale_equivariance_adds_the_pooled_latents_reconstruction_error(tmp_path):
