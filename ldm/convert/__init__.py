@@ -13,7 +13,14 @@ from ldm.convert.diffusers_format import (
     vae_config_from_diffusers,
     vae_config_to_diffusers,
 )
-from ldm.convert.initialize import init_from_sd, load_sd_vae, sd_latent_scale, sd_text_state_dict, widen_conv_in
+from ldm.convert.initialize import (
+    init_from_sd,
+    load_sd_vae,
+    sd_latent_normalization,
+    sd_latent_scale,
+    sd_text_state_dict,
+    widen_conv_in,
+)
 from ldm.convert.single_file import (
     CKPT_METADATA,
     SDCheckpoint,
@@ -56,6 +63,7 @@ __all__ = [
     "schedule_from_diffusers",
     "schedule_to_diffusers",
     "sd_checkpoint_from_state_dict",
+    "sd_latent_normalization",
     "sd_latent_scale",
     "sd_metadata",
     "sd_text_encoder_spec",

@@ -4,6 +4,8 @@ strictly into our modules, which the caller built from its own config."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +25,18 @@ def sd_latent_scale(sd: SDCheckpoint, configured: float, source: str) -> float:
         warnings.warn(f"init_ckpt={source} stores no scale_factor; using autoencoder.scale_factor={configured} "
                       f"(Stable Diffusion 1.x/2.x use {SD_LATENT_SCALE})", stacklevel=2)
     return float(configured)
+
+
+def sd_latent_normalization(sd: SDCheckpoint, configured: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The latent normalisation to train with, as ``AutoencoderKL`` keywords: the scale as ``sd_latent_scale``
+    chooses it, and the file's shift or per-channel mean and std when its VAE records them (a VAE fitted with
+    ``vae_stage.latent_normalization=per_channel``), else the configured ones."""
+    scale = sd_latent_scale(sd, float(configured.get("scale_factor", SD_LATENT_SCALE)), source)
+    recorded = sd.vae.config if sd.vae is not None else {}
+    stored = {key: recorded.get(key) for key in ("shift_factor", "latent_mean", "latent_std")}
+    if any(value is not None for value in stored.values()):
+        return {"scale_factor": scale, **stored}
+    return {"scale_factor": scale}
 
 
 def sd_text_state_dict(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -22,7 +22,6 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldm.autoencoder import SD_LATENT_SCALE
 from ldm.checkpoint import (
     atomic_write_text,
     check_lora_base,
@@ -35,7 +34,7 @@ from ldm.checkpoint import (
     save_autoencoder,
 )
 from ldm.compiling import compile_in_place
-from ldm.convert import init_from_sd, load_sd_vae, sd_latent_scale
+from ldm.convert import init_from_sd, load_sd_vae, sd_latent_normalization
 from ldm.data.cache_latents import cache_for_vae
 from ldm.data.masks import MaskSettings
 from ldm.diffusion import DiffusionLoss, NoiseSchedule
@@ -471,10 +470,11 @@ def build_first_stage(cfg: DictConfig, vae_path: Path | None, resume: str | None
         return load_autoencoder(vae_path)
     if sd is None:
         raise ConfigError(NO_AUTOENCODER)
-    scale = sd_latent_scale(sd, float(cfg.autoencoder.get("scale_factor", SD_LATENT_SCALE)), init_ckpt)
-    vae = instantiate(cfg.autoencoder, scale_factor=scale)
+    normalization = sd_latent_normalization(sd, cfg.autoencoder, init_ckpt)
+    vae = instantiate(cfg.autoencoder, **normalization)
     load_sd_vae(sd, init_ckpt, vae)
-    rank_zero_info(f"init_ckpt: VAE weights from {init_ckpt}, latent scale {scale}")
+    described = ", ".join(f"{key} {value}" for key, value in normalization.items() if value is not None)
+    rank_zero_info(f"init_ckpt: VAE weights from {init_ckpt}, {described}")
     return vae
 
 

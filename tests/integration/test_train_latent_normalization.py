@@ -31,3 +31,18 @@ def test_a_per_channel_normalisation_is_fitted_saved_and_sampled_with(tmp_path: 
     torch.testing.assert_close(pipe.vae.latent_scale, vae.latent_scale)
     out = pipe(["a red circle in the top left"], num_inference_steps=2, output_type="tensor")
     assert out.shape[1] == 3 and torch.isfinite(out).all()
+
+
+def test_fine_tuning_a_per_channel_model_keeps_its_normalisation(tmp_path: Path) -> None:
+    """init_ckpt builds the VAE from the config with the file's normalisation: a per-channel model's mean and std
+    must come along, or the fine-tune would train on latents normalised another way than its base's."""
+    run_train(tmp_path, "stages=[vae,ldm]", "vae_stage.max_steps=1", "ldm_stage.max_steps=1",
+              "vae_stage.latent_normalization=per_channel", run_dir=tmp_path / "base")
+    base = tmp_path / "base" / "ldm" / "checkpoints" / "last.ckpt"
+    proc = run_train(tmp_path, "stages=[ldm]", f"+init_ckpt={base}", "ldm_stage.max_steps=1",
+                     run_dir=tmp_path / "tune")
+    assert "latent_std [" in proc.stdout + proc.stderr
+    base_vae = load_first_stage(base)
+    tuned = load_first_stage(tmp_path / "tune" / "ldm" / "checkpoints" / "last.ckpt")
+    for key in ("scale_factor", "shift_factor", "latent_mean", "latent_std"):
+        assert tuned.config[key] == base_vae.config[key], key
