@@ -1,10 +1,12 @@
 """train.py with vae_stage.latent_normalization=per_channel: the VAE stage fits each latent channel's mean and std,
-and the ldm stage, its checkpoint and the pipeline use them."""
+and the ldm stage, its checkpoint, the pipeline and a fine-tune from it use them."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from ldm.checkpoint import load_autoencoder, load_first_stage
@@ -12,10 +14,16 @@ from ldm.pipeline import LatentDiffusionPipeline
 from tests.integration.tiny_run import run_train
 
 
-def test_a_per_channel_normalisation_is_fitted_saved_and_sampled_with(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    proc = run_train(tmp_path, "stages=[vae,ldm]", "vae_stage.max_steps=2", "ldm_stage.max_steps=2",
-                     "vae_stage.latent_normalization=per_channel", run_dir=run)
+@pytest.fixture(scope="module")
+def per_channel_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("per_channel")
+    proc = run_train(tmp, "stages=[vae,ldm]", "vae_stage.max_steps=2", "ldm_stage.max_steps=2",
+                     "vae_stage.latent_normalization=per_channel", run_dir=tmp / "run")
+    return tmp / "run", proc
+
+
+def test_a_per_channel_normalisation_is_fitted_saved_and_sampled_with(per_channel_run) -> None:
+    run, proc = per_channel_run
     assert "latent mean " in proc.stdout + proc.stderr  # the stage's summary names what it fitted
     vae = load_autoencoder(run / "vae" / "vae.ckpt")
     assert vae.config["scale_factor"] == 1.0 and vae.config["shift_factor"] is None
@@ -33,12 +41,10 @@ def test_a_per_channel_normalisation_is_fitted_saved_and_sampled_with(tmp_path: 
     assert out.shape[1] == 3 and torch.isfinite(out).all()
 
 
-def test_fine_tuning_a_per_channel_model_keeps_its_normalisation(tmp_path: Path) -> None:
+def test_fine_tuning_a_per_channel_model_keeps_its_normalisation(per_channel_run, tmp_path: Path) -> None:
     """init_ckpt builds the VAE from the config with the file's normalisation: a per-channel model's mean and std
     must come along, or the fine-tune would train on latents normalised another way than its base's."""
-    run_train(tmp_path, "stages=[vae,ldm]", "vae_stage.max_steps=1", "ldm_stage.max_steps=1",
-              "vae_stage.latent_normalization=per_channel", run_dir=tmp_path / "base")
-    base = tmp_path / "base" / "ldm" / "checkpoints" / "last.ckpt"
+    base = per_channel_run[0] / "ldm" / "checkpoints" / "last.ckpt"
     proc = run_train(tmp_path, "stages=[ldm]", f"+init_ckpt={base}", "ldm_stage.max_steps=1",
                      run_dir=tmp_path / "tune")
     assert "latent_std [" in proc.stdout + proc.stderr
