@@ -1,24 +1,34 @@
 """The bench scripts run as users run them (``python bench/NAME.py``), where bench/ heads ``sys.path``: no script may
 take the name of an installed top-level module, which every import of that name would then load instead (diffusers
-imports the ``kernels`` package, for one)."""
+imports the ``kernels`` package, for one). Folders the repository root holds (``data/`` after the quickstart) are not
+installed modules: a script does not see the root on its path."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.machinery
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
+
+
+def _installed_spec(name: str):
+    """Where ``import name`` finds a module on this interpreter's path without the repository root (which pytest puts
+    there, and ``python bench/NAME.py`` does not). Built-in and frozen modules come before the path, so no script can
+    shadow them."""
+    path = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    return importlib.machinery.PathFinder.find_spec(name, path)
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
 def test_no_bench_script_shadows_an_installed_module(script):
     name = Path(script).stem
-    spec = importlib.util.find_spec(name)
-    origin = None if spec is None else str(spec.origin)
+    spec = _installed_spec(name)
+    origin = None if spec is None else spec.origin or str(list(spec.submodule_search_locations or []))
     assert origin is None or Path(origin).parent == BENCH, (
         f"bench/{script} shadows the installed module {name} ({origin}) when run as a script: rename it")
 
