@@ -52,7 +52,7 @@ def sample_timesteps(
     The shift is SD3's (Esser et al., 2024): u ~ U(0, 1) becomes shift * u / (1 + (shift - 1) * u), so with shift 2
     the fraction of samples above t = 0.8 T grows from 20% to 33% and the fraction below 0.2 T falls to 11%. At the
     noisy end a model decides the layout; at the clean end of a VAE's latents, the posterior noise makes the target
-    all but unpredictable. ``shift`` 1 is the plain uniform draw (torch.randint, as before).
+    all but unpredictable. ``shift`` 1 is the plain uniform draw (``torch.randint``).
     """
     check_timestep_shift(shift)
     if shift == 1.0:
