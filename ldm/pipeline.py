@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -28,6 +29,7 @@ from ldm.diffusion.sampling import (
     check_real,
     check_sampler,
     default_sampler,
+    forward_noise,
     make_scheduler,
     noise_to_start,
     randn,
@@ -366,7 +368,7 @@ class LatentDiffusionPipeline:
                 image = image.resize((width, height), Image.BICUBIC)
             arr = np.asarray(image, dtype=np.float32) / 127.5 - 1
             x = torch.from_numpy(arr if arr.ndim == 3 else arr[..., None]).permute(2, 0, 1)[None]
-        return x.to(self.device)
+        return x.to(self.device, torch.float32)  # a float64 or half tensor would meet float32 weights
 
     def _check_mask(self, c: CallSettings, image, mask_image, legacy_inpaint: bool) -> None:
         """Check ``mask_image`` against the image, the model and the call's size and batch (a ConfigError)."""
@@ -417,6 +419,8 @@ class LatentDiffusionPipeline:
         if isinstance(mask_image, torch.Tensor):
             m = mask_image.float()
             m = m[None, None] if m.ndim == 2 else m[:, None] if m.ndim == 3 else m
+            if tuple(m.shape[-2:]) != (height, width):  # the image's size: a PIL image is resized to the call's
+                m = F.interpolate(m, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
         else:
             image = mask_image.convert("L")
             if image.size != (width, height):
@@ -430,6 +434,7 @@ class LatentDiffusionPipeline:
         from noise, a lower one from the image noised as image-to-image. Without an image (an inpainting model
         asked for text-to-image) everything is repainted, as training's full masks."""
         n, (h, w) = noise.shape[0], noise.shape[-2:]
+        strength = 1.0 if image is None else c.strength  # nothing to start from: pure noise, every step
         if image is None:
             channels = self.latent_channels if self.vae is None else self.vae.config["in_channels"]
             pixels = torch.zeros(1, channels, c.height, c.width, device=self.device)
@@ -443,11 +448,11 @@ class LatentDiffusionPipeline:
             return z.expand(n, -1, -1, -1) if z.shape[0] == 1 else z
 
         steps = c.sampling.num_inference_steps
-        if c.strength < 1:
-            start_at(scheduler, steps, min(steps, max(1, int(round(steps * c.strength)))))
+        if strength < 1:
+            start_at(scheduler, steps, min(steps, max(1, int(round(steps * strength)))))
         legacy = not self.is_inpainting
-        z0 = encode(pixels) if c.strength < 1 or legacy else None
-        x = noise_to_start(scheduler, z0, noise) if c.strength < 1 else noise * scheduler.init_noise_sigma
+        z0 = encode(pixels) if strength < 1 or legacy else None
+        x = noise_to_start(scheduler, z0, noise) if strength < 1 else noise * scheduler.init_noise_sigma
         m = latent_mask(mask, (h, w)).expand(n, -1, -1, -1)
         if not legacy:
             return x, torch.cat([m, encode(masked_image(pixels, mask))], dim=1), None
@@ -455,7 +460,7 @@ class LatentDiffusionPipeline:
 
         def blend(i: int, latents: torch.Tensor) -> torch.Tensor:
             """Keep the unmasked region on the image's own noisy path: noised to the next timestep, clean at the end."""
-            known = z0 if i >= len(timesteps) - 1 else scheduler.add_noise(z0, noise, timesteps[i + 1:i + 2])
+            known = z0 if i >= len(timesteps) - 1 else forward_noise(scheduler, z0, noise, timesteps[i + 1:i + 2])
             return (1 - m) * known + m * latents
 
         return x, None, blend
@@ -537,7 +542,8 @@ class LatentDiffusionPipeline:
             guidance_interval: ``(lo, hi)``: guide only the steps with lo <= t <= hi (training timesteps).
             autoguidance_scale: > 1 also guides away from the checkpoint's guide snapshot (one more UNet pass per
                 step); a default the file cannot honour falls back to 1 with a warning.
-            latents: the initial noise, of shape [B, C, H / f, W / f], instead of drawing it.
+            latents: the initial noise, of shape [B, C, H / f, W / f], instead of drawing it (with ``image``, the
+                noise the image is noised with). Any float dtype; sampling runs in float32.
             class_labels: [B] class indices for a class-conditional UNet.
             callback: ``callback(i, t, latents, x0_prediction)`` after each step.
             output_type: ``pil`` (a list of images), ``tensor`` ([B, C, H, W] in [-1, 1]) or ``latent``.
@@ -550,7 +556,7 @@ class LatentDiffusionPipeline:
                 [0, 1] of shape [H, W], [B, H, W] or [B, 1, H, W], of the image's size), keep the rest. An inpainting
                 UNet (SD-inpainting's 9 input channels) gets the mask and the masked-image latents at every step;
                 ``strength`` < 1 starts from the noised image. An inpainting model called without an image repaints
-                everything (text-to-image).
+                everything (text-to-image, from pure noise whatever ``strength`` is).
             legacy_inpaint: with a model without mask inputs, replace the unmasked region by the noised image
                 after each step (diffusers' fallback for 4-channel UNets); weaker at the mask's edges.
         """
@@ -588,8 +594,9 @@ class LatentDiffusionPipeline:
             scheduler = make_scheduler(s.sampler, self.schedule, self.prediction_type, latent_shape=shape)
             set_steps(scheduler, s.num_inference_steps, shape)
             concat = blend = None
+            # the initial noise: for image-to-image and inpainting, what the image is noised with
+            noise = latents.to(device, torch.float32) if latents is not None else randn(shape, generator, device)
             if self.is_inpainting or mask_image is not None:
-                noise = latents.to(device) if latents is not None else randn(shape, generator, device)
                 x, concat, blend = self._inpaint_start(c, scheduler, image, mask_image, noise)
             elif image is not None:
                 x = self._image_tensor(image, height, width)
@@ -597,9 +604,8 @@ class LatentDiffusionPipeline:
                 z0 = z0.expand(n, -1, -1, -1) if z0.shape[0] == 1 else z0
                 steps = s.num_inference_steps
                 start_at(scheduler, steps, min(steps, max(1, int(round(steps * c.strength)))))
-                x = noise_to_start(scheduler, z0, randn(shape, generator, device))
+                x = noise_to_start(scheduler, z0, noise)
             else:
-                noise = latents.to(device) if latents is not None else randn(shape, generator, device)
                 x = noise * scheduler.init_noise_sigma  # the sigma samplers start at their largest level
 
             with autocast, reuse_context_projections(self.unet):  # the context is one tensor for every step

@@ -102,14 +102,14 @@ class ClassifierFreeGuidance:
             self._pair = (context, torch.cat([self.uncond_context, context]))
         return self._pair[1]
 
-    def guides_at(self, t: int) -> bool:
+    def guides_at(self, t: float) -> bool:
         """Whether step ``t`` runs the unconditional half too."""
         return self.scale != 1.0 and self.lo <= t <= self.hi
 
     def outputs(self, denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
                 **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """(guided, conditional) float32 outputs for the batch ``x`` at timesteps ``t``."""
-        if not self.guides_at(int(t[0])):
+        if not self.guides_at(float(t[0])):  # a flow model's timesteps are fractional
             cond = denoise(x, t, context, **kwargs).float()
             return cond, cond
         if self.share_input:

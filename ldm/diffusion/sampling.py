@@ -226,13 +226,18 @@ def start_at(scheduler: Scheduler, steps: int, keep: int) -> None:
     scheduler.timesteps = scheduler.timesteps[(steps - keep) * scheduler.order:]
 
 
-def noise_to_start(scheduler: Scheduler, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """``clean`` latents noised to the level of the schedule's first timestep (image-to-image's start): the forward
-    process of the model's kind, in the sampler's own space."""
-    t = scheduler.timesteps[:1].expand(clean.shape[0])
+def forward_noise(scheduler: Scheduler, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``clean`` latents noised to timestep ``t`` (one, or one per sample) by the forward process of the model's kind,
+    in the sampler's own space: a flow model's (1 - s) x0 + s eps, a diffusion model's alpha x0 + sigma eps."""
+    t = t.expand(clean.shape[0]) if t.numel() == 1 else t
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         return scheduler.scale_noise(clean, t, noise)
     return scheduler.add_noise(clean, noise, t)
+
+
+def noise_to_start(scheduler: Scheduler, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``clean`` latents noised to the level of the schedule's first timestep (image-to-image's start)."""
+    return forward_noise(scheduler, clean, noise, scheduler.timesteps[:1])
 
 
 def randn(shape: tuple[int, ...], generator: Generators, device: torch.device,

@@ -200,6 +200,59 @@ def test_legacy_blend_keeps_the_unmasked_latents(vae) -> None:
     assert not torch.allclose(z[..., :4], z0[..., :4])
 
 
+@torch.no_grad()
+def test_an_inpainting_model_without_an_image_runs_every_step_from_noise(vae) -> None:
+    """Text-to-image on an inpainting model starts from pure noise at the first timestep, whatever ``strength`` says:
+    there is no image to noise (the default strength 0.8 used to cut the schedule and start from a black image)."""
+    pipe = _pipe(9, vae)
+    seen: dict[str, list[int]] = {"default": [], "full": []}
+    kw = dict(output_type="latent", guidance_scale=1.0, num_inference_steps=5)
+    a = pipe("x", generator=torch.Generator().manual_seed(0), callback=lambda i, t, x, x0: seen["default"].append(t),
+             **kw)
+    b = pipe("x", generator=torch.Generator().manual_seed(0), strength=1.0,
+             callback=lambda i, t, x, x0: seen["full"].append(t), **kw)
+    assert len(seen["default"]) == 5 and seen["default"] == seen["full"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_a_tensor_mask_is_resized_with_the_image(vae) -> None:
+    """A PIL image of another size than the call's is resized, and its mask with it, a tensor mask as a PIL one."""
+    pipe = _pipe(9, vae)
+    image, mask = _image_and_mask(32)
+    tensor_mask = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)
+    kw = dict(output_type="latent", height=16, width=16, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="resized to 16x16"):
+        a = pipe("x", image=image, mask_image=mask, **kw)
+    kw["generator"] = torch.Generator().manual_seed(0)
+    with pytest.warns(UserWarning, match="resized to 16x16"):
+        b = pipe("x", image=image, mask_image=tensor_mask, **kw)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # a half-image mask: both resize to the same binary mask
+
+
+@torch.no_grad()
+def test_legacy_blend_of_a_flow_model_noises_the_kept_region_by_the_flow_path(vae) -> None:
+    """After each step the kept region is the image's latents on the model's own forward path to the next level:
+    (1 - s) z0 + s eps for a flow model (alpha z0 + sigma eps, the diffusion formula, is another point)."""
+    from ldm.diffusion.sampling import make_scheduler, set_steps
+
+    flow = {"objective": "flow_matching", "num_train_timesteps": 1000, "shift": 3.0, "resolution_shift": False}
+    pipe = LatentDiffusionPipeline(_unet(4), FixedText(), vae, flow, "flow", {"image_size": 16,
+                                                                            "num_inference_steps": 4})
+    image, mask = _image_and_mask()
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    frames: list[torch.Tensor] = []
+    pipe("x", image=image, mask_image=mask, legacy_inpaint=True, latents=noise, strength=1.0, guidance_scale=1.0,
+         output_type="latent", callback=lambda i, t, x, x0: frames.append(x.clone()))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    z0 = vae.normalize_latents(vae.encode(x).mode())
+    scheduler = make_scheduler("flow_euler", flow, "flow")
+    set_steps(scheduler, 4, (1, 4, 8, 8))
+    for i in range(3):
+        s = float(scheduler.timesteps[i + 1]) / 1000  # the next level, in (0, 1)
+        torch.testing.assert_close(frames[i][..., 4:], ((1 - s) * z0 + s * noise)[..., 4:], rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -209,6 +209,29 @@ def test_latents_in_and_out(pipe) -> None:
         pipe("a", output_type="numpy")
 
 
+def test_image_to_image_noises_the_image_with_the_given_latents(pipe) -> None:
+    """``latents`` is the initial noise in every mode: image-to-image noises the image with it, as the generator's
+    draw (the same noise given as latents gives the same images, other noise other images)."""
+    shape, image = (2, 4, 8, 8), Image.new("RGB", (16, 16), (200, 40, 40))
+    kw = dict(image=image, strength=0.7, output_type="latent")
+    drawn = pipe(["a", "b"], generator=_gen(3), **kw)
+    noise = torch.randn(shape, generator=_gen(3))
+    torch.testing.assert_close(pipe(["a", "b"], latents=noise, generator=_gen(9), **kw), drawn, rtol=0, atol=0)
+    assert not torch.allclose(pipe(["a", "b"], latents=torch.randn(shape, generator=_gen(4)), **kw), drawn)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_latents_and_image_tensors_of_another_float_dtype_sample_as_float32(pipe, dtype) -> None:
+    """A float64 or half-precision ``latents`` or ``image`` tensor is the same input as its float32 value (it would
+    otherwise meet the float32 weights and fail inside the first convolution)."""
+    noise = torch.randn(1, 4, 8, 8, generator=_gen(5)).to(dtype)
+    image = (torch.rand(1, 3, 16, 16, generator=_gen(6)) * 2 - 1).to(dtype)
+    for kw in [dict(latents=noise), dict(image=image, strength=0.6, latents=noise)]:
+        out = pipe("a", output_type="latent", **kw)
+        as_float = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        torch.testing.assert_close(out, pipe("a", output_type="latent", **as_float), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("interval", [None, (300, 1000)])
 def test_context_reuse_gives_the_same_samples_as_recomputing(pipe, monkeypatch: pytest.MonkeyPatch,
                                                              interval) -> None:
@@ -345,6 +368,21 @@ def test_guidance_interval_guides_only_the_steps_inside_it() -> None:
     for bad, match in [((600, 400), "0 <= lo <= hi"), ((-1, 10), "0 <= lo <= hi"), ((1,), "two timesteps")]:
         with pytest.raises(ValueError, match=match):
             run(guidance_interval=bad)
+
+
+def test_a_fractional_timestep_is_compared_with_the_interval_as_it_is() -> None:
+    """A flow model's timesteps are fractional: t = 500.7 lies inside [500.5, 1000] and t = 500.3 outside (a
+    truncated t would put both at 500, outside)."""
+    guidance = ClassifierFreeGuidance(3.0, torch.zeros(1, 2, 4), interval=(500.5, 1000))
+    rows: list[int] = []
+
+    def denoise(x, t, ctx):
+        rows.append(ctx.shape[0])
+        return x.repeat(ctx.shape[0] // x.shape[0], 1, 1, 1)
+
+    for t in (500.7, 500.3):
+        guidance(denoise, torch.ones(1, 4, 2, 2), torch.tensor([t]), torch.ones(1, 2, 4))
+    assert rows == [2, 1]  # [uncond; cond] inside the interval, the conditional alone outside
 
 
 def test_pipeline_takes_the_checkpoint_guidance_interval(pipe) -> None:
