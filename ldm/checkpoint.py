@@ -21,7 +21,6 @@ import hashlib
 import importlib
 import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from ldm.diffusion.parameterization import canonical_prediction_type
 from ldm.diffusion.sampling import SamplingDefaults
 from ldm.diffusion.schedules import SD_SCHEDULE
 from ldm.errors import ConfigError
+from ldm.temporary_files import temporary_beside
 
 FORMAT_VERSION = 2  # 1: EMA stored as ema.shadow_<i>; 2: EMA under the parameters' names, "format" in the header
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -89,7 +89,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], man
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import nn
 from ldm.autoencoder import AutoencoderKL
 from ldm.convert.diffusers_format import load_state_dict_checked
 from ldm.errors import ConfigError
+from ldm.temporary_files import plain_mode, temporary_beside
 from ldm.unet import UNet
 
 UNET_PREFIX = "model.diffusion_model."
@@ -480,7 +480,7 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temporary_beside(path)
     os.close(fd)
     try:
         if path.suffix == ".safetensors":
@@ -489,6 +489,7 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path,
             save_file(tensors, tmp, metadata=meta or None)
         else:
             torch.save({"state_dict": tensors, **({CKPT_METADATA: meta} if meta else {})}, tmp)
+        os.chmod(tmp, plain_mode())  # safetensors writes a file of its own, 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
