@@ -108,8 +108,14 @@ def source_kind(src: Path) -> str:
 def _load_ldm(src: Path, use_ema: bool) -> Model:
     """An ldm checkpoint's parts (glue: ``ldm.checkpoint`` sits above ``ldm.convert``, so it is imported here)."""
     from ldm.checkpoint import load_parts  # noqa: PLC0415
+    from ldm.lora import has_lora, merge_lora  # noqa: PLC0415
 
     parts = load_parts(src, use_ema=use_ema)
+    for name, part in (("UNet", parts.unet), ("text encoder", parts.text_encoder)):
+        if part is not None and has_lora(part):  # SD files and diffusers folders hold plain weights
+            merge_lora(part)
+            print(f"note: {src} is a LoRA run: its {name}'s adapters are merged into the base weights",
+                  file=sys.stderr)
     if parts.first_stage is None:
         raise ConfigError(f"{src} is a pixel-space model (no first stage): SD files and diffusers folders hold latent "
                           "diffusion models only")

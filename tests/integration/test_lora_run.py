@@ -90,6 +90,26 @@ def test_sampling_through_from_checkpoint_and_sample_py(runs, tmp_path: Path) ->
     assert (out / "00000.png").is_file() and '"lora_scale": 0.5' in (out / "00000.json").read_text()
 
 
+def test_converting_a_lora_run_merges_its_adapters(runs, tmp_path: Path, capsys) -> None:
+    """``python -m ldm.convert`` on a LoRA run writes the adapted model with plain weights (diffusers folders and SD
+    files hold no adapters): diffusers' own loader reads the folder's UNet, and it computes what the run's does."""
+    from diffusers import UNet2DConditionModel
+
+    from ldm.convert.__main__ import main as convert_main
+
+    assert convert_main([str(runs["lora"]), str(tmp_path / "merged")]) == 0
+    assert "adapters are merged into the base weights" in capsys.readouterr().err
+    theirs = UNet2DConditionModel.from_pretrained(tmp_path / "merged" / "unet").eval()
+    ours = load_parts(runs["lora"]).unet.eval()
+    assert lora_layers(ours)  # the run's UNet, adapters unmerged
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, ours.in_channels, 4, 4, generator=g), torch.tensor([10, 700])
+    context = torch.randn(2, 12, ours.context_dim, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x, t, encoder_hidden_states=context).sample, ours(x, t, context),
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_a_missing_or_changed_base_file_is_a_clear_error(runs, tmp_path: Path) -> None:
     original = runs["base_file"].read_bytes()
     try:
