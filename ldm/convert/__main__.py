@@ -134,7 +134,8 @@ def _load_sd(src: Path, args: argparse.Namespace) -> Model:
     unet_kwargs, vae_kwargs = _unet_overrides(args), _vae_overrides(args)
     ckpt = sd_checkpoint_from_state_dict(state, not args.no_ema, unet_kwargs, vae_kwargs, str(src), metadata)
     stored = parse_sd_metadata(metadata, str(src))
-    guessed = tuple(k for k, given in (("unet", unet_kwargs), ("vae", vae_kwargs)) if k not in stored and not given)
+    known = {"unet": bool(unet_kwargs), "vae": bool(vae_kwargs) or ckpt.scale_factor is not None}  # given or stored
+    guessed = tuple(k for k in ("unet", "vae") if k not in stored and not known[k])
     return Model(ckpt.unet, ckpt.vae, text_sd=ckpt.cond_stage_state_dict or None, text_options=ckpt.text_encoder,
                  prediction_type=ckpt.prediction_type, schedule=ckpt.schedule, sampling=ckpt.sampling,
                  guessed=guessed)

@@ -362,10 +362,12 @@ def sd_checkpoint_from_state_dict(
         _with_heads(unet_cfg, unet_kwargs)
     unet = UNet(**unet_cfg)
     load_state_dict_checked(unet, unet_sd, "UNet")
-    vae = AutoencoderKL(**{**infer_vae_config(vae_sd), **meta.get("vae", {}), **(vae_kwargs or {})})
-    load_state_dict_checked(vae, vae_sd, "AutoencoderKL")
     stored_scale = state_dict.get("scale_factor")
     scale = float(stored_scale) if isinstance(stored_scale, torch.Tensor) and stored_scale.numel() == 1 else None
+    # the VAE normalises as the file records (CompVis' scale_factor entry, then ldm metadata), unless told otherwise
+    recorded = {} if scale is None else {"scale_factor": scale}
+    vae = AutoencoderKL(**{**infer_vae_config(vae_sd), **recorded, **meta.get("vae", {}), **(vae_kwargs or {})})
+    load_state_dict_checked(vae, vae_sd, "AutoencoderKL")
     if "scale_factor" in meta.get("vae", {}):
         scale = float(meta["vae"]["scale_factor"])
     return SDCheckpoint(unet, vae, _sub(state_dict, TEXT_PREFIX), scale, meta.get("prediction_type"),

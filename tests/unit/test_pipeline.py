@@ -80,6 +80,34 @@ def test_sd1_single_file_round_trip_gives_the_same_images(sd1_parts, pipe, tmp_p
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
+def test_an_sd_files_scale_factor_entry_is_the_scale_it_samples_and_converts_with(sd1_parts, tmp_path: Path) -> None:
+    """CompVis' ``scale_factor`` entry (a scale_by_std model) is the file's latent scale for sampling and conversion,
+    as it is for a fine-tune's init_ckpt: without ldm metadata the VAE used to keep the default 0.18215."""
+    from ldm.checkpoint import load_parts
+    from ldm.convert import load_sd_checkpoint
+    from ldm.convert.__main__ import main as convert_main
+
+    unet, vae, text = sd1_parts
+    sd = to_sd_state_dict(unet, vae, text)
+    sd["scale_factor"] = torch.tensor(0.5)
+    path = tmp_path / "scaled.safetensors"
+    save_state_dict(sd, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the heads guessed from the shapes
+        assert load_sd_checkpoint(path).scale_factor == 0.5
+        loaded = LatentDiffusionPipeline.from_checkpoint(path)
+        assert loaded.vae.config["scale_factor"] == 0.5
+        assert load_sd_checkpoint(path, vae_kwargs={"scale_factor": 0.25}).vae.config["scale_factor"] == 0.25
+        assert convert_main([str(path), str(tmp_path / "back.ckpt"), "--to", "ldm"]) == 0
+    assert load_parts(tmp_path / "back.ckpt").first_stage.config["scale_factor"] == 0.5
+    scaled = AutoencoderKL(**{**vae.config, "scale_factor": 0.5})
+    scaled.load_state_dict(vae.state_dict())
+    kw = dict(num_inference_steps=3, height=16, width=16, output_type="tensor", generator=_gen(0))
+    expected = LatentDiffusionPipeline(unet, text, scaled, SD_SCHEDULE, "epsilon")("a red circle", **kw)
+    kw["generator"] = _gen(0)
+    torch.testing.assert_close(loaded("a red circle", **kw), expected, rtol=0, atol=1e-6)
+
+
 def test_sd2_single_file_needs_prediction_type_and_round_trips(tmp_path: Path) -> None:
     from ldm.text import OpenCLIPTextEncoder
 
