@@ -150,6 +150,12 @@ class ShardLoader:
             self._pos = (epoch, index + 1)
             yield batch
 
+    def continue_at_next_epoch(self) -> None:
+        """Start the next ``iter()`` at the epoch after the current position's, as it does after an iteration (the
+        loader moves on an epoch per ``iter()``): so what a stage reads after ``fit`` is the same whether ``fit``
+        iterated or resumed at its last step, where Lightning does not iterate."""
+        self._next = (self._pos[0] + 1, 0)
+
     def mark_consumed(self, epoch: int, batches: int) -> None:
         """Report that the first ``batches`` batches of ``epoch`` have been used (a prefetching consumer such as
         Lightning hands out one more batch than it has trained on; the DataModule hook calls this)."""

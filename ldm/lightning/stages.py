@@ -443,6 +443,7 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None, resume_step
     finish_fit(cfg, trainer)
     # Diffusion trains on unit-variance latents: fit the normalisation on a few batches of training images.
     loader = data.train_dataloader()
+    loader.continue_at_next_epoch()  # the same batches after a fit that trained to its end or resumed there
     images = [b["image"] for b, _ in zip(loader, range(s.latent_scale_batches), strict=False)]  # buckets: sizes vary
     fitted = module.fit_latent_normalization(images, per_channel=s.latent_normalization == "per_channel")
     path = stage_dir / "vae.ckpt"
@@ -678,10 +679,13 @@ def _run_stages(cfg: DictConfig, out: Path, resume: tuple[str, str, int, Path | 
     if resume is not None:
         stage, path, step, _ = resume
         limit = (cfg.vae_stage if stage == "vae" else cfg.ldm_stage).max_steps
-        if step >= limit and (stage == "ldm" or "ldm" not in cfg.stages):
+        # a vae stage is done once vae.ckpt is written, after its last checkpoint (the normalisation fit between
+        # them may have been cut short): without it, the resume fits and writes it
+        vae_written = (out / "vae" / "vae.ckpt").is_file()
+        if step >= limit and (stage == "ldm" or ("ldm" not in cfg.stages and vae_written)):
             headline(f"the {stage} stage of {out} finished at step {step} (max_steps={limit}): nothing to resume")
             return results
-        if step >= limit and (out / "vae" / "vae.ckpt").is_file():  # the vae stage is done: on to the ldm stage
+        if step >= limit and vae_written:  # the vae stage is done: on to the ldm stage
             vae_path, resume = out / "vae" / "vae.ckpt", None
             rank_zero_info(f"the vae stage finished at step {step}; the ldm stage starts from {vae_path}")
         else:

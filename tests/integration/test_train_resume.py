@@ -125,6 +125,23 @@ def test_vae_stage_resumes_exactly(vae_ckpt):
         torch.testing.assert_close(resumed_vae["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)
 
 
+def test_a_vae_stage_cut_off_before_vae_ckpt_writes_it_on_resume(vae_ckpt):
+    """A vae run that stopped after its last checkpoint but before vae.ckpt (the normalisation fit between them cut
+    short by a kill or a preemption signal at the last step) is not finished: the resume fits and writes vae.ckpt,
+    the one the uninterrupted run wrote."""
+    tmp = vae_ckpt.parents[2]
+    cut = tmp / "vae_cut"
+    shutil.copytree(vae_ckpt.parents[1], cut)
+    (cut / "vae" / "vae.ckpt").unlink()
+    proc = run_train(tmp, *VAE, "vae_stage.max_steps=8", "resume=last", run_dir=cut)
+    assert "nothing to resume" not in proc.stdout + proc.stderr
+    full = torch.load(vae_ckpt, map_location="cpu", weights_only=False)
+    written = torch.load(cut / "vae" / "vae.ckpt", map_location="cpu", weights_only=False)
+    assert written["latent_scale"] == pytest.approx(full["latent_scale"], rel=1e-6)
+    for k, v in full["state_dict"].items():
+        torch.testing.assert_close(written["state_dict"][k], v, rtol=0, atol=0, msg=k)
+
+
 def test_periodic_checkpoints_keep_the_newest_or_all(vae_ckpt):
     """By default a run keeps only its newest periodic checkpoint (plus last.ckpt); save_top_k=-1 keeps each."""
     tmp = vae_ckpt.parents[2]
