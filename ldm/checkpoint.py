@@ -293,7 +293,8 @@ def _lora_parts(header: dict[str, Any], state: dict[str, torch.Tensor], path: Pa
 def load_init_checkpoint(path: str | os.PathLike, unet_kwargs: dict[str, Any] | None = None):
     """The weights a run starts from (``init_ckpt``) as ``ldm.convert.SDCheckpoint``: an original SD single file,
     or an ldm checkpoint (``RUN/ldm/checkpoints/*.ckpt``: its EMA UNet, its text encoder and its first stage, with
-    the latent scale it was trained on). ``unet_kwargs`` (heads) apply to SD files, which do not always record them.
+    the latent scale it was trained on). Its UNet has the heads the file records; ``unet_kwargs`` (heads) build SD
+    files that record none (``ldm.convert.check_same_heads`` then compares them with the run's).
 
     An ldm checkpoint is read here rather than converted to an SD file first because the SD layout has no place for
     a from-scratch text encoder or a pixel-space model; an adapter-only (LoRA) checkpoint is refused, since its
@@ -309,7 +310,7 @@ def load_init_checkpoint(path: str | os.PathLike, unet_kwargs: dict[str, Any] | 
     except ValueError:  # pickled objects: not an ldm file; the SD reader says how to read a trusted one
         ckpt = None
     if ckpt is None:
-        return load_sd_checkpoint(path, unet_kwargs=unet_kwargs)
+        return load_sd_checkpoint(path, default_heads=unet_kwargs)
     kind = checkpoint_kind(ckpt)
     if kind == "autoencoder":
         raise ConfigError(f"init_ckpt={path} is an autoencoder (vae.ckpt): pass it as vae_ckpt=, and as init_ckpt "
@@ -317,7 +318,7 @@ def load_init_checkpoint(path: str | os.PathLike, unet_kwargs: dict[str, Any] | 
     if kind != "latent_diffusion":  # an SD .ckpt, read once
         state = ckpt.get("state_dict", ckpt)
         return sd_checkpoint_from_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)},
-                                             unet_kwargs=unet_kwargs, source=str(path),
+                                             default_heads=unet_kwargs, source=str(path),
                                              metadata=ckpt.get(CKPT_METADATA) or {})
     lora = _ldm_header(ckpt, path).get("lora")
     if lora is not None:

@@ -14,6 +14,7 @@ from ldm.autoencoder import SD_LATENT_SCALE
 from ldm.convert.diffusers_format import load_state_dict_checked
 from ldm.convert.single_file import SDCheckpoint, load_sd_text_encoder, sd_text_family
 from ldm.errors import ConfigError
+from ldm.nn.attention import CrossAttention
 
 
 def sd_latent_scale(sd: SDCheckpoint, configured: float, source: str) -> float:
@@ -69,6 +70,30 @@ def widen_conv_in(state_dict: dict[str, torch.Tensor], in_channels: int) -> dict
     return {**state_dict, CONV_IN: torch.cat([weight, extra], dim=1)}
 
 
+def attention_heads(model: nn.Module) -> dict[str, int]:
+    """The head count of each attention layer of ``model``, by name."""
+    return {name: m.heads for name, m in model.named_modules() if isinstance(m, CrossAttention)}
+
+
+def check_same_heads(sd: SDCheckpoint, source: str, unet: nn.Module) -> None:
+    """Refuse to start ``unet`` from a file whose UNet splits attention into other heads: the weights' shapes do not
+    depend on the heads, so they would load and compute another function than the file's model. A file that records
+    no heads (``heads_guessed``) takes the run's."""
+    if sd.heads_guessed:
+        return
+    theirs, ours = attention_heads(sd.unet), attention_heads(unet)
+    differ = [name for name in ours if name in theirs and ours[name] != theirs[name]]
+    if differ:
+        recorded = {k: v for k, v in sd.unet.config.items() if k in ("num_heads", "num_head_channels") and v != -1}
+        declared = {k: v for k, v in getattr(unet, "config", {}).items()
+                    if k in ("num_heads", "num_head_channels") and v != -1}
+        raise ConfigError(
+            f"init_ckpt={source} records a UNet with {recorded} ({theirs[differ[0]]} heads in {differ[0]}), the run's "
+            f"unet config has {declared} ({ours[differ[0]]}): the same weights split into other heads compute another "
+            f"model. Set {' '.join(f'unet.{k}={v}' for k, v in recorded.items())}"
+            + (" unet.num_heads=-1" if "num_head_channels" in recorded else " unet.num_head_channels=-1"))
+
+
 def init_from_sd(sd: SDCheckpoint, source: str, unet: nn.Module, text_encoder: nn.Module | None = None,
                  vae: nn.Module | None = None, text_encoder_pretrained: bool = False) -> list[str]:
     """Load an SD single file's UNet (its EMA weights when present), text encoder and, given ``vae``, VAE into ours,
@@ -82,6 +107,7 @@ def init_from_sd(sd: SDCheckpoint, source: str, unet: nn.Module, text_encoder: n
     want = getattr(unet, "in_channels", state[CONV_IN].shape[1])
     have = state[CONV_IN].shape[1]
     load_state_dict_checked(unet, widen_conv_in(state, want), f"UNet (unet config vs init_ckpt={source})")
+    check_same_heads(sd, source, unet)
     loaded = ["UNet" if want == have else f"UNet ({have} -> {want} input channels, the new ones zeroed)"]
     if vae is not None:
         load_sd_vae(sd, source, vae)

@@ -54,6 +54,7 @@ class SDCheckpoint(NamedTuple):
     schedule: dict[str, Any] | None = None
     sampling: dict[str, Any] | None = None
     text_encoder: dict[str, Any] | None = None
+    heads_guessed: bool = False  # the file records no heads and none were given: the UNet's are a guess
 
 
 def _hf_text_prefix(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -305,16 +306,18 @@ def load_sd_checkpoint(
     unsafe_pickle: bool = False,
     unet_kwargs: Mapping[str, Any] | None = None,
     vae_kwargs: Mapping[str, Any] | None = None,
+    default_heads: Mapping[str, Any] | None = None,
 ) -> SDCheckpoint:
     """Load an original-layout SD checkpoint: our UNet (EMA weights preferred) and VAE, configs inferred from shapes
     and from the file's ldm metadata (``sd_metadata``) when it has some.
 
     ``unet_kwargs`` / ``vae_kwargs`` override inferred, stored or default arguments (e.g. ``num_heads``,
-    ``scale_factor``).
+    ``scale_factor``). ``default_heads`` are the heads to build with when the file records none (a run's declared
+    ones), instead of guessing them from the shapes.
     """
     state_dict, metadata = read_sd_file(path, unsafe_pickle)
     return sd_checkpoint_from_state_dict(state_dict, prefer_ema, unet_kwargs, vae_kwargs, source=str(path),
-                                         metadata=metadata)
+                                         metadata=metadata, default_heads=default_heads)
 
 
 def _with_heads(cfg: dict[str, Any], heads: Mapping[str, Any]) -> None:
@@ -333,11 +336,12 @@ def sd_checkpoint_from_state_dict(
     vae_kwargs: Mapping[str, Any] | None = None,
     source: str = "the state dict",
     metadata: Mapping[str, str] | None = None,
+    default_heads: Mapping[str, Any] | None = None,
 ) -> SDCheckpoint:
     """``load_sd_checkpoint`` on a state dict (SD single-file layout) and its file's metadata already in memory.
 
-    Without ``ldm.unet`` metadata or ``unet_kwargs`` heads, the head configuration is guessed from the shapes
-    (``infer_unet_config``) with a warning that names the guess.
+    Without ``ldm.unet`` metadata, ``unet_kwargs`` heads or ``default_heads``, the head configuration is guessed from
+    the shapes (``infer_unet_config``) with a warning that names the guess.
     """
     meta = parse_sd_metadata(metadata, source)
     state_dict = _apply_ema(dict(state_dict), prefer_ema)
@@ -350,7 +354,10 @@ def sd_checkpoint_from_state_dict(
     explicit = {k: v for k, v in (unet_kwargs or {}).items() if k in _UNET_META}
     if "unet" in meta:
         _with_heads(unet_cfg, meta["unet"])
-    elif not explicit:
+    elif default_heads and not explicit:
+        _with_heads(unet_cfg, default_heads)
+    guessed = "unet" not in meta and not default_heads and not explicit
+    if guessed:
         guess = {k: unet_cfg[k] for k in _UNET_META if unet_cfg[k] != -1}
         warnings.warn(
             f"{source} does not record the UNet's attention heads (no ldm.unet metadata): guessed "
@@ -371,7 +378,7 @@ def sd_checkpoint_from_state_dict(
     if "scale_factor" in meta.get("vae", {}):
         scale = float(meta["vae"]["scale_factor"])
     return SDCheckpoint(unet, vae, _sub(state_dict, TEXT_PREFIX), scale, meta.get("prediction_type"),
-                        meta.get("schedule"), meta.get("sampling"), meta.get("text_encoder"))
+                        meta.get("schedule"), meta.get("sampling"), meta.get("text_encoder"), guessed)
 
 
 def sd_text_family(cond_sd: Mapping[str, torch.Tensor]) -> str | None:

@@ -221,6 +221,31 @@ def test_init_ckpt_mismatch_is_a_clear_error(tmp_path: Path, sd_file) -> None:
         init_from_sd(sd, str(path), instantiate(cfg.unet), instantiate(cfg.text_encoder))
 
 
+def test_init_ckpt_recording_other_heads_is_refused_and_takes_the_runs_where_it_records_none(tmp_path: Path,
+                                                                                              sd_file) -> None:
+    """The same weights split into other attention heads compute another model: a file whose metadata records heads
+    other than the run's config is refused with the setting to change; a file that records none takes the run's."""
+    from ldm.checkpoint import load_init_checkpoint
+    from ldm.convert import sd_metadata
+
+    path, unet, _, vae, text = sd_file
+    cfg = _compose(*TINY_SD, f"out_dir={tmp_path}", f"init_ckpt={path}")
+    heads = {"num_heads": cfg.unet.num_heads}
+    assert load_init_checkpoint(path, unet_kwargs=heads).unet.config["num_heads"] == cfg.unet.num_heads
+    other = _randomize(instantiate(cfg.unet, num_heads=2 * cfg.unet.num_heads), 5)
+    recorded = tmp_path / "recorded.safetensors"
+    save_state_dict(to_sd_state_dict(other, vae, text.state_dict()), recorded, metadata=sd_metadata(other, vae))
+    sd = load_init_checkpoint(recorded, unet_kwargs=heads)
+    assert sd.unet.config["num_heads"] == 2 * cfg.unet.num_heads  # the file's, not the run's
+    with pytest.raises(ValueError, match=rf"records a UNet with {{'num_heads': {2 * cfg.unet.num_heads}}}.*the run's "
+                                         rf"unet config has {{'num_heads': {cfg.unet.num_heads}}}.*Set unet.num_heads="
+                                         rf"{2 * cfg.unet.num_heads} unet.num_head_channels=-1"):
+        init_from_sd(sd, str(recorded), instantiate(cfg.unet), None)
+    same = instantiate(cfg.unet, num_heads=2 * cfg.unet.num_heads)
+    init_from_sd(sd, str(recorded), same, None)
+    assert _equal(same, other)
+
+
 def test_init_ckpt_run_trains_from_the_loaded_weights(tmp_path: Path, sd_file) -> None:
     path, _, ema_unet, vae, _ = sd_file
     make_shards("shapes", tmp_path / "shapes", maxcount=8, size=32, length=16, log=None)
