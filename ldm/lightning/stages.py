@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import re
 import time
 import warnings
 from contextlib import nullcontext
@@ -204,6 +205,13 @@ def _readable(path: Path) -> dict | None:
         return None
 
 
+def _step_of_name(path: Path) -> tuple[int, str]:
+    """The step in a periodic checkpoint's name (``stepNNNNNN.ckpt``, ``stepNNNNNN-v1.ckpt``), for ordering them: by
+    number, since a name sorts before a smaller step's once the step outgrows the six digits."""
+    digits = re.match(r"step=?(\d+)", path.name)
+    return (int(digits.group(1)) if digits else -1), path.name
+
+
 def _run_folder_of(path: Path) -> Path | None:
     """RUN for a checkpoint at RUN/<stage>/checkpoints/NAME.ckpt, else None."""
     if path.parent.name == "checkpoints" and path.parents[1].name in STAGES:
@@ -228,7 +236,7 @@ def find_resume(cfg: DictConfig) -> tuple[str, str, int, Path | None] | None:
     if here or where.is_dir():
         for stage in ("ldm", "vae"):
             folder = where / stage / "checkpoints"
-            candidates = [folder / "last.ckpt", *sorted(folder.glob("step*.ckpt"), reverse=True)]
+            candidates = [folder / "last.ckpt", *sorted(folder.glob("step*.ckpt"), key=_step_of_name, reverse=True)]
             for path in (p for p in candidates if p.is_file()):
                 ckpt = _readable(path)
                 if ckpt is not None:

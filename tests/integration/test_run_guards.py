@@ -170,6 +170,14 @@ def test_resume_finds_the_newest_loadable_checkpoint_of_the_run_folder(tmp_path:
         stages.find_resume(_compose(run, f"resume={tmp_path / 'nothing.ckpt'}"))
 
 
+def test_resume_orders_periodic_checkpoints_by_step_past_six_digits(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ckpts = run / "ldm" / "checkpoints"
+    for step in (999_000, 1_000_000, 999_999):
+        _fake_ckpt(ckpts / f"step{step:06d}.ckpt", step)
+    assert stages.find_resume(_compose(run, "resume=last"))[1:3] == (str(ckpts / "step1000000.ckpt"), 1_000_000)
+
+
 def test_a_finished_run_says_so_and_trains_nothing(tmp_path: Path, caplog) -> None:
     run = tmp_path / "run"
     _fake_ckpt(run / "ldm" / "checkpoints" / "last.ckpt", 7)
