@@ -176,6 +176,8 @@ def cache_latents(
                 "text": text_encoder is not None}
     if isinstance(vae, torch.nn.Module):
         settings["vae"] = fingerprint or vae_fingerprint(vae)
+    if isinstance(text_encoder, torch.nn.Module):  # another frozen encoder's embeddings must not join these
+        settings["text_encoder"] = vae_fingerprint(text_encoder)
     _claim_settings(out, settings)
     np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
     if device is None:
@@ -227,8 +229,10 @@ def cache_latents(
             writer.write(r["__key__"], fields)
         return list(mean.shape[1:])
 
-    for path, count in zip(paths, counts, strict=True):
-        name = Path(path).name
+    names = [Path(p).name for p in paths]
+    if len(set(names)) < len(names):  # shards of several folders: named by position too, or one would be skipped
+        names = [f"{j:06d}-{name}" for j, name in enumerate(names)]
+    for path, count, name in zip(paths, counts, names, strict=True):
         target = out / name
         if target.exists():
             cached = count_samples(target)  # not the input count: the earlier run may have skipped samples
@@ -268,7 +272,8 @@ def cache_latents(
 
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
-    """A short hash of the VAE's weights (any dtype): names a cache folder after the encoder that wrote it."""
+    """A short hash of a module's weights (any dtype): names a cache folder after the VAE that wrote it, and records
+    the text encoder whose embeddings it holds."""
     digest = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode())

@@ -142,6 +142,27 @@ def check_ldm_stage(s: DictConfig) -> None:
             raise ConfigError(f"ldm_stage.inpainting: {err}") from None
 
 
+def check_cache_run(cfg: DictConfig) -> None:
+    """``ldm_stage.cache_latents`` encodes image shards in one process, once per image (no augmentation)."""
+    if cfg.data.get("source", "images") != "images":
+        raise ConfigError("ldm_stage.cache_latents=true encodes image shards, but data.source is "
+                         f"{cfg.data.get('source')!r}: the data is a latent cache already; set "
+                         "ldm_stage.cache_latents=false")
+    crop, hflip = cfg.data.get("crop", "center"), bool(cfg.data.get("hflip", False))
+    if crop != "center" or hflip:
+        raise ConfigError(
+            f"ldm_stage.cache_latents=true encodes each image once, centre-cropped and unflipped, so data.crop={crop} "
+            f"data.hflip={str(hflip).lower()} would augment nothing. Set data.crop=center data.hflip=false, or "
+            "ldm_stage.cache_latents=false to encode each augmented image while training")
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if str(devices) != "1" or str(nodes) != "1":
+        raise ConfigError(
+            f"ldm_stage.cache_latents=true runs in one process (trainer.devices={devices}, num_nodes={nodes}; the "
+            "quickstart preset turns it on). Set ldm_stage.cache_latents=false to encode images on the fly, or cache "
+            "once beforehand (python -m ldm.data.cache_latents SHARDS CACHE --vae RUN/vae/vae.ckpt --size S) and "
+            "train with data.source=latents data.train_shards=CACHE")
+
+
 def run_sampling(cfg: DictConfig) -> SamplingDefaults:
     """The sampling defaults a run's checkpoints record: ``sampling.*``, with the model kind's sampler when none is
     named (flow_euler for ``diffusion.objective=flow_matching``); a sampler of the other kind is a ConfigError."""
@@ -170,6 +191,8 @@ def check_run(cfg: DictConfig) -> None:
         check_scale_equivariance_fits(cfg)
     if "ldm" in stages:
         check_ldm_stage(cfg.ldm_stage)
+        if cfg.ldm_stage.cache_latents:
+            check_cache_run(cfg)
         try:
             run_sampling(cfg)
         except ValueError as err:

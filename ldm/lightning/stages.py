@@ -56,6 +56,7 @@ from ldm.lightning.settings import (
     NO_AUTOENCODER,
     RESUME_FREE,
     STAGES,
+    check_cache_run,
     check_run,
     resume_mode,
     run_sampling,
@@ -400,21 +401,6 @@ def cache_precision(cfg: DictConfig) -> str:
         return chosen
     precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
     return autocast_precision(precision)
-
-
-def check_cache_run(cfg: DictConfig) -> None:
-    """``ldm_stage.cache_latents`` encodes image shards in one process."""
-    if cfg.data.get("source", "images") != "images":
-        raise ConfigError("ldm_stage.cache_latents=true encodes image shards, but data.source is "
-                         f"{cfg.data.get('source')!r}: the data is a latent cache already; set "
-                         "ldm_stage.cache_latents=false")
-    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
-    if str(devices) != "1" or str(nodes) != "1":
-        raise ConfigError(
-            f"ldm_stage.cache_latents=true runs in one process (trainer.devices={devices}, num_nodes={nodes}; the "
-            "quickstart preset turns it on). Set ldm_stage.cache_latents=false to encode images on the fly, or cache "
-            "once beforehand (python -m ldm.data.cache_latents SHARDS CACHE --vae RUN/vae/vae.ckpt --size S) and "
-            "train with data.source=latents data.train_shards=CACHE")
 
 
 # ---------------------------------------------------------------------------------------------------- stages

@@ -22,6 +22,7 @@ from ldm.data.shards import iter_shard, read_index
 from ldm.data.transforms import decode_image, load_npy, to_tensor
 from ldm.errors import ConfigError
 from ldm.lightning import stages
+from ldm.lightning.settings import check_run
 
 
 class TinyVAE(nn.Module):
@@ -187,6 +188,46 @@ def test_a_folder_cached_with_other_settings_is_refused_not_mixed(tmp_path):
         cache_latents(shards, out, TinyVAE(), image_size=32, log=None, precision="bfloat16")
     cache_latents(shards, out, TinyVAE(), image_size=32, log=None)  # float32 at its size: adopted
     assert json.loads((out / "cache_settings.json").read_text())["precision"] == "float32"
+
+
+class FrozenText(nn.Module):
+    """A frozen text encoder whose embeddings are its one weight."""
+
+    frozen = True
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.full((1,), value))
+
+    def encode(self, prompts: list[str]):
+        n = len(prompts)
+        return (torch.full((n, 4, 3), float(self.w)), torch.full((n, 3), float(self.w)),
+                torch.ones(n, 4, dtype=torch.bool))
+
+
+def test_a_folder_cached_with_another_text_encoder_is_refused_not_mixed(tmp_path):
+    shards, _ = _tiny_images(tmp_path)
+    out = tmp_path / "lat"
+    cache_latents(shards, out, TinyVAE(), FrozenText(1.0), image_size=32, log=None)
+    (out / "000001.tar").unlink()
+    with pytest.raises(ConfigError, match=r"other settings \(text_encoder '[0-9a-f]{16}' -> '[0-9a-f]{16}'\)"):
+        cache_latents(shards, out, TinyVAE(), FrozenText(2.0), image_size=32, log=None)
+    assert cache_latents(shards, out, TinyVAE(), FrozenText(1.0), image_size=32, log=None)["total"] == 20
+
+
+def test_shards_of_several_folders_with_the_same_names_are_all_cached(tmp_path):
+    """``{a,b}/{000000..000001}.tar``: each input shard gets its own latent shard, none taken for another's."""
+    for folder, seed in (("a", 1), ("b", 2)):
+        make_shards("shapes", tmp_path / folder, maxcount=4, length=8, size=16, seed=seed, log=None)
+    spec = [str(tmp_path / folder / "{000000..000001}.tar") for folder in ("a", "b")]
+    index = cache_latents(spec, tmp_path / "lat", TinyVAE(), image_size=16, log=None)
+    names = [s["name"] for s in index["shards"]]
+    assert len(set(names)) == 4 and index["total"] == 16
+    captions = sorted(r["txt"] for folder in ("a", "b") for shard in ("000000", "000001")
+                      for r in iter_shard(tmp_path / folder / f"{shard}.tar"))
+    assert sorted(r["txt"] for name in names for r in iter_shard(tmp_path / "lat" / name)) == captions
+    again = cache_latents(spec, tmp_path / "lat", TinyVAE(), image_size=16, log=None)  # a rerun reuses them all
+    assert [s["name"] for s in again["shards"]] == names and again["total"] == 16
 
 
 def test_cli_needs_config(tmp_path):
@@ -362,15 +403,19 @@ def test_training_step_uses_the_cache_only_for_a_frozen_encoder(tmp_path):
             assert len(calls) == 2 and all(len(c) == 2 for c in calls)
 
 
-def _compose(tmp_path: Path, *overrides: str):
+def _compose(tmp_path: Path, *overrides: str, cache_latents: bool = False):
+    """The quickstart on a latent cache (docs/data.md: the quickstart's own caching off)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("train", overrides=[f"out_dir={tmp_path / 'out'}", "data=shapes_latents",
-                                           f"data.train_shards={tmp_path / 'lat'}", *overrides])
+                                           f"data.train_shards={tmp_path / 'lat'}",
+                                           f"ldm_stage.cache_latents={str(cache_latents).lower()}", *overrides])
 
 
 def test_train_py_latent_source_refusals(tmp_path):
+    with pytest.raises(ValueError, match="latent cache already; set ldm_stage.cache_latents=false"):
+        check_run(_compose(tmp_path, "stages=[ldm]", cache_latents=True))  # before any stage runs
     with pytest.raises(ValueError, match="vae stage trains on images"):
         stages.run(_compose(tmp_path))
     with pytest.raises(ValueError, match="needs vae_ckpt"):
@@ -439,10 +484,14 @@ def test_train_py_cache_latents_refusals(tmp_path):
     from hydra import compose, initialize_config_dir
 
     with pytest.raises(ValueError, match="latent cache already; set ldm_stage.cache_latents=false"):
-        stages.check_cache_run(_compose(tmp_path, "stages=[ldm]"))
+        stages.check_cache_run(_compose(tmp_path, "stages=[ldm]", cache_latents=True))
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"out_dir={tmp_path}", "trainer=ddp_cpu", "ldm_stage.cache_latents=true"])
     one_process = r"runs in one process \(trainer.devices=2.*ldm_stage.cache_latents=false.*python -m ldm.data"
     with pytest.raises(ValueError, match=one_process):
         stages.check_cache_run(cfg)
     assert not (tmp_path / "latents").exists()
+    for override, said in (("data.crop=random", "data.crop=random data.hflip=false"),
+                           ("data.hflip=true", "data.crop=center data.hflip=true")):
+        with pytest.raises(ValueError, match=rf"encodes each image once.*{said} would augment nothing"):
+            check_run(_compose(tmp_path, "data.source=images", "ldm_stage.cache_latents=true", override))
