@@ -48,10 +48,10 @@ def sample_noise_levels(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = "cpu",
 ) -> torch.Tensor:
-    """``n`` noise levels u in (0, 1) before the shift: uniform, sigmoid of N(logit_mean, logit_std) (SD3's default,
-    which favours the middle), or SD3's "mode" density (mode_scale > 0 favours the middle, < 0 the ends). Drawn on
-    the generator's device in the order diffusers' training utilities draw them, so a shared generator gives the
-    same levels."""
+    """``n`` noise levels u in [0, 1) before the shift (``torch.rand`` can draw 0): uniform, sigmoid of
+    N(logit_mean, logit_std) (SD3's default, which favours the middle), or SD3's "mode" density (mode_scale > 0
+    favours the middle, < 0 the ends). Drawn on the generator's device in the order diffusers' training utilities draw
+    them, so a shared generator gives the same levels."""
     if sampling not in TIMESTEP_SAMPLINGS:
         raise ValueError(f"unknown timestep sampling {sampling!r}; expected one of {list(TIMESTEP_SAMPLINGS)}")
     if sampling == "logit_normal":
@@ -62,12 +62,13 @@ def sample_noise_levels(
     return u
 
 
-def flow_loss_weights(sigma: torch.Tensor, weighting: str = "none") -> torch.Tensor:
-    """Per-sample weights of the velocity loss: none, 1 / sigma^2 (``sigma_sqrt``) or SD3's ``cosmap``."""
+def flow_loss_weights(sigma: torch.Tensor, weighting: str = "none", min_sigma: float = 0.0) -> torch.Tensor:
+    """Per-sample weights of the velocity loss: none, 1 / sigma^2 (``sigma_sqrt``) or SD3's ``cosmap``.
+    ``min_sigma``: levels below it weigh as it does (1 / sigma^2 is infinite at a level of 0)."""
     if weighting not in FLOW_WEIGHTINGS:
         raise ValueError(f"unknown flow loss weighting {weighting!r}; expected one of {list(FLOW_WEIGHTINGS)}")
     if weighting == "sigma_sqrt":
-        return sigma.pow(-2.0)
+        return sigma.clamp(min=min_sigma).pow(-2.0)
     if weighting == "cosmap":
         return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
     return torch.ones_like(sigma)
@@ -117,7 +118,7 @@ class FlowMatchingLoss:
         return resolution_shift(latent_tokens(x0)) if self.resolution_shift else self.shift
 
     def sample_sigmas(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One shifted noise level in (0, 1) per sample of ``x0``."""
+        """One shifted noise level in [0, 1) per sample of ``x0``."""
         device = generator.device if generator is not None else x0.device
         u = sample_noise_levels(x0.shape[0], self.timestep_sampling, self.logit_mean, self.logit_std,
                                 self.mode_scale, generator, device)
@@ -142,7 +143,10 @@ class FlowMatchingLoss:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=device)
             noise = noise.to(x0.device, non_blocking=True)
         per_sample = self.per_sample_mse(denoise, x0, cond, sigma, noise)
-        return (flow_loss_weights(sigma.float(), self.weighting) * per_sample).mean()
+        # continuous levels reach 0 (torch.rand draws it); a level under the smallest of a T-step table (1 / T, where
+        # diffusers' discrete draw stops) weighs as that one does
+        weights = flow_loss_weights(sigma.float(), self.weighting, min_sigma=1.0 / self.num_train_timesteps)
+        return (weights * per_sample).mean()
 
     def per_sample_mse(
         self,

@@ -211,7 +211,31 @@ class Throughput(L.Callback):
             self.hardware_flops_per_step = state_dict.get("hardware_flops_per_step", self.flops_per_step)
 
 
-class SampleGrid(L.Callback):
+class PeriodicGrid(L.Callback):
+    """A grid made every ``every`` optimizer steps and at the end, once per step: under gradient accumulation a step
+    ends several batches, and a run whose last step is a multiple of ``every`` ends at a step it has drawn."""
+
+    every: int
+    _done_step: int | None = None
+
+    def _draw(self, trainer: L.Trainer, pl_module) -> None:
+        raise NotImplementedError
+
+    def _draw_once(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.global_step != self._done_step:
+            self._done_step = trainer.global_step
+            self._draw(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.every and trainer.global_step % self.every == 0 and trainer.global_step > 0:
+            self._draw_once(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if not preempted(trainer):  # a stopped run saves and leaves: its grid comes at the real end
+            self._draw_once(trainer, pl_module)
+
+
+class SampleGrid(PeriodicGrid):
     """Every ``every_n_steps`` (and at the end) sample fixed prompts with fixed seeds through the module's pipeline
     (its sampling defaults, EMA weights); save and log the grid. Samples that come out NaN or inf (the pipeline
     refuses them) are named in a warning and give no grid: a preview does not stop the training. ``height`` and
@@ -225,7 +249,7 @@ class SampleGrid(L.Callback):
         self.cols = cols
         self.size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
 
-    def _sample(self, trainer: L.Trainer, pl_module) -> None:
+    def _draw(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero and not is_fsdp(trainer):  # under FSDP every rank takes part in sampling
             return
         g = torch.Generator().manual_seed(self.seed)
@@ -238,16 +262,8 @@ class SampleGrid(L.Callback):
             grid = make_grid(images, cols=self.cols)
             save_and_log_grid(trainer, grid, self.out_dir, "samples", " | ".join(self.prompts))
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.every and trainer.global_step % self.every == 0 and trainer.global_step > 0:
-            self._sample(trainer, pl_module)
 
-    def on_train_end(self, trainer, pl_module):
-        if not preempted(trainer):  # a stopped run saves and leaves: its grid comes at the real end
-            self._sample(trainer, pl_module)
-
-
-class ReconstructionGrid(L.Callback):
+class ReconstructionGrid(PeriodicGrid):
     """Every ``every_n_steps`` (and at the end) reconstruct a fixed set of training images through the autoencoder
     (``pl_module.vae``, posterior mode); save and log a grid: originals on the top row, reconstructions below.
 
@@ -266,7 +282,7 @@ class ReconstructionGrid(L.Callback):
             self.images = batch["image"][: self.n].detach().float().cpu().clone()
 
     @torch.no_grad()
-    def _log(self, trainer: L.Trainer, pl_module) -> None:
+    def _draw(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero or self.images is None:
             return
         vae = pl_module.vae
@@ -277,14 +293,6 @@ class ReconstructionGrid(L.Callback):
         vae.train(was_training)
         grid = make_grid(to_pil(torch.cat([x, rec.float()])), cols=len(x))
         save_and_log_grid(trainer, grid, self.out_dir, "reconstructions", "top: input, bottom: reconstruction")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.every and trainer.global_step % self.every == 0 and trainer.global_step > 0:
-            self._log(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        if not preempted(trainer):
-            self._log(trainer, pl_module)
 
     def state_dict(self) -> dict:
         return {"images": self.images}

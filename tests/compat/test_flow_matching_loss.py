@@ -34,6 +34,18 @@ def test_loss_weights_equal_diffusers(weighting: str) -> None:
     torch.testing.assert_close(flow_loss_weights(sigma, weighting), compute_loss_weighting_for_sd3(weighting, sigma))
 
 
+def test_sigma_sqrt_weights_a_level_of_zero_as_the_smallest_table_level() -> None:
+    """torch.rand draws 0 (about once in 2^24 draws): 1 / sigma^2 would make the loss infinite. Levels under 1 / T,
+    the smallest of diffusers' T-step table, weigh as that one; above it the weights are diffusers'."""
+    loss = FlowMatchingLoss(num_train_timesteps=1000, timestep_sampling="uniform", weighting="sigma_sqrt")
+    x0 = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.0, 1e-5, 0.5])
+    value = loss(lambda x, t, c: torch.zeros_like(x), x0, sigma=sigma, noise=torch.randn_like(x0))
+    assert math.isfinite(float(value))
+    weights = flow_loss_weights(sigma, "sigma_sqrt", min_sigma=1e-3)
+    torch.testing.assert_close(weights, torch.tensor([1e6, 1e6, 4.0]))
+
+
 def test_the_shift_moves_levels_toward_noise_and_matches_sd3_at_the_reference_points() -> None:
     u = torch.linspace(0, 1, 11)
     torch.testing.assert_close(shift_sigmas(u, 1.0), u)

@@ -202,6 +202,31 @@ def test_sample_grid_skips_nan_samples_with_a_warning_and_training_goes_on(tmp_p
         "samples_step000001.png", "samples_step000003.png"]  # step 2's grid skipped, the final one written
 
 
+class CountedPreview(TwoLayers):
+    """TwoLayers whose generate() records the step it sampled at."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps: list[int] = []
+
+    def generate(self, prompts, generator=None):
+        self.steps.append(self.trainer.global_step)
+        return torch.zeros(len(prompts), 3, 8, 8)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_sample_grid_samples_once_per_step_under_accumulation_and_at_a_last_multiple(tmp_path, accumulate):
+    """Every 2 optimizer steps of 4, and at the end: steps 2 and 4 once each, whatever batches end a step."""
+    module = CountedPreview()
+    grid = SampleGrid(["a"], every_n_steps=2, out_dir=tmp_path / "samples")
+    data = [{"x": torch.randn(B, N_IN)} for _ in range(4 * accumulate)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, callbacks=[grid], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        accumulate_grad_batches=accumulate)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    assert trainer.global_step == 4 and module.steps == [2, 4]
+
+
 class SizedPreview(TwoLayers):
     """TwoLayers whose generate() records the size it was asked for."""
 
