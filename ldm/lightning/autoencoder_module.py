@@ -60,9 +60,15 @@ class AutoencoderModule(L.LightningModule):
         lr_schedule: str = "constant",
         max_steps: int = 1,
         seed: int = 0,
+        gradient_clip_val: float | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise ValueError(f"gradient_clip_val must be > 0 (None: no clipping), got {gradient_clip_val}")
+        # Lightning clips in automatic optimisation only: this module clips its two optimizers' gradients itself
+        self.gradient_clip_val = gradient_clip_val
+        self._stepping: tuple[str, int, int] | None = None  # (which optimizer, step, batch size) while one steps
         self.step_log = StepLog()  # the step's training values, logged on the steps Lightning writes
         if rec_loss not in ("l1", "l2"):
             raise ValueError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
@@ -182,11 +188,8 @@ class AutoencoderModule(L.LightningModule):
             return
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        norm = grad_norm(self.vae.parameters())
-        if norm is not None:
-            self.step_log.add("train/grad_norm", norm, batch_size=x.shape[0])
         self.step_log.add("train/lr", host_scalar(opt_ae.param_groups[0]["lr"]), batch_size=x.shape[0])
-        self.nonfinite.before_optimizer_step(opt_ae, norm, step)
+        self._stepping = ("autoencoder", step, x.shape[0])  # on_before_optimizer_step: norm, clipping, skip test
         opt_ae.step()
         if gan:  # after the generator's update, as a fp16 gradient scaler's update expects
             d_loss = hinge_d_loss(self.discriminator(x), self.discriminator(rec.detach()))
@@ -196,7 +199,7 @@ class AutoencoderModule(L.LightningModule):
             self.manual_backward(d_loss)
             if self._gan_on_ranks():
                 self._average_discriminator()
-            self.nonfinite.before_optimizer_step(opt_d, grad_norm(self.discriminator.parameters()), step)
+            self._stepping = ("discriminator", step, x.shape[0])
             self._step_uncounted(opt_d)
             self.step_log.add("train/d_loss", d_loss, batch_size=x.shape[0])
         for sched in self._schedulers():
@@ -208,6 +211,20 @@ class AutoencoderModule(L.LightningModule):
         with torch.no_grad():
             mse = F.mse_loss(rec.clamp(-1, 1), x)
             self.step_log.add("train/psnr", 10 * torch.log10(4.0 / mse.clamp(min=1e-10)), batch_size=bs)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Inside each optimizer's step, after fp16's scaler has unscaled the gradients: their norm (logged for the
+        autoencoder as ``train/grad_norm``), norm clipping at ``gradient_clip_val``, and the device-mode skip test."""
+        which, step, batch_size = self._stepping
+        inner = getattr(optimizer, "optimizer", optimizer)
+        params = [p for g in inner.param_groups for p in g["params"] if p.grad is not None]
+        norm = grad_norm(params)
+        if norm is not None:
+            if which == "autoencoder":
+                self.step_log.add("train/grad_norm", norm, batch_size=batch_size)
+            if self.gradient_clip_val:  # a non-finite norm's step is skipped (scaler or found_inf) whatever this does
+                nn.utils.clip_grads_with_norm_(params, self.gradient_clip_val, norm)
+        self.nonfinite.before_optimizer_step(optimizer, norm, step)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.step_log.flush(self)  # after the callbacks' hooks have added theirs

@@ -95,6 +95,7 @@ def check_vae_stage(s: DictConfig) -> None:
     _int("vae_stage.latent_scale_batches", s.latent_scale_batches, 1)
     _choice("vae_stage.latent_normalization", s.latent_normalization, ("scalar", "per_channel"))
     _float("vae_stage.scale_equivariance", s.scale_equivariance, 0.0)
+    _float("vae_stage.gradient_clip_val", s.get("gradient_clip_val"), 0.0, open_low=True, allow_none=True)
 
 
 def check_ldm_stage(s: DictConfig) -> None:

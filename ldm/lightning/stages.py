@@ -115,7 +115,7 @@ def make_trainer(cfg: DictConfig, stage_dir: Path, max_steps: int, callbacks: li
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(kwargs.get("strategy"), dict):  # a strategy object (``_target_``), e.g. trainer=fsdp_cpu's
         kwargs["strategy"] = instantiate(kwargs["strategy"])
-    if manual:  # manual optimisation (the VAE's two optimizers) does its own clipping, if any
+    if manual:  # manual optimisation (the VAE's two optimizers) clips itself (vae_stage.gradient_clip_val)
         kwargs.pop("gradient_clip_val", None)
     kwargs.setdefault("enable_model_summary", False)  # the stage's headline names the parts and their sizes
     if str(kwargs.get("precision")) == AUTO:
@@ -423,6 +423,7 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None, resume_step
         perceptual_weight=s.perceptual_weight, perceptual_weights=s.perceptual_weights, disc_start=s.disc_start,
         disc_weight=s.disc_weight, disc_channels=s.disc_channels, disc_layers=s.disc_layers,
         scale_equivariance=s.scale_equivariance, lr_schedule=s.lr_schedule, max_steps=s.max_steps, seed=cfg.seed,
+        gradient_clip_val=s.get("gradient_clip_val"),
     )
     data = make_data(cfg, s)
     stage_dir = out / "vae"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import sys
 from types import SimpleNamespace
+from unittest import mock
 
 import lightning as L
 import pytest
@@ -593,6 +594,39 @@ def test_images_too_small_for_the_patchgan_fail_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"3 layers need images of at least 24 px, got \(16, 16\): lower "
                                          r"vae_stage.disc_layers"):
         trainer(1, tmp_path).fit(module, DataLoader(image_batches(8), batch_size=8, collate_fn=collate))
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_the_autoencoder_stage_logs_the_unscaled_norm_and_clips_its_gradients(tmp_path, precision):
+    """``train/grad_norm`` is the norm of the gradients the optimizer steps with, after fp16's scaler unscaled them
+    (it read the loss scale times that), and ``gradient_clip_val`` clips them (Lightning clips only in automatic
+    optimisation, so the stage's clipping used to be dropped)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from ldm.lightning.optim import grad_norm
+
+    stepped: list[float] = []
+    module = AutoencoderModule(tiny_vae(), lr=1e-4, max_steps=1, gradient_clip_val=1e-3)
+    original = torch.optim.Adam.step
+
+    def step(self, closure=None, **kwargs):  # the update reads these gradients
+        if closure is not None:  # Lightning's hooks (and the clipping) run in the closure
+            with torch.enable_grad():
+                closure()
+        stepped.append(float(grad_norm(p for g in self.param_groups for p in g["params"])))
+        return original(self, **kwargs)
+
+    plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**10))] \
+        if precision == "16-mixed" else []
+    t = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=tmp_path, plugins=plugins)
+    with mock.patch.object(torch.optim.Adam, "step", step):
+        t.fit(module, DataLoader(image_batches(4), batch_size=4, collate_fn=collate))
+    logged = float(module.step_log.latest["train/grad_norm"])
+    assert 1e-3 < logged < 100  # the true norm (under fp16 it read ~1,000 times that)
+    assert stepped == [pytest.approx(1e-3, rel=1e-3)]  # clipped to gradient_clip_val
+    with pytest.raises(ValueError, match="gradient_clip_val must be > 0"):
+        AutoencoderModule(tiny_vae(), gradient_clip_val=0.0)
 
 
 def test_an_autoencoder_step_reads_no_value_back_from_the_device(tmp_path):
