@@ -121,7 +121,10 @@ def folder_items(src: Path) -> list[Item]:
                 caption = table.get(rel, table.get(path.name))
             else:
                 txt = path.with_suffix(".txt")
-                caption = txt.read_text(encoding="utf-8").strip() if txt.exists() else None
+                try:
+                    caption = txt.read_text(encoding="utf-8").strip() if txt.exists() else None
+                except UnicodeDecodeError as err:  # skipped and counted, as an unreadable image is
+                    raise SkipSample("caption not UTF-8") from err
             if caption is None or not caption.strip():
                 raise SkipSample("missing caption")
             try:

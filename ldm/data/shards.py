@@ -45,12 +45,13 @@ def expand_braces(spec: str) -> list[str]:
 
 
 def sample_key(member_name: str) -> tuple[str, str]:
-    """Split a tar member name into (key, extension) at the first dot of its base name (webdataset convention)."""
+    """Split a tar member name into (key, extension) at the first dot of its base name, the extension lower-cased
+    (webdataset's conventions: ``IMG_1.JPG`` is the sample ``IMG_1``'s ``jpg``)."""
     directory, _, base = member_name.rpartition("/")
     stem, dot, ext = base.partition(".")
     if not dot:
         return member_name, ""
-    return (f"{directory}/{stem}" if directory else stem), ext
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
 def read_index(directory: str | os.PathLike) -> dict[str, Any]:

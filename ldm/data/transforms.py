@@ -47,7 +47,7 @@ class ImageTransform:
         """The same image as a uint8 tensor [C, size, size] (4x less to send from a DataLoader worker); with
         ``target`` (width, height), an aspect-ratio bucket's size: resized to cover it, then cropped to it."""
         rng = rng or random.Random(0)
-        image = image.convert(self.mode)
+        image = eight_bit(image).convert(self.mode)
         w, h = image.size
         tw, th = target if target is not None else (self.size, self.size)
         scale = max(tw / w, th / h)
@@ -64,6 +64,17 @@ class ImageTransform:
         if self.hflip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return pil_to_uint8(image)
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grey-scale image (PIL modes ``I;16*``, or ``I`` holding values above 255) as 8-bit ``L``, scaled:
+    PIL's own ``convert`` clips such values at 255, so a 16-bit PNG would come out almost white."""
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    values = np.asarray(image, dtype=np.int64)
+    if image.mode == "I" and values.max(initial=0) <= 255:  # 32-bit storage of 8-bit values
+        return Image.fromarray(values.clip(0, 255).astype(np.uint8), "L")
+    return Image.fromarray((values.clip(0, 65535) / 257).round().astype(np.uint8), "L")
 
 
 def pil_to_uint8(image: Image.Image) -> torch.Tensor:

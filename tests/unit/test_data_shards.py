@@ -92,6 +92,55 @@ def test_folder_captions(tmp_path, captions):
     assert got == {(f"sub/img{i}.png" if i % 2 else f"img{i}.png"): f"caption number {i}" for i in range(6)}
 
 
+def test_a_caption_that_is_not_utf8_is_skipped_and_counted(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(src / f"img{i}.png")
+        (src / f"img{i}.txt").write_text(f"caption {i}")
+    (src / "img1.txt").write_bytes("un caf\xe9".encode("cp1252"))
+    report = ms.make_shards(src, tmp_path / "out", maxcount=2, log=None)
+    assert report.written == 2 and report.skipped == {"caption not UTF-8": 1}
+
+
+def test_member_extensions_are_read_lower_cased_as_webdataset_reads_them(tmp_path):
+    """A tar of camera files (IMG_1.JPG beside IMG_1.txt) holds samples with a ``jpg``, as webdataset reads it."""
+    import io
+
+    import webdataset as wds
+
+    shard = tmp_path / "000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(2):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(buf, "JPEG")
+            for name, data in ((f"IMG_{i}.JPG", buf.getvalue()), (f"IMG_{i}.TXT", b"a photo")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    ours = [sorted(k for k in raw if not k.startswith("__")) for raw in iter_shard(shard)]
+    theirs = [sorted(k for k in raw if not k.startswith("__")) for raw in wds.WebDataset(str(shard),
+                                                                                      shardshuffle=False)]
+    assert ours == theirs == [["jpg", "txt"], ["jpg", "txt"]]
+    assert sample_key("a/IMG_1.JPG") == ("a/IMG_1", "jpg")
+
+
+def test_sixteen_bit_grey_images_are_scaled_to_eight_bits_not_clipped(tmp_path):
+    """PIL converts a 16-bit grey image (mode I;16) to 8 bits by clipping at 255: a 0..65535 ramp would be nearly
+    white. The transform scales it (v / 257), for training and for the latent cache alike."""
+    from ldm.data.transforms import ImageTransform
+
+    ramp = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as image:
+        assert image.mode.startswith("I")
+        out = ImageTransform(size=32, mode="L").to_uint8(image)
+    np.testing.assert_array_equal(out[0].numpy(), (ramp / 257).round().astype(np.uint8))
+    rgb = ImageTransform(size=32, mode="RGB").to_uint8(Image.open(path))
+    assert rgb.shape == (3, 32, 32) and abs(float(rgb.float().mean()) - 127.5) < 2
+
+
 def test_folder_skips_corrupt_and_uncaptioned(tmp_path):
     src = _folder(tmp_path, n=5)
     (src / "img0.txt").unlink()  # missing caption
