@@ -9,9 +9,10 @@ ranks, computed from the shard counts in index.json), set on the loader, not per
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,20 +177,38 @@ class ShardLoader:
             "batch_size": p.batch_size,
             "resampled": p.resampled,
             "num_shards": len(p.shards),
+            # what else decides the order: the same settings replay the same epochs
+            "shuffle_shards": p.shuffle_shards,
+            "shuffle_buffer": p.shuffle_buffer,
+            "drop_last": p.drop_last,
+            "epoch_length": p.epoch_length,
+            "shards": shard_digest(p.shards, p.counts),
             **({"buckets": [list(b) for b in self.bucket_sizes]} if self.bucket_sizes is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue at ``state``'s position; the layout (seed, ranks, workers, batch size, shards) must match."""
         mine = self._state(0, 0)
-        diff = {k: (state.get(k), v) for k, v in mine.items() if k not in ("epoch", "batch") and state.get(k) != v}
+        # a key the saved state lacks was not recorded when it was saved: not compared
+        diff = {k: (state[k], v) for k, v in mine.items()
+                if k not in ("epoch", "batch") and k in state and state[k] != v}
         if diff:
             raise ValueError(
                 f"cannot resume the data position exactly: the layout changed (saved, now) = {diff}. Resume with the "
-                "same seed, number of ranks, workers, batch size and shards."
+                "same seed, number of ranks, workers, batch size, shards and shuffling (shuffle_shards, "
+                "shuffle_buffer, drop_last, epoch_length)."
             )
         self._next = self._pos = (int(state["epoch"]), int(state["batch"]))
         self._consumed = None
+
+
+def shard_digest(shards: Sequence[str], counts: Sequence[int]) -> str:
+    """A short hash of the shards' file names and sample counts, in order (not their folders: a dataset moved to
+    another disk resumes)."""
+    digest = hashlib.sha256()
+    for shard, count in zip(shards, counts, strict=True):
+        digest.update(f"{str(shard).rstrip('/').rsplit('/', 1)[-1]}:{count};".encode())
+    return digest.hexdigest()[:12]
 
 
 class _ValidationStream(IterableDataset):

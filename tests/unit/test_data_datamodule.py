@@ -171,11 +171,36 @@ def test_lightning_hook_tracks_consumed_not_prefetched(shapes_dir):
     assert POS_KEY not in b0 and dm.state_dict()["batch"] == 1
 
 
-def test_layout_change_refused(shapes_dir):
+@pytest.mark.parametrize("change", [{"batch_size": 3}, {"shuffle_buffer": 16}, {"shuffle_shards": False},
+                                    {"drop_last": True}])
+def test_layout_change_refused(shapes_dir, change):
+    """Whatever decides the order of an epoch must be what the position was saved with: else the resumed epoch
+    replays some samples and never reaches others."""
     state = _dm(shapes_dir).state_dict()
-    other = _dm(shapes_dir, batch_size=3)
-    with pytest.raises(ValueError, match="layout changed"):
+    other = _dm(shapes_dir, **change)
+    key = next(iter(change))
+    with pytest.raises(ValueError, match=f"layout changed.*'{key}'"):
         other.load_state_dict(state)
+
+
+def test_other_shards_or_a_position_saved_before_these_checks(shapes_dir, tmp_path):
+    """Other shards of the same count are refused; moved ones resume; a saved position without the later keys is
+    still taken."""
+    import shutil
+
+    state = _dm(shapes_dir).state_dict()
+    moved = tmp_path / "moved"
+    shutil.copytree(shapes_dir, moved)
+    _dm(moved).load_state_dict(state)  # the same shards in another folder
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for i, tar in enumerate(sorted(shapes_dir.glob("*.tar"))):
+        shutil.copy(tar, renamed / f"part-{i:04d}.tar")
+    with pytest.raises(ValueError, match="layout changed.*'shards'"):
+        _dm(renamed).load_state_dict(state)
+    older = {k: v for k, v in state.items() if k not in ("shuffle_shards", "shuffle_buffer", "drop_last",
+                                                         "epoch_length", "shards")}
+    _dm(shapes_dir, shuffle_buffer=16).load_state_dict(older)
 
 
 def test_image_folder_to_batches(tmp_path):
