@@ -265,7 +265,8 @@ def _text_module(model: Model, what: str) -> tuple[nn.Module, dict[str, Any]] | 
 def write_diffusers(model: Model, dst: Path) -> None:
     """A diffusers folder: unet/, vae/, the text encoder (SD 1.x CLIP) under text_encoder/, the schedule as a
     DDPMScheduler (a flow model's as a FlowMatchEulerDiscreteScheduler) under scheduler/, and ldm_metadata.json
-    (sampling defaults, text-encoder options)."""
+    (sampling defaults, text-encoder options); with a CLIP text encoder and a schedule, also tokenizer/ and
+    model_index.json, so it loads as a ``StableDiffusionPipeline``."""
     import diffusers  # noqa: PLC0415  (optional dependency)
 
     from ldm.text.hf_encoder import HFCLIPTextEncoder  # noqa: PLC0415
@@ -295,6 +296,32 @@ def write_diffusers(model: Model, dst: Path) -> None:
     options = text_encoder_metadata(text) if text is not None else None
     extra = {k: v for k, v in (("format", 1), ("sampling", model.sampling), ("text_encoder", options)) if v}
     (dst / FOLDER_METADATA).write_text(json.dumps(extra, indent=1) + "\n")
+    plain_scale = model.vae.config.get("shift_factor") is None and model.vae.config.get("latent_std") is None
+    if isinstance(text, HFCLIPTextEncoder) and not text.with_projection and isinstance(scheduler,
+                                                                                       diffusers.DDPMScheduler):
+        if not plain_scale:  # StableDiffusionPipeline divides by scaling_factor alone
+            print("note: no model_index.json: diffusers' StableDiffusionPipeline would decode without the VAE's "
+                  "latent shift or per-channel normalisation; load the parts one by one", file=sys.stderr)
+            return
+        _write_pipeline_index(dst, text, scheduler)  # every part of an SD 1.x pipeline
+        if text.clip_skip > 1:
+            print(f"note: the text encoder reads layer -{text.clip_skip}: call the diffusers pipeline with "
+                  f"clip_skip={text.clip_skip - 1}", file=sys.stderr)
+
+
+def _write_pipeline_index(dst: Path, text, scheduler) -> None:
+    """The tokenizer and ``model_index.json`` of a ``StableDiffusionPipeline``, so the folder loads with
+    ``StableDiffusionPipeline.from_pretrained(dst)`` (no safety checker)."""
+    import diffusers  # noqa: PLC0415
+
+    text.tokenizer.save_transformers_files(dst / "tokenizer")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "text_encoder": ["transformers", type(text.model).__name__],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", type(scheduler).__name__],
+             "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
+             "requires_safety_checker": False}
+    (dst / "model_index.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
 def write_ldm(model: Model, dst: Path, src: Path) -> None:

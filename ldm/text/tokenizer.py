@@ -138,5 +138,27 @@ class CLIPTokenizer:
             )
         return input_ids, mask
 
+    def save_transformers_files(self, folder: str | Path) -> None:
+        """Write this vocabulary as transformers' ``CLIPTokenizer`` reads it (``vocab.json``, ``merges.txt`` and its
+        configs: the special tokens under CLIP's names, this context length and pad id), for a diffusers pipeline
+        folder: the ids are the same BPE's, so it tokenizes prompts as this tokenizer does."""
+        import json  # noqa: PLC0415
+
+        bpe = _simple_tokenizer()
+        names = {self.sot_token_id: "<|startoftext|>", self.eot_token_id: "<|endoftext|>"}  # open_clip renames them
+        vocab = {names.get(i, token): i for token, i in bpe.encoder.items()}
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                           encoding="utf-8")
+        pad = names.get(self.pad_token_id) or {i: t for t, i in vocab.items()}[self.pad_token_id]
+        special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                   "pad_token": pad}
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.context_length, **special}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
     def __repr__(self) -> str:
         return f"CLIPTokenizer(context_length={self.context_length}, pad_token_id={self.pad_token_id})"

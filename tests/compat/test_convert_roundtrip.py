@@ -118,6 +118,48 @@ def test_ldm_to_diffusers_to_ldm_samples_the_same_images(ldm_ckpt: Path, origina
     torch.testing.assert_close(_images(LatentDiffusionPipeline.from_checkpoint(sd_back)), original, rtol=0, atol=1e-5)
 
 
+def test_a_diffusers_folder_of_an_sd1_model_loads_as_diffusers_pipeline_and_samples_our_images(
+        tmp_path: Path) -> None:
+    """With a CLIP text encoder, a schedule and a plain latent scale, the folder is a whole StableDiffusionPipeline
+    (model_index.json, tokenizer/): diffusers loads it, tokenizes the prompts itself and samples our images. A VAE
+    with a latent shift gets no model_index.json: that pipeline would decode without it."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ldm.text import HFCLIPTextEncoder
+
+    torch.manual_seed(0)
+    text = HFCLIPTextEncoder(config=HF_TEXT)
+    unet = _randomize(UNet(4, 4, 32, (1, 2), 1, (1, 2), num_heads=8, context_dim=64), 1)
+    vae = _randomize(AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=SCALE), 2)
+    module = diffusion_module(unet, text, vae, schedule=SCHEDULE, prediction_type="v_prediction", sampling=SAMPLING,
+                              text_encoder_kwargs={"config": HF_TEXT}, ema_decay=None)
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"ldm": module.describe(), "state_dict": module.state_dict(), "global_step": 1}, ckpt)
+    assert convert_main([str(ckpt), str(tmp_path / "pipe")]) == 0
+    theirs = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    theirs.set_progress_bar_config(disable=True)
+    theirs.scheduler = DDIMScheduler.from_config(theirs.scheduler.config, clip_sample=False,
+                                                 timestep_spacing="trailing")  # ldm's ddim
+    ours = LatentDiffusionPipeline.from_checkpoint(ckpt)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    kw = dict(height=16, width=16, num_inference_steps=3, guidance_scale=3.0)
+    expected = ours(PROMPTS, latents=noise, sampler="ddim", output_type="tensor", **kw)
+    got = theirs(PROMPTS, latents=noise, output_type="pt", **kw).images * 2 - 1
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert convert_main([str(ldm_ckpt_with_shift(tmp_path, text)), str(tmp_path / "shifted")]) == 0
+    assert (tmp_path / "shifted" / "unet").is_dir() and not (tmp_path / "shifted" / "model_index.json").exists()
+
+
+def ldm_ckpt_with_shift(tmp_path: Path, text) -> Path:
+    unet = _randomize(UNet(4, 4, 32, (1, 2), 1, (1, 2), num_heads=8, context_dim=64), 1)
+    vae = _randomize(AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=SCALE, shift_factor=SHIFT), 2)
+    module = diffusion_module(unet, text, vae, schedule=SCHEDULE, prediction_type="v_prediction", sampling=SAMPLING,
+                              text_encoder_kwargs={"config": HF_TEXT}, ema_decay=None)
+    path = tmp_path / "shifted.ckpt"
+    torch.save({"ldm": module.describe(), "state_dict": module.state_dict(), "global_step": 1}, path)
+    return path
+
+
 def test_cli_takes_the_ema_weights_unless_no_ema(ldm_ckpt: Path, tmp_path: Path) -> None:
     state = read_checkpoint(ldm_ckpt)["state_dict"]
     name = "out.2.weight"
