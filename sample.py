@@ -10,7 +10,8 @@
     python sample.py ckpt=BASE prompt="..." lora=adapter.safetensors lora_scale=0.8   # a LoRA on a base model
     python sample.py regenerate=samples/00003.json out=again/     # one image again, from its JSON
 
-Writes one PNG per image with a JSON of every setting beside it, and grid.png. Image i uses seed ``seed + i``
+Writes one PNG per image with a JSON of every setting beside it, and ``_previews/grid.png`` (with ``gif=true`` the
+GIFs too): the folder holds the samples alone for FID, which skips ``_``-named entries. Image i uses seed ``seed + i``
 alone, so ``regenerate=<its JSON>`` (its prompt, seed and settings with n=1) gives it again: the same pixels up to
 float rounding (batched and single-image kernels may differ in the last bits).
 """
@@ -212,6 +213,7 @@ def run(cfg: DictConfig) -> list[Path]:
     batch = cfg.batch_size
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    previews = out / "_previews"  # the grid and GIFs: not samples (FID skips _-named entries)
     written, images = [], []
     for start in tqdm(range(0, len(jobs), batch), desc="sampling", unit="batch"):
         chunk = jobs[start:start + batch]
@@ -241,11 +243,13 @@ def run(cfg: DictConfig) -> list[Path]:
             (out / f"{idx:05d}.json").write_text(json.dumps(meta, indent=2))
             if cfg.gif:
                 seq = [frame[j] for frame in frames] + [image] * 5
-                seq[0].save(out / f"{idx:05d}.gif", save_all=True, append_images=seq[1:], duration=80, loop=0)
+                previews.mkdir(exist_ok=True)
+                seq[0].save(previews / f"{idx:05d}.gif", save_all=True, append_images=seq[1:], duration=80, loop=0)
             written.append(path)
             images.append(image)
-    make_grid(images, cols=min(8, len(images))).save(out / "grid.png")
-    print(f"wrote {len(written)} images, their settings and grid.png to {out}")
+    previews.mkdir(exist_ok=True)
+    make_grid(images, cols=min(8, len(images))).save(previews / "grid.png")
+    print(f"wrote {len(written)} images and their settings to {out}, and {previews / 'grid.png'}")
     return written
 
 

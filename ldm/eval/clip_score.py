@@ -196,7 +196,7 @@ def clip_score(images: Sequence[ImageLike], captions: Sequence[str], *, model_pa
                device: str | torch.device = "cpu") -> float:
     """Mean over the pairs of 100 * max(cos(image embedding, caption embedding), 0); ``images[k]`` (PIL, or uint8
     [3, H, W] tensors) pairs with ``captions[k]``. The model arguments are :func:`load_clip`'s."""
-    if len(images) != len(captions) or not images:
+    if len(images) != len(captions) or len(images) == 0:  # len: a [N, 3, H, W] tensor is N images
         raise ConfigError(f"got {len(images)} images for {len(captions)} captions: give one caption per image, and "
                           "at least one pair")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

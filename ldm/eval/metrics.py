@@ -233,8 +233,13 @@ def _kind(source: Any) -> str:
 
 
 def _folder_files(folder: Path) -> list[Path]:
-    files = sorted((p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                   key=lambda p: p.relative_to(folder).as_posix())
+    """The images under ``folder``, recursively, in path order; entries whose name starts with ``_`` or ``.`` are
+    not samples (sample.py's ``_previews/`` grid and GIFs, hidden files) and are skipped."""
+    def sample(p: Path) -> bool:
+        rel = p.relative_to(folder).parts
+        return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(x[:1] in ("_", ".") for x in rel)
+
+    files = sorted((p for p in folder.rglob("*") if sample(p)), key=lambda p: p.relative_to(folder).as_posix())
     if not files:
         raise ConfigError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}, recursively): write the "
                           "generated images there first, or point at the right folder")
@@ -450,6 +455,9 @@ def compute_metrics(gen: ImageSource, ref: ImageSource, *, extractor: str = DEFA
 
     if not (fid or kid or prc):
         raise ConfigError("no metric requested: set fid, kid or prc")
+    if kid and (isinstance(kid_subset_size, bool) or not isinstance(kid_subset_size, int) or kid_subset_size < 2):
+        raise ConfigError(f"kid_subset_size must be an integer >= 2 (KID's unbiased estimate needs pairs), got "
+                          f"{kid_subset_size!r}")
     _family(extractor)
     sides = [_Side("GEN", gen, _kind(gen)), _Side("REF", ref, _kind(ref))]
     need_features = kid or prc

@@ -7,7 +7,8 @@ digit classifier (accuracy), its features (FID-MNIST against the 5,000 real digi
 
 FID-MNIST is a Fréchet distance in the classifier's 128-d feature space, computed by torch-fidelity's statistics
 functions; it is comparable only between runs judged with the same classifier file and n. ``real_floor`` is the
-same distance for n real digits, the value a perfect generator would get at that n.
+same distance for n real digits against the other 5,000 - n, the value a perfect generator would get at that n (none
+when fewer than 129 would remain).
 """
 
 from __future__ import annotations
@@ -63,7 +64,11 @@ def judge_images(images: torch.Tensor, labels: torch.Tensor, classifier: DigitCl
     real_feats = reference["features"]
     pred, feats = classify(classifier, images)
     n = len(labels)
-    draw = torch.randperm(len(real_feats), generator=torch.Generator().manual_seed(seed))[:n]
+    # the floor: n real digits against the others, disjoint (against all of them, which include the n, it read low,
+    # and 0 at n = 5,000); None where fewer than the feature width would remain
+    order = torch.randperm(len(real_feats), generator=torch.Generator().manual_seed(seed))
+    draw, rest = order[:n], order[n:]
+    floor = frechet_distance(real_feats[draw], real_feats[rest]) if len(rest) > real_feats.shape[1] else None
     per_class = {DIGIT_NAMES[c]: float((pred[labels == c] == c).float().mean()) for c in range(10)
                  if (labels == c).any()}
     gen_spread = class_spread(images, labels)
@@ -73,10 +78,14 @@ def judge_images(images: torch.Tensor, labels: torch.Tensor, classifier: DigitCl
         "accuracy": float((pred == labels).float().mean()),
         "accuracy_per_class": per_class,
         "fid_mnist": frechet_distance(feats, real_feats),
-        "fid_mnist_real_floor": frechet_distance(real_feats[draw], real_feats),
+        "fid_mnist_real_floor": floor,
         "pixel_std_ratio": float(np.mean(list(ratios.values()))),
         "pixel_std_ratio_per_class": ratios,
     }
+
+
+def _floor(value: float | None) -> str:
+    return "n/a, n too close to 5,000" if value is None else f"{value:.2f}"
 
 
 def evaluate(pipe, classifier: DigitClassifier, n: int = 500, guidance_scales=(None,), steps: int | None = None,
@@ -124,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key, r in results.items():
         worst = min(r["accuracy_per_class"], key=r["accuracy_per_class"].get)
         print(f"{key}: accuracy {r['accuracy']:.1%} (lowest: {worst} {r['accuracy_per_class'][worst]:.0%})  "
-              f"fid_mnist {r['fid_mnist']:.2f} (real digits at this n: {r['fid_mnist_real_floor']:.2f})  "
+              f"fid_mnist {r['fid_mnist']:.2f} (real digits at this n: {_floor(r['fid_mnist_real_floor'])})  "
               f"pixel std vs real {r['pixel_std_ratio']:.2f}  (n={r['n']}, {r['seconds']:.0f}s)")
     if args.json:
         with open(args.json, "w") as f:

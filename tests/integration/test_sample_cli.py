@@ -83,7 +83,7 @@ def test_prompt_n_steps_guidance_sampler_seed_out_metadata_grid(tiny_ckpt, tmp_p
     assert [m["seed"] for m in metas] == [7, 8, 9]
     assert all(m["prompt"] == "a red circle in the top left" and m["num_inference_steps"] == 3 and
                m["guidance_scale"] == 5 and m["sampler"] == "dpm_solver++" and m["height"] == S for m in metas)
-    assert Image.open(out / "grid.png").size == (3 * S, S)
+    assert Image.open(out / "_previews" / "grid.png").size == (3 * S, S)
     imgs = [pixels(p) for p in written]
     assert imgs[0].shape == (S, S, 3) and not np.array_equal(imgs[0], imgs[1])
     # image 1 was sampled in a batch of 2; from its JSON alone it comes back
@@ -142,7 +142,7 @@ def test_prompts_file_and_negative_prompt(tiny_ckpt, tmp_path, monkeypatch) -> N
     lines = ["a green square in the center", "a blue triangle in the bottom right"]
     assert [m["prompt"] for m in metas] == [lines[0], lines[0], lines[1], lines[1]]
     assert [m["seed"] for m in metas] == [0, 1, 2, 3]
-    assert Image.open(tmp_path / "file" / "grid.png").size == (4 * S, S)
+    assert Image.open(tmp_path / "file" / "_previews" / "grid.png").size == (4 * S, S)
     # the unconditional half of each guided UNet call is the negative prompt's encoding, not the empty prompt's (read
     # off the calls: a model trained for 3 steps conditions too weakly for a new prompt to show in 8-bit pixels)
     calls = record_unet_calls(monkeypatch)
@@ -159,7 +159,7 @@ def test_prompts_file_and_negative_prompt(tiny_ckpt, tmp_path, monkeypatch) -> N
 
 def test_gif_of_the_reverse_process(tiny_ckpt, tmp_path) -> None:
     sample(tiny_ckpt, tmp_path, prompt="a yellow circle in the top right", steps=3, gif=True, sampler="ddim")
-    gif = Image.open(tmp_path / "00000.gif")
+    gif = Image.open(tmp_path / "_previews" / "00000.gif")
     assert gif.is_animated and gif.n_frames > 1 and gif.size == (S, S)
 
 

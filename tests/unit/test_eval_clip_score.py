@@ -136,6 +136,10 @@ def test_transformers_backend_matches_torchmetrics(hf_clip, images) -> None:
     torch.testing.assert_close(raw.clamp(min=0), torch.tensor(per_pair), rtol=1e-4, atol=1e-4)
     # PIL images and uint8 tensors score the same; the batch size does not matter
     assert _close(cs.clip_score([_uint8(im) for im in images], CAPTIONS, model_path=hf_clip, batch_size=32), ours)
+    same_size = [_uint8(im.resize((32, 32))) for im in images]
+    batch = torch.stack(same_size)  # one [N, 3, H, W] tensor, as compute_metrics takes it
+    assert _close(cs.clip_score(batch, CAPTIONS, model_path=hf_clip, batch_size=3),
+                  cs.clip_score(same_size, CAPTIONS, model_path=hf_clip, batch_size=3))
 
 
 def test_open_clip_backend_matches_open_clip(open_clip_files, images) -> None:

@@ -24,6 +24,7 @@ from ldm.eval import fid as fid_cli
 from ldm.eval import ref_stats as ref_stats_cli
 from ldm.eval.metrics import (
     compute_metrics,
+    count_images,
     extract_features,
     features_to_stats,
     iter_images,
@@ -196,6 +197,24 @@ def test_kid_subset_clamped_with_warning(stats_files, oracle):
         m = compute_metrics(gen_npz, ref_npz, fid=False, kid=True)  # default subset 1000 > 6
     assert _close(m["kid_mean"], oracle["kernel_inception_distance_mean"])
     assert m.meta["kid_subset_size"] == N_REF
+    for bad in (1, 0, -5, 2.5):  # KID was NaN at 1 and 0, a traceback below
+        with pytest.raises(ConfigError, match="kid_subset_size must be an integer >= 2"):
+            compute_metrics(gen_npz, ref_npz, fid=False, kid=True, kid_subset_size=bad)
+
+
+def test_a_sample_folder_counts_its_samples_not_its_previews(folders, tmp_path):
+    """sample.py writes _previews/grid.png (and GIFs) beside the samples: entries named _* or .* are skipped, so
+    FID reads the samples alone."""
+    import shutil
+
+    gen, _ = folders
+    folder = tmp_path / "samples"
+    shutil.copytree(gen, folder)
+    (folder / "_previews").mkdir()
+    Image.new("RGB", (256, 32)).save(folder / "_previews" / "grid.png")
+    Image.new("RGB", (32, 32)).save(folder / "_previews" / "00000.gif")
+    Image.new("RGB", (32, 32)).save(folder / ".hidden.png")
+    assert count_images(folder) == count_images(gen) == N_GEN
 
 
 def test_statistics_in_memory_equal_the_files(stats_files, oracle):

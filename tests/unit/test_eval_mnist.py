@@ -83,6 +83,14 @@ def test_judge_scores_real_digits_wrong_labels_and_collapse(classifier) -> None:
     assert 0.8 < real["pixel_std_ratio"] < 1.2
     assert real["fid_mnist"] < 3 * real["fid_mnist_real_floor"] + 1
 
+    # the floor: n real digits against the others, never against themselves (it was 0 at n = 5,000)
+    feats = ref["features"]
+    order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))
+    assert real["fid_mnist_real_floor"] == pytest.approx(judge.frechet_distance(feats[order[:300]],
+                                                                                 feats[order[300:]]))
+    every = judge.judge_images(torch.from_numpy(data.images), torch.from_numpy(data.labels), model, reference=ref)
+    assert every["n"] == len(feats) and every["fid_mnist_real_floor"] is None
+
     wrong = judge.judge_images(images, (labels + 1) % 10, model, reference=ref)
     assert wrong["accuracy"] < 0.2 and wrong["fid_mnist"] == pytest.approx(real["fid_mnist"])
 
