@@ -61,6 +61,13 @@ class UNet(nn.Module):
                              "UNet): set context_dim or pool_context=false")
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
+        factors = [2 ** level for level in range(len(channel_mult))]
+        unreached = [r for r in attention_resolutions if r not in factors]
+        if unreached:  # such an entry would add no attention anywhere
+            raise ValueError(f"attention_resolutions are downsample factors, one of {factors} for {len(channel_mult)} "
+                             f"levels (channel_mult); {unreached} is reached by no level. Use e.g. {factors[1:]} for "
+                             "attention below the first level (guided-diffusion's 32/16/8 are resolutions, not "
+                             "factors)")
         self.config: dict[str, Any] = dict(
             in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
             channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
@@ -124,7 +131,7 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
 
@@ -188,6 +195,10 @@ class UNet(nn.Module):
         as if ``x``, ``t``, ``y`` and ``concat`` had been repeated k times. The layers before the first
         cross-attention, which do not see the context, then run once for the k groups (with ``pool_context`` every
         layer sees it, and the inputs are repeated)."""
+        steps = torch.as_tensor(t)
+        if steps.ndim > 1 or (steps.ndim == 1 and steps.shape[0] not in (1, x.shape[0])):
+            raise ValueError(f"t must be a scalar or hold one timestep per input ({x.shape[0]}), got shape "
+                             f"{tuple(steps.shape)}")
         if contexts_per_input != 1 or type(contexts_per_input) is not int:
             x, t, y, concat, context = self._grouped_inputs(x, t, y, concat, context, contexts_per_input)
         grouped = contexts_per_input != 1 and self.context_emb is None  # checked: k groups of the x batch

@@ -51,6 +51,30 @@ def test_sd_module_names() -> None:
     assert len(unet.input_blocks) == 4 and len(unet.output_blocks) == 4
 
 
+def test_unreached_attention_resolutions_and_wrong_timesteps_are_refused() -> None:
+    for bad in ((4,), (8, 2), (3,)):  # TINY has two levels: factors 1 and 2
+        with pytest.raises(ValueError, match=r"attention_resolutions are downsample factors, one of \[1, 2\]"):
+            UNet(**{**TINY, "attention_resolutions": bad})
+    unet = UNet(**TINY).eval()
+    x, context = torch.randn(4, 4, 8, 8), torch.randn(4, 5, 32)
+    with pytest.raises(ValueError, match=r"one timestep per input \(4\), got shape \(2,\)"):
+        unet(x, torch.tensor([10, 900]), context)  # it used to be tiled to 10, 900, 10, 900
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, torch.tensor([10]), context), unet(x, torch.full((4,), 10), context))
+
+
+def test_a_first_level_wider_than_model_channels_runs() -> None:
+    """channel_mult[0] != 1 (CompVis' layout: the first ResBlock widens model_channels): the output layers read the
+    first level's width. They read model_channels, and the first forward failed."""
+    unet = UNet(**{**TINY, "channel_mult": (2, 4)})
+    _randomize(unet)
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 32)
+    out = unet(x, t, context)
+    assert out.shape == x.shape and unet.out[2].in_channels == 64
+    out.square().mean().backward()
+    assert unet.input_blocks[0][0].weight.grad.abs().max() > 0
+
+
 def test_attention_resolutions_are_downsample_factors() -> None:
     keys = set(UNet(**{**TINY, "attention_resolutions": (2,)}).state_dict())
     assert "input_blocks.1.1.norm.weight" not in keys  # level 0 (factor 1): no attention
