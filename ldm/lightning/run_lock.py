@@ -1,6 +1,7 @@
-"""One training per run folder: a lock file that names its holder (PID and host), so a second training in the same
-folder is refused instead of interleaving its checkpoints and configs with the first's. A lock left by a process
-that died on this host is taken over with a warning."""
+"""One training per run folder: a lock file that names its holder (PID, host and SLURM job), so a second training in
+the same folder is refused instead of interleaving its checkpoints and configs with the first's. A lock left by a
+process that died on this host, or by an earlier run of this SLURM job (requeued, perhaps onto another node), is taken
+over with a warning."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from ldm.errors import ConfigError
+from ldm.lightning.slurm import slurm_job_id
 
 LOCK_NAME = "train.lock"
 
@@ -41,7 +43,8 @@ class RunLock:
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": slurm_job_id(),
+                       "started": time.time()}, f)
         return True
 
     def __enter__(self) -> RunLock:
@@ -50,10 +53,13 @@ class RunLock:
                 holder = json.loads(self.path.read_text())
             except (OSError, ValueError):
                 holder = {}
-            pid, host = holder.get("pid"), holder.get("host")
-            if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
-                warnings.warn(f"{self.path}: taking over the lock of PID {pid}, which is no longer running "
-                              "(a run that was killed)", stacklevel=2)
+            pid, host, job = holder.get("pid"), holder.get("host"), holder.get("slurm_job")
+            dead = host == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+            requeued = job is not None and job == slurm_job_id()  # a SLURM job runs once at a time
+            if dead or requeued:
+                why = "which is no longer running (a run that was killed)" if dead else \
+                    f"an earlier run of this SLURM job ({job}), which was requeued"
+                warnings.warn(f"{self.path}: taking over the lock of PID {pid} on {host}, {why}", stacklevel=2)
                 self.path.unlink(missing_ok=True)
                 if not self._write():
                     raise ConfigError(f"{self.path}: another process took the run folder's lock just now")

@@ -4,6 +4,7 @@ end in one line and exit status 2, not a traceback."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -146,6 +147,26 @@ def test_one_training_per_run_folder(tmp_path: Path) -> None:
     assert not (run / LOCK_NAME).exists()  # released at the end of the run
     with RunLock(run) as lock, pytest.raises(ConfigError, match="in use"), RunLock(run):
         assert lock.held
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock(tmp_path: Path, monkeypatch) -> None:
+    """A SLURM job killed while it held the lock (past the grace time, out of memory, a lost node) and requeued onto
+    another node finds its own lock, which it cannot test for life there: the job id says it is its own. Another
+    job's lock still refuses."""
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    with RunLock(run):
+        assert json.loads((run / LOCK_NAME).read_text())["slurm_job"] == "4242"
+    (run / LOCK_NAME).write_text('{"pid": 1, "host": "node-a", "slurm_job": "4242"}')
+    with pytest.warns(UserWarning, match=r"taking over the lock of PID 1 on node-a, an earlier run of this SLURM job"):
+        with RunLock(run) as lock:
+            assert lock.held
+    (run / LOCK_NAME).write_text('{"pid": 1, "host": "node-a", "slurm_job": "777"}')
+    with pytest.raises(ConfigError, match=r"in use by another training \(PID 1 on node-a"):
+        RunLock(run).__enter__()
 
 
 def _fake_ckpt(path: Path, step: int) -> None:
