@@ -142,7 +142,9 @@ def _float32_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     Without gradients the half-precision forward is the faster one, and it is used."""
     if mask is not None and mask.is_floating_point():
         mask = mask.float()
-    if not _flash_kernel_takes(q, k, v):  # autograd through the casts: it keeps the float32 copies
+    # autograd through the casts (it keeps the float32 copies) where the kernel pair cannot: other shapes, a mask
+    # that is not 2-d or 4-d (the kernel refuses it), or a learned bias (its backward gives the bias no gradient)
+    if not _flash_kernel_takes(q, k, v) or (mask is not None and (mask.ndim not in (2, 4) or mask.requires_grad)):
         with torch.autocast(device_type="cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
     bias = mask  # the flash kernel takes an additive float32 bias, into which SDPA turns a boolean mask

@@ -215,6 +215,24 @@ def test_cross_attention_shapes_names_and_errors() -> None:
     assert self_attn(x).shape == (2, 5, 16)
 
 
+def test_half_precision_cpu_training_takes_3d_masks_and_trains_a_learned_bias() -> None:
+    """The float32 kernel pair takes 2-d or 4-d masks and gives the bias no gradient: a [heads, Lq, Lk] mask and a
+    bias that requires grad go through autograd instead, as torch's own SDPA takes them."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv(lq=9, lk=11, d=16))
+    mask = torch.rand(q.shape[1], 9, 11, generator=torch.Generator().manual_seed(2)) > 0.3
+    mask[..., 0] = True
+    out = attention(q.clone().requires_grad_(), k, v, mask, backend="sdpa")
+    torch.testing.assert_close(out.float(), sdpa(q.float(), k.float(), v.float(), attn_mask=mask), rtol=2e-2, atol=2e-2)
+    bias = torch.randn(1, q.shape[1], 9, 11, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    out = attention(q.clone().requires_grad_(), k, v, bias.to(torch.bfloat16), backend="sdpa")
+    out.float().square().sum().backward()
+    reference = bias.detach().clone().requires_grad_()
+    sdpa(q.float(), k.float(), v.float(), attn_mask=reference).square().sum().backward()
+    assert bias.grad is not None
+    torch.testing.assert_close(bias.grad, reference.grad, rtol=5e-2, atol=5e-2)
+
+
 def test_cross_attention_key_padding_mask_and_backends() -> None:
     torch.manual_seed(0)
     ca_sdpa = CrossAttention(16, 12, heads=2, dim_head=8, backend="sdpa")
