@@ -7,21 +7,31 @@ from __future__ import annotations
 
 import logging
 
+# (logger, handler) pairs this module added: a later call (the next job of a multirun in the same process, whose
+# file handler Hydra replaced) takes them off, so an earlier job's file gets none of the later job's lines
+_added: list[tuple[logging.Logger, logging.Handler]] = []
+
 
 def log_to_run_file() -> logging.Logger:
     """Send the run's log lines (Lightning's, hence the stage headlines and closing lines) to the run folder's log
     file as well as the console, and return the logger for ldm's own lines there.
 
-    Hydra writes ``<run>/<script>.log`` through a file handler on the root logger, but Lightning's logger does not
-    propagate to the root, so the file would stay empty. The file handlers are shared; the console keeps
-    Lightning's plain lines.
+    Hydra writes ``<run>/<script>.log`` through a file handler on the root logger. Lightning's logger propagates to
+    the root when the root had handlers at its import (train.py's order), and then its lines reach the file already;
+    otherwise it does not, and the file handlers are added to it. The console keeps Lightning's plain lines.
     """
+    for logger, handler in _added:
+        logger.removeHandler(handler)
+    _added.clear()
     files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     run_log = logging.getLogger("ldm.run")
     run_log.setLevel(logging.INFO)
     run_log.propagate = False
     for logger in (logging.getLogger("lightning.pytorch"), logging.getLogger("lightning.fabric"), run_log):
+        if logger.propagate:  # its lines reach the root's file handlers: another would write each line twice
+            continue
         for handler in files:
             if handler not in logger.handlers:
                 logger.addHandler(handler)
+                _added.append((logger, handler))
     return run_log
