@@ -104,10 +104,17 @@ class PreemptionCheckpoint(L.Callback):
         self._drain(trainer)  # a signal agreed on in the last steps still stops the run (and the stages after it)
 
     def _drain(self, trainer: L.Trainer) -> None:
-        if self.stopped_by is None and self._agreed is not None:
+        """Act on a signal the step-end checks have not: one still being agreed on (DDP), or, in one process, one
+        that came after the last check (between checks with ``check_every_n_steps`` > 1, or during the last step's
+        own end): dropped, the next stage would start and the job would not be requeued."""
+        if self.stopped_by is not None:
+            return
+        if self._agreed is not None:
             got = int(max((value for _, value in self._agreed.drain()), default=0))
-            if got:
-                self._save_and_stop(trainer, got)
+        else:
+            got = (self.received or 0) if trainer.world_size == 1 else 0
+        if got:
+            self._save_and_stop(trainer, got)
 
     def _save_and_stop(self, trainer: L.Trainer, got: int) -> None:
         self.stopped_by = got

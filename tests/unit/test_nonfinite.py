@@ -46,6 +46,22 @@ def test_a_signal_agreed_on_in_the_last_steps_still_saves_and_stops(tmp_path):
     assert saved == [str(tmp_path / "checkpoints" / "last.ckpt")] == [callback.checkpoint]
 
 
+def test_in_one_process_a_signal_after_the_last_check_still_saves_and_stops(tmp_path):
+    """With check_every_n_steps > 1 (or a signal during the last step's end) no step-end check sees it: training's
+    end does, so the run saves last.ckpt and stops instead of going on to the next stage unrequeued."""
+    saved = []
+    trainer = SimpleNamespace(checkpoint_callback=None, checkpoint_callbacks=[], default_root_dir=str(tmp_path),
+                              global_step=5, should_stop=False, world_size=1,
+                              save_checkpoint=lambda path, weights_only=False: saved.append(str(path)))
+    callback = PreemptionCheckpoint(check_every_n_steps=3)
+    callback.on_train_end(trainer, None)
+    assert callback.stopped_by is None and not saved  # no signal: nothing
+    callback._handle(signal.SIGTERM, None)  # at step 4 of 5: step 5 is not a check
+    callback.on_train_end(trainer, None)
+    assert callback.stopped_by == signal.SIGTERM and trainer.should_stop
+    assert saved == [str(tmp_path / "checkpoints" / "last.ckpt")] == [callback.checkpoint]
+
+
 def _host_mode_rank(rank: int) -> tuple[list[bool], int]:
     """Rank 1's loss is NaN at step 3: what each step's check said, and the count of skipped steps."""
     from ldm.lightning.nonfinite import NaNPolicy, NonFiniteSteps
