@@ -154,7 +154,7 @@ def cache_latents(
     ``text_encoder.encode(captions)`` returns ``(hidden [B, L, D], pooled, mask)``. ``dtype`` is the stored
     precision (``float32`` or ``float16``); ``precision`` the one the encoders run in (a ``PRECISIONS`` key: bf16 or
     fp16 autocast, as training runs a frozen VAE under mixed precision), and ``compile`` runs the VAE's encoder
-    through torch.compile; ``fingerprint`` is ``vae_fingerprint(vae)`` where the caller has it already (hashing
+    through torch.compile; ``fingerprint`` is ``weights_fingerprint(vae)`` where the caller has it already (hashing
     SD's VAE takes about a second). A text encoder with ``frozen=False`` is ignored (its embeddings would go stale as it
     trains). Returns the written index.
     """
@@ -175,9 +175,9 @@ def cache_latents(
     settings = {"precision": precision, "dtype": dtype, "image_size": image_size, "image_mode": image_mode,
                 "text": text_encoder is not None}
     if isinstance(vae, torch.nn.Module):
-        settings["vae"] = fingerprint or vae_fingerprint(vae)
+        settings["vae"] = fingerprint or weights_fingerprint(vae)
     if isinstance(text_encoder, torch.nn.Module):  # another frozen encoder's embeddings must not join these
-        settings["text_encoder"] = vae_fingerprint(text_encoder)
+        settings["text_encoder"] = weights_fingerprint(text_encoder)
     _claim_settings(out, settings)
     np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
     if device is None:
@@ -271,11 +271,11 @@ def cache_latents(
     return write_index(out, entries, **extra)
 
 
-def vae_fingerprint(vae: torch.nn.Module) -> str:
+def weights_fingerprint(module: torch.nn.Module) -> str:
     """A short hash of a module's weights (any dtype): names a cache folder after the VAE that wrote it, and records
     the text encoder whose embeddings it holds."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
+    for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -287,7 +287,7 @@ def cache_for_vae(shards: str | os.PathLike | list[str], root: str | os.PathLike
     """Encode ``shards`` with the frozen ``vae`` into ``root/<fingerprint of the VAE's weights>`` (``-bfloat16`` or
     ``-float16`` appended for those precisions), or reuse that cache: a resumed run finds its cache again, and a
     folder reused with another VAE or precision never reads latents of the old one. Returns the cache folder."""
-    fingerprint = vae_fingerprint(vae)
+    fingerprint = weights_fingerprint(vae)
     name = fingerprint + ("" if check_precision(precision, "ldm_stage.cache_precision") == "float32"
                           else f"-{precision}")
     cache = Path(root) / name

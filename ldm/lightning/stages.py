@@ -56,7 +56,6 @@ from ldm.lightning.settings import (
     NO_AUTOENCODER,
     RESUME_FREE,
     STAGES,
-    check_cache_run,
     check_run,
     resume_mode,
     run_sampling,
@@ -616,7 +615,6 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     if s.cache_latents:
         if first_stage is None:
             raise ConfigError("ldm_stage.cache_latents=true needs a VAE first stage (first_stage=vae), not pixel space")
-        check_cache_run(cfg)
         headline("latent cache: encoding the image shards once with the frozen VAE")
         make_data(cfg, s).prepare_data()  # the image shards must exist before they are encoded
         t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from ldm.data.shards import iter_shard, read_index
 from ldm.data.transforms import decode_image, load_npy, to_tensor
 from ldm.errors import ConfigError
 from ldm.lightning import stages
-from ldm.lightning.settings import check_run
+from ldm.lightning.settings import check_cache_run, check_run
 
 
 class TinyVAE(nn.Module):
@@ -484,12 +484,12 @@ def test_train_py_cache_latents_refusals(tmp_path):
     from hydra import compose, initialize_config_dir
 
     with pytest.raises(ValueError, match="latent cache already; set ldm_stage.cache_latents=false"):
-        stages.check_cache_run(_compose(tmp_path, "stages=[ldm]", cache_latents=True))
+        check_cache_run(_compose(tmp_path, "stages=[ldm]", cache_latents=True))
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"out_dir={tmp_path}", "trainer=ddp_cpu", "ldm_stage.cache_latents=true"])
     one_process = r"runs in one process \(trainer.devices=2.*ldm_stage.cache_latents=false.*python -m ldm.data"
     with pytest.raises(ValueError, match=one_process):
-        stages.check_cache_run(cfg)
+        check_cache_run(cfg)
     assert not (tmp_path / "latents").exists()
     for override, said in (("data.crop=random", "data.crop=random data.hflip=false"),
                            ("data.hflip=true", "data.crop=center data.hflip=true")):
