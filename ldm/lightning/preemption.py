@@ -3,14 +3,21 @@
 Lightning's own handling does not fit: its SIGTERM path saves nothing and exits 0, and its SLURM requeue saves from
 inside the signal handler, in the middle of a step. Here the handler only records the signal; the ranks agree on it
 at the end of a step, every rank saves the same state through the trainer, and ``stages.run`` then requeues the SLURM
-job (pre-timeout signal only) and raises ``Preempted``, which ``train.py`` turns into a non-zero exit status.
+job (pre-timeout signal only) and raises ``Preempted``, which ``train.py`` turns into a non-zero exit status. For the
+whole run (``record_signals``), not only while a stage trains, the signals are recorded rather than fatal: a signal
+between the stages (the normalisation fit, writing ``vae.ckpt``, the latent cache) stops the run before the next
+stage trains, and one before the first step stops it at that step.
 """
 
 from __future__ import annotations
 
 import signal
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -28,8 +35,87 @@ class Preempted(Exception):  # noqa: N818 (not an error: the run stopped on requ
         self.signum, self.checkpoint, self.requeued = signum, checkpoint, requeued
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
-        then = "the SLURM job is requeued and resumes from it" if requeued else "resume with resume=auto (or last)"
-        super().__init__(f"stopped on {name} after saving {checkpoint}; {then}")
+        then = "the SLURM job is requeued and resumes" if requeued else "resume with resume=auto (or last)"
+        done = f"after saving {checkpoint}" if checkpoint else "before the stage trained (nothing new to save)"
+        super().__init__(f"stopped on {name} {done}; {then}")
+
+
+class SignalRecorder:
+    """Records the first of ``signals`` this process receives, instead of dying of it; the run acts on it at its
+    next check (a step's end, or between two stages)."""
+
+    def __init__(self, signals: list[int]):
+        self.signals = signals
+        self.received: int | None = None
+
+    def handle(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def listen(self) -> dict[int, Any]:
+        """Handle the signals from now on (the main thread only: elsewhere Python refuses); returns the handlers
+        replaced."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {signum: signal.signal(signum, self.handle) for signum in self.signals}
+
+
+_RUN_RECORDER: SignalRecorder | None = None  # signal handlers are the process's: one recorder for the run
+
+
+def preemption_signals(name: str | int) -> list[int]:
+    """SIGTERM and the pre-timeout signal ``name``, the signals a run saves and stops on."""
+    return sorted({parse_signal("SIGTERM"), parse_signal(name)})
+
+
+@contextmanager
+def record_signals(name: str | int) -> Iterator[SignalRecorder]:
+    """Record SIGTERM and ``name`` for the duration (a whole run), then restore the handlers found."""
+    global _RUN_RECORDER
+    recorder = SignalRecorder(preemption_signals(name))
+    previous, _RUN_RECORDER = recorder.listen(), recorder
+    try:
+        yield recorder
+    finally:
+        _RUN_RECORDER = None
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _requeue_and_raise(signum: int, checkpoint: str | None, pretimeout: int, requeue: bool, is_global_zero: bool,
+                       barrier) -> None:
+    """Requeue the SLURM job on the pre-timeout signal (rank 0, when ``requeue``), then raise ``Preempted``."""
+    job = slurm_job_id()
+    requeued = False
+    if requeue and job is not None and signum == pretimeout:
+        requeued = requeue_slurm_job(job) if is_global_zero else False
+    barrier()
+    raise Preempted(signum, checkpoint, requeued)
+
+
+def stop_between_stages(trainer: L.Trainer, signal_name: str | int, checkpoint: str | Path | None,
+                        requeue: bool) -> None:
+    """Between two stages, outside ``fit``: raise ``Preempted`` (after the requeue) when any rank has recorded a
+    signal since the run started. ``checkpoint``: what a resumed run continues from (``vae.ckpt``). The ranks agree
+    through the process group of an earlier stage; before any, a multi-rank run leaves the signal to its first
+    step's check, where they do."""
+    import torch
+    import torch.distributed as dist
+
+    if _RUN_RECORDER is None:
+        return
+    got = _RUN_RECORDER.received or 0
+    several = trainer.world_size > 1
+    if several:
+        if not dist.is_initialized():
+            return
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        got = int(all_ranks(torch.tensor(float(got), device=device), "max").item())
+    if not got:
+        return
+    rank_zero_info(f"{signal.Signals(got).name} received between stages: stopping before the next stage trains")
+    _requeue_and_raise(got, str(checkpoint) if checkpoint else None, parse_signal(signal_name), requeue,
+                       trainer.is_global_zero, dist.barrier if several else lambda: None)
 
 
 def requeue_slurm_job(job: str) -> bool:
@@ -51,31 +137,30 @@ class PreemptionCheckpoint(L.Callback):
     """Stops training at the end of the step in which SIGTERM or ``signal`` arrived, after saving ``last.ckpt``.
 
     The handlers are installed when training starts (after Lightning's own, which they replace for these signals)
-    and Lightning restores the previous ones when fit ends. Under DDP the ranks agree every ``check_every_n_steps``
-    steps (one all-reduce), so a signal that reaches one rank stops all of them at the same step. On GPUs the
-    agreed value is read two steps after the all-reduce (``LaggedReads``), so the training step never waits for the
-    GPU; the ranks then stop two steps after the check.
+    and Lightning restores the previous ones when fit ends. Inside ``record_signals`` (a run of ``stages.run``) the
+    run's recorder is used, so a signal received before training started stops the run at the first step. Under
+    DDP the ranks agree every ``check_every_n_steps`` steps (one all-reduce), so a signal that reaches one rank
+    stops all of them at the same step. On GPUs the agreed value is read two steps after the all-reduce
+    (``LaggedReads``), so the training step never waits for the GPU; the ranks then stop two steps after the check.
     """
 
     def __init__(self, signal: str | int = "SIGUSR1", check_every_n_steps: int = 1):
-        self.signals = sorted({parse_signal("SIGTERM"), parse_signal(signal)})
+        self.signals = preemption_signals(signal)
         self.pretimeout = parse_signal(signal)
         self.check_every_n_steps = check_every_n_steps
-        self.received: int | None = None  # the first signal this process got
+        run = _RUN_RECORDER
+        self.recorder = run if run is not None and run.signals == self.signals else SignalRecorder(self.signals)
         self.stopped_by: int | None = None  # the signal the ranks stopped on (set on every rank)
         self.checkpoint: str | None = None
         self._agreed: LaggedReads | None = None  # under DDP: the ranks' agreed signal, read on the host
 
-    def _handle(self, signum: int, frame) -> None:
-        if self.received is None:
-            self.received = signum
+    @property
+    def received(self) -> int | None:
+        """The first signal this process got."""
+        return self.recorder.received
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.signals:
-                signal.signal(signum, self._handle)
+        self.recorder.listen()  # Lightning restores the handlers it found when fit ends
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if self.stopped_by is not None or trainer.fit_loop._should_accumulate():
@@ -133,12 +218,8 @@ class PreemptionCheckpoint(L.Callback):
         pre-timeout signal (rank 0, when ``requeue``) and raise ``Preempted`` on every rank."""
         if self.stopped_by is None:
             return
-        job = slurm_job_id()
-        requeued = False
-        if requeue and job is not None and self.stopped_by == self.pretimeout:
-            requeued = requeue_slurm_job(job) if trainer.is_global_zero else False
-        trainer.strategy.barrier()
-        raise Preempted(self.stopped_by, self.checkpoint, requeued)
+        _requeue_and_raise(self.stopped_by, self.checkpoint, self.pretimeout, requeue, trainer.is_global_zero,
+                           trainer.strategy.barrier)
 
 
 def preempted(trainer: L.Trainer) -> bool:

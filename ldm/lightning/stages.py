@@ -48,7 +48,7 @@ from ldm.lightning.console import StepProgressBar, headline, parts_summary
 from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy, ValidationSettings
 from ldm.lightning.optim import LRSchedule
 from ldm.lightning.precision import AUTO, autocast_precision, resolve_precision
-from ldm.lightning.preemption import PreemptionCheckpoint
+from ldm.lightning.preemption import PreemptionCheckpoint, record_signals, stop_between_stages
 from ldm.lightning.run_lock import RunLock
 from ldm.lightning.run_log import log_to_run_file
 from ldm.lightning.settings import (
@@ -446,6 +446,8 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None, resume_step
     trainer.strategy.barrier()  # the other ranks read vae.ckpt (rank 0's scale) in the ldm stage
     rank_zero_info(f"vae stage: {seconds:.0f} s, {_last_metrics(trainer, 'train/loss', 'train/psnr')}, {fitted}; "
                    f"saved {path}")
+    if "ldm" in cfg.stages:  # a signal after the stage's last step, or during the normalisation fit: stop here
+        stop_if_signalled(cfg, trainer, path)
     return path
 
 
@@ -636,7 +638,9 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     headline(f"ldm stage: {s.max_steps} steps at batch {s.batch_size}; {parts_summary(module)}; output {stage_dir}")
     save_config(cfg, stage_dir)
     trainer = make_trainer(with_validation(cfg), stage_dir, s.max_steps, make_callbacks(cfg.callbacks.get("ldm")),
-                           make_logger(cfg, "ldm", stage_dir, resume_step))
+                           logger=False)
+    stop_if_signalled(cfg, trainer)  # a signal while the weights loaded or the latents were cached
+    trainer.logger = make_logger(cfg, "ldm", stage_dir, resume_step)  # after it: a stopped stage starts no logger run
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     seconds = time.perf_counter() - t0
@@ -662,8 +666,15 @@ def run(cfg: DictConfig, checked: bool = False) -> dict[str, Path]:
         check_run(cfg)
     check_latent_source(cfg, resume)
     lock = RunLock(out) if rank_zero_only.rank == 0 else nullcontext()
-    with lock:
+    p = cfg.get("preemption")
+    with lock, (record_signals(p.signal) if p is not None else nullcontext()):
         return _run_stages(cfg, out, resume)
+
+
+def stop_if_signalled(cfg: DictConfig, trainer: L.Trainer, checkpoint: Path | str | None = None) -> None:
+    """Between stages: stop the run (``Preempted``) if a preemption signal came since it started."""
+    if cfg.get("preemption") is not None:
+        stop_between_stages(trainer, cfg.preemption.signal, checkpoint, bool(cfg.preemption.requeue))
 
 
 def _run_stages(cfg: DictConfig, out: Path, resume: tuple[str, str, int, Path | None] | None) -> dict[str, Path]:

@@ -34,11 +34,29 @@ SIGNALLING = textwrap.dedent(
     from ldm.lightning import stages
     from ldm.lightning.preemption import Preempted
 
+    def send():
+        os.kill(os.getpid(), getattr(signal, os.environ["SEND_SIGNAL"]))
+
     class Send(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            at, sig, rank = os.environ.get("SEND_AT"), os.environ.get("SEND_SIGNAL"), os.environ.get("SEND_RANK", "0")
-            if at and trainer.global_step == int(at) and trainer.global_rank == int(rank):
-                os.kill(os.getpid(), getattr(signal, sig))
+            at, rank = os.environ.get("SEND_AT"), os.environ.get("SEND_RANK", "0")
+            if at and at.isdigit() and trainer.global_step == int(at) and trainer.global_rank == int(rank):
+                send()
+
+        def on_fit_start(self, trainer, pl_module):  # before Lightning installs its own handlers
+            if os.environ.get("SEND_AT") == "fit_start" and trainer.default_root_dir.endswith("ldm"):
+                send()
+
+    # SEND_IN=NAME: the signal comes as stages.NAME is called (between the stages) on rank SEND_RANK
+    if os.environ.get("SEND_IN"):
+        original = getattr(stages, os.environ["SEND_IN"])
+
+        def sending(*args, **kwargs):
+            if os.environ.get("SLURM_PROCID", "0") == os.environ.get("SEND_RANK", "0"):
+                send()
+            return original(*args, **kwargs)
+
+        setattr(stages, os.environ["SEND_IN"], sending)
 
     make_trainer = stages.make_trainer
 
@@ -163,3 +181,88 @@ def test_slurm_pretimeout_signal_on_one_rank_requeues_and_the_requeued_job_conti
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
     for k, v in end_a["state_dict"].items():
         torch.testing.assert_close(end_b["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_a_signal_between_the_stages_stops_before_the_ldm_stage_and_resume_trains_the_same_model(tmp_path):
+    """The signal comes while the vae stage writes vae.ckpt (after its fit, whose handlers are gone): vae.ckpt is
+    written, the ldm stage never starts, and resume=auto trains the ldm stage of the uninterrupted run."""
+    script = tmp_path / "signalling.py"
+    script.write_text(SIGNALLING)
+    shards = tmp_path / "shards"
+    stages = ["stages=[vae,ldm]", "vae_stage.max_steps=2", "ldm_stage.max_steps=4"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    ran = subprocess.run(_cmd(script, full, shards, *stages), cwd=tmp_path, env=train_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+
+    stopped = subprocess.run(_cmd(script, cut, shards, *stages), cwd=tmp_path, capture_output=True, text=True,
+                             env=train_env(SEND_IN="save_autoencoder", SEND_SIGNAL="SIGTERM"), timeout=300)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-4000:]  # not killed (-15)
+    assert (cut / "vae" / "vae.ckpt").is_file() and not (cut / "ldm").exists()
+    assert "SIGTERM received between stages" in stopped.stderr
+    assert not (cut / "train.lock").exists()
+
+    again = subprocess.run(_cmd(script, cut, shards, *stages, "resume=auto"), cwd=tmp_path, env=train_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "the vae stage finished at step 2; the ldm stage starts from" in again.stderr + again.stdout
+    a = read_metrics(full / "logs" / "version_1" / "metrics.csv")
+    b = read_metrics(cut / "logs" / "version_1" / "metrics.csv")
+    assert_same_curve(a, b, range(4), KEYS)
+
+
+def test_a_signal_while_the_latents_are_cached_stops_before_training_and_requeues(vae_ckpt, tmp_path):
+    """The pre-timeout signal during the latent cache of a one-task SLURM job: the job is requeued, no ldm
+    checkpoint or logger run is started, and the requeued command trains the stage."""
+    script = tmp_path / "signalling.py"
+    script.write_text(SIGNALLING)
+    shards = vae_ckpt.parents[2] / "shards"
+    job = tmp_path / "job"
+    cmd = [*_cmd(script, job, shards, f"vae_ckpt={vae_ckpt}"), "ldm_stage.cache_latents=true"]
+    env = {**_fake_slurm(tmp_path, 0, port=free_port()), "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1"}
+    stopped = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env={**env, "SEND_IN": "cache_for_vae", "SEND_SIGNAL": "SIGUSR1"})
+    assert stopped.returncode == 128 + signal.SIGUSR1, stopped.stderr[-4000:]
+    assert (tmp_path / "scontrol.calls").read_text().split("\n")[:-1] == ["requeue 4242"]
+    assert "requeued SLURM job 4242" in stopped.stderr + stopped.stdout
+    assert not (job / "ldm" / "checkpoints").exists() and not (job / "logs").exists()
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-4000:]
+    last = torch.load(job / "ldm" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == N
+    assert sorted(p.name for p in (job / "logs").iterdir()) == ["version_0"]
+
+
+def test_a_signal_before_the_first_step_stops_the_run_at_that_step(vae_ckpt, tmp_path):
+    """SIGTERM as fit starts, before any handler of Lightning's or the stage's is installed: the run's own
+    recorder keeps it, and the stage saves and stops at its first step."""
+    script = tmp_path / "signalling.py"
+    script.write_text(SIGNALLING)
+    shards = vae_ckpt.parents[2] / "shards"
+    run = tmp_path / "run"
+    stopped = subprocess.run(_cmd(script, run, shards, f"vae_ckpt={vae_ckpt}"), cwd=tmp_path, capture_output=True,
+                             text=True, env=train_env(SEND_AT="fit_start", SEND_SIGNAL="SIGTERM"), timeout=300)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-4000:]
+    last = run / "ldm" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 1
+
+
+def test_a_signal_between_the_stages_on_one_rank_stops_both_ranks(vae_ckpt, tmp_path):
+    """Two DDP ranks: the pre-timeout signal reaches rank 1 alone as the ldm stage builds its parts, after the vae
+    stage. The ranks agree through the vae stage's process group: both stop with 138, the job is requeued once,
+    and the requeued job trains the ldm stage."""
+    script = tmp_path / "signalling.py"
+    script.write_text(SIGNALLING)
+    job = tmp_path / "job"
+    cmd = [*_cmd(script, job, vae_ckpt.parents[2] / "shards", "stages=[vae,ldm]", "vae_stage.max_steps=2",
+                 "ldm_stage.max_steps=4"), "trainer=ddp_cpu", "trainer.devices=2"]
+    stopped = _srun(cmd, tmp_path, free_port(), SEND_IN="build_first_stage", SEND_SIGNAL="SIGUSR1", SEND_RANK="1")
+    assert [p.returncode for p in stopped] == [128 + signal.SIGUSR1] * 2, stopped[0].stderr[-4000:]
+    assert (tmp_path / "scontrol.calls").read_text().split("\n")[:-1] == ["requeue 4242"]
+    assert (job / "vae" / "vae.ckpt").is_file() and not (job / "ldm" / "checkpoints").exists()
+
+    for p in _srun(cmd, tmp_path, free_port()):
+        assert p.returncode == 0, p.stderr[-4000:]
+    last = torch.load(job / "ldm" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 4

@@ -56,7 +56,7 @@ def test_in_one_process_a_signal_after_the_last_check_still_saves_and_stops(tmp_
     callback = PreemptionCheckpoint(check_every_n_steps=3)
     callback.on_train_end(trainer, None)
     assert callback.stopped_by is None and not saved  # no signal: nothing
-    callback._handle(signal.SIGTERM, None)  # at step 4 of 5: step 5 is not a check
+    callback.recorder.handle(signal.SIGTERM, None)  # at step 4 of 5: step 5 is not a check
     callback.on_train_end(trainer, None)
     assert callback.stopped_by == signal.SIGTERM and trainer.should_stop
     assert saved == [str(tmp_path / "checkpoints" / "last.ckpt")] == [callback.checkpoint]
@@ -102,7 +102,7 @@ def test_a_signal_within_a_gradient_accumulation_window_saves_at_its_end(tmp_pat
     class Signal(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 2:  # the first batch of the second window
-                preemption._handle(signal.SIGUSR1, None)
+                preemption.recorder.handle(signal.SIGUSR1, None)
 
     trainer = L.Trainer(max_steps=10, accumulate_grad_batches=2, accelerator="cpu", logger=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
