@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm.checkpoint import atomic_write_bytes, fsync_dir
-from ldm.data.urls import ShardError, is_local, local_path, open_url, read_small, shard_name, sibling
+from ldm.data.urls import FetchError, ShardError, is_local, local_path, open_url, read_small, shard_name, sibling
 from ldm.errors import ConfigError
 from ldm.local_cache import cache_dir
 
@@ -67,15 +67,39 @@ def write_index(directory: str | os.PathLike, shards: list[dict[str, Any]], **ex
     return index
 
 
+FETCH_ATTEMPTS = 3  # reads of a remote shard that failed to fetch (curl retries HTTP errors itself, not cuts)
+FETCH_RETRY_DELAY_S = 2.0  # doubled after each failed attempt
+
+
+def _retrying(url: str, attempt: int, err: FetchError, already: int) -> None:
+    """Raise ``err`` after the last attempt, or for a local file; else warn and wait before the next one."""
+    if attempt + 1 >= FETCH_ATTEMPTS or is_local(url):
+        raise err
+    delay = FETCH_RETRY_DELAY_S * 2**attempt
+    warnings.warn(f"{err}; reading it again in {delay:g} s (attempt {attempt + 2} of {FETCH_ATTEMPTS}"
+                  + (f", past the {already} samples already read)" if already else ")"), stacklevel=3)
+    time.sleep(delay)
+
+
 def count_samples(path: str | os.PathLike) -> int:
     """Number of distinct keys in a shard (reads the tar headers only). Damage is warned about and the readable
-    keys are counted (the reader skips what is lost); a missing file or one that is no tar raises ShardError."""
+    keys are counted (the reader skips what is lost); a missing file or one that is no tar raises ShardError. A
+    shard that fails to fetch is read again (``FETCH_ATTEMPTS``), then raises: never a partial count."""
+    for attempt in range(FETCH_ATTEMPTS):
+        try:
+            return _count_samples(path)
+        except FetchError as err:
+            _retrying(str(path), attempt, err, 0)
+    raise AssertionError("unreachable")
+
+
+def _count_samples(path: str | os.PathLike) -> int:
     keys: set[str] = set()
     damaged: list[str] = []
     try:
         keys.update(sample_key(name)[0] for name, _ in _tar_members(path, headers_only=True, damaged=damaged))
     except ShardError as err:
-        if not keys:
+        if not keys or isinstance(err, FetchError):
             raise
         damaged.append(str(err))
     if damaged:
@@ -370,6 +394,25 @@ def _compressed_members(path: str | os.PathLike, f: Any, headers_only: bool) -> 
 def iter_shard(path: str | os.PathLike, count: int | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard in tar order: ``{"__key__", "__shard__", ext: bytes, ...}``.
 
+    A remote shard that fails to fetch (a cut connection, a failing command: ``FetchError``) is read again from its
+    start, past the samples already given, up to ``FETCH_ATTEMPTS`` times; then the error stops the reader. Its
+    samples are never taken for lost, which would train a silently short epoch.
+    """
+    given = 0
+    for attempt in range(FETCH_ATTEMPTS):
+        try:
+            for j, raw in enumerate(_read_shard(path, count)):
+                if j >= given:
+                    given += 1
+                    yield raw
+            return
+        except FetchError as err:
+            _retrying(str(path), attempt, err, given)
+
+
+def _read_shard(path: str | os.PathLike, count: int | None = None) -> Iterator[dict[str, Any]]:
+    """One read of ``iter_shard``: the samples of one shard, with what damage does to them.
+
     Without ``count``, damage raises ShardError (shard path and byte offset) after the samples before it. With
     ``count`` (the shard's index.json count) damage is skipped and counted: a sample with a corrupt member is
     dropped and reading resumes at the next valid tar header; a truncated shard ends early. The stream still has
@@ -403,7 +446,7 @@ def iter_shard(path: str | os.PathLike, count: int | None = None) -> Iterator[di
         if damaged and len(damaged) > noted:
             current = None
     except ShardError as err:
-        if damaged is None:
+        if damaged is None or isinstance(err, FetchError):  # a failed fetch is no damage: the shard is read again
             raise
         damaged.append(str(err))
         if current is not None and (err.member is None or sample_key(err.member)[0] == current["__key__"]):

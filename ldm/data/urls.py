@@ -31,6 +31,7 @@ OBJECT_STORE_HOW = {  # what to do when a scheme has no opener here
 }
 PIPE_OK = (0, 141)  # 141: SIGPIPE, the reader stopped early (webdataset ignores it too)
 CURL_OK = (0, 23, 141)  # 23: curl's write error when the reader closed the pipe early
+CURL_RETRY = ["--retry", "30", "--retry-delay", "2"]  # webdataset's: a 5xx, 408 or 429 answer is asked again
 
 
 class ShardError(ConfigError):
@@ -41,6 +42,11 @@ class ShardError(ConfigError):
     def __init__(self, message: str, member: str | None = None) -> None:
         super().__init__(message)
         self.member = member
+
+
+class FetchError(ShardError):
+    """A shard that could not be fetched (missing, an unreachable URL, a failing command or object-store read), as
+    opposed to one whose bytes are damaged: the reader retries it and never counts its samples as lost."""
 
 
 def is_local(url: str | os.PathLike) -> bool:
@@ -102,7 +108,7 @@ class _CommandStream:
         if status not in self.ok:
             self.stderr.seek(0)
             said = self.stderr.read().decode(errors="replace").strip()[-2000:]
-            raise ShardError(f"reading {self.url} failed: the command exited with status {status}"
+            raise FetchError(f"reading {self.url} failed: the command exited with status {status}"
                              + (f"; its stderr: {said}" if said else " (it wrote nothing to stderr)"))
 
     def close(self) -> None:
@@ -131,17 +137,17 @@ def open_url(url: str | os.PathLike, timeout: float = 30.0) -> Iterator[IO[bytes
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
-            raise ShardError(f"shard {path} does not exist") from None
+            raise FetchError(f"shard {path} does not exist") from None
         except OSError as err:
-            raise ShardError(f"cannot read shard {path}: {err}") from None
+            raise FetchError(f"cannot read shard {path}: {err}") from None
         with f:
             yield f
         return
     scheme = urlparse(text).scheme
     if scheme == "pipe":
         stream = _CommandStream(text, text[len("pipe:"):], shell=True, ok=PIPE_OK)
-    elif scheme in ("http", "https"):  # webdataset's curl opener, with curl's own message kept (-sS)
-        args = ["curl", "--connect-timeout", str(int(timeout)), "-f", "-sS", "-L", text]
+    elif scheme in ("http", "https"):  # webdataset's curl opener and retries, with curl's own message kept (-sS)
+        args = ["curl", "--connect-timeout", str(int(timeout)), *CURL_RETRY, "-f", "-sS", "-L", text]
         stream = _CommandStream(text, args, shell=False, ok=CURL_OK)
     elif fsspec_backend(scheme):
         stream = _fsspec_open(text)
@@ -154,7 +160,7 @@ def open_url(url: str | os.PathLike, timeout: float = 30.0) -> Iterator[IO[bytes
         try:
             stream = gopen(text, "rb")
         except (OSError, ValueError) as err:
-            raise ShardError(f"cannot open {text}: {err}") from None
+            raise FetchError(f"cannot open {text}: {err}") from None
     try:
         yield stream
     finally:
@@ -180,9 +186,9 @@ def _fsspec_open(url: str) -> IO[bytes]:
     try:
         return fsspec.open(url, "rb").open()
     except FileNotFoundError:
-        raise ShardError(f"shard {url} does not exist") from None
+        raise FetchError(f"shard {url} does not exist") from None
     except Exception as err:  # the backends raise their own error types
-        raise ShardError(f"cannot open {url}: {type(err).__name__}: {err}") from None
+        raise FetchError(f"cannot open {url}: {type(err).__name__}: {err}") from None
 
 
 def read_small(url: str | os.PathLike, missing_ok: bool = True) -> bytes | None:

@@ -4,11 +4,15 @@ clear errors naming the URL and the command's stderr, and img2dataset's output r
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import io
 import json
 import shutil
 import socket
 import tarfile
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +24,7 @@ from ldm.data import make_shards as ms
 from ldm.data import shards as shards_module
 from ldm.data.datamodule import ShardDataModule
 from ldm.data.shards import iter_shard, resolve_shards
-from ldm.data.urls import ShardError, serve_directory, shard_name, sibling
+from ldm.data.urls import FetchError, ShardError, serve_directory, shard_name, sibling
 from ldm.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset opens http:// URLs with curl")
@@ -49,6 +53,94 @@ def count_cache(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("LDM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(shards_module, "_INDEX_CACHE", {})
     return tmp_path / "cache"
+
+
+@pytest.fixture(autouse=True)
+def no_retry_wait(monkeypatch) -> None:
+    """A shard that fails to fetch is read again at once here, not after seconds."""
+    monkeypatch.setattr(shards_module, "FETCH_RETRY_DELAY_S", 0.0)
+
+
+class _Flaky(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder, failing the first requests for a file as its rule says: ``(answer, times)``, the answer a
+    status code (404, 503) or ``"cut"`` (the headers promise the whole file; half of it is sent)."""
+
+    rules: dict[str, list] = {}
+    hits: dict[str, int] = {}
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        name = self.path.lstrip("/")
+        self.hits[name] = self.hits.get(name, 0) + 1
+        rule = self.rules.get(name)
+        if rule is not None and rule[1] > 0:
+            rule[1] -= 1
+            if rule[0] != "cut":
+                self.send_error(rule[0])
+                return
+            data = (Path(self.directory) / name).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True
+            return
+        super().do_GET()
+
+
+@contextlib.contextmanager
+def _flaky(directory: Path, **rules: tuple) -> Iterator[tuple[str, dict[str, int]]]:
+    """A server on 127.0.0.1 over ``directory`` with failure rules by file name (``000001_tar=("cut", 1)``); yields
+    its URL and the requests per file; stopped when the block ends."""
+    handler = type("Rules", (_Flaky,), {"rules": {k.replace("_", "."): list(v) for k, v in rules.items()}, "hits": {}})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", handler.hits
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+
+
+def test_a_shard_cut_off_mid_transfer_is_read_again_and_the_epoch_is_whole(shards):
+    kw = dict(batch_size=8, image_size=8, shuffle_buffer=4, seed=1)
+    local = _keys(ShardDataModule(str(shards), **kw))
+    with _flaky(shards, **{"000001_tar": ("cut", 1)}) as (url, hits):
+        with pytest.warns(UserWarning, match=rf"reading {url}/000001.tar failed.*reading it again"):
+            remote = _keys(ShardDataModule(f"{url}/{SPEC}", **kw))
+        assert hits["000001.tar"] == 2
+    assert remote == local  # every sample, in the same order: nothing taken for lost
+
+
+def test_a_shard_that_cannot_be_fetched_stops_the_epoch_naming_the_url(shards):
+    """index.json lists the shard, but the server answers 404: an error, not a short epoch of the other shards."""
+    with _flaky(shards, **{"000002_tar": (404, 99)}) as (url, hits):
+        dm = ShardDataModule(f"{url}/{SPEC}", batch_size=8, image_size=8, shuffle_buffer=4, seed=1)
+        with pytest.raises(FetchError, match=rf"reading {url}/000002.tar failed: .*status 22.*404"):
+            _keys(dm)
+        assert hits["000002.tar"] == shards_module.FETCH_ATTEMPTS
+
+
+def test_a_count_that_fails_to_fetch_is_read_again_and_a_failed_one_never_cached(shards, count_cache):
+    (shards / "index.json").unlink()
+    with _flaky(shards, **{"000000_tar": ("cut", 1), "000002_tar": (404, shards_module.FETCH_ATTEMPTS)}) as (url, _):
+        with pytest.raises(FetchError, match=rf"{url}/000002.tar failed"):
+            resolve_shards(f"{url}/{SPEC}")
+        assert len(list((count_cache / "shard_counts").glob("*.json"))) == 2  # 000000 (read twice) and 000001
+        assert resolve_shards(f"{url}/{SPEC}")[1] == [8, 8, 8, 8]  # the server answers now: counted, not cached
+
+
+def test_http_errors_a_server_calls_transient_are_asked_again_by_curl(shards, monkeypatch):
+    monkeypatch.setattr(shards_module, "FETCH_ATTEMPTS", 1)  # no read again: curl's own retry
+    with _flaky(shards, **{"000001_tar": (503, 1)}) as (url, hits):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert len(list(iter_shard(f"{url}/000001.tar", 8))) == 8
+        assert hits["000001.tar"] == 2
 
 
 def _keys(dm: ShardDataModule) -> list[list[str]]:
