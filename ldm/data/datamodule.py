@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ldm.data.buckets import BucketSpec, shard_buckets
 from ldm.data.shards import ReadPlan, ShardError, _rng, iter_shard, resolve_shards
 from ldm.data.transforms import ImageTransform, SampleDecoder, collate, uint8_to_float
+from ldm.data.urls import shard_name
 from ldm.errors import ConfigError
 
 POS_KEY = "__pos__"  # (split, epoch, batch index) attached to each batch; the DataModule pops it
@@ -192,6 +193,8 @@ class ShardLoader:
         # a key the saved state lacks was not recorded when it was saved: not compared
         diff = {k: (state[k], v) for k, v in mine.items()
                 if k not in ("epoch", "batch") and k in state and state[k] != v}
+        if "shards" in diff and state["shards"] == shard_digest(self.plan.shards, self.plan.counts, legacy=True):
+            del diff["shards"]  # recorded under the earlier naming of pipe: shards: the same shards
         if diff:
             raise ValueError(
                 f"cannot resume the data position exactly: the layout changed (saved, now) = {diff}. Resume with the "
@@ -202,12 +205,14 @@ class ShardLoader:
         self._consumed = None
 
 
-def shard_digest(shards: Sequence[str], counts: Sequence[int]) -> str:
-    """A short hash of the shards' file names and sample counts, in order (not their folders: a dataset moved to
-    another disk resumes)."""
+def shard_digest(shards: Sequence[str], counts: Sequence[int], legacy: bool = False) -> str:
+    """A short hash of the shards' file names (``shard_name``: of a ``pipe:`` command's too) and sample counts, in
+    order: not their folders or openers, so a dataset moved to another disk or read another way resumes. ``legacy``:
+    the text after the last ``/`` as the name, as states saved before recorded it."""
     digest = hashlib.sha256()
     for shard, count in zip(shards, counts, strict=True):
-        digest.update(f"{str(shard).rstrip('/').rsplit('/', 1)[-1]}:{count};".encode())
+        name = str(shard).rstrip("/").rsplit("/", 1)[-1] if legacy else shard_name(str(shard))
+        digest.update(f"{name}:{count};".encode())
     return digest.hexdigest()[:12]
 
 

@@ -149,6 +149,10 @@ def check_cache_run(cfg: DictConfig) -> None:
         raise ConfigError("ldm_stage.cache_latents=true encodes image shards, but data.source is "
                          f"{cfg.data.get('source')!r}: the data is a latent cache already; set "
                          "ldm_stage.cache_latents=false")
+    if cfg.data.get("buckets"):
+        raise ConfigError("ldm_stage.cache_latents=true with data.buckets: the latent cache holds one size, the "
+                          "buckets several. Set ldm_stage.cache_latents=false to train on buckets (each image is "
+                          "encoded at its bucket's size while training)")
     crop, hflip = cfg.data.get("crop", "center"), bool(cfg.data.get("hflip", False))
     if crop != "center" or hflip:
         raise ConfigError(

@@ -491,6 +491,9 @@ def test_train_py_cache_latents_refusals(tmp_path):
     with pytest.raises(ValueError, match=one_process):
         check_cache_run(cfg)
     assert not (tmp_path / "latents").exists()
+    with pytest.raises(ValueError, match=r"cache_latents=true with data.buckets.*ldm_stage.cache_latents=false"):
+        check_run(_compose(tmp_path, "data.source=images", "ldm_stage.cache_latents=true",
+                           "data.buckets={pixels: 256, step: 8, max_ratio: 2.0}"))  # before the vae stage
     for override, said in (("data.crop=random", "data.crop=random data.hflip=false"),
                            ("data.hflip=true", "data.crop=center data.hflip=true")):
         with pytest.raises(ValueError, match=rf"encodes each image once.*{said} would augment nothing"):

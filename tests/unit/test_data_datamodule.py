@@ -203,6 +203,22 @@ def test_other_shards_or_a_position_saved_before_these_checks(shapes_dir, tmp_pa
     _dm(shapes_dir, shuffle_buffer=16).load_state_dict(older)
 
 
+def test_the_same_shards_through_a_pipe_command_resume_and_so_does_a_state_saved_before_the_naming(shapes_dir,
+                                                                                                     monkeypatch):
+    """The digest names a shard as the read plan does (``shard_name``), so ``pipe:cat DIR/x.tar`` and ``DIR/x.tar``
+    are the same shards; a state recorded with the earlier naming (text after the last '/') still loads."""
+    from ldm.data.datamodule import shard_digest
+    from ldm.data.shards import resolve_shards
+
+    spec = "pipe:cat " + str(shapes_dir) + "/{000000..000005}.tar 2>/dev/null"
+    state = _dm(spec).state_dict()
+    _dm(shapes_dir).load_state_dict(state)
+    legacy_piped = shard_digest(*resolve_shards(spec), legacy=True)
+    assert legacy_piped != state["shards"]  # every pipe: shard was named 'null'
+    _dm(spec).load_state_dict({**state, "shards": legacy_piped})
+    _dm(shapes_dir).load_state_dict({**state, "shards": shard_digest(*resolve_shards(str(shapes_dir)), legacy=True)})
+
+
 def test_image_folder_to_batches(tmp_path):
     """png + jpg images with .txt captions -> make_shards -> ShardDataModule: each image with its own caption."""
     from PIL import Image
