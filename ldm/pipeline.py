@@ -36,6 +36,7 @@ from ldm.diffusion.sampling import (
     sample_loop,
     set_steps,
     start_at,
+    strength_steps,
 )
 from ldm.errors import ConfigError
 from ldm.images import to_pil
@@ -449,7 +450,7 @@ class LatentDiffusionPipeline:
 
         steps = c.sampling.num_inference_steps
         if strength < 1:
-            start_at(scheduler, steps, min(steps, max(1, int(round(steps * strength)))))
+            start_at(scheduler, steps, strength_steps(steps, strength))
         legacy = not self.is_inpainting
         z0 = encode(pixels) if strength < 1 or legacy else None
         x = noise_to_start(scheduler, z0, noise) if strength < 1 else noise * scheduler.init_noise_sigma
@@ -603,7 +604,7 @@ class LatentDiffusionPipeline:
                 z0 = x if self.vae is None else self.vae.normalize_latents(self.vae.encode(x).mode())
                 z0 = z0.expand(n, -1, -1, -1) if z0.shape[0] == 1 else z0
                 steps = s.num_inference_steps
-                start_at(scheduler, steps, min(steps, max(1, int(round(steps * c.strength)))))
+                start_at(scheduler, steps, strength_steps(steps, c.strength))
                 x = noise_to_start(scheduler, z0, noise)
             else:
                 x = noise * scheduler.init_noise_sigma  # the sigma samplers start at their largest level

@@ -226,6 +226,12 @@ def start_at(scheduler: Scheduler, steps: int, keep: int) -> None:
     scheduler.timesteps = scheduler.timesteps[(steps - keep) * scheduler.order:]
 
 
+def strength_steps(steps: int, strength: float) -> int:
+    """The steps image-to-image runs of ``steps`` at ``strength``: diffusers' ``int(steps * strength)`` (truncated),
+    and at least one (where diffusers would run none and fail)."""
+    return min(steps, max(1, int(steps * strength)))
+
+
 def forward_noise(scheduler: Scheduler, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``clean`` latents noised to timestep ``t`` (one, or one per sample) by the forward process of the model's kind,
     in the sampler's own space: a flow model's (1 - s) x0 + s eps, a diffusion model's alpha x0 + sigma eps."""

@@ -248,6 +248,28 @@ def test_image_to_image_noises_the_image_with_the_given_latents(pipe) -> None:
     assert not torch.allclose(pipe(["a", "b"], latents=torch.randn(shape, generator=_gen(4)), **kw), drawn)
 
 
+@pytest.mark.parametrize(("steps", "strength"), [(10, 0.75), (25, 0.3), (8, 0.3125), (4, 0.6), (4, 0.1)])
+@pytest.mark.parametrize("mode", ["img2img", "legacy_inpaint"])
+def test_image_to_image_runs_the_timesteps_of_diffusers_img2img(pipe, steps, strength, mode) -> None:
+    """The steps at a strength are diffusers' ``int(steps * strength)`` (truncated, not rounded), at least one: the
+    timesteps run are those of ``StableDiffusionImg2ImgPipeline.get_timesteps`` on the same scheduler."""
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    image = Image.new("RGB", (16, 16), (200, 40, 40))
+    extra = {"mask_image": Image.new("L", (16, 16), 255), "legacy_inpaint": True} if mode == "legacy_inpaint" else {}
+    ran: list[int] = []
+    pipe("a", image=image, strength=strength, num_inference_steps=steps, sampler="ddim", output_type="latent",
+         callback=lambda i, t, x, x0: ran.append(int(t)), **extra)
+    reference = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False)
+    reference.set_timesteps(steps)
+    expected, _ = StableDiffusionImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=reference), steps,
+                                                               strength, "cpu")
+    assert ran == [int(t) for t in expected] if len(expected) else ran == [int(reference.timesteps[-1])]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_latents_and_image_tensors_of_another_float_dtype_sample_as_float32(pipe, dtype) -> None:
     """A float64 or half-precision ``latents`` or ``image`` tensor is the same input as its float32 value (it would
