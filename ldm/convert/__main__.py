@@ -307,6 +307,10 @@ def write_diffusers(model: Model, dst: Path) -> None:
         if text.clip_skip > 1:
             print(f"note: the text encoder reads layer -{text.clip_skip}: call the diffusers pipeline with "
                   f"clip_skip={text.clip_skip - 1}", file=sys.stderr)
+        if text.tokenizer.pad_token_id == 0:
+            print("note: the tokenizer pads with id 0 ('!'), which transformers' CLIPTokenizer takes for a special "
+                  "token: a prompt's '!' becomes the pad id there (as with the SD 2.x tokenizer folders)",
+                  file=sys.stderr)
 
 
 def _write_pipeline_index(dst: Path, text, scheduler) -> None:

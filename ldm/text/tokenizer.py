@@ -141,7 +141,9 @@ class CLIPTokenizer:
     def save_transformers_files(self, folder: str | Path) -> None:
         """Write this vocabulary as transformers' ``CLIPTokenizer`` reads it (``vocab.json``, ``merges.txt`` and its
         configs: the special tokens under CLIP's names, this context length and pad id), for a diffusers pipeline
-        folder: the ids are the same BPE's, so it tokenizes prompts as this tokenizer does."""
+        folder: the ids are the same BPE's. transformers then tokenizes prompts as this tokenizer does, except (as
+        for the SD 2.x tokenizer folders) ``!`` when the pad id is 0 (the pad token, ``!``, is special there and
+        splits out as the pad id), and text that ftfy and HTML unescaping change here (``&amp;``, ligatures)."""
         import json  # noqa: PLC0415
 
         bpe = _simple_tokenizer()

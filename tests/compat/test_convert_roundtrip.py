@@ -150,6 +150,31 @@ def test_a_diffusers_folder_of_an_sd1_model_loads_as_diffusers_pipeline_and_samp
     assert (tmp_path / "shifted" / "unet").is_dir() and not (tmp_path / "shifted" / "model_index.json").exists()
 
 
+@pytest.mark.parametrize("pad", [0, 49407])
+def test_a_pad_id_of_0_is_noted_where_transformers_tokenizes_a_bang_as_padding(tmp_path: Path, capsys, pad) -> None:
+    """transformers' CLIPTokenizer splits the pad token out of the text: with pad id 0 ('!') a prompt's '!' becomes
+    the pad id in the converted folder, which the converter notes; with the SD 1.x pad id (eot) it tokenizes as ldm."""
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    from ldm.text import HFCLIPTextEncoder
+
+    text = HFCLIPTextEncoder(config=HF_TEXT, pad_token_id=pad)
+    unet = _randomize(UNet(4, 4, 32, (1, 2), 1, (1, 2), num_heads=8, context_dim=64), 1)
+    vae = _randomize(AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=SCALE), 2)
+    module = diffusion_module(unet, text, vae, schedule=SCHEDULE, prediction_type="v_prediction", sampling=SAMPLING,
+                              text_encoder_kwargs={"config": HF_TEXT, "pad_token_id": pad}, ema_decay=None)
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"ldm": module.describe(), "state_dict": module.state_dict(), "global_step": 1}, ckpt)
+    capsys.readouterr()
+    assert convert_main([str(ckpt), str(tmp_path / "pipe")]) == 0
+    noted = "pads with id 0" in capsys.readouterr().err
+    theirs = HFTokenizer.from_pretrained(tmp_path / "pipe" / "tokenizer")
+    n = text.tokenizer.context_length
+    ours = text.tokenizer(["stop! a cat"])[0][0].tolist()
+    same = theirs("stop! a cat", padding="max_length", max_length=n).input_ids == ours
+    assert (noted, same) == ((True, False) if pad == 0 else (False, True))
+
+
 def ldm_ckpt_with_shift(tmp_path: Path, text) -> Path:
     unet = _randomize(UNet(4, 4, 32, (1, 2), 1, (1, 2), num_heads=8, context_dim=64), 1)
     vae = _randomize(AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=SCALE, shift_factor=SHIFT), 2)
