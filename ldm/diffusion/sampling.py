@@ -276,6 +276,8 @@ def _step(scheduler: Scheduler, out: torch.Tensor, t: torch.Tensor, i: int, x: t
         kw["variance_noise"] = randn(tuple(out.shape), generator, out.device, out.dtype)
     elif isinstance(scheduler, EulerAncestralDiscreteScheduler):
         kw["noise"] = randn(tuple(out.shape), generator, out.device, out.dtype)
+    elif isinstance(scheduler, FlowMatchEulerDiscreteScheduler) and scheduler.stochastic_sampling:
+        kw["noise"] = randn(tuple(out.shape), generator, out.device, torch.float32)  # drawn as the step draws it
     return scheduler.step(out, t, x.float(), **kw)
 
 

@@ -126,6 +126,34 @@ def test_image_to_image_equals_diffusers(name):
     assert calls == pytest.approx(ref_calls, abs=1e-3)
 
 
+@pytest.mark.parametrize("name", ["ddpm", "euler_a", "flow_euler_stochastic"])
+def test_a_generator_per_image_gives_each_image_what_diffusers_gives_it_alone(name):
+    """With one generator per image, a stochastic sampler's step noise of image i comes from generator i alone
+    (never torch's global generator): each image equals diffusers' loop on that image with that generator."""
+    from ldm.diffusion.schedulers import FlowMatchEulerDiscreteScheduler
+
+    flow = name.startswith("flow")
+    ours_s = FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True) if flow else \
+        make_scheduler(name, SD_SCHEDULE, "epsilon", latent_shape=SHAPE)
+    steps = 5
+    set_steps(ours_s, steps, SHAPE)
+    seeds = (3, 4)
+    x = torch.cat([torch.randn(1, *SHAPE[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+    torch.manual_seed(0)  # anything drawn from the global generator would differ from diffusers' run
+    batch = sample_loop(lambda x, t, context: network(x, t), ours_s, x * ours_s.init_noise_sigma, None,
+                        generator=[torch.Generator().manual_seed(100 + s) for s in seeds])
+    for i, seed in enumerate(seeds):
+        ds = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True) if flow else \
+            reference(name, SD_SCHEDULE, "epsilon")
+        ds.set_timesteps(steps)
+        g = torch.Generator().manual_seed(100 + seed)
+        xi = x[i:i + 1] * getattr(ds, "init_noise_sigma", 1.0)
+        for t in ds.timesteps:
+            model_in = xi if flow else ds.scale_model_input(xi, t)
+            xi = ds.step(network(model_in, t), t, xi, generator=g).prev_sample
+        torch.testing.assert_close(batch[i:i + 1], xi, rtol=2e-4, atol=2e-4)
+
+
 def test_resolution_shift_follows_the_latent_size():
     spec = {**FLOW, "resolution_shift": True}
     for side in (8, 32, 64):

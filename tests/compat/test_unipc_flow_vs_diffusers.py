@@ -276,6 +276,18 @@ def test_flow_euler_variants_match_diffusers(kw, set_kw):
                    set_kw=set_kw, int_timesteps=False)
 
 
+def test_shift_terminal_with_one_step_is_refused_where_diffusers_gives_nan():
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.05)
+    ref.set_timesteps(1)
+    assert torch.isnan(ref.sigmas[0])  # the stretch divides by 1 - 1
+    ours = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.05)
+    with pytest.raises(ConfigError, match=r"shift_terminal=0.05 .* last level is 1.0 \(num_inference_steps=1\): use "
+                                          "at least 2 steps"):
+        ours.set_timesteps(1)
+    ours.set_timesteps(2)
+    assert torch.isfinite(ours.sigmas).all()
+
+
 def test_flow_euler_image_to_image_and_scale_noise():
     ours, ref = FlowMatchEulerDiscreteScheduler(shift=3.0), diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     _compare_chain(ours, ref, 20, begin=8, int_timesteps=False)

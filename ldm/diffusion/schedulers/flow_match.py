@@ -135,6 +135,10 @@ class FlowMatchEulerDiscreteScheduler(SigmaSteps):
         else:
             levels = shift_sigmas(levels, self.shift)
         if self.shift_terminal:
+            if levels[-1] >= 1:  # one level (or all) at 1: nothing to stretch (diffusers divides by zero: NaN)
+                raise ConfigError(f"shift_terminal={self.shift_terminal} stretches the levels below 1 to end there, "
+                                  f"but the last level is {float(levels[-1])} (num_inference_steps={n}): use at "
+                                  "least 2 steps, or shift_terminal=None")
             # Stretch 1 - s so that the last level lands on shift_terminal.
             levels = 1 - (1 - levels) * (1 - self.shift_terminal) / (1 - levels[-1])
         if self.use_karras_sigmas:
@@ -178,10 +182,11 @@ class FlowMatchEulerDiscreteScheduler(SigmaSteps):
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
         step_index: int | None = None,
+        noise: torch.Tensor | None = None,
     ) -> SchedulerOutput:
         """One Euler step x' = x + (s' - s) v along the predicted velocity v = ``model_output``; with
-        ``stochastic_sampling``, x' = (1 - s') x0 + s' eps' with fresh noise eps' (one ``torch.randn`` from
-        ``generator``). ``timestep`` is a value of ``timesteps`` (a float, not a loop index)."""
+        ``stochastic_sampling``, x' = (1 - s') x0 + s' eps' with fresh noise eps' (``noise`` when given, else one
+        ``torch.randn`` from ``generator``). ``timestep`` is a value of ``timesteps`` (a float, not a loop index)."""
         p = self._position(timestep, step_index)
         self._stepped.add(p)
         s, s_next = self._full_sigmas[p], self._full_sigmas[p + 1]
@@ -189,7 +194,8 @@ class FlowMatchEulerDiscreteScheduler(SigmaSteps):
         v = model_output.float()
         x0 = x - s * v
         if self.stochastic_sampling:
-            prev = (1 - s_next) * x0 + s_next * draw_noise(x, generator)
+            eps = draw_noise(x, generator) if noise is None else noise.to(x.device, x.dtype)
+            prev = (1 - s_next) * x0 + s_next * eps
         else:
             prev = x + (s_next - s) * v
         return SchedulerOutput(prev_sample=prev.to(model_output.dtype), pred_original_sample=x0.to(model_output.dtype))
