@@ -232,12 +232,17 @@ def strength_steps(steps: int, strength: float) -> int:
     return min(steps, max(1, int(steps * strength)))
 
 
-def forward_noise(scheduler: Scheduler, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def forward_noise(scheduler: Scheduler, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                  step_index: int | None = None) -> torch.Tensor:
     """``clean`` latents noised to timestep ``t`` (one, or one per sample) by the forward process of the model's kind,
-    in the sampler's own space: a flow model's (1 - s) x0 + s eps, a diffusion model's alpha x0 + sigma eps."""
+    in the sampler's own space: a flow model's (1 - s) x0 + s eps, a diffusion model's alpha x0 + sigma eps.
+    ``step_index``: ``t`` is ``scheduler.timesteps[step_index]``, whose level the sigma samplers take by position."""
     t = t.expand(clean.shape[0]) if t.numel() == 1 else t
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         return scheduler.scale_noise(clean, t, noise)
+    if step_index is not None and isinstance(scheduler, SigmaScheduler | DPMSolverMultistepScheduler |
+                                             UniPCMultistepScheduler):
+        return scheduler.add_noise(clean, noise, t, step_index=step_index)
     return scheduler.add_noise(clean, noise, t)
 
 

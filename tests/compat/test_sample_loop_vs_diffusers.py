@@ -16,6 +16,7 @@ from ldm.diffusion.sampling import (  # noqa: E402
     FLOW_SAMPLERS,
     SAMPLERS,
     default_sampler,
+    forward_noise,
     make_scheduler,
     noise_to_start,
     sample_loop,
@@ -152,6 +153,26 @@ def test_a_generator_per_image_gives_each_image_what_diffusers_gives_it_alone(na
             model_in = xi if flow else ds.scale_model_input(xi, t)
             xi = ds.step(network(model_in, t), t, xi, generator=g).prev_sample
         torch.testing.assert_close(batch[i:i + 1], xi, rtol=2e-4, atol=2e-4)
+
+
+def test_noising_to_a_repeated_timestep_takes_the_level_of_its_position_as_diffusers_loop_does():
+    """Rounded Karras levels repeat a timestep (t = 1 at 50 steps on the SD schedule). Inside diffusers' loop,
+    ``add_noise`` takes the level of the step's position; so does ``forward_noise`` given it (the legacy inpainting
+    blend), where a lookup by value would take the first occurrence's level."""
+    ours = make_scheduler("dpm++_2m_karras", SD_SCHEDULE, "epsilon", latent_shape=SHAPE)
+    set_steps(ours, 50, SHAPE)
+    ds = reference("dpm++_2m_karras", SD_SCHEDULE, "epsilon")
+    ds.set_timesteps(50)
+    ts = ours.timesteps
+    assert ts.tolist() == ds.timesteps.tolist()
+    p = next(i for i in range(1, len(ts)) if ts[i] == ts[i - 1])
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    for t in ds.timesteps[:p]:  # diffusers' loop after p steps: its step index is p
+        x = ds.step(network(x, t), t, x).prev_sample
+    clean, noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)), torch.randn(SHAPE)
+    expected = ds.add_noise(clean, noise, ds.timesteps[p:p + 1])
+    torch.testing.assert_close(forward_noise(ours, clean, noise, ts[p:p + 1], step_index=p), expected)
+    assert not torch.allclose(forward_noise(ours, clean, noise, ts[p:p + 1]), expected, atol=1e-3)
 
 
 def test_resolution_shift_follows_the_latent_size():

@@ -248,6 +248,24 @@ def test_image_to_image_noises_the_image_with_the_given_latents(pipe) -> None:
     assert not torch.allclose(pipe(["a", "b"], latents=torch.randn(shape, generator=_gen(4)), **kw), drawn)
 
 
+def test_the_legacy_inpainting_blend_noises_the_kept_region_to_the_next_position(pipe, monkeypatch) -> None:
+    """After step i the kept region is noised to position i + 1 of the schedule (not looked up by its timestep's
+    value, which a repeated Karras timestep would map to another level), and left clean after the last step."""
+    import ldm.pipeline as module
+
+    seen = []
+    real = module.forward_noise
+
+    def spy(scheduler, clean, noise, t, step_index=None):
+        seen.append(step_index)
+        return real(scheduler, clean, noise, t, step_index=step_index)
+
+    monkeypatch.setattr(module, "forward_noise", spy)
+    pipe("a", image=Image.new("RGB", (16, 16), (200, 40, 40)), mask_image=Image.new("L", (16, 16), 255),
+         legacy_inpaint=True, strength=1.0, num_inference_steps=4, sampler="dpm++_2m_karras", output_type="latent")
+    assert seen == [1, 2, 3]
+
+
 @pytest.mark.parametrize(("steps", "strength"), [(10, 0.75), (25, 0.3), (8, 0.3125), (4, 0.6), (4, 0.1)])
 @pytest.mark.parametrize("mode", ["img2img", "legacy_inpaint"])
 def test_image_to_image_runs_the_timesteps_of_diffusers_img2img(pipe, steps, strength, mode) -> None:

@@ -166,16 +166,21 @@ class SigmaSteps:
         self.num_inference_steps = len(timesteps)
         self._reset_history()
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-                  ) -> torch.Tensor:
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                  step_index: int | None = None) -> torch.Tensor:
         """Forward-noise clean samples: to the noise level of the schedule's position when every timestep is one of
         ``timesteps`` (image-to-image's start; with Karras sigmas that level is not the table's), else to the
-        training table's level at the timesteps."""
+        training table's level at the timesteps. ``step_index``: the level of that position of ``timesteps``, as
+        diffusers' ``add_noise`` inside its loop (rounded Karras levels can repeat a timestep: its first position
+        is another level)."""
         t = torch.as_tensor(timesteps).reshape(-1).cpu()
-        if self._timesteps is None or not all(bool((self._timesteps.cpu() == v).any()) for v in t):
+        if step_index is not None:
+            levels = [self._full_sigmas[step_index + self._offset]] * len(t)
+        elif self._timesteps is None or not all(bool((self._timesteps.cpu() == v).any()) for v in t):
             return super().add_noise(original_samples, noise, timesteps)
-        ts = self._timesteps.cpu()
-        levels = [self._full_sigmas[int((ts == v).nonzero()[0, 0]) + self._offset] for v in t]
+        else:
+            ts = self._timesteps.cpu()
+            levels = [self._full_sigmas[int((ts == v).nonzero()[0, 0]) + self._offset] for v in t]
         pairs = torch.tensor([alpha_sigma(s) for s in levels], dtype=original_samples.dtype,
                              device=original_samples.device)
         shape = (-1, *([1] * (original_samples.ndim - 1))) if len(levels) > 1 else ()

@@ -135,14 +135,18 @@ class SigmaScheduler(SigmaSteps, DiscreteScheduler):
         sigma = self.sigma_at(timestep, step_index)
         return sample / ((sigma**2 + 1) ** 0.5)
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-                  ) -> torch.Tensor:
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                  step_index: int | None = None) -> torch.Tensor:
         """Noise clean samples into the scaled space: x0 + sigma noise, at the level of the schedule's position for a
-        timestep of ``timesteps`` (image-to-image's start), else the table's level at that (fractional) timestep."""
+        timestep of ``timesteps`` (image-to-image's start), else the table's level at that (fractional) timestep.
+        ``step_index``: the level of that position of ``timesteps`` (a repeated timestep's first is another)."""
         t = torch.as_tensor(timesteps).reshape(-1).cpu()
         ts = None if self._timesteps is None else self._timesteps.cpu()
         levels = []
         for v in t:
+            if step_index is not None:
+                levels.append(self._full_sigmas[step_index + self._offset])
+                continue
             hits = [] if ts is None else (ts == v).nonzero().flatten().tolist()
             if hits:
                 levels.append(self._full_sigmas[hits[0] + self._offset])
