@@ -54,18 +54,22 @@ class _EpochStream(IterableDataset):
             return
         groups = plan.groups(plan.worker_samples(self.rank, worker, self.epoch))
         # the batches consumed before the resume: grouped again from the raw samples, not decoded
-        if done and sum(1 for _ in itertools.islice(groups, done)) < done:
+        previous: list[dict[str, Any]] | None = None  # the last group: what stands in for a batch that decodes empty
+        skipped = 0
+        for group in itertools.islice(groups, done):
+            previous, skipped = group, skipped + 1
+        if skipped < done:
             raise RuntimeError(f"worker {worker} of rank {self.rank} ran out of samples while skipping to batch "
                                f"{self.start} of epoch {self.epoch}: the shards changed since the position was saved")
         for group in itertools.islice(groups, todo):
-            yield self._batch(group)
+            yield self._batch(group, previous)
+            previous = group
 
-    def _batch(self, raws: list[dict[str, Any]]) -> dict[str, Any]:
-        """Decode and collate; a bad sample shrinks its batch (the position bookkeeping stays exact). Samples lost to
-        a damaged shard arrive as placeholders (``__error__``) that the reader has already warned about."""
+    def _decode(self, raws: list[dict[str, Any]], size: tuple[int, int] | None,
+                errors: list[str]) -> list[dict[str, Any]]:
+        """The samples of ``raws`` that decode (at ``size``); each failure is warned about and added to ``errors``.
+        Samples lost to a damaged shard arrive as placeholders (``__error__``) the reader has already warned about."""
         samples = []
-        errors: list[str] = []
-        size = None if self.bucket_sizes is None else self.bucket_sizes[raws[0]["__bucket__"]]
         for raw in raws:
             if "__error__" in raw:
                 errors.append(raw["__error__"])
@@ -75,16 +79,29 @@ class _EpochStream(IterableDataset):
                 samples.append(self.decoder(raw, rng, size))
             except Exception as err:
                 errors.append(f"sample {raw['__shard__']}/{raw['__key__']}: {type(err).__name__}: {err}")
-                warnings.warn(f"skipping sample {raw['__shard__']}/{raw['__key__']}: {err}", stacklevel=2)
-        if not samples:
-            lost = [r for r in raws if "__error__" in r]
-            if lost:  # a batch made only of a damaged shard's lost samples: nothing to train on
-                raise ShardError(f"every sample of a batch (epoch {self.epoch}) was lost to a damaged shard: "
-                                 f"{lost[0]['__error__']}. Fix: delete that shard and rerun the command that wrote it "
-                                 "(make_shards and cache_latents write missing shards again), or leave it out")
-            raise RuntimeError(f"every sample of a batch failed to decode (shard {raws[0]['__shard__']}, first key "
-                               f"{raws[0]['__key__']}); first error: {errors[0]}")
-        return collate(samples)
+                warnings.warn(f"skipping sample {raw['__shard__']}/{raw['__key__']}: {err}", stacklevel=3)
+        return samples
+
+    def _batch(self, raws: list[dict[str, Any]], previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Decode and collate; a bad sample shrinks its batch (the position bookkeeping stays exact). A batch of
+        which nothing decodes (one damaged image alone in its bucket, or a shard's lost samples) becomes one sample
+        of this worker's previous batch, at this batch's size: every rank still steps, and a resumed run, which
+        groups the skipped batches again, picks the same one."""
+        errors: list[str] = []
+        size = None if self.bucket_sizes is None else self.bucket_sizes[raws[0]["__bucket__"]]
+        samples = self._decode(raws, size, errors)
+        if samples:
+            return collate(samples)
+        where = f"shard {raws[0]['__shard__']}, first key {raws[0]['__key__']}, epoch {self.epoch}"
+        stand_in = self._decode(previous, size, []) if previous is not None else []
+        if not stand_in:
+            raise ShardError(f"every sample of a batch ({where}) was lost or failed to decode, and no earlier batch "
+                             f"of this worker can stand in for it; first error: {errors[0]}. Fix: delete that shard "
+                             "and rerun the command that wrote it (make_shards and cache_latents write missing "
+                             "shards again), or leave it out")
+        warnings.warn(f"every sample of a batch ({where}) was lost or failed to decode ({errors[0]}): training on one "
+                      f"sample of the batch before it instead, key {stand_in[0].get('key')}", stacklevel=2)
+        return collate(stand_in[:1])
 
 
 class ShardLoader:

@@ -1,6 +1,7 @@
-"""Damaged shards and wrong input: corrupt or truncated tars are skipped and counted (or named with the byte offset
-when nothing can be skipped), an empty shard set says so, make_shards/cache_latents refuse zero or negative counts
-with exit status 2, make_shards fails when every item was skipped, and a full disk leaves no partial metadata."""
+"""Damaged shards and wrong input: corrupt or truncated tars are skipped and counted (a batch left empty trains on a
+sample of the one before; one with nothing before it is named with the byte offset), an empty shard set says so,
+make_shards/cache_latents refuse zero or negative counts with exit status 2, make_shards fails when every item was
+skipped, and a full disk leaves no partial metadata."""
 
 from __future__ import annotations
 
@@ -134,9 +135,17 @@ def test_loader_skips_a_truncated_shard_and_keeps_the_epoch_and_resume_exact(sha
 
 
 def test_a_batch_lost_entirely_names_the_shard_and_offset(shards):
+    """The second batch, all of one shard, lost: a sample of the first stands in, with warnings naming the shard and
+    the offset. The first batch lost has nothing before it: an error that names them."""
     offset = _truncate_mid_member(shards / "000001.tar", 0)  # nothing of the shard survives
-    dm = ShardDataModule(str(shards), batch_size=8, image_size=8, shuffle_buffer=0)
-    with pytest.warns(UserWarning), pytest.raises(ConfigError, match=rf"000001.tar is truncated.*byte {offset}"):
+    dm = ShardDataModule(str(shards), batch_size=8, image_size=8, shuffle_buffer=0, shuffle_shards=False)
+    with pytest.warns(UserWarning, match=rf"000001.tar is truncated.*byte {offset}.*training on one sample of the "
+                                         "batch before it"):
+        assert [len(b["key"]) for b in _epoch(dm)] == [8, 1, 8, 8]
+    offset = _truncate_mid_member(shards / "000000.tar", 0)
+    dm = ShardDataModule(str(shards), batch_size=8, image_size=8, shuffle_buffer=0, shuffle_shards=False)
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match=rf"no earlier batch of this worker can stand "
+                                                                      rf"in.*000000.tar is truncated.*byte {offset}"):
         _epoch(dm)
 
 
@@ -263,3 +272,46 @@ def test_cache_latents_skips_and_counts_a_damaged_shard(shards, tmp_path):
     assert len(list(iter_shard(tmp_path / "lat" / "000003.tar"))) == 2
     again = cl.cache_latents(shards, tmp_path / "lat", vae, image_size=8, batch_size=4, log=None)
     assert [s["count"] for s in again["shards"]] == [8, 8, 8, 2]  # the cached count, not the input's index count
+
+
+@pytest.mark.parametrize("buckets", [None, {"pixels": 1024, "step": 8, "max_ratio": 4.0}])
+def test_a_batch_of_which_nothing_decodes_trains_on_a_sample_of_the_batch_before_and_resumes_alike(tmp_path, buckets):
+    """A damaged image alone in its batch (the last partial batch; with buckets, the only image of its aspect ratio):
+    the batch becomes one sample of the worker's batch before it, with a warning, and a run resumed at that batch
+    gets the same sample, where it used to fail there again."""
+    import io
+
+    from ldm.data.shards import write_index
+
+    def png(w: int, h: int, i: int) -> bytes:
+        buf = io.BytesIO()
+        Image.effect_noise((w, h), 40 + i).convert("RGB").save(buf, "PNG")
+        return buf.getvalue()
+
+    out = tmp_path / "shards"
+    out.mkdir()
+    with ShardWriter(out / "000000.tar") as writer:
+        for i in range(8):
+            writer.write(f"{i:04d}", {"png": png(32, 32, i), "txt": b"a square"})
+        writer.write("0008", {"png": png(64, 16, 9)[:200], "txt": b"a wide one, cut"})  # its header reads, no pixels
+    write_index(out, [{"name": "000000.tar", "count": 9}])
+
+    def loader(state=None):
+        dm = ShardDataModule(str(out), batch_size=4, image_size=32, shuffle_buffer=0, shuffle_shards=False, seed=0,
+                             buckets=buckets)
+        if state is not None:
+            dm.load_state_dict(state)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    first = loader()
+    with pytest.warns(UserWarning, match=r"every sample of a batch \(shard 000000.tar, first key 0008.*training on "
+                                         "one sample of the batch before it instead, key 0004"):
+        batches = list(first)
+    assert [list(b["key"]) for b in batches] == [["0000", "0001", "0002", "0003"], ["0004", "0005", "0006", "0007"],
+                                                  ["0004"]]
+    assert batches[2]["image"].shape[-2:] == ((16, 64) if buckets else (32, 32))  # the lost batch's own size
+    with pytest.warns(UserWarning, match="training on one sample of the batch before it"):
+        resumed = list(loader(first._state(0, 2)))
+    assert len(resumed) == 1
+    torch.testing.assert_close(resumed[0]["image"], batches[2]["image"], rtol=0, atol=0)
