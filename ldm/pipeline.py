@@ -20,6 +20,7 @@ from torch import nn
 from ldm.checkpoint import ModelParts, load_parts
 from ldm.compiling import compile_in_place
 from ldm.data.masks import binarize, latent_mask, masked_image
+from ldm.data.transforms import eight_bit
 from ldm.diffusion.guidance import AutoGuidance, ClassifierFreeGuidance
 from ldm.diffusion.sampling import (
     SAMPLERS,
@@ -362,7 +363,7 @@ class LatentDiffusionPipeline:
             mode = "L" if channels == 1 else "RGB"
             if image.mode != mode:
                 warnings.warn(f"init image has mode {image.mode}; converted to {mode}", stacklevel=3)
-                image = image.convert(mode)
+                image = eight_bit(image).convert(mode)  # 16-bit grey scaled, as training reads it (not clipped)
             if image.size != (width, height):
                 warnings.warn(f"init image is {image.size[0]}x{image.size[1]}; resized to {width}x{height}",
                               stacklevel=3)
@@ -423,7 +424,7 @@ class LatentDiffusionPipeline:
             if tuple(m.shape[-2:]) != (height, width):  # the image's size: a PIL image is resized to the call's
                 m = F.interpolate(m, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
         else:
-            image = mask_image.convert("L")
+            image = eight_bit(mask_image).convert("L")  # a 16-bit mask scaled, as training reads it
             if image.size != (width, height):
                 image = image.resize((width, height), Image.LANCZOS)
             m = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None, None]

@@ -222,10 +222,16 @@ class SampleDecoder:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors, list strings; ``label`` becomes a tensor only when every sample has one."""
+    """Stack tensors, list strings; ``label`` becomes a tensor only when every sample has one. A ``mask`` that only
+    some samples have is kept, zeros standing for the others, with ``mask_given`` [B] bool saying whose it is."""
     batch: dict[str, Any] = {}
-    for name in samples[0]:
+    names = dict.fromkeys(name for s in samples for name in s)
+    for name in names:
         values = [s.get(name) for s in samples]
+        if name == "mask" and any(v is not None for v in values) and any(v is None for v in values):
+            like = next(v for v in values if v is not None)
+            batch["mask_given"] = torch.tensor([v is not None for v in values])
+            values = [v if v is not None else torch.zeros_like(like) for v in values]
         if any(v is None for v in values):
             continue
         if isinstance(values[0], torch.Tensor):

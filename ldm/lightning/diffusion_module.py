@@ -265,8 +265,9 @@ class LatentDiffusionModule(L.LightningModule):
                           generator: torch.Generator | None = None) -> torch.Tensor | None:
         """An inpainting UNet's extra inputs (None for other models): the mask at latent size (nearest) and the
         latents of the image with the masked region zeroed, as SD-inpainting trains. The mask is the batch's
-        ``mask`` (the shards' own) or drawn from ``generator`` (``MaskSettings``); without one (validation) every
-        pixel is masked, the text-to-image case, so the loss stays deterministic."""
+        ``mask`` (the shards' own, for the samples ``mask_given`` names when only some have one) or drawn from
+        ``generator`` (``MaskSettings``); without one (validation) every pixel is masked, the text-to-image case, so
+        the loss stays deterministic."""
         if not self.is_inpainting:
             return None
         image = batch.get("image")
@@ -274,7 +275,14 @@ class LatentDiffusionModule(L.LightningModule):
             raise ValueError("an inpainting UNet trains on images (it encodes the masked image), not on cached "
                              "latents: set ldm_stage.cache_latents=false")
         n, _, h, w = image.shape
-        if "mask" in batch:
+        given = batch.get("mask_given")  # some samples carry their own mask: the others get a drawn (or full) one
+        if "mask" in batch and given is not None and not bool(given.all()):
+            own = batch["mask"]
+            own = binarize(own.float() / 255 if own.dtype == torch.uint8 else own.float())
+            drawn = random_masks(n, h, w, self.mask_settings, generator) if generator is not None else \
+                torch.ones(n, 1, h, w)
+            mask = torch.where(given.to(own.device)[:, None, None, None], own, drawn.to(own.device))
+        elif "mask" in batch:
             mask = batch["mask"]
             mask = binarize(mask.float() / 255 if mask.dtype == torch.uint8 else mask.float())
         elif generator is not None:

@@ -189,6 +189,29 @@ def test_pipeline_inpaints_with_pil_or_tensor_masks_and_keeps_text_to_image(vae)
 
 
 @torch.no_grad()
+def test_a_16_bit_mask_or_image_samples_as_its_8_bit_value_as_training_reads_it(vae) -> None:
+    """A 16-bit grey mask (PIL ``I;16``) is scaled to 8 bits, as the shard reader does, not clipped at 255 (a value
+    of 20000 of 65535 would be white: repainted); so is a 16-bit grey init image."""
+    pipe = _pipe(9, vae)
+    image, mask = _image_and_mask()
+    eight = np.asarray(mask, dtype=np.uint16)
+    mask16 = Image.fromarray((eight * 257 // 3).astype(np.uint16))  # I;16: 0 and 21845, all below the threshold
+    assert mask16.mode == "I;16"
+    kw = dict(output_type="latent", guidance_scale=2.0)
+    got = pipe("x", image=image, mask_image=mask16, generator=torch.Generator().manual_seed(0), **kw)
+    as_eight = Image.fromarray((eight // 3).astype(np.uint8), "L")
+    same = pipe("x", image=image, mask_image=as_eight, generator=torch.Generator().manual_seed(0), **kw)
+    torch.testing.assert_close(got, same, rtol=0, atol=0)
+    grey = np.asarray(image.convert("L"), dtype=np.uint16)
+    with pytest.warns(UserWarning, match="init image has mode I;16"):
+        got = pipe("x", image=Image.fromarray(grey * 257), mask_image=mask,
+                   generator=torch.Generator().manual_seed(0), **kw)
+    with pytest.warns(UserWarning, match="init image has mode L"):
+        torch.testing.assert_close(got, pipe("x", image=Image.fromarray(grey.astype(np.uint8), "L"), mask_image=mask,
+                                             generator=torch.Generator().manual_seed(0), **kw), rtol=0, atol=0)
+
+
+@torch.no_grad()
 def test_legacy_blend_keeps_the_unmasked_latents(vae) -> None:
     pipe = _pipe(4, vae)
     image, mask = _image_and_mask()
@@ -283,6 +306,31 @@ def test_an_inpainting_module_trains_on_drawn_and_given_masks(tmp_path) -> None:
     assert torch.isfinite(loss)
     images = module.generate(["a red square"], num_inference_steps=2, height=16, width=16, use_ema=False)
     assert images.shape == (1, 3, 16, 16)  # the training grids sample an inpainting model as text-to-image
+
+
+def test_a_batch_where_some_samples_carry_a_mask_trains_each_on_its_own_and_the_others_on_drawn_ones() -> None:
+    """The shards' own masks are kept when only some samples of a batch have one (collate used to drop them all):
+    those samples train on theirs, the others on the masks drawn from the generator (a full mask in validation)."""
+    from ldm.data.transforms import collate as collate_samples
+
+    torch.manual_seed(0)
+    unet = UNet(9, 4, 32, (1, 2), 1, (1, 2), num_heads=2, context_dim=32)
+    settings = MaskSettings(full_mask_prob=0.0)
+    module = diffusion_module(unet, HashTextEncoder(), tiny_vae(), max_steps=4, ema_decay=None, inpainting=settings)
+    samples = [{k: v[i] if isinstance(v, torch.Tensor | list) else v for k, v in collate(image_batches(4)).items()}
+               for i in range(4)]
+    for i in (0, 2):
+        samples[i]["mask"] = torch.zeros(1, 16, 16, dtype=torch.uint8)  # keep everything
+    batch = collate_samples(samples)
+    assert batch["mask_given"].tolist() == [True, False, True, False]
+    x0 = module.latents_of(batch)
+    concat = module.inpaint_condition(batch, x0, torch.Generator().manual_seed(3))
+    drawn = latent_mask(random_masks(4, 16, 16, settings, torch.Generator().manual_seed(3)), (8, 8))
+    assert (concat[[0, 2], 0] == 0).all()
+    torch.testing.assert_close(concat[[1, 3], :1], drawn[[1, 3]], rtol=0, atol=0)
+    assert drawn[[1, 3]].sum() > 0
+    full = module.inpaint_condition(batch, x0)  # validation
+    assert (full[[0, 2], 0] == 0).all() and (full[[1, 3], 0] == 1).all()
 
 
 # ----------------------------------------------------------------------------- sample.py
