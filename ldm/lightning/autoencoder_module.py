@@ -205,7 +205,7 @@ class AutoencoderModule(L.LightningModule):
         for sched in self._schedulers():
             sched.step()
         bs = x.shape[0]
-        self.step_log.add("train/loss", loss, batch_size=bs)
+        self.step_log.add("train/loss", loss, batch_size=bs, sync_dist=True)  # the mean over the ranks' batches
         self.step_log.add("train/rec_loss", nll, batch_size=bs)
         self.step_log.add("train/kl", kl, batch_size=bs)
         with torch.no_grad():

@@ -113,6 +113,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.ema = EMA(unet, ema.decay, ema.warmup) if ema is not None else None
         self.nonfinite = NonFiniteSteps(nan or NaNPolicy())
         self._clip_norm: torch.Tensor | None = None  # this step's gradient norm, from on_before_optimizer_step
+        self._drop_update = False  # several ranks, host mode: this window's loss was not finite (on_after_backward)
         # None: the defaults, with the sampler of the model's kind (flow_euler for a flow-matching loss)
         self.sampling = sampling or SamplingDefaults(
             sampler=default_sampler(self.schedule_kwargs, self.prediction_type))
@@ -317,9 +318,13 @@ class LatentDiffusionModule(L.LightningModule):
         concat = self.inpaint_condition(batch, x0, self.generator)
         loss = self.loss_fn(lambda x, t, c: self.denoise(x, t, c, y, concat), x0, context, generator=self.generator)
         if not self.nonfinite.loss_is_finite(loss, self.global_step):
-            return None  # Lightning skips the backward and the optimizer's update for a None loss
+            if self.trainer.world_size == 1:
+                return None  # Lightning skips the backward and the optimizer's update for a None loss
+            self._drop_update = True  # Lightning refuses None on several ranks: on_after_backward drops the update
+            return loss
         bs = x0.shape[0]
-        self.step_log.add("train/loss", loss, batch_size=bs)  # on the bar at its refresh only: progress_bar_keys
+        # the mean over the ranks' batches; on the bar (this rank's) at its refresh only: progress_bar_keys
+        self.step_log.add("train/loss", loss, batch_size=bs, sync_dist=True)
         self.step_log.add("train/lr", host_scalar(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=bs)
         self.step_log.add("train/nan_skips", host_scalar(self.nonfinite.skipped), batch_size=bs)
         return loss
@@ -335,6 +340,21 @@ class LatentDiffusionModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.nonfinite.finish(self.trainer.optimizers)
+
+    def on_after_backward(self) -> None:
+        """A step whose loss a rank found non-finite, with several ranks in the host mode: every rank ran its backward
+        (each all-reduce needs them all) and its update is dropped here, for the whole accumulation window. Without
+        a gradient scaler the gradients are removed, and the optimizer skips parameters without one (weights and
+        state untouched); fp16's scaler gets non-finite gradients, and skips the step as for an overflow."""
+        if not self._drop_update:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        for p in self.parameters():
+            if p.grad is not None:
+                if scaler is None:
+                    p.grad = None
+                else:
+                    p.grad.fill_(float("nan"))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # The gradient norm before clipping (Lightning clips after this hook).
@@ -392,6 +412,7 @@ class LatentDiffusionModule(L.LightningModule):
         """The optimizer step, then the EMA update: once per optimizer step (not per accumulated batch), and before
         the callbacks' on_train_batch_end, so a checkpoint written there holds this step's average (exact resume)."""
         super().optimizer_step(*args, **kwargs)
+        self._drop_update = False
         if self.ema is not None:  # FSDP: each rank's part of the average from its shard (on_fit_start)
             with nullcontext() if self.ema.sharded else full_params(self._trainer):
                 self.ema.update(self.unet)

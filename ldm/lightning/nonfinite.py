@@ -50,7 +50,8 @@ class NonFiniteSteps:
       gradients after the DDP all-reduce (FSDP: the global norm), so every rank skips the same steps; it also
       catches a finite loss with an infinite gradient.
     - **On the host** (any other optimizer, or fp16 with its scaler): the loss is tested on the host (and agreed
-      over the ranks), and a non-finite one is not backpropagated (the training step returns None).
+      over the ranks), and a non-finite one is not backpropagated (the training step returns None). Lightning
+      refuses None on several ranks: there the backward runs and the module drops the update after it.
 
     ``stop`` raises ``FloatingPointError`` at the first skipped step (on the device: when its count is read, up to
     ``READ_LAG_STEPS`` steps later; the skipped step left the weights intact), ``skip`` after ``max_skips``. The

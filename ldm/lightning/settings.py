@@ -217,11 +217,25 @@ def check_run(cfg: DictConfig) -> None:
                 and not init_ckpt and not resuming and (cfg.get("data") or {}).get("source", "images") != "latents"):
             raise ConfigError(NO_AUTOENCODER)
     _int("seed", cfg.seed, 0)
+    check_strategy(cfg.get("trainer"))
     if cfg.get("trainer") is not None and "progress_bar_refresh_steps" in cfg.trainer:
         _int("trainer.progress_bar_refresh_steps", cfg.trainer.progress_bar_refresh_steps, 1)
     check_preemption(cfg.get("preemption"))
     if "ldm" in stages:  # last: an enabled evaluation is checked by building its callback, which imports Lightning
         check_evaluations(cfg)
+
+
+SHARDED_CHECKPOINTS = (
+    "trainer.strategy.state_dict_type={value!r}: a sharded checkpoint is a folder of per-rank files, which "
+    "resume=auto|last, sample.py and ldm.convert do not read (a requeued job would start again from step 0). Keep "
+    "state_dict_type=full (the default): rank 0 writes one file, gathered from the shards")
+
+
+def check_strategy(trainer: DictConfig | None) -> None:
+    """A strategy given as an object (``trainer.strategy._target_``, FSDP's): its checkpoints must be whole files."""
+    strategy = None if trainer is None else trainer.get("strategy")
+    if isinstance(strategy, DictConfig) and strategy.get("state_dict_type", "full") != "full":
+        raise ConfigError(SHARDED_CHECKPOINTS.format(value=strategy.state_dict_type))
 
 
 def check_discriminator_fits(cfg: DictConfig) -> None:

@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
+from ldm.errors import ConfigError
+from ldm.lightning.settings import SHARDED_CHECKPOINTS
 from ldm.nn.ema import ShardLayout
 
 
@@ -176,6 +178,11 @@ class FloatBuffersFSDPStrategy(FSDPStrategy):
     backward (SD's VAE and CLIP text encoder: 207 M parameters against the UNet's 860 M). Set ``ignored_states`` (or
     ``ignored_modules``) yourself to choose otherwise.
     """
+
+    def __init__(self, *args, state_dict_type: str = "full", **kwargs) -> None:
+        if state_dict_type != "full":
+            raise ConfigError(SHARDED_CHECKPOINTS.format(value=state_dict_type))
+        super().__init__(*args, state_dict_type=state_dict_type, **kwargs)
 
     def _ignore_frozen(self, model: torch.nn.Module) -> None:
         """Put ``model``'s frozen parts in FSDP's ``ignored_states``, on the device (FSDP moves only what it

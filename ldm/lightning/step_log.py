@@ -36,14 +36,15 @@ class StepLog:
     """The values a training step logs, kept until the step's end and logged there on the steps that are read."""
 
     def __init__(self) -> None:
-        self.pending: dict[str, tuple[torch.Tensor, int | None]] = {}
+        self.pending: dict[str, tuple[torch.Tensor, int | None, bool]] = {}
         self.latest: dict[str, torch.Tensor] = {}  # every step's values, as of the last step that added them
 
-    def add(self, name: str, value: torch.Tensor, batch_size: int | None = None) -> None:
+    def add(self, name: str, value: torch.Tensor, batch_size: int | None = None, sync_dist: bool = False) -> None:
         """Log ``value`` as ``name`` for this step (``LightningModule.log``'s defaults: on the step, not the epoch).
-        Kept detached, as ``log`` keeps it: a loss's autograd graph is not held past its step."""
+        Kept detached, as ``log`` keeps it: a loss's autograd graph is not held past its step. ``sync_dist``: the mean
+        over the ranks (one all-reduce on the written steps, which every rank flushes alike)."""
         value = value.detach()
-        self.pending[name] = (value, batch_size)
+        self.pending[name] = (value, batch_size, sync_dist)
         self.latest[name] = value
 
     def flush(self, module: L.LightningModule) -> None:
@@ -51,8 +52,8 @@ class StepLog:
         step empty. Call it last in the module's ``on_train_batch_end``."""
         pending, self.pending = self.pending, {}
         if pending and written_this_step(module.trainer):
-            for name, (value, batch_size) in pending.items():
-                module.log(name, value, batch_size=batch_size)
+            for name, (value, batch_size, sync_dist) in pending.items():
+                module.log(name, value, batch_size=batch_size, sync_dist=sync_dist)
 
 
 def step_log_of(module: L.LightningModule) -> StepLog | None:

@@ -139,3 +139,22 @@ def test_fsdp_under_bf16_mixed_keeps_the_ema_in_float32_and_moving(runs):
     assert int(end["ema.num_updates"]) == 5
     assert any(not torch.equal(end[k], mid["state_dict"][k]) for k in shadows)  # steps 4 and 5 moved the average
     assert "val/loss" in read_metrics(run / "logs" / "version_0" / "metrics.csv")[4]
+
+
+@pytest.mark.parametrize("trainer", ["ddp_cpu", "fsdp_cpu"])
+def test_nan_policy_skip_on_two_ranks_in_the_host_mode_skips_the_updates(runs, trainer):
+    """An unfused optimizer tests the loss on the host. On two ranks Lightning refuses a skipped (None) loss, so the
+    backward runs and the update is dropped: after an absurd learning rate makes every loss from step 2 on NaN, the
+    run ends, counts the skips, and its weights stay those of step 1 (no weight decay, no momentum applied)."""
+    tmp_path, _, _ = runs
+    vae = tmp_path / "vae" / "vae" / "vae.ckpt"
+    run = _train(tmp_path, f"nan_{trainer}", trainer, "stages=[ldm]", f"vae_ckpt={vae}", "trainer.precision=32-true",
+                 "optimizer.fused=false", "optimizer.lr=1e12", "ldm_stage.nan_policy=skip",
+                 "ldm_stage.max_nan_skips=10", "trainer.gradient_clip_val=null")
+    end = _last(run)
+    mid = torch.load(run / "ldm" / "checkpoints" / "step000003.ckpt", map_location="cpu", weights_only=False)
+    assert end["global_step"] == 5 and end["nan_skips"] == 4
+    weights = [k for k in end["state_dict"] if k.startswith("unet.")]
+    for k in weights:
+        assert torch.isfinite(end["state_dict"][k]).all(), k
+        torch.testing.assert_close(end["state_dict"][k], mid["state_dict"][k], rtol=0, atol=0, msg=k)

@@ -3,6 +3,7 @@ what FSDP shards, and the EMA kept in shards."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -234,3 +235,24 @@ def test_nested_fsdp_units_are_refused_when_the_fit_starts(tmp_path):
     summon_full_params: refused with the setting to remove, before the first step."""
     out = on_two_ranks(_nested_rank, tmp_path / "store")
     assert out[0] == out[1] and "2 nested units" in out[0] and "remove trainer.strategy.auto_wrap_policy" in out[0]
+
+
+def test_sharded_checkpoints_are_refused_before_training(tmp_path):
+    """``state_dict_type=sharded`` writes each checkpoint as a folder, which resume=auto, sample.py and ldm.convert
+    do not read: a requeued job would start again from step 0. Refused in the config check and by the strategy."""
+    from hydra import compose, initialize_config_dir
+
+    from ldm.errors import ConfigError
+    from ldm.lightning.settings import check_run
+    from ldm.lightning.sharding import FloatBuffersFSDPStrategy
+
+    root = Path(__file__).resolve().parents[2]
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"out_dir={tmp_path}", "trainer=fsdp_cpu", "ldm_stage.cache_latents=false",
+                                          "+trainer.strategy.state_dict_type=sharded"])
+    said = r"state_dict_type='sharded': a sharded checkpoint is a folder .* Keep state_dict_type=full"
+    with pytest.raises(ConfigError, match=said):
+        check_run(cfg)
+    with pytest.raises(ConfigError, match=said):
+        FloatBuffersFSDPStrategy(state_dict_type="sharded")
+    assert FloatBuffersFSDPStrategy(state_dict_type="full") is not None
