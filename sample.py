@@ -227,8 +227,7 @@ def run(cfg: DictConfig) -> list[Path]:
                       dtype=cfg.dtype, vae_tile_size=settings["vae_tile_size"])
         if cfg.gif:
             def keep(i, t, x, x0, frames=frames):
-                decoded = x if pipe.vae is None else pipe.vae.decode_latents(x, tile_size=cfg.vae_tile_size)
-                frames.append(to_pil(decoded))
+                frames.append(to_pil(pipe.decode_latents(x, cfg.vae_tile_size)))  # as the call decodes its result
             kwargs["callback"] = keep
         if init is not None:
             kwargs.update(image=init, strength=settings["strength"])

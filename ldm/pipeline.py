@@ -99,6 +99,11 @@ class CallSettings:
     vae_tile_overlap: int
 
 
+def default_tile_overlap(tile_size: int) -> int:
+    """The latent pixels tiles overlap by when a call names none: a quarter of the tile, at most 8."""
+    return min(8, tile_size // 4)
+
+
 class LatentDiffusionPipeline:
     """Text encoder + UNet + first stage (VAE, or None for pixel models) + a sampler chosen per call.
 
@@ -290,7 +295,7 @@ class LatentDiffusionPipeline:
         if vae_tile_size is not None:
             vae_tile_size = check_int("vae_tile_size", vae_tile_size, "be a positive number of latent pixels (or None)",
                                       lambda v: v >= 1)
-            overlap = min(8, vae_tile_size // 4) if vae_tile_overlap is None else check_int(
+            overlap = default_tile_overlap(vae_tile_size) if vae_tile_overlap is None else check_int(
                 "vae_tile_overlap", vae_tile_overlap, f"lie in [0, vae_tile_size={vae_tile_size})",
                 lambda v: 0 <= v < vae_tile_size)
         elif vae_tile_overlap is not None:
@@ -619,13 +624,22 @@ class LatentDiffusionPipeline:
             self._check_finite(z, c, "latents")
             if c.output_type == "latent":
                 return z
-            if self.vae is None:
-                images = z.clamp(-1, 1)
-            else:
-                images = self.vae.decode_latents(z.to(next(self.vae.parameters()).dtype), tile_size=c.vae_tile_size,
-                                                 tile_overlap=c.vae_tile_overlap)
+            images = self.decode_latents(z, c.vae_tile_size, c.vae_tile_overlap)
+            if self.vae is not None:
                 self._check_finite(images, c, "decoded images")
         return images.float() if c.output_type == "tensor" else to_pil(images)
+
+    def decode_latents(self, z: torch.Tensor, vae_tile_size: int | None = None,
+                       vae_tile_overlap: int | None = None) -> torch.Tensor:
+        """Latents to images in [-1, 1] as a call decodes them (in the VAE's dtype; in tiles of ``vae_tile_size``
+        latent pixels overlapping by ``vae_tile_overlap``, default ``default_tile_overlap``): for previews of the
+        intermediate latents (``sample.py``'s GIFs) that end on the image the call returns."""
+        if self.vae is None:
+            return z.clamp(-1, 1)
+        if vae_tile_size is not None and vae_tile_overlap is None:
+            vae_tile_overlap = default_tile_overlap(vae_tile_size)
+        return self.vae.decode_latents(z.to(next(self.vae.parameters()).dtype), tile_size=vae_tile_size,
+                                       tile_overlap=0 if vae_tile_overlap is None else vae_tile_overlap)
 
     @staticmethod
     def _check_finite(x: torch.Tensor, c: CallSettings, what: str) -> None:

@@ -296,7 +296,7 @@ def write_diffusers(model: Model, dst: Path) -> None:
     options = text_encoder_metadata(text) if text is not None else None
     extra = {k: v for k, v in (("format", 1), ("sampling", model.sampling), ("text_encoder", options)) if v}
     (dst / FOLDER_METADATA).write_text(json.dumps(extra, indent=1) + "\n")
-    plain_scale = model.vae.config.get("shift_factor") is None and model.vae.config.get("latent_std") is None
+    plain_scale = all(model.vae.config.get(k) is None for k in ("shift_factor", "latent_mean", "latent_std"))
     if isinstance(text, HFCLIPTextEncoder) and not text.with_projection and isinstance(scheduler,
                                                                                        diffusers.DDPMScheduler):
         if not plain_scale:  # StableDiffusionPipeline divides by scaling_factor alone

@@ -299,7 +299,9 @@ class AutoencoderModule(L.LightningModule):
             self.vae.set_latent_normalization(1.0, latent_mean=mean.tolist(), latent_std=std.tolist())
             return (f"latent mean {' '.join(f'{v:.3f}' for v in mean.tolist())}, "
                     f"std {' '.join(f'{v:.3f}' for v in std.tolist())}")
-        scale = float(1.0 / torch.cat([b.flatten() for b in z]).std())
         config = self.vae.config
+        if config.get("latent_mean") is not None:  # normalising subtracts each channel's mean first: the std after it
+            z = [b - self.vae.latent_shift.to(b) for b in z]
+        scale = float(1.0 / torch.cat([b.flatten() for b in z]).std())
         self.vae.set_latent_normalization(scale, config.get("shift_factor"), config.get("latent_mean"))
         return f"latent scale {scale:.4f}"

@@ -146,8 +146,9 @@ def test_a_diffusers_folder_of_an_sd1_model_loads_as_diffusers_pipeline_and_samp
     expected = ours(PROMPTS, latents=noise, sampler="ddim", output_type="tensor", **kw)
     got = theirs(PROMPTS, latents=noise, output_type="pt", **kw).images * 2 - 1
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
-    assert convert_main([str(ldm_ckpt_with_shift(tmp_path, text)), str(tmp_path / "shifted")]) == 0
-    assert (tmp_path / "shifted" / "unet").is_dir() and not (tmp_path / "shifted" / "model_index.json").exists()
+    for name, kw in (("shifted", {"shift_factor": SHIFT}), ("centred", {"latent_mean": [0.5, -0.5, 0.25, 0.0]})):
+        assert convert_main([str(ldm_ckpt_with_shift(tmp_path, text, **kw)), str(tmp_path / name)]) == 0
+        assert (tmp_path / name / "unet").is_dir() and not (tmp_path / name / "model_index.json").exists(), name
 
 
 @pytest.mark.parametrize("pad", [0, 49407])
@@ -175,12 +176,14 @@ def test_a_pad_id_of_0_is_noted_where_transformers_tokenizes_a_bang_as_padding(t
     assert (noted, same) == ((True, False) if pad == 0 else (False, True))
 
 
-def ldm_ckpt_with_shift(tmp_path: Path, text) -> Path:
+def ldm_ckpt_with_shift(tmp_path: Path, text, **normalization) -> Path:
+    """A checkpoint whose VAE subtracts something before scaling (``shift_factor`` or ``latent_mean``), which
+    diffusers' StableDiffusionPipeline would not."""
     unet = _randomize(UNet(4, 4, 32, (1, 2), 1, (1, 2), num_heads=8, context_dim=64), 1)
-    vae = _randomize(AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=SCALE, shift_factor=SHIFT), 2)
+    vae = _randomize(AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=SCALE, **normalization), 2)
     module = diffusion_module(unet, text, vae, schedule=SCHEDULE, prediction_type="v_prediction", sampling=SAMPLING,
                               text_encoder_kwargs={"config": HF_TEXT}, ema_decay=None)
-    path = tmp_path / "shifted.ckpt"
+    path = tmp_path / f"{next(iter(normalization), 'plain')}.ckpt"
     torch.save({"ldm": module.describe(), "state_dict": module.state_dict(), "global_step": 1}, path)
     return path
 

@@ -163,6 +163,15 @@ def test_gif_of_the_reverse_process(tiny_ckpt, tmp_path) -> None:
     assert gif.is_animated and gif.n_frames > 1 and gif.size == (S, S)
 
 
+def test_a_gif_decodes_its_frames_in_the_tiles_the_image_is_decoded_in(tiny_ckpt, tmp_path) -> None:
+    """With a small ``vae_tile_size`` the frames are decoded with the call's tile overlap (a quarter of the tile),
+    not the VAE's default of 8, which a 4-pixel tile cannot take."""
+    sample(tiny_ckpt, tmp_path, prompt="a yellow circle in the top right", steps=2, gif=True, sampler="ddim",
+           height=2 * S, width=2 * S, vae_tile_size=4)
+    gif = Image.open(tmp_path / "_previews" / "00000.gif")
+    assert gif.is_animated and gif.size == (2 * S, 2 * S)
+
+
 def test_image_to_image_per_image_seeds(tiny_ckpt, tmp_path) -> None:
     init = tmp_path / "init.png"
     Image.new("RGB", (S, S), (200, 30, 30)).save(init)

@@ -475,6 +475,26 @@ def test_a_per_channel_fit_centres_every_channel_at_unit_spread_and_survives_the
         module.fit_latent_normalization(batches)  # a scalar fit would drop the per-channel std silently
 
 
+def test_a_scalar_fit_with_per_channel_means_scales_the_centred_latents_to_unit_spread():
+    """A VAE that subtracts a per-channel ``latent_mean`` (no ``latent_std``): the scalar fit takes the spread of the
+    latents as normalised, after the means come off, not of the raw ones (their means' spread inflated it)."""
+    from ldm.autoencoder import AutoencoderKL
+
+    torch.manual_seed(0)
+    mean = [2.0, -2.0, 1.0, -1.0]
+    vae = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=1.0, latent_mean=mean)
+    with torch.no_grad():
+        vae.quant_conv.bias[:4] += torch.tensor(mean)
+        vae.quant_conv.bias[4:] = -4.0
+    module = AutoencoderModule(vae, seed=0)
+    images = torch.stack([b["image"] for b in image_batches(8)])
+    module.fit_latent_normalization(images)
+    assert vae.config["latent_mean"] == mean
+    with torch.no_grad():
+        raw = vae.encode(images).sample(torch.Generator().manual_seed(0))
+    assert float(vae.normalize_latents(raw).std()) == pytest.approx(1.0, rel=1e-5)
+
+
 def test_scale_equivariance_adds_the_pooled_latents_reconstruction_error(tmp_path):
     """vae_stage.scale_equivariance: the loss gains w x the error of the 2x-pooled latent sample, decoded, against the
     2x-pooled image, computed here by hand from the first step's weights and posterior sample."""
