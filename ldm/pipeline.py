@@ -538,8 +538,8 @@ class LatentDiffusionPipeline:
             prompt: one prompt or a list; each gives ``num_images_per_prompt`` images.
             negative_prompt: the prompt guidance moves away from ("" when None): one, or one per prompt.
             num_inference_steps: sampler steps, in [1, num_train_timesteps].
-            guidance_scale: classifier-free guidance scale (1 = none). Ignored, with a warning, by a model
-                without a text encoder.
+            guidance_scale: classifier-free guidance scale (1 or less: none, the conditional model alone, as in
+                diffusers). Ignored, with a warning, by a model without a text encoder.
             height, width: in pixels, multiples of :attr:`size_multiple` (the first stage's and the UNet's
                 downsampling), at most ``MAX_SIDE``.
             generator: one ``torch.Generator`` for the batch, or one per image (image i's noise then comes from
@@ -577,7 +577,7 @@ class LatentDiffusionPipeline:
         s, height, width, auto, autocast_dtype = c.sampling, c.height, c.width, c.autoguidance_scale, c.autocast_dtype
         prompts, negatives, n = c.prompts, c.negatives, len(c.prompts)
         scale = s.guidance_scale
-        if self.text_encoder is None and scale != 1.0:
+        if self.text_encoder is None and scale > 1.0:
             if not self._warned_guidance:
                 warnings.warn(f"this model has no text encoder (unconditional or pixel-space): guidance_scale={scale} "
                               "is ignored, sampling with guidance 1", stacklevel=2)
@@ -589,7 +589,7 @@ class LatentDiffusionPipeline:
         with self._eval_mode():
             with autocast:
                 context = self._encode_prompts(prompts)
-                uncond = self._encode_prompts(negatives) if scale != 1.0 else None
+                uncond = self._encode_prompts(negatives) if scale > 1.0 else None  # <= 1: no guidance
                 guide_context = None
                 if auto != 1.0 and self.guide_text_encoder is not None:
                     guide_context = self.guide_text_encoder.encode(prompts).hidden

@@ -75,7 +75,8 @@ class ClassifierFreeGuidance:
 
     ``uncond_context`` is the encoding of the negative prompt ("" for plain CFG). ``interval=(lo, hi)`` guides only
     the steps whose timestep t (training units, 0 = clean) has lo <= t <= hi; the others run the conditional model
-    alone, one network pass. Scale 1 is the conditional model alone at every step. ``share_input=True`` is for a
+    alone, one network pass. A scale of 1 or less is the conditional model alone at every step, as in diffusers
+    (whose SD-Turbo and LCM recipes pass 0 to turn guidance off). ``share_input=True`` is for a
     denoiser that takes ``contexts_per_input`` (ldm's UNet): it gets ``x``, ``t`` and the keyword inputs once with
     the two contexts, so the layers before its first cross-attention run once for both halves; otherwise they are
     repeated for the [uncond; cond] batch.
@@ -84,11 +85,11 @@ class ClassifierFreeGuidance:
     def __init__(self, scale: float = 1.0, uncond_context: torch.Tensor | None = None, rescale: float = 0.0,
                  interval: Sequence[float] | None = None, share_input: bool = False):
         if not math.isfinite(scale) or scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {scale}")
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (<= 1: no guidance), got {scale}")
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"guidance_rescale must lie in [0, 1], got {rescale}")
-        if scale != 1.0 and uncond_context is None:
-            raise ValueError("guidance_scale != 1 needs the unconditional context (the encoding of the negative "
+        if scale > 1.0 and uncond_context is None:
+            raise ValueError("guidance_scale > 1 needs the unconditional context (the encoding of the negative "
                              "prompt)")
         self.scale, self.uncond_context, self.rescale = float(scale), uncond_context, float(rescale)
         self.lo, self.hi = check_guidance_interval(interval)
@@ -104,7 +105,7 @@ class ClassifierFreeGuidance:
 
     def guides_at(self, t: float) -> bool:
         """Whether step ``t`` runs the unconditional half too."""
-        return self.scale != 1.0 and self.lo <= t <= self.hi
+        return self.scale > 1.0 and self.lo <= t <= self.hi
 
     def outputs(self, denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
                 **kwargs) -> tuple[torch.Tensor, torch.Tensor]:

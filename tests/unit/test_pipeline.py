@@ -248,6 +248,17 @@ def test_image_to_image_noises_the_image_with_the_given_latents(pipe) -> None:
     assert not torch.allclose(pipe(["a", "b"], latents=torch.randn(shape, generator=_gen(4)), **kw), drawn)
 
 
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_a_guidance_scale_of_1_or_less_is_the_conditional_model_alone_as_in_diffusers(pipe, scale) -> None:
+    """diffusers guides only above 1 (SD-Turbo and LCM pass 0 to turn it off): the prompt still counts at 0, and the
+    negative prompt is never encoded."""
+    kw = dict(output_type="latent", num_inference_steps=2, negative_prompt="a blue square")
+    alone = pipe(["a red circle"], guidance_scale=1.0, generator=_gen(1), **kw)
+    torch.testing.assert_close(pipe(["a red circle"], guidance_scale=scale, generator=_gen(1), **kw), alone,
+                               rtol=0, atol=0)
+    assert not torch.allclose(pipe(["a green star"], guidance_scale=scale, generator=_gen(1), **kw), alone)
+
+
 def test_the_legacy_inpainting_blend_noises_the_kept_region_to_the_next_position(pipe, monkeypatch) -> None:
     """After step i the kept region is noised to position i + 1 of the schedule (not looked up by its timestep's
     value, which a repeated Karras timestep would map to another level), and left clean after the last step."""
