@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ldm.errors import ConfigError
+from ldm.eval.generate import read_captions
 from ldm.host_memory import keep_freed_host_memory
 from ldm.images import make_grid, to_pil
 from ldm.pipeline import LatentDiffusionPipeline
@@ -43,9 +44,7 @@ def read_prompts(cfg: DictConfig) -> list[str]:
         path = Path(str(cfg.prompts_file))
         if not path.is_file():
             raise ConfigError(f"prompts_file={path}: no such file (one prompt per line)")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ConfigError(f"no prompts in {path}")
+        prompts = read_captions(path, "prompts_file=")  # UTF-8, whatever the locale
     elif cfg.prompt is not None:
         prompts = [cfg.prompt] if not OmegaConf.is_list(cfg.prompt) else list(cfg.prompt)
         if not prompts:
@@ -88,7 +87,9 @@ def regenerate_config(cfg: DictConfig) -> DictConfig:
             continue
         if key in ("strength", "lora_scale") and meta[field] is None:
             continue
-        cfg[key] = meta[field]
+        value = meta[field]
+        # a recorded text is taken as written: "${...}" in a prompt is no interpolation of the config's
+        cfg[key] = value.replace("${", "\\${") if isinstance(value, str) else value
     cfg.prompts_file, cfg.n = None, 1
     return cfg
 

@@ -157,6 +157,33 @@ def test_prompts_file_and_negative_prompt(tiny_ckpt, tmp_path, monkeypatch) -> N
     assert (uncond[0] - uncond[2]).abs().max() > 0.1
 
 
+def test_a_prompts_file_is_utf8_and_a_recorded_prompt_regenerates_as_written(tiny_ckpt, tmp_path,
+                                                                              monkeypatch) -> None:
+    """The prompts file is read as UTF-8 whatever the locale (a Latin-1 file is a clear error), and ``regenerate``
+    takes the recorded prompt as written: ``${seed}`` in it is text, not an interpolation of the config."""
+    monkeypatch.setattr(Path, "read_text", _read_text_in_ascii_locale)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a poster that reads ${seed} dollars, café ☃\n".encode())
+    written = sample(tiny_ckpt, tmp_path / "file", prompts_file=str(prompts), steps=2, seed=3)
+    assert json.loads(written[0].with_suffix(".json").read_text(encoding="utf-8"))["prompt"] == \
+        "a poster that reads ${seed} dollars, café ☃"
+    again = sample(None, tmp_path / "again", regenerate=str(written[0].with_suffix(".json")))
+    assert json.loads(again[0].with_suffix(".json").read_text(encoding="utf-8"))["prompt"] == \
+        "a poster that reads ${seed} dollars, café ☃"
+    assert_regenerated(written[0], again[0])
+    prompts.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"prompts_file=.*prompts.txt is not UTF-8 text"):
+        sample(tiny_ckpt, tmp_path / "latin", prompts_file=str(prompts), steps=2)
+
+
+_read_text = Path.read_text
+
+
+def _read_text_in_ascii_locale(self: Path, encoding: str | None = None, errors: str | None = None) -> str:
+    """``Path.read_text`` as under LC_ALL=C: no encoding given reads ASCII."""
+    return _read_text(self, encoding=encoding or "ascii", errors=errors)
+
+
 def test_gif_of_the_reverse_process(tiny_ckpt, tmp_path) -> None:
     sample(tiny_ckpt, tmp_path, prompt="a yellow circle in the top right", steps=3, gif=True, sampler="ddim")
     gif = Image.open(tmp_path / "_previews" / "00000.gif")
