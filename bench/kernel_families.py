@@ -81,8 +81,8 @@ def attribute(events: Iterable, device: bool = False) -> dict[str, Share]:
     shares: dict[str, Share] = {}
     for event in events:
         family = family_of(event.name)
-        if family is None:
-            continue
+        if family is None or str(getattr(event, "device_type", "CPU")).rsplit(".", 1)[-1] != "CPU":
+            continue  # a device-side copy of a host region (the GPU annotation of Optimizer.step) would count twice
         parent = event.cpu_parent
         while parent is not None and family_of(parent.name) is None:
             parent = parent.cpu_parent
@@ -96,7 +96,7 @@ def attribute(events: Iterable, device: bool = False) -> dict[str, Share]:
 
 def family_flops(step: Callable[[], None]) -> dict[str, int]:
     """FLOPs of one ``step()`` per family, as ``FlopCounterMode`` counts them (matmuls, convolutions, attention)."""
-    with flop_counter_mode() as counter:
+    with flop_counter_mode(model=False) as counter:  # a family's rate: the products its kernels execute
         step()
     flops: dict[str, int] = {}
     for op, count in counter.get_flop_counts().get("Global", {}).items():

@@ -166,7 +166,8 @@ def main() -> None:
     if args.peak == "matmul":
         peak = matmul_peak(device, dtype)
     else:
-        peak = float(args.peak) if args.peak else device_peak_flops(device)
+        # the table holds dense bf16 peaks: an fp32 run gets no MFU from it (the Throughput callback's rule)
+        peak = float(args.peak) if args.peak else (device_peak_flops(device) if dtype != torch.float32 else None)
     memory = f" peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
     print(f"config={args.config} latent={latent} batch={batch} dtype={dtype} checkpointing={args.checkpointing} "
           f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}{memory}")
@@ -179,7 +180,8 @@ def main() -> None:
             print(f"hardware FLOP utilisation {hardware_flops / dt / peak:.1%} (with the recomputed forward: "
                   f"{hardware_flops / 1e9:.1f} GFLOP per step)")
     else:
-        print("MFU: no peak for this device (give --peak FLOP/s or --peak matmul)")
+        print("MFU: no peak for this device and dtype (the table holds dense bf16 peaks; give --peak FLOP/s or "
+              "--peak matmul)")
 
 
 if __name__ == "__main__":

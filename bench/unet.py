@@ -153,6 +153,11 @@ def main() -> None:
         _sync(device)
         return time.perf_counter() - start
 
+    with torch.no_grad(), autocast:  # the same weights and inputs must give the same outputs, or nothing is compared
+        models["ours"].eval(), models["diffusers"].eval()
+        diff = (forward("ours").float() - forward("diffusers").float()).abs().max().item()
+    if diff > (1e-3 if args.dtype == "fp32" else 5e-2):
+        raise SystemExit(f"the two UNets disagree before timing (max |difference| {diff:.2e}): not a comparison")
     for name in models:  # warm-up (allocator, kernels, optimizer state)
         train_step(name)
         infer(name)

@@ -80,9 +80,36 @@ def _register_cpu_sdpa_formulas() -> None:
 _register_cpu_sdpa_formulas()
 
 
-def flop_counter_mode() -> FlopCounterMode:
-    """A silent FlopCounterMode that counts matmuls, convolutions and attention (CPU attention included)."""
-    return FlopCounterMode(display=False)
+_SDPA_BACKWARDS = ("_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
+                   "_scaled_dot_product_cudnn_attention_backward", "_flash_attention_backward",
+                   "_efficient_attention_backward", "_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def _model_attention_backward() -> dict:
+    """torch's SDPA backward formulas count 5 matmuls of the scores' size: the 4 of the gradients (dV, dP, dQ, dK)
+    and the flash kernels' recomputation of Q K^T. Model FLOPs (MFU's numerator, as in PaLM's definition) count a
+    backward as twice its forward, as for every other layer: 4 of the 5. The recomputation is the kernel's choice,
+    like gradient checkpointing's, and counts in neither MFU nor HFU."""
+    mapping = {}
+    for name in _SDPA_BACKWARDS:
+        op = getattr(torch.ops.aten, name, None)
+        formula = flop_counter.flop_registry.get(op) if op is not None else None
+        if formula is None:
+            continue
+
+        def model_count(*args, formula=formula, **kwargs) -> int:
+            return formula(*args, **kwargs) * 4 // 5
+
+        model_count._get_raw = True  # FlopCounterMode takes it as it is (the registered formula is shape-wrapped)
+        mapping[op] = model_count
+    return mapping
+
+
+def flop_counter_mode(model: bool = True) -> FlopCounterMode:
+    """A silent FlopCounterMode that counts matmuls, convolutions and attention (CPU attention included): the model's
+    FLOPs (attention's backward as twice its forward), or with ``model=False`` what the kernels execute (torch's
+    formulas: the flash backward's recomputed scores too), for a kernel's rate."""
+    return FlopCounterMode(display=False, custom_mapping=_model_attention_backward() if model else None)
 
 
 def count_flops(fn: Callable[[], object]) -> int:

@@ -40,3 +40,13 @@ def test_a_diffusers_comparison_runs_as_a_script():
     out = subprocess.run([sys.executable, *command], cwd=BENCH.parent, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert any(line.startswith("images/s") and "ratio" in line for line in out.stdout.splitlines()), out.stdout
+
+
+def test_the_pipeline_comparison_refuses_arms_that_disagree():
+    """At 6 DDIM steps diffusers steps t - 1000 // 6, off its own trailing grid, where ldm steps to the next
+    timestep: the two arms run different samplers, and the script says so instead of printing a ratio."""
+    command = ["bench/pipeline.py", "--config", "tiny", "--batch", "1", "--steps", "6", "--sampler", "ddim",
+               "--repeats", "1", "--device", "cpu", "--threads", "1"]
+    out = subprocess.run([sys.executable, *command], cwd=BENCH.parent, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "latents disagree" in out.stderr, (out.stdout, out.stderr[-2000:])
+    assert "ratio" not in out.stdout
