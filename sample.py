@@ -57,6 +57,12 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return prompts
 
 
+def next_index(out: Path) -> int:
+    """One past the largest ``NNNNN.png`` (or ``.json``) index in ``out``; 0 for a folder without samples."""
+    taken = [int(f.stem) for f in out.iterdir() if f.suffix in (".png", ".json") and f.stem.isdigit()]
+    return max(taken, default=-1) + 1
+
+
 # JSON field -> config key, for regenerate=PATH
 _REGENERATED = {"ckpt": "ckpt", "prompt": "prompt", "seed": "seed", "negative_prompt": "negative_prompt",
                 "num_inference_steps": "steps", "guidance_scale": "guidance_scale",
@@ -214,6 +220,10 @@ def run(cfg: DictConfig) -> list[Path]:
     batch = cfg.batch_size
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    first = next_index(out)  # an earlier run's images stay: this run's are numbered after them
+    if first:
+        print(f"note: {out} holds images up to {first - 1:05d}.png from earlier runs; this run's are numbered from "
+              f"{first:05d} (give another out= to keep the runs apart, e.g. for FID)", file=sys.stderr)
     previews = out / "_previews"  # the grid and GIFs: not samples (FID skips _-named entries)
     written, images = [], []
     for start in tqdm(range(0, len(jobs), batch), desc="sampling", unit="batch"):
@@ -236,7 +246,7 @@ def run(cfg: DictConfig) -> list[Path]:
             kwargs.update(mask_image=mask, legacy_inpaint=settings["legacy_inpaint"])
         result = pipe([p for p, _ in chunk], **kwargs)
         for j, ((prompt, seed), image) in enumerate(zip(chunk, result, strict=True)):
-            idx = start + j
+            idx = first + start + j
             path = out / f"{idx:05d}.png"
             image.save(path)
             meta = {"prompt": prompt, "seed": seed, **settings}

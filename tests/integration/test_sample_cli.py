@@ -184,6 +184,17 @@ def _read_text_in_ascii_locale(self: Path, encoding: str | None = None, errors: 
     return _read_text(self, encoding=encoding or "ascii", errors=errors)
 
 
+def test_a_second_run_into_the_same_folder_numbers_its_images_after_the_first(tiny_ckpt, tmp_path, capsys) -> None:
+    """Nothing is overwritten: the second run's images follow the first's, whose files stay as they were."""
+    first = sample(tiny_ckpt, tmp_path, prompt="a red circle in the top left", n=3, steps=2)
+    before = {p.name: p.read_bytes() for p in first}
+    second = sample(tiny_ckpt, tmp_path, prompt="a blue square in the center", n=2, steps=2)
+    assert [p.name for p in second] == ["00003.png", "00004.png"]
+    assert {p.name: p.read_bytes() for p in first} == before
+    assert json.loads((tmp_path / "00003.json").read_text())["prompt"] == "a blue square in the center"
+    assert "holds images up to 00002.png" in capsys.readouterr().err
+
+
 def test_gif_of_the_reverse_process(tiny_ckpt, tmp_path) -> None:
     sample(tiny_ckpt, tmp_path, prompt="a yellow circle in the top right", steps=3, gif=True, sampler="ddim")
     gif = Image.open(tmp_path / "_previews" / "00000.gif")
