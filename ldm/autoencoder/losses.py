@@ -58,29 +58,40 @@ def adaptive_gan_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: tor
 class PerceptualLoss(nn.Module):
     """LPIPS-style distance: unit-normalised VGG16 features at five depths, weighted per channel and averaged.
 
-    Weights come from a local file only (nothing is downloaded): a state dict with the VGG16 ``features.*`` and the
-    ``lin{0..4}.weight`` channel weights [1, C, 1, 1]. ``PerceptualLoss.save_random(path)`` writes one for tests.
+    Weights come from local files only (nothing is downloaded): one state dict, or several merged, holding the VGG16
+    ``features.*`` and the five channel weights [1, C, 1, 1]. The files as they are published read as they are:
+    torchvision's ``vgg16-397923af.pth`` (its ``classifier.*`` is ignored) with LPIPS v0.1's ``vgg.pth``
+    (``lin{i}.model.1.weight``), or one file in the layout ``save_random`` writes (``lin{i}.weight``).
     """
 
     CUTS = (4, 9, 16, 23, 30)  # after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
     CHANNELS = (64, 128, 256, 512, 512)
 
-    def __init__(self, weights_path: str | Path | None):
+    def __init__(self, weights_path: str | Path | list[str | Path] | tuple[str | Path, ...] | None):
         super().__init__()
-        if weights_path is None or not Path(weights_path).is_file():
+        paths = list(weights_path) if isinstance(weights_path, list | tuple) else [weights_path]
+        absent = [p for p in paths if p is None or not Path(p).is_file()]
+        if absent or not paths:
             raise FileNotFoundError(
-                f"the perceptual loss needs local weights, and {weights_path!r} is not a file. Set "
-                "perceptual_weights to a state dict with VGG16 'features.*' and 'lin0..4.weight' (LPIPS v0.1 "
-                "layout), or set perceptual_weight=0 to train without it."
+                f"the perceptual loss needs local weights, and {absent[0] if absent else weights_path!r} is not a "
+                "file. Set perceptual_weights to a file, or a list of files, holding VGG16 'features.*' and the "
+                "LPIPS v0.1 channel weights (e.g. [vgg16-397923af.pth, vgg.pth]), or set perceptual_weight=0 to "
+                "train without it."
             )
         from torchvision.models import vgg16
 
         self.features = vgg16(weights=None).features[: self.CUTS[-1]]
         for i, c in enumerate(self.CHANNELS):
             self.register_parameter(f"lin{i}", nn.Parameter(torch.ones(1, c, 1, 1)))
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        missing, unexpected = self.load_state_dict({k.removesuffix(".weight") if k.startswith("lin") else k: v
-                                                    for k, v in state.items()}, strict=False)
+        state: dict[str, torch.Tensor] = {}
+        for path in paths:
+            for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
+                if key.startswith("classifier."):  # torchvision's whole VGG16: its classifier is not used
+                    continue
+                if key.startswith("lin"):  # lin{i}.weight, or LPIPS' lin{i}.model.1.weight (a dropout before it)
+                    key = key.split(".", 1)[0]
+                state[key] = value
+        missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"perceptual weights at {weights_path}: missing keys {missing[:5]}, unexpected "
                              f"{unexpected[:5]}")

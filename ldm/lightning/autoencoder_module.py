@@ -51,7 +51,7 @@ class AutoencoderModule(L.LightningModule):
         rec_loss: str = "l1",
         kl_weight: float = 1e-6,
         perceptual_weight: float = 0.0,
-        perceptual_weights: str | None = None,
+        perceptual_weights: str | list[str] | None = None,
         disc_weight: float = 0.5,
         disc_start: int | None = None,
         disc_channels: int = 64,

@@ -84,10 +84,12 @@ def check_vae_stage(s: DictConfig) -> None:
     _float("vae_stage.perceptual_weight", s.perceptual_weight, 0.0)
     if s.perceptual_weight > 0:
         if not s.perceptual_weights:
-            raise ConfigError("vae_stage.perceptual_weight > 0 needs vae_stage.perceptual_weights=PATH (a local "
-                              "LPIPS-layout weight file)")
-        if not Path(s.perceptual_weights).is_file():
-            raise ConfigError(f"vae_stage.perceptual_weights={s.perceptual_weights}: no such file")
+            raise ConfigError("vae_stage.perceptual_weight > 0 needs vae_stage.perceptual_weights=PATH (local VGG16 "
+                              "and LPIPS weights: a file, or a list such as [vgg16-397923af.pth,vgg.pth])")
+        paths = list(s.perceptual_weights) if OmegaConf.is_list(s.perceptual_weights) else [s.perceptual_weights]
+        for path in paths:
+            if not Path(str(path)).is_file():
+                raise ConfigError(f"vae_stage.perceptual_weights: {path}: no such file")
     _int("vae_stage.disc_start", s.disc_start, 0, allow_none=True)
     _float("vae_stage.disc_weight", s.disc_weight, 0.0)
     _int("vae_stage.disc_channels", s.disc_channels, 1)

@@ -724,6 +724,33 @@ def test_perceptual_loss_needs_local_weights(tmp_path):
     assert (loss(x, -x) > 0).all()
 
 
+def test_the_perceptual_loss_reads_the_published_files_and_equals_lpips(tmp_path):
+    """torchvision's whole VGG16 state dict (its classifier ignored) with LPIPS v0.1's ``vgg.pth`` as published
+    (``lin{i}.model.1.weight``; the copy torchmetrics bundles), given as a list: the distance equals torchmetrics'
+    LPIPS on the same weights (its VGG randomly initialised: nothing downloaded)."""
+    from pathlib import Path
+
+    import torchmetrics.functional.image.lpips as tm_lpips
+    from torchvision.models import vgg16
+
+    from ldm.autoencoder.losses import PerceptualLoss
+
+    torch.manual_seed(0)
+    ref = tm_lpips._LPIPS(pretrained=True, net="vgg", pnet_rand=True).eval()
+    lpips_file = Path(tm_lpips.__file__).parent / "lpips_models" / "vgg.pth"
+    assert any(k.endswith(".model.1.weight") for k in torch.load(lpips_file, map_location="cpu"))
+    whole = vgg16(weights=None)
+    for i in range(1, 6):  # the reference's VGG layers, under torchvision's names (its slices keep the indices)
+        for name, value in getattr(ref.net, f"slice{i}").state_dict().items():
+            whole.features.state_dict()[name].copy_(value)
+    torch.save(whole.state_dict(), tmp_path / "vgg16.pth")
+    ours = PerceptualLoss([tmp_path / "vgg16.pth", lpips_file])
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, y), ref(x, y).flatten(), rtol=1e-5, atol=0)
+
+
 def test_guide_snapshot_holds_the_ema_weights_of_its_step_and_drives_autoguidance(tmp_path):
     torch.manual_seed(0)
     unet, vae, text = tiny_unet(), tiny_vae(), HashTextEncoder()
