@@ -54,6 +54,8 @@ SCRIPT = textwrap.dedent(
     if trainer.is_global_zero:
         with open(f"{out}/losses.json", "w") as f:
             json.dump(gathered, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # gloo's threads end before the interpreter does (else: abort)
     """
 )
 
