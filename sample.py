@@ -41,10 +41,7 @@ MAX_IMAGES = 1_000_000  # per command: more is a typo in n
 def read_prompts(cfg: DictConfig) -> list[str]:
     """The prompts: ``prompts_file``'s non-empty lines, or ``prompt`` (one string or a list of strings)."""
     if cfg.prompts_file:
-        path = Path(str(cfg.prompts_file))
-        if not path.is_file():
-            raise ConfigError(f"prompts_file={path}: no such file (one prompt per line)")
-        prompts = read_captions(path, "prompts_file=")  # UTF-8, whatever the locale
+        prompts = read_captions(str(cfg.prompts_file), "prompts_file=")  # UTF-8, whatever the locale
     elif cfg.prompt is not None:
         prompts = [cfg.prompt] if not OmegaConf.is_list(cfg.prompt) else list(cfg.prompt)
         if not prompts:

@@ -467,9 +467,8 @@ class LatentDiffusionPipeline:
 
         def blend(i: int, latents: torch.Tensor) -> torch.Tensor:
             """Keep the unmasked region on the image's own noisy path: noised to the next timestep, clean at the end."""
-            if i >= len(timesteps) - 1:
-                return (1 - m) * z0 + m * latents
-            known = forward_noise(scheduler, z0, noise, timesteps[i + 1:i + 2], step_index=i + 1)
+            last = i >= len(timesteps) - 1
+            known = z0 if last else forward_noise(scheduler, z0, noise, timesteps[i + 1:i + 2], step_index=i + 1)
             return (1 - m) * known + m * latents
 
         return x, None, blend

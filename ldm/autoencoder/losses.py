@@ -3,6 +3,7 @@ adaptive weight of Esser et al. (2021), and a perceptual (LPIPS-style) hook that
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -67,9 +68,9 @@ class PerceptualLoss(nn.Module):
     CUTS = (4, 9, 16, 23, 30)  # after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
     CHANNELS = (64, 128, 256, 512, 512)
 
-    def __init__(self, weights_path: str | Path | list[str | Path] | tuple[str | Path, ...] | None):
+    def __init__(self, weights_path: str | Path | Sequence[str | Path] | None):
         super().__init__()
-        paths = list(weights_path) if isinstance(weights_path, list | tuple) else [weights_path]
+        paths = [weights_path] if weights_path is None or isinstance(weights_path, str | Path) else list(weights_path)
         absent = [p for p in paths if p is None or not Path(p).is_file()]
         if absent or not paths:
             raise FileNotFoundError(

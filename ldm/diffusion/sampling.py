@@ -30,6 +30,7 @@ from ldm.diffusion.schedulers import (
     UniPCMultistepScheduler,
 )
 from ldm.diffusion.schedulers.base import DiscreteScheduler
+from ldm.diffusion.schedulers.dpm_solver import SigmaSteps
 from ldm.diffusion.schedulers.flow_match import resolution_mu
 from ldm.diffusion.schedulers.sigmas import SigmaScheduler
 from ldm.errors import ConfigError
@@ -240,8 +241,7 @@ def forward_noise(scheduler: Scheduler, clean: torch.Tensor, noise: torch.Tensor
     t = t.expand(clean.shape[0]) if t.numel() == 1 else t
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         return scheduler.scale_noise(clean, t, noise)
-    if step_index is not None and isinstance(scheduler, SigmaScheduler | DPMSolverMultistepScheduler |
-                                             UniPCMultistepScheduler):
+    if step_index is not None and isinstance(scheduler, SigmaSteps):  # the levels held by position
         return scheduler.add_noise(clean, noise, t, step_index=step_index)
     return scheduler.add_noise(clean, noise, t)
 

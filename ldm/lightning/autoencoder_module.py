@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -51,7 +53,7 @@ class AutoencoderModule(L.LightningModule):
         rec_loss: str = "l1",
         kl_weight: float = 1e-6,
         perceptual_weight: float = 0.0,
-        perceptual_weights: str | list[str] | None = None,
+        perceptual_weights: str | Sequence[str] | None = None,
         disc_weight: float = 0.5,
         disc_start: int | None = None,
         disc_channels: int = 64,

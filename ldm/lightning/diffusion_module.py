@@ -277,15 +277,13 @@ class LatentDiffusionModule(L.LightningModule):
                              "latents: set ldm_stage.cache_latents=false")
         n, _, h, w = image.shape
         given = batch.get("mask_given")  # some samples carry their own mask: the others get a drawn (or full) one
-        if "mask" in batch and given is not None and not bool(given.all()):
-            own = batch["mask"]
-            own = binarize(own.float() / 255 if own.dtype == torch.uint8 else own.float())
-            drawn = random_masks(n, h, w, self.mask_settings, generator) if generator is not None else \
-                torch.ones(n, 1, h, w)
-            mask = torch.where(given.to(own.device)[:, None, None, None], own, drawn.to(own.device))
-        elif "mask" in batch:
+        if "mask" in batch:
             mask = batch["mask"]
             mask = binarize(mask.float() / 255 if mask.dtype == torch.uint8 else mask.float())
+            if given is not None and not bool(given.all()):
+                drawn = random_masks(n, h, w, self.mask_settings, generator) if generator is not None else \
+                    torch.ones(n, 1, h, w)
+                mask = torch.where(given.to(mask.device)[:, None, None, None], mask, drawn.to(mask.device))
         elif generator is not None:
             mask = random_masks(n, h, w, self.mask_settings, generator)
         else:

@@ -105,11 +105,14 @@ def _model_attention_backward() -> dict:
     return mapping
 
 
+_MODEL_ATTENTION_BACKWARD = _model_attention_backward()  # after the CPU kernel's formulas are registered
+
+
 def flop_counter_mode(model: bool = True) -> FlopCounterMode:
     """A silent FlopCounterMode that counts matmuls, convolutions and attention (CPU attention included): the model's
     FLOPs (attention's backward as twice its forward), or with ``model=False`` what the kernels execute (torch's
     formulas: the flash backward's recomputed scores too), for a kernel's rate."""
-    return FlopCounterMode(display=False, custom_mapping=_model_attention_backward() if model else None)
+    return FlopCounterMode(display=False, custom_mapping=_MODEL_ATTENTION_BACKWARD if model else None)
 
 
 def count_flops(fn: Callable[[], object]) -> int:

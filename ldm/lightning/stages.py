@@ -419,8 +419,7 @@ def train_vae(cfg: DictConfig, out: Path, resume: str | None = None, resume_step
     vae = instantiate(cfg.autoencoder)
     module = AutoencoderModule(
         vae, lr=s.lr, betas=tuple(s.betas), rec_loss=s.rec_loss, kl_weight=s.kl_weight,
-        perceptual_weight=s.perceptual_weight, perceptual_weights=OmegaConf.to_object(s.perceptual_weights)
-        if OmegaConf.is_list(s.perceptual_weights) else s.perceptual_weights, disc_start=s.disc_start,
+        perceptual_weight=s.perceptual_weight, perceptual_weights=s.perceptual_weights, disc_start=s.disc_start,
         disc_weight=s.disc_weight, disc_channels=s.disc_channels, disc_layers=s.disc_layers,
         scale_equivariance=s.scale_equivariance, lr_schedule=s.lr_schedule, max_steps=s.max_steps, seed=cfg.seed,
         gradient_clip_val=s.get("gradient_clip_val"),
