@@ -9,6 +9,7 @@
     python sample.py ckpt=PATH prompt="..." dtype=bf16 vae_tile_size=32 height=1024 width=1024
     python sample.py ckpt=BASE prompt="..." lora=adapter.safetensors lora_scale=0.8   # a LoRA on a base model
     python sample.py regenerate=samples/00003.json out=again/     # one image again, from its JSON
+    python sample.py ckpt=CLASS_COND prompt="" class_label=[0,1,2] n=4   # a class-conditional model: a class a prompt
 
 Writes one PNG per image with a JSON of every setting beside it, and ``_previews/grid.png`` (with ``gif=true`` the
 GIFs too): the folder holds the samples alone for FID, which skips ``_``-named entries. Image i uses seed ``seed + i``
@@ -67,7 +68,8 @@ _REGENERATED = {"ckpt": "ckpt", "prompt": "prompt", "seed": "seed", "negative_pr
                 "autoguidance_scale": "autoguidance_scale",
                 "eta": "eta", "height": "height", "width": "width", "init_image": "init_image", "strength": "strength",
                 "use_ema": "use_ema", "dtype": "dtype", "vae_tile_size": "vae_tile_size", "lora": "lora",
-                "lora_scale": "lora_scale", "mask": "mask", "legacy_inpaint": "legacy_inpaint"}
+                "lora_scale": "lora_scale", "mask": "mask", "legacy_inpaint": "legacy_inpaint",
+                "class_label": "class_label"}
 
 
 def regenerate_config(cfg: DictConfig) -> DictConfig:
@@ -155,6 +157,29 @@ def check_config(cfg: DictConfig) -> list[str]:
     return prompts
 
 
+def class_labels(cfg: DictConfig, pipe: LatentDiffusionPipeline, prompts: list[str]) -> list[int | None]:
+    """The class of each prompt: ``class_label`` (one for every prompt, or a list of one per prompt) for a
+    class-conditional checkpoint, None for another. A missing, extra or out-of-range label is a ConfigError."""
+    value, num_classes = cfg.get("class_label"), pipe.num_classes
+    if num_classes is None:
+        if value is not None:
+            raise ConfigError(f"class_label={value}: {cfg.ckpt} is not class-conditional (its UNet has no classes); "
+                              "drop class_label")
+        return [None] * len(prompts)
+    if value is None:
+        raise ConfigError(f"{cfg.ckpt} is class-conditional ({num_classes} classes): give class_label=K for every "
+                          "prompt, or class_label=[K1,K2,...], one per prompt")
+    labels = list(value) if OmegaConf.is_list(value) else [value] * len(prompts)
+    if len(labels) != len(prompts):
+        raise ConfigError(f"class_label holds {len(labels)} labels for {len(prompts)} prompts: give one label, or one "
+                          "per prompt")
+    for label in labels:
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
+            raise ConfigError(f"class_label {label!r} is not a class of {cfg.ckpt}: give integers in [0, "
+                              f"{num_classes})")
+    return labels
+
+
 def sample_settings(cfg: DictConfig, pipe: LatentDiffusionPipeline, prompts: list[str]) -> dict:
     """The settings every image of this command samples with: the checkpoint's defaults with ``cfg``'s overrides,
     checked by the pipeline (a ConfigError naming the key), as recorded in each image's JSON."""
@@ -211,7 +236,8 @@ def run(cfg: DictConfig) -> list[Path]:
                           "text-to-image model: set legacy_inpaint=true to blend the unmasked region back instead")
     if init is not None and mask is None and pipe.is_inpainting:
         raise ConfigError(f"{cfg.ckpt} is an inpainting model: give mask=PATH with init_image (white = repaint)")
-    jobs = [(p, cfg.seed + i) for i, p in enumerate(p for p in prompts for _ in range(cfg.n))]
+    labelled = list(zip(prompts, class_labels(cfg, pipe, prompts), strict=True))
+    jobs = [(p, label, cfg.seed + i) for i, (p, label) in enumerate(x for x in labelled for _ in range(cfg.n))]
     # One generator per image (its initial noise, and its step noise with the stochastic samplers), so any image
     # can be regenerated alone from its JSON: prompt, seed and the settings, with n=1.
     batch = cfg.batch_size
@@ -231,7 +257,7 @@ def run(cfg: DictConfig) -> list[Path]:
                       guidance_interval=settings["guidance_interval"],
                       autoguidance_scale=settings["autoguidance_scale"],
                       sampler=settings["sampler"], eta=settings["eta"], height=settings["height"],
-                      width=settings["width"], generator=[torch.Generator().manual_seed(seed) for _, seed in chunk],
+                      width=settings["width"], generator=[torch.Generator().manual_seed(seed) for *_, seed in chunk],
                       dtype=cfg.dtype, vae_tile_size=settings["vae_tile_size"])
         if cfg.gif:
             def keep(i, t, x, x0, frames=frames):
@@ -241,12 +267,14 @@ def run(cfg: DictConfig) -> list[Path]:
             kwargs.update(image=init, strength=settings["strength"])
         if mask is not None:
             kwargs.update(mask_image=mask, legacy_inpaint=settings["legacy_inpaint"])
-        result = pipe([p for p, _ in chunk], **kwargs)
-        for j, ((prompt, seed), image) in enumerate(zip(chunk, result, strict=True)):
+        if pipe.num_classes is not None:
+            kwargs["class_labels"] = [label for _, label, _ in chunk]
+        result = pipe([p for p, *_ in chunk], **kwargs)
+        for j, ((prompt, label, seed), image) in enumerate(zip(chunk, result, strict=True)):
             idx = first + start + j
             path = out / f"{idx:05d}.png"
             image.save(path)
-            meta = {"prompt": prompt, "seed": seed, **settings}
+            meta = {"prompt": prompt, "seed": seed, "class_label": label, **settings}
             (out / f"{idx:05d}.json").write_text(json.dumps(meta, indent=2))
             if cfg.gif:
                 seq = [frame[j] for frame in frames] + [image] * 5

@@ -154,6 +154,11 @@ class LatentDiffusionPipeline:
         return getattr(self.unet, "in_channels", self.latent_channels) == 2 * self.latent_channels + 1
 
     @property
+    def num_classes(self) -> int | None:
+        """The classes of a class-conditional UNet (each call then takes ``class_labels``), None for another."""
+        return getattr(self.unet, "num_classes", None)
+
+    @property
     def size_multiple(self) -> int:
         """What height and width must be multiples of: the first stage's downsampling times the UNet's
         (2 per level below the top)."""
@@ -315,7 +320,7 @@ class LatentDiffusionPipeline:
         return CallSettings(images, negatives, s, height, width, eta, strength, auto, output_type, autocast_dtype,
                             vae_tile_size, overlap)
 
-    def _check_tensors(self, c: CallSettings, generator: Generators, image, latents, class_labels,
+    def _check_tensors(self, c: CallSettings, generator: Generators, image, latents,
                        callback) -> list[torch.Generator] | torch.Generator | None:
         """Check the tensor-valued arguments against the call's batch and size; the generators as given or a list."""
         n = len(c.prompts)
@@ -347,18 +352,27 @@ class LatentDiffusionPipeline:
                 raise ConfigError(f"latents must have shape {shape}, got {got}")
             if not latents.is_floating_point() or not torch.isfinite(latents).all():
                 raise ConfigError("latents must hold finite floating-point values (no NaN or inf)")
-        num_classes = getattr(self.unet, "num_classes", None)
-        if num_classes is None and class_labels is not None:
-            raise ConfigError("class_labels were given but this UNet is not class-conditional")
-        if num_classes is not None:
-            if not isinstance(class_labels, torch.Tensor) or tuple(class_labels.shape) != (n,) or \
-                    class_labels.is_floating_point() or class_labels.dtype == torch.bool or \
-                    not bool(((class_labels >= 0) & (class_labels < num_classes)).all()):
-                raise ConfigError(f"this UNet is class-conditional: class_labels must be an integer tensor of shape "
-                                  f"[{n}] with values in [0, {num_classes})")
         if callback is not None and not callable(callback):
             raise ConfigError(f"callback must be callable(i, t, latents, x0) or None, got {reprlib.repr(callback)}")
         return generator
+
+    def class_label_tensor(self, class_labels: torch.Tensor | Sequence[int] | None, n: int) -> torch.Tensor | None:
+        """``class_labels`` (a tensor or a sequence of ints) checked against this UNet's classes as an int64 tensor
+        of ``n`` labels; None for a UNet without classes. A wrong count, type or value is a ConfigError."""
+        num_classes = self.num_classes
+        if num_classes is None:
+            if class_labels is not None:
+                raise ConfigError("class_labels were given but this UNet is not class-conditional")
+            return None
+        if isinstance(class_labels, Sequence) and not isinstance(class_labels, str) and all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in class_labels):
+            class_labels = torch.tensor([int(v) for v in class_labels], dtype=torch.int64)
+        if not isinstance(class_labels, torch.Tensor) or tuple(class_labels.shape) != (n,) or \
+                class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool or \
+                not bool(((class_labels >= 0) & (class_labels < num_classes)).all()):
+            raise ConfigError(f"this UNet is class-conditional: class_labels must be {n} integers (a tensor of shape "
+                              f"[{n}] or a list) in [0, {num_classes}), got {reprlib.repr(class_labels)}")
+        return class_labels.long()
 
     def _image_tensor(self, image: Image.Image | torch.Tensor, height: int, width: int) -> torch.Tensor:
         if isinstance(image, torch.Tensor):
@@ -522,7 +536,7 @@ class LatentDiffusionPipeline:
         guidance_interval: Sequence[float] | None = None,
         autoguidance_scale: float | None = None,
         latents: torch.Tensor | None = None,
-        class_labels: torch.Tensor | None = None,
+        class_labels: torch.Tensor | Sequence[int] | None = None,
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
         output_type: str = "pil",
         dtype: torch.dtype | str | None = None,
@@ -552,7 +566,9 @@ class LatentDiffusionPipeline:
                 step); a default the file cannot honour falls back to 1 with a warning.
             latents: the initial noise, of shape [B, C, H / f, W / f], instead of drawing it (with ``image``, the
                 noise the image is noised with). Any float dtype; sampling runs in float32.
-            class_labels: [B] class indices for a class-conditional UNet.
+            class_labels: a class-conditional UNet's class of each image (B integers: a tensor or a list; B is the
+                number of prompts times ``num_images_per_prompt``); the unconditional pass of guidance takes the same
+                classes (classifier-free guidance on the text).
             callback: ``callback(i, t, latents, x0_prediction)`` after each step.
             output_type: ``pil`` (a list of images), ``tensor`` ([B, C, H, W] in [-1, 1]) or ``latent``.
             dtype: bf16/fp16 runs the text encoder and the UNet under ``torch.autocast`` (the sampler arithmetic
@@ -571,7 +587,8 @@ class LatentDiffusionPipeline:
         c = self.check_call(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                             num_images_per_prompt, sampler, eta, strength, guidance_rescale, guidance_interval,
                             autoguidance_scale, output_type, dtype, vae_tile_size, vae_tile_overlap)
-        generator = self._check_tensors(c, generator, image, latents, class_labels, callback)
+        generator = self._check_tensors(c, generator, image, latents, callback)
+        labels = self.class_label_tensor(class_labels, len(c.prompts))
         self._check_mask(c, image, mask_image, legacy_inpaint)
         s, height, width, auto, autocast_dtype = c.sampling, c.height, c.width, c.autoguidance_scale, c.autocast_dtype
         prompts, negatives, n = c.prompts, c.negatives, len(c.prompts)
@@ -619,7 +636,7 @@ class LatentDiffusionPipeline:
             with autocast, reuse_context_projections(self.unet):  # the context is one tensor for every step
                 z = sample_loop(self.unet, scheduler, x, context, guidance, eta=c.eta, generator=generator,
                                 callback=callback, post_step=blend, concat=concat,
-                                y=None if class_labels is None else class_labels.to(device))
+                                y=None if labels is None else labels.to(device))
             self._check_finite(z, c, "latents")
             if c.output_type == "latent":
                 return z

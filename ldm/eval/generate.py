@@ -6,7 +6,9 @@ across torchrun ranks without communication and an interrupted job resumes where
     torchrun --nproc-per-node 8 -m ldm.eval.generate CKPT --captions FILE --num-images N --out DIR ...
 
 FILE holds one caption per line (blank lines ignored); image i uses caption i modulo their number and the generator
-``torch.Generator(device).manual_seed(seed + i)`` alone. DIR gets ``{i:06d}.png`` with its caption in ``{i:06d}.txt``
+``torch.Generator(device).manual_seed(seed + i)`` alone; a class-conditional model samples it with class i modulo
+its number of classes (balanced classes: list the captions in class order to pair them).
+DIR gets ``{i:06d}.png`` with its caption in ``{i:06d}.txt``
 (the layout ``python -m ldm.eval.clip_score`` and ``python -m ldm.data.make_shards`` read) and ``generate.json``, the
 settings; a rerun with other settings into the same DIR is refused. Under torchrun (RANK / WORLD_SIZE, or LOCAL_RANK
 / LOCAL_WORLD_SIZE) rank r takes the indices i with i % world_size == r; no process group is created. The number of
@@ -47,13 +49,25 @@ def image_generator(seed: int, index: int, device: torch.device | str) -> torch.
     return torch.Generator(device=device).manual_seed(seed + index)
 
 
+def class_labels_of(pipe: LatentDiffusionPipeline, indices: Sequence[int],
+                    class_labels: Sequence[int] | None = None) -> list[int] | None:
+    """The classes images ``indices`` sample with: ``class_labels`` (one per index) or, by default, image i's class
+    i modulo the number of classes (balanced classes); None for a UNet without classes."""
+    if pipe.num_classes is None or class_labels is not None:
+        return None if class_labels is None else list(class_labels)
+    return [int(i) % pipe.num_classes for i in indices]
+
+
 def generate_images(pipe: LatentDiffusionPipeline, captions: Sequence[str], indices: Sequence[int], *, seed: int = 0,
-                    batch_size: int = 16, **call_kwargs: Any) -> list[Image.Image]:
+                    batch_size: int = 16, class_labels: Sequence[int] | None = None,
+                    **call_kwargs: Any) -> list[Image.Image]:
     """Image ``indices[k]`` from caption ``captions[k]``, each with its own generator (:func:`image_generator`), in
     batches of ``batch_size``: an image depends on its index, caption and ``call_kwargs`` only, not on the batching.
 
     ``call_kwargs`` go to every pipeline call (``num_inference_steps``, ``guidance_scale``, ``sampler``, ...); the
-    prompt, generators, latents and output type are this function's.
+    prompt, generators, latents and output type are this function's. A class-conditional model samples image
+    ``indices[k]`` with class ``class_labels[k]``, by default its index modulo the number of classes
+    (:func:`class_labels_of`).
     """
     own = sorted(set(call_kwargs) & set(_OWN_ARGUMENTS))
     if own:
@@ -63,24 +77,32 @@ def generate_images(pipe: LatentDiffusionPipeline, captions: Sequence[str], indi
         raise ConfigError(f"got {len(captions)} captions for {len(indices)} indices: give one caption per index")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if class_labels is not None and len(class_labels) != len(indices):
+        raise ConfigError(f"got {len(class_labels)} class labels for {len(indices)} indices: give one per index")
+    labels = class_labels_of(pipe, indices, class_labels)
     images: list[Image.Image] = []
     device = pipe.device
     for start in range(0, len(indices), batch_size):
         chunk = range(start, min(start + batch_size, len(indices)))
         generators = [image_generator(seed, int(indices[k]), device) for k in chunk]
-        out = pipe([captions[k] for k in chunk], generator=generators, output_type="pil", **call_kwargs)
+        classes = None if labels is None else [labels[k] for k in chunk]
+        out = pipe([captions[k] for k in chunk], generator=generators, output_type="pil", class_labels=classes,
+                   **call_kwargs)
         images.extend(out)
     return images
 
 
 def judge_samples(pipe: LatentDiffusionPipeline, captions: Sequence[str], *, seed: int = 0, batch_size: int = 100,
-                  **call_kwargs: Any) -> torch.Tensor:
+                  class_labels: Sequence[int] | None = None, **call_kwargs: Any) -> torch.Tensor:
     """The built-in judges' samples as uint8 [N, C, H, W]: batches of ``batch_size`` captions, the batch that starts
-    at image i drawing from one CPU generator seeded ``seed + i`` (the protocol their recorded figures use)."""
+    at image i drawing from one CPU generator seeded ``seed + i`` (the protocol their recorded figures use). A
+    class-conditional model samples image i with ``class_labels[i]`` (default: i modulo its classes)."""
+    labels = class_labels_of(pipe, range(len(captions)), class_labels)
     out = []
     for i in range(0, len(captions), batch_size):
         x = pipe(list(captions[i:i + batch_size]), generator=torch.Generator().manual_seed(seed + i),
-                 output_type="tensor", **call_kwargs)
+                 output_type="tensor", class_labels=None if labels is None else labels[i:i + batch_size],
+                 **call_kwargs)
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().byte().cpu())
     return torch.cat(out)
 

@@ -100,7 +100,8 @@ def evaluate(pipe, classifier: DigitClassifier, n: int = 500, guidance_scales=(N
     for scale in guidance_scales:
         t0 = time.perf_counter()
         images = judge_samples(pipe, captions, seed=seed, batch_size=batch, guidance_scale=scale,
-                               num_inference_steps=steps, sampler=sampler)
+                               num_inference_steps=steps, sampler=sampler,  # a class-conditional model: the digits'
+                               class_labels=labels.tolist() if pipe.num_classes is not None else None)
         label = pipe.sampling.guidance_scale if scale is None else scale
         results[f"guidance_{label:g}"] = {**judge_images(images, labels, classifier, seed, reference),
                                           "seconds": time.perf_counter() - t0}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -239,28 +240,49 @@ class SampleGrid(PeriodicGrid):
     """Every ``every_n_steps`` (and at the end) sample fixed prompts with fixed seeds through the module's pipeline
     (its sampling defaults, EMA weights); save and log the grid. Samples that come out NaN or inf (the pipeline
     refuses them) are named in a warning and give no grid: a preview does not stop the training. ``height`` and
-    ``width`` (pixels) preview another size than the checkpoint's default, e.g. one of ``data.buckets``'."""
+    ``width`` (pixels) preview another size than the checkpoint's default, e.g. one of ``data.buckets``'.
+    A class-conditional UNet samples prompt i with ``class_labels[i]`` (one label for every prompt, or one per
+    prompt; None: class i modulo the number of classes), and the grid's caption names the classes."""
 
     def __init__(self, prompts: list[str], every_n_steps: int, out_dir: str | Path, seed: int = 0, cols: int = 4,
-                 height: int | None = None, width: int | None = None):
+                 height: int | None = None, width: int | None = None,
+                 class_labels: int | Sequence[int] | None = None):
         if not prompts:
             raise ValueError("SampleGrid needs at least one prompt (callbacks.ldm.samples.prompts)")
         self.prompts, self.every, self.out_dir, self.seed = list(prompts), every_n_steps, Path(out_dir), seed
         self.cols = cols
         self.size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+        if isinstance(class_labels, int) and not isinstance(class_labels, bool):
+            class_labels = [class_labels] * len(self.prompts)
+        elif class_labels is not None:
+            class_labels = list(class_labels)
+            if len(class_labels) != len(self.prompts):
+                raise ValueError(f"SampleGrid got {len(class_labels)} class_labels for {len(self.prompts)} prompts: "
+                                 "give one label, or one per prompt (callbacks.ldm.samples.class_labels)")
+        self.class_labels = class_labels
+
+    def labels_for(self, num_classes: int | None) -> list[int] | None:
+        """The class of each prompt for a UNet of ``num_classes`` classes (None: no classes)."""
+        if num_classes is None:
+            return None
+        return self.class_labels or [i % num_classes for i in range(len(self.prompts))]
 
     def _draw(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero and not is_fsdp(trainer):  # under FSDP every rank takes part in sampling
             return
         g = torch.Generator().manual_seed(self.seed)
+        labels = self.labels_for(getattr(getattr(pl_module, "unet", None), "num_classes", None))
+        kwargs = dict(self.size) if labels is None else {**self.size, "class_labels": labels}
         try:
-            images = to_pil(pl_module.generate(self.prompts, generator=g, **self.size))
+            images = to_pil(pl_module.generate(self.prompts, generator=g, **kwargs))
         except ConfigError as err:  # every rank samples the same prompts, so all of them skip together
             rank_zero_warn(f"no sample grid at step {trainer.global_step}: {err}")
             return
         if trainer.is_global_zero:
             grid = make_grid(images, cols=self.cols)
-            save_and_log_grid(trainer, grid, self.out_dir, "samples", " | ".join(self.prompts))
+            captions = self.prompts if labels is None else [
+                f"{p} [class {c}]" for p, c in zip(self.prompts, labels, strict=True)]
+            save_and_log_grid(trainer, grid, self.out_dir, "samples", " | ".join(captions))
 
 
 class ReconstructionGrid(PeriodicGrid):

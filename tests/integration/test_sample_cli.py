@@ -289,6 +289,14 @@ def test_cli_exit_status_and_unknown_keys(tiny_ckpt, tmp_path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_class_label_for_a_model_without_classes_is_refused(tiny_ckpt, tmp_path) -> None:
+    with pytest.raises(ValueError, match="is not class-conditional .*drop class_label"):
+        sample(tiny_ckpt, tmp_path / "out", prompt="a red circle", class_label=1)
+    assert not (tmp_path / "out").exists()
+    written = sample(tiny_ckpt, tmp_path / "plain", prompt="a red circle", steps=1)
+    assert json.loads(written[0].with_suffix(".json").read_text())["class_label"] is None
+
+
 def test_compile_true_compiles_the_unet_once_before_sampling(tiny_ckpt, tmp_path, monkeypatch) -> None:
     from ldm.pipeline import LatentDiffusionPipeline
 

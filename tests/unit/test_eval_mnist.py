@@ -107,6 +107,8 @@ class _DigitPipe:
     class sampling:  # noqa: N801 - mimics the pipeline's attribute
         guidance_scale = 3.0
 
+    num_classes = None  # a text-conditioned model
+
     def __init__(self) -> None:
         self.data = MNISTDataset()
         self.calls: list[dict] = []

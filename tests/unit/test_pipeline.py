@@ -660,9 +660,12 @@ def test_class_labels_are_checked_against_the_unet() -> None:
     kw = dict(num_inference_steps=1, output_type="tensor", guidance_scale=1.0)
     one = pixel(["", ""], class_labels=torch.tensor([0, 2]), generator=_gen(0), **kw)
     assert one.shape == (2, 3, 8, 8) and torch.isfinite(one).all()
-    for labels in (None, torch.tensor([0]), torch.tensor([0, 3]), torch.tensor([0.0, 1.0]), torch.tensor([-1, 0])):
-        with pytest.raises(ConfigError, match=r"class_labels must be an integer tensor of shape \[2\] with values "
-                                              r"in \[0, 3\)"):
+    assert torch.equal(pixel(["", ""], class_labels=[0, 2], generator=_gen(0), **kw), one)  # a list of ints too
+    assert not torch.equal(pixel(["", ""], class_labels=[1, 2], generator=_gen(0), **kw)[0], one[0])
+    for labels in (None, torch.tensor([0]), torch.tensor([0, 3]), torch.tensor([0.0, 1.0]), torch.tensor([-1, 0]),
+                   [0], [0, 1.0], [True, 0], "01"):
+        with pytest.raises(ConfigError, match=r"class_labels must be 2 integers \(a tensor of shape \[2\] or a "
+                                              r"list\) in \[0, 3\)"):
             pixel(["", ""], class_labels=labels, **kw)
 
 
