@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,8 +24,8 @@ def loss_weights(snr: torch.Tensor, prediction_type: str, weighting: str = "unif
         raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {list(LOSS_WEIGHTINGS)}")
     if weighting == "uniform":
         return torch.ones_like(snr)
-    if gamma <= 0:
-        raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
+    if not math.isfinite(gamma) or gamma <= 0:
+        raise ValueError(f"min-SNR gamma must be a finite number > 0, got {gamma}")
     kind = canonical_prediction_type(prediction_type)
     clipped = snr.clamp(max=gamma)
     if kind == "epsilon":
@@ -36,8 +37,9 @@ def loss_weights(snr: torch.Tensor, prediction_type: str, weighting: str = "unif
 
 def check_timestep_shift(shift: float) -> None:
     """Refuse a timestep shift that is not positive (it would map the draw outside [0, T))."""
-    if shift <= 0:
-        raise ValueError(f"timestep shift must be > 0, got {shift}; 1 draws t uniformly, > 1 favours the noisy end")
+    if not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"timestep shift must be a finite number > 0, got {shift}; 1 draws t uniformly, > 1 favours "
+                         "the noisy end")
 
 
 def sample_timesteps(
@@ -81,8 +83,8 @@ class DiffusionLoss:
                 "a zero-terminal-SNR schedule needs prediction_type 'v_prediction' or 'sample': epsilon prediction "
                 "is undefined at the last timestep"
             )
-        if self.offset_noise < 0:
-            raise ValueError(f"offset_noise must be >= 0, got {self.offset_noise}")
+        if not math.isfinite(self.offset_noise) or self.offset_noise < 0:
+            raise ValueError(f"offset_noise must be a finite number >= 0, got {self.offset_noise}")
         check_timestep_shift(self.timestep_shift)
 
     def sample_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

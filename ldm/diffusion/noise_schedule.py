@@ -17,8 +17,8 @@ class NoiseSchedule:
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or len(betas) == 0:
             raise ValueError(f"betas must be a non-empty 1-d tensor, got shape {tuple(betas.shape)}")
-        if (betas <= 0).any() or (betas > 1).any():
-            raise ValueError("betas must lie in (0, 1]")
+        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas > 1).any():
+            raise ValueError("betas must be finite and lie in (0, 1]")
         self.betas = betas
         self.spec: dict | None = None  # the from_name keywords, when built by name
         self.alphas = 1 - betas

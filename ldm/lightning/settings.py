@@ -15,7 +15,7 @@ from ldm.autoencoder.autoencoder_kl import downsample_factor
 from ldm.autoencoder.losses import patch_min_size
 from ldm.data.cache_latents import PRECISIONS as CACHE_PRECISIONS
 from ldm.data.masks import MaskSettings
-from ldm.diffusion import SamplingDefaults
+from ldm.diffusion import DiffusionLoss, FlowMatchingLoss, NoiseSchedule, SamplingDefaults
 from ldm.diffusion.sampling import check_sampler, default_sampler
 from ldm.errors import ConfigError
 from ldm.lightning.slurm import slurm_job_id
@@ -185,6 +185,22 @@ def run_sampling(cfg: DictConfig) -> SamplingDefaults:
     return SamplingDefaults.from_dict(values)
 
 
+def diffusion_objective(d: DictConfig) -> DiffusionLoss | FlowMatchingLoss:
+    """The training objective of the ``diffusion`` group: a noise schedule, prediction target and loss weighting, or
+    ``objective: flow_matching`` with its ``flow`` settings. A wrong setting is a ConfigError naming it."""
+    objective = d.get("objective", "diffusion")
+    if objective not in ("diffusion", "flow_matching"):
+        raise ConfigError(f"diffusion.objective={objective!r}: use diffusion (a noise schedule) or flow_matching")
+    try:
+        if objective == "flow_matching":
+            return FlowMatchingLoss(**OmegaConf.to_container(d.flow, resolve=True))
+        schedule = NoiseSchedule.from_name(**OmegaConf.to_container(d.schedule, resolve=True))
+        return DiffusionLoss(schedule, d.prediction_type, d.loss_weighting, d.snr_gamma, d.offset_noise,
+                             d.get("timestep_shift", 1.0))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"diffusion: {err}") from None
+
+
 def check_run(cfg: DictConfig) -> None:
     """Everything a run will read, checked before its first stage: the stages it runs, their settings, the sampling
     defaults and the input files."""
@@ -198,6 +214,7 @@ def check_run(cfg: DictConfig) -> None:
         check_scale_equivariance_fits(cfg)
     if "ldm" in stages:
         check_ldm_stage(cfg.ldm_stage)
+        diffusion_objective(cfg.diffusion)
         if cfg.ldm_stage.cache_latents:
             check_cache_run(cfg)
         try:

@@ -38,8 +38,6 @@ from ldm.compiling import compile_in_place
 from ldm.convert import init_from_sd, load_sd_vae, sd_latent_normalization
 from ldm.data.cache_latents import cache_for_vae
 from ldm.data.masks import MaskSettings
-from ldm.diffusion import DiffusionLoss, NoiseSchedule
-from ldm.diffusion.flow import FlowMatchingLoss
 from ldm.diffusion.validation import DEFAULT_NUM_TIMESTEPS
 from ldm.errors import ConfigError
 from ldm.lightning.autoencoder_module import AutoencoderModule
@@ -57,6 +55,7 @@ from ldm.lightning.settings import (
     RESUME_FREE,
     STAGES,
     check_run,
+    diffusion_objective,
     resume_mode,
     run_sampling,
 )
@@ -550,13 +549,8 @@ def build_diffusion_module(cfg: DictConfig, unet: torch.nn.Module, text_encoder:
     """LatentDiffusionModule from the ``diffusion`` (a noise schedule and prediction target, or ``objective:
     flow_matching``), ``optimizer``, ``ldm_stage`` and ``sampling`` groups. A LoRA run (``lora_base``) keeps no
     EMA: the adapters train at a fine-tuning learning rate for few steps, and the checkpoint stays adapters-only."""
-    s, d = cfg.ldm_stage, cfg.diffusion
-    if d.get("objective", "diffusion") == "flow_matching":
-        loss = FlowMatchingLoss(**OmegaConf.to_container(d.flow, resolve=True))
-    else:
-        schedule = NoiseSchedule.from_name(**OmegaConf.to_container(d.schedule, resolve=True))
-        loss = DiffusionLoss(schedule, d.prediction_type, d.loss_weighting, d.snr_gamma, d.offset_noise,
-                             d.get("timestep_shift", 1.0))
+    s = cfg.ldm_stage
+    loss = diffusion_objective(cfg.diffusion)
     text_cfg = cfg.get("text_encoder")
     return LatentDiffusionModule(
         unet, text_encoder, first_stage, loss=loss, optimizer=build_optimizer(cfg),

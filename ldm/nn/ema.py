@@ -16,7 +16,7 @@ ASSEMBLY_BUCKET_NUMEL = 2**22  # elements of full averages gathered per collecti
 
 @dataclass(frozen=True)
 class EMASettings:
-    """The EMA of a training run: ``decay``, and ``warmup`` (CompVis' rule, see :class:`EMA`)."""
+    """The EMA of a training run: ``decay``, and ``warmup`` (diffusers' rule, see :class:`EMA`)."""
 
     decay: float = 0.9999
     warmup: bool = True
@@ -50,7 +50,8 @@ class EMA(nn.Module):
     """Float32 shadow copies of ``model``'s floating-point parameters, moved toward it with ``update(model)``.
 
     decay_n = min(decay, (1 + n) / (10 + n)) with ``warmup`` (early averages follow the model instead of holding on
-    to the random initialisation), else ``decay``; ``n`` counts the updates. ``state_dict()`` is
+    to the random initialisation), else ``decay``; ``n`` counts the earlier updates (diffusers' ``EMAModel``; CompVis'
+    ``LitEma`` counts this one too). ``state_dict()`` is
     ``{parameter name: average, ..., "num_updates": n}``. State dicts written by the earlier layout
     (``shadow_<i>`` in parameter order) still load.
 
@@ -78,6 +79,17 @@ class EMA(nn.Module):
         self._shapes: dict[str, torch.Size] = {}  # the full shapes of the sharded averages
         self._layout: ShardLayout | None = None
         self._bucket_numel = ASSEMBLY_BUCKET_NUMEL
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moves keep the averages float32: a cast of the module (``.to(torch.bfloat16)``, ``.half()``, Lightning's
+        ``bf16-true`` / ``16-true``) moves them to its device only; in half precision an update of 1 - decay would
+        round away."""
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            if not t.is_floating_point():
+                return fn(t)
+            probe = fn(t.new_empty(0))
+            return fn(t) if probe.dtype == t.dtype else t.to(probe.device)
+        return super()._apply(keep_float32, recurse)
 
     def keep_shards(self, layout: ShardLayout, bucket_numel: int = ASSEMBLY_BUCKET_NUMEL) -> None:
         """Keep only this rank's elements [start, stop) of each flattened average named in ``layout.spans``: its

@@ -37,6 +37,9 @@ def _compose(run: Path, *overrides: str):
     ("sampling.num_inference_steps=0", r"sampling: num_inference_steps must be an integer >= 1"),
     ("vae_ckpt=/nonexistent/vae.ckpt", r"vae_ckpt=/nonexistent/vae.ckpt: no such file"),
     ("+trainer.progress_bar_refresh_steps=0", r"trainer.progress_bar_refresh_steps must be >= 1, got 0"),
+    ("diffusion.loss_weighting=minsnr", r"diffusion: unknown loss weighting 'minsnr'"),
+    ("diffusion.offset_noise=nan", r"diffusion: offset_noise must be a finite number >= 0, got nan"),
+    ("+diffusion.objective=flow-matching", r"diffusion.objective='flow-matching': use diffusion .* or flow_matching"),
 ])
 def test_every_stage_is_checked_before_any_work(tmp_path: Path, override: str, message: str) -> None:
     t0 = time.perf_counter()

@@ -165,6 +165,24 @@ def test_timestep_shift_moves_training_timesteps_to_the_noisy_end():
     assert (seen[0] >= 500).double().mean().item() == pytest.approx(0.8, abs=0.02)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(weighting="min_snr", snr_gamma=float("nan")), "min-SNR gamma must be a finite number > 0, got nan"),
+    (dict(offset_noise=float("nan")), "offset_noise must be a finite number >= 0, got nan"),
+    (dict(offset_noise=float("inf")), "offset_noise must be a finite number >= 0, got inf"),
+    (dict(timestep_shift=float("nan")), "timestep shift must be a finite number > 0, got nan"),
+    (dict(timestep_shift=float("inf")), "timestep shift must be a finite number > 0, got inf"),
+])
+def test_loss_refuses_settings_that_are_not_finite(kwargs, match):
+    """NaN passed the range checks: a NaN loss, an offset silently skipped, an IndexError at the first step."""
+    with pytest.raises(ValueError, match=match):
+        DiffusionLoss(NoiseSchedule.from_name(), "v_prediction", **kwargs)
+
+
+def test_a_schedule_refuses_betas_that_are_not_finite():
+    with pytest.raises(ValueError, match=r"betas must be finite and lie in \(0, 1\]"):
+        NoiseSchedule(torch.tensor([0.1, float("nan")]))
+
+
 def test_loss_refuses_epsilon_with_zero_terminal_snr():
     with pytest.raises(ValueError, match="zero-terminal-SNR"):
         DiffusionLoss(NoiseSchedule.from_name("linear", rescale_betas_zero_snr=True), prediction_type="epsilon")

@@ -109,6 +109,31 @@ def test_ema_follows_the_model_with_warmup_and_swaps_in():
     torch.testing.assert_close(ema16.shadow_0, 0.5 * start + 0.5 * half.weight.float())
 
 
+def test_a_cast_module_keeps_its_ema_in_float32_and_trains_under_bf16_true():
+    """Lightning's bf16-true casts the whole module, the EMA's buffers with it: the update then crashed (a bf16 lerp
+    end against float32 weights), and bf16 averages would not move by 1 - decay. The averages stay float32."""
+    class Net(nn.Module):
+        num_classes = None
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.full((), 1.0))
+
+        def forward(self, x, t, context=None):
+            return x * self.w
+
+    net = Net()
+    m = diffusion_module(net, ema_decay=0.999, ema_warmup=False, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    L.Trainer(max_steps=4, accelerator="cpu", precision="bf16-true", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(
+        m, DataLoader(image_batches(16, size=8), batch_size=4, collate_fn=collate))
+    assert net.w.dtype == torch.bfloat16 and m.ema.shadow_0.dtype == torch.float32 and int(m.ema.num_updates) == 4
+    assert 0 < abs(float(m.ema.shadow_0) - 1.0) < abs(float(net.w) - 1.0)  # moved, by less than the model
+    for cast in (lambda mod: mod.half(), lambda mod: mod.to(torch.float64), lambda mod: mod.to("cpu", torch.bfloat16)):
+        cast(m)
+        assert m.ema.shadow_0.dtype == torch.float32 and m.ema.num_updates.dtype == torch.int64
+
+
 @pytest.mark.parametrize("warmup", [True, False])
 def test_ema_averages_as_diffusers_ema_model_does(warmup):
     """Oracle: diffusers' EMAModel. Its decay, 0 at its first step and min((1 + n) / (10 + n), decay) at step n + 1
