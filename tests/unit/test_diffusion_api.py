@@ -155,7 +155,7 @@ def test_timestep_shift_moves_training_timesteps_to_the_noisy_end():
     assert (t < 200).double().mean().item() == pytest.approx(1 / 9, abs=0.005)
     means = [sample_timesteps(20_000, 1000, s, torch.Generator().manual_seed(1)).double().mean() for s in (1, 2, 4)]
     assert means[0] < means[1] < means[2]
-    with pytest.raises(ValueError, match="timestep shift must be > 0"):
+    with pytest.raises(ValueError, match="timestep shift must be a finite number > 0"):
         DiffusionLoss(NoiseSchedule.from_name("linear"), timestep_shift=0.0)
     # the loss draws its timesteps with the shift
     seen = []
