@@ -66,6 +66,9 @@ class AutoencoderKL(nn.Module):
         latent_std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        if any(isinstance(m, bool) or not float(m).is_integer() or m < 1 for m in ch_mult):
+            raise ValueError(f"ch_mult must hold integers >= 1 (each level's width is ch times its entry), got "
+                             f"{list(ch_mult)}")
         ch_mult = tuple(int(m) for m in ch_mult)
         self.config: dict[str, Any] = dict(
             in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=list(ch_mult),

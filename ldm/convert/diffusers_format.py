@@ -34,6 +34,8 @@ def _require(cfg: Mapping[str, Any], expected: Mapping[str, Any], what: str) -> 
     """Raise ConfigError when a diffusers config uses a feature our module does not implement."""
     for key, allowed in expected.items():
         value = cfg.get(key, allowed[0] if isinstance(allowed, tuple) else allowed)
+        if isinstance(value, list | tuple) and value and all(v is False for v in value):
+            value = False  # a per-block list of the default (only_cross_attention=[False, ...])
         ok = value in allowed if isinstance(allowed, tuple) else value == allowed
         if not ok:
             raise ConfigError(f"unsupported {what} config: {key}={value!r} (ldm supports {allowed!r})")

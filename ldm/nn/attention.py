@@ -87,6 +87,8 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
             else:
                 scores = scores + mask.float()
         probs = scores.softmax(dim=-1)
+        if mask is not None and mask.dtype == torch.bool:
+            probs = probs.nan_to_num(0.0)  # a query whose keys are all masked attends to nothing, as SDPA gives
         return torch.matmul(probs.to(v.dtype), v)
 
 

@@ -59,6 +59,9 @@ class UNet(nn.Module):
         if pool_context and context_dim is None:
             raise ValueError("pool_context=true pools the text context, but context_dim is None (an unconditional "
                              "UNet): set context_dim or pool_context=false")
+        if any(isinstance(m, bool) or not float(m).is_integer() or m < 1 for m in channel_mult):
+            raise ValueError(f"channel_mult must hold integers >= 1 (each level's width is model_channels times its "
+                             f"entry), got {list(channel_mult)}")
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         factors = [2 ** level for level in range(len(channel_mult))]
@@ -84,9 +87,19 @@ class UNet(nn.Module):
         emb_dim = model_channels * 4
 
         def transformer(ch: int) -> SpatialTransformer:
-            heads, d_head = (num_heads, ch // num_heads) if num_head_channels == -1 else (
-                ch // num_head_channels, num_head_channels)
-            return SpatialTransformer(ch, heads, d_head, transformer_depth, dropout, context_dim, use_linear_proj,
+            if num_head_channels == -1:
+                if not 1 <= num_heads <= ch:
+                    raise ValueError(f"num_heads={num_heads} cannot split an attention level of {ch} channels: give "
+                                     "from 1 head to that width (a divisor of it), or num_head_channels")
+                heads, d_head = num_heads, ch // num_heads
+            else:
+                if num_head_channels < 1 or num_head_channels > ch:
+                    raise ValueError(f"num_head_channels={num_head_channels} leaves a level of {ch} channels without a "
+                                     "head: give at most the narrowest attention level's width, or -1 with num_heads")
+                heads, d_head = ch // num_head_channels, num_head_channels
+            # no dropout inside the attention blocks: the original UNets (DDPM, ADM, SD) and diffusers drop out in
+            # the residual blocks only
+            return SpatialTransformer(ch, heads, d_head, transformer_depth, 0.0, context_dim, use_linear_proj,
                                       attention_backend)
 
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))

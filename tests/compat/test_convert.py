@@ -88,6 +88,38 @@ def test_unet_from_and_to_diffusers(diffusers_unet) -> None:
     assert _rel(back(x, t, ctx, class_labels=y).sample, expected) <= 1e-4
 
 
+def test_dropout_is_in_the_residual_blocks_only_as_in_diffusers() -> None:
+    """The UNet's dropout also dropped out inside every attention block (to_out, the feed-forward): a converted
+    model then trained with other regularisation than diffusers' (and DDPM's, ADM's, SD's) residual-block dropout."""
+    theirs = _randomize(diffusers.UNet2DConditionModel(**SD1_TINY, dropout=0.3))
+    ours = from_diffusers(theirs)
+
+    def dropouts(model: torch.nn.Module) -> int:
+        return sum(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+    assert dropouts(ours) == dropouts(theirs) == 8
+    # in training mode with the residual blocks' dropout off, both are deterministic and equal
+    for model in (ours, theirs):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    x, t, ctx, _ = _unet_inputs(SD1_TINY["cross_attention_dim"])
+    with torch.no_grad():
+        assert _rel(ours(x, t, ctx), theirs(x, t, ctx).sample) <= 1e-4
+
+
+@torch.no_grad()
+def test_a_per_block_list_of_default_flags_converts() -> None:
+    """diffusers accepts only_cross_attention=[False, False] (its default, per block); from_diffusers refused it."""
+    theirs = _randomize(diffusers.UNet2DConditionModel(**SD1_TINY, only_cross_attention=[False, False]))
+    x, t, ctx, _ = _unet_inputs(SD1_TINY["cross_attention_dim"])
+    assert _rel(from_diffusers(theirs).eval()(x, t, ctx), theirs(x, t, ctx).sample) <= 1e-4
+    with pytest.raises(ValueError, match=r"only_cross_attention=\[True, False\]"):
+        unet_config_from_diffusers({**SD1_TINY, "only_cross_attention": [True, False], "in_channels": 4,
+                                    "out_channels": 4})
+
+
 def test_head_config_translation() -> None:
     sd1 = unet_config_from_diffusers(diffusers.UNet2DConditionModel(**SD1_TINY).config)
     assert (sd1["num_heads"], sd1["num_head_channels"], sd1["attention_resolutions"]) == (2, -1, [1])

@@ -43,6 +43,16 @@ def test_backends_agree_with_bool_and_additive_masks() -> None:
     torch.testing.assert_close(attention(q, k2, v2, mask, backend="math"), out_math)
 
 
+def test_a_query_with_every_key_masked_attends_to_nothing_in_both_backends() -> None:
+    """SDPA gives zeros for a row whose keys are all masked; the reference backend gave NaN."""
+    q, k, v = _qkv()
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[1] = False
+    expected = attention(q, k, v, mask, backend="sdpa")
+    assert torch.equal(expected[1], torch.zeros_like(expected[1]))
+    torch.testing.assert_close(attention(q, k, v, mask, backend="math"), expected)
+
+
 def test_math_softmax_in_fp32_under_bf16_autocast() -> None:
     q, k, v = (t.bfloat16() for t in _qkv(d=16, scale=30.0))  # logits up to ~1e4
     reference = attention(q.float(), k.float(), v.float(), backend="math")

@@ -329,3 +329,24 @@ def test_group_norm32_normalises_in_float32_whatever_the_dtypes():
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.nn.functional.group_norm(x, 32, norm.weight.bfloat16().float(),
                                                                    norm.bias.bfloat16().float(), 1e-5))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(channel_mult=(1, 1.5)), r"channel_mult must hold integers >= 1 .*got \[1, 1.5\]"),
+    (dict(channel_mult=(1, 0)), r"channel_mult must hold integers >= 1"),
+    (dict(num_heads=0), r"num_heads=0 cannot split an attention level of 32 channels"),
+    (dict(num_heads=64), r"num_heads=64 cannot split an attention level of 32 channels"),
+    (dict(num_heads=-1, num_head_channels=128), r"num_head_channels=128 leaves a level of 32 channels without a head"),
+])
+def test_impossible_widths_and_heads_are_refused_when_built(kwargs, match) -> None:
+    """A fractional multiplier was truncated (another network than configured, silently); zero heads built and failed
+    at the first forward with an unrelated error."""
+    with pytest.raises(ValueError, match=match):
+        UNet(**{**TINY, "attention_resolutions": (1, 2), **kwargs})
+
+
+def test_a_fractional_autoencoder_multiplier_is_refused() -> None:
+    from ldm.autoencoder import AutoencoderKL
+
+    with pytest.raises(ValueError, match=r"ch_mult must hold integers >= 1 .*got \[1, 1.5\]"):
+        AutoencoderKL(ch=32, ch_mult=(1, 1.5), num_res_blocks=1)
