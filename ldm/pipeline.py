@@ -356,6 +356,33 @@ class LatentDiffusionPipeline:
             raise ConfigError(f"callback must be callable(i, t, latents, x0) or None, got {reprlib.repr(callback)}")
         return generator
 
+    def _check_embeds(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> list[str]:
+        """Check precomputed text embeddings against the UNet and each other; the placeholder prompts ("", one per
+        embedding) that count the call's images."""
+        if prompt_embeds is None:
+            raise ConfigError("negative_prompt_embeds needs prompt_embeds: give both, or prompt and negative_prompt")
+        if prompt is not None:
+            raise ConfigError("give prompt or prompt_embeds, not both")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ConfigError("give negative_prompt or negative_prompt_embeds, not both")
+        width = getattr(self.unet, "context_dim", None)
+        if width is None:
+            raise ConfigError("prompt_embeds were given but this UNet takes no text context (context_dim=None)")
+        for name, e in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if e is None:
+                continue
+            if not isinstance(e, torch.Tensor) or e.ndim != 3 or e.shape[0] < 1 or e.shape[1] < 1 or \
+                    e.shape[2] != width:
+                got = tuple(e.shape) if isinstance(e, torch.Tensor) else reprlib.repr(e)
+                raise ConfigError(f"{name} must be a tensor [prompts, tokens, {width}] (the UNet's context width), "
+                                  f"got {got}")
+            if not e.is_floating_point() or not torch.isfinite(e).all():
+                raise ConfigError(f"{name} must hold finite floating-point values")
+        if negative_prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise ConfigError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have prompt_embeds' "
+                              f"shape {tuple(prompt_embeds.shape)} (guidance batches them together)")
+        return [""] * prompt_embeds.shape[0]
+
     def class_label_tensor(self, class_labels: torch.Tensor | Sequence[int] | None, n: int) -> torch.Tensor | None:
         """``class_labels`` (a tensor or a sequence of ints) checked against this UNet's classes as an int64 tensor
         of ``n`` labels; None for a UNet without classes. A wrong count, type or value is a ConfigError."""
@@ -520,7 +547,7 @@ class LatentDiffusionPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
@@ -544,6 +571,8 @@ class LatentDiffusionPipeline:
         vae_tile_overlap: int | None = None,
         mask_image: Image.Image | torch.Tensor | None = None,
         legacy_inpaint: bool = False,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images. Every ``None`` takes the checkpoint's sampling default (:class:`SamplingDefaults`).
 
@@ -583,7 +612,15 @@ class LatentDiffusionPipeline:
                 everything (text-to-image, from pure noise whatever ``strength`` is).
             legacy_inpaint: with a model without mask inputs, replace the unmasked region by the noised image
                 after each step (diffusers' fallback for 4-channel UNets); weaker at the mask's edges.
+            prompt_embeds: the text encoder's output [P, L, D] instead of ``prompt`` (weighted or long prompts,
+                embeddings computed elsewhere): P prompts, any length L, the UNet's context width D.
+            negative_prompt_embeds: guidance's unconditional context, of ``prompt_embeds``' shape, instead of
+                encoding ``negative_prompt`` (or ""); needed for guidance on a pipeline without a text encoder.
         """
+        if prompt_embeds is not None or negative_prompt_embeds is not None:
+            prompt = self._check_embeds(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        elif prompt is None:
+            raise ConfigError("give prompt (a string or a list of strings), or prompt_embeds")
         c = self.check_call(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                             num_images_per_prompt, sampler, eta, strength, guidance_rescale, guidance_interval,
                             autoguidance_scale, output_type, dtype, vae_tile_size, vae_tile_overlap)
@@ -592,8 +629,11 @@ class LatentDiffusionPipeline:
         self._check_mask(c, image, mask_image, legacy_inpaint)
         s, height, width, auto, autocast_dtype = c.sampling, c.height, c.width, c.autoguidance_scale, c.autocast_dtype
         prompts, negatives, n = c.prompts, c.negatives, len(c.prompts)
+        if prompt_embeds is not None and auto != 1.0 and self.guide_text_encoder is not None:
+            raise ConfigError("autoguidance here encodes the prompts' text with the snapshot's own text encoder: give "
+                              "prompt rather than prompt_embeds, or autoguidance_scale=1")
         scale = s.guidance_scale
-        if self.text_encoder is None and scale > 1.0:
+        if self.text_encoder is None and negative_prompt_embeds is None and scale > 1.0:
             if not self._warned_guidance:
                 warnings.warn(f"this model has no text encoder (unconditional or pixel-space): guidance_scale={scale} "
                               "is ignored, sampling with guidance 1", stacklevel=2)
@@ -604,8 +644,19 @@ class LatentDiffusionPipeline:
                                   enabled=autocast_dtype is not None)
         with self._eval_mode():
             with autocast:
-                context = self._encode_prompts(prompts)
-                uncond = self._encode_prompts(negatives) if scale > 1.0 else None  # <= 1: no guidance
+                if prompt_embeds is None:
+                    context = self._encode_prompts(prompts)
+                else:  # each prompt's embedding num_images_per_prompt times, as the prompts are
+                    per_prompt = n // prompt_embeds.shape[0]
+                    context = prompt_embeds.to(device).repeat_interleave(per_prompt, dim=0)
+                uncond = None
+                if scale > 1.0:  # <= 1: no guidance
+                    uncond = self._encode_prompts(negatives) if negative_prompt_embeds is None else \
+                        negative_prompt_embeds.to(device).repeat_interleave(n // len(negative_prompt_embeds), dim=0)
+                    if prompt_embeds is not None and tuple(uncond.shape) != tuple(context.shape):
+                        raise ConfigError(f"the negative prompt's embeddings have shape {tuple(uncond.shape[1:])}, "
+                                          f"prompt_embeds {tuple(prompt_embeds.shape[1:])}: guidance batches them "
+                                          "together, so give negative_prompt_embeds of prompt_embeds' shape")
                 guide_context = None
                 if auto != 1.0 and self.guide_text_encoder is not None:
                     guide_context = self.guide_text_encoder.encode(prompts).hidden

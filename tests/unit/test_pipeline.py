@@ -652,6 +652,40 @@ def test_eta_with_a_sampler_that_ignores_it_warns(pipe) -> None:
         pipe("a cat", eta=0.5, sampler="ddim", num_inference_steps=1, generator=_gen(0), output_type="latent")
 
 
+def test_prompt_embeddings_sample_as_the_prompts_they_encode(pipe, sd1_parts) -> None:
+    """prompt_embeds / negative_prompt_embeds (weighted or long prompts, embeddings from elsewhere) give the images of
+    the prompts they encode, per image as num_images_per_prompt repeats them; without a text encoder too."""
+    from ldm.errors import ConfigError
+
+    unet, vae, text = sd1_parts
+    kw = dict(num_images_per_prompt=2, guidance_scale=4.0, output_type="tensor", num_inference_steps=3)
+    expected = pipe(["a red circle", "a cat"], negative_prompt="blue", generator=_gen(0), **kw)
+    embeds, negative = text.encode(["a red circle", "a cat"]).hidden, text.encode(["blue", "blue"]).hidden
+    both = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=_gen(0), **kw)
+    torch.testing.assert_close(both, expected, rtol=0, atol=0)
+    torch.testing.assert_close(pipe(prompt_embeds=embeds, negative_prompt="blue", generator=_gen(0), **kw), expected,
+                               rtol=0, atol=0)
+    textless = LatentDiffusionPipeline(unet, None, vae, SD_SCHEDULE, "epsilon", {"image_size": 16})
+    torch.testing.assert_close(textless(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=_gen(0), **kw),
+                               expected, rtol=0, atol=0)
+    long = torch.cat([embeds, embeds], dim=1)  # two 77-token chunks, as long-prompt weighting builds them
+    out = pipe(prompt_embeds=long, negative_prompt_embeds=torch.cat([negative, negative], 1), generator=_gen(0), **kw)
+    assert out.shape == expected.shape and torch.isfinite(out).all() and not torch.equal(out, expected)
+    for call, match in [
+        (dict(), "give prompt .*or prompt_embeds"),
+        (dict(prompt="a cat", prompt_embeds=embeds), "give prompt or prompt_embeds, not both"),
+        (dict(negative_prompt_embeds=negative, prompt="a cat"), "negative_prompt_embeds needs prompt_embeds"),
+        (dict(prompt_embeds=embeds, negative_prompt="x", negative_prompt_embeds=negative), "not both"),
+        (dict(prompt_embeds=embeds[..., :32]), r"prompt_embeds must be a tensor \[prompts, tokens, 64\]"),
+        (dict(prompt_embeds=embeds, negative_prompt_embeds=negative[:1]), "must have prompt_embeds' shape"),
+        (dict(prompt_embeds=embeds.masked_fill(embeds > 0, float("nan"))), "must hold finite floating-point"),
+        (dict(prompt_embeds=long), r"the negative prompt's embeddings have shape \(77, 64\), prompt_embeds "
+                                   r"\(154, 64\)"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            pipe(**{**kw, **call})
+
+
 def test_class_labels_are_checked_against_the_unet() -> None:
     from ldm.errors import ConfigError
 
