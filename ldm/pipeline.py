@@ -160,9 +160,9 @@ class LatentDiffusionPipeline:
 
     @property
     def size_multiple(self) -> int:
-        """What height and width must be multiples of: the first stage's downsampling times the UNet's
-        (2 per level below the top)."""
-        return self.downsample_factor * 2 ** (getattr(self.unet, "num_levels", 1) - 1)
+        """What height and width must be multiples of: the first stage's downsampling (8 for SD's VAE). The UNet takes
+        any latent size (an odd size halved rounds up, and its upsampling meets the skip connection's size)."""
+        return self.downsample_factor
 
     @property
     def device(self) -> torch.device:
@@ -582,8 +582,8 @@ class LatentDiffusionPipeline:
             num_inference_steps: sampler steps, in [1, num_train_timesteps].
             guidance_scale: classifier-free guidance scale (1 or less: none, the conditional model alone, as in
                 diffusers). Ignored, with a warning, by a model without a text encoder.
-            height, width: in pixels, multiples of :attr:`size_multiple` (the first stage's and the UNet's
-                downsampling), at most ``MAX_SIDE``.
+            height, width: in pixels, multiples of :attr:`size_multiple` (the first stage's downsampling), at
+                most ``MAX_SIDE``.
             generator: one ``torch.Generator`` for the batch, or one per image (image i's noise then comes from
                 generator i alone, so it can be regenerated alone).
             sampler: a name in ``ldm.diffusion.sampling.SAMPLERS`` (``dpm_solver++``, ``ddim``, ``euler``, ``unipc``...;

@@ -3,6 +3,8 @@ TimestepEmbedSequential container that routes the time embedding and the context
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,26 +75,35 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, C', 2H, 2W]; the interpolation runs in float32 for bfloat16 inputs (unsupported)."""
+    def forward(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+        """[B, C, H, W] -> [B, C', 2H, 2W], or to ``size`` (the skip connection's (H', W') after an odd size was
+        halved, as diffusers' ``upsample_size``); the interpolation runs in float32 for bfloat16 inputs
+        (unsupported)."""
         dtype = x.dtype
         if dtype == torch.bfloat16:
             x = x.float()
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest").to(dtype)
-        return self.conv(x)
+        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        return self.conv(x.to(dtype))
 
 
 class TimestepEmbedSequential(nn.Sequential):
     """A Sequential that passes the time embedding to ResBlocks and the context to SpatialTransformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the layers in order, each with the inputs it takes. Past a SpatialTransformer that paired each input
-        with k contexts (``ldm.nn.attention.context_groups``), the embedding is repeated for the k groups too."""
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                upsample_size: Sequence[int] | None = None) -> torch.Tensor:
+        """Run the layers in order, each with the inputs it takes (an Upsample: ``upsample_size``). Past a
+        SpatialTransformer that paired each input with k contexts (``ldm.nn.attention.context_groups``), the
+        embedding is repeated for the k groups too."""
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb if emb.shape[0] == x.shape[0] else emb.repeat(x.shape[0] // emb.shape[0], 1))
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x

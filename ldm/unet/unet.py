@@ -160,15 +160,6 @@ class UNet(nn.Module):
             hint = (" (an inpainting UNet: pass the mask and masked-image latents as concat)"
                     if x.ndim == 4 and x.shape[1] < self.in_channels else "")
             raise ValueError(f"x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}{hint}")
-        factor = 2 ** (self.num_levels - 1)
-        bad = [s for s in x.shape[-2:] if s % factor]
-        if bad:
-            sizes = sorted({max(factor, (s // factor) * factor) for s in x.shape[-2:]} | {(s // factor + 1) * factor
-                                                                                        for s in x.shape[-2:]})
-            raise ValueError(
-                f"spatial size {tuple(x.shape[-2:])} is not divisible by 2**(levels-1) = {factor} for a UNet with "
-                f"{self.num_levels} levels; use sizes that are multiples of {factor}, e.g. {sizes}"
-            )
         if self.context_dim is not None:
             if context is None:
                 raise ValueError(f"this UNet is conditioned (context_dim={self.context_dim}): pass context [B, L, "
@@ -183,11 +174,12 @@ class UNet(nn.Module):
         if self.num_classes is None and y is not None:
             raise ValueError("labels y were given but this UNet has num_classes=None")
 
-    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
+             upsample_size: torch.Size | None = None) -> torch.Tensor:
         """Run one block, through activation checkpointing when enabled and gradients are being recorded."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, use_reentrant=False)
-        return block(h, emb, context)
+            return checkpoint(block, h, emb, context, upsample_size, use_reentrant=False)
+        return block(h, emb, context, upsample_size)
 
     def forward(
         self,
@@ -231,7 +223,8 @@ class UNet(nn.Module):
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = self._run(block, self._join(h, skips.pop()), emb, context)
+            # an upsampling block meets the next skip's size: an odd size halved rounds up, doubled it is one more
+            h = self._run(block, self._join(h, skips.pop()), emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
 
     @staticmethod

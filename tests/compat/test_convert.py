@@ -110,6 +110,22 @@ def test_dropout_is_in_the_residual_blocks_only_as_in_diffusers() -> None:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("size", [(9, 7), (13, 10), (5, 5), (20, 12)])
+def test_any_latent_size_matches_diffusers(size) -> None:
+    """An odd size halved rounds up, and the upsampling meets the skip connection's size (diffusers'
+    ``upsample_size``): 520 px at SD's factor 8 is a 65-latent. Sizes were refused unless multiples of 2**(levels-1)."""
+    cfg = {**SD1_TINY, "block_out_channels": (32, 64, 64),
+           "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+           "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")}
+    theirs = _randomize(diffusers.UNet2DConditionModel(**cfg))
+    ours = from_diffusers(theirs).eval()
+    g = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(2, 4, *size, generator=g), torch.randn(2, 5, 32, generator=g)
+    expected = theirs(x, torch.tensor([3, 700]), ctx).sample
+    assert expected.shape == x.shape and _rel(ours(x, torch.tensor([3, 700]), ctx), expected) <= 1e-4
+
+
+@torch.no_grad()
 def test_a_per_block_list_of_default_flags_converts() -> None:
     """diffusers accepts only_cross_attention=[False, False] (its default, per block); from_diffusers refused it."""
     theirs = _randomize(diffusers.UNet2DConditionModel(**SD1_TINY, only_cross_attention=[False, False]))

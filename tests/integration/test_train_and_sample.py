@@ -113,7 +113,7 @@ def test_pipeline_bad_input(pipe, trained):
         pipe("x", image=Image.new("RGB", (32, 32)), strength=1.5)
     with pytest.raises(ValueError, match="training timesteps"):
         pipe("x", num_inference_steps=5000)
-    with pytest.raises(ValueError, match="multiples of the model's downsampling factor 8"):
+    with pytest.raises(ValueError, match="multiples of the model's downsampling factor 4"):  # the VAE's
         pipe("x", height=30)
     with pytest.warns(UserWarning, match="resized to 32x32"):
         pipe("x", image=Image.new("RGB", (40, 24)), num_inference_steps=2)

@@ -603,8 +603,8 @@ NAN, INF = float("nan"), float("inf")
     ({"height": 10**9}, r"at most 16384\), got 1000000000x16"),
     ({"num_inference_steps": 1001}, r"num_inference_steps must lie in \[1, 1000\]"),
     ({"num_images_per_prompt": 10**9}, "more than 4096 images in one call"),
-    ({"height": 10}, "multiples of the model's downsampling factor 4"),  # VAE 2 x UNet 2: 5x8 latents would fail
-    ({"prompt": None}, r"prompt must be a string or a list of strings, got None"),
+    ({"height": 9}, "multiples of the model's downsampling factor 2"),  # the VAE's (the UNet takes any size)
+    ({"prompt": None}, r"give prompt \(a string or a list of strings\), or prompt_embeds"),
     ({"prompt": ["a", 3]}, "prompt must be a string or a list of strings"),
     ({"prompt": []}, "prompt is an empty list"),
     ({"negative_prompt": 3}, "negative_prompt must be a string or a list of strings"),
@@ -650,6 +650,13 @@ def test_eta_with_a_sampler_that_ignores_it_warns(pipe) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe("a cat", eta=0.5, sampler="ddim", num_inference_steps=1, generator=_gen(0), output_type="latent")
+
+
+def test_sizes_need_only_be_multiples_of_the_vaes_factor(pipe) -> None:
+    """The UNet takes odd latent sizes (5 x 7 here, through a level that halves them): sizes were refused unless
+    multiples of the VAE's factor times 2**(levels-1)."""
+    out = pipe("a cat", height=10, width=14, num_inference_steps=2, generator=_gen(0), output_type="tensor")
+    assert out.shape == (1, 3, 10, 14) and torch.isfinite(out).all()
 
 
 def test_prompt_embeddings_sample_as_the_prompts_they_encode(pipe, sd1_parts) -> None:
