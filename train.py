@@ -14,6 +14,8 @@ import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ldm.errors import ConfigError
@@ -23,9 +25,12 @@ from ldm.lightning.settings import check_run
 
 
 def _wrong_input(log: logging.Logger, err: ConfigError) -> None:
-    """A wrong input: its message in the run's log and on stderr, no traceback, exit status 2."""
+    """A wrong input: its message in the run's log and on stderr, no traceback, exit status 2. In a sweep (``-m``)
+    the error is raised instead: Hydra marks that job failed and runs the others (an exit would end the sweep)."""
     log.error(f"error: {err}")
     print(f"error: {err}", file=sys.stderr)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise err
     sys.exit(2)
 
 

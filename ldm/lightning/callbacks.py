@@ -45,6 +45,7 @@ class StageCheckpoint(ModelCheckpoint):
         # "step000500.ckpt": no "=" in the name, so `resume=PATH` needs no quoting on Hydra's command line.
         kwargs.setdefault("filename", "step{step:06d}")
         kwargs.setdefault("auto_insert_metric_name", False)
+        kwargs.setdefault("enable_version_counter", False)  # last.ckpt is the file written, never last-v1.ckpt
         super().__init__(*args, **kwargs)
 
     def on_validation_end(self, trainer, pl_module) -> None:

@@ -68,6 +68,25 @@ def _bool(key: str, value: Any) -> None:
         raise ConfigError(f"{key} must be true or false, got {value!r}")
 
 
+def check_optimizer(opt: DictConfig | None) -> None:
+    """The ldm stage's ``optimizer``: a positive learning rate, Adam's two betas in [0, 1) and a weight decay >= 0,
+    where it has them (the optimizer's own check runs only when the stage builds it, after the vae stage)."""
+    if opt is None:
+        return
+    if "lr" in opt:
+        _float("optimizer.lr", opt.lr, 0.0, open_low=True)
+    if "weight_decay" in opt:
+        _float("optimizer.weight_decay", opt.weight_decay, 0.0)
+    if "betas" in opt:
+        betas = opt.betas
+        if not OmegaConf.is_list(betas) or len(betas) != 2:
+            raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {betas!r}")
+        for i, beta in enumerate(betas):
+            _float(f"optimizer.betas[{i}]", beta, 0.0)
+            if beta >= 1:
+                raise ConfigError(f"optimizer.betas[{i}] must be < 1, got {beta}")
+
+
 def check_vae_stage(s: DictConfig) -> None:
     """``vae_stage.*``: types and ranges."""
     _int("vae_stage.max_steps", s.max_steps, 1)
@@ -215,6 +234,8 @@ def check_run(cfg: DictConfig) -> None:
     if "ldm" in stages:
         check_ldm_stage(cfg.ldm_stage)
         diffusion_objective(cfg.diffusion)
+        _choice("first_stage", cfg.get("first_stage", "vae"), ("vae", "pixel"))
+        check_optimizer(cfg.get("optimizer"))
         if cfg.ldm_stage.cache_latents:
             check_cache_run(cfg)
         try:

@@ -662,7 +662,25 @@ def run(cfg: DictConfig, checked: bool = False) -> dict[str, Path]:
     lock = RunLock(out) if rank_zero_only.rank == 0 else nullcontext()
     p = cfg.get("preemption")
     with lock, (record_signals(p.signal) if p is not None else nullcontext()):
+        if resume is None:
+            refuse_earlier_run(cfg, out)
         return _run_stages(cfg, out, resume)
+
+
+def refuse_earlier_run(cfg: DictConfig, out: Path) -> None:
+    """A fresh run must not write into the stage folders of an earlier one: its ``last.ckpt`` would stay the earlier
+    model's (Lightning versions the new file ``last-v1.ckpt``) beside the new run's config. ConfigError naming the
+    files and the two ways on."""
+    found = []
+    if "vae" in cfg.stages:
+        found += [out / "vae" / "vae.ckpt"] if (out / "vae" / "vae.ckpt").is_file() else []
+        found += sorted((out / "vae" / "checkpoints").glob("*.ckpt"))
+    if "ldm" in cfg.stages:
+        found += sorted((out / "ldm" / "checkpoints").glob("*.ckpt"))
+    if found:
+        shown = ", ".join(str(f.relative_to(out)) for f in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ConfigError(f"{out} already holds a run ({shown}): continue it with resume=last, or give this run "
+                          "another folder (hydra.run.dir=..., or hydra.sweep.dir for a sweep)")
 
 
 def stop_if_signalled(cfg: DictConfig, trainer: L.Trainer, checkpoint: Path | str | None = None) -> None:

@@ -40,12 +40,43 @@ def _compose(run: Path, *overrides: str):
     ("diffusion.loss_weighting=minsnr", r"diffusion: unknown loss weighting 'minsnr'"),
     ("diffusion.offset_noise=nan", r"diffusion: offset_noise must be a finite number >= 0, got nan"),
     ("+diffusion.objective=flow-matching", r"diffusion.objective='flow-matching': use diffusion .* or flow_matching"),
+    ("first_stage=pixl", r"first_stage must be one of \['vae', 'pixel'\], got 'pixl'"),
+    ("optimizer.lr=-1", r"optimizer.lr must be > 0.0, got -1"),
+    ("optimizer.betas=[0.9]", r"optimizer.betas must be two numbers in \[0, 1\)"),
+    ("optimizer.betas=[0.9,1.5]", r"optimizer.betas\[1\] must be < 1, got 1.5"),
 ])
 def test_every_stage_is_checked_before_any_work(tmp_path: Path, override: str, message: str) -> None:
     t0 = time.perf_counter()
     with pytest.raises(ConfigError, match=message):
         stages.run(_compose(tmp_path / "run", override))
     assert time.perf_counter() - t0 < 10 and not (tmp_path / "run").exists()  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("stages_override,earlier,refused", [
+    ("stages=[vae,ldm]", "ldm/checkpoints/last.ckpt", True),
+    ("stages=[vae,ldm]", "vae/vae.ckpt", True),
+    ("stages=[vae]", "vae/checkpoints/step000500.ckpt", True),
+    ("stages=[ldm]", "vae/vae.ckpt", False),  # the ldm stage of a vae trained in this folder: a new stage
+])
+def test_a_fresh_run_is_refused_in_a_folder_that_holds_one(tmp_path: Path, stages_override: str, earlier: str,
+                                                            refused: bool, monkeypatch) -> None:
+    """A fresh run in an earlier run's folder left that run's model in last.ckpt (the new one went to last-v1.ckpt)
+    and reported it as its own."""
+    run = tmp_path / "run"
+    (run / earlier).parent.mkdir(parents=True)
+    (run / earlier).write_bytes(b"earlier")
+    reached = []
+    monkeypatch.setattr(stages, "_run_stages", lambda *args: reached.append(args))
+    overrides = [stages_override] + ([f"vae_ckpt={run / earlier}"] if stages_override == "stages=[ldm]" else [])
+    cfg = _compose(run, *overrides)
+    if refused:
+        with pytest.raises(ConfigError, match=rf"{run} already holds a run \({earlier}\): continue it with "
+                                              r"resume=last, or give this run another folder"):
+            stages.run(cfg)
+        assert not reached and (run / earlier).read_bytes() == b"earlier"
+    else:
+        stages.run(cfg)
+        assert len(reached) == 1
 
 
 def test_run_checks_the_config_unless_its_caller_did(tmp_path: Path, monkeypatch) -> None:

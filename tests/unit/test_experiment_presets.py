@@ -290,6 +290,21 @@ def test_fsdp_is_refused_by_the_vae_stage_with_the_way_around(tmp_path: Path) ->
 # ------------------------------------------------------------------------------------------------- sweeps, SLURM
 
 
+def test_a_unet_or_diffusion_preset_on_the_command_line_is_taken_as_written(tmp_path: Path) -> None:
+    """The quickstart's own settings live in its presets (unet=quickstart, diffusion=quickstart): they were keys merged
+    over any choice, so unet=small trained with the quickstart's attention at [1] and diffusion=cosine_v without
+    min-SNR."""
+    quickstart = _compose(f"out_dir={tmp_path}")
+    assert list(quickstart.unet.attention_resolutions) == [1] and quickstart.unet.model_channels == 64
+    assert quickstart.diffusion.loss_weighting == "uniform" and quickstart.diffusion.prediction_type == "v_prediction"
+    chosen = _compose("unet=small", "diffusion=cosine_v", f"out_dir={tmp_path}")
+    for group, name in (("unet", "small"), ("diffusion", "cosine_v")):
+        preset = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{name}.yaml"))
+        preset.pop("context_dim", None)  # set from the text encoder by train.yaml
+        got = OmegaConf.to_container(chosen[group])
+        assert {k: got[k] for k in preset} == preset, group
+
+
 def test_sweep_preset_expands_to_one_directory_per_job(tmp_path: Path) -> None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
