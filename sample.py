@@ -9,6 +9,7 @@
     python sample.py ckpt=PATH prompt="..." dtype=bf16 vae_tile_size=32 height=1024 width=1024
     python sample.py ckpt=BASE prompt="..." lora=adapter.safetensors lora_scale=0.8   # a LoRA on a base model
     python sample.py regenerate=samples/00003.json out=again/     # one image again, from its JSON
+    python sample.py regenerate=samples/00003.json steps=50 out=again/   # ... with one setting changed
     python sample.py ckpt=CLASS_COND prompt="" class_label=[0,1,2] n=4   # a class-conditional model: a class a prompt
 
 Writes one PNG per image with a JSON of every setting beside it, and ``_previews/grid.png`` (with ``gif=true`` the
@@ -22,10 +23,12 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -72,10 +75,12 @@ _REGENERATED = {"ckpt": "ckpt", "prompt": "prompt", "seed": "seed", "negative_pr
                 "class_label": "class_label"}
 
 
-def regenerate_config(cfg: DictConfig) -> DictConfig:
+def regenerate_config(cfg: DictConfig, given: Collection[str] = ()) -> DictConfig:
     """``cfg`` with the prompt, seed and settings of the image whose JSON is ``cfg.regenerate`` (one image, n=1).
 
-    The JSON's checkpoint is used unless ``ckpt=`` is given; ``out``, ``gif`` and ``batch_size`` stay as given.
+    The settings typed on the command line (``given``: their keys, e.g. ``steps``) win over the JSON's, so an image
+    can be sampled again with one setting changed; the JSON's checkpoint is used unless ``ckpt=`` is given; ``out``,
+    ``gif`` and ``batch_size`` stay as given.
     """
     path = Path(str(cfg.regenerate))
     try:
@@ -88,7 +93,7 @@ def regenerate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"regenerate={path} is not the JSON written beside an image (a dict of settings)")
     cfg = cfg.copy()
     for field, key in _REGENERATED.items():
-        if field not in meta or (key == "ckpt" and not OmegaConf.is_missing(cfg, "ckpt")):
+        if field not in meta or key in given or (key == "ckpt" and not OmegaConf.is_missing(cfg, "ckpt")):
             continue
         if key in ("strength", "lora_scale") and meta[field] is None:
             continue
@@ -205,10 +210,11 @@ def sample_settings(cfg: DictConfig, pipe: LatentDiffusionPipeline, prompts: lis
     }
 
 
-def run(cfg: DictConfig) -> list[Path]:
-    """Sample every prompt ``n`` times; image i uses seed ``seed + i`` alone, whatever the batch size."""
+def run(cfg: DictConfig, given: Collection[str] = ()) -> list[Path]:
+    """Sample every prompt ``n`` times; image i uses seed ``seed + i`` alone, whatever the batch size. ``given``: the
+    keys typed on the command line (with ``regenerate``, they win over the image's JSON)."""
     if cfg.get("regenerate"):
-        cfg = regenerate_config(cfg)
+        cfg = regenerate_config(cfg, given)
     prompts = check_config(cfg)
     init = None
     if cfg.init_image:
@@ -291,8 +297,9 @@ def run(cfg: DictConfig) -> list[Path]:
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     keep_freed_host_memory()  # each denoising step reuses the memory the last one freed (no page faults)
+    typed = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
     try:
-        run(cfg)
+        run(cfg, typed)
     except ConfigError as err:  # a wrong input: its message, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -3,6 +3,7 @@ checked before any work, so a typo costs seconds, not a trained stage. Each erro
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import signal
 from collections.abc import Sequence
@@ -261,6 +262,7 @@ def check_run(cfg: DictConfig) -> None:
     if cfg.get("trainer") is not None and "progress_bar_refresh_steps" in cfg.trainer:
         _int("trainer.progress_bar_refresh_steps", cfg.trainer.progress_bar_refresh_steps, 1)
     check_preemption(cfg.get("preemption"))
+    check_logger(cfg.get("logger"))
     if "ldm" in stages:  # last: an enabled evaluation is checked by building its callback, which imports Lightning
         check_evaluations(cfg)
 
@@ -322,6 +324,18 @@ def check_evaluations(cfg: DictConfig) -> None:
             kwargs = OmegaConf.to_container(entry, resolve=True)
             kwargs.pop("_target_")
             check_evaluation(f"callbacks.ldm.{name}", kwargs, cfg.get("text_encoder") is not None)
+
+
+def check_logger(logger: DictConfig | None) -> None:
+    """A logger whose package is not installed is named with its install command before any stage runs (Lightning
+    would fail only when the stage builds it, after the vae stage for the ldm stage's)."""
+    target = str((logger or {}).get("_target_", ""))
+    needs = {"TensorBoardLogger": (("tensorboard", "tensorboardX"), "pip install -e '.[tensorboard]'"),
+             "WandbLogger": (("wandb",), "pip install wandb")}
+    for name, (modules, command) in needs.items():
+        if target.endswith(name) and not any(importlib.util.find_spec(m) for m in modules):
+            raise ConfigError(f"logger {target} needs {' or '.join(modules)}, which is not installed: {command}, or "
+                              "logger=csv")
 
 
 def check_preemption(p: DictConfig | None) -> None:

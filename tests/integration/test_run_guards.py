@@ -79,6 +79,24 @@ def test_a_fresh_run_is_refused_in_a_folder_that_holds_one(tmp_path: Path, stage
         assert len(reached) == 1
 
 
+def test_a_logger_whose_package_is_missing_is_named_with_its_install_command(tmp_path: Path, monkeypatch) -> None:
+    """logger=tensorboard (documented) failed with a ModuleNotFoundError when the stage built its logger."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from ldm.lightning import settings
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("tensorboard") else real(name, *a))
+    logger = OmegaConf.load(ROOT / "conf" / "logger" / "tensorboard.yaml")
+    with pytest.raises(ConfigError, match=r"needs tensorboard or tensorboardX, which is not installed: pip install -e "
+                                          r"'.\[tensorboard\]', or logger=csv"):
+        settings.check_logger(logger)
+    settings.check_logger(OmegaConf.load(ROOT / "conf" / "logger" / "csv.yaml"))  # nothing to install
+
+
 def test_run_checks_the_config_unless_its_caller_did(tmp_path: Path, monkeypatch) -> None:
     """stages.run checks the config itself; train.py checks it before importing Lightning and passes checked=True,
     so the check (which reads the evaluations' reference files) runs once."""

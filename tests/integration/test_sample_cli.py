@@ -44,7 +44,7 @@ def sample(ckpt: Path | None, out: Path, **settings) -> list[Path]:
         overrides.append(f"{key}={json.dumps(value) if isinstance(value, str | bool) else value}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("sample", overrides=overrides)
-    return sample_cli.run(cfg)
+    return sample_cli.run(cfg, {o.split("=", 1)[0] for o in overrides})  # the keys typed, as sample.py's main
 
 
 def record_unet_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, torch.Tensor]]:
@@ -109,6 +109,10 @@ def test_guidance_interval_default_override_and_regenerate(tiny_ckpt, tmp_path, 
     assert len(calls) == 4 and all(batch == 2 for _, batch, _ in calls), [c[:2] for c in calls]
     again = sample(None, tmp_path / "again", regenerate=str(everywhere[0].with_suffix(".json")))
     assert_regenerated(everywhere[0], again[0])
+    calls.clear()  # a setting typed beside regenerate= wins over the JSON's (it was silently dropped)
+    varied = sample(None, tmp_path / "varied", regenerate=str(everywhere[0].with_suffix(".json")), steps=2)
+    meta = json.loads(varied[0].with_suffix(".json").read_text())
+    assert meta["num_inference_steps"] == 2 and meta["guidance_interval"] == [0, 1000] and len(calls) == 2
     with pytest.raises(ValueError, match=r"two timesteps \[lo, hi\].*got '0-1000'"):
         sample(tiny_ckpt, tmp_path / "bad", guidance_interval="0-1000", **kw)
     assert not (tmp_path / "bad").exists()  # refused before anything is written
