@@ -20,7 +20,6 @@ import glob
 import hashlib
 import importlib
 import os
-import pickle
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,7 +138,13 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                     mmap: bool = False) -> dict[str, Any]:
     """A checkpoint file as its dict, read with ``weights_only=True`` (tensors and plain containers only: ldm's
     files hold nothing else, so loading one cannot run code). ``mmap``: the tensors stay in the file, read only
-    where touched (to look at a checkpoint's header without loading its weights)."""
+    where touched (to look at a checkpoint's header without loading its weights).
+
+    A file that does not read is a ConfigError naming the cause: pickled objects beyond tensors (an SD .ckpt with a
+    Lightning callback: the message gives the one-off conversion), a truncated or corrupt file, or no checkpoint at
+    all (a .yaml or an image given as one)."""
+    from ldm.convert.single_file import torch_load_error
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no checkpoint at {path}")
@@ -150,11 +155,11 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             if not mmap:
                 raise
             ckpt = torch.load(path, map_location=map_location, weights_only=True)  # e.g. a pre-zip (legacy) file
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path} holds pickled objects beyond tensors and plain containers, so it is not a file "
-                         f"ldm wrote; refusing to unpickle it ({str(err).splitlines()[0]})") from err
+    except Exception as err:  # noqa: BLE001  (torch raises many kinds: torch_load_error tells them apart)
+        raise torch_load_error(path, err) from err
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not a checkpoint dict (got {type(ckpt).__name__})")
+        raise ConfigError(f"{path} is not a checkpoint dict (got {type(ckpt).__name__}): give "
+                          "RUN/ldm/checkpoints/last.ckpt or an SD .ckpt/.safetensors")
     return ckpt
 
 
@@ -505,6 +510,7 @@ def _sd_parts(state: dict[str, torch.Tensor], metadata: dict[str, str], source: 
     """An SD 1.x/2.x single-file state dict -> parts (UNet, VAE and text encoder inferred from shapes); what its
     ldm metadata records (heads, latent scale, prediction type, schedule, sampling defaults) is used."""
     from ldm.convert import load_sd_text_encoder, sd_checkpoint_from_state_dict, sd_text_family
+    from ldm.convert.single_file import sd_default_image_size
 
     loaded = sd_checkpoint_from_state_dict(state, prefer_ema=use_ema, source=source, metadata=metadata)
     family = sd_text_family(loaded.cond_stage_state_dict)
@@ -529,6 +535,6 @@ def _sd_parts(state: dict[str, torch.Tensor], metadata: dict[str, str], source: 
         canonical_prediction_type(prediction_type)
     sampling = SamplingDefaults.from_dict(loaded.sampling)
     if image_size is None and sampling.image_size is None:
-        image_size = 768 if family == "sd2" and prediction_type == "v_prediction" else 512
+        image_size = sd_default_image_size(family, prediction_type)
     return ModelParts(loaded.unet, text, loaded.vae, dict(loaded.schedule or SD_SCHEDULE), prediction_type,
                       sampling.with_overrides(image_size=image_size))

@@ -13,8 +13,13 @@ override flags below set what the file does not say.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
+import shutil
 import sys
+import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +43,7 @@ from ldm.convert.single_file import (
     read_state_dict,
     save_state_dict,
     sd_checkpoint_from_state_dict,
+    sd_default_image_size,
     sd_metadata,
     sd_text_encoder_spec,
     sd_text_family,
@@ -50,6 +56,7 @@ from ldm.diffusion.parameterization import canonical_prediction_type
 from ldm.diffusion.sampling import is_flow_model
 from ldm.diffusion.schedules import SD_SCHEDULE
 from ldm.errors import ConfigError
+from ldm.temporary_files import current_umask
 from ldm.unet import UNet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -73,6 +80,8 @@ class Model:
     schedule: dict[str, Any] | None = None
     sampling: dict[str, Any] | None = None
     guessed: tuple[str, ...] = ()  # "unet" (heads) / "vae" (latent scale): assumed, so not recorded as metadata
+    default_image_size: int | None = None  # an SD file's resolution where it records none, as load_parts reads it
+    diffusers: dict[str, Any] | None = None  # diffusers' UNet settings ldm has none of: {"upcast_attention": True}
 
     def sd_text(self) -> dict[str, torch.Tensor] | None:
         """The text encoder's weights in the SD layout, or None when the model has none."""
@@ -107,10 +116,11 @@ def source_kind(src: Path) -> str:
 
 def _load_ldm(src: Path, use_ema: bool) -> Model:
     """An ldm checkpoint's parts (glue: ``ldm.checkpoint`` sits above ``ldm.convert``, so it is imported here)."""
-    from ldm.checkpoint import load_parts  # noqa: PLC0415
+    from ldm.checkpoint import load_parts, read_checkpoint  # noqa: PLC0415
     from ldm.lora import has_lora, merge_lora  # noqa: PLC0415
 
     parts = load_parts(src, use_ema=use_ema)
+    flags = read_checkpoint(src, mmap=True)["ldm"].get("diffusers")  # what write_ldm kept of a diffusers source
     for name, part in (("UNet", parts.unet), ("text encoder", parts.text_encoder)):
         if part is not None and has_lora(part):  # SD files and diffusers folders hold plain weights
             merge_lora(part)
@@ -125,7 +135,7 @@ def _load_ldm(src: Path, use_ema: bool) -> Model:
     return Model(parts.unet, parts.first_stage, text_encoder=parts.text_encoder,
                  text_options=None if parts.text_encoder is None else text_encoder_metadata(parts.text_encoder),
                  prediction_type=parts.prediction_type, schedule=dict(parts.schedule),
-                 sampling=parts.sampling.to_dict())
+                 sampling=parts.sampling.to_dict(), diffusers=flags)
 
 
 def _load_sd(src: Path, args: argparse.Namespace) -> Model:
@@ -138,32 +148,84 @@ def _load_sd(src: Path, args: argparse.Namespace) -> Model:
     guessed = tuple(k for k in ("unet", "vae") if k not in stored and not known[k])
     return Model(ckpt.unet, ckpt.vae, text_sd=ckpt.cond_stage_state_dict or None, text_options=ckpt.text_encoder,
                  prediction_type=ckpt.prediction_type, schedule=ckpt.schedule, sampling=ckpt.sampling,
-                 guessed=guessed)
+                 guessed=guessed, diffusers=ckpt.diffusers)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weights of a transformers model folder, as ``save_pretrained`` names them: ``model.safetensors`` or
+    ``pytorch_model.bin``, else a variant (``model.fp16.safetensors``, diffusers' ``variant="fp16"``), else the shards
+    a ``*.index.json`` lists; the plain file first, as ``from_pretrained`` prefers it. Empty when there are none."""
+    for stem, ext in (("model", "safetensors"), ("pytorch_model", "bin")):
+        for pattern in (f"{stem}.{ext}", f"{stem}.*.{ext}"):
+            single = sorted(p for p in folder.glob(pattern) if "-of-" not in p.name)
+            if single:
+                return single[:1]
+        for index in sorted(folder.glob(f"{stem}*.{ext}.index*.json")):
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            if shards:
+                return [folder / s for s in shards]
+    return []
+
+
+def _tokenizer_pad_id(folder: Path) -> int | None:
+    """The pad id of a diffusers folder's ``tokenizer/`` (transformers' CLIPTokenizer files): its pad token
+    (special_tokens_map.json, else tokenizer_config.json) looked up in vocab.json. None without those files. SD 2.x
+    folders pad with ``!`` (id 0), SD 1.x ones with ``<|endoftext|>`` (49407)."""
+    tokenizer = folder / "tokenizer"
+    pad = None
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if pad is None and (tokenizer / name).is_file():
+            pad = json.loads((tokenizer / name).read_text()).get("pad_token")
+    if isinstance(pad, dict):  # an AddedToken: {"content": "!", ...}
+        pad = pad.get("content")
+    if pad is None or not (tokenizer / "vocab.json").is_file():
+        return None
+    vocab = json.loads((tokenizer / "vocab.json").read_text(encoding="utf-8"))
+    added = tokenizer / "added_tokens.json"
+    if added.is_file():
+        vocab.update(json.loads(added.read_text(encoding="utf-8")))
+    if pad not in vocab:
+        raise ConfigError(f"{tokenizer}: the pad token {pad!r} is not in vocab.json, so its id is unknown: set "
+                          "pad_token in special_tokens_map.json to a vocabulary token (SD 1.x: <|endoftext|>, SD "
+                          "2.x: !)")
+    return int(vocab[pad])
 
 
 def _diffusers_text_encoder(folder: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
     """An SD1-style CLIP text encoder from ``folder/text_encoder`` in the SD layout (``transformer.text_model.*``),
-    and its head count and activation from its config.json."""
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        file = folder / "text_encoder" / name
-        if file.is_file():
-            sd = read_state_dict(file)
-            if all(k.startswith(_CLIP_TOWER) for k in sd):  # transformers >= 5 saves the tower without text_model.
-                sd = {"text_model." + k: v for k, v in sd.items()}
-            if all(k.startswith("text_model.") for k in sd):
-                cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
-                keys = ("num_attention_heads", "hidden_act", "layer_norm_eps")
-                return {"transformer." + k: v for k, v in sd.items()}, {"config": {k: cfg[k] for k in keys if k in cfg}}
-            warnings.warn("text encoder is not a transformers CLIPTextModel; not converted", stacklevel=2)
-            return None, None
-    return None, None
+    its head count and activation from its config.json, and the pad id of ``folder/tokenizer`` (which the encoder's
+    padded positions depend on). A text_encoder/ without weights is an error, not a model without text encoder."""
+    directory = folder / "text_encoder"
+    if not directory.is_dir():
+        return None, None
+    files = _weight_files(directory)
+    if not files:
+        raise ConfigError(f"{directory} holds no weights (model.safetensors, model.<variant>.safetensors, "
+                          "pytorch_model.bin or a sharded *.index.json): copy the text encoder's weights there, or "
+                          "remove text_encoder/ to convert without a text encoder")
+    sd: dict[str, torch.Tensor] = {}
+    for file in files:
+        sd.update(read_state_dict(file))
+    if all(k.startswith(_CLIP_TOWER) for k in sd):  # transformers >= 5 saves the tower without text_model.
+        sd = {"text_model." + k: v for k, v in sd.items()}
+    if not all(k.startswith("text_model.") for k in sd):
+        warnings.warn("text encoder is not a transformers CLIPTextModel; not converted", stacklevel=2)
+        return None, None
+    cfg = json.loads((directory / "config.json").read_text())
+    keys = ("num_attention_heads", "hidden_act", "layer_norm_eps")
+    options: dict[str, Any] = {"config": {k: cfg[k] for k in keys if k in cfg}}
+    pad = _tokenizer_pad_id(folder)
+    if pad is not None:
+        options["pad_token_id"] = pad
+    return {"transformer." + k: v for k, v in sd.items()}, options
 
 
 def _load_diffusers(src: Path) -> Model:
     """A diffusers folder: unet/, vae/, and text_encoder/, scheduler/ and ldm_metadata.json when present."""
     import diffusers  # noqa: PLC0415  (optional dependency)
 
-    unet = from_diffusers(diffusers.UNet2DConditionModel.from_pretrained(src, subfolder="unet"))
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(src, subfolder="unet")
+    unet = from_diffusers(theirs)
     vae = from_diffusers(diffusers.AutoencoderKL.from_pretrained(src, subfolder="vae"))
     text_sd, text_options = _diffusers_text_encoder(src)
     extra = {}
@@ -174,11 +236,16 @@ def _load_diffusers(src: Path) -> Model:
     scheduler_cfg = src / "scheduler" / "scheduler_config.json"
     if scheduler_cfg.is_file():
         schedule, prediction_type = schedule_from_diffusers(json.loads(scheduler_cfg.read_text()))
-    if extra.get("text_encoder") and text_options is not None:
-        text_options = {**extra["text_encoder"], "config": {**extra["text_encoder"].get("config", {}),
-                                                            **text_options["config"]}}
+    if extra.get("text_encoder") and text_options is not None:  # the folder's own files win
+        text_options = {**extra["text_encoder"], **text_options,
+                        "config": {**extra["text_encoder"].get("config", {}), **text_options["config"]}}
+    sampling = dict(extra.get("sampling") or {})
+    sample_size = theirs.config.sample_size
+    if "image_size" not in sampling and isinstance(sample_size, int):  # diffusers' default height and width
+        sampling["image_size"] = sample_size * vae.downsample_factor
+    flags = {"upcast_attention": True} if theirs.config.get("upcast_attention") else None  # SD 2.1
     return Model(unet, vae, text_sd=text_sd, text_options=text_options, prediction_type=prediction_type,
-                 schedule=schedule, sampling=extra.get("sampling"))  # type: ignore[arg-type]
+                 schedule=schedule, sampling=sampling or None, diffusers=flags)  # type: ignore[arg-type]
 
 
 def _unet_overrides(args: argparse.Namespace) -> dict[str, int]:
@@ -220,6 +287,8 @@ def load_source(src: Path, args: argparse.Namespace) -> Model:
         model.prediction_type = args.prediction_type
     if args.schedule is not None:
         model.schedule = args.schedule
+    if kind == "sd":
+        model.default_image_size = sd_default_image_size(sd_text_family(model.text_sd or {}), model.prediction_type)
     return model
 
 
@@ -240,12 +309,20 @@ def _diffusion_process(model: Model, src: Path) -> tuple[dict[str, Any], str]:
     return schedule, prediction_type
 
 
+def _sampling(model: Model) -> dict[str, Any] | None:
+    """The sampling defaults to record: the source's, with an SD file's default resolution where it records none."""
+    sampling = dict(model.sampling or {})
+    if sampling.get("image_size") is None and model.default_image_size is not None:
+        sampling["image_size"] = model.default_image_size
+    return sampling or None
+
+
 def write_sd(model: Model, dst: Path) -> None:
     """An SD single file with the ldm metadata."""
     if model.unet.config.get("context_dim") is None:
         raise ConfigError("the SD single-file layout holds text-conditioned UNets only; this UNet has context_dim=None")
     metadata = sd_metadata(model.unet, model.vae, model.prediction_type, model.schedule, model.sampling,
-                           model.text_options)
+                           model.text_options, model.diffusers)
     for part in model.guessed:  # a guess stays a guess: the next reader warns again
         metadata.pop(f"ldm.{part}")
     save_state_dict(to_sd_state_dict(model.unet, model.vae, model.sd_text()), dst, metadata)
@@ -262,22 +339,65 @@ def _text_module(model: Model, what: str) -> tuple[nn.Module, dict[str, Any]] | 
     return load_sd_text_encoder(model.text_sd, None, model.text_options), kwargs
 
 
-def write_diffusers(model: Model, dst: Path) -> None:
+def _is_diffusers_export(folder: Path) -> bool:
+    """Whether ``folder`` holds a diffusers model (a previous export), which an export may replace as a whole."""
+    return any((folder / name).exists() for name in ("unet", "vae", "model_index.json", FOLDER_METADATA))
+
+
+def write_diffusers(model: Model, dst: Path, src: Path) -> None:
     """A diffusers folder: unet/, vae/, the text encoder (SD 1.x CLIP) under text_encoder/, the schedule as a
-    DDPMScheduler (a flow model's as a FlowMatchEulerDiscreteScheduler) under scheduler/, and ldm_metadata.json
-    (sampling defaults, text-encoder options); with a CLIP text encoder and a schedule, also tokenizer/ and
-    model_index.json, so it loads as a ``StableDiffusionPipeline``."""
+    DDPMScheduler (a flow model's as a FlowMatchEulerDiscreteScheduler) under scheduler/ (Stable Diffusion's, with a
+    warning, when the source records none), and ldm_metadata.json (sampling defaults, text-encoder options); with a
+    CLIP text encoder, also tokenizer/ and model_index.json, so it loads as a ``StableDiffusionPipeline``.
+
+    Atomic as a whole: the parts are written into a temporary sibling folder ``.DST.*.tmp``, which is renamed to DST
+    only once complete; a previous export at DST is moved aside then and removed after the rename. An interrupted
+    export (Ctrl-C, a kill, a full disk) so leaves DST as it was, never a folder that mixes two models or lacks a
+    part; the next export removes the temporary folders a killed one left. DST must be new, empty or a diffusers
+    folder: it is replaced, not merged into."""
+    if dst.exists() and not dst.is_dir():
+        raise ConfigError(f"{dst} is a file: a diffusers model is a folder; give a new folder name")
+    if dst.is_dir() and any(dst.iterdir()) and not _is_diffusers_export(dst):
+        raise ConfigError(f"{dst} is a folder that holds no diffusers model, and the export replaces its destination "
+                          "as a whole: give a new or empty folder")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folders are 0700
+        _write_diffusers_parts(model, tmp, src)
+        old = dst.parent / f".{dst.name}.{uuid.uuid4().hex}.tmp"
+        if dst.exists():
+            os.rename(dst, old)
+        try:
+            os.rename(tmp, dst)
+        except BaseException:
+            if old.exists():
+                os.rename(old, dst)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for stale in dst.parent.glob(f".{glob.escape(dst.name)}.*.tmp"):  # the old export, and killed exports' folders
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_diffusers_parts(model: Model, dst: Path, src: Path) -> None:
+    """``write_diffusers``' parts, written into the (temporary) folder ``dst``."""
     import diffusers  # noqa: PLC0415  (optional dependency)
 
     from ldm.text.hf_encoder import HFCLIPTextEncoder  # noqa: PLC0415
 
-    scheduler = None
-    if model.schedule is not None and is_flow_model(model.schedule, model.prediction_type or "epsilon"):
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**flow_schedule_to_diffusers(model.schedule))
-    elif model.schedule is not None:
-        scheduler = diffusers.DDPMScheduler(**schedule_to_diffusers(model.schedule,
-                                                                    model.prediction_type or "epsilon"))
-    unet, vae = to_diffusers(model.unet), to_diffusers(model.vae)
+    schedule, prediction_type = _diffusion_process(model, src)
+    if is_flow_model(schedule, prediction_type):
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**flow_schedule_to_diffusers(schedule))
+    else:
+        scheduler = diffusers.DDPMScheduler(**schedule_to_diffusers(schedule, prediction_type))
+    sampling = _sampling(model)
+    image_size = (sampling or {}).get("image_size")  # diffusers' default height and width: sample_size latents
+    factor = model.vae.downsample_factor
+    unet = to_diffusers(model.unet, image_size // factor if image_size else None,
+                        upcast_attention=bool((model.diffusers or {}).get("upcast_attention")))
+    vae = to_diffusers(model.vae, image_size)
     text = model.text_encoder
     if text is None:
         built = _text_module(model, "diffusers folder")
@@ -289,12 +409,9 @@ def write_diffusers(model: Model, dst: Path) -> None:
     elif text is not None:
         print(f"note: a {type(text).__name__} has no diffusers text_encoder/ layout here; not written",
               file=sys.stderr)
-    if scheduler is not None:
-        scheduler.save_pretrained(dst / "scheduler")
-    else:
-        print("note: the source records no noise schedule; no scheduler/ written", file=sys.stderr)
+    scheduler.save_pretrained(dst / "scheduler")
     options = text_encoder_metadata(text) if text is not None else None
-    extra = {k: v for k, v in (("format", 1), ("sampling", model.sampling), ("text_encoder", options)) if v}
+    extra = {k: v for k, v in (("format", 1), ("sampling", sampling), ("text_encoder", options)) if v}
     (dst / FOLDER_METADATA).write_text(json.dumps(extra, indent=1) + "\n")
     plain_scale = all(model.vae.config.get(k) is None for k in ("shift_factor", "latent_mean", "latent_std"))
     if isinstance(text, HFCLIPTextEncoder) and not text.with_projection and isinstance(scheduler,
@@ -342,8 +459,10 @@ def write_ldm(model: Model, dst: Path, src: Path) -> None:
     text, text_kwargs = built if built else (None, None)
     schedule, prediction_type = _diffusion_process(model, src)
     header = describe_ldm(unet=model.unet, text_encoder=text, first_stage=model.vae, schedule=schedule,
-                          prediction_type=prediction_type, sampling=SamplingDefaults.from_dict(model.sampling),
+                          prediction_type=prediction_type, sampling=SamplingDefaults.from_dict(_sampling(model)),
                           ema=False, text_encoder_kwargs=text_kwargs)
+    if model.diffusers:  # for the way back to a diffusers folder; load_parts does not read it
+        header["diffusers"] = dict(model.diffusers)
     state = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
     state.update({f"first_stage.{k}": v for k, v in model.vae.state_dict().items()})
     if text is not None:
@@ -426,7 +545,7 @@ def convert(args: argparse.Namespace) -> None:
     if to == "sd":
         write_sd(model, args.dst)
     elif to == "diffusers":
-        write_diffusers(model, args.dst)
+        write_diffusers(model, args.dst, args.src)
     else:
         write_ldm(model, args.dst, args.src)
 

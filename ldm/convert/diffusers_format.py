@@ -107,8 +107,12 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def unet_config_to_diffusers(cfg: Mapping[str, Any], sample_size: int = 64) -> dict[str, Any]:
-    """Translate our ``UNet`` config into diffusers ``UNet2DConditionModel`` constructor arguments."""
+def unet_config_to_diffusers(cfg: Mapping[str, Any], sample_size: int = 64,
+                             upcast_attention: bool = False) -> dict[str, Any]:
+    """Translate our ``UNet`` config into diffusers ``UNet2DConditionModel`` constructor arguments.
+
+    ``sample_size`` (latents) is diffusers' default resolution; ``upcast_attention`` (SD 2.1's float32 attention
+    scores in half precision) has no setting in our UNet, so the caller carries it."""
     if cfg.get("context_dim") is None:
         raise ConfigError("diffusers' UNet2DConditionModel needs a cross-attention context: context_dim is None")
     if cfg.get("pool_context"):
@@ -130,6 +134,7 @@ def unet_config_to_diffusers(cfg: Mapping[str, Any], sample_size: int = 64) -> d
         transformer_layers_per_block=cfg["transformer_depth"], use_linear_projection=cfg["use_linear_proj"],
         dropout=cfg["dropout"], num_class_embeds=cfg["num_classes"],
         resnet_time_scale_shift="scale_shift" if cfg["use_scale_shift_norm"] else "default",
+        upcast_attention=upcast_attention,
     )  # fmt: skip
 
 
@@ -382,12 +387,15 @@ def to_diffusers_state_dict(module: UNet | AutoencoderKL) -> dict[str, torch.Ten
     raise TypeError(f"to_diffusers supports ldm UNet and AutoencoderKL, got {type(module).__name__}")
 
 
-def to_diffusers(module: UNet | AutoencoderKL, sample_size: int | None = None) -> nn.Module:
-    """Our UNet or AutoencoderKL -> the equivalent diffusers model with the same weights."""
+def to_diffusers(module: UNet | AutoencoderKL, sample_size: int | None = None,
+                 upcast_attention: bool = False) -> nn.Module:
+    """Our UNet or AutoencoderKL -> the equivalent diffusers model with the same weights. ``sample_size``: the
+    UNet's in latents (default 64), the VAE's in pixels (default 512); ``upcast_attention``: the UNet's flag."""
     import diffusers  # noqa: PLC0415  (optional dependency)
 
     if isinstance(module, UNet):
-        model = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(module.config, sample_size or 64))
+        model = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(module.config, sample_size or 64,
+                                                                          upcast_attention))
     elif isinstance(module, AutoencoderKL):
         model = diffusers.AutoencoderKL(**vae_config_to_diffusers(module.config, sample_size or 512))
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import warnings
 from collections.abc import Mapping
@@ -28,7 +29,7 @@ EMA_PREFIX = "model_ema."
 # CKPT_METADATA entry of a .ckpt. Every value is JSON.
 METADATA_FORMAT = 1
 CKPT_METADATA = "ldm_metadata"
-_META_KEYS = ("format", "unet", "vae", "prediction_type", "schedule", "sampling", "text_encoder")
+_META_KEYS = ("format", "unet", "vae", "prediction_type", "schedule", "sampling", "text_encoder", "diffusers")
 _UNET_META = ("num_heads", "num_head_channels")
 _VAE_META = ("scale_factor", "shift_factor", "latent_mean", "latent_std")
 
@@ -44,7 +45,7 @@ class SDCheckpoint(NamedTuple):
     """What ``load_sd_checkpoint`` returns: our UNet and VAE, the text encoder's state dict as stored, the latent
     scale the file records (ldm metadata, or CompVis' ``scale_factor`` entry; None when absent), and what its ldm
     metadata records (None when absent): prediction type, noise schedule (``NoiseSchedule.from_name`` keywords),
-    sampling defaults and text encoder options (see ``sd_metadata``)."""
+    sampling defaults, text encoder options and diffusers-only UNet settings (see ``sd_metadata``)."""
 
     unet: UNet
     vae: AutoencoderKL
@@ -55,6 +56,7 @@ class SDCheckpoint(NamedTuple):
     sampling: dict[str, Any] | None = None
     text_encoder: dict[str, Any] | None = None
     heads_guessed: bool = False  # the file records no heads and none were given: the UNet's are a guess
+    diffusers: dict[str, Any] | None = None  # diffusers' UNet settings ldm has none of: {"upcast_attention": true}
 
 
 def _hf_text_prefix(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -106,14 +108,17 @@ def to_sd_state_dict(
 
 def text_encoder_metadata(text_encoder: nn.Module) -> dict[str, Any] | None:
     """What the SD layout loses of our text encoder: its head count and activation (``config``, overrides for
-    ``load_sd_text_encoder``) and the layer it conditions with (``clip_skip`` / ``layer``). None for other encoders."""
+    ``load_sd_text_encoder``), the layer it conditions with (``clip_skip`` / ``layer``) and, for the transformers back
+    end, the tokenizer's pad id (``pad_token_id``: SD 2.x-style models pad with 0, and the UNet saw those padded
+    positions). None for other encoders."""
     from ldm.text.hf_encoder import HFCLIPTextEncoder  # noqa: PLC0415  (transformers only when needed)
     from ldm.text.openclip_encoder import OpenCLIPTextEncoder  # noqa: PLC0415
 
     if isinstance(text_encoder, HFCLIPTextEncoder):
         cfg = text_encoder.model.config
         return {"config": {"num_attention_heads": cfg.num_attention_heads, "hidden_act": cfg.hidden_act,
-                           "layer_norm_eps": cfg.layer_norm_eps}, "clip_skip": text_encoder.clip_skip}
+                           "layer_norm_eps": cfg.layer_norm_eps}, "clip_skip": text_encoder.clip_skip,
+                "pad_token_id": text_encoder.tokenizer.pad_token_id}
     if isinstance(text_encoder, OpenCLIPTextEncoder):
         heads = text_encoder.model.transformer.resblocks[0].attn.num_heads
         return {"config": {"heads": heads}, "layer": text_encoder.layer}
@@ -127,13 +132,16 @@ def sd_metadata(
     schedule: Mapping[str, Any] | None = None,
     sampling: Mapping[str, Any] | None = None,
     text_encoder: nn.Module | Mapping[str, Any] | None = None,
+    diffusers: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """The ``ldm.*`` metadata of an SD single file: what its tensor layout cannot express, as JSON strings.
 
     ``ldm.unet``: the UNet's ``num_heads`` / ``num_head_channels``; ``ldm.vae``: the latent ``scale_factor``,
     ``shift_factor``, ``latent_mean``, ``latent_std``; ``ldm.prediction_type``; ``ldm.schedule``: the
     ``NoiseSchedule.from_name`` keywords; ``ldm.sampling``: the sampling defaults; ``ldm.text_encoder``: see
-    ``text_encoder_metadata`` (a mapping is stored as given). None values are left out.
+    ``text_encoder_metadata`` (a mapping is stored as given); ``ldm.diffusers``: settings of diffusers' UNet that
+    ldm's has no counterpart of, kept for the way back to a diffusers folder (``upcast_attention`` of SD 2.1). None
+    values are left out.
     """
     if isinstance(text_encoder, nn.Module):
         text_encoder = text_encoder_metadata(text_encoder)
@@ -141,7 +149,8 @@ def sd_metadata(
               "vae": {k: vae.config[k] for k in _VAE_META}, "prediction_type": prediction_type,
               "schedule": None if schedule is None else dict(schedule),
               "sampling": None if sampling is None else dict(sampling),
-              "text_encoder": None if text_encoder is None else dict(text_encoder)}
+              "text_encoder": None if text_encoder is None else dict(text_encoder),
+              "diffusers": dict(diffusers) if diffusers else None}
     return {f"ldm.{k}": json.dumps(v) for k, v in values.items() if v is not None}
 
 
@@ -160,7 +169,7 @@ def parse_sd_metadata(metadata: Mapping[str, str] | None, source: str = "the che
     if int(out.get("format", METADATA_FORMAT)) > METADATA_FORMAT:
         raise ConfigError(f"{source} was written with ldm metadata format {out['format']}, newer than this ldm "
                           f"reads ({METADATA_FORMAT}): upgrade ldm")
-    for key, allowed in (("unet", _UNET_META), ("vae", _VAE_META)):
+    for key, allowed in (("unet", _UNET_META), ("vae", _VAE_META), ("diffusers", ("upcast_attention",))):
         if key in out and (not isinstance(out[key], dict) or set(out[key]) - set(allowed)):
             raise ConfigError(f"{source}: metadata entry ldm.{key}={metadata['ldm.' + key]!r} must be a JSON object "  # type: ignore[index]
                               f"with keys among {list(allowed)}")
@@ -181,26 +190,55 @@ def read_state_dict(path: str | Path, unsafe_pickle: bool = False) -> dict[str, 
     return read_sd_file(path, unsafe_pickle)[0]
 
 
+def is_foreign_pickle(err: BaseException) -> bool:
+    """Whether ``torch.load(weights_only=True)`` refused a whole pickle for the objects it holds beyond tensors (the
+    Lightning callback of CompVis' SD .ckpt files), rather than failing on a damaged file or on no torch file."""
+    return isinstance(err, pickle.UnpicklingError) and "GLOBAL " in str(err)
+
+
+def torch_load_error(path: Path, err: BaseException, python_hint: str = "") -> ConfigError:
+    """The ConfigError for a file that ``torch.load(weights_only=True)`` cannot read, by cause: a pickle of foreign
+    objects (which ``python -m ldm.convert --unsafe-pickle`` reads once into a .safetensors file; ``python_hint`` adds
+    the Python way), a torch file cut short or damaged (a zip or a pickle that does not load), or no torch file at all
+    (a .yaml, an image)."""
+    lines = str(err).strip().splitlines() or [""]
+    if is_foreign_pickle(err):
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f"it pickles {found.group(1)}" if found else lines[0][:200]
+        return ConfigError(
+            f"{path} holds pickled objects beyond tensors and plain containers ({what}), which "
+            "torch.load(weights_only=True) refuses to run: if you trust the file, convert it once with `python -m "
+            f"ldm.convert --unsafe-pickle {path} {path.with_suffix('.safetensors')}` and use the .safetensors file"
+            f"{python_hint}")
+    detail = f"{type(err).__name__}: {lines[0][:200]}"
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head in (b"", b"PK") or head[:1] == b"\x80":  # empty, or torch's zip / legacy pickle formats
+        return ConfigError(f"{path} is truncated or corrupt ({detail}): copy it again")
+    return ConfigError(f"{path} is not a checkpoint torch can read ({detail}): give RUN/ldm/checkpoints/last.ckpt or "
+                       "an SD .ckpt/.safetensors")
+
+
 def read_sd_file(path: str | Path, unsafe_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``read_state_dict`` and the file's metadata: a safetensors header's string map, or a ``.ckpt``'s
-    ``ldm_metadata`` entry (empty when there is none)."""
+    ``ldm_metadata`` entry (empty when there is none). A file that does not read is a ConfigError that names the
+    cause (``torch_load_error``); ``unsafe_pickle`` unpickles foreign objects only, never a damaged file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open  # noqa: PLC0415
+        from safetensors import SafetensorError, safe_open  # noqa: PLC0415
 
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+        except SafetensorError as err:
+            raise ConfigError(f"{path} is truncated or corrupt (safetensors: {err}): copy it again") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle of non-tensor objects (e.g. Lightning callbacks' state)
-        if not unsafe_pickle:
-            raise ConfigError(
-                f"{path} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: "
-                f"{str(err).strip().splitlines()[0][:200]}); if you "
-                "trust the file, pass unsafe_pickle=True (CLI: --unsafe-pickle), or convert it to .safetensors"
-            ) from err
+    except Exception as err:  # noqa: BLE001  (torch raises many kinds: each is told apart by torch_load_error)
+        if not (unsafe_pickle and is_foreign_pickle(err)):
+            raise torch_load_error(path, err, " (in Python: unsafe_pickle=True)") from err
         warnings.warn(f"unpickling {path} with weights_only=False: only do this for trusted files", stacklevel=2)
         obj = torch.load(path, map_location="cpu", weights_only=False)
     metadata: dict[str, str] = {}
@@ -229,12 +267,24 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
     Head counts do not show in shapes: SD2-style UNets (linear projections or 1024-d context) get
     ``num_head_channels=64``, others ``num_heads=8`` (SD1); override through ``load_sd_checkpoint(unet_kwargs=...)``.
+    A missing tensor is a ConfigError that names it.
     """
+    cross = "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
+    if cross not in sd and "middle_block.1.qkv.weight" in sd:
+        raise ConfigError(f"missing {UNET_PREFIX}{cross}: a UNet without text conditioning (its middle block is a "
+                          "plain self-attention block, as in CompVis' LSUN / CelebA LDMs), which ldm does not "
+                          "convert: give a text-conditioned SD 1.x/2.x file")
     try:
-        mc = sd["time_embed.0.weight"].shape[1]
-        in_ch, out_ch = sd["input_blocks.0.0.weight"].shape[1], sd["out.2.weight"].shape[0]
+        return _unet_config_from_shapes(sd)
     except KeyError as err:
-        raise ConfigError(f"not an SD-layout UNet state dict: missing {err}") from err
+        raise ConfigError(f"not an SD-layout UNet state dict: missing {UNET_PREFIX}{err.args[0]} (a damaged or "
+                          "partial file): copy the file again") from None
+
+
+def _unet_config_from_shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """``infer_unet_config`` without the error messages (a missing tensor is a KeyError)."""
+    mc = sd["time_embed.0.weight"].shape[1]
+    in_ch, out_ch = sd["input_blocks.0.0.weight"].shape[1], sd["out.2.weight"].shape[0]
     mults: list[int] = []
     blocks_per_level: list[int] = [0]
     attn_levels: set[int] = set()
@@ -350,7 +400,10 @@ def sd_checkpoint_from_state_dict(
     if not unet_sd or not vae_sd:
         raise ConfigError(f"{source} is not an SD single-file checkpoint: found {len(unet_sd)} '{UNET_PREFIX}*' and "
                           f"{len(vae_sd)} '{VAE_PREFIX}*' keys")
-    unet_cfg = infer_unet_config(unet_sd)
+    try:
+        unet_cfg, vae_cfg = infer_unet_config(unet_sd), infer_vae_config(vae_sd)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
     explicit = {k: v for k, v in (unet_kwargs or {}).items() if k in _UNET_META}
     if "unet" in meta:
         _with_heads(unet_cfg, meta["unet"])
@@ -373,12 +426,19 @@ def sd_checkpoint_from_state_dict(
     scale = float(stored_scale) if isinstance(stored_scale, torch.Tensor) and stored_scale.numel() == 1 else None
     # the VAE normalises as the file records (CompVis' scale_factor entry, then ldm metadata), unless told otherwise
     recorded = {} if scale is None else {"scale_factor": scale}
-    vae = AutoencoderKL(**{**infer_vae_config(vae_sd), **recorded, **meta.get("vae", {}), **(vae_kwargs or {})})
+    vae = AutoencoderKL(**{**vae_cfg, **recorded, **meta.get("vae", {}), **(vae_kwargs or {})})
     load_state_dict_checked(vae, vae_sd, "AutoencoderKL")
     if "scale_factor" in meta.get("vae", {}):
         scale = float(meta["vae"]["scale_factor"])
     return SDCheckpoint(unet, vae, _sub(state_dict, TEXT_PREFIX), scale, meta.get("prediction_type"),
-                        meta.get("schedule"), meta.get("sampling"), meta.get("text_encoder"), guessed)
+                        meta.get("schedule"), meta.get("sampling"), meta.get("text_encoder"), guessed,
+                        meta.get("diffusers"))
+
+
+def sd_default_image_size(family: str | None, prediction_type: str | None) -> int:
+    """The resolution an SD single file samples at when it records none: 768 px for the SD 2.x v-prediction models
+    (stable-diffusion-2-1, 2-768-v), 512 px for the others (SD 1.x, SD 2.x-base). ``family`` is ``sd_text_family``'s."""
+    return 768 if family == "sd2" and prediction_type == "v_prediction" else 512
 
 
 def sd_text_family(cond_sd: Mapping[str, torch.Tensor]) -> str | None:
@@ -439,9 +499,11 @@ def sd_text_encoder_spec(
     family = sd_text_family(cond_sd)
     if family == "sd1":
         from ldm.text.hf_encoder import HFCLIPTextEncoder  # noqa: PLC0415
+        from ldm.text.tokenizer import HF_CLIP_PAD_ID  # noqa: PLC0415
 
         return HFCLIPTextEncoder, {"config": {**infer_clip_text_config(cond_sd), **config},
-                                   "clip_skip": int(stored.get("clip_skip", 1))}
+                                   "clip_skip": int(stored.get("clip_skip", 1)),
+                                   "pad_token_id": int(stored.get("pad_token_id", HF_CLIP_PAD_ID))}
     if family == "sd2":
         from ldm.text.openclip_encoder import OpenCLIPTextEncoder  # noqa: PLC0415
 
