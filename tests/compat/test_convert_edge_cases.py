@@ -28,24 +28,14 @@ from ldm.errors import ConfigError  # noqa: E402
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
 from ldm.text import HFCLIPTextEncoder  # noqa: E402
 from ldm.text.tokenizer import HF_CLIP_PAD_ID, CLIPTokenizer  # noqa: E402
+from tests.compat.test_convert import SD1_TINY, VAE_TINY, _randomize  # noqa: E402
 
-UNET = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2)
-VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-           up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4)
+UNET = {**SD1_TINY, "cross_attention_dim": 64}  # the CLIP tower's width
+VAE = VAE_TINY
 CLIP = dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
             max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407)
 VAE_SCALE_FACTOR = 2 ** (len(VAE["block_out_channels"]) - 1)  # diffusers' StableDiffusionPipeline.vae_scale_factor
 PROMPT = "a red circle"
-
-
-def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return module.eval()
 
 
 def _diffusers_parts(seed: int = 0, **unet):
