@@ -640,19 +640,21 @@ class LatentDiffusionPipeline:
                 self._warned_guidance = True
             scale = 1.0
         device = self.device
+        unet_dtype = next(self.unet.parameters()).dtype
         autocast = torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                   enabled=autocast_dtype is not None)
         with self._eval_mode():
             with autocast:
                 if prompt_embeds is None:
                     context = self._encode_prompts(prompts)
-                else:  # each prompt's embedding num_images_per_prompt times, as the prompts are
+                else:  # each prompt's embedding num_images_per_prompt times, in the UNet's dtype (as diffusers)
                     per_prompt = n // prompt_embeds.shape[0]
-                    context = prompt_embeds.to(device).repeat_interleave(per_prompt, dim=0)
+                    context = prompt_embeds.to(device, unet_dtype).repeat_interleave(per_prompt, dim=0)
                 uncond = None
                 if scale > 1.0:  # <= 1: no guidance
                     uncond = self._encode_prompts(negatives) if negative_prompt_embeds is None else \
-                        negative_prompt_embeds.to(device).repeat_interleave(n // len(negative_prompt_embeds), dim=0)
+                        negative_prompt_embeds.to(device, unet_dtype).repeat_interleave(
+                            n // len(negative_prompt_embeds), dim=0)
                     if prompt_embeds is not None and tuple(uncond.shape) != tuple(context.shape):
                         raise ConfigError(f"the negative prompt's embeddings have shape {tuple(uncond.shape[1:])}, "
                                           f"prompt_embeds {tuple(prompt_embeds.shape[1:])}: guidance batches them "

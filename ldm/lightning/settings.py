@@ -69,6 +69,21 @@ def _bool(key: str, value: Any) -> None:
         raise ConfigError(f"{key} must be true or false, got {value!r}")
 
 
+def check_unet(unet_cfg: DictConfig) -> None:
+    """Build the configured UNet on the meta device (no memory, a fraction of a second), so a setting it refuses (a
+    fractional channel multiplier, heads that do not fit a level, an unknown key) stops the run before the first
+    stage rather than after the vae stage."""
+    import torch
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        with torch.device("meta"):
+            instantiate(unet_cfg)
+    except InstantiationException as err:
+        raise ConfigError(f"unet: {err.__cause__ or err}") from None
+
+
 def check_optimizer(opt: DictConfig | None) -> None:
     """The ldm stage's ``optimizer``: a positive learning rate, Adam's two betas in [0, 1) and a weight decay >= 0,
     where it has them (the optimizer's own check runs only when the stage builds it, after the vae stage)."""
@@ -237,6 +252,7 @@ def check_run(cfg: DictConfig) -> None:
         diffusion_objective(cfg.diffusion)
         _choice("first_stage", cfg.get("first_stage", "vae"), ("vae", "pixel"))
         check_optimizer(cfg.get("optimizer"))
+        check_unet(cfg.unet)
         if cfg.ldm_stage.cache_latents:
             check_cache_run(cfg)
         try:

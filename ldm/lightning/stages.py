@@ -677,10 +677,24 @@ def refuse_earlier_run(cfg: DictConfig, out: Path) -> None:
         found += sorted((out / "vae" / "checkpoints").glob("*.ckpt"))
     if "ldm" in cfg.stages:
         found += sorted((out / "ldm" / "checkpoints").glob("*.ckpt"))
+    found = [f for f in found if _loads(f)]  # a damaged file is no run to continue (resume=auto starts afresh)
     if found:
         shown = ", ".join(str(f.relative_to(out)) for f in found[:3]) + (", ..." if len(found) > 3 else "")
-        raise ConfigError(f"{out} already holds a run ({shown}): continue it with resume=last, or give this run "
-                          "another folder (hydra.run.dir=..., or hydra.sweep.dir for a sweep)")
+        ways = "continue it with resume=last, or give this run another folder (hydra.run.dir=..., or hydra.sweep.dir " \
+               "for a sweep)"
+        vae = out / "vae" / "vae.ckpt"
+        if "ldm" in cfg.stages and vae in found and not any("ldm" in f.parts for f in found):
+            ways += f"; or train the ldm stage alone on its autoencoder: stages=[ldm] vae_ckpt={vae}"
+        raise ConfigError(f"{out} already holds a run ({shown}): {ways}")
+
+
+def _loads(path: Path) -> bool:
+    """Whether a checkpoint file reads (memory-mapped: its header only)."""
+    try:
+        read_checkpoint(path, mmap=True)
+    except Exception:  # truncated or corrupt: any error torch's reader raises
+        return False
+    return True
 
 
 def stop_if_signalled(cfg: DictConfig, trainer: L.Trainer, checkpoint: Path | str | None = None) -> None:

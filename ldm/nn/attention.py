@@ -87,8 +87,9 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
             else:
                 scores = scores + mask.float()
         probs = scores.softmax(dim=-1)
-        if mask is not None and mask.dtype == torch.bool:
-            probs = probs.nan_to_num(0.0)  # a query whose keys are all masked attends to nothing, as SDPA gives
+        if mask is not None:  # a query whose keys are all masked attends to nothing (SDPA's zeros, not NaN)
+            dead = ~mask.any(-1, keepdim=True) if mask.dtype == torch.bool else torch.isneginf(mask).all(-1, True)
+            probs = probs.masked_fill(dead, 0.0)
         return torch.matmul(probs.to(v.dtype), v)
 
 

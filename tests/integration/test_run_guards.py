@@ -44,6 +44,9 @@ def _compose(run: Path, *overrides: str):
     ("optimizer.lr=-1", r"optimizer.lr must be > 0.0, got -1"),
     ("optimizer.betas=[0.9]", r"optimizer.betas must be two numbers in \[0, 1\)"),
     ("optimizer.betas=[0.9,1.5]", r"optimizer.betas\[1\] must be < 1, got 1.5"),
+    ("unet.num_heads=512", r"unet: num_heads=512 cannot split an attention level of 64 channels"),
+    ("unet.channel_mult=[1,1.5]", r"unet: channel_mult must hold integers >= 1"),
+    ("+unet.num_head=4", r"unet: .*num_head"),
 ])
 def test_every_stage_is_checked_before_any_work(tmp_path: Path, override: str, message: str) -> None:
     t0 = time.perf_counter()
@@ -57,23 +60,31 @@ def test_every_stage_is_checked_before_any_work(tmp_path: Path, override: str, m
     ("stages=[vae,ldm]", "vae/vae.ckpt", True),
     ("stages=[vae]", "vae/checkpoints/step000500.ckpt", True),
     ("stages=[ldm]", "vae/vae.ckpt", False),  # the ldm stage of a vae trained in this folder: a new stage
+    ("stages=[vae,ldm]", "damaged:ldm/checkpoints/last.ckpt", False),  # no run to continue: resume=auto starts too
 ])
 def test_a_fresh_run_is_refused_in_a_folder_that_holds_one(tmp_path: Path, stages_override: str, earlier: str,
                                                             refused: bool, monkeypatch) -> None:
     """A fresh run in an earlier run's folder left that run's model in last.ckpt (the new one went to last-v1.ckpt)
     and reported it as its own."""
     run = tmp_path / "run"
+    damaged = earlier.startswith("damaged:")
+    earlier = earlier.removeprefix("damaged:")
     (run / earlier).parent.mkdir(parents=True)
-    (run / earlier).write_bytes(b"earlier")
+    if damaged:
+        (run / earlier).write_bytes(b"truncated")
+    else:
+        torch.save({"global_step": 3}, run / earlier)
+    before = (run / earlier).read_bytes()
     reached = []
     monkeypatch.setattr(stages, "_run_stages", lambda *args: reached.append(args))
     overrides = [stages_override] + ([f"vae_ckpt={run / earlier}"] if stages_override == "stages=[ldm]" else [])
     cfg = _compose(run, *overrides)
     if refused:
+        hint = r".*stages=\[ldm\] vae_ckpt=" if earlier == "vae/vae.ckpt" else r"$"
         with pytest.raises(ConfigError, match=rf"{run} already holds a run \({earlier}\): continue it with "
-                                              r"resume=last, or give this run another folder"):
+                                              rf"resume=last, or give this run another folder.*{hint}"):
             stages.run(cfg)
-        assert not reached and (run / earlier).read_bytes() == b"earlier"
+        assert not reached and (run / earlier).read_bytes() == before
     else:
         stages.run(cfg)
         assert len(reached) == 1

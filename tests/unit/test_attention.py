@@ -51,6 +51,10 @@ def test_a_query_with_every_key_masked_attends_to_nothing_in_both_backends() -> 
     expected = attention(q, k, v, mask, backend="sdpa")
     assert torch.equal(expected[1], torch.zeros_like(expected[1]))
     torch.testing.assert_close(attention(q, k, v, mask, backend="math"), expected)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(attention(q, k, v, additive, backend="math"), expected)
+    k[0, 0, 0, 0] = float("nan")  # a NaN input still gives NaN, as in SDPA (only masked-out rows are zeroed)
+    assert attention(q, k, v, mask, backend="math")[0].isnan().any()
 
 
 def test_math_softmax_in_fp32_under_bf16_autocast() -> None:

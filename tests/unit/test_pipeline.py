@@ -675,6 +675,8 @@ def test_prompt_embeddings_sample_as_the_prompts_they_encode(pipe, sd1_parts) ->
     textless = LatentDiffusionPipeline(unet, None, vae, SD_SCHEDULE, "epsilon", {"image_size": 16})
     torch.testing.assert_close(textless(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=_gen(0), **kw),
                                expected, rtol=0, atol=0)
+    torch.testing.assert_close(pipe(prompt_embeds=embeds.double(), negative_prompt_embeds=negative.double(),
+                                    generator=_gen(0), **kw), expected, rtol=0, atol=0)  # cast to the UNet's dtype
     long = torch.cat([embeds, embeds], dim=1)  # two 77-token chunks, as long-prompt weighting builds them
     out = pipe(prompt_embeds=long, negative_prompt_embeds=torch.cat([negative, negative], 1), generator=_gen(0), **kw)
     assert out.shape == expected.shape and torch.isfinite(out).all() and not torch.equal(out, expected)
