@@ -76,8 +76,8 @@ class BucketSpec:
 
 def image_size(raw: Mapping[str, Any]) -> tuple[int, int]:
     """(width, height) of a raw sample's image: from its json (``width``/``height``) when present, else from the
-    image header (PIL reads the header only)."""
-    from ldm.data.transforms import IMAGE_EXTS
+    image header (PIL reads the header only), as displayed: swapped when its EXIF Orientation turns it sideways."""
+    from ldm.data.transforms import IMAGE_EXTS, exif_orientation
 
     if "json" in raw:
         try:
@@ -90,7 +90,9 @@ def image_size(raw: Mapping[str, Any]) -> tuple[int, int]:
     if ext is None:
         raise ValueError(f"sample {raw.get('__key__')} has no image member ({', '.join(IMAGE_EXTS)})")
     with Image.open(io.BytesIO(raw[ext])) as image:
-        return image.size
+        width, height = image.size
+        # orientations 5-8 turn the stored pixels by 90 degrees: the reader (decode_image) sees them upright
+        return (height, width) if exif_orientation(image) >= 5 else (width, height)
 
 
 def shard_buckets(url: str, count: int, spec: BucketSpec) -> tuple[int, ...]:

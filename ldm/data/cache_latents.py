@@ -48,7 +48,7 @@ from ldm.data.shards import (
     resolve_shards,
     write_index,
 )
-from ldm.data.transforms import IMAGE_EXTS, ImageTransform, decode_image, npy_bytes
+from ldm.data.transforms import IMAGE_EXTS, ImageTransform, decode_image, load_npy, npy_bytes
 from ldm.errors import ConfigError
 
 
@@ -266,9 +266,30 @@ def cache_latents(
         raise ConfigError(f"no latents written to {out}: every sample of {shards} was skipped ({reasons})")
     if skipped and log:
         log("skipped: " + ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())))
+    if latent_shape is None:  # every shard was cached by an earlier run: its shape, not None (train.py checks it)
+        latent_shape = _cached_shape(out, entries)
     extra = {"latents": {"shape": latent_shape, "dtype": dtype, "image_size": image_size, "precision": precision,
                          "text": text_encoder is not None}, "skipped": dict(skipped)}
     return write_index(out, entries, **extra)
+
+
+def _cached_shape(out: Path, entries: list[dict[str, Any]]) -> list[int] | None:
+    """The latent shape of a cache whose shards were all written earlier: from its index.json, else from the first
+    cached sample's ``latent_mean.npy``; None when neither has it."""
+    index = out / INDEX_NAME
+    if index.is_file():
+        try:
+            shape = json.loads(index.read_text()).get("latents", {}).get("shape")
+        except (ValueError, AttributeError):
+            shape = None
+        if isinstance(shape, list) and shape:
+            return [int(n) for n in shape]
+    for entry in entries:
+        if entry["count"]:
+            for raw in iter_shard(out / entry["name"], entry["count"]):
+                if "latent_mean.npy" in raw:
+                    return list(load_npy(raw["latent_mean.npy"]).shape)
+    return None
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -344,6 +345,10 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+# what make_shards uses for a built-in dataset's length and size when they are not given (None)
+BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {"shapes": {"length": 10_000, "size": 32}}
+
+
 class ShardDataModule(L.LightningDataModule):
     """Lightning DataModule over webdataset-compatible shards with exact mid-epoch resume.
 
@@ -389,6 +394,7 @@ class ShardDataModule(L.LightningDataModule):
         if self.buckets is not None and source != "images":
             raise ConfigError("data.buckets resizes images to each bucket's size: it needs data.source=images (a "
                               "latent cache holds one size); set ldm_stage.cache_latents=false")
+        check_latent_augmentation(source, crop, hflip)
         self.train_shards, self.val_shards = train_shards, val_shards
         self.source, self.builtin = source, dict(builtin) if builtin else None
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -456,6 +462,7 @@ class ShardDataModule(L.LightningDataModule):
             return
         out = Path(self.builtin.get("out") or self.train_shards)
         if (out / "index.json").exists():
+            self._check_builtin_settings(out)
             return
         from ldm.data.make_shards import make_shards
 
@@ -463,6 +470,34 @@ class ShardDataModule(L.LightningDataModule):
                              size=self.builtin.get("size"), length=self.builtin.get("length"),
                              seed=self.builtin.get("seed", 0), log=None, colors=self.builtin.get("colors"))
         print(f"built-in dataset {self.builtin['source']!r} -> {out}: {report.text()}")
+
+    def _check_builtin_settings(self, out: Path) -> None:
+        """ConfigError when the complete shards in ``out`` were made with other built-in settings than ``builtin``
+        asks for (make_shards' run record): reusing them would train on the old data without a word."""
+        from ldm.data.make_shards import RUN_NAME, STATS_DIR
+
+        path = out / STATS_DIR / RUN_NAME
+        if not path.is_file():  # shards of another tool, or of make_shards before it kept the record: as they are
+            return
+        try:
+            run = json.loads(path.read_text())
+        except ValueError:
+            return
+        source = self.builtin["source"]
+        wanted = {"source": source, "length": self.builtin.get("length"), "size": self.builtin.get("size"),
+                  "seed": self.builtin.get("seed", 0),
+                  "colors": list(self.builtin["colors"]) if self.builtin.get("colors") is not None else None}
+        made = {k: run.get(k, 0 if k == "seed" else None) for k in wanted}
+        defaults = BUILTIN_DEFAULTS.get(source, {})  # None means the dataset's default: compare what it stands for
+        for values in (wanted, made):
+            values.update({k: v for k, v in defaults.items() if values[k] is None})
+        changed = {k: (made[k], v) for k, v in wanted.items()
+                   if made[k] != v and (k not in ("length", "size") or None not in (made[k], v))}
+        if changed:
+            said = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ConfigError(f"{out} holds {run.get('source')} shards made with other settings than this run's "
+                              f"dataset block ({said}): set another data.train_shards for these settings (e.g. a "
+                              f"folder named after them), or delete {out} to write it again")
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve shards and check the layout early (too few shards for ranks x workers raises here)."""
@@ -508,3 +543,13 @@ class ShardDataModule(L.LightningDataModule):
             self._pending = dict(state_dict)
         else:
             self._train.load_state_dict(state_dict)
+
+
+def check_latent_augmentation(source: str, crop: str, hflip: bool) -> None:
+    """ConfigError for ``crop``/``hflip`` augmentation on a latent cache: its latents were encoded once, centre-cropped
+    and unflipped (as ``ldm_stage.cache_latents=true`` refuses these settings), so they would do nothing."""
+    if source == "latents" and (crop != "center" or bool(hflip)):
+        raise ConfigError(
+            f"data.source=latents reads latents encoded once, centre-cropped and unflipped, so data.crop={crop} "
+            f"data.hflip={str(bool(hflip)).lower()} would augment nothing. Set data.crop=center data.hflip=false, or "
+            "data.source=images (with ldm_stage.cache_latents=false) to encode each augmented image while training")

@@ -29,12 +29,13 @@ from PIL import Image
 
 from ldm.checkpoint import atomic_write_bytes
 from ldm.data.shards import ShardWriter, clean_temporaries, count_samples, write_index
-from ldm.data.transforms import decode_image
+from ldm.data.transforms import decode_image, eight_bit, exif_orientation
 from ldm.errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_FILES = ("captions.json", "captions.jsonl", "captions.csv")
 STATS_DIR = "_stats"
+RUN_NAME = "run.json"  # in STATS_DIR: the arguments of the run that wrote the shards
 
 
 class SkipSample(Exception):
@@ -68,33 +69,49 @@ class Report:
 
 
 def _read_caption_table(src: Path) -> dict[str, str] | None:
-    """Captions from captions.json (dict or list of records), .jsonl (records) or .csv (file,caption)."""
+    """Captions from captions.json (dict or list of records), .jsonl (records) or .csv (file,caption), read as
+    UTF-8 with or without a byte order mark (Notepad, Excel's "CSV UTF-8" and PowerShell write one). A file that does
+    not parse is a ConfigError naming it."""
     for name in CAPTION_FILES:
         path = src / name
         if not path.exists():
             continue
-        table: dict[str, str] = {}
-        if name.endswith(".json"):
-            data = json.loads(path.read_text())
-            records = data.items() if isinstance(data, dict) else ((_file_of(r), _caption_of(r)) for r in data)
-            table.update({str(k): str(v) for k, v in records})
-        elif name.endswith(".jsonl"):
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    r = json.loads(line)
-                    table[_file_of(r)] = _caption_of(r)
-        else:
-            with open(path, newline="") as f:
-                rows = list(csv.reader(f))
-            if rows and [c.strip().lower() for c in rows[0][:2]] in (["file", "caption"], ["file_name", "text"],
-                                                                      ["image", "caption"], ["file_name", "caption"]):
-                rows = rows[1:]
-            table.update({r[0]: r[1] for r in rows if len(r) >= 2})
-        return table
+        try:
+            return _parse_caption_table(path)
+        except (ValueError, TypeError, AttributeError, IndexError, csv.Error) as err:  # UnicodeDecodeError too
+            raise ConfigError(f"{path} is not a valid caption file ({type(err).__name__}: {err}). Fix: write it as "
+                              "UTF-8: captions.json a mapping {file: caption} or a list of {file, caption} records, "
+                              "captions.jsonl one such record per line, captions.csv rows of file,caption") from None
     return None
 
 
+def _parse_caption_table(path: Path) -> dict[str, str]:
+    """{file: caption} of one caption file (its kind by name)."""
+    table: dict[str, str] = {}
+    if path.name.endswith(".json"):
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        if not isinstance(data, dict | list):
+            raise ValueError(f"a mapping or a list of records, not {type(data).__name__}")
+        records = data.items() if isinstance(data, dict) else ((_file_of(r), _caption_of(r)) for r in data)
+        table.update({str(k): str(v) for k, v in records})
+    elif path.name.endswith(".jsonl"):
+        for line in path.read_text(encoding="utf-8-sig").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                table[_file_of(r)] = _caption_of(r)
+    else:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+        if rows and [c.strip().lower() for c in rows[0][:2]] in (["file", "caption"], ["file_name", "text"],
+                                                                  ["image", "caption"], ["file_name", "caption"]):
+            rows = rows[1:]
+        table.update({r[0]: r[1] for r in rows if len(r) >= 2})
+    return table
+
+
 def _file_of(record: dict[str, Any]) -> str:
+    if not isinstance(record, dict):
+        raise ValueError(f"a caption record must be an object with file and caption fields, got {record!r}")
     for k in ("file", "file_name", "image", "path", "filename"):
         if k in record:
             return str(record[k])
@@ -122,7 +139,7 @@ def folder_items(src: Path) -> list[Item]:
             else:
                 txt = path.with_suffix(".txt")
                 try:
-                    caption = txt.read_text(encoding="utf-8").strip() if txt.exists() else None
+                    caption = txt.read_text(encoding="utf-8-sig").strip() if txt.exists() else None
                 except UnicodeDecodeError as err:  # skipped and counted, as an unreadable image is
                     raise SkipSample("caption not UTF-8") from err
             if caption is None or not caption.strip():
@@ -185,27 +202,52 @@ def builtin_items(name: str, length: int | None, size: int | None, seed: int,
 
 def _encode(image: Image.Image | bytes, fmt: str | None, size: int | None) -> tuple[bytes, str]:
     """Encoded bytes and extension. Source bytes that already are PNG/JPEG are kept when no resize or other
-    format is asked for; everything else is re-encoded (PNG lossless, JPEG quality 95)."""
+    format is asked for and they are stored upright (EXIF Orientation 1 or none); everything else is decoded (turned
+    upright, as the reader would) and re-encoded (PNG lossless, JPEG quality 95)."""
     if isinstance(image, bytes):
         if size is None:
             kind = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpg"}
             ext = next((v for k, v in kind.items() if image.startswith(k)), None)
-            if ext is not None and (fmt is None or fmt == ext):
+            if ext is not None and (fmt is None or fmt == ext) and _stored_upright(image):
                 return image, ext
         image = decode_image(image)
     if size is not None and min(image.size) != size:
+        image = _resizable(image)
         scale = size / min(image.size)
         image = image.resize((max(size, round(image.size[0] * scale)), max(size, round(image.size[1] * scale))),
                              Image.Resampling.LANCZOS)
     fmt = fmt or "png"
     buf = io.BytesIO()
     if fmt == "jpg":
+        image = eight_bit(image)  # PIL's convert would clip 16-bit greys at 255 (almost white)
         image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(buf, "JPEG", quality=95)
     else:
+        if image.mode not in ("L", "RGB", "RGBA", "LA", "I;16"):
+            image = eight_bit(image)
         if image.mode not in ("L", "RGB", "RGBA", "LA", "I;16"):
             image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
         image.save(buf, "PNG")
     return buf.getvalue(), fmt
+
+
+def _stored_upright(data: bytes) -> bool:
+    """Whether encoded image bytes need no EXIF rotation (raw bytes of a rotated photo would keep the tag, which
+    another reader might ignore)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return exif_orientation(image) == 1
+    except Exception:
+        return False
+
+
+def _resizable(image: Image.Image) -> Image.Image:
+    """The image in a mode that PIL resizes by filtering: it resizes palette and 1-bit images by nearest neighbour
+    whatever filter is asked for (a fine pattern aliases, a checkerboard turns black)."""
+    if image.mode == "1":
+        return image.convert("L")
+    if image.mode in ("P", "PA"):
+        return image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
+    return image
 
 
 # ---------------------------------------------------------------------------------------------- writer
@@ -251,12 +293,14 @@ def make_shards(
     clean_temporaries(out / STATS_DIR)
 
     run = {"source": name, "items": len(items), "maxcount": maxcount, "size": size, "format": fmt, "seed": seed,
-           "length": length}
-    run_path = out / STATS_DIR / "run.json"
+           "length": length, "colors": list(colors) if colors is not None else None}
+    run_path = out / STATS_DIR / RUN_NAME
     if run_path.exists():
-        previous = json.loads(run_path.read_text())
+        previous = {"colors": None, **json.loads(run_path.read_text())}  # records before colors was: the default
         if previous != run:
-            raise ConfigError(f"{out} holds shards of a different run ({previous}); use a new OUT folder")
+            said = ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in run.items() if previous.get(k) != v)
+            raise ConfigError(f"{out} holds shards of a different run ({said}); use a new OUT folder, or delete "
+                              "this one to write it again")
     else:
         atomic_write_bytes(run_path, json.dumps(run).encode())
 

@@ -34,6 +34,9 @@ from ldm.local_cache import cache_dir
 
 INDEX_NAME = "index.json"
 MAKE_SHARDS_HOW = "python -m ldm.data.make_shards SRC OUT (SRC: an image folder, shapes or mnist)"
+# the records that make_shards and cache_latents write before their first shard; index.json comes last, so a folder
+# with a record and no index.json is a run that was killed or failed midway (its shards are only a part)
+RUN_RECORDS = {"_stats/run.json": "make_shards", "cache_settings.json": "cache_latents"}
 
 
 def expand_braces(spec: str) -> list[str]:
@@ -132,6 +135,7 @@ def resolve_shards(spec: str | os.PathLike | Iterable[str]) -> tuple[list[str], 
                                   f"(first: {missing[0]}); rerun make_shards into {directory} to write them again")
             _check_not_empty(spec, counts)
             return paths, counts
+        _check_finished(directory)
         paths = sorted(str(p) for p in directory.glob("*.tar"))
     elif isinstance(spec, str | os.PathLike):
         paths = expand_braces(str(spec))
@@ -144,6 +148,16 @@ def resolve_shards(spec: str | os.PathLike | Iterable[str]) -> tuple[list[str], 
     counts = [shard_count(p) for p in paths]
     _check_not_empty(spec, counts)
     return paths, counts
+
+
+def _check_finished(directory: Path) -> None:
+    """ConfigError when ``directory`` (without an index.json) holds the run record of make_shards or cache_latents:
+    their run stopped before writing all its shards, and reading the ones present would train on a part silently."""
+    for record, command in RUN_RECORDS.items():
+        if (directory / record).is_file():
+            raise ConfigError(f"{directory} holds an unfinished {command} run ({record} but no {INDEX_NAME}: it was "
+                              f"interrupted or failed before writing all its shards): rerun the {command} command to "
+                              "finish it (it writes only the missing shards), or delete the folder")
 
 
 def shard_count(url: str) -> int:

@@ -12,14 +12,18 @@ import io
 import json
 import math
 import random
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+from ldm.errors import ConfigError
 
 IMAGE_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp", "bmp")
+IMAGE_MODES: tuple[str, ...] = ("RGB", "L", "RGBA", "LA")  # PIL modes of 8-bit channels: 3, 1, 4 and 2 of them
 
 
 @dataclass
@@ -37,6 +41,9 @@ class ImageTransform:
     def __post_init__(self) -> None:
         if self.crop not in ("center", "random"):
             raise ValueError(f"crop must be 'center' or 'random', got {self.crop!r}")
+        if self.mode not in IMAGE_MODES:  # here, not at the first sample (where each one would fail as damaged)
+            raise ConfigError(f"data.image_mode={self.mode!r} is not an image mode the reader converts to: use one "
+                              f"of {', '.join(IMAGE_MODES)} (PIL's names, upper case; RGB: 3 channels, L: 1)")
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         """Float tensor [C, size, size] in [-1, 1]."""
@@ -96,10 +103,23 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes with PIL, fully loaded (so corrupt data fails here, not later)."""
+    """Decode image bytes with PIL, fully loaded (so corrupt data fails here, not later), turned upright by its EXIF
+    Orientation tag: phone photos store the sensor's pixels and say how to rotate them, as viewers (and diffusers'
+    ``load_image``) do."""
     image = Image.open(io.BytesIO(data))
     image.load()
+    if exif_orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
     return image
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF Orientation tag (1 to 8) of an opened image; 1 (upright) when it has none or an invalid one."""
+    try:
+        value = image.getexif().get(0x0112, 1)
+    except Exception:  # a malformed EXIF block: the pixels as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def load_npy(data: bytes) -> np.ndarray:
@@ -171,6 +191,7 @@ class SampleDecoder:
     source: str = "images"
     caption_field: str | None = None
     sample_latents: bool = True
+    _warned: set[str] = field(default_factory=set, init=False, repr=False, compare=False)  # once per process
 
     def __post_init__(self) -> None:
         if self.source not in ("images", "latents"):
@@ -182,15 +203,25 @@ class SampleDecoder:
         meta = json.loads(raw["json"]) if "json" in raw else {}
         out: dict[str, Any] = {"key": raw["__key__"]}
         if self.caption_field is not None:
-            out["caption"] = str(meta.get(self.caption_field, ""))
+            if not isinstance(meta, dict) or self.caption_field not in meta:
+                fields = sorted(meta) if isinstance(meta, dict) else []
+                self._warn_once("caption_field", f"sample {raw['__key__']}: its json has no field "
+                                f"data.caption_field={self.caption_field!r} (it has {fields}): its caption is empty. "
+                                "Fix: set data.caption_field to one of those fields (or null to read the .txt)")
+            out["caption"] = str(meta.get(self.caption_field, "")) if isinstance(meta, dict) else ""
         elif "txt" in raw:
             out["caption"] = raw["txt"].decode("utf-8").strip()
         else:
-            out["caption"] = str(meta.get("caption", ""))
-        if "label" in meta:
-            out["label"] = int(meta["label"])
-        elif "cls" in raw:
-            out["label"] = int(raw["cls"].decode().strip())
+            out["caption"] = str(meta.get("caption", "")) if isinstance(meta, dict) else ""
+        label = meta.get("label") if isinstance(meta, dict) and "label" in meta else \
+            raw["cls"].decode(errors="replace").strip() if "cls" in raw else None
+        if label is not None:
+            try:
+                out["label"] = int(label)
+            except (ValueError, TypeError):  # the image and caption are fine: kept, without a class label
+                self._warn_once("label", f"sample {raw['__key__']}: its label {label!r} (json 'label' or .cls) is "
+                                "not an integer class index; reading such samples without a label (class-"
+                                "conditional training needs integer labels 0..num_classes-1)")
         if self.source == "images":
             ext = next((e for e in IMAGE_EXTS if e in raw), None)
             if ext is None:
@@ -219,6 +250,13 @@ class SampleDecoder:
                 if f"{name}.npy" in raw:
                     out[name] = torch.from_numpy(load_npy(raw[f"{name}.npy"]))
         return out
+
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        """Warn about a kind of sample problem once per process, not once per sample."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, stacklevel=3)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
