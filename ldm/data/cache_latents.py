@@ -11,8 +11,9 @@ metadata, and with a frozen text encoder ``text_hidden.npy`` [L, D], ``text_pool
 ``--precision`` is the precision the encoders run in (autocast; the stored one is ``--dtype``), and ``--compile``
 runs the VAE's encoder through torch.compile, its kernels kept under ``$LDM_CACHE/inductor``. Output shards are
 written atomically and skipped when present, so an interrupted run resumes; ``cache_settings.json`` records what
-they were encoded with (precision, stored dtype, size, the VAE's fingerprint, whether text embeddings are cached),
-and a rerun with other settings into the same folder is refused rather than mixed in. Read them with
+they were encoded with (precision, stored dtype, size, the VAE's fingerprint, whether text embeddings are cached,
+a digest of the source shards), and a rerun with other settings into the same folder is refused rather than mixed
+in. Read them with
 ``ShardDataModule(source="latents")``, which samples mean + std * noise per sample (or takes the mean with
 ``sample_latents=False``). Text embeddings are cached only for a frozen encoder: a trainable one (``frozen=False``)
 would make them stale, so they are not written and training encodes the captions. A sample whose image does not
@@ -39,6 +40,7 @@ import torch
 
 from ldm.checkpoint import atomic_write_bytes
 from ldm.compiling import compile_function
+from ldm.data.datamodule import shard_digest
 from ldm.data.shards import (
     INDEX_NAME,
     ShardWriter,
@@ -126,6 +128,18 @@ def _claim_settings(out: Path, settings: dict[str, Any]) -> None:
         atomic_write_bytes(path, json.dumps({**(earlier or {}), **settings}, indent=1).encode())
 
 
+def _source_digest(paths: Sequence[str], counts: Sequence[int]) -> str:
+    """The source shards' names and counts (``shard_digest``) and, for local files, a hash of each one's first 16 KiB
+    (its first samples): two datasets of the same layout (shapes with another seed) differ there, while a dataset
+    moved to another folder does not."""
+    heads = hashlib.sha256()
+    for p in paths:
+        if os.path.isfile(p):
+            with open(p, "rb") as f:
+                heads.update(f.read(16384))
+    return shard_digest(paths, counts) + heads.hexdigest()[:8]
+
+
 def _caption(raw: dict[str, Any]) -> str:
     if "txt" in raw:
         return raw["txt"].decode("utf-8").strip()
@@ -173,7 +187,8 @@ def cache_latents(
     out.mkdir(parents=True, exist_ok=True)
     clean_temporaries(out)
     settings = {"precision": precision, "dtype": dtype, "image_size": image_size, "image_mode": image_mode,
-                "text": text_encoder is not None}
+                "text": text_encoder is not None,
+                "source": _source_digest(paths, counts)}  # another dataset's latents must not be reused as these
     if isinstance(vae, torch.nn.Module):
         settings["vae"] = fingerprint or weights_fingerprint(vae)
     if isinstance(text_encoder, torch.nn.Module):  # another frozen encoder's embeddings must not join these

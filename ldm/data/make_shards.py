@@ -302,6 +302,10 @@ def make_shards(
             raise ConfigError(f"{out} holds shards of a different run ({said}); use a new OUT folder, or delete "
                               "this one to write it again")
     else:
+        foreign = sorted(out.glob("*.tar"))
+        if foreign:  # shards no run recorded (copied in, another tool's): they would be "reused" as this run's
+            raise ConfigError(f"{out} holds shards ({foreign[0].name}, ...) that no make_shards run recorded (no "
+                              f"{STATS_DIR}/{RUN_NAME}): use a new OUT folder, or delete them to write it again")
         atomic_write_bytes(run_path, json.dumps(run).encode())
 
     report = Report()

@@ -152,6 +152,18 @@ def test_rerunning_cache_latents_keeps_the_latent_shape(tmp_path, index_shape):
     assert read_index(cache)["latents"]["shape"] == [3, 4, 4]
 
 
+def test_another_dataset_is_not_cached_into_a_folder_holding_one(tmp_path):
+    """A second dataset of the same layout cached into the same folder kept the first one's latents (every shard name
+    was "already cached")."""
+    for name, seed in (("a", 0), ("b", 1)):
+        ms.make_shards("shapes", tmp_path / name, maxcount=4, size=16, length=8, seed=seed, log=None)
+    cache = tmp_path / "c"
+    cache_latents(tmp_path / "a", cache, _PoolVAE(), image_size=16, log=None)
+    cache_latents(tmp_path / "a", cache, _PoolVAE(), image_size=16, log=None)  # the same data again: reused
+    with pytest.raises(ConfigError, match=r"holds latents cached with other settings \(source "):
+        cache_latents(tmp_path / "b", cache, _PoolVAE(), image_size=16, log=None)
+
+
 # ---------------------------------------------------------------------------------------------- latent augmentation
 
 
@@ -317,6 +329,17 @@ def test_make_shards_refuses_a_rerun_with_other_colors(tmp_path):
     assert json.loads((tmp_path / "a" / "_stats" / "run.json").read_text())["colors"] is None
     with pytest.raises(ConfigError, match=r"colors None -> \['cyan'\]"):
         ms.make_shards("shapes", tmp_path / "a", maxcount=10, size=8, length=10, log=None, colors=["cyan"])
+
+
+def test_make_shards_refuses_an_out_folder_holding_shards_it_did_not_record(tmp_path):
+    """Shards copied in (or another tool's) were counted as "already complete" and indexed as this run's."""
+    ms.make_shards("shapes", tmp_path / "a", maxcount=10, size=8, length=10, log=None)
+    foreign = tmp_path / "b"
+    foreign.mkdir()
+    (foreign / "000000.tar").write_bytes((tmp_path / "a" / "000000.tar").read_bytes())
+    with pytest.raises(ConfigError, match=r"holds shards \(000000.tar, ...\) that no make_shards run recorded"):
+        ms.make_shards("shapes", foreign, maxcount=10, size=8, length=10, log=None)
+    assert not (foreign / "index.json").exists()
 
 
 def test_a_run_record_without_colors_reads_as_the_default(tmp_path):
