@@ -40,7 +40,6 @@ import torch
 
 from ldm.checkpoint import atomic_write_bytes
 from ldm.compiling import compile_function
-from ldm.data.datamodule import shard_digest
 from ldm.data.shards import (
     INDEX_NAME,
     ShardWriter,
@@ -51,6 +50,7 @@ from ldm.data.shards import (
     write_index,
 )
 from ldm.data.transforms import IMAGE_EXTS, ImageTransform, decode_image, load_npy, npy_bytes
+from ldm.data.urls import shard_digest
 from ldm.errors import ConfigError
 
 

@@ -9,11 +9,10 @@ ranks, computed from the shard counts in index.json), set on the loader, not per
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ldm.data.buckets import BucketSpec, shard_buckets
 from ldm.data.shards import ReadPlan, ShardError, _rng, iter_shard, resolve_shards
 from ldm.data.transforms import ImageTransform, SampleDecoder, collate, uint8_to_float
-from ldm.data.urls import shard_name
+from ldm.data.urls import shard_digest
 from ldm.errors import ConfigError
 
 POS_KEY = "__pos__"  # (split, epoch, batch index) attached to each batch; the DataModule pops it
@@ -221,17 +220,6 @@ class ShardLoader:
             )
         self._next = self._pos = (int(state["epoch"]), int(state["batch"]))
         self._consumed = None
-
-
-def shard_digest(shards: Sequence[str], counts: Sequence[int], legacy: bool = False) -> str:
-    """A short hash of the shards' file names (``shard_name``: of a ``pipe:`` command's too) and sample counts, in
-    order: not their folders or openers, so a dataset moved to another disk or read another way resumes. ``legacy``:
-    the text after the last ``/`` as the name, as states saved before recorded it."""
-    digest = hashlib.sha256()
-    for shard, count in zip(shards, counts, strict=True):
-        name = str(shard).rstrip("/").rsplit("/", 1)[-1] if legacy else shard_name(str(shard))
-        digest.update(f"{name}:{count};".encode())
-    return digest.hexdigest()[:12]
 
 
 class _ValidationStream(IterableDataset):

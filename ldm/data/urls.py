@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import http.server
 import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
@@ -228,3 +229,14 @@ def serve_directory(directory: str | os.PathLike) -> Iterator[str]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=10)
+
+
+def shard_digest(shards: Sequence[str], counts: Sequence[int], legacy: bool = False) -> str:
+    """A short hash of the shards' file names (``shard_name``: of a ``pipe:`` command's too) and sample counts, in
+    order: not their folders or openers, so a dataset moved to another disk or read another way resumes. ``legacy``:
+    the text after the last ``/`` as the name, as states saved before recorded it."""
+    digest = hashlib.sha256()
+    for shard, count in zip(shards, counts, strict=True):
+        name = str(shard).rstrip("/").rsplit("/", 1)[-1] if legacy else shard_name(str(shard))
+        digest.update(f"{name}:{count};".encode())
+    return digest.hexdigest()[:12]
