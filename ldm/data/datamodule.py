@@ -333,10 +333,6 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-# what make_shards uses for a built-in dataset's length and size when they are not given (None)
-BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {"shapes": {"length": 10_000, "size": 32}}
-
-
 class ShardDataModule(L.LightningDataModule):
     """Lightning DataModule over webdataset-compatible shards with exact mid-epoch resume.
 
@@ -462,7 +458,7 @@ class ShardDataModule(L.LightningDataModule):
     def _check_builtin_settings(self, out: Path) -> None:
         """ConfigError when the complete shards in ``out`` were made with other built-in settings than ``builtin``
         asks for (make_shards' run record): reusing them would train on the old data without a word."""
-        from ldm.data.make_shards import RUN_NAME, STATS_DIR
+        from ldm.data.make_shards import BUILTIN_DEFAULTS, RUN_NAME, STATS_DIR
 
         path = out / STATS_DIR / RUN_NAME
         if not path.is_file():  # shards of another tool, or of make_shards before it kept the record: as they are

@@ -36,6 +36,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 CAPTION_FILES = ("captions.json", "captions.jsonl", "captions.csv")
 STATS_DIR = "_stats"
 RUN_NAME = "run.json"  # in STATS_DIR: the arguments of the run that wrote the shards
+# what a built-in dataset's length and size are when not given (None)
+BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {"shapes": {"length": 10_000, "size": 32}}
 
 
 class SkipSample(Exception):
@@ -166,8 +168,9 @@ def builtin_items(name: str, length: int | None, size: int | None, seed: int,
         from ldm.data.builtin.shapes import ShapesDataset
 
         try:
-            ds = ShapesDataset(size=32 if size is None else size, seed=seed,
-                               length=10_000 if length is None else length, colors=colors)
+            default = BUILTIN_DEFAULTS["shapes"]
+            ds = ShapesDataset(size=default["size"] if size is None else size, seed=seed,
+                               length=default["length"] if length is None else length, colors=colors)
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
@@ -224,8 +227,8 @@ def _encode(image: Image.Image | bytes, fmt: str | None, size: int | None) -> tu
     else:
         if image.mode not in ("L", "RGB", "RGBA", "LA", "I;16"):
             image = eight_bit(image)
-        if image.mode not in ("L", "RGB", "RGBA", "LA", "I;16"):
-            image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
+            if image.mode not in ("L", "RGB", "RGBA", "LA"):
+                image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
         image.save(buf, "PNG")
     return buf.getvalue(), fmt
 

@@ -201,20 +201,22 @@ class SampleDecoder:
                  size: tuple[int, int] | None = None) -> dict[str, Any]:
         """The training sample of ``raw``; ``size`` (width, height) is its aspect-ratio bucket's, if any."""
         meta = json.loads(raw["json"]) if "json" in raw else {}
+        if not isinstance(meta, dict):  # a json of another shape holds no fields to read
+            meta = {}
         out: dict[str, Any] = {"key": raw["__key__"]}
         if self.caption_field is not None:
-            if not isinstance(meta, dict) or self.caption_field not in meta:
-                fields = sorted(meta) if isinstance(meta, dict) else []
+            if self.caption_field not in meta:
                 self._warn_once("caption_field", f"sample {raw['__key__']}: its json has no field "
-                                f"data.caption_field={self.caption_field!r} (it has {fields}): its caption is empty. "
-                                "Fix: set data.caption_field to one of those fields (or null to read the .txt)")
-            out["caption"] = str(meta.get(self.caption_field, "")) if isinstance(meta, dict) else ""
+                                f"data.caption_field={self.caption_field!r} (it has {sorted(meta)}): its caption is "
+                                "empty. Fix: set data.caption_field to one of those fields (or null to read the .txt)")
+            out["caption"] = str(meta.get(self.caption_field, ""))
         elif "txt" in raw:
             out["caption"] = raw["txt"].decode("utf-8").strip()
         else:
-            out["caption"] = str(meta.get("caption", "")) if isinstance(meta, dict) else ""
-        label = meta.get("label") if isinstance(meta, dict) and "label" in meta else \
-            raw["cls"].decode(errors="replace").strip() if "cls" in raw else None
+            out["caption"] = str(meta.get("caption", ""))
+        label = meta.get("label")
+        if label is None and "cls" in raw:
+            label = raw["cls"].decode(errors="replace").strip()
         if label is not None:
             try:
                 out["label"] = int(label)
@@ -250,7 +252,6 @@ class SampleDecoder:
                 if f"{name}.npy" in raw:
                     out[name] = torch.from_numpy(load_npy(raw[f"{name}.npy"]))
         return out
-
 
     def _warn_once(self, kind: str, message: str) -> None:
         """Warn about a kind of sample problem once per process, not once per sample."""

@@ -207,8 +207,8 @@ def test_the_same_shards_through_a_pipe_command_resume_and_so_does_a_state_saved
                                                                                                      monkeypatch):
     """The digest names a shard as the read plan does (``shard_name``), so ``pipe:cat DIR/x.tar`` and ``DIR/x.tar``
     are the same shards; a state recorded with the earlier naming (text after the last '/') still loads."""
-    from ldm.data.urls import shard_digest
     from ldm.data.shards import resolve_shards
+    from ldm.data.urls import shard_digest
 
     spec = "pipe:cat " + str(shapes_dir) + "/{000000..000005}.tar 2>/dev/null"
     state = _dm(spec).state_dict()
