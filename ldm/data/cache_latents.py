@@ -2,7 +2,7 @@
 
     python -m ldm.data.cache_latents SHARDS OUT --vae vae/vae.ckpt [--vae-config conf/autoencoder/X.yaml]
         [--text-encoder-config conf/text_encoder/...yaml [--text-encoder CKPT]] [--size S] [--batch-size N]
-        [--precision float32|bfloat16|float16] [--compile]
+        [--precision float32|bfloat16|float16] [--compile] [--caption-field FIELD]
 
 Each input shard ``NAME.tar`` becomes ``OUT/NAME.tar`` with, per sample, ``latent_mean.npy`` and
 ``latent_std.npy`` (the raw, unnormalised posterior moments: ``LatentDiffusionModule.latents_of`` applies the
@@ -49,7 +49,15 @@ from ldm.data.shards import (
     resolve_shards,
     write_index,
 )
-from ldm.data.transforms import IMAGE_EXTS, ImageTransform, decode_image, load_npy, npy_bytes
+from ldm.data.transforms import (
+    IMAGE_EXTS,
+    ImageTransform,
+    decode_image,
+    load_npy,
+    missing_caption_field,
+    npy_bytes,
+    sample_caption,
+)
 from ldm.data.urls import shard_digest
 from ldm.errors import ConfigError
 
@@ -119,6 +127,8 @@ def _claim_settings(out: Path, settings: dict[str, Any]) -> None:
         latents = json.loads(index.read_text()).get("latents", {}) if index.is_file() else {}
         earlier = {"precision": "float32", **{k: latents[k] for k in ("dtype", "image_size", "text") if k in latents}}
     if earlier is not None:
+        if earlier.get("text") and "caption_field" not in earlier:  # text cached before the field was recorded
+            earlier["caption_field"] = None
         changed = {k: (earlier[k], v) for k, v in settings.items() if k in earlier and earlier[k] != v}
         if changed:
             said = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
@@ -140,12 +150,6 @@ def _source_digest(paths: Sequence[str], counts: Sequence[int]) -> str:
     return shard_digest(paths, counts) + heads.hexdigest()[:8]
 
 
-def _caption(raw: dict[str, Any]) -> str:
-    if "txt" in raw:
-        return raw["txt"].decode("utf-8").strip()
-    return str(json.loads(raw["json"]).get("caption", "")) if "json" in raw else ""
-
-
 @torch.no_grad()
 def cache_latents(
     shards: str | os.PathLike | list[str],
@@ -161,6 +165,7 @@ def cache_latents(
     precision: str = "float32",
     compile: bool = False,
     fingerprint: str | None = None,
+    caption_field: str | None = None,
 ) -> dict[str, Any]:
     """Encode every sample of ``shards`` (centre crop at ``image_size``) and write latent shards to ``out``.
 
@@ -170,7 +175,9 @@ def cache_latents(
     fp16 autocast, as training runs a frozen VAE under mixed precision), and ``compile`` runs the VAE's encoder
     through torch.compile; ``fingerprint`` is ``weights_fingerprint(vae)`` where the caller has it already (hashing
     SD's VAE takes about a second). A text encoder with ``frozen=False`` is ignored (its embeddings would go stale as it
-    trains). Returns the written index.
+    trains). The text embeddings encode each sample's caption as the reader reads it with ``caption_field`` (the
+    ``.txt`` member, or the json's field: ``data.caption_field``); a folder cached with another is refused. Returns
+    the written index.
     """
     for flag, value in (("--size", image_size), ("--batch-size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -193,6 +200,8 @@ def cache_latents(
         settings["vae"] = fingerprint or weights_fingerprint(vae)
     if isinstance(text_encoder, torch.nn.Module):  # another frozen encoder's embeddings must not join these
         settings["text_encoder"] = weights_fingerprint(text_encoder)
+    if text_encoder is not None:  # embeddings of other captions must not join these
+        settings["caption_field"] = caption_field
     _claim_settings(out, settings)
     np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
     if device is None:
@@ -221,6 +230,18 @@ def cache_latents(
             warnings.warn(f"skipping sample {raw['__shard__']}/{raw['__key__']}: {reason}: {err}", stacklevel=2)
             return None
 
+    warned_field = False
+
+    def caption(raw: dict[str, Any]) -> str:
+        """The caption the reader gives this sample with ``caption_field`` (warned once when its json lacks it)."""
+        nonlocal warned_field
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+        meta = meta if isinstance(meta, dict) else {}
+        if caption_field is not None and caption_field not in meta and not warned_field:
+            warned_field = True
+            warnings.warn(missing_caption_field(raw, meta, caption_field), stacklevel=2)
+        return sample_caption(raw, meta, caption_field)
+
     @torch.no_grad()
     def flush(writer: ShardWriter, raws: list[dict[str, Any]], images: list[torch.Tensor]) -> list[int]:
         x = torch.stack(images).to(device)
@@ -230,7 +251,7 @@ def cache_latents(
         text: list[np.ndarray] | None = None
         if text_encoder is not None:
             with _autocast(precision, device.type):
-                hidden, pooled, mask = text_encoder.encode([_caption(r) for r in raws])[:3]
+                hidden, pooled, mask = text_encoder.encode([caption(r) for r in raws])[:3]
             text = [hidden.float().cpu().numpy().astype(np_dtype), pooled.float().cpu().numpy().astype(np_dtype),
                     mask.cpu().numpy().astype(bool)]
         for i, r in enumerate(raws):
@@ -391,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="float32", choices=tuple(PRECISIONS),
                    help="the precision the encoders run in (autocast)")
     p.add_argument("--compile", action="store_true", help="run the VAE's encoder through torch.compile")
+    p.add_argument("--caption-field", default=None,
+                   help="the json field whose text the text embeddings encode (training's data.caption_field); "
+                        "default: the .txt caption")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     try:
@@ -416,7 +440,7 @@ def _run(a: argparse.Namespace) -> int:
     if text is not None:
         text.to(device)
     cache_latents(a.shards, a.out, vae, text, image_size=a.size, image_mode=a.mode, batch_size=a.batch_size,
-                  device=device, dtype=a.dtype, precision=a.precision, compile=a.compile)
+                  device=device, dtype=a.dtype, precision=a.precision, compile=a.compile, caption_field=a.caption_field)
     return 0
 
 

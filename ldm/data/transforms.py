@@ -172,6 +172,25 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def sample_caption(raw: dict[str, Any], meta: dict[str, Any], caption_field: str | None = None) -> str:
+    """A sample's caption: ``meta[caption_field]`` when ``caption_field`` is set (empty when its json lacks the
+    field), else the ``.txt`` member, else ``meta["caption"]``. ``meta`` is the sample's parsed json (a dict). The
+    reader and the latent cache's text embeddings both read captions by this rule, so cached embeddings encode the
+    caption training would."""
+    if caption_field is not None:
+        return str(meta.get(caption_field, ""))
+    if "txt" in raw:
+        return raw["txt"].decode("utf-8").strip()
+    return str(meta.get("caption", ""))
+
+
+def missing_caption_field(raw: dict[str, Any], meta: dict[str, Any], caption_field: str) -> str:
+    """The warning for a sample whose json lacks ``caption_field`` (its caption is then empty)."""
+    return (f"sample {raw['__key__']}: its json has no field data.caption_field={caption_field!r} (it has "
+            f"{sorted(meta)}): its caption is empty. Fix: set data.caption_field to one of those fields (or null to "
+            "read the .txt)")
+
+
 @dataclass
 class SampleDecoder:
     """Turn a raw shard sample (dict of extension -> bytes) into a training sample.
@@ -204,16 +223,9 @@ class SampleDecoder:
         if not isinstance(meta, dict):  # a json of another shape holds no fields to read
             meta = {}
         out: dict[str, Any] = {"key": raw["__key__"]}
-        if self.caption_field is not None:
-            if self.caption_field not in meta:
-                self._warn_once("caption_field", f"sample {raw['__key__']}: its json has no field "
-                                f"data.caption_field={self.caption_field!r} (it has {sorted(meta)}): its caption is "
-                                "empty. Fix: set data.caption_field to one of those fields (or null to read the .txt)")
-            out["caption"] = str(meta.get(self.caption_field, ""))
-        elif "txt" in raw:
-            out["caption"] = raw["txt"].decode("utf-8").strip()
-        else:
-            out["caption"] = str(meta.get("caption", ""))
+        if self.caption_field is not None and self.caption_field not in meta:
+            self._warn_once("caption_field", missing_caption_field(raw, meta, self.caption_field))
+        out["caption"] = sample_caption(raw, meta, self.caption_field)
         label = meta.get("label")
         if label is None and "cls" in raw:
             label = raw["cls"].decode(errors="replace").strip()

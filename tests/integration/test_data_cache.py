@@ -498,3 +498,59 @@ def test_train_py_cache_latents_refusals(tmp_path):
                            ("data.hflip=true", "data.crop=center data.hflip=true")):
         with pytest.raises(ValueError, match=rf"encodes each image once.*{said} would augment nothing"):
             check_run(_compose(tmp_path, "data.source=images", "ldm_stage.cache_latents=true", override))
+
+
+class CaptionCodes:
+    """The first six character codes of each caption (zeros after it) as its 'embedding'."""
+
+    def encode(self, prompts: list[str]):
+        hidden = torch.zeros(len(prompts), 6, 3)
+        for i, p in enumerate(prompts):
+            hidden[i, : len(p[:6]), 0] = torch.tensor([float(ord(c)) for c in p[:6]])
+        return hidden, torch.zeros(len(prompts), 3), torch.ones(len(prompts), 6, dtype=torch.bool)
+
+
+def test_cached_text_embeddings_encode_the_caption_field_training_reads(tmp_path):
+    """With ``caption_field`` the embeddings encode the json's field, as the reader's caption is; the .txt by
+    default; a folder cached from one field refuses another; a missing field warns and encodes ''."""
+    make_shards("shapes", tmp_path / "img", maxcount=4, length=6, size=16, log=None)
+    raws = list(iter_shard(tmp_path / "img" / "000000.tar"))
+    shapes = [json.loads(r["json"])["shape"] for r in raws]
+    txts = [r["txt"].decode() for r in raws]
+    assert shapes != txts
+
+    def encoded(folder: Path) -> list[str]:
+        """TinyText's 'embedding' holds the first six character codes of the caption it encoded."""
+        return ["".join(chr(int(c)) for c in load_npy(r["text_hidden.npy"])[:, 0] if c)
+                for r in iter_shard(folder / "000000.tar")]
+
+    cache_latents(tmp_path / "img", tmp_path / "by_field", TinyVAE(), CaptionCodes(), image_size=16, log=None,
+                  caption_field="shape")
+    assert encoded(tmp_path / "by_field") == [s[:6] for s in shapes]
+    cache_latents(tmp_path / "img", tmp_path / "by_txt", TinyVAE(), CaptionCodes(), image_size=16, log=None)
+    assert encoded(tmp_path / "by_txt") == [t[:6] for t in txts]
+    (tmp_path / "by_field" / "000001.tar").unlink()
+    with pytest.raises(ConfigError, match=r"other settings \(caption_field 'shape' -> None\)"):
+        cache_latents(tmp_path / "img", tmp_path / "by_field", TinyVAE(), CaptionCodes(), image_size=16, log=None)
+    with pytest.warns(UserWarning, match="no field data.caption_field='alt'"):
+        cache_latents(tmp_path / "img", tmp_path / "missing", TinyVAE(), CaptionCodes(), image_size=16, log=None,
+                      caption_field="alt")
+    assert encoded(tmp_path / "missing") == [""] * len(raws)
+
+
+def test_cli_caption_field(tmp_path):
+    """``--caption-field`` reaches the cache (recorded in its settings)."""
+    from ldm.autoencoder import AutoencoderKL
+    from ldm.checkpoint import atomic_torch_save, module_spec
+
+    make_shards("shapes", tmp_path / "img", maxcount=4, length=4, size=16, log=None)
+    vae = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4)
+    atomic_torch_save({"kind": "autoencoder", "spec": module_spec(vae), "state_dict": vae.state_dict(),
+                       "latent_scale": 1.0, "config": {}}, tmp_path / "vae.ckpt")
+    text = FrozenText(1.0)
+    torch.save(text.state_dict(), tmp_path / "text.pt")
+    (tmp_path / "text.yaml").write_text(f"_target_: {__name__}.FrozenText\nvalue: 1.0\n")
+    assert main([str(tmp_path / "img"), str(tmp_path / "lat"), "--vae", str(tmp_path / "vae.ckpt"),
+                 "--text-encoder-config", str(tmp_path / "text.yaml"), "--text-encoder", str(tmp_path / "text.pt"),
+                 "--size", "16", "--device", "cpu", "--caption-field", "color"]) == 0
+    assert json.loads((tmp_path / "lat" / "cache_settings.json").read_text())["caption_field"] == "color"
