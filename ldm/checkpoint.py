@@ -362,6 +362,7 @@ class ModelParts:
     guide_unet: nn.Module | None = None
     guide_text_encoder: nn.Module | None = None
     config: dict[str, Any] | None = None
+    ema: bool = False  # the UNet holds the checkpoint's EMA weights (asked for, and present)
 
 
 def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -453,7 +454,8 @@ def _ldm_parts(ckpt: dict[str, Any], path: Path, use_ema: bool = True, predictio
                           config=header.get("config"))
     unet = build_module(header["unet"])
     weights = _prefixed(state, "unet.")
-    if use_ema and header.get("ema"):
+    ema = bool(use_ema and header.get("ema"))
+    if ema:
         weights.update(ema_weights(state, unet))
     _load_strict(unet, weights, "the UNet", path)
     text = first_stage = guide_unet = guide_text = None
@@ -471,7 +473,7 @@ def _ldm_parts(ckpt: dict[str, Any], path: Path, use_ema: bool = True, predictio
             guide_text = build_module(header["text_encoder"])
             _load_strict(guide_text, _prefixed(state, "guide_text_encoder."), "the guide's text encoder", path)
     return ModelParts(unet, text, first_stage, dict(header["schedule"]), header["prediction_type"], sampling,
-                      guide_unet, guide_text, header.get("config"))
+                      guide_unet, guide_text, header.get("config"), ema)
 
 
 def load_first_stage(path: str | os.PathLike) -> nn.Module | None:
@@ -537,4 +539,4 @@ def _sd_parts(state: dict[str, torch.Tensor], metadata: dict[str, str], source: 
     if image_size is None and sampling.image_size is None:
         image_size = sd_default_image_size(family, prediction_type)
     return ModelParts(loaded.unet, text, loaded.vae, dict(loaded.schedule or SD_SCHEDULE), prediction_type,
-                      sampling.with_overrides(image_size=image_size))
+                      sampling.with_overrides(image_size=image_size), ema=loaded.ema)

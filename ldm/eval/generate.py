@@ -26,6 +26,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ldm.checkpoint import atomic_write_bytes
+from ldm.checkpoint import atomic_write_bytes, load_parts
 from ldm.errors import ConfigError
 from ldm.pipeline import LatentDiffusionPipeline
 
@@ -211,7 +212,11 @@ def run(args: argparse.Namespace) -> tuple[int, int, Path]:
     except RuntimeError as err:
         raise ConfigError(f"--device {args.device!r} is not a torch device ({err}); e.g. cpu, cuda, cuda:1") from None
 
-    pipe = LatentDiffusionPipeline.from_checkpoint(ckpt, use_ema=not args.no_ema).to(device)
+    parts = load_parts(ckpt, use_ema=not args.no_ema)
+    if not args.no_ema and not parts.ema:  # recorded as the raw weights, which is what samples
+        warnings.warn(f"{ckpt} holds no EMA weights: generating with its raw weights (recorded as use_ema=false; "
+                      "--no-ema says so and silences this)", stacklevel=2)
+    pipe = LatentDiffusionPipeline.from_parts(parts).to(device)
     if args.compile:
         pipe.compile_unet()
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, dtype=args.dtype)
@@ -219,7 +224,7 @@ def run(args: argparse.Namespace) -> tuple[int, int, Path]:
     stat = ckpt.stat()
     settings = {
         "checkpoint": str(ckpt.resolve()), "checkpoint_size": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
-        "use_ema": not args.no_ema, "captions_file": str(Path(args.captions).resolve()),
+        "use_ema": parts.ema, "captions_file": str(Path(args.captions).resolve()),
         "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(), "num_captions": len(captions),
         "seed": args.seed, "device_type": device.type, "height": c.height, "width": c.width,
         "dtype": str(c.autocast_dtype or torch.float32), "sampling": c.sampling.to_dict(), "n": n,

@@ -11,6 +11,7 @@ Weights are never downloaded: ``resolve_weights`` takes an explicit path or an e
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -148,6 +149,7 @@ class FeatureExtractor:
             "feature_layer": str(self.layer),
             "resize": f"torch-fidelity (bilinear, TF1-compatible, {size}x{size}; uint8 input at native size)",
             "weights": Path(path).name,
+            "weights_digest": weights_digest(path),
         }
 
     @torch.no_grad()
@@ -180,10 +182,10 @@ def extract_features(images: ImageSource, *, extractor: str = DEFAULT_EXTRACTOR,
     """Features [N, D] (float32) of ``images`` by torch-fidelity's ``extractor``; ``limit`` keeps the first N.
     A statistics ``.npz`` with stored features of the same extractor returns those."""
     if _kind(images) == "stats":
-        stats = load_stats(images)  # type: ignore[arg-type]
-        _check_stats_extractor(stats, extractor, str(images))
+        stats = images if isinstance(images, Mapping) else load_stats(images)  # type: ignore[arg-type]
+        _check_stats_extractor(stats, extractor, _describe(images))  # type: ignore[arg-type]
         if stats["features"] is None:
-            raise ConfigError(f"{images} holds only mu/sigma, no features: recompute it with python -m "
+            raise ConfigError(f"{_describe(images)} holds only mu/sigma, no features: recompute it with python -m "
                               "ldm.eval.ref_stats")
         return stats["features"][:limit]
     return FeatureExtractor(extractor, weights_path, device).features(images, batch_size, limit)
@@ -258,7 +260,7 @@ def count_images(source: ImageSource) -> int:
     if kind == "pil":
         return len(source)  # type: ignore[arg-type]
     if kind == "stats":
-        stats = load_stats(source)  # type: ignore[arg-type]
+        stats = source if isinstance(source, Mapping) else load_stats(source)  # type: ignore[arg-type]
         return int(stats["n"]) if stats["n"] is not None else -1
     if kind == "shards":
         return sum(resolve_shards(str(source))[1])
@@ -382,6 +384,31 @@ def load_stats(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def weights_digest(path: str | os.PathLike) -> str:
+    """The first 16 hex digits of the weights file's SHA-256: statistics record it, so features of other weights
+    (a renamed or re-downloaded file counts as the same when its bytes are) are not compared with them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def check_stats_weights(stats: Mapping[str, Any], weights: Mapping[str, Any], where: str, fix: str) -> None:
+    """Refuse statistics whose features another weights file made: ``weights`` holds the run's ``weights`` (file
+    name) and ``weights_digest``. Compared by digest where both have one, else by file name; statistics that name no
+    weights (pytorch-fid, clean-fid) pass. ``fix`` ends the message."""
+    stored, digest = stats.get("weights"), stats.get("weights_digest")
+    if digest and weights.get("weights_digest"):
+        same = digest == weights["weights_digest"]
+    else:
+        same = not stored or not weights.get("weights") or stored == weights["weights"]
+    if not same:
+        raise ConfigError(f"{where} holds features of the weights {stored} ({digest or 'no digest'}), but this run's "
+                          f"extractor loads {weights.get('weights')} ({weights.get('weights_digest') or 'no digest'}): "
+                          f"features of two networks are not comparable. {fix}")
+
+
 def _check_stats_extractor(stats: dict[str, Any], extractor: str, where: str) -> None:
     stored = stats.get("extractor")
     if stored is not None and stored != extractor:
@@ -479,14 +506,26 @@ def compute_metrics(gen: ImageSource, ref: ImageSource, *, extractor: str = DEFA
         net = FeatureExtractor(extractor, weights_path, device)
         meta.update(net.meta)
         for side in sides:
+            if side.kind == "stats":
+                assert side.stats is not None
+                check_stats_weights(side.stats, net.meta, _describe(side.source),
+                                    "Recompute it with python -m ldm.eval.ref_stats and these weights, or pass the "
+                                    "weights it was made with")
+        for side in sides:
             if side.kind != "stats":
                 side.features = net.features(side.source, batch_size)
+    else:  # two statistics files: made with the same weights, or not comparable
+        gen_stats, ref_stats = (s.stats for s in sides)
+        assert gen_stats is not None and ref_stats is not None
+        check_stats_weights(ref_stats, gen_stats, _describe(sides[1].source),
+                            f"{_describe(sides[0].source)} was made with the other: recompute one of them")
     for side in sides:
         if side.kind == "stats":
             assert side.stats is not None
             meta["resize"] = meta["resize"] or side.stats.get("resize")
             meta["feature_layer"] = meta["feature_layer"] or side.stats.get("feature_layer")
             meta["library"] = meta["library"] or side.stats.get("library")
+            meta["weights"] = meta["weights"] or side.stats.get("weights")
         _check_count(side, side.n, kid, prc)
     g, r = sides
     dims = {s.name: (s.features.shape[1] if s.features is not None else len(s.fid_stats()["mu"])) for s in sides}

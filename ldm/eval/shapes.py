@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ldm.data.builtin.shapes import BACKGROUND, COLORS, PALETTE, POSITIONS, ShapesDataset, caption_for, check_colors
+from ldm.errors import ConfigError
 from ldm.eval.generate import judge_samples
 
 ATTRIBUTES = ("color", "shape", "position")
@@ -153,6 +154,13 @@ def vae_reconstructions(vae: torch.nn.Module, size: int, n: int = 1000, seed: in
     return {**score(list(images), captions, palette), "seconds": time.perf_counter() - t0}
 
 
+def check_counts(**counts: int) -> None:
+    """A judge's image count and batch size must be positive integers (``--n``, ``--batch``)."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+
+
 def evaluate(pipe, n: int = 500, guidance_scales=(None,), steps: int | None = None, sampler: str | None = None,
              seed: int = 0, batch: int = 100, guidance_interval: tuple[float, float] | None = None,
              autoguidance_scale: float | None = None, colors: Sequence[str] | None = None,
@@ -162,6 +170,7 @@ def evaluate(pipe, n: int = 500, guidance_scales=(None,), steps: int | None = No
     ``guidance_interval`` and ``autoguidance_scale`` None sample with the checkpoint's. ``colors`` are the captions'
     colours (None: the seven); the judge reads the seven, ``colors`` and ``palette``.
     """
+    check_counts(n=n, batch=batch)
     captions = random_captions(n, seed, colors)
     read = judge_palette(colors, palette)
     results = {}
@@ -204,6 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (pays for many images; kernels cached under $LDM_CACHE/inductor)")
     args = p.parse_args(argv)
+    try:
+        check_counts(n=args.n, batch=args.batch)
+    except ConfigError as err:
+        p.error(str(err))  # before the checkpoint loads; exits 2
     pipe = LatentDiffusionPipeline.from_checkpoint(args.ckpt)
     if args.lora:
         pipe.load_lora(args.lora, scale=args.lora_scale)

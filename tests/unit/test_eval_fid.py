@@ -317,3 +317,33 @@ def test_cli_errors_exit_2(folders, weights, tmp_path, capsys):
         assert err.startswith("error: ") and expected in err and "\n" not in err, err
     assert ref_stats_cli.main([str(empty), "--out", str(tmp_path / "s.npz"), "--inception-weights", weights]) == 2
     assert "no images in" in capsys.readouterr().err
+
+
+def test_statistics_of_other_weights_are_refused(folders, weights, stats_files, tmp_path):
+    """A reference made with one weights file is not compared with features of another (by the file's digest: a
+    renamed copy of the same weights passes), nor two statistics files made with different weights."""
+    gen, _ = folders
+    gen_npz, ref_npz = stats_files
+    state = torch.load(weights, weights_only=True)
+    other = tmp_path / "weights-inception-other.pth"
+    torch.save({k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()}, other)
+    with pytest.raises(ConfigError, match="features of two networks are not comparable"):
+        compute_metrics(gen, ref_npz, weights_path=other)
+    renamed = tmp_path / "renamed.pth"
+    renamed.write_bytes(Path(weights).read_bytes())
+    assert compute_metrics(gen, ref_npz, weights_path=renamed)["fid"] > 0
+    assert ref_stats_cli.main([str(gen), "--out", str(tmp_path / "gen_other.npz"), "--inception-weights",
+                               str(other)]) == 0
+    with pytest.raises(ConfigError, match="weights-inception-random.pth .* weights-inception-other.pth"):
+        compute_metrics(tmp_path / "gen_other.npz", ref_npz)
+    m = compute_metrics(gen_npz, ref_npz)
+    assert "weights weights-inception-random.pth" in m.protocol()  # named from the statistics
+
+
+def test_statistics_in_memory_count_and_give_features(stats_files):
+    """count_images and extract_features take loaded statistics, as compute_metrics does."""
+    _, ref_npz = stats_files
+    ref = load_stats(ref_npz)
+    assert count_images(ref) == N_REF
+    torch.testing.assert_close(extract_features(ref), ref["features"])
+

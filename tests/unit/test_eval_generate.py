@@ -4,6 +4,7 @@ default, and wrong input exits 2 with its message. A tiny random checkpoint with
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -169,19 +170,34 @@ def test_compile_compiles_the_unet_once_and_is_off_by_default(ckpt, captions_fil
 
 def test_ema_weights_are_the_default(ckpt, captions_file, reference, tmp_path, monkeypatch) -> None:
     seen = []
-    original = LatentDiffusionPipeline.from_checkpoint.__func__
+    original = gen.load_parts
 
-    def spy(cls, path, use_ema=True, **kw):
+    def spy(path, use_ema=True, **kw):
         seen.append(use_ema)
-        return original(cls, path, use_ema=use_ema, **kw)
+        return original(path, use_ema=use_ema, **kw)
 
-    monkeypatch.setattr(LatentDiffusionPipeline, "from_checkpoint", classmethod(spy))
+    monkeypatch.setattr(gen, "load_parts", spy)
     assert gen.main(_args(ckpt, captions_file, tmp_path / "raw", "--no-ema", "--n", "2")) == 0
     assert seen == [False]
+    assert json.loads((reference / "generate.json").read_text())["use_ema"] is True
     for i in range(2):  # the EMA weights differ from the raw ones, and so do the images
         assert not np.array_equal(_pixels(tmp_path / "raw" / f"{i:06d}.png"), _pixels(reference / f"{i:06d}.png"))
     ema = gen.generate_images(LatentDiffusionPipeline.from_checkpoint(ckpt), CAPTIONS[:1], [0], seed=5)
     np.testing.assert_array_equal(np.asarray(ema[0]), _pixels(reference / "000000.png"))
+
+
+def test_a_checkpoint_without_ema_weights_says_so(ckpt, captions_file, tmp_path) -> None:
+    """Without EMA weights the raw ones sample: a warning, ``use_ema: false`` recorded, and a ``--no-ema`` rerun
+    (the same weights) continues the folder instead of being refused."""
+    state = torch.load(ckpt, weights_only=False)
+    state["ldm"]["ema"] = False
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("ema.")}
+    torch.save(state, tmp_path / "raw.ckpt")
+    with pytest.warns(UserWarning, match="holds no EMA weights: generating with its raw weights"):
+        assert gen.main(_args(tmp_path / "raw.ckpt", captions_file, tmp_path / "out", "--n", "2")) == 0
+    assert json.loads((tmp_path / "out" / "generate.json").read_text())["use_ema"] is False
+    assert gen.main(_args(tmp_path / "raw.ckpt", captions_file, tmp_path / "out", "--n", "3", "--no-ema")) == 0
+    assert len(list((tmp_path / "out").glob("*.png"))) == 3
 
 
 @pytest.mark.parametrize("case, message", [

@@ -156,3 +156,13 @@ def test_mnist_quickstart_preset_is_the_quickstart_on_digits(tmp_path: Path) -> 
     assert digits.sampling.guidance_scale == 2.0
     assert digits.sampling.guidance_interval == shapes.sampling.guidance_interval
     assert [p.rsplit(" ", 1)[1] for p in digits.callbacks.ldm.samples.prompts] == list(DIGIT_NAMES)
+
+
+@pytest.mark.parametrize("holdout", [0, -5, 30, 1.5])
+def test_a_holdout_leaving_nothing_to_train_or_measure_is_refused(holdout):
+    from ldm.eval.digits import train_classifier
+
+    images, labels = np.zeros((30, 28, 28), np.uint8), np.arange(30) % 10
+    with pytest.raises(ConfigError, match=r"holdout must be an integer in \[1, 29\]"):
+        train_classifier(images, labels, holdout=holdout, epochs=1)
+

@@ -100,3 +100,20 @@ def test_the_reconstruction_judge_charges_the_vae_only_with_what_it_loses():
     # 4 x 4 blocks keep where a shape is but not its outline
     blocky = vae_reconstructions(_LosslessVAE(blur=4), size=32, n=200)
     assert blocky["position"] > 0.95 and blocky["shape"] < 0.85 and blocky["full"] < 0.8
+
+
+def test_a_count_or_batch_below_one_is_refused_before_the_checkpoint_loads(capsys):
+    """``--n 0`` and ``--batch 0`` exit 2 naming the flag (the checkpoint is never read); the API raises."""
+    import pytest
+
+    from ldm.errors import ConfigError
+    from ldm.eval import shapes, shapes_inpaint
+
+    for module in (shapes, shapes_inpaint):
+        for flag, value in (("--n", "0"), ("--n", "-3"), ("--batch", "0")):
+            with pytest.raises(SystemExit) as exit_:
+                module.main(["/nowhere.ckpt", flag, value])
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and f"{flag} must be a positive integer, got {value}" in err
+        with pytest.raises(ConfigError, match="--n must be a positive integer, got 0"):
+            module.evaluate(None, n=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldm.errors import ConfigError
-from ldm.eval.metrics import ENV_VARS, save_stats
+from ldm.eval.metrics import ENV_VARS, save_stats, weights_digest
 from ldm.lightning.evaluation import Evaluation, check_evaluation
 from ldm.lightning.settings import EVALUATION_TARGET
 
@@ -25,6 +25,9 @@ def files(tmp_path):
     save_stats(tmp_path / "clip.npz", feats, {"extractor": "clip-vit-b-32"})
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"not loaded at construction")
+    (tmp_path / "other.pth").write_bytes(b"another network")
+    save_stats(tmp_path / "other_weights.npz", feats, {"extractor": "inception-v3-compat", "weights": "other.pth",
+                                                        "weights_digest": weights_digest(tmp_path / "other.pth")})
     return tmp_path
 
 
@@ -60,6 +63,8 @@ def test_enabled_resolves_weights_and_cycles_captions(files, monkeypatch):
     ({"n": 1}, "n must be an integer >= 2"),
     ({"every_n_steps": -1}, "every_n_steps"),
     ({"captions_file": "none.txt"}, "no such file"),
+    ({"ref_stats": "other_weights.npz"}, r"features of the weights other.pth .* loads weights.pth"),
+    ({"seed": 2**64 - 3, "n": 5}, r"seed must be at most 2\*\*64 - n"),
 ])
 def test_bad_inputs_are_config_errors_naming_the_entry(files, kwargs, message):
     args = {"ref_stats": "ref.npz", "weights_path": "weights.pth", "captions": ["x"], **kwargs}
