@@ -50,7 +50,9 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 
 def adaptive_gan_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
                         max_weight: float = 1e4) -> torch.Tensor:
-    """Balance the generator's GAN term against reconstruction by their gradient norms at the decoder's last layer."""
+    """Balance the generator's GAN term against reconstruction by their gradient norms at the decoder's last layer,
+    capped at ``max_weight``. CompVis caps at 1e4 for a reconstruction loss summed over a sample's pixels; for one
+    averaged over them (ldm's), pass 1e4 / (C x H x W) for the same balance."""
     nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()

@@ -162,6 +162,12 @@ class AutoencoderModule(L.LightningModule):
     def _gan_active(self) -> bool:
         return self.discriminator is not None and self.global_step >= self.disc_start
 
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        """How many optimizer steps the next batch makes (the autoencoder's, and the discriminator's once the GAN
+        is on): ``Throughput`` counts a step's FLOPs up to the last of them."""
+        return 2 if self._gan_active() else 1
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]
         opts = self._optimizers()
@@ -183,7 +189,9 @@ class AutoencoderModule(L.LightningModule):
                     f"the PatchGAN's {self.disc_layers} layers need images of at least {self.discriminator.min_size} "
                     f"px, got {tuple(x.shape[-2:])}: lower vae_stage.disc_layers or raise data.image_size")
             g_loss = -self.discriminator(rec).mean()
-            w = adaptive_gan_weight(nll, g_loss, self.vae.decoder.conv_out.weight) * self.disc_weight
+            # nll is a mean over each sample's C x H x W values, CompVis' a sum: its cap of 1e4 is 1e4 / (C H W) here
+            w = adaptive_gan_weight(nll, g_loss, self.vae.decoder.conv_out.weight,
+                                    max_weight=1e4 / x[0].numel()) * self.disc_weight
             loss = loss + w * g_loss
             self.step_log.add("train/g_loss", g_loss, batch_size=x.shape[0])
         if not self.nonfinite.loss_is_finite(loss, step):  # the host test (not with fused Adam)
@@ -294,7 +302,13 @@ class AutoencoderModule(L.LightningModule):
                              "vae_stage.latent_normalization=per_channel, or drop autoencoder.latent_std")
         generator = torch.Generator().manual_seed(self.seed)  # reproducible
         batches = [images] if isinstance(images, torch.Tensor) else images
-        z = [self.vae.encode(x).sample(generator).float() for x in batches]
+        was_training = self.vae.training
+        self.vae.eval()  # the latents diffusion will train on: no dropout (Lightning leaves the module training)
+        try:
+            with torch.no_grad():
+                z = [self.vae.encode(x).sample(generator).float() for x in batches]
+        finally:
+            self.vae.train(was_training)
         if per_channel:
             by_channel = torch.cat([b.transpose(0, 1).flatten(1) for b in z], 1)
             mean, std = by_channel.mean(1), by_channel.std(1)

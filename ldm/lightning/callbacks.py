@@ -111,8 +111,10 @@ class Throughput(L.Callback):
     peak FLOP/s, the model FLOP utilisation (``perf/mfu`` = model FLOPs per step / step time / peak). Under gradient
     checkpointing it also logs the hardware FLOP utilisation (``perf/hfu``), which counts the recomputed forward.
 
-    Unless ``flops_per_step`` is given, the FLOPs of one training step's forward and backward (per rank, up to the
-    first optimizer step) are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the first batch: matmuls,
+    Unless ``flops_per_step`` is given, the FLOPs of one training step's forward and backward (per rank, up to its
+    last optimizer step: a module that steps several optimizers a batch says how many in ``optimizer_steps_per_batch``,
+    as the GAN VAE does, and is counted again when that number changes, as at ``disc_start``) are counted with
+    ``torch.utils.flop_counter.FlopCounterMode`` on the first batch: matmuls,
     convolutions and attention as executed, CPU attention included (``ldm.lightning.flops``). Module forwards that run
     during the backward (checkpointing's recomputation, ``RecomputedFlops``) count for the hardware figure only. The
     counts are saved in checkpoints, so a resumed run does not count again. Logged every step from the second on.
@@ -124,12 +126,15 @@ class Throughput(L.Callback):
 
     def __init__(self, flops_per_step: float | None = None, peak_flops: float | None = None):
         self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+        self._given = flops_per_step is not None  # a given count is never replaced
         self.hardware_flops_per_step: float | None = flops_per_step  # with the recomputed forward
         self._peak: float | None = peak_flops  # the peak in use: peak_flops, or the device's (on_fit_start)
         self._t0: float | None = None
         self._counter: FlopCounterMode | None = None
         self._recomputed: RecomputedFlops | None = None
         self._counting_step = False
+        self._counted_steps = 1  # the optimizer steps a batch of the counted step made (the module's at the time)
+        self._optimizer_hooks = 0  # optimizer steps seen while counting
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Settle the peak MFU is measured against: the configured one, else the device's."""
@@ -156,7 +161,10 @@ class Throughput(L.Callback):
         return peak
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.flops_per_step is None and not self._counting_step:
+        steps = int(getattr(pl_module, "optimizer_steps_per_batch", 1))
+        recount = not self._given and self.flops_per_step is not None and steps != self._counted_steps
+        if (self.flops_per_step is None or recount) and not self._counting_step:
+            self._counted_steps, self._optimizer_hooks = steps, 0
             self._counter = flop_counter_mode()
             self._counter.__enter__()
             self._recomputed = RecomputedFlops(self._counter)
@@ -180,7 +188,9 @@ class Throughput(L.Callback):
             self._counter = self._recomputed = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self._stop_counting()  # the optimizer step (and the EMA update after it) run outside the counting mode
+        self._optimizer_hooks += 1
+        if self._optimizer_hooks >= self._counted_steps:  # the last optimizer step (and the EMA update after it)
+            self._stop_counting()  # run outside the counting mode
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         dt = time.perf_counter() - self._t0
@@ -205,12 +215,14 @@ class Throughput(L.Callback):
         self._stop_counting()
 
     def state_dict(self) -> dict:
-        return {"flops_per_step": self.flops_per_step, "hardware_flops_per_step": self.hardware_flops_per_step}
+        return {"flops_per_step": self.flops_per_step, "hardware_flops_per_step": self.hardware_flops_per_step,
+                "optimizer_steps_per_batch": self._counted_steps}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self.flops_per_step is None:
             self.flops_per_step = state_dict.get("flops_per_step")
             self.hardware_flops_per_step = state_dict.get("hardware_flops_per_step", self.flops_per_step)
+            self._counted_steps = int(state_dict.get("optimizer_steps_per_batch", 1))
 
 
 class PeriodicGrid(L.Callback):

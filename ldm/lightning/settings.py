@@ -247,6 +247,7 @@ def check_run(cfg: DictConfig) -> None:
         check_vae_stage(cfg.vae_stage)
         check_discriminator_fits(cfg)
         check_scale_equivariance_fits(cfg)
+        check_autoencoder_fits(cfg)
     if "ldm" in stages:
         check_ldm_stage(cfg.ldm_stage)
         diffusion_objective(cfg.diffusion)
@@ -319,6 +320,28 @@ def check_scale_equivariance_fits(cfg: DictConfig) -> None:
         raise ConfigError(f"vae_stage.scale_equivariance pools the latents 2x and needs an even latent size; "
                           f"data.image_size={data.image_size} gives {data.image_size // factor} latent pixels: use a "
                           f"multiple of {2 * factor} px or set vae_stage.scale_equivariance=0")
+
+
+def check_autoencoder_fits(cfg: DictConfig) -> None:
+    """The vae stage's images fit its autoencoder: a side that its downsampling divides (buckets are checked at the
+    step), and as many channels as the autoencoder reads and writes (``data.image_mode``: RGB 3, L 1)."""
+    data, ae = cfg.get("data") or {}, cfg.get("autoencoder") or {}
+    size = data.get("image_size")
+    if "ch_mult" in ae and size is not None and not data.get("buckets"):
+        factor = downsample_factor(ae.ch_mult)
+        if size % factor:
+            raise ConfigError(f"data.image_size={size} is not a multiple of the autoencoder's downsampling factor "
+                              f"{factor} (autoencoder.ch_mult={list(ae.ch_mult)}): use a multiple of {factor} px")
+    mode = data.get("image_mode")
+    channels = {"RGB": 3, "L": 1}.get(str(mode))
+    if channels is None:
+        return
+    for key in ("in_channels", "out_channels"):
+        if ae.get(key, 3) != channels:
+            raise ConfigError(f"data.image_mode={mode} gives {channels}-channel images, but autoencoder.{key}="
+                              f"{ae.get(key, 3)}: set autoencoder.in_channels={channels} "
+                              f"autoencoder.out_channels={channels}, or data.image_mode="
+                              f"{'L' if ae.get(key, 3) == 1 else 'RGB'}")
 
 
 def resume_mode(cfg: DictConfig) -> str | None:

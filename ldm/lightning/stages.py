@@ -115,6 +115,10 @@ def make_trainer(cfg: DictConfig, stage_dir: Path, max_steps: int, callbacks: li
         kwargs["strategy"] = instantiate(kwargs["strategy"])
     if manual:  # manual optimisation (the VAE's two optimizers) clips itself (vae_stage.gradient_clip_val)
         kwargs.pop("gradient_clip_val", None)
+        # and Lightning cannot accumulate for it: the shared key is the ldm stage's
+        if int(kwargs.pop("accumulate_grad_batches", 1) or 1) > 1:
+            rank_zero_info(f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} applies to the ldm "
+                           "stage: the vae stage steps its optimizers every batch (raise vae_stage.batch_size instead)")
     kwargs.setdefault("enable_model_summary", False)  # the stage's headline names the parts and their sizes
     if str(kwargs.get("precision")) == AUTO:
         kwargs["precision"] = resolve_precision(AUTO, kwargs.get("accelerator", "auto"))

@@ -47,6 +47,8 @@ def _compose(run: Path, *overrides: str):
     ("unet.num_heads=512", r"unet: num_heads=512 cannot split an attention level of 64 channels"),
     ("unet.channel_mult=[1,1.5]", r"unet: channel_mult must hold integers >= 1"),
     ("+unet.num_head=4", r"unet: .*num_head"),
+    ("data.image_size=30", r"data.image_size=30 is not a multiple of the autoencoder's downsampling factor 4"),
+    ("data.image_mode=L", r"data.image_mode=L gives 1-channel images, but autoencoder.in_channels=3"),
 ])
 def test_every_stage_is_checked_before_any_work(tmp_path: Path, override: str, message: str) -> None:
     t0 = time.perf_counter()

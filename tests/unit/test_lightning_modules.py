@@ -546,6 +546,39 @@ def test_scale_equivariance_adds_the_pooled_latents_reconstruction_error(tmp_pat
         AutoencoderModule(tiny_vae(), scale_equivariance=-0.1)
 
 
+@pytest.mark.parametrize("capped", [False, True])
+def test_the_adaptive_gan_weight_is_compvis_for_a_per_pixel_mean_loss(tmp_path, monkeypatch, capped):
+    """CompVis' LPIPSWithDiscriminator sums the reconstruction over a sample's C x H x W values and caps the GAN
+    weight at 1e4; ldm averages, so its weight is CompVis' divided by C x H x W, the cap included. ``capped``: a
+    discriminator whose last layer is zero has no GAN gradient, so the weight sits at the cap."""
+    import ldm.lightning.autoencoder_module as autoencoder_module
+
+    size = 3 * 16 * 16  # image_batches' RGB 16 x 16 images
+    real, seen = autoencoder_module.adaptive_gan_weight, []
+
+    def spy(nll, g_loss, last_layer, **kwargs):
+        ours = real(nll, g_loss, last_layer, **kwargs)
+        summed = torch.autograd.grad(nll * size, last_layer, retain_graph=True)[0]  # CompVis' loss, pixel-summed
+        gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        compvis = torch.clamp(summed.norm() / (gan.norm() + 1e-4), 0.0, 1e4)
+        seen.append((float(ours), float(compvis) / size))
+        return ours
+
+    monkeypatch.setattr(autoencoder_module, "adaptive_gan_weight", spy)
+    torch.manual_seed(0)
+    module = AutoencoderModule(tiny_vae(), lr=1e-3, disc_start=0, disc_layers=2, disc_channels=8)
+    if capped:
+        nn.init.zeros_(module.discriminator.main[-1].weight)
+    trainer(1, tmp_path).fit(module, DataLoader(image_batches(), batch_size=8, collate_fn=collate))
+    assert len(seen) == 1
+    for ours, compvis in seen:
+        assert ours == pytest.approx(compvis, rel=1e-4)
+    if capped:
+        assert seen[0][0] == pytest.approx(1e4 / size)
+    else:
+        assert all(ours < 1e4 / size for ours, _ in seen)
+
+
 def test_a_gan_batch_is_one_training_step(tmp_path):
     """With the discriminator on, a batch still counts one step (Lightning counts each optimizer step of manual
     optimization): max_steps, disc_start and the learning-rate schedule are in batches."""
@@ -943,3 +976,71 @@ def test_lora_and_autoguidance_are_refused_under_fsdp_before_training():
         guided.setup("fit")
     lora._trainer = SimpleNamespace(strategy=object(), global_rank=0)  # any other strategy: no refusal
     lora.setup("fit")
+
+
+def test_the_vae_stage_trainer_leaves_gradient_accumulation_to_the_ldm_stage(tmp_path):
+    """``trainer.accumulate_grad_batches`` is shared by the stages; Lightning refuses it under manual optimisation,
+    so the vae stage's trainer steps every batch (and trains) instead of failing when its fit starts."""
+    from omegaconf import OmegaConf
+
+    from ldm.lightning import stages
+
+    cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "devices": 1, "accumulate_grad_batches": 2,
+                                        "gradient_clip_val": 1.0, "enable_progress_bar": False,
+                                        "enable_checkpointing": False}})
+    vae_trainer = stages.make_trainer(cfg, tmp_path, max_steps=2, callbacks=[], logger=False, manual=True)
+    assert vae_trainer.accumulate_grad_batches == 1 and vae_trainer.gradient_clip_val is None
+    vae_trainer.fit(AutoencoderModule(tiny_vae(), lr=1e-3), DataLoader(image_batches(), batch_size=4,
+                                                                      collate_fn=collate))
+    assert vae_trainer.global_step == 2
+    ldm_trainer = stages.make_trainer(cfg, tmp_path, max_steps=2, callbacks=[], logger=False)
+    assert ldm_trainer.accumulate_grad_batches == 2
+
+
+def test_the_latent_scale_is_fitted_without_dropout_and_the_mode_is_kept():
+    """Lightning leaves the module training after fit: the fit measures the eval-mode posterior (no dropout) that
+    the latent cache and training encode with, and leaves the mode as it found it."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, scale_factor=1.0,
+                        dropout=0.5)
+    module = AutoencoderModule(vae, seed=3)
+    images = torch.stack([b["image"] for b in image_batches(8)])
+    module.train()
+    module.fit_latent_normalization(images)
+    assert vae.training
+    with torch.no_grad():
+        vae.eval()
+        raw = vae.encode(images).sample(torch.Generator().manual_seed(3))
+    assert vae.config["scale_factor"] == pytest.approx(1.0 / float(raw.std()), rel=1e-6)
+
+
+@pytest.mark.parametrize("disc_start", [0, 1])
+def test_throughput_counts_the_whole_gan_step_and_again_when_the_gan_starts(tmp_path, disc_start):
+    """The GAN VAE steps two optimizers a batch: the discriminator's forwards and backward count, and a count made
+    before ``disc_start`` is replaced by one of a GAN step."""
+    from ldm.lightning.flops import flop_counter_mode
+
+    class EveryStep(L.Callback):  # the oracle: every step's FLOPs, counted whole
+        flops: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.counter = flop_counter_mode()
+            self.counter.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.counter.__exit__(None, None, None)
+            self.flops.append(float(self.counter.get_total_flops()))
+
+    torch.manual_seed(0)
+    module = AutoencoderModule(tiny_vae(), lr=1e-3, disc_start=disc_start, disc_layers=2, disc_channels=16)
+    throughput, oracle = Throughput(), EveryStep()
+    oracle.flops = []
+    counted = []
+    module.on_train_batch_end = lambda *args: counted.append(throughput.flops_per_step)
+    fit = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                    callbacks=[throughput, oracle])
+    fit.fit(module, DataLoader(image_batches(), batch_size=4, collate_fn=collate))
+    assert oracle.flops[0] < oracle.flops[-1] if disc_start else oracle.flops[0] == oracle.flops[-1]
+    assert counted[0] == pytest.approx(oracle.flops[0], rel=1e-6)  # the first step, as it ran
+    assert counted[-1] == pytest.approx(oracle.flops[-1], rel=1e-6)  # a GAN step, discriminator included
