@@ -288,6 +288,11 @@ class LatentDiffusionPipeline:
                 raise ConfigError(f"height and width must be positive multiples of the model's downsampling factor "
                                   f"{f} (at most {MAX_SIDE}), got {reprlib.repr(height)}x{reprlib.repr(width)}")
         height, width = int(height), int(width)
+        try:  # a step count the sampler cannot space (DPM-Solver's and UniPC's linspace at n = T repeats timesteps)
+            set_steps(make_scheduler(s.sampler, self.schedule, self.prediction_type), s.num_inference_steps,
+                      (1, 1, height // f, width // f))
+        except ValueError as err:
+            raise ConfigError(f"num_inference_steps={s.num_inference_steps} with sampler={s.sampler}: {err}") from None
         eta = check_real("eta", eta, "be a finite number >= 0 (DDIM's noise: 0 = deterministic)", lambda v: v >= 0)
         if eta != 0 and s.sampler != "ddim":
             warnings.warn(f"eta={eta} is DDIM's noise: sampler={s.sampler} ignores it", stacklevel=3)
@@ -497,7 +502,7 @@ class LatentDiffusionPipeline:
 
         steps = c.sampling.num_inference_steps
         if strength < 1:
-            start_at(scheduler, steps, strength_steps(steps, strength))
+            start_at(scheduler, steps, strength_steps(steps, strength, scheduler))
         legacy = not self.is_inpainting
         z0 = encode(pixels) if strength < 1 or legacy else None
         x = noise_to_start(scheduler, z0, noise) if strength < 1 else noise * scheduler.init_noise_sigma
@@ -681,7 +686,7 @@ class LatentDiffusionPipeline:
                 z0 = x if self.vae is None else self.vae.normalize_latents(self.vae.encode(x).mode())
                 z0 = z0.expand(n, -1, -1, -1) if z0.shape[0] == 1 else z0
                 steps = s.num_inference_steps
-                start_at(scheduler, steps, strength_steps(steps, c.strength))
+                start_at(scheduler, steps, strength_steps(steps, c.strength, scheduler))
                 x = noise_to_start(scheduler, z0, noise)
             else:
                 x = noise * scheduler.init_noise_sigma  # the sigma samplers start at their largest level

@@ -227,10 +227,16 @@ def start_at(scheduler: Scheduler, steps: int, keep: int) -> None:
     scheduler.timesteps = scheduler.timesteps[(steps - keep) * scheduler.order:]
 
 
-def strength_steps(steps: int, strength: float) -> int:
-    """The steps image-to-image runs of ``steps`` at ``strength``: diffusers' ``int(steps * strength)`` (truncated),
-    and at least one (where diffusers would run none and fail)."""
-    return min(steps, max(1, int(steps * strength)))
+def strength_steps(steps: int, strength: float, scheduler: Scheduler | None = None) -> int:
+    """The steps image-to-image runs of ``steps`` at ``strength``, as diffusers' img2img pipelines count them, and at
+    least one (where diffusers would run none and fail): SD's ``int(steps * strength)``, or for a flow-matching
+    ``scheduler`` SD3's and Flux's ``steps - int(steps - steps * strength)`` (one more where the product is not
+    whole)."""
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        kept = steps - int(max(steps - steps * strength, 0))
+    else:
+        kept = int(steps * strength)
+    return min(steps, max(1, kept))
 
 
 def forward_noise(scheduler: Scheduler, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,

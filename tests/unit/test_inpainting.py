@@ -392,3 +392,27 @@ def test_the_config_block_is_checked_before_training() -> None:
     cfg.ldm_stage.inpainting = {"box_chance": 0.5}
     with pytest.raises(ConfigError, match="ldm_stage.inpainting: .*box_chance"):
         check_ldm_stage(cfg.ldm_stage)
+
+
+@pytest.mark.parametrize(("steps", "strength"), [(10, 0.55), (4, 0.6), (25, 0.3), (8, 0.5), (4, 0.1)])
+@torch.no_grad()
+def test_a_flow_models_image_to_image_runs_the_timesteps_of_diffusers_sd3_img2img(vae, steps, strength) -> None:
+    """Flow models count image-to-image's steps as diffusers' SD3 and Flux img2img pipelines do
+    (``steps - int(steps - steps * strength)``, one more than SD's ``int(steps * strength)`` where the product is
+    not whole): the timesteps run are ``StableDiffusion3Img2ImgPipeline.get_timesteps``' on the same schedule."""
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Img2ImgPipeline
+
+    flow = {"objective": "flow_matching", "num_train_timesteps": 1000, "shift": 3.0, "resolution_shift": False}
+    pipe = LatentDiffusionPipeline(_unet(4), FixedText(), vae, flow, "flow", {"image_size": 16,
+                                                                            "num_inference_steps": steps})
+    image, _ = _image_and_mask()
+    ran: list[float] = []
+    pipe("x", image=image, strength=strength, guidance_scale=1.0, output_type="latent",
+         callback=lambda i, t, x, x0: ran.append(float(t)))
+    reference = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    reference.set_timesteps(steps)
+    expected, _ = StableDiffusion3Img2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=reference), steps,
+                                                                strength, "cpu")
+    assert ran == pytest.approx([float(t) for t in expected], rel=1e-5)

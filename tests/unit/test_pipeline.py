@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from ldm.convert import save_state_dict, to_sd_state_dict
 from ldm.diffusion import AutoGuidance, ClassifierFreeGuidance, SamplingDefaults, make_scheduler
 from ldm.diffusion import sample_loop as _sample_loop
 from ldm.diffusion.schedules import SD_SCHEDULE
+from ldm.errors import ConfigError
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.unet import UNet
 from tests.module_factory import randomize as _randomize
@@ -747,3 +749,13 @@ def test_sampling_and_judging_start_without_lightning_or_open_clips_models() -> 
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("sampler", ["dpm_solver++", "unipc"])
+def test_a_step_count_the_sampler_cannot_space_is_a_config_error_before_the_prompts(pipe, sampler, monkeypatch):
+    """DPM-Solver's and UniPC's linspace spacing repeats timesteps at n = T: check_call refuses it, naming the
+    argument, before the text encoder runs (it failed inside set_timesteps with a bare ValueError)."""
+    monkeypatch.setattr(pipe.text_encoder, "encode", lambda *a, **k: pytest.fail("the prompts were encoded"))
+    with pytest.raises(ConfigError, match=rf"num_inference_steps=1000 with sampler={re.escape(sampler)}: .*repeated"):
+        pipe("a", num_inference_steps=1000, sampler=sampler, output_type="latent")
+    assert pipe.check_call("a", num_inference_steps=999, sampler=sampler).sampling.num_inference_steps == 999
