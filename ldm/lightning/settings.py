@@ -239,6 +239,9 @@ def diffusion_objective(d: DictConfig) -> DiffusionLoss | FlowMatchingLoss:
 def check_run(cfg: DictConfig) -> None:
     """Everything a run will read, checked before its first stage: the stages it runs, their settings, the sampling
     defaults and the input files."""
+    if isinstance(cfg.stages, str):  # stages=ldm: "ldm" in a string would also match the letters
+        raise ConfigError(f"stages must be a list, got the string {cfg.stages!r}: write stages=[{cfg.stages}] (or "
+                          "stages=[vae,ldm])")
     stages = list(cfg.stages)
     unknown = set(stages) - set(STAGES)
     if unknown:

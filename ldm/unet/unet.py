@@ -64,6 +64,9 @@ class UNet(nn.Module):
                              f"entry), got {list(channel_mult)}")
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
+        if isinstance(transformer_depth, bool) or not isinstance(transformer_depth, int) or transformer_depth < 1:
+            raise ValueError(f"transformer_depth must be an integer >= 1 (transformer blocks per attention level), got "
+                             f"{transformer_depth!r}; for a UNet without attention set attention_resolutions=[]")
         factors = [2 ** level for level in range(len(channel_mult))]
         unreached = [r for r in attention_resolutions if r not in factors]
         if unreached:  # such an entry would add no attention anywhere

@@ -49,6 +49,7 @@ def _compose(run: Path, *overrides: str):
     ("+unet.num_head=4", r"unet: .*num_head"),
     ("data.image_size=30", r"data.image_size=30 is not a multiple of the autoencoder's downsampling factor 4"),
     ("data.image_mode=L", r"data.image_mode=L gives 1-channel images, but autoencoder.in_channels=3"),
+    ("stages=ldm", r"stages must be a list, got the string 'ldm': write stages=\[ldm\]"),
 ])
 def test_every_stage_is_checked_before_any_work(tmp_path: Path, override: str, message: str) -> None:
     t0 = time.perf_counter()

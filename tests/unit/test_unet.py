@@ -55,6 +55,9 @@ def test_unreached_attention_resolutions_and_wrong_timesteps_are_refused() -> No
     for bad in ((4,), (8, 2), (3,)):  # TINY has two levels: factors 1 and 2
         with pytest.raises(ValueError, match=r"attention_resolutions are downsample factors, one of \[1, 2\]"):
             UNet(**{**TINY, "attention_resolutions": bad})
+    for depth in (0, -1, 1.5, True):  # 0 built attention levels with no transformer block in them
+        with pytest.raises(ValueError, match=r"transformer_depth must be an integer >= 1 .*attention_resolutions=\[\]"):
+            UNet(**{**TINY, "transformer_depth": depth})
     unet = UNet(**TINY).eval()
     x, context = torch.randn(4, 4, 8, 8), torch.randn(4, 5, 32)
     with pytest.raises(ValueError, match=r"one timestep per input \(4\), got shape \(2,\)"):
