@@ -202,7 +202,7 @@ def describe_ldm(
         "kind": "latent_diffusion",
         "format": FORMAT_VERSION,
         "unet": module_spec(unet),
-        "text_encoder": None if text_encoder is None else module_spec(text_encoder, text_encoder_kwargs),
+        "text_encoder": None if text_encoder is None else _stored_text_spec(text_encoder, text_encoder_kwargs, lora),
         "first_stage": None if first_stage is None else module_spec(first_stage),
         "schedule": dict(schedule),
         "prediction_type": prediction_type,
@@ -212,6 +212,27 @@ def describe_ldm(
         "config": config,
         **({"lora": lora} if lora is not None else {}),
     }
+
+
+def _stored_text_spec(text_encoder: nn.Module, kwargs: dict[str, Any] | None,
+                      lora: dict[str, Any] | None) -> dict[str, Any]:
+    """``module_spec`` of the text encoder, rebuildable from the checkpoint alone where the file holds its weights
+    (every checkpoint but a LoRA run's): a pretrained source (``pretrained_path``, open_clip's ``pretrained``) is
+    replaced by the architecture it gave (transformers' config) and kept as ``weights_from``, so the checkpoint still
+    loads once that folder is moved or deleted."""
+    spec = module_spec(text_encoder, kwargs)
+    kw = spec["kwargs"]
+    source = kw.get("pretrained_path") or kw.get("pretrained")
+    if lora is not None or source is None:
+        return spec
+    if kw.get("pretrained_path"):
+        architecture = getattr(text_encoder, "architecture", None)
+        if architecture is None:
+            return spec
+        kw = {**kw, "pretrained_path": None, "config": architecture()}
+    else:
+        kw = {**kw, "pretrained": None}
+    return {**spec, "kwargs": kw, "weights_from": str(source)}
 
 
 # ------------------------------------------------------------------------------------------------------ LoRA runs

@@ -206,6 +206,12 @@ def _diffusers_text_encoder(folder: Path) -> tuple[dict[str, torch.Tensor] | Non
     sd: dict[str, torch.Tensor] = {}
     for file in files:
         sd.update(read_state_dict(file))
+    projection = sorted(k for k in sd if k.startswith("text_projection."))
+    if projection:  # CLIPTextModelWithProjection: the SD layout, and the UNet, use the tower's hidden states only
+        warnings.warn(f"{directory} holds a text projection ({', '.join(projection)}): the SD text encoder layout has "
+                      "none, so it is not converted (the UNet's context, the tower's hidden states, is unchanged)",
+                      stacklevel=2)
+        sd = {k: v for k, v in sd.items() if not k.startswith("text_projection.")}
     if all(k.startswith(_CLIP_TOWER) for k in sd):  # transformers >= 5 saves the tower without text_model.
         sd = {"text_model." + k: v for k, v in sd.items()}
     if not all(k.startswith("text_model.") for k in sd):

@@ -109,9 +109,9 @@ def to_sd_state_dict(
 
 def text_encoder_metadata(text_encoder: nn.Module) -> dict[str, Any] | None:
     """What the SD layout loses of our text encoder: its head count and activation (``config``, overrides for
-    ``load_sd_text_encoder``), the layer it conditions with (``clip_skip`` / ``layer``) and, for the transformers back
-    end, the tokenizer's pad id (``pad_token_id``: SD 2.x-style models pad with 0, and the UNet saw those padded
-    positions). None for other encoders."""
+    ``load_sd_text_encoder``; for open_clip ``quick_gelu`` where its blocks use QuickGELU), the layer it conditions
+    with (``clip_skip`` / ``layer``) and, for the transformers back end, the tokenizer's pad id (``pad_token_id``:
+    SD 2.x-style models pad with 0, and the UNet saw those padded positions). None for other encoders."""
     from ldm.text.hf_encoder import HFCLIPTextEncoder  # noqa: PLC0415  (transformers only when needed)
     from ldm.text.openclip_encoder import OpenCLIPTextEncoder  # noqa: PLC0415
 
@@ -121,8 +121,13 @@ def text_encoder_metadata(text_encoder: nn.Module) -> dict[str, Any] | None:
                            "layer_norm_eps": cfg.layer_norm_eps}, "clip_skip": text_encoder.clip_skip,
                 "pad_token_id": text_encoder.tokenizer.pad_token_id}
     if isinstance(text_encoder, OpenCLIPTextEncoder):
-        heads = text_encoder.model.transformer.resblocks[0].attn.num_heads
-        return {"config": {"heads": heads}, "layer": text_encoder.layer}
+        from open_clip.transformer import QuickGELU  # noqa: PLC0415
+
+        block = text_encoder.model.transformer.resblocks[0]
+        out: dict[str, Any] = {"config": {"heads": block.attn.num_heads}, "layer": text_encoder.layer}
+        if isinstance(getattr(block.mlp, "gelu", None), QuickGELU):  # a *-quickgelu arch: not SD 2.x's GELU
+            out["quick_gelu"] = True
+        return out
     return None
 
 
@@ -513,6 +518,8 @@ def sd_text_encoder_spec(
         kw["text_cfg"].update(config)
         # a token vision tower: open_clip builds one, OpenCLIPTextEncoder deletes it
         kw["vision_cfg"] = dict(image_size=32, patch_size=16, width=64, head_width=64, layers=1)
+        if stored.get("quick_gelu"):
+            kw["quick_gelu"] = True
         return OpenCLIPTextEncoder, {"arch": "ViT-H-14", "layer": stored.get("layer", "penultimate"),
                                      "model_kwargs": kw}
     raise ConfigError(f"unknown SD text encoder layout: expected cond_stage_model.{SD1_TEXT_PREFIX}* (SD 1.x) or "

@@ -92,6 +92,14 @@ class HFCLIPTextEncoder(TextEncoder):
             raise ValueError(f"config vocab_size {cfg.vocab_size} is smaller than the CLIP BPE vocabulary")
         self.frozen = frozen
 
+    def architecture(self) -> dict[str, Any]:
+        """The model's ``CLIPTextConfig`` as ``config=`` takes it (the values that differ from its defaults): what a
+        checkpoint records to rebuild the tower without the folder it was loaded from."""
+        internal = ("transformers_version", "architectures", "model_type", "torch_dtype", "dtype", "_name_or_path")
+        defaults = CLIPTextConfig()
+        return {k: v for k, v in self.model.config.to_diff_dict().items()
+                if k not in internal and hasattr(defaults, k)}
+
     def _check_config_matches(self, config: Mapping[str, Any], path: str | Path) -> None:
         loaded = self.model.config
         wrong = {

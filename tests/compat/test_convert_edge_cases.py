@@ -224,6 +224,23 @@ def test_a_text_encoder_saved_as_a_variant_or_in_shards_is_converted(tmp_path: P
         torch.testing.assert_close(ours.encode([PROMPT]).hidden, reference(ids).last_hidden_state, rtol=0, atol=1e-5)
 
 
+def test_a_text_encoder_with_a_projection_head_is_converted_without_it(tmp_path: Path) -> None:
+    """ldm writes an HFCLIPTextEncoder(with_projection=True) as transformers' CLIPTextModelWithProjection: reading
+    the folder back dropped the whole text encoder (a warning only); now the tower converts, the head is named."""
+    src = _folder(tmp_path / "src")
+    for f in (src / "text_encoder").glob("model*.safetensors"):
+        f.unlink()
+    _text(with_projection=True, config={**CLIP, "projection_dim": 16}).model.save_pretrained(src / "text_encoder")
+    with pytest.warns(UserWarning, match="holds a text projection .*text_projection.weight.* not converted"):
+        assert convert_main([str(src), str(tmp_path / "m.safetensors"), "--num-heads", "2"]) == 0
+    ours = load_parts(tmp_path / "m.safetensors").text_encoder
+    assert ours is not None
+    reference = transformers.CLIPTextModelWithProjection.from_pretrained(src / "text_encoder")
+    ids = ours.tokenizer([PROMPT])[0]
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode([PROMPT]).hidden, reference(ids).last_hidden_state, rtol=0, atol=1e-5)
+
+
 def test_a_text_encoder_folder_without_weights_is_an_error(tmp_path: Path, capsys) -> None:
     src = _folder(tmp_path / "src")
     for f in (src / "text_encoder").glob("model*.safetensors"):

@@ -199,3 +199,64 @@ def test_open_clip_random_init_frozen_and_errors(tmp_path):
         OpenCLIPTextEncoder("ViT-H-14", pretrained="laion2b_s32b_b79k", model_kwargs=TINY_OPEN_CLIP)
     with pytest.raises(ValueError, match="width=1024"):
         OpenCLIPTextEncoder("ViT-H-14", model_kwargs=TINY_OPEN_CLIP, width=1024)
+
+
+@pytest.mark.parametrize("arch,extra", [("ViT-H-14-quickgelu", {}), ("ViT-H-14", {"quick_gelu": True})])
+def test_an_open_clip_quickgelu_tower_survives_an_sd_file(arch, extra):
+    """The SD layout holds no activation: ldm's metadata records QuickGELU, so the tower read back from the file
+    encodes as the one written (it came back with GELU)."""
+    from ldm.convert.single_file import load_sd_text_encoder, text_encoder_metadata, text_encoder_sd_state_dict
+
+    torch.manual_seed(0)
+    enc = OpenCLIPTextEncoder(arch, layer="penultimate", model_kwargs={**TINY_OPEN_CLIP, **extra})
+    meta = text_encoder_metadata(enc)
+    assert meta["quick_gelu"] is True
+    back = load_sd_text_encoder(text_encoder_sd_state_dict(enc), stored=meta)
+    torch.testing.assert_close(back.encode(PROMPTS).hidden, enc.encode(PROMPTS).hidden, rtol=0, atol=0)
+    plain = OpenCLIPTextEncoder("ViT-H-14", layer="penultimate", model_kwargs=TINY_OPEN_CLIP)
+    assert "quick_gelu" not in text_encoder_metadata(plain)  # SD 2.x's GELU: the metadata as before
+
+
+@pytest.mark.parametrize("backend", ["transformers", "open_clip"])
+def test_a_checkpoint_loads_after_the_text_encoders_pretrained_folder_is_gone(tmp_path, backend):
+    """An ldm checkpoint holds the text encoder's weights; its header recorded the run's pretrained_path (or
+    open_clip's pretrained file), so loading failed once that was moved. The header now records the architecture,
+    and the encoder reads back equal."""
+    import shutil
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.autoencoder import AutoencoderKL
+    from ldm.checkpoint import describe_ldm, load_parts
+    from ldm.diffusion import SamplingDefaults
+    from ldm.diffusion.schedules import SD_SCHEDULE
+    from ldm.unet import UNet
+
+    source = tmp_path / "weights"
+    torch.manual_seed(0)
+    if backend == "transformers":
+        CLIPTextModel(CLIPTextConfig(**{**TINY_HF, "hidden_act": "gelu", "num_attention_heads": 2})).save_pretrained(
+            source)
+        kwargs = {"pretrained_path": str(source), "clip_skip": 2}  # as the run's Hydra config gives them
+        text = HFCLIPTextEncoder(**kwargs)
+    else:
+        import open_clip
+
+        source.mkdir()
+        torch.save(open_clip.create_model("ViT-H-14", pretrained=None, **TINY_OPEN_CLIP).state_dict(),
+                   source / "open_clip.bin")
+        kwargs = {"arch": "ViT-H-14", "pretrained": str(source / "open_clip.bin"), "model_kwargs": TINY_OPEN_CLIP}
+        text = OpenCLIPTextEncoder(**kwargs)
+    unet = UNet(4, 4, 32, (1, 2), 1, (1, 2), num_heads=2, context_dim=text.width)
+    vae = AutoencoderKL(ch=32, ch_mult=(1, 1), num_res_blocks=1)
+    header = describe_ldm(unet=unet, text_encoder=text, first_stage=vae, schedule=SD_SCHEDULE,
+                          prediction_type="epsilon", ema=False, text_encoder_kwargs=kwargs,
+                          sampling=SamplingDefaults.from_dict({"image_size": 16}))
+    state = {f"{name}.{k}": v for name, part in (("unet", unet), ("text_encoder", text), ("first_stage", vae))
+             for k, v in part.state_dict().items()}
+    torch.save({"ldm": header, "state_dict": state}, tmp_path / "last.ckpt")
+    shutil.rmtree(source)
+    loaded = load_parts(tmp_path / "last.ckpt").text_encoder
+    assert header["text_encoder"]["weights_from"].startswith(str(source))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(PROMPTS).hidden, text.encode(PROMPTS).hidden, rtol=0, atol=0)
