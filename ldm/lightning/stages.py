@@ -41,6 +41,7 @@ from ldm.data.masks import MaskSettings
 from ldm.diffusion.validation import DEFAULT_NUM_TIMESTEPS
 from ldm.errors import ConfigError
 from ldm.lightning.autoencoder_module import AutoencoderModule
+from ldm.lightning.callbacks import Throughput
 from ldm.lightning.checkpoint_io import AtomicCheckpointIO
 from ldm.lightning.console import StepProgressBar, headline, parts_summary
 from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy, ValidationSettings
@@ -84,8 +85,11 @@ def save_config(cfg: DictConfig, stage_dir: Path) -> None:
 
 
 def make_callbacks(group: DictConfig | None) -> list[L.Callback]:
-    """The callbacks of one stage (``callbacks.vae`` / ``callbacks.ldm``); a null entry switches one off."""
-    return [instantiate(c) for c in (group or {}).values() if c is not None]
+    """The callbacks of one stage (``callbacks.vae`` / ``callbacks.ldm``); a null entry switches one off.
+    ``Throughput`` goes first, whatever the config's order: Lightning calls the callbacks' batch-end hooks in list
+    order, and a sample grid or an evaluation drawn before Throughput stopped its clock would count as step time."""
+    callbacks = [instantiate(c) for c in (group or {}).values() if c is not None]
+    return sorted(callbacks, key=lambda c: not isinstance(c, Throughput))  # stable: the others keep their order
 
 
 def with_validation(cfg: DictConfig) -> DictConfig:

@@ -3,6 +3,7 @@ autoencoder's reconstruction grid, and a sample grid that skips NaN samples."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -250,3 +251,24 @@ def test_sample_grid_previews_the_size_it_is_given(tmp_path):
 
     with Image.open(next((tmp_path / "samples").iterdir())) as image:
         assert image.size[0] >= 32 and image.size[1] >= 16 and image.size[0] > image.size[1]
+
+
+def test_throughput_stops_its_clock_before_the_grids_draw(tmp_path):
+    """The default config lists the sample and reconstruction grids before Throughput; Lightning runs batch-end
+    hooks in list order, so a grid's drawing counted as step time on every logged grid step. The stage's callbacks
+    put Throughput first and keep the others' order."""
+    from hydra import compose, initialize_config_dir
+
+    from ldm.lightning.callbacks import SampleGrid, Throughput
+    from ldm.lightning.stages import make_callbacks
+
+    root = Path(__file__).resolve().parents[2]
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["logger=csv", f"out_dir={tmp_path}"])
+    names = list(cfg.callbacks.ldm)
+    assert names.index("samples") < names.index("throughput")  # the config's order, which the sort must undo
+    callbacks = make_callbacks(cfg.callbacks.ldm)
+    assert isinstance(callbacks[0], Throughput)
+    assert [type(c) for c in callbacks[1:]] == [type(c) for c in make_callbacks(cfg.callbacks.ldm)
+                                                if not isinstance(c, Throughput)]
+    assert any(isinstance(c, SampleGrid) for c in callbacks)
