@@ -180,6 +180,24 @@ def check_ldm_stage(s: DictConfig) -> None:
             raise ConfigError(f"ldm_stage.inpainting: {err}") from None
 
 
+def check_lora_run(cfg: DictConfig, init_ckpt: str | None) -> None:
+    """A LoRA run (``ldm_stage.lora.rank`` set) trains adapters on one base file, ``init_ckpt``, which its
+    checkpoints record: the VAE comes from it too (no vae stage or ``vae_ckpt``), and it keeps no autoguidance
+    snapshot. Checked before any stage, so the vae stage of ``stages=[vae,ldm]`` does not train first."""
+    lora = cfg.ldm_stage.get("lora")
+    if lora is None or lora.get("rank") is None:
+        return
+    if not init_ckpt:
+        raise ConfigError("ldm_stage.lora.rank trains adapters on a base model: set init_ckpt=PATH, an SD single file "
+                          "or an ldm checkpoint (RUN/ldm/checkpoints/last.ckpt)")
+    if cfg.get("vae_ckpt") or "vae" in cfg.stages:
+        raise ConfigError("ldm_stage.lora takes the VAE from init_ckpt (the checkpoint records that one base file): "
+                          "drop vae_ckpt and run stages=[ldm]")
+    if cfg.ldm_stage.get("guide_snapshot_step") is not None:
+        raise ConfigError("ldm_stage.lora does not keep an autoguidance snapshot: set ldm_stage.guide_snapshot_step="
+                          "null")
+
+
 def check_cache_run(cfg: DictConfig) -> None:
     """``ldm_stage.cache_latents`` encodes image shards in one process, once per image (no augmentation)."""
     if cfg.data.get("source", "images") != "images":
@@ -269,7 +287,10 @@ def check_run(cfg: DictConfig) -> None:
         if OmegaConf.is_missing(cfg, "init_ckpt") and not resuming:  # a preset that starts from a file names none
             raise ConfigError(INIT_CKPT_REQUIRED)
         init_ckpt = None if OmegaConf.is_missing(cfg, "init_ckpt") else cfg.get("init_ckpt")
-        if init_ckpt and not Path(init_ckpt).is_file():
+        check_lora_run(cfg, init_ckpt)
+        lora = (cfg.ldm_stage.get("lora") or {}).get("rank") is not None
+        # a resumed full fine-tune holds every weight (its base file is not read); a LoRA run's base loads again
+        if init_ckpt and not Path(init_ckpt).is_file() and (lora or not resuming):
             raise ConfigError(f"init_ckpt={init_ckpt}: no such file (an SD .ckpt/.safetensors, or an ldm "
                               "checkpoint RUN/ldm/checkpoints/last.ckpt)")
         # No source of a first stage at all (cached latents get their own message, which says which VAE:

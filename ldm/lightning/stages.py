@@ -55,6 +55,7 @@ from ldm.lightning.settings import (
     NO_AUTOENCODER,
     RESUME_FREE,
     STAGES,
+    check_lora_run,
     check_run,
     diffusion_objective,
     resume_mode,
@@ -507,15 +508,7 @@ def apply_lora(cfg: DictConfig, lora: dict[str, Any], unet: torch.nn.Module, tex
 
     The base is ``init_ckpt`` alone (UNet, VAE, text encoder): a LoRA checkpoint stores no base weights, so the
     parts it is trained on must all come from that file."""
-    if not init_ckpt:
-        raise ConfigError("ldm_stage.lora.rank trains adapters on a base model: set init_ckpt=PATH, an SD single file "
-                          "or an ldm checkpoint (RUN/ldm/checkpoints/last.ckpt)")
-    if cfg.get("vae_ckpt") or "vae" in cfg.stages:
-        raise ConfigError("ldm_stage.lora takes the VAE from init_ckpt (the checkpoint records that one base file): "
-                          "drop vae_ckpt and run stages=[ldm]")
-    if cfg.ldm_stage.get("guide_snapshot_step") is not None:
-        raise ConfigError("ldm_stage.lora does not keep an autoguidance snapshot: set ldm_stage.guide_snapshot_step="
-                          "null")
+    check_lora_run(cfg, init_ckpt)  # as the config check did (a caller may not have run it)
     if lora.get("text_encoder") and text_encoder is None:
         raise ConfigError("ldm_stage.lora.text_encoder=true but the model has no text encoder")
     if resume is not None:  # the base must be the file the adapters were trained on
@@ -600,6 +593,11 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     text_cfg = cfg.get("text_encoder")
     text_encoder = instantiate(text_cfg) if text_cfg else None
     unet = instantiate(cfg.unet, gradient_checkpointing=s.gradient_checkpointing)
+    if sd is not None and lora is not None and sd.unet.in_channels < unet.in_channels:
+        raise ConfigError(f"unet.in_channels={unet.in_channels} widens init_ckpt's {sd.unet.in_channels}-channel UNet, "
+                          "but ldm_stage.lora freezes the base: the new input channels (the inpainting mask and "
+                          "masked image) would stay zero and the model would ignore them. Widen with a full "
+                          "fine-tune first (experiment=quickstart_inpaint), or train the LoRA on an inpainting base")
     if sd is not None:  # before the module is built, so its EMA starts from these weights
         pretrained = text_cfg is not None and (text_cfg.get("pretrained_path") is not None
                                                or text_cfg.get("pretrained") is not None)

@@ -331,3 +331,58 @@ def test_a_checkpoint_is_looked_at_memory_mapped_and_a_legacy_file_still_reads(t
     assert stages.find_resume(_compose(run, "resume=last"))[2] == 5
     assert stages.find_resume(_compose(run, f"resume={run / 'ldm' / 'checkpoints' / 'last.ckpt'}"))[2] == 5
     assert loads == [True, True]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["ldm_stage.lora.rank=4"], r"ldm_stage.lora.rank trains adapters on a base model: set init_ckpt=PATH"),
+    (["ldm_stage.lora.rank=4", "+init_ckpt=/etc/hostname"],
+     r"ldm_stage.lora takes the VAE from init_ckpt .*stages=\[ldm\]"),
+    (["ldm_stage.lora.rank=4", "+init_ckpt=/etc/hostname", "stages=[ldm]", "ldm_stage.guide_snapshot_step=0.5"],
+     r"ldm_stage.lora does not keep an autoguidance snapshot"),
+])
+def test_a_lora_run_is_checked_before_the_vae_stage_trains(tmp_path: Path, overrides: list, message: str) -> None:
+    """With the default stages=[vae,ldm] a LoRA run was refused only after the whole vae stage had trained."""
+    with pytest.raises(ConfigError, match=message):
+        stages.run(_compose(tmp_path / "run", *overrides))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_lora_on_a_base_with_fewer_input_channels_is_refused(tmp_path: Path) -> None:
+    """unet.in_channels=9 on a 4-channel base widens conv_in with zero weights, which a LoRA run keeps frozen: the
+    'inpainting' model would never see the mask. Refused, naming the full fine-tune that widens it."""
+    import torch
+
+    from ldm.autoencoder import AutoencoderKL
+    from ldm.checkpoint import describe_ldm
+    from ldm.diffusion import SamplingDefaults
+    from ldm.diffusion.schedules import SD_SCHEDULE
+    from ldm.text import ScratchTextEncoder
+    from ldm.unet import UNet
+
+    cfg = _compose(tmp_path / "run", "stages=[ldm]")
+    unet = UNet(**{k: v for k, v in cfg.unet.items() if not k.startswith("_")})
+    text_kwargs = {k: v for k, v in cfg.text_encoder.items() if not k.startswith("_")}
+    text = ScratchTextEncoder(**text_kwargs)
+    vae = AutoencoderKL(**{k: v for k, v in cfg.autoencoder.items() if not k.startswith("_")})
+    header = describe_ldm(unet=unet, text_encoder=text, first_stage=vae, schedule=SD_SCHEDULE,
+                          prediction_type="v_prediction", ema=False, sampling=SamplingDefaults.from_dict({}),
+                          text_encoder_kwargs=text_kwargs)
+    state = {f"{name}.{k}": v for name, part in (("unet", unet), ("text_encoder", text), ("first_stage", vae))
+             for k, v in part.state_dict().items()}
+    torch.save({"ldm": header, "state_dict": state}, tmp_path / "base.ckpt")
+    with pytest.raises(ConfigError, match=r"unet.in_channels=9 widens init_ckpt's 4-channel UNet, but ldm_stage.lora"):
+        stages.run(_compose(tmp_path / "run", "stages=[ldm]", f"+init_ckpt={tmp_path / 'base.ckpt'}",
+                            "ldm_stage.lora.rank=4", "unet.in_channels=9"))
+
+
+def test_a_resumed_full_fine_tune_does_not_need_its_base_file(tmp_path: Path) -> None:
+    """A full fine-tune's checkpoint holds every weight, and the resumed stage never reads init_ckpt: a moved base
+    file no longer refuses the resume. A LoRA run still needs it (its checkpoint holds the adapters only)."""
+    from ldm.lightning.settings import check_run
+
+    moved = f"+init_ckpt={tmp_path / 'moved.ckpt'}"
+    check_run(_compose(tmp_path / "run", "stages=[ldm]", moved, "resume=last"))
+    with pytest.raises(ConfigError, match="moved.ckpt: no such file"):
+        check_run(_compose(tmp_path / "run", "stages=[ldm]", moved))
+    with pytest.raises(ConfigError, match="moved.ckpt: no such file"):
+        check_run(_compose(tmp_path / "run", "stages=[ldm]", moved, "resume=last", "ldm_stage.lora.rank=4"))
