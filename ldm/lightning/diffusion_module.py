@@ -6,6 +6,7 @@ import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -42,6 +43,18 @@ class ValidationSettings:
 
     num_timesteps: int = DEFAULT_NUM_TIMESTEPS
     seed: int = 0
+
+
+
+def recorded_objective(loss: DiffusionLoss | FlowMatchingLoss) -> tuple[dict[str, Any], str]:
+    """What a checkpoint records of the training objective ``loss``: the schedule's ``from_name`` keywords (a flow
+    model: its ``FlowMatchingLoss.spec``, no noise schedule) and the prediction type."""
+    if isinstance(loss, FlowMatchingLoss):
+        return loss.spec, loss.prediction_type
+    if loss.schedule.spec is None:
+        raise ValueError("the loss's noise schedule must be built with NoiseSchedule.from_name(...), so that "
+                         "checkpoints record it for the samplers")
+    return dict(loss.schedule.spec), loss.prediction_type
 
 
 class LatentDiffusionModule(L.LightningModule):
@@ -99,14 +112,7 @@ class LatentDiffusionModule(L.LightningModule):
         if first_stage is not None:
             first_stage.requires_grad_(False).eval()
         self.loss_fn = loss or DiffusionLoss(NoiseSchedule.from_name())
-        if isinstance(self.loss_fn, FlowMatchingLoss):  # no noise schedule: the checkpoint records the shift
-            self.schedule_kwargs = self.loss_fn.spec
-        else:
-            if self.loss_fn.schedule.spec is None:
-                raise ValueError("the loss's noise schedule must be built with NoiseSchedule.from_name(...), so that "
-                                 "checkpoints record it for the samplers")
-            self.schedule_kwargs = dict(self.loss_fn.schedule.spec)
-        self.prediction_type = self.loss_fn.prediction_type
+        self.schedule_kwargs, self.prediction_type = recorded_objective(self.loss_fn)
         self.caption_dropout = caption_dropout
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.lr_factor = lr_schedule.factor()

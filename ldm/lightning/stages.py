@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from hydra.utils import get_object, instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.checkpoint import (
@@ -35,16 +35,18 @@ from ldm.checkpoint import (
     save_autoencoder,
 )
 from ldm.compiling import compile_in_place
-from ldm.convert import init_from_sd, load_sd_vae, sd_latent_normalization
+from ldm.convert import SDCheckpoint, init_from_sd, load_sd_vae, sd_latent_normalization
 from ldm.data.cache_latents import cache_for_vae
 from ldm.data.masks import MaskSettings
+from ldm.diffusion import DiffusionLoss
+from ldm.diffusion.flow import FlowMatchingLoss
 from ldm.diffusion.validation import DEFAULT_NUM_TIMESTEPS
 from ldm.errors import ConfigError
 from ldm.lightning.autoencoder_module import AutoencoderModule
 from ldm.lightning.callbacks import Throughput
 from ldm.lightning.checkpoint_io import AtomicCheckpointIO
 from ldm.lightning.console import StepProgressBar, headline, parts_summary
-from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy, ValidationSettings
+from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy, ValidationSettings, recorded_objective
 from ldm.lightning.optim import LRSchedule
 from ldm.lightning.precision import AUTO, autocast_precision, resolve_precision
 from ldm.lightning.preemption import PreemptionCheckpoint, record_signals, stop_between_stages
@@ -533,6 +535,28 @@ def apply_lora(cfg: DictConfig, lora: dict[str, Any], unet: torch.nn.Module, tex
     return {"path": str(Path(init_ckpt).resolve()), "sha256": sha}
 
 
+def check_base_objective(sd: SDCheckpoint, objective: DiffusionLoss | FlowMatchingLoss, init_ckpt: str,
+                         lora: bool) -> None:
+    """The base's recorded objective (an ldm checkpoint's, or an SD file's ldm metadata) against the run's
+    ``diffusion`` group. A LoRA run on another one is refused: the frozen base predicts one target and the adapters
+    would be trained towards another (and the checkpoint would name the wrong schedule for sampling). A full
+    fine-tune may change the objective on purpose (SD 2.x moved to v-prediction so): a warning names it."""
+    schedule, prediction_type = recorded_objective(objective)
+    differ = []
+    if sd.prediction_type is not None and sd.prediction_type != prediction_type:
+        differ.append(f"prediction_type {sd.prediction_type!r}, the run's {prediction_type!r}")
+    if sd.schedule is not None and dict(sd.schedule) != schedule:
+        differ.append(f"schedule {dict(sd.schedule)}, the run's {schedule}")
+    if not differ:
+        return
+    said = f"init_ckpt={init_ckpt} was trained with {'; '.join(differ)} (the diffusion group)"
+    if lora:
+        raise ConfigError(f"{said}: LoRA adapters on a frozen base must train on its objective. Set the diffusion "
+                          "group to the base's (e.g. diffusion=sd_eps for SD 1.x)")
+    rank_zero_warn(f"{said}: the fine-tune moves the base to the run's objective; if that is not intended, set the "
+                   "diffusion group to the base's")
+
+
 def build_optimizer(cfg: DictConfig):
     """``cfg.optimizer``: a partial that the module calls with its parameters. ``fused: null`` becomes ``fused:
     true`` (one kernel for the whole step, and the on-device skip of non-finite steps of ``ldm.lightning.nonfinite``),
@@ -593,6 +617,8 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     text_cfg = cfg.get("text_encoder")
     text_encoder = instantiate(text_cfg) if text_cfg else None
     unet = instantiate(cfg.unet, gradient_checkpointing=s.gradient_checkpointing)
+    if sd is not None:
+        check_base_objective(sd, diffusion_objective(cfg.diffusion), init_ckpt, lora is not None)
     if sd is not None and lora is not None and sd.unet.in_channels < unet.in_channels:
         raise ConfigError(f"unet.in_channels={unet.in_channels} widens init_ckpt's {sd.unet.in_channels}-channel UNet, "
                           "but ldm_stage.lora freezes the base: the new input channels (the inpainting mask and "

@@ -347,32 +347,57 @@ def test_a_lora_run_is_checked_before_the_vae_stage_trains(tmp_path: Path, overr
     assert not (tmp_path / "run").exists()
 
 
-def test_a_lora_on_a_base_with_fewer_input_channels_is_refused(tmp_path: Path) -> None:
-    """unet.in_channels=9 on a 4-channel base widens conv_in with zero weights, which a LoRA run keeps frozen: the
-    'inpainting' model would never see the mask. Refused, naming the full fine-tune that widens it."""
+def _base_checkpoint(path: Path, cfg, objective: str | None = None) -> Path:
+    """An ldm checkpoint of the composed config's model (random weights), recording the run's own objective, or that
+    of the ``diffusion`` preset ``objective``."""
     import torch
 
     from ldm.autoencoder import AutoencoderKL
     from ldm.checkpoint import describe_ldm
     from ldm.diffusion import SamplingDefaults
-    from ldm.diffusion.schedules import SD_SCHEDULE
+    from ldm.lightning.diffusion_module import recorded_objective
+    from ldm.lightning.settings import diffusion_objective
     from ldm.text import ScratchTextEncoder
     from ldm.unet import UNet
 
-    cfg = _compose(tmp_path / "run", "stages=[ldm]")
-    unet = UNet(**{k: v for k, v in cfg.unet.items() if not k.startswith("_")})
-    text_kwargs = {k: v for k, v in cfg.text_encoder.items() if not k.startswith("_")}
-    text = ScratchTextEncoder(**text_kwargs)
-    vae = AutoencoderKL(**{k: v for k, v in cfg.autoencoder.items() if not k.startswith("_")})
-    header = describe_ldm(unet=unet, text_encoder=text, first_stage=vae, schedule=SD_SCHEDULE,
-                          prediction_type="v_prediction", ema=False, sampling=SamplingDefaults.from_dict({}),
-                          text_encoder_kwargs=text_kwargs)
+    diffusion = cfg.diffusion
+    if objective is not None:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            diffusion = compose("train", overrides=[f"diffusion={objective}", "out_dir=x"]).diffusion
+    schedule, prediction_type = recorded_objective(diffusion_objective(diffusion))
+    plain = {name: {k: v for k, v in cfg[name].items() if not k.startswith("_")}
+             for name in ("unet", "text_encoder", "autoencoder")}
+    unet, text = UNet(**plain["unet"]), ScratchTextEncoder(**plain["text_encoder"])
+    vae = AutoencoderKL(**plain["autoencoder"])
+    header = describe_ldm(unet=unet, text_encoder=text, first_stage=vae, schedule=schedule,
+                          prediction_type=prediction_type, ema=False, sampling=SamplingDefaults.from_dict({}),
+                          text_encoder_kwargs=plain["text_encoder"])
     state = {f"{name}.{k}": v for name, part in (("unet", unet), ("text_encoder", text), ("first_stage", vae))
              for k, v in part.state_dict().items()}
-    torch.save({"ldm": header, "state_dict": state}, tmp_path / "base.ckpt")
+    torch.save({"ldm": header, "state_dict": state}, path)
+    return path
+
+
+def test_a_lora_on_a_base_with_fewer_input_channels_is_refused(tmp_path: Path) -> None:
+    """unet.in_channels=9 on a 4-channel base widens conv_in with zero weights, which a LoRA run keeps frozen: the
+    'inpainting' model would never see the mask. Refused, naming the full fine-tune that widens it."""
+    base = _base_checkpoint(tmp_path / "base.ckpt", _compose(tmp_path / "run", "stages=[ldm]"))
     with pytest.raises(ConfigError, match=r"unet.in_channels=9 widens init_ckpt's 4-channel UNet, but ldm_stage.lora"):
-        stages.run(_compose(tmp_path / "run", "stages=[ldm]", f"+init_ckpt={tmp_path / 'base.ckpt'}",
-                            "ldm_stage.lora.rank=4", "unet.in_channels=9"))
+        stages.run(_compose(tmp_path / "run", "stages=[ldm]", f"+init_ckpt={base}", "ldm_stage.lora.rank=4",
+                            "unet.in_channels=9"))
+
+
+def test_a_base_trained_on_another_objective_is_refused_for_lora_and_named_for_a_full_fine_tune(tmp_path) -> None:
+    """The quickstart's presets train cosine_v; a base trained with epsilon on SD's schedule was fine-tuned
+    against the wrong target without a word, and its checkpoint named the run's schedule."""
+    base = _base_checkpoint(tmp_path / "base.ckpt", _compose(tmp_path / "run", "stages=[ldm]"), objective="sd_eps")
+    run = ("stages=[ldm]", f"+init_ckpt={base}")
+    with pytest.raises(ConfigError, match=r"trained with prediction_type 'epsilon', the run's 'v_prediction'; "
+                                          r"schedule .*LoRA adapters on a frozen base"):
+        stages.run(_compose(tmp_path / "run", *run, "ldm_stage.lora.rank=4"))
+    with pytest.warns(UserWarning, match="the fine-tune moves the base to the run's objective"):
+        with pytest.raises(ConfigError, match=r"shard .*no_shards.* does not exist"):  # past the check: the shards
+            stages.run(_compose(tmp_path / "full", *run))
 
 
 def test_a_resumed_full_fine_tune_does_not_need_its_base_file(tmp_path: Path) -> None:
