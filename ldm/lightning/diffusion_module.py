@@ -225,12 +225,20 @@ class LatentDiffusionModule(L.LightningModule):
         checkpoint["nan_skips"] = self.nonfinite.skipped
         checkpoint["train_generator"] = self.generator.get_state()
         checkpoint["train_generators"] = gather_rank_states(checkpoint["train_generator"])  # one per DDP rank
+        # dropout (the UNet's, LoRA's) draws from torch's global generators: kept too, so a resume stays exact
+        checkpoint["torch_rng_states"] = gather_rank_states(torch.get_rng_state())
+        if self.device.type == "cuda":
+            checkpoint["cuda_rng_states"] = gather_rank_states(torch.cuda.get_rng_state(self.device))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.nonfinite.skipped = checkpoint.get("nan_skips", 0)
         states = checkpoint.get("train_generators") or [checkpoint.get("train_generator")]
         if states[0] is not None:
             self.generator.set_state(rank_state(states, self.global_rank))
+        if checkpoint.get("torch_rng_states"):
+            torch.set_rng_state(rank_state(checkpoint["torch_rng_states"], self.global_rank))
+        if checkpoint.get("cuda_rng_states") and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rank_state(checkpoint["cuda_rng_states"], self.global_rank), self.device)
 
     # ------------------------------------------------------------------ training
 

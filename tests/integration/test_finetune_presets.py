@@ -86,8 +86,11 @@ def test_quickstart_lora_trains_adapters_on_an_ldm_checkpoint_with_the_extra_col
     assert (a - b).abs().max() > 1e-4
 
 
-def test_a_resumed_lora_run_continues_exactly(base, tmp_path) -> None:
-    common = (*LORA, f"+init_ckpt={base}")
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_resumed_lora_run_continues_exactly(base, tmp_path, dropout) -> None:
+    """With adapter dropout too: it draws from torch's global generator, which the checkpoint now keeps (a resume
+    re-seeded it and trained other adapters)."""
+    common = (*LORA, f"+init_ckpt={base}", f"ldm_stage.lora.dropout={dropout}")
     run_train(tmp_path, *common, "ldm_stage.max_steps=4", run_dir=tmp_path / "whole")
     run_train(tmp_path, *common, "ldm_stage.max_steps=2", run_dir=tmp_path / "split")
     run_train(tmp_path, *common, "ldm_stage.max_steps=4", "resume=last", run_dir=tmp_path / "split")
