@@ -229,7 +229,8 @@ def _stored_text_spec(text_encoder: nn.Module, kwargs: dict[str, Any] | None,
         architecture = getattr(text_encoder, "architecture", None)
         if architecture is None:
             return spec
-        kw = {**kw, "pretrained_path": None, "config": architecture()}
+        kw = {**kw, "pretrained_path": None, "config": architecture(),
+              "pad_token_id": text_encoder.tokenizer.pad_token_id}  # as the folder's tokenizer/ gave it
     else:
         kw = {**kw, "pretrained": None}
     return {**spec, "kwargs": kw, "weights_from": str(source)}

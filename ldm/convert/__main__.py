@@ -57,6 +57,7 @@ from ldm.diffusion.sampling import is_flow_model
 from ldm.diffusion.schedules import SD_SCHEDULE
 from ldm.errors import ConfigError
 from ldm.temporary_files import current_umask
+from ldm.text.tokenizer import folder_pad_token_id
 from ldm.unet import UNet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -167,30 +168,6 @@ def _weight_files(folder: Path) -> list[Path]:
     return []
 
 
-def _tokenizer_pad_id(folder: Path) -> int | None:
-    """The pad id of a diffusers folder's ``tokenizer/`` (transformers' CLIPTokenizer files): its pad token
-    (special_tokens_map.json, else tokenizer_config.json) looked up in vocab.json. None without those files. SD 2.x
-    folders pad with ``!`` (id 0), SD 1.x ones with ``<|endoftext|>`` (49407)."""
-    tokenizer = folder / "tokenizer"
-    pad = None
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        if pad is None and (tokenizer / name).is_file():
-            pad = json.loads((tokenizer / name).read_text()).get("pad_token")
-    if isinstance(pad, dict):  # an AddedToken: {"content": "!", ...}
-        pad = pad.get("content")
-    if pad is None or not (tokenizer / "vocab.json").is_file():
-        return None
-    vocab = json.loads((tokenizer / "vocab.json").read_text(encoding="utf-8"))
-    added = tokenizer / "added_tokens.json"
-    if added.is_file():
-        vocab.update(json.loads(added.read_text(encoding="utf-8")))
-    if pad not in vocab:
-        raise ConfigError(f"{tokenizer}: the pad token {pad!r} is not in vocab.json, so its id is unknown: set "
-                          "pad_token in special_tokens_map.json to a vocabulary token (SD 1.x: <|endoftext|>, SD "
-                          "2.x: !)")
-    return int(vocab[pad])
-
-
 def _diffusers_text_encoder(folder: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
     """An SD1-style CLIP text encoder from ``folder/text_encoder`` in the SD layout (``transformer.text_model.*``),
     its head count and activation from its config.json, and the pad id of ``folder/tokenizer`` (which the encoder's
@@ -220,7 +197,7 @@ def _diffusers_text_encoder(folder: Path) -> tuple[dict[str, torch.Tensor] | Non
     cfg = json.loads((directory / "config.json").read_text())
     keys = ("num_attention_heads", "hidden_act", "layer_norm_eps")
     options: dict[str, Any] = {"config": {k: cfg[k] for k in keys if k in cfg}}
-    pad = _tokenizer_pad_id(folder)
+    pad = folder_pad_token_id(folder)
     if pad is not None:
         options["pad_token_id"] = pad
     return {"transformer." + k: v for k, v in sd.items()}, options

@@ -19,7 +19,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ldm.text.base import TextEncoder, to_plain
-from ldm.text.tokenizer import HF_CLIP_PAD_ID, CLIPTokenizer
+from ldm.text.tokenizer import HF_CLIP_PAD_ID, CLIPTokenizer, folder_pad_token_id
 
 # Keys that fix the architecture: a config given together with pretrained_path must agree with the checkpoint on them.
 _ARCH_KEYS = (
@@ -52,7 +52,9 @@ class HFCLIPTextEncoder(TextEncoder):
     """transformers CLIP text tower; ``pooled`` is ``pooler_output`` (or ``text_embeds`` with ``with_projection``).
 
     ``width``, when given, is only checked against the model: it lets configs declare the feature size once
-    (the UNet's ``context_dim: ${text_encoder.width}``).
+    (the UNet's ``context_dim: ${text_encoder.width}``). ``pad_token_id`` None pads as the pipeline folder's
+    ``tokenizer/`` does when ``pretrained_path`` is one (SD 2.x folders pad with ``!``, id 0), else with
+    ``<|endoftext|>`` (49407, SD 1.x).
     """
 
     def __init__(
@@ -62,14 +64,17 @@ class HFCLIPTextEncoder(TextEncoder):
         clip_skip: int = 1,
         frozen: bool = True,
         with_projection: bool = False,
-        pad_token_id: int = HF_CLIP_PAD_ID,
+        pad_token_id: int | None = None,
         width: int | None = None,
     ) -> None:
         super().__init__()
         model_cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
         config = to_plain(config) if config is not None else None
         if pretrained_path is not None:
-            self.model = model_cls.from_pretrained(_resolve_local_dir(pretrained_path), local_files_only=True)
+            local = _resolve_local_dir(pretrained_path)
+            self.model = model_cls.from_pretrained(local, local_files_only=True)
+            if pad_token_id is None:  # a diffusers pipeline folder's tokenizer/ says how its models were padded
+                pad_token_id = folder_pad_token_id(local.parent) if local.name == "text_encoder" else None
             if config is not None:
                 self._check_config_matches(config, pretrained_path)
         elif config is not None:
@@ -87,6 +92,7 @@ class HFCLIPTextEncoder(TextEncoder):
             raise ValueError(
                 f"HFCLIPTextEncoder: width={width} was declared but the model's hidden size is {cfg.hidden_size}"
             )
+        pad_token_id = HF_CLIP_PAD_ID if pad_token_id is None else pad_token_id
         self.tokenizer = CLIPTokenizer(context_length=cfg.max_position_embeddings, pad_token_id=pad_token_id)
         if cfg.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"config vocab_size {cfg.vocab_size} is smaller than the CLIP BPE vocabulary")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from ldm.errors import ConfigError
 
 SOT_TOKEN_ID = 49406  # <start_of_text>
 EOT_TOKEN_ID = 49407  # <end_of_text>
@@ -164,3 +167,27 @@ class CLIPTokenizer:
 
     def __repr__(self) -> str:
         return f"CLIPTokenizer(context_length={self.context_length}, pad_token_id={self.pad_token_id})"
+
+
+def folder_pad_token_id(folder: str | Path) -> int | None:
+    """The pad id of a diffusers folder's ``tokenizer/`` (transformers' CLIPTokenizer files): its pad token
+    (special_tokens_map.json, else tokenizer_config.json) looked up in vocab.json. None without those files. SD 2.x
+    folders pad with ``!`` (id 0), SD 1.x ones with ``<|endoftext|>`` (49407)."""
+    tokenizer = Path(folder) / "tokenizer"
+    pad = None
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if pad is None and (tokenizer / name).is_file():
+            pad = json.loads((tokenizer / name).read_text()).get("pad_token")
+    if isinstance(pad, dict):  # an AddedToken: {"content": "!", ...}
+        pad = pad.get("content")
+    if pad is None or not (tokenizer / "vocab.json").is_file():
+        return None
+    vocab = json.loads((tokenizer / "vocab.json").read_text(encoding="utf-8"))
+    added = tokenizer / "added_tokens.json"
+    if added.is_file():
+        vocab.update(json.loads(added.read_text(encoding="utf-8")))
+    if pad not in vocab:
+        raise ConfigError(f"{tokenizer}: the pad token {pad!r} is not in vocab.json, so its id is unknown: set "
+                          "pad_token in special_tokens_map.json to a vocabulary token (SD 1.x: <|endoftext|>, SD "
+                          "2.x: !)")
+    return int(vocab[pad])

@@ -131,6 +131,26 @@ def test_hf_backend_reads_diffusers_pipeline_folder(tmp_path, hf_dir):
     torch.testing.assert_close(a.hidden, b.hidden, rtol=0, atol=0)
 
 
+def test_a_pipeline_folder_pads_as_its_tokenizer_says(tmp_path, hf_dir):
+    """An SD 2.x-style pipeline folder pads with '!' (id 0, its tokenizer/): the encoder read from the folder pads
+    the same way, so its padded positions (which the UNet attends to) equal diffusers'. It padded with 49407."""
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    shutil.copytree(hf_dir, tmp_path / "text_encoder")
+    CLIPTokenizer(pad_token_id=0).save_transformers_files(tmp_path / "tokenizer")
+    ours = HFCLIPTextEncoder(pretrained_path=tmp_path)
+    assert ours.tokenizer.pad_token_id == 0
+    ids = ours.tokenizer(["a cat"])[0]
+    assert ids[0, -1] == 0
+    with torch.no_grad():
+        reference = CLIPTextModel.from_pretrained(tmp_path / "text_encoder")(ids).last_hidden_state
+    torch.testing.assert_close(ours.encode(["a cat"]).hidden, reference, rtol=0, atol=1e-5)
+    assert HFCLIPTextEncoder(pretrained_path=hf_dir).tokenizer.pad_token_id == 49407  # a bare folder: SD 1.x's
+    assert HFCLIPTextEncoder(pretrained_path=tmp_path, pad_token_id=49407).tokenizer.pad_token_id == 49407
+
+
 # ----------------------------------------------------------------------------- open_clip back end
 @pytest.fixture(scope="module")
 def open_clip_ckpt(tmp_path_factory):
