@@ -12,7 +12,7 @@ from torch import nn
 
 from ldm.autoencoder import SD_LATENT_SCALE
 from ldm.convert.diffusers_format import load_state_dict_checked
-from ldm.convert.single_file import SDCheckpoint, load_sd_text_encoder, sd_text_family
+from ldm.convert.single_file import SDCheckpoint, load_sd_text_encoder, sd_text_family, text_encoder_metadata
 from ldm.errors import ConfigError
 from ldm.nn.attention import CrossAttention
 
@@ -94,6 +94,27 @@ def check_same_heads(sd: SDCheckpoint, source: str, unet: nn.Module) -> None:
             + (" unet.num_heads=-1" if "num_head_channels" in recorded else " unet.num_head_channels=-1"))
 
 
+def check_same_text_encoder(sd: SDCheckpoint, source: str, text_encoder: nn.Module) -> None:
+    """Refuse to start ``text_encoder`` from a file whose ldm metadata records another configuration of it (heads,
+    activation, the layer it conditions with, the pad id): the weights load whatever those are, and the run would
+    condition on other features than the file's model. Files without the metadata take the run's."""
+    if not sd.text_encoder:
+        return
+    ours = text_encoder_metadata(text_encoder) or {}
+
+    def flat(meta: Mapping[str, Any]) -> dict[str, Any]:
+        return {**{f"config.{k}": v for k, v in meta.get("config", {}).items()},
+                **{k: v for k, v in meta.items() if k != "config"}}
+
+    theirs, mine = flat(sd.text_encoder), flat(ours)
+    differ = sorted(k for k in theirs if k in mine and theirs[k] != mine[k])
+    if differ:
+        said = ", ".join(f"{k}: the file's {theirs[k]!r}, the run's {mine[k]!r}" for k in differ)
+        raise ConfigError(f"init_ckpt={source} records its text encoder with {said}: the same weights would compute "
+                          "other text features. Set the run's text_encoder settings to the file's (e.g. "
+                          "text_encoder.clip_skip, text_encoder.pad_token_id, text_encoder.config.*)")
+
+
 def init_from_sd(sd: SDCheckpoint, source: str, unet: nn.Module, text_encoder: nn.Module | None = None,
                  vae: nn.Module | None = None, text_encoder_pretrained: bool = False) -> list[str]:
     """Load an SD single file's UNet (its EMA weights when present), text encoder and, given ``vae``, VAE into ours,
@@ -115,6 +136,7 @@ def init_from_sd(sd: SDCheckpoint, source: str, unet: nn.Module, text_encoder: n
     if text_encoder is None:
         return loaded
     if sd.cond_stage_state_dict:
+        check_same_text_encoder(sd, source, text_encoder)
         load_state_dict_checked(text_encoder, sd_text_state_dict(sd.cond_stage_state_dict),
                                 f"text encoder (text_encoder config vs init_ckpt={source})")
         return [*loaded, "text encoder"]

@@ -343,3 +343,23 @@ def test_upcast_attention_of_an_sd21_folder_survives_sd_files_and_ldm_checkpoint
     plain = _folder(tmp_path / "plain")
     assert convert_main([str(plain), str(tmp_path / "plain_back")]) == 0
     assert diffusers.UNet2DConditionModel.load_config(tmp_path / "plain_back" / "unet")["upcast_attention"] is False
+
+
+def test_a_text_encoder_of_another_configuration_than_the_files_is_refused(tmp_path: Path) -> None:
+    """The SD layout's text weights load into any head count, clip_skip or pad id: a file whose ldm metadata
+    records others than the run's encoder is refused, naming each, as the UNet's heads are; the same settings load."""
+    from ldm.convert import init_from_sd
+
+    unet, vae = (from_diffusers(m) for m in _diffusers_parts(0))
+    src = _text(config={**CLIP, "num_attention_heads": 2}, clip_skip=2, pad_token_id=0)
+    path = tmp_path / "m.safetensors"
+    save_state_dict(to_sd_state_dict(unet, vae, src), path, sd_metadata(unet, vae, text_encoder=src))
+    sd = load_sd_checkpoint(path)
+    run_unet = from_diffusers(_diffusers_parts(0)[0])
+    with pytest.raises(ConfigError, match=r"clip_skip: the file's 2, the run's 1, config.num_attention_heads: the "
+                                          r"file's 2, the run's 1, pad_token_id: the file's 0, the run's 49407"):
+        init_from_sd(sd, str(path), run_unet, _text())
+    same = _text(config={**CLIP, "num_attention_heads": 2}, clip_skip=2, pad_token_id=0)
+    assert init_from_sd(sd, str(path), run_unet, same)[-1] == "text encoder"
+    with torch.no_grad():
+        torch.testing.assert_close(same.encode([PROMPT]).hidden, src.encode([PROMPT]).hidden, rtol=0, atol=0)
