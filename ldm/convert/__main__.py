@@ -83,6 +83,7 @@ class Model:
     guessed: tuple[str, ...] = ()  # "unet" (heads) / "vae" (latent scale): assumed, so not recorded as metadata
     default_image_size: int | None = None  # an SD file's resolution where it records none, as load_parts reads it
     diffusers: dict[str, Any] | None = None  # diffusers' UNet settings ldm has none of: {"upcast_attention": True}
+    text_spec: dict[str, Any] | None = None  # an ldm source's text encoder as its header records it (module_spec)
 
     def sd_text(self) -> dict[str, torch.Tensor] | None:
         """The text encoder's weights in the SD layout, or None when the model has none."""
@@ -121,7 +122,8 @@ def _load_ldm(src: Path, use_ema: bool) -> Model:
     from ldm.lora import has_lora, merge_lora  # noqa: PLC0415
 
     parts = load_parts(src, use_ema=use_ema)
-    flags = read_checkpoint(src, mmap=True)["ldm"].get("diffusers")  # what write_ldm kept of a diffusers source
+    header = read_checkpoint(src, mmap=True)["ldm"]
+    flags = header.get("diffusers")  # what write_ldm kept of a diffusers source
     for name, part in (("UNet", parts.unet), ("text encoder", parts.text_encoder)):
         if part is not None and has_lora(part):  # SD files and diffusers folders hold plain weights
             merge_lora(part)
@@ -136,7 +138,7 @@ def _load_ldm(src: Path, use_ema: bool) -> Model:
     return Model(parts.unet, parts.first_stage, text_encoder=parts.text_encoder,
                  text_options=None if parts.text_encoder is None else text_encoder_metadata(parts.text_encoder),
                  prediction_type=parts.prediction_type, schedule=dict(parts.schedule),
-                 sampling=parts.sampling.to_dict(), diffusers=flags)
+                 sampling=parts.sampling.to_dict(), diffusers=flags, text_spec=header.get("text_encoder"))
 
 
 def _load_sd(src: Path, args: argparse.Namespace) -> Model:
@@ -436,6 +438,8 @@ def write_ldm(model: Model, dst: Path, src: Path) -> None:
     if dst.suffix != ".ckpt":
         raise ConfigError(f"--to ldm writes a .ckpt file, got {dst}")
     built = _text_module(model, "ldm checkpoint")
+    if built is None and model.text_encoder is not None and model.text_spec is not None:  # a merged LoRA run's own
+        built = model.text_encoder, dict(model.text_spec["kwargs"])
     if built is None and model.unet.config.get("context_dim") is not None:
         raise ConfigError(f"{src} has no SD 1.x/2.x text encoder weights, and its UNet is text-conditioned: an ldm "
                           "checkpoint needs the text encoder to sample")
@@ -507,11 +511,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_lora_run(src: Path) -> bool:
+    """Whether the ldm checkpoint ``src`` is a LoRA run's (adapters on a base file)."""
+    from ldm.checkpoint import read_checkpoint  # noqa: PLC0415  (glue: checkpoint is above convert)
+
+    return read_checkpoint(src, mmap=True).get("ldm", {}).get("lora") is not None
+
+
 def convert(args: argparse.Namespace) -> None:
     """Read SRC, apply the overrides, write DST."""
     to = args.to or ("sd" if args.dst.suffix in SD_SUFFIXES else "diffusers")
     kind = source_kind(args.src)
-    if to == "ldm" and kind == "ldm":
+    if to == "ldm" and kind == "ldm" and not _is_lora_run(args.src):  # a LoRA run's adapters merge into a full one
         raise ConfigError(f"{args.src} is already an ldm checkpoint")
     if to == "diffusers" and args.dst.suffix in SD_SUFFIXES:
         raise ConfigError(f"--to diffusers writes a folder, got the file name {args.dst}")

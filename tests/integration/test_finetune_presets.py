@@ -103,3 +103,27 @@ def test_a_resumed_lora_run_continues_exactly(base, tmp_path, dropout) -> None:
     start = read_checkpoint(base)["state_dict"]
     moved = [k for k in whole["state_dict"] if "lora_B" in k and whole["state_dict"][k].abs().max() > 0]
     assert moved and all(not k.startswith("ema.") for k in whole["state_dict"]) and start
+
+
+def test_a_lora_run_on_a_scratch_text_encoder_merges_into_a_full_ldm_checkpoint(base, tmp_path, capsys) -> None:
+    """A LoRA checkpoint cannot be an init_ckpt (it holds adapters only) and its error says to merge it first; with
+    a from-scratch text encoder no SD file or diffusers folder holds it, so ``--to ldm`` is the way: the merged
+    checkpoint samples as the LoRA run does and starts a new run."""
+    from ldm.convert.__main__ import main as convert_main
+
+    run_train(tmp_path, *LORA, f"+init_ckpt={base}", "ldm_stage.max_steps=2", run_dir=tmp_path / "lora")
+    lora = tmp_path / "lora" / "ldm" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match="merge the adapters into a full model first"):
+        load_init_checkpoint(lora)
+    assert convert_main([str(lora), str(tmp_path / "merged.ckpt"), "--to", "ldm"]) == 0
+    merged = read_checkpoint(tmp_path / "merged.ckpt")
+    assert "lora" not in merged["ldm"] and not any("lora_" in k for k in merged["state_dict"])
+    prompt, gen = ["a red circle in the center"], lambda: [torch.Generator().manual_seed(0)]
+    a = LatentDiffusionPipeline.from_checkpoint(lora)(prompt, num_inference_steps=2, generator=gen(),
+                                                      output_type="tensor")
+    b = LatentDiffusionPipeline.from_checkpoint(tmp_path / "merged.ckpt")(prompt, num_inference_steps=2,
+                                                                          generator=gen(), output_type="tensor")
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+    assert load_init_checkpoint(tmp_path / "merged.ckpt").unet is not None
+    assert convert_main([str(tmp_path / "merged.ckpt"), str(tmp_path / "again.ckpt"), "--to", "ldm"]) == 2
+    assert "already an ldm checkpoint" in capsys.readouterr().err
