@@ -36,7 +36,7 @@ from ldm.checkpoint import (
 )
 from ldm.compiling import compile_in_place
 from ldm.convert import SDCheckpoint, init_from_sd, load_sd_vae, sd_latent_normalization
-from ldm.data.cache_latents import cache_for_vae
+from ldm.data.cache_latents import SETTINGS_NAME, cache_for_vae, weights_fingerprint
 from ldm.data.masks import MaskSettings
 from ldm.diffusion import DiffusionLoss
 from ldm.diffusion.flow import FlowMatchingLoss
@@ -402,6 +402,33 @@ def check_cache_shape(cfg: DictConfig, latent_shape: list[int]) -> None:
             "or cache again with the matching VAE and --size")
 
 
+def check_cache_text(cfg: DictConfig, text_encoder: torch.nn.Module | None) -> None:
+    """Refuse a latent cache whose text embeddings the run would train on (a frozen text encoder takes them instead
+    of encoding the captions) but another text encoder made, or of another caption field than ``data.caption_field``:
+    the cache records both (``cache_settings.json``)."""
+    import json
+
+    shards = cfg.data.get("train_shards")
+    if (cfg.data.get("source", "images") != "latents" or not isinstance(shards, str) or text_encoder is None
+            or not getattr(text_encoder, "frozen", False)):
+        return
+    path = Path(shards) / SETTINGS_NAME
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    if not recorded.get("text"):
+        return
+    field = cfg.data.get("caption_field")
+    if recorded.get("caption_field") != field:
+        raise ConfigError(f"the latent cache {shards} holds text embeddings of the caption field "
+                          f"{recorded.get('caption_field')!r} (None: the .txt), but data.caption_field={field!r}: set "
+                          "it to the cache's, or cache again with --caption-field")
+    fingerprint = recorded.get("text_encoder")
+    if fingerprint is not None and fingerprint != weights_fingerprint(text_encoder):
+        raise ConfigError(f"the latent cache {shards} holds text embeddings of another text encoder (weights "
+                          f"{fingerprint}, the run's {weights_fingerprint(text_encoder)}): the run would train on "
+                          "them, not on its own encoder's features. Cache again with this run's text encoder "
+                          "(--text-encoder-config/--text-encoder), or make it trainable")
+
+
 def cache_precision(cfg: DictConfig) -> str:
     """``ldm_stage.cache_precision``, or when null the precision the training run encodes images in without the
     cache (its frozen VAE runs under the trainer's autocast): bfloat16 under bf16, float32 under 32-true."""
@@ -658,6 +685,7 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
             data_overrides["val_shards"] = str(encode(cfg.data.val_shards, "latents_val"))
         rank_zero_info(f"latent cache: {cache} ({time.perf_counter() - t0:.0f} s)")
     check_cache_shape(cfg, latent_shape)
+    check_cache_text(cfg, text_encoder)
     module = build_diffusion_module(cfg, unet, text_encoder, first_stage, lora_base)
     data = make_data(cfg, s, **data_overrides)
     stage_dir = out / "ldm"

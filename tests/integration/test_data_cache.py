@@ -554,3 +554,24 @@ def test_cli_caption_field(tmp_path):
                  "--text-encoder-config", str(tmp_path / "text.yaml"), "--text-encoder", str(tmp_path / "text.pt"),
                  "--size", "16", "--device", "cpu", "--caption-field", "color"]) == 0
     assert json.loads((tmp_path / "lat" / "cache_settings.json").read_text())["caption_field"] == "color"
+
+
+def test_training_refuses_cached_text_embeddings_of_another_encoder_or_caption_field(tmp_path):
+    """A frozen text encoder trains on the cache's embeddings instead of its own: a cache made by another encoder,
+    or from another caption field, is refused before training; a trainable encoder ignores them."""
+    from omegaconf import OmegaConf
+
+    shards, _ = _tiny_images(tmp_path)
+    cache_latents(shards, tmp_path / "lat", TinyVAE(), FrozenText(1.0), image_size=32, log=None)
+
+    def cfg(**data):
+        return OmegaConf.create({"data": {"source": "latents", "train_shards": str(tmp_path / "lat"), **data}})
+
+    stages.check_cache_text(cfg(), FrozenText(1.0))  # the encoder that made them
+    with pytest.raises(ConfigError, match=r"holds text embeddings of another text encoder \(weights [0-9a-f]{16}"):
+        stages.check_cache_text(cfg(), FrozenText(2.0))
+    with pytest.raises(ConfigError, match=r"caption field None \(None: the .txt\), but data.caption_field='alt'"):
+        stages.check_cache_text(cfg(caption_field="alt"), FrozenText(1.0))
+    trainable = FrozenText(2.0)
+    trainable.frozen = False
+    stages.check_cache_text(cfg(), trainable)
