@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Collection
 from pathlib import Path
@@ -191,11 +192,15 @@ def sample_settings(cfg: DictConfig, pipe: LatentDiffusionPipeline, prompts: lis
     interval = cfg.guidance_interval  # a malformed value reaches the check as the user wrote it
     if OmegaConf.is_list(interval):
         interval = tuple(interval)
-    c = pipe.check_call(prompts, negative_prompt=cfg.negative_prompt, num_inference_steps=cfg.steps,
-                        guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, sampler=cfg.sampler,
-                        eta=cfg.eta, strength=cfg.strength, guidance_rescale=cfg.guidance_rescale,
-                        guidance_interval=interval, autoguidance_scale=cfg.get("autoguidance_scale"),
-                        dtype=cfg.dtype, vae_tile_size=cfg.vae_tile_size)
+    try:
+        c = pipe.check_call(prompts, negative_prompt=cfg.negative_prompt, num_inference_steps=cfg.steps,
+                            guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
+                            sampler=cfg.sampler, eta=cfg.eta, strength=cfg.strength,
+                            guidance_rescale=cfg.guidance_rescale, guidance_interval=interval,
+                            autoguidance_scale=cfg.get("autoguidance_scale"), dtype=cfg.dtype,
+                            vae_tile_size=cfg.vae_tile_size)
+    except ConfigError as err:  # the pipeline names its argument; the key typed here is steps
+        raise ConfigError(re.sub(r"\bnum_inference_steps\b", "steps", str(err))) from None
     s = c.sampling
     return {
         "ckpt": str(cfg.ckpt), "negative_prompt": cfg.negative_prompt,

@@ -239,7 +239,7 @@ def test_zero_and_wrong_outputs_are_errors_not_defaults(tiny_ckpt, tmp_path) -> 
     from ldm.errors import ConfigError
 
     for key, match in [("n", "n must be an integer >= 1, got 0"), ("batch_size", "batch_size must be an integer >= 1"),
-                       ("steps", "num_inference_steps must be an integer >= 1, got 0"),
+                       ("steps", r"\bsteps must be an integer >= 1, got 0"),
                        ("height", "height and width must be positive")]:
         with pytest.raises(ConfigError, match=match):
             sample(tiny_ckpt, tmp_path / "out", prompt="a red circle", **{key: 0})
@@ -250,9 +250,9 @@ def test_zero_and_wrong_outputs_are_errors_not_defaults(tiny_ckpt, tmp_path) -> 
         ("guidance_rescale", "nan", r"guidance_rescale must lie in \[0, 1\]"),
         ("autoguidance_scale", "nan", "autoguidance_scale must be a finite number >= 1"),
         ("guidance_interval", "[0,inf]", "guidance_interval must be two timesteps"),
-        ("steps", "2.5", r"num_inference_steps must be an integer >= 1, got 2.5 \(float\)"),
-        ("steps", "abc", r"num_inference_steps must be an integer >= 1, got 'abc' \(str\)"),
-        ("steps", "5000", r"num_inference_steps must lie in \[1, 1000\]"),
+        ("steps", "2.5", r"\bsteps must be an integer >= 1, got 2.5 \(float\)"),
+        ("steps", "abc", r"\bsteps must be an integer >= 1, got 'abc' \(str\)"),
+        ("steps", "5000", r"\bsteps must lie in \[1, 1000\]"),
         ("height", "-16", "height and width must be positive"), ("width", "99999999", "at most 16384"),
         ("eta", "-1", "eta must be a finite number >= 0"), ("eta", "nan", "eta must be a finite number >= 0"),
         ("strength", "0", r"strength must lie in \(0, 1\]"), ("strength", "inf", r"strength must lie in \(0, 1\]"),
@@ -286,7 +286,7 @@ def test_cli_exit_status_and_unknown_keys(tiny_ckpt, tmp_path) -> None:
                               capture_output=True, text=True, cwd=tmp_path, timeout=300)
 
     bad = cli("prompt=a cat", "steps=0", f"out={tmp_path / 'out'}")
-    assert bad.returncode == 2 and bad.stderr.strip().endswith("num_inference_steps must be an integer >= 1, got 0")
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("error: steps must be an integer >= 1, got 0")
     assert "Traceback" not in bad.stderr and not (tmp_path / "out").exists()
     typo = cli("prompt=a cat", "stpes=3", f"out={tmp_path / 'out'}")
     assert typo.returncode != 0 and "Key 'stpes' is not in struct" in typo.stderr
