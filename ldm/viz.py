@@ -9,6 +9,7 @@ A wrong argument prints ``error: ...`` and exits with status 2.
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,6 +125,8 @@ def _out(value: str, formats: Sequence[str]) -> Path:
                           f"{', '.join('.' + f for f in formats)}")
     if not path.parent.is_dir():
         raise ConfigError(f"out={value}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"out={value}: cannot write there (no write permission): choose another out=")
     return path
 
 
@@ -192,9 +195,14 @@ def run(command: str, args: dict[str, Any]) -> Path:
             except OSError as err:
                 raise ConfigError(f"image={args['image']} is not an image PIL can read: {err}") from None
         image = image.resize((size, size), Image.BICUBIC)
-        forward_strip(image, NoiseSchedule.from_name(args["schedule"]), seed=args["seed"]).save(args["out"])
-    else:
-        plot_log_snr({n: NoiseSchedule.from_name(n) for n in ("linear", "scaled_linear", "cosine")}, args["out"])
+        strip = forward_strip(image, NoiseSchedule.from_name(args["schedule"]), seed=args["seed"])
+    try:
+        if command == "forward":
+            strip.save(args["out"])
+        else:
+            plot_log_snr({n: NoiseSchedule.from_name(n) for n in ("linear", "scaled_linear", "cosine")}, args["out"])
+    except OSError as err:  # a full disk, a file system that refuses the file
+        raise ConfigError(f"out={args['out']}: cannot write it ({err})") from None
     return args["out"]
 
 

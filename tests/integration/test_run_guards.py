@@ -235,6 +235,58 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock(tmp_path: Path, m
         RunLock(run).__enter__()
 
 
+def test_the_run_lock_takes_over_once_and_only_from_what_is_gone(tmp_path: Path, monkeypatch) -> None:
+    """A former process with this PID (a container restart), an empty lock left long ago: taken over. A live step
+    of the same SLURM job on this host: refused. Two takers of one stale lock: one wins, the other is refused, and
+    the winner's lock survives the loser."""
+    import socket
+    import time as clock
+
+    from ldm.lightning import run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    host = socket.gethostname()
+    (run / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": host, "slurm_job": None, "started": 0}))
+    with pytest.warns(UserWarning, match="no longer running"), RunLock(run) as lock:
+        assert lock.held
+    (run / LOCK_NAME).write_text("")
+    with pytest.raises(ConfigError, match="in use by another training"):  # maybe being written right now
+        RunLock(run).__enter__()
+    old = clock.time() - 2 * run_lock.EMPTY_LOCK_GRACE_S
+    os.utime(run / LOCK_NAME, (old, old))
+    with pytest.warns(UserWarning, match="empty or unreadable"), RunLock(run) as lock:
+        assert lock.held
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run / LOCK_NAME).write_text(json.dumps({"pid": live.pid, "host": host, "slurm_job": "4242"}))
+        with pytest.raises(ConfigError, match=rf"in use by another training \(PID {live.pid}"):
+            RunLock(run).__enter__()
+    finally:
+        live.kill()
+        live.wait()
+    # two takers: B has judged the lock stale when A takes it over first
+    (run / LOCK_NAME).write_text(json.dumps({"pid": live.pid, "host": host, "slurm_job": None}))
+    a, b = RunLock(run), RunLock(run)
+    real = run_lock.warnings.warn
+
+    def a_first(*args, **kwargs):
+        monkeypatch.setattr(run_lock.warnings, "warn", real)
+        a.__enter__()
+
+    monkeypatch.setattr(run_lock.warnings, "warn", a_first)
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="another process took the run folder's lock"):
+        b.__enter__()
+    assert a.held and not b.held and json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()
+    b.__exit__(None, None, None)
+    assert (run / LOCK_NAME).exists()
+    a.__exit__(None, None, None)
+    assert not (run / LOCK_NAME).exists()
+
+
 def _fake_ckpt(path: Path, step: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"ldm": {"kind": "latent_diffusion"}, "global_step": step, "loops": {}, "state_dict": {}}, path)

@@ -68,3 +68,10 @@ def test_torchs_own_default_folder_is_replaced_and_an_unset_variable_set(tmp_pat
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     keep_compiled_kernels()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "ldm" / "inductor")
+
+
+def test_an_empty_ldm_cache_is_the_default_not_the_current_folder(monkeypatch):
+    from ldm.local_cache import cache_dir
+
+    monkeypatch.setenv("LDM_CACHE", "")
+    assert cache_dir("inductor") == Path("~/.cache/ldm").expanduser() / "inductor"

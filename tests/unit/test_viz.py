@@ -91,3 +91,22 @@ def test_an_unreadable_image_is_a_clean_error(tmp_path, capsys):
         main(["forward", f"image={bad}", f"out={tmp_path / 's.png'}", "size=8"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: image={bad} is not an image PIL can read")
+
+
+def test_an_output_that_cannot_be_written_exits_2_naming_it(tmp_path, capsys):
+    """A folder without write permission, or a file system that refuses the file (/proc), was a traceback."""
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        for args in (["forward", "size=8", "out=/proc/strip.png"], ["logsnr", "out=/proc/logsnr.png"]):
+            with pytest.raises(SystemExit) as exit_:
+                main(args)
+            assert exit_.value.code == 2 and "out=/proc/" in capsys.readouterr().err
+        if os.geteuid() != 0:  # root writes anyway; its refusal is /proc's above
+            with pytest.raises(ConfigError, match="cannot write there"):
+                parse_args(["forward", f"out={locked / 'strip.png'}"])
+    finally:
+        locked.chmod(0o755)
