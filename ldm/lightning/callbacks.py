@@ -117,7 +117,8 @@ class Throughput(L.Callback):
     ``torch.utils.flop_counter.FlopCounterMode`` on the first batch: matmuls,
     convolutions and attention as executed, CPU attention included (``ldm.lightning.flops``). Module forwards that run
     during the backward (checkpointing's recomputation, ``RecomputedFlops``) count for the hardware figure only. The
-    counts are saved in checkpoints, so a resumed run does not count again. Logged every step from the second on.
+    counts are saved in checkpoints, so a resumed run does not count again. Logged from the second step of each fit
+    on: the first (warm-up, or the count) and a recounting step give no figures.
 
     ``peak_flops`` (FLOP/s at the training precision) overrides the peak; left None, a bf16 or fp16 run on a GPU in
     ``ldm.lightning.flops.PEAK_BF16_DENSE_FLOPS`` takes that GPU's dense peak (the fp16 and bf16 tensor-core peaks
@@ -134,11 +135,13 @@ class Throughput(L.Callback):
         self._recomputed: RecomputedFlops | None = None
         self._counting_step = False
         self._counted_steps = 1  # the optimizer steps a batch of the counted step made (the module's at the time)
+        self._warm = False  # past the first step of this fit (allocator, kernels, caches: not a step's time)
         self._optimizer_hooks = 0  # optimizer steps seen while counting
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Settle the peak MFU is measured against: the configured one, else the device's."""
         self._peak = self.peak_flops or self._device_peak(trainer)
+        self._warm = False  # a resumed fit warms up again
 
     @staticmethod
     def _device_peak(trainer: L.Trainer) -> float | None:
@@ -195,11 +198,15 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         dt = time.perf_counter() - self._t0
         n = len(batch["caption"]) if "caption" in batch else next(iter(batch.values())).shape[0]
-        log_step_value(pl_module, "perf/images_per_s", host_scalar(n * trainer.world_size / dt), batch_size=n)
-        if self._counting_step:  # the first step, slowed by the counting: no FLOP/s from it
+        if self._counting_step:  # a step slowed by the counting: no figures from it
             self._stop_counting()
             self._counting_step = False
+            self._warm = True
             return
+        if not self._warm:  # the first step of a fit (a resumed one too) includes its warm-up
+            self._warm = True
+            return
+        log_step_value(pl_module, "perf/images_per_s", host_scalar(n * trainer.world_size / dt), batch_size=n)
         if self.flops_per_step:
             log_step_value(pl_module, "perf/tflops", host_scalar(self.flops_per_step / dt / 1e12), batch_size=n)
             if self._peak:

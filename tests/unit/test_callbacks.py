@@ -272,3 +272,22 @@ def test_throughput_stops_its_clock_before_the_grids_draw(tmp_path):
     assert [type(c) for c in callbacks[1:]] == [type(c) for c in make_callbacks(cfg.callbacks.ldm)
                                                 if not isinstance(c, Throughput)]
     assert any(isinstance(c, SampleGrid) for c in callbacks)
+
+
+def test_throughput_gives_no_figures_for_the_first_step_of_a_fit(tmp_path, monkeypatch, step_time):
+    """A given or restored FLOP count skips the counting step, but the first step of a fit (a resumed one too) still
+    holds the warm-up: it logged a slow FLOP/s and images/s. Now the figures start at a fit's second step."""
+    logged: list[tuple[int, str]] = []
+    real = callbacks.log_step_value
+
+    def spy(module, key, value, **kwargs):
+        logged.append((module.trainer.global_step, key))
+        return real(module, key, value, **kwargs)
+
+    monkeypatch.setattr(callbacks, "log_step_value", spy)
+    throughput = Throughput(flops_per_step=1e6, peak_flops=1e9)
+    fit(tmp_path, [throughput], steps=3)
+    assert sorted({step for step, _ in logged}) == [2, 3]  # global_step after the batch: the second and third
+    logged.clear()
+    fit(tmp_path / "again", [throughput], steps=2)  # the same callback, a new fit (as a resume makes)
+    assert sorted({step for step, _ in logged}) == [2]
