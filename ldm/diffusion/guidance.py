@@ -35,7 +35,10 @@ def classifier_free_guidance(
         dims = list(range(1, cond.ndim))
         std_cond = cond.std(dim=dims, keepdim=True)
         std_guided = guided.std(dim=dims, keepdim=True)
-        rescaled = guided * (std_cond / std_guided)
+        # a constant guided output (a zero-initialised UNet's) has no spread to rescale: left as it is, not 0/0
+        ratio = torch.where(std_guided > 0, std_cond / std_guided.clamp_min(torch.finfo(std_guided.dtype).tiny),
+                            torch.ones_like(std_guided))
+        rescaled = guided * ratio
         guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
     return guided
 
@@ -135,7 +138,7 @@ class AutoGuidance:
                  cfg: ClassifierFreeGuidance | None = None):
         if not math.isfinite(scale) or scale < 1:
             raise ValueError(f"autoguidance_scale must be a finite number >= 1 (1 disables it), got {scale}")
-        if guide is None:
+        if guide is None and scale != 1.0:
             raise ValueError(f"autoguidance_scale={scale} needs a guide model (a checkpoint trained with "
                              "ldm_stage.guide_snapshot_step); set autoguidance_scale=1 to sample without it")
         self.guide, self.scale, self.guide_context = guide, float(scale), guide_context

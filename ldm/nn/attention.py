@@ -81,14 +81,18 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
         scale = 1.0 / math.sqrt(q.shape[-1])
         # scaled after the product, in place: the backward then keeps q itself, not a scaled copy
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
+        dead = None
         if mask is not None:
             if mask.dtype == torch.bool:
                 scores = scores.masked_fill(~mask, float("-inf"))
             else:
                 scores = scores + mask.float()
-        probs = scores.softmax(dim=-1)
-        if mask is not None:  # a query whose keys are all masked attends to nothing (SDPA's zeros, not NaN)
+            # a query whose keys are all masked attends to nothing (SDPA's zeros, not NaN); its scores are cleared
+            # before the softmax too, whose backward would give NaN gradients on a row of -inf
             dead = ~mask.any(-1, keepdim=True) if mask.dtype == torch.bool else torch.isneginf(mask).all(-1, True)
+            scores = scores.masked_fill(dead, 0.0)
+        probs = scores.softmax(dim=-1)
+        if dead is not None:
             probs = probs.masked_fill(dead, 0.0)
         return torch.matmul(probs.to(v.dtype), v)
 

@@ -202,8 +202,12 @@ class EMA(nn.Module):
         return self._host_updates
 
     def current_decay(self) -> float:
+        """With warm-up, diffusers' ``EMAModel`` rule: 0 at the first update (the average starts as the weights),
+        then ``min(decay, (1 + n) / (10 + n))`` at update n + 1."""
         n = self._updates()
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        if not self.warmup:
+            return self.decay
+        return 0.0 if n == 0 else min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -349,3 +349,22 @@ def test_half_precision_sdpa_on_the_cpu_with_shapes_the_flash_kernel_refuses() -
     torch.testing.assert_close(out, ref.to(torch.bfloat16), rtol=0, atol=0)
     out.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in leaves)
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_a_fully_masked_query_has_zero_output_and_finite_gradients_in_math(additive):
+    """The math back end cleared a fully masked query's output but, with an additive -inf mask, its softmax's
+    backward gave NaN gradients to q and to every key of the batch and head; now as SDPA: zeros, finite gradients."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3, 4, requires_grad=True) for _ in range(3))
+    allowed = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    allowed[..., 1, :] = False  # query 1 may attend to nothing
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")) if additive else allowed
+    out = attention(q, k, v, mask, backend="math")
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+    out.square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    reference = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    attention(*reference, mask, backend="sdpa").square().sum().backward()
+    for ours, theirs in zip((q, k, v), reference, strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-6)

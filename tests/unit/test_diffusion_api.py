@@ -260,3 +260,23 @@ def test_timestep_embedding_matches_sd_convention(dim):
     ref = get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
     torch.testing.assert_close(timestep_embedding(t, dim), ref)
     assert timestep_embedding(t, dim)[0, : dim // 2].eq(1).all()  # cos(0) first, as in the SD UNet
+
+
+def test_guidance_rescale_leaves_a_constant_output_as_it_is():
+    """A constant guided output (a zero-initialised UNet's) has std 0: the rescale divided by it and gave NaN for
+    that sample only. It is left unrescaled; the other samples are rescaled as before."""
+    torch.manual_seed(0)
+    uncond, cond = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    uncond[1], cond[1] = 0.5, 0.5  # sample 1: a constant output
+    out = classifier_free_guidance(uncond, cond, 5.0, 0.7)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1], torch.full_like(out[1], 0.5))
+    torch.testing.assert_close(out[:1], classifier_free_guidance(uncond[:1], cond[:1], 5.0, 0.7))
+
+
+def test_autoguidance_at_scale_one_needs_no_guide():
+    """Scale 1 disables autoguidance (its docstring): building it without a guide there is no error."""
+    guidance = AutoGuidance(None, 1.0)
+    assert guidance.scale == 1.0
+    with pytest.raises(ValueError, match="needs a guide model"):
+        AutoGuidance(None, 2.0)

@@ -75,25 +75,31 @@ def trainer(steps, tmp_path):
 def test_ema_follows_the_model_with_warmup_and_swaps_in():
     model = nn.Linear(3, 3)
     ema = EMA(model, decay=0.99, warmup=True)
-    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    assert ema.current_decay() == 0.0  # the first update starts the average at the weights (diffusers' EMAModel)
     before = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
     ema.update(model)
-    torch.testing.assert_close(ema.shadow_0, before + 0.9)  # moved 1 - 0.1 of the way
+    torch.testing.assert_close(ema.shadow_0, before + 1.0)
+    assert ema.current_decay() == pytest.approx(2 / 11)  # (1 + 1) / (10 + 1) at the second
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    average = before + 2.0 - 2 / 11  # moved 1 - 2/11 of the way from before + 1 to before + 2
+    torch.testing.assert_close(ema.shadow_0, average)
     trained = model.weight.detach().clone()
     with ema.swapped_in(model):
-        torch.testing.assert_close(model.weight, before + 0.9)
+        torch.testing.assert_close(model.weight, average)
     torch.testing.assert_close(model.weight, trained)
     state = ema.state_dict()  # the averages under the parameters' own names: a plain load_state_dict reads them
-    assert list(state) == ["weight", "bias", "num_updates"] and int(state["num_updates"]) == 1
+    assert list(state) == ["weight", "bias", "num_updates"] and int(state["num_updates"]) == 2
     plain = nn.Linear(3, 3)
     plain.load_state_dict({k: v for k, v in state.items() if k != "num_updates"})
-    torch.testing.assert_close(plain.weight, before + 0.9)
+    torch.testing.assert_close(plain.weight, average)
     again = EMA(nn.Linear(3, 3), decay=0.99)
     again.load_state_dict(state)
-    torch.testing.assert_close(again.averaged_state_dict()["weight"], before + 0.9)
-    assert int(again.num_updates) == 1
+    torch.testing.assert_close(again.averaged_state_dict()["weight"], average)
+    assert int(again.num_updates) == 2
     with pytest.raises(RuntimeError, match="Unexpected key"):
         again.load_state_dict({**state, "extra": torch.zeros(1)})
     with pytest.raises(ValueError, match="decay"):
@@ -136,16 +142,23 @@ def test_a_cast_module_keeps_its_ema_in_float32_and_trains_under_bf16_true():
 
 @pytest.mark.parametrize("warmup", [True, False])
 def test_ema_averages_as_diffusers_ema_model_does(warmup):
-    """Oracle: diffusers' EMAModel. Its decay, 0 at its first step and min((1 + n) / (10 + n), decay) at step n + 1
-    (use_ema_warmup=False), is ours at update n >= 1 with warmup; with min_decay = decay it is a constant one. Its first
-    step copies the model, ours moves 1 - 0.1 of the way, so it starts from our average after our first update."""
+    """Oracle: diffusers' EMAModel. With warm-up its decay is ours at every update: 0 at the first (the average
+    starts as the weights) and min((1 + n) / (10 + n), decay) at update n + 1 (use_ema_warmup=False), so both start
+    from the same model. Without, ours is a constant decay and diffusers' (min_decay = decay) is too after its first
+    step, which copies the model: it starts from our average after our first update."""
     from diffusers.training_utils import EMAModel
 
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     decay = 0.9  # reached at update 81 with warmup: the cap is checked too
     ema = EMA(model, decay=decay, warmup=warmup)
-    theirs = None
+
+    def theirs_from(params):
+        made = EMAModel([p.detach().clone() for p in params], decay=decay, min_decay=0.0 if warmup else decay,
+                        use_ema_warmup=False)
+        return made
+
+    theirs = theirs_from(model.parameters()) if warmup else None
     for n in range(100):
         with torch.no_grad():
             for p in model.parameters():
@@ -155,10 +168,9 @@ def test_ema_averages_as_diffusers_ema_model_does(warmup):
             theirs.step(model.parameters())
         ema.update(model)
         if theirs is None:
-            theirs = EMAModel([p.detach().clone() for p in ema.averaged_state_dict().values()], decay=decay,
-                              min_decay=0.0 if warmup else decay, use_ema_warmup=False)
+            theirs = theirs_from(ema.averaged_state_dict().values())
             theirs.optimization_step = 1
-        if n in (1, 10, 99):
+        if n in (0, 1, 10, 99):
             for ours, other in zip(ema.averaged_state_dict().values(), theirs.shadow_params, strict=True):
                 torch.testing.assert_close(ours, other, rtol=1e-5, atol=1e-6)
     assert ema.current_decay() == decay
