@@ -57,6 +57,7 @@ from ldm.data.transforms import (
     missing_caption_field,
     npy_bytes,
     sample_caption,
+    sample_meta,
 )
 from ldm.data.urls import shard_digest
 from ldm.errors import ConfigError
@@ -235,8 +236,7 @@ def cache_latents(
     def caption(raw: dict[str, Any]) -> str:
         """The caption the reader gives this sample with ``caption_field`` (warned once when its json lacks it)."""
         nonlocal warned_field
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-        meta = meta if isinstance(meta, dict) else {}
+        meta = sample_meta(raw)
         if caption_field is not None and caption_field not in meta and not warned_field:
             warned_field = True
             warnings.warn(missing_caption_field(raw, meta, caption_field), stacklevel=2)

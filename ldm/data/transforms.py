@@ -172,6 +172,13 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def sample_meta(raw: dict[str, Any]) -> dict[str, Any]:
+    """A raw sample's ``.json`` member as a mapping; empty without one, or for a json of another shape (a list, a
+    number), which holds no fields to read."""
+    meta = json.loads(raw["json"]) if "json" in raw else {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def sample_caption(raw: dict[str, Any], meta: dict[str, Any], caption_field: str | None = None) -> str:
     """A sample's caption: ``meta[caption_field]`` when ``caption_field`` is set (empty when its json lacks the
     field), else the ``.txt`` member, else ``meta["caption"]``. ``meta`` is the sample's parsed json (a dict). The
@@ -219,9 +226,7 @@ class SampleDecoder:
     def __call__(self, raw: dict[str, Any], rng: random.Random,
                  size: tuple[int, int] | None = None) -> dict[str, Any]:
         """The training sample of ``raw``; ``size`` (width, height) is its aspect-ratio bucket's, if any."""
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-        if not isinstance(meta, dict):  # a json of another shape holds no fields to read
-            meta = {}
+        meta = sample_meta(raw)
         out: dict[str, Any] = {"key": raw["__key__"]}
         if self.caption_field is not None and self.caption_field not in meta:
             self._warn_once("caption_field", missing_caption_field(raw, meta, self.caption_field))

@@ -11,6 +11,7 @@ Weights are never downloaded: ``resolve_weights`` takes an explicit path or an e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -386,7 +387,14 @@ def load_stats(path: str | os.PathLike) -> dict[str, Any]:
 
 def weights_digest(path: str | os.PathLike) -> str:
     """The first 16 hex digits of the weights file's SHA-256: statistics record it, so features of other weights
-    (a renamed or re-downloaded file counts as the same when its bytes are) are not compared with them."""
+    (a renamed or re-downloaded file counts as the same when its bytes are) are not compared with them. Hashed once
+    per file state (the config check, the callback and each extractor ask for it)."""
+    stat = os.stat(path)
+    return _file_digest(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -45,7 +45,6 @@ class ValidationSettings:
     seed: int = 0
 
 
-
 def recorded_objective(loss: DiffusionLoss | FlowMatchingLoss) -> tuple[dict[str, Any], str]:
     """What a checkpoint records of the training objective ``loss``: the schedule's ``from_name`` keywords (a flow
     model: its ``FlowMatchingLoss.spec``, no noise schedule) and the prediction type."""

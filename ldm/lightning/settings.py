@@ -180,12 +180,17 @@ def check_ldm_stage(s: DictConfig) -> None:
             raise ConfigError(f"ldm_stage.inpainting: {err}") from None
 
 
+def is_lora_run(cfg: DictConfig) -> bool:
+    """Whether ``ldm_stage.lora`` asks for adapters (a rank): a LoRA run, not a full fine-tune."""
+    lora = cfg.ldm_stage.get("lora")
+    return lora is not None and lora.get("rank") is not None
+
+
 def check_lora_run(cfg: DictConfig, init_ckpt: str | None) -> None:
     """A LoRA run (``ldm_stage.lora.rank`` set) trains adapters on one base file, ``init_ckpt``, which its
     checkpoints record: the VAE comes from it too (no vae stage or ``vae_ckpt``), and it keeps no autoguidance
     snapshot. Checked before any stage, so the vae stage of ``stages=[vae,ldm]`` does not train first."""
-    lora = cfg.ldm_stage.get("lora")
-    if lora is None or lora.get("rank") is None:
+    if not is_lora_run(cfg):
         return
     if not init_ckpt:
         raise ConfigError("ldm_stage.lora.rank trains adapters on a base model: set init_ckpt=PATH, an SD single file "
@@ -288,9 +293,8 @@ def check_run(cfg: DictConfig) -> None:
             raise ConfigError(INIT_CKPT_REQUIRED)
         init_ckpt = None if OmegaConf.is_missing(cfg, "init_ckpt") else cfg.get("init_ckpt")
         check_lora_run(cfg, init_ckpt)
-        lora = (cfg.ldm_stage.get("lora") or {}).get("rank") is not None
         # a resumed full fine-tune holds every weight (its base file is not read); a LoRA run's base loads again
-        if init_ckpt and not Path(init_ckpt).is_file() and (lora or not resuming):
+        if init_ckpt and not Path(init_ckpt).is_file() and (is_lora_run(cfg) or not resuming):
             raise ConfigError(f"init_ckpt={init_ckpt}: no such file (an SD .ckpt/.safetensors, or an ldm "
                               "checkpoint RUN/ldm/checkpoints/last.ckpt)")
         # No source of a first stage at all (cached latents get their own message, which says which VAE:

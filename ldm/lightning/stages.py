@@ -60,6 +60,7 @@ from ldm.lightning.settings import (
     check_lora_run,
     check_run,
     diffusion_objective,
+    is_lora_run,
     resume_mode,
     run_sampling,
 )
@@ -422,9 +423,10 @@ def check_cache_text(cfg: DictConfig, text_encoder: torch.nn.Module | None) -> N
                           f"{recorded.get('caption_field')!r} (None: the .txt), but data.caption_field={field!r}: set "
                           "it to the cache's, or cache again with --caption-field")
     fingerprint = recorded.get("text_encoder")
-    if fingerprint is not None and fingerprint != weights_fingerprint(text_encoder):
+    ours = weights_fingerprint(text_encoder) if fingerprint is not None else None
+    if fingerprint != ours:
         raise ConfigError(f"the latent cache {shards} holds text embeddings of another text encoder (weights "
-                          f"{fingerprint}, the run's {weights_fingerprint(text_encoder)}): the run would train on "
+                          f"{fingerprint}, the run's {ours}): the run would train on "
                           "them, not on its own encoder's features. Cache again with this run's text encoder "
                           "(--text-encoder-config/--text-encoder), or make it trainable")
 
@@ -524,10 +526,7 @@ def export_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, pat
 
 def lora_settings(cfg: DictConfig) -> dict[str, Any] | None:
     """``ldm_stage.lora`` as a plain dict when it asks for adapters (a rank), else None (full fine-tuning)."""
-    lora = cfg.ldm_stage.get("lora")
-    if lora is None or lora.get("rank") is None:
-        return None
-    return OmegaConf.to_container(lora, resolve=True)
+    return OmegaConf.to_container(cfg.ldm_stage.lora, resolve=True) if is_lora_run(cfg) else None
 
 
 def apply_lora(cfg: DictConfig, lora: dict[str, Any], unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
