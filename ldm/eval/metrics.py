@@ -19,7 +19,7 @@ import os
 import pickle
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +152,7 @@ class FeatureExtractor:
             "weights": Path(path).name,
             "weights_digest": weights_digest(path),
         }
+        self.image_sizes: set[tuple[int, int]] = set()  # (height, width) of the images of the last features() call
 
     @torch.no_grad()
     def features(self, images: ImageSource, batch_size: int = 64, limit: int | None = None) -> torch.Tensor:
@@ -160,6 +161,7 @@ class FeatureExtractor:
             raise ConfigError(f"batch size must be a positive integer, got {batch_size}")
         out: list[torch.Tensor] = []
         batch: list[torch.Tensor] = []
+        self.image_sizes = set()
 
         def flush() -> None:
             if batch:
@@ -171,10 +173,21 @@ class FeatureExtractor:
             if batch and (image.shape != batch[0].shape or len(batch) == batch_size):
                 flush()
             batch.append(image)
+            self.image_sizes.add((int(image.shape[-2]), int(image.shape[-1])))
         flush()
         if not out:
             raise ConfigError(f"no images in {_describe(images)}")
         return torch.cat(out)
+
+
+def image_size_label(sizes: Iterable[tuple[int, int]]) -> str | None:
+    """The native size of a set of images as statistics record it: ``"32x32"`` (height x width), ``"mixed: ..."``
+    for several, None for none."""
+    labels = [f"{h}x{w}" for h, w in sorted(set(sizes))]
+    if len(labels) <= 1:
+        return labels[0] if labels else None
+    shown = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+    return f"mixed: {shown}"
 
 
 def extract_features(images: ImageSource, *, extractor: str = DEFAULT_EXTRACTOR,
@@ -445,6 +458,8 @@ class Metrics(dict):
         line += f", resize: {m.get('resize')}"
         if m.get("weights"):
             line += f", weights {m['weights']}"
+        if m.get("image_size"):
+            line += f", images {m['image_size']}"
         if "kid_subset_size" in m:
             line += f", KID: {m['kid_subsets']} subsets of {m['kid_subset_size']}"
         return line
@@ -457,6 +472,7 @@ class _Side:
     kind: str
     stats: dict[str, Any] | None = None
     features: torch.Tensor | None = None
+    image_size: str | None = None  # the images' native size (``image_size_label``), None where unknown
 
     @property
     def n(self) -> int:
@@ -522,6 +538,7 @@ def compute_metrics(gen: ImageSource, ref: ImageSource, *, extractor: str = DEFA
         for side in sides:
             if side.kind != "stats":
                 side.features = net.features(side.source, batch_size)
+                side.image_size = image_size_label(net.image_sizes)
     else:  # two statistics files: made with the same weights, or not comparable
         gen_stats, ref_stats = (s.stats for s in sides)
         assert gen_stats is not None and ref_stats is not None
@@ -534,8 +551,10 @@ def compute_metrics(gen: ImageSource, ref: ImageSource, *, extractor: str = DEFA
             meta["feature_layer"] = meta["feature_layer"] or side.stats.get("feature_layer")
             meta["library"] = meta["library"] or side.stats.get("library")
             meta["weights"] = meta["weights"] or side.stats.get("weights")
+            side.image_size = side.stats.get("image_size")
         _check_count(side, side.n, kid, prc)
     g, r = sides
+    meta["image_size"] = _image_sizes(g, r)
     dims = {s.name: (s.features.shape[1] if s.features is not None else len(s.fid_stats()["mu"])) for s in sides}
     if dims["GEN"] != dims["REF"]:
         raise ConfigError(f"GEN has {dims['GEN']}-dim features and REF {dims['REF']}-dim: they come from different "
@@ -560,6 +579,18 @@ def compute_metrics(gen: ImageSource, ref: ImageSource, *, extractor: str = DEFA
         p = prc_features_to_metric(g.features, r.features, prc_neighborhood=PRC_NEIGHBORHOOD, verbose=False)
         out["precision"], out["recall"] = float(p["precision"]), float(p["recall"])
     return out
+
+
+def _image_sizes(gen: _Side, ref: _Side) -> str | None:
+    """The protocol's image sizes; warns when the two sides' native sizes differ (the extractor resizes both to its
+    input, so the metric then measures the resizing too: compare at one size)."""
+    if gen.image_size == ref.image_size:
+        return gen.image_size
+    if gen.image_size and ref.image_size:
+        warnings.warn(f"GEN images are {gen.image_size} and REF images {ref.image_size}: the extractor resizes both, "
+                      "so the metric also measures the difference in resizing; generate at the reference's size or "
+                      "resize the reference images first", stacklevel=3)
+    return f"GEN {gen.image_size or 'unknown'}, REF {ref.image_size or 'unknown'}"
 
 
 def _check_count(side: _Side, n: int, kid: bool, prc: bool) -> None:

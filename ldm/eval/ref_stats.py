@@ -21,7 +21,14 @@ import torch
 
 from ldm.errors import ConfigError
 from ldm.eval.fid import add_extractor_args, weights_arg
-from ldm.eval.metrics import DEFAULT_EXTRACTOR, STATS_SUFFIX, FeatureExtractor, count_images, save_stats
+from ldm.eval.metrics import (
+    DEFAULT_EXTRACTOR,
+    STATS_SUFFIX,
+    FeatureExtractor,
+    count_images,
+    image_size_label,
+    save_stats,
+)
 
 
 def make_ref_stats(source: str | os.PathLike, out: str | os.PathLike, *, extractor: str = DEFAULT_EXTRACTOR,
@@ -40,7 +47,7 @@ def make_ref_stats(source: str | os.PathLike, out: str | os.PathLike, *, extract
         warnings.warn(f"{source} holds {available} images, fewer than --n {n}: using all of them", stacklevel=2)
     net = FeatureExtractor(extractor, weights_path, device)
     features = net.features(source, batch_size, limit=n)
-    meta = {**net.meta, "n": len(features), "source": str(source)}
+    meta = {**net.meta, "n": len(features), "source": str(source), "image_size": image_size_label(net.image_sizes)}
     save_stats(out, features, {k: v for k, v in meta.items() if k != "n"})
     return meta
 
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: n={meta['n']}, {meta['library']}, {meta['extractor']} (layer {meta['feature_layer']}), "
-          f"resize: {meta['resize']}, weights {meta['weights']}")
+          f"resize: {meta['resize']}, weights {meta['weights']}, images {meta['image_size']}")
     return 0
 
 

@@ -34,6 +34,7 @@ from ldm.eval.metrics import (
     check_stats_weights,
     compute_metrics,
     features_to_stats,
+    image_size_label,
     load_stats,
     resolve_weights,
     weights_digest,
@@ -185,7 +186,9 @@ class Evaluation(L.Callback):
         if trainer.is_global_zero:
             assert self._extractor is not None
             # both sides as statistics in memory: the gathered features, and the reference loaded once at start-up
-            gen = features_to_stats(features, {k: v for k, v in self._extractor.meta.items() if v is not None})
+            # the images' size is the generating rank's: every rank samples at the pipeline's one size
+            gen_meta = {**self._extractor.meta, "image_size": image_size_label(self._extractor.image_sizes)}
+            gen = features_to_stats(features, {k: v for k, v in gen_meta.items() if v is not None})
             m = compute_metrics(gen, self._ref, extractor=self.extractor, fid=True, kid=self.kid,
                                 kid_subset_size=self.kid_subset_size)
             values = {f"eval/fid_n{self.n}": m["fid"]}

@@ -93,6 +93,7 @@ def test_csv_holds_the_validation_loss_and_fid_at_the_expected_steps(csv_run):
     protocol = hparams["eval_protocol"]
     assert protocol["extractor"] == "inception-v3-compat" and protocol["n"] == N and "299" in protocol["resize"]
     assert protocol["ref_stats"] == str(csv_run.parent / "ref.npz")
+    assert protocol["image_size"] == "16x16"  # the generated images', as the reference's
 
 
 def test_best_checkpoint_is_the_step_of_the_lowest_val_loss(csv_run):

@@ -27,6 +27,7 @@ from ldm.eval.metrics import (
     count_images,
     extract_features,
     features_to_stats,
+    image_size_label,
     iter_images,
     load_stats,
     resolve_weights,
@@ -160,6 +161,23 @@ def test_ref_stats_contents(stats_files):
     np.testing.assert_allclose(stats["mu"], stats["features"].double().mean(0).numpy(), rtol=1e-6, atol=1e-9)
     with np.load(ref_npz) as raw:  # what pytorch-fid / clean-fid readers look for
         assert {"mu", "sigma"} <= set(raw.files)
+
+
+def test_image_sizes_are_recorded_and_compared(folders, weights, stats_files):
+    """Statistics record the images' native size; the protocol names it, and sides of different sizes warn (the
+    extractor resizes both, so the metric would also measure the resizing)."""
+    gen, _ = folders
+    gen_npz, ref_npz = stats_files
+    assert load_stats(ref_npz)["image_size"] == load_stats(gen_npz)["image_size"] == "32x32"
+    m = compute_metrics(gen_npz, ref_npz, fid=False, kid=True, kid_subset_size=N_REF)
+    assert m.meta["image_size"] == "32x32" and "images 32x32" in m.protocol()
+    big = torch.stack(list(iter_images(gen))[:4]).repeat_interleave(2, -1)  # 32 x 64
+    with pytest.warns(UserWarning, match="GEN images are 32x64 and REF images 32x32"):
+        m = compute_metrics(big, ref_npz, weights_path=weights, fid=False, kid=True, kid_subset_size=4)
+    assert m.meta["image_size"] == "GEN 32x64, REF 32x32"
+    assert image_size_label([(32, 32), (64, 64), (32, 32)]) == "mixed: 32x32, 64x64"
+    assert image_size_label([(i, i) for i in range(1, 6)]) == "mixed: 1x1, 2x2, 3x3 and 2 more"
+    assert image_size_label([]) is None
 
 
 def test_shards_equal_folder(folders, weights, oracle, stats_files):
