@@ -25,6 +25,13 @@ from ldm.lightning.sharding import is_fsdp
 from ldm.lightning.step_log import log_step_value
 
 
+def steps_this_batch(trainer: L.Trainer) -> bool:
+    """Whether the batch that just ended made an optimizer step (False for the batches a gradient accumulation window
+    accumulates). Under accumulation ``global_step`` stays at N for the window's first batches, so a test on it
+    alone fires there too: after a resume from step N's checkpoint it fires at once, mid-window."""
+    return not trainer.fit_loop._should_accumulate()
+
+
 def save_and_log_grid(trainer: L.Trainer, grid: Image.Image, out_dir: Path, key: str, caption: str) -> None:
     """Save ``grid`` as ``out_dir/{key}_stepNNNNNN.png`` and log it under ``key`` to every logger that takes images."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -47,6 +54,14 @@ class StageCheckpoint(ModelCheckpoint):
         kwargs.setdefault("auto_insert_metric_name", False)
         kwargs.setdefault("enable_version_counter", False)  # last.ckpt is the file written, never last-v1.ckpt
         super().__init__(*args, **kwargs)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Lightning's periodic save, at the batches that end an optimizer step only: Lightning's own test (the step
+        a multiple of ``every_n_train_steps``, not saved yet) passes on the first batch after a resume under
+        gradient accumulation, and it rewrote the checkpoint the run resumed from (and ``last.ckpt``) with a state
+        one batch into a window whose gradients it does not hold: a resume from it was no longer exact."""
+        if steps_this_batch(trainer):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         """Lightning's save after a validation; with a ``monitor``, the best so far is also summarised in
@@ -233,8 +248,9 @@ class Throughput(L.Callback):
 
 
 class PeriodicGrid(L.Callback):
-    """A grid made every ``every`` optimizer steps and at the end, once per step: under gradient accumulation a step
-    ends several batches, and a run whose last step is a multiple of ``every`` ends at a step it has drawn."""
+    """A grid made every ``every`` optimizer steps and at the end, once per step: drawn at the batch that makes the
+    step (under gradient accumulation a step spans several batches, and a run resumed at step N does not draw step
+    N's grid again), and a run whose last step is a multiple of ``every`` ends at a step it has drawn."""
 
     every: int
     _done_step: int | None = None
@@ -248,7 +264,8 @@ class PeriodicGrid(L.Callback):
             self._draw(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.every and trainer.global_step % self.every == 0 and trainer.global_step > 0:
+        step = trainer.global_step
+        if self.every and step % self.every == 0 and step > 0 and steps_this_batch(trainer):
             self._draw_once(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):

@@ -228,6 +228,45 @@ def test_sample_grid_samples_once_per_step_under_accumulation_and_at_a_last_mult
     assert trainer.global_step == 4 and module.steps == [2, 4]
 
 
+def accumulating_fit(tmp_path, module: L.LightningModule, callbacks: list, resume: Path | None = None) -> L.Trainer:
+    """Four optimizer steps of 2 accumulated batches each (resumed from ``resume``), checkpoints in ``tmp_path``."""
+    data = [{"x": torch.randn(B, N_IN)} for _ in range(8)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, accumulate_grad_batches=2,
+                        plugins=[AtomicCheckpointIO()],
+                        enable_checkpointing=any(isinstance(c, StageCheckpoint) for c in callbacks))
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None), ckpt_path=resume)
+    return trainer
+
+
+def test_a_run_resumed_under_accumulation_keeps_the_checkpoint_it_resumed_from(tmp_path):
+    """Lightning's periodic test passed on the first batch after a resume at step 2 (global_step still 2, nothing
+    saved yet by this fit): step000002.ckpt and last.ckpt were rewritten one batch into the window, without its
+    gradients, and a resume from them was not exact."""
+    def checkpoint() -> StageCheckpoint:
+        return StageCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=-1)
+
+    accumulating_fit(tmp_path, TwoLayers(), [checkpoint()])
+    saved = tmp_path / "ckpt" / "step000002.ckpt"
+
+    def batches_done() -> int:
+        return torch.load(saved, weights_only=False)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"][
+            "completed"]
+
+    before = batches_done()
+    trainer = accumulating_fit(tmp_path, TwoLayers(), [checkpoint()], resume=saved)
+    assert trainer.global_step == 4 and batches_done() == before  # the resumed-from state, as it was written
+
+
+def test_a_run_resumed_under_accumulation_does_not_draw_the_resumed_steps_grid_again(tmp_path):
+    checkpoint = StageCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    accumulating_fit(tmp_path, CountedPreview(), [checkpoint])
+    module = CountedPreview()
+    grid = SampleGrid(["a"], every_n_steps=2, out_dir=tmp_path / "samples")
+    accumulating_fit(tmp_path, module, [grid], resume=tmp_path / "ckpt" / "step000002.ckpt")
+    assert module.steps == [4]  # step 2's grid belongs to the run that made step 2
+
+
 class SizedPreview(TwoLayers):
     """TwoLayers whose generate() records the size it was asked for."""
 
