@@ -3,6 +3,7 @@ job's (Hydra's basic launcher runs the jobs in one process and gives each its ow
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -52,3 +53,28 @@ def test_each_line_once_and_only_in_its_jobs_file(tmp_path: Path, lightning_logg
         handler.flush()
     assert first.read_text().splitlines() == ["resumed job 0", "stage of job 0"]
     assert second.read_text().splitlines() == ["resumed job 1"]
+
+
+def test_the_console_shows_lightnings_lines_once(tmp_path: Path, lightning_logger, monkeypatch) -> None:
+    """Lightning's package logger prints its records on a console handler of its own; Hydra's console handler on the
+    root printed them a second time (each stage headline and closing line twice). Other records still reach it."""
+    import lightning  # noqa: F401  (its package logger's console handler)
+
+    root = logging.getLogger()
+    ours, hydras = io.StringIO(), io.StringIO()
+    console = logging.StreamHandler(hydras)
+    root.addHandler(console)
+    package = logging.getLogger("lightning")
+    own = next(h for h in package.handlers if type(h) is logging.StreamHandler)
+    monkeypatch.setattr(own, "stream", ours)
+    lightning_logger.propagate = True
+    file = _job(root, tmp_path / "job.log")
+    log_to_run_file()
+    lightning_logger.info("==> ldm stage")
+    logging.getLogger("ldm.something").warning("a line of another logger")
+    file.flush()
+    assert ours.getvalue().count("==> ldm stage") == 1
+    assert "==> ldm stage" not in hydras.getvalue() and "a line of another logger" in hydras.getvalue()
+    assert (tmp_path / "job.log").read_text().count("==> ldm stage") == 1
+    log_to_run_file()  # a later call (the next job of a multirun) leaves one filter, not two
+    assert len([f for f in console.filters if type(f).__name__ == "_NotLightningsOwn"]) == 1
