@@ -20,6 +20,7 @@ float rounding (batched and single-image kernels may differ in the last bits).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -34,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from ldm.checkpoint import atomic_write_bytes
 from ldm.errors import ConfigError
 from ldm.eval.generate import read_captions
 from ldm.host_memory import keep_freed_host_memory
@@ -57,6 +59,23 @@ def read_prompts(cfg: DictConfig) -> list[str]:
         if not isinstance(p, str):
             raise ConfigError(f"prompt {p!r} is not text: quote it, e.g. 'prompt=\"{p}\"'")
     return prompts
+
+
+def save_image(image: Image.Image, path: Path, **params) -> None:
+    """``image`` encoded in memory (the format by ``path``'s suffix) and written through a temporary file renamed into
+    place: a run interrupted mid-write (Ctrl-C, a kill, a full disk) leaves no truncated PNG or GIF in ``out``."""
+    buf = io.BytesIO()
+    image.save(buf, format=path.suffix[1:].upper(), **params)
+    atomic_write_bytes(path, buf.getvalue(), many=True)
+
+
+def make_out_folder(out: Path) -> None:
+    """Create ``out`` (and its parents); one that cannot be made is a ConfigError naming it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"out={out}: cannot create the folder ({err.strerror}): give a folder you can write to") \
+            from None
 
 
 def next_index(out: Path) -> int:
@@ -253,7 +272,7 @@ def run(cfg: DictConfig, given: Collection[str] = ()) -> list[Path]:
     # can be regenerated alone from its JSON: prompt, seed and the settings, with n=1.
     batch = cfg.batch_size
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_folder(out)
     first = next_index(out)  # an earlier run's images stay: this run's are numbered after them
     if first:
         print(f"note: {out} holds images up to {first - 1:05d}.png from earlier runs; this run's are numbered from "
@@ -284,17 +303,17 @@ def run(cfg: DictConfig, given: Collection[str] = ()) -> list[Path]:
         for j, ((prompt, label, seed), image) in enumerate(zip(chunk, result, strict=True)):
             idx = first + start + j
             path = out / f"{idx:05d}.png"
-            image.save(path)
             meta = {"prompt": prompt, "seed": seed, "class_label": label, **settings}
-            (out / f"{idx:05d}.json").write_text(json.dumps(meta, indent=2))
+            # the settings first: a PNG on disk always has its JSON (to regenerate it)
+            atomic_write_bytes(out / f"{idx:05d}.json", json.dumps(meta, indent=2).encode(), many=True)
+            save_image(image, path)
             if cfg.gif:
                 seq = [frame[j] for frame in frames] + [image] * 5
-                previews.mkdir(exist_ok=True)
-                seq[0].save(previews / f"{idx:05d}.gif", save_all=True, append_images=seq[1:], duration=80, loop=0)
+                save_image(seq[0], previews / f"{idx:05d}.gif", save_all=True, append_images=seq[1:], duration=80,
+                           loop=0)
             written.append(path)
             images.append(image)
-    previews.mkdir(exist_ok=True)
-    make_grid(images, cols=min(8, len(images))).save(previews / "grid.png")
+    save_image(make_grid(images, cols=min(8, len(images))), previews / "grid.png")
     print(f"wrote {len(written)} images and their settings to {out}, and {previews / 'grid.png'}")
     return written
 

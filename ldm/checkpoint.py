@@ -394,8 +394,9 @@ def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 def _load_strict(module: nn.Module, weights: dict[str, torch.Tensor], what: str, path: Path) -> None:
     missing, unexpected = module.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: the weights for {what} do not fit the architecture in its header: missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+        raise ConfigError(f"{path}: the weights for {what} do not fit the architecture in its header (missing "
+                          f"{missing[:5]}, unexpected {unexpected[:5]}): the file was edited or written by another "
+                          "tool; use the checkpoint train.py wrote, or convert the model with python -m ldm.convert")
 
 
 def ema_weights(state: dict[str, torch.Tensor], unet: nn.Module, prefix: str = "ema.") -> dict[str, torch.Tensor]:
@@ -418,8 +419,8 @@ def _ldm_header(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is neither an ldm checkpoint (RUN/ldm/checkpoints/*.ckpt) nor an SD single file")
     header = ckpt["ldm"]
     if header.get("format", 1) > FORMAT_VERSION:
-        raise ValueError(f"{path} was written in checkpoint format {header['format']}, newer than this ldm reads "
-                         f"({FORMAT_VERSION}): upgrade ldm")
+        raise ConfigError(f"{path} was written in checkpoint format {header['format']}, newer than this ldm reads "
+                          f"({FORMAT_VERSION}): upgrade ldm")
     return header
 
 
@@ -539,14 +540,15 @@ def _sd_parts(state: dict[str, torch.Tensor], metadata: dict[str, str], source: 
     loaded = sd_checkpoint_from_state_dict(state, prefer_ema=use_ema, source=source, metadata=metadata)
     family = sd_text_family(loaded.cond_stage_state_dict)
     if family is None:
-        raise ValueError(f"{source} has no text encoder weights in the SD 1.x (cond_stage_model.transformer."
-                         "text_model.*) or SD 2.x (cond_stage_model.model.*) layout; cond_stage_model keys found: "
-                         f"{sorted(loaded.cond_stage_state_dict)[:3]}")
+        raise ConfigError(f"{source} has no text encoder weights in the SD 1.x (cond_stage_model.transformer."
+                          "text_model.*) or SD 2.x (cond_stage_model.model.*) layout (cond_stage_model keys found: "
+                          f"{sorted(loaded.cond_stage_state_dict)[:3]}), so it cannot be sampled from: give a "
+                          "complete SD file, or the ldm checkpoint it was converted from")
     text = load_sd_text_encoder(loaded.cond_stage_state_dict, text_config, loaded.text_encoder)
     context_dim = loaded.unet.config.get("context_dim")
     if context_dim != text.width:
-        raise ValueError(f"{source}: the text encoder is {text.width} wide but the UNet's context_dim is "
-                         f"{context_dim}")
+        raise ConfigError(f"{source}: the text encoder is {text.width} wide but the UNet's context_dim is "
+                          f"{context_dim}: the file mixes parts of two models; give a complete SD file")
     if prediction_type is None:
         prediction_type = loaded.prediction_type
     if prediction_type is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import shutil
 import sys
@@ -251,11 +252,19 @@ def _vae_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _rebuilt(module: nn.Module, changes: dict[str, Any]) -> Any:
-    """``module`` rebuilt with its config changed by ``changes`` (settings that no weight depends on)."""
+    """``module`` rebuilt with its config changed by ``changes`` (settings that no weight depends on); a change that
+    does alter the weights' shapes (a head count that does not divide an attention level) is a ConfigError."""
     if not changes or all(module.config.get(k) == v for k, v in changes.items()):  # type: ignore[union-attr]
         return module
     new = type(module)(**{**module.config, **changes})  # type: ignore[operator]
-    new.load_state_dict(module.state_dict())
+    try:
+        new.load_state_dict(module.state_dict())
+    except RuntimeError as err:
+        flags = ", ".join(f"{k}={v}" for k, v in changes.items())
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+        raise ConfigError(f"{flags} changes the shapes of {type(module).__name__}'s weights ({first}): give "
+                          "--num-heads a divisor of every attention level's width (or --num-head-channels one), or "
+                          "leave the flag out") from None
     return new.to(next(module.parameters()).dtype)
 
 
@@ -470,6 +479,36 @@ def _schedule_arg(text: str) -> dict[str, Any]:
     return spec
 
 
+def _positive_int_arg(text: str) -> int:
+    """--num-heads, --num-head-channels: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _latent_scale_arg(text: str) -> float:
+    """--latent-scale: a finite number > 0 (latents are divided by it when decoding)."""
+    value = _finite_arg(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0 (the decoder divides the latents by it), got {text}")
+    return value
+
+
+def _finite_arg(text: str) -> float:
+    """--latent-shift (and --latent-scale): a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def _prediction_arg(text: str) -> str:
     try:
         return canonical_prediction_type(text)
@@ -495,13 +534,13 @@ def parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("overrides", "set what the source does not record (an SD file without ldm metadata) "
                                           "or records wrongly")
     heads = o.add_mutually_exclusive_group()
-    heads.add_argument("--num-heads", type=int, metavar="N", default=None,
+    heads.add_argument("--num-heads", type=_positive_int_arg, metavar="N", default=None,
                        help="attention heads per UNet attention layer (SD 1.x style: 8)")
-    heads.add_argument("--num-head-channels", type=int, metavar="C", default=None,
+    heads.add_argument("--num-head-channels", type=_positive_int_arg, metavar="C", default=None,
                        help="channels per UNet attention head, the head count following the width (SD 2.x style: 64)")
-    o.add_argument("--latent-scale", type=float, metavar="S", default=None,
+    o.add_argument("--latent-scale", type=_latent_scale_arg, metavar="S", default=None,
                    help="the VAE's latent scale_factor (Stable Diffusion: 0.18215)")
-    o.add_argument("--latent-shift", type=float, metavar="B", default=None,
+    o.add_argument("--latent-shift", type=_finite_arg, metavar="B", default=None,
                    help="the VAE's latent shift_factor, subtracted before scaling (Stable Diffusion: none)")
     o.add_argument("--prediction-type", type=_prediction_arg, metavar="TYPE", default=None,
                    help="what the UNet predicts: epsilon, v_prediction or sample (Stable Diffusion: epsilon)")

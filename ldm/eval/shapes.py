@@ -16,9 +16,11 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -161,6 +163,25 @@ def check_counts(**counts: int) -> None:
             raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
 
 
+def check_json_out(path: str | None) -> None:
+    """``--json PATH`` must be writable where it points (its folder exists, PATH is no folder): checked before the
+    judge samples, so a typo costs seconds, not the figures of a long evaluation."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--json {path} is a folder: give a file name, e.g. {target / 'figures.json'}")
+    if not target.parent.is_dir():
+        raise ConfigError(f"--json {path}: the folder {target.parent} does not exist; create it or give another path")
+
+
+def write_json(path: str, figures: dict) -> None:
+    """The judge's figures as JSON, written atomically (an interrupted write leaves no half file)."""
+    from ldm.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(figures, indent=2))
+
+
 def evaluate(pipe, n: int = 500, guidance_scales=(None,), steps: int | None = None, sampler: str | None = None,
              seed: int = 0, batch: int = 100, guidance_interval: tuple[float, float] | None = None,
              autoguidance_scale: float | None = None, colors: Sequence[str] | None = None,
@@ -215,24 +236,28 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     try:
         check_counts(n=args.n, batch=args.batch)
+        check_json_out(args.json)
     except ConfigError as err:
         p.error(str(err))  # before the checkpoint loads; exits 2
-    pipe = LatentDiffusionPipeline.from_checkpoint(args.ckpt)
-    if args.lora:
-        pipe.load_lora(args.lora, scale=args.lora_scale)
-    if args.compile:
-        pipe.compile_unet()
-    scales = tuple(args.guidance) if args.guidance else (None,)
-    results = evaluate(pipe, args.n, scales, args.steps, args.sampler, args.seed, args.batch, args.guidance_interval,
-                       args.autoguidance, args.colors, args.palette)
+    try:
+        pipe = LatentDiffusionPipeline.from_checkpoint(args.ckpt)
+        if args.lora:
+            pipe.load_lora(args.lora, scale=args.lora_scale)
+        if args.compile:
+            pipe.compile_unet()
+        scales = tuple(args.guidance) if args.guidance else (None,)
+        results = evaluate(pipe, args.n, scales, args.steps, args.sampler, args.seed, args.batch,
+                           args.guidance_interval, args.autoguidance, args.colors, args.palette)
+    except ConfigError as err:  # a wrong checkpoint or setting: its message, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     for key, r in results.items():
         if isinstance(r, dict):
             print(f"{key}: {summary(r)}")
         elif not math.isnan(r):
             print(f"{key}: {r:.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return results
 
 

@@ -21,8 +21,9 @@ baseline an inpainting fine-tune has to beat.
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import random
+import sys
 import time
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 
 from ldm.data.builtin.shapes import COLORS, ShapesDataset, caption_for
 from ldm.errors import ConfigError
-from ldm.eval.shapes import ATTRIBUTES, check_counts, score, summary
+from ldm.eval.shapes import ATTRIBUTES, check_counts, check_json_out, score, summary, write_json
 
 HELD_OUT_SEED = 54321
 
@@ -53,6 +54,15 @@ def inpaint_cases(n: int, size: int, seed: int = HELD_OUT_SEED, margin: float = 
         images.append(np.asarray(item["image"], dtype=np.uint8))
         captions.append(caption_for(new, item["shape"], item["position"]))
     return np.stack(images), np.stack(masks), captions
+
+
+def check_mask_settings(margin: float, tolerance: float) -> None:
+    """``--margin`` in [0, 0.5) (beyond, the grown box covers the whole image and the kept-pixel figures are NaN;
+    below 0 the mask misses part of the shape) and ``--tolerance`` a finite number >= 0."""
+    if not (math.isfinite(margin) and 0 <= margin < 0.5):
+        raise ConfigError(f"--margin must lie in [0, 0.5) (a fraction of the side per edge), got {margin}")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigError(f"--tolerance must be a finite number of 8-bit levels >= 0, got {tolerance}")
 
 
 def kept_pixels(outputs: np.ndarray, inputs: np.ndarray, masks: np.ndarray, tolerance: float) -> dict[str, float]:
@@ -86,6 +96,7 @@ def evaluate(pipe, n: int = 500, guidance_scale: float | None = None, steps: int
              tolerance: float = 16.0, legacy: bool = False) -> dict[str, Any]:
     """Inpaint ``n`` held-out images (see the module docstring) and score the repainted shapes and the kept pixels."""
     check_counts(n=n, batch=batch)
+    check_mask_settings(margin, tolerance)
     size = pipe.sampling.image_size or 32
     images, masks, captions = inpaint_cases(n, size, margin=margin)
     t0 = time.perf_counter()
@@ -137,11 +148,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     try:
         check_counts(n=args.n, batch=args.batch)
+        check_mask_settings(args.margin, args.tolerance)
+        check_json_out(args.json)
     except ConfigError as err:
         p.error(str(err))  # before the checkpoint loads; exits 2
-    pipe = LatentDiffusionPipeline.from_checkpoint(args.ckpt)
-    r = evaluate(pipe, args.n, args.guidance, args.steps, args.sampler, args.seed, args.batch, args.margin,
-                 args.tolerance, args.legacy)
+    try:
+        pipe = LatentDiffusionPipeline.from_checkpoint(args.ckpt)
+        r = evaluate(pipe, args.n, args.guidance, args.steps, args.sampler, args.seed, args.batch, args.margin,
+                     args.tolerance, args.legacy)
+    except ConfigError as err:  # a wrong checkpoint or setting: its message, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"inpainting (guidance {r['guidance_scale']:g}{', legacy blend' if r['legacy'] else ''}): {summary(r)}")
     for label, kept, floor in (("unmasked pixels", r["kept"], r["vae_floor"]),
                                ("unmasked, a latent cell from the mask", r["kept_away"], r["vae_floor_away"])):
@@ -151,8 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(line)
     print(f"{r['masked_fraction']:.1%} of pixels masked")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+        write_json(args.json, r)
     return r
 
 

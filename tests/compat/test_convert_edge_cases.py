@@ -6,6 +6,7 @@ weight-file variants, and the errors that damaged or foreign files give. diffuse
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -363,3 +364,54 @@ def test_a_text_encoder_of_another_configuration_than_the_files_is_refused(tmp_p
     assert init_from_sd(sd, str(path), run_unet, same)[-1] == "text encoder"
     with torch.no_grad():
         torch.testing.assert_close(same.encode([PROMPT]).hidden, src.encode([PROMPT]).hidden, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------- wrong input
+
+
+def test_a_checkpoint_that_cannot_be_sampled_is_a_config_error_not_a_traceback(tmp_path: Path) -> None:
+    """An SD file without text encoder weights, an ldm checkpoint of a newer format and one whose weights lack a key
+    are ConfigErrors naming the file and the fix, which sample.py and the judges print in one line (exit 2)."""
+    unet, vae = (from_diffusers(m) for m in _diffusers_parts())
+    no_text = tmp_path / "no_text.safetensors"
+    save_state_dict(to_sd_state_dict(unet, vae), no_text, sd_metadata(unet, vae))
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(no_text))} has no text encoder weights .* give a "
+                                          "complete SD file"):
+        load_parts(no_text)
+    sd = _sd_file(tmp_path / "m.safetensors")
+    assert convert_main([str(sd), str(tmp_path / "m.ckpt"), "--to", "ldm", "--num-heads", "2"]) == 0
+    ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    newer = tmp_path / "newer.ckpt"
+    torch.save({**ckpt, "ldm": {**ckpt["ldm"], "format": 99}}, newer)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(newer))} was written in checkpoint format 99, newer "
+                                          r"than this ldm reads \(2\): upgrade ldm"):
+        load_parts(newer)
+    damaged = tmp_path / "damaged.ckpt"
+    key = next(k for k in ckpt["state_dict"] if k.startswith("unet."))
+    torch.save({**ckpt, "state_dict": {k: v for k, v in ckpt["state_dict"].items() if k != key}}, damaged)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(damaged))}: the weights for the UNet do not fit .*"
+                                          rf"{re.escape(key[len('unet.'):])}"):
+        load_parts(damaged)
+
+
+@pytest.mark.parametrize("flag,value", [("--num-heads", "0"), ("--num-head-channels", "-1"), ("--latent-scale", "0"),
+                                        ("--latent-scale", "nan"), ("--latent-shift", "inf")])
+def test_a_head_count_or_latent_normalisation_out_of_range_is_refused(tmp_path: Path, capsys, flag: str,
+                                                                      value: str) -> None:
+    """A zero or negative head count used to end in the UNet's traceback, and a latent scale of 0 or nan was written
+    into a model whose decoder then gave non-finite images: argparse refuses them (exit 2) and writes nothing."""
+    sd = _sd_file(tmp_path / "m.safetensors")
+    with pytest.raises(SystemExit) as exit_:
+        convert_main([str(sd), str(tmp_path / "o.safetensors"), flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_head_count_that_changes_the_weights_shapes_is_a_config_error(tmp_path: Path, capsys) -> None:
+    """--num-heads on a diffusers folder or ldm checkpoint rebuilds the UNet: 3 heads of 32 channels give 30-wide
+    projections, which the weights do not fit; an error naming the flag, not load_state_dict's traceback."""
+    folder = _folder(tmp_path / "src")
+    assert convert_main([str(folder), str(tmp_path / "o.safetensors"), "--num-heads", "3"]) == 2
+    assert "give --num-heads a divisor of every attention level's width" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()

@@ -278,6 +278,31 @@ def test_zero_and_wrong_outputs_are_errors_not_defaults(tiny_ckpt, tmp_path) -> 
         sample(tiny_ckpt, tmp_path / "file.png", prompt="a red circle")
 
 
+def test_an_interrupted_write_leaves_no_truncated_image_and_an_unmakeable_out_is_an_error(tiny_ckpt, tmp_path,
+                                                                                             monkeypatch) -> None:
+    """Ctrl-C while a PNG is written (here: after its signature) leaves no truncated PNG that the next run numbers
+    after or FID fails on: the image goes to a temporary file renamed into place, after its JSON. An out= that
+    cannot be created (a parent is a file) is a ConfigError naming it, not mkdir's traceback."""
+    from PIL import PngImagePlugin
+
+    from ldm.errors import ConfigError
+
+    def interrupted(im, fp, filename, *args, **kwargs):
+        fp.write(PngImagePlugin._MAGIC)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setitem(Image.SAVE, "PNG", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            sample(tiny_ckpt, tmp_path / "out", prompt="a red circle", steps=1)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000.json"]
+    assert [p.name for p in sample(tiny_ckpt, tmp_path / "out", prompt="a red circle", steps=1)] == ["00001.png"]
+    Image.open(tmp_path / "out" / "00001.png").load()
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"out=.*file/sub: cannot create the folder \(.*\): give a folder"):
+        sample(tiny_ckpt, tmp_path / "file" / "sub", prompt="a red circle", steps=1)
+
+
 def test_cli_exit_status_and_unknown_keys(tiny_ckpt, tmp_path) -> None:
     """A wrong value prints ``error: ...`` and exits 2 without a traceback; an unknown key (a typo) is refused by
     Hydra's struct mode before sample.py runs."""

@@ -117,3 +117,27 @@ def test_a_count_or_batch_below_one_is_refused_before_the_checkpoint_loads(capsy
             assert exit_.value.code == 2 and f"{flag} must be a positive integer, got {value}" in err
         with pytest.raises(ConfigError, match="--n must be a positive integer, got 0"):
             module.evaluate(None, n=0)
+
+
+def test_a_wrong_checkpoint_or_json_path_exits_2_with_one_line_not_a_traceback(tmp_path, capsys):
+    """A checkpoint that does not load (here: none at the path) is the pipeline's ConfigError, printed as ``error:
+    ...`` with exit 2; a ``--json`` whose folder does not exist is refused before the checkpoint loads, not after
+    the whole evaluation; ``--margin`` beyond [0, 0.5) would mask everything (NaN figures) and is refused too."""
+    import pytest
+
+    from ldm.eval import shapes, shapes_inpaint
+
+    missing = tmp_path / "missing.ckpt"
+    for module in (shapes, shapes_inpaint):
+        with pytest.raises(SystemExit) as exit_:
+            module.main([str(missing), "--n", "2"])
+        assert exit_.value.code == 2 and f"error: no checkpoint at {missing}" in capsys.readouterr().err
+        figures = tmp_path / "no_such_folder" / "figures.json"
+        with pytest.raises(SystemExit) as exit_:
+            module.main([str(missing), "--json", str(figures)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"--json {figures}: the folder {figures.parent} does not exist" in err
+    for margin in ("0.7", "-0.1", "nan"):
+        with pytest.raises(SystemExit) as exit_:
+            shapes_inpaint.main([str(missing), "--margin", margin])
+        assert exit_.value.code == 2 and "--margin must lie in [0, 0.5)" in capsys.readouterr().err
