@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ldm.checkpoint import atomic_write_bytes
 from ldm.errors import ConfigError
-from ldm.eval.generate import read_captions
+from ldm.eval.generate import make_out_folder, read_captions
 from ldm.host_memory import keep_freed_host_memory
 from ldm.images import make_grid, to_pil
 from ldm.pipeline import LatentDiffusionPipeline
@@ -67,15 +67,6 @@ def save_image(image: Image.Image, path: Path, **params) -> None:
     buf = io.BytesIO()
     image.save(buf, format=path.suffix[1:].upper(), **params)
     atomic_write_bytes(path, buf.getvalue(), many=True)
-
-
-def make_out_folder(out: Path) -> None:
-    """Create ``out`` (and its parents); one that cannot be made is a ConfigError naming it."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"out={out}: cannot create the folder ({err.strerror}): give a folder you can write to") \
-            from None
 
 
 def next_index(out: Path) -> int:
@@ -272,7 +263,7 @@ def run(cfg: DictConfig, given: Collection[str] = ()) -> list[Path]:
     # can be regenerated alone from its JSON: prompt, seed and the settings, with n=1.
     batch = cfg.batch_size
     out = Path(cfg.out)
-    make_out_folder(out)
+    make_out_folder(out, "out")
     first = next_index(out)  # an earlier run's images stay: this run's are numbered after them
     if first:
         print(f"note: {out} holds images up to {first - 1:05d}.png from earlier runs; this run's are numbered from "

@@ -60,6 +60,7 @@ from ldm.data.transforms import (
     sample_meta,
 )
 from ldm.data.urls import shard_digest
+from ldm.devices import parse_device
 from ldm.errors import ConfigError
 
 
@@ -428,14 +429,16 @@ def _run(a: argparse.Namespace) -> int:
     for flag, value in (("--size", a.size), ("--batch-size", a.batch_size)):
         if value < 1:  # refused before the models load
             raise ConfigError(f"{flag} must be a positive integer, got {value}")
+    device = parse_device(a.device) if a.device else None
     try:
         import ldm.autoencoder  # noqa: F401
     except ImportError as err:
         raise SystemExit(f"cache_latents needs ldm.autoencoder for --vae, which failed to import: {err}") from err
     vae = _load_module(a.vae_config, a.vae)
     text = _load_module(a.text_encoder_config, a.text_encoder) if a.text_encoder_config else None
-    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    device = torch.device(a.device) if a.device else (accelerator or torch.device("cpu"))
+    if device is None:
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        device = accelerator or torch.device("cpu")
     vae.to(device)
     if text is not None:
         text.to(device)

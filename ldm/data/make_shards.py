@@ -291,7 +291,11 @@ def make_shards(
     if not items:
         raise ConfigError(f"no images found in {src} (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
     out = Path(out)
-    (out / STATS_DIR).mkdir(parents=True, exist_ok=True)
+    try:
+        (out / STATS_DIR).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, PermissionError) as err:
+        raise ConfigError(f"OUT={out}: cannot make the shard folder there ({err.strerror}: {err.filename}); give a "
+                          "new or existing folder, not a file") from None
     clean_temporaries(out)
     clean_temporaries(out / STATS_DIR)
 

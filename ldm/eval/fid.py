@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ldm.devices import parse_device
 from ldm.errors import ConfigError
 from ldm.eval.metrics import DEFAULT_EXTRACTOR, compute_metrics
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         m = compute_metrics(args.gen, args.ref, extractor=args.feature_extractor, weights_path=weights_arg(args),
                             fid=True, kid=args.kid, prc=args.prc, kid_subset_size=args.kid_subset_size,
-                            batch_size=args.batch_size, device=args.device)
+                            batch_size=args.batch_size, device=parse_device(args.device))
     except ConfigError as err:  # a wrong input: its message, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

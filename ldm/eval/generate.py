@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ldm.checkpoint import atomic_write_bytes, load_parts
+from ldm.checkpoint import atomic_write_bytes, atomic_write_text, load_parts
+from ldm.devices import parse_device
 from ldm.errors import ConfigError
 from ldm.pipeline import LatentDiffusionPipeline
 
@@ -91,6 +92,32 @@ def generate_images(pipe: LatentDiffusionPipeline, captions: Sequence[str], indi
                    **call_kwargs)
         images.extend(out)
     return images
+
+
+def make_out_folder(out: Path, flag: str = "--out") -> None:
+    """Create ``out`` (and its parents); one that cannot be made is a ConfigError naming ``flag``."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{flag}={out}: cannot create the folder ({err.strerror}): give a folder you can write "
+                          "to") from None
+
+
+def check_json_out(path: str | None) -> None:
+    """``--json PATH`` must be writable where it points (its folder exists, PATH is no folder): checked before the
+    judge samples, so a typo costs seconds, not the figures of a long evaluation."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--json {path} is a folder: give a file name, e.g. {target / 'figures.json'}")
+    if not target.parent.is_dir():
+        raise ConfigError(f"--json {path}: the folder {target.parent} does not exist; create it or give another path")
+
+
+def write_json(path: str, figures: dict) -> None:
+    """The judge's figures as JSON, written atomically (an interrupted write leaves no half file)."""
+    atomic_write_text(path, json.dumps(figures, indent=2))
 
 
 def judge_samples(pipe: LatentDiffusionPipeline, captions: Sequence[str], *, seed: int = 0, batch_size: int = 100,
@@ -207,10 +234,7 @@ def run(args: argparse.Namespace) -> tuple[int, int, Path]:
         raise ConfigError(f"--seed must lie in [0, 2**64 - n] (image i uses seed + i), got {args.seed}")
     captions = read_captions(args.captions)
     rank, world = rank_and_world()
-    try:
-        device = torch.device(args.device) if args.device else default_device()
-    except RuntimeError as err:
-        raise ConfigError(f"--device {args.device!r} is not a torch device ({err}); e.g. cpu, cuda, cuda:1") from None
+    device = parse_device(args.device) if args.device else default_device()
 
     parts = load_parts(ckpt, use_ema=not args.no_ema)
     if not args.no_ema and not parts.ema:  # recorded as the raw weights, which is what samples
@@ -230,7 +254,7 @@ def run(args: argparse.Namespace) -> tuple[int, int, Path]:
         "dtype": str(c.autocast_dtype or torch.float32), "sampling": c.sampling.to_dict(), "n": n,
     }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_folder(out)
     _check_settings(out, settings, rank)
 
     mine = list(range(rank, n, world))

@@ -14,7 +14,6 @@ when fewer than 129 would remain).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -25,7 +24,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from ldm.data.builtin.mnist import DIGIT_NAMES, MNISTDataset, caption_for
 from ldm.errors import ConfigError
 from ldm.eval.digits import DigitClassifier, classify, load_classifier
-from ldm.eval.generate import judge_samples
+from ldm.eval.generate import check_json_out, judge_samples, write_json
 
 DEFAULT_CLASSIFIER = "outputs/classifiers/mnist.pt"
 
@@ -124,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     try:
+        check_json_out(args.json)  # before the models load
         classifier = load_classifier(args.classifier)
         pipe = LatentDiffusionPipeline.from_checkpoint(args.ckpt)
         scales = tuple(args.guidance) if args.guidance else (None,)
@@ -137,8 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"fid_mnist {r['fid_mnist']:.2f} (real digits at this n: {_floor(r['fid_mnist_real_floor'])})  "
               f"pixel std vs real {r['pixel_std_ratio']:.2f}  (n={r['n']}, {r['seconds']:.0f}s)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return results
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ldm.devices import parse_device
 from ldm.errors import ConfigError
 from ldm.eval.fid import add_extractor_args, weights_arg
 from ldm.eval.metrics import (
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         meta = make_ref_stats(args.source, args.out, extractor=args.feature_extractor, weights_path=weights_arg(args),
-                              n=args.n, batch_size=args.batch_size, device=args.device)
+                              n=args.n, batch_size=args.batch_size, device=parse_device(args.device))
     except ConfigError as err:  # a wrong input: its message, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

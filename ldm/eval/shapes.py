@@ -13,21 +13,19 @@ colours read back are the seven, those and ``--palette``'s.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ldm.data.builtin.shapes import BACKGROUND, COLORS, PALETTE, POSITIONS, ShapesDataset, caption_for, check_colors
 from ldm.errors import ConfigError
-from ldm.eval.generate import judge_samples
+from ldm.eval.generate import check_json_out, judge_samples, write_json
 
 ATTRIBUTES = ("color", "shape", "position")
 
@@ -161,25 +159,6 @@ def check_counts(**counts: int) -> None:
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
-
-
-def check_json_out(path: str | None) -> None:
-    """``--json PATH`` must be writable where it points (its folder exists, PATH is no folder): checked before the
-    judge samples, so a typo costs seconds, not the figures of a long evaluation."""
-    if path is None:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise ConfigError(f"--json {path} is a folder: give a file name, e.g. {target / 'figures.json'}")
-    if not target.parent.is_dir():
-        raise ConfigError(f"--json {path}: the folder {target.parent} does not exist; create it or give another path")
-
-
-def write_json(path: str, figures: dict) -> None:
-    """The judge's figures as JSON, written atomically (an interrupted write leaves no half file)."""
-    from ldm.checkpoint import atomic_write_text
-
-    atomic_write_text(path, json.dumps(figures, indent=2))
 
 
 def evaluate(pipe, n: int = 500, guidance_scales=(None,), steps: int | None = None, sampler: str | None = None,

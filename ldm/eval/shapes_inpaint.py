@@ -32,7 +32,8 @@ import torch
 
 from ldm.data.builtin.shapes import COLORS, ShapesDataset, caption_for
 from ldm.errors import ConfigError
-from ldm.eval.shapes import ATTRIBUTES, check_counts, check_json_out, score, summary, write_json
+from ldm.eval.generate import check_json_out, write_json
+from ldm.eval.shapes import ATTRIBUTES, check_counts, score, summary
 
 HELD_OUT_SEED = 54321
 

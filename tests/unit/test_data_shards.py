@@ -15,6 +15,7 @@ from PIL import Image
 from ldm.data import make_shards as ms
 from ldm.data.shards import ShardWriter, expand_braces, iter_shard, read_index, resolve_shards, sample_key
 from ldm.data.transforms import decode_image
+from ldm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -247,3 +248,11 @@ def test_rerun_with_other_shapes_size_refuses(tmp_path):
     ms.make_shards("shapes", tmp_path, maxcount=5, length=10, size=16, log=None)
     with pytest.raises(ValueError, match="different run"):
         ms.make_shards("shapes", tmp_path, maxcount=5, length=10, size=24, log=None)
+
+
+def test_an_out_that_is_a_file_is_a_config_error(tmp_path):
+    afile = tmp_path / "in.png"
+    afile.write_bytes(b"not a folder")
+    with pytest.raises(ConfigError, match=r"OUT=.*in\.png: cannot make the shard folder there.*not a file"):
+        ms.make_shards("shapes", afile, maxcount=4, length=8, size=16, log=None)
+    assert afile.read_bytes() == b"not a folder"

@@ -208,6 +208,8 @@ def test_a_checkpoint_without_ema_weights_says_so(ckpt, captions_file, tmp_path)
     ("negative_n", "must be >= 1, got -3"),
     ("bad_steps", "num_inference_steps"),
     ("bad_rank", "RANK=2 is outside"),
+    ("bad_device", "--device 'foo' is not a torch device"),
+    ("unmakeable_out", r"--out=.*afile/o: cannot create the folder"),
 ])
 def test_bad_input_exits_2_with_one_line(case, message, ckpt, captions_file, tmp_path, monkeypatch, capsys) -> None:
     empty = tmp_path / "empty.txt"
@@ -218,7 +220,10 @@ def test_bad_input_exits_2_with_one_line(case, message, ckpt, captions_file, tmp
             "zero_n": _args(ckpt, captions_file, tmp_path / "o", "--n", "0"),
             "negative_n": _args(ckpt, captions_file, tmp_path / "o", "--n", "-3"),
             "bad_steps": _args(ckpt, captions_file, tmp_path / "o", "--steps", "0"),
-            "bad_rank": _args(ckpt, captions_file, tmp_path / "o")}[case]
+            "bad_rank": _args(ckpt, captions_file, tmp_path / "o"),
+            "bad_device": _args(ckpt, captions_file, tmp_path / "o", "--device", "foo"),
+            "unmakeable_out": _args(ckpt, captions_file, tmp_path / "afile" / "o")}[case]
+    (tmp_path / "afile").write_text("a file, not a folder")
     if case == "bad_rank":
         monkeypatch.setenv("RANK", "2")
         monkeypatch.setenv("WORLD_SIZE", "2")

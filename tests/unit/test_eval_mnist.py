@@ -142,6 +142,9 @@ def test_cli_errors_exit_2(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as err:
         judge.main([str(tmp_path / "x.ckpt"), "--classifier", str(tmp_path / "none.pt")])
     assert err.value.code == 2 and "train_classifier" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # --json's folder is checked before the models load
+        judge.main([str(tmp_path / "x.ckpt"), "--json", str(tmp_path / "none" / "figures.json")])
+    assert err.value.code == 2 and "the folder" in capsys.readouterr().err
     assert train_cli.main(["cifar10", "--out", str(tmp_path / "c.pt")]) == 2
     assert "choose one of ['mnist']" in capsys.readouterr().err
 
