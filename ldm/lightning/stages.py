@@ -174,6 +174,10 @@ def make_logger(cfg: DictConfig, name: str, stage_dir: Path, resume_step: int | 
             if target == "ldm.lightning.loggers.CSVLogger":
                 kwargs["resume_step"] = resume_step
     logger = instantiate(cfg.logger, **kwargs)
+    init = getattr(logger, "_wandb_init", None)  # WandbLogger's arguments for wandb.init (a Lightning private)
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        # Lightning passes anonymous=None always, and wandb warns that the setting has no effect at every run's start
+        init.pop("anonymous", None)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the run's config beside its curves
     if rank_zero_only.rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)

@@ -78,3 +78,22 @@ def test_the_console_shows_lightnings_lines_once(tmp_path: Path, lightning_logge
     assert (tmp_path / "job.log").read_text().count("==> ldm stage") == 1
     log_to_run_file()  # a later call (the next job of a multirun) leaves one filter, not two
     assert len([f for f in console.filters if type(f).__name__ == "_NotLightningsOwn"]) == 1
+
+
+def test_an_offline_wandb_run_starts_without_wandbs_anonymous_warning(tmp_path: Path, capfd) -> None:
+    """Lightning passes anonymous=None to wandb.init always, and wandb warned at every stage's start that the
+    setting has no effect: a line the user cannot act on. make_logger drops it; the run still starts offline."""
+    import wandb
+    from omegaconf import OmegaConf
+
+    from ldm.lightning.stages import make_logger
+
+    cfg = OmegaConf.create({"logger": {"_target_": "lightning.pytorch.loggers.WandbLogger", "project": "ldm",
+                                       "offline": True, "save_dir": str(tmp_path), "log_model": False}})
+    logger = make_logger(cfg, "ldm", tmp_path / "ldm")
+    try:
+        assert logger.experiment.settings.mode in ("offline", "dryrun")  # wandb names offline "dryrun"
+    finally:
+        wandb.finish()
+    out = capfd.readouterr()
+    assert "anonymous" not in out.out + out.err
