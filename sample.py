@@ -10,7 +10,7 @@
     python sample.py ckpt=BASE prompt="..." lora=adapter.safetensors lora_scale=0.8   # a LoRA on a base model
     python sample.py regenerate=samples/00003.json out=again/     # one image again, from its JSON
     python sample.py regenerate=samples/00003.json steps=50 out=again/   # ... with one setting changed
-    python sample.py ckpt=CLASS_COND prompt="" class_label=[0,1,2] n=4   # a class-conditional model: a class a prompt
+    python sample.py ckpt=CLASS_COND 'prompt=["","",""]' class_label=[0,1,2] n=4   # class-conditional: a class a prompt
 
 Writes one PNG per image with a JSON of every setting beside it, and ``_previews/grid.png`` (with ``gif=true`` the
 GIFs too): the folder holds the samples alone for FID, which skips ``_``-named entries. Image i uses seed ``seed + i``

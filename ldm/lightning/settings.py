@@ -84,6 +84,24 @@ def check_unet(unet_cfg: DictConfig) -> None:
         raise ConfigError(f"unet: {err.__cause__ or err}") from None
 
 
+def check_text_encoder_weights(text_cfg: DictConfig | None) -> None:
+    """The text encoder's local weights: ``pretrained_path`` (transformers: a folder) and ``pretrained`` (open_clip: a
+    file). The ldm stage builds the encoder only after the vae stage has trained, so a wrong path is named here."""
+    if text_cfg is None:
+        return
+
+    def hf_folder(path: Path) -> bool:  # HFCLIPTextEncoder's: config.json in it, or in its text_encoder/
+        return (path / "config.json").is_file() or (path / "text_encoder" / "config.json").is_file()
+
+    for key, kind, exists in (("pretrained_path", "folder with config.json", hf_folder),
+                              ("pretrained", "file", Path.is_file)):
+        value = text_cfg.get(key)
+        if value is not None and not exists(Path(str(value)).expanduser()):
+            raise ConfigError(f"text_encoder.{key}={value}: no such {kind}. Point it at a local copy of the weights "
+                              f"(ldm never downloads them: docs/text.md), or set text_encoder.{key}=null for random "
+                              "weights (or weights from init_ckpt)")
+
+
 def check_optimizer(opt: DictConfig | None) -> None:
     """The ldm stage's ``optimizer``: a positive learning rate, Adam's two betas in [0, 1) and a weight decay >= 0,
     where it has them (the optimizer's own check runs only when the stage builds it, after the vae stage)."""
@@ -280,6 +298,7 @@ def check_run(cfg: DictConfig) -> None:
         _choice("first_stage", cfg.get("first_stage", "vae"), ("vae", "pixel"))
         check_optimizer(cfg.get("optimizer"))
         check_unet(cfg.unet)
+        check_text_encoder_weights(cfg.get("text_encoder"))
         if cfg.ldm_stage.cache_latents:
             check_cache_run(cfg)
         try:

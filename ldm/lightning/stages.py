@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -198,8 +199,13 @@ def close_loggers(trainer: L.Trainer) -> None:
 def make_data(cfg: DictConfig, stage: DictConfig, **overrides: Any) -> L.LightningDataModule:
     """The stage's DataModule: its batch size and workers, and the built-in dataset it shards when missing."""
     builtin = OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.get("dataset") else None
-    return instantiate(cfg.data, batch_size=stage.batch_size, num_workers=stage.num_workers, builtin=builtin,
-                       **overrides)
+    try:
+        return instantiate(cfg.data, batch_size=stage.batch_size, num_workers=stage.num_workers, builtin=builtin,
+                           **overrides)
+    except InstantiationException as err:  # a refused data setting: its own message, one line and exit 2 in train.py
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
 
 
 def _last_metrics(trainer: L.Trainer, *names: str) -> str:
@@ -766,6 +772,21 @@ def stop_if_signalled(cfg: DictConfig, trainer: L.Trainer, checkpoint: Path | st
         stop_between_stages(trainer, cfg.preemption.signal, checkpoint, bool(cfg.preemption.requeue))
 
 
+JUDGES = {"shapes": "ldm.eval.shapes", "mnist": "ldm.eval.mnist"}
+
+
+def judge_lines(cfg: DictConfig, ckpt: Path) -> list[str]:
+    """The closing summary's judge command: the built-in dataset's own judge (an inpainting UNet on shapes: the
+    inpainting judge), none for other data."""
+    source = (cfg.get("dataset") or {}).get("source")
+    if source not in JUDGES:
+        return []
+    module = JUDGES[source]
+    if source == "shapes" and cfg.unet.get("in_channels", 4) > cfg.unet.get("out_channels", 4):
+        module = "ldm.eval.shapes_inpaint"
+    return [f"  judge ({source}): python -m {module} {ckpt}"]
+
+
 def _run_stages(cfg: DictConfig, out: Path, resume: tuple[str, str, int, Path | None] | None) -> dict[str, Path]:
     results: dict[str, Path] = {}
     vae_path = None
@@ -794,6 +815,6 @@ def _run_stages(cfg: DictConfig, out: Path, resume: tuple[str, str, int, Path | 
     if "ldm" in results:
         lines += [f"  sample grids: {out / 'ldm' / 'samples'}",
                   f"  sample: python sample.py ckpt={results['ldm']} prompt=\"...\"",
-                  f"  judge (shapes): python -m ldm.eval.shapes {results['ldm']}"]
+                  *judge_lines(cfg, results["ldm"])]
     headline("done: " + ("\n" + "\n".join(lines) if lines else "no stage ran"))
     return results

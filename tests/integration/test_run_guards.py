@@ -159,6 +159,33 @@ def test_images_too_small_for_the_patchgan_are_refused_before_training(tmp_path:
     assert not (tmp_path / "run").exists()
 
 
+
+@pytest.mark.parametrize("overrides,message", [
+    (["text_encoder=clip_vit_l14", "text_encoder.pretrained_path=/nonexistent/clip"],
+     r"text_encoder.pretrained_path=/nonexistent/clip: no such folder with config.json"),
+    (["text_encoder=openclip_vit_h14", "text_encoder.pretrained=/nonexistent/vit_h14.bin"],
+     r"text_encoder.pretrained=/nonexistent/vit_h14.bin: no such file"),
+])
+def test_a_text_encoders_missing_weights_are_named_before_the_vae_stage_trains(tmp_path: Path, overrides: list,
+                                                                               message: str) -> None:
+    """The ldm stage builds the text encoder after the vae stage: its local weights are checked before that."""
+    with pytest.raises(ConfigError, match=message):
+        stages.run(_compose(tmp_path / "run", *overrides))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.buckets={pixels: 1024, size: 32}", "ldm_stage.cache_latents=false"],
+     r"data.buckets: unknown keys \['size'\]"),
+    (["data.image_mode=CMYK"], r"data.image_mode='CMYK' is not an image mode the reader converts to"),
+])
+def test_a_refused_data_setting_is_a_config_error_not_a_hydra_traceback(tmp_path: Path, overrides: list,
+                                                                         message: str) -> None:
+    """The DataModule refuses some settings as it is built; train.py prints those in one line and exits 2, as the
+    config check's (Hydra would wrap them in an InstantiationException, a multi-line report and exit 1)."""
+    with pytest.raises(ConfigError, match=message):
+        stages.run(_compose(tmp_path / "run", *overrides))
+
 CHECK_CASES = [  # overrides (space-separated), and the error check_run reports (None: the config passes)
     ("seed=-1", "seed must be >= 0, got -1"),
     ("preemption.signal=SIGFOO", "preemption.signal='SIGFOO' is not a signal"),
@@ -463,3 +490,15 @@ def test_a_resumed_full_fine_tune_does_not_need_its_base_file(tmp_path: Path) ->
         check_run(_compose(tmp_path / "run", "stages=[ldm]", moved))
     with pytest.raises(ConfigError, match="moved.ckpt: no such file"):
         check_run(_compose(tmp_path / "run", "stages=[ldm]", moved, "resume=last", "ldm_stage.lora.rank=4"))
+
+
+@pytest.mark.parametrize("overrides,judge", [
+    ([], "judge (shapes): python -m ldm.eval.shapes CKPT"),
+    (["experiment=mnist_quickstart"], "judge (mnist): python -m ldm.eval.mnist CKPT"),
+    (["experiment=quickstart_inpaint", "init_ckpt=x.ckpt"], "judge (shapes): python -m ldm.eval.shapes_inpaint CKPT"),
+    (["experiment=sd15_finetune", "init_ckpt=x.safetensors"], None),  # your own data: no built-in judge
+])
+def test_the_closing_summary_names_the_datasets_own_judge(tmp_path: Path, overrides: list, judge: str | None) -> None:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"out_dir={tmp_path}", *overrides])
+    assert stages.judge_lines(cfg, Path("CKPT")) == ([f"  {judge}"] if judge else [])
