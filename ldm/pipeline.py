@@ -497,7 +497,7 @@ class LatentDiffusionPipeline:
             mask = self._mask_tensor(mask_image, c.height, c.width)
 
         def encode(x: torch.Tensor) -> torch.Tensor:
-            z = x if self.vae is None else self.vae.normalize_latents(self.vae.encode(x).mode())
+            z = self.encode_image(x)
             return z.expand(n, -1, -1, -1) if z.shape[0] == 1 else z
 
         steps = c.sampling.num_inference_steps
@@ -683,7 +683,7 @@ class LatentDiffusionPipeline:
                 x, concat, blend = self._inpaint_start(c, scheduler, image, mask_image, noise)
             elif image is not None:
                 x = self._image_tensor(image, height, width)
-                z0 = x if self.vae is None else self.vae.normalize_latents(self.vae.encode(x).mode())
+                z0 = self.encode_image(x)
                 z0 = z0.expand(n, -1, -1, -1) if z0.shape[0] == 1 else z0
                 steps = s.num_inference_steps
                 start_at(scheduler, steps, strength_steps(steps, c.strength, scheduler))
@@ -702,6 +702,16 @@ class LatentDiffusionPipeline:
             if self.vae is not None:
                 self._check_finite(images, c, "decoded images")
         return images.float() if c.output_type == "tensor" else to_pil(images)
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] in [-1, 1] -> the normalised latents of the posterior's mode (float32), as image-to-image
+        and inpainting start from them: encoded in the VAE's dtype and without autocast, as ``decode_latents`` decodes
+        (an enclosing ``torch.autocast`` would change the result; a bfloat16 VAE would refuse a float32 image)."""
+        if self.vae is None:
+            return x
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = self.vae.encode(x.to(next(self.vae.parameters()).dtype)).mode()
+        return self.vae.normalize_latents(z.float())
 
     def decode_latents(self, z: torch.Tensor, vae_tile_size: int | None = None,
                        vae_tile_overlap: int | None = None) -> torch.Tensor:

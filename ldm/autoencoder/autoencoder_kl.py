@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,8 +96,15 @@ class AutoencoderKL(nn.Module):
         for name, values in (("latent_mean", latent_mean), ("latent_std", latent_std)):
             if values is not None and len(values) != self.embed_dim:
                 raise ValueError(f"{name} needs one value per latent channel ({self.embed_dim}), got {len(values)}")
-        if latent_std is not None and min(float(v) for v in latent_std) <= 0:
-            raise ValueError(f"latent_std must be positive, got {list(latent_std)}")
+        if latent_std is not None and not all(0 < float(v) < math.inf for v in latent_std):
+            raise ValueError(f"latent_std must be positive and finite, got {list(latent_std)}")
+        if not 0 < float(scale_factor) < math.inf:
+            raise ValueError(f"scale_factor must be a finite number > 0 (decoding divides the latents by it), got "
+                             f"{scale_factor}")
+        if shift_factor is not None and not math.isfinite(float(shift_factor)):
+            raise ValueError(f"shift_factor must be finite, got {shift_factor}")
+        if latent_mean is not None and not all(math.isfinite(float(v)) for v in latent_mean):
+            raise ValueError(f"latent_mean must be finite, got {list(latent_mean)}")
         self.config.update(
             scale_factor=float(scale_factor), shift_factor=None if shift_factor is None else float(shift_factor),
             latent_mean=None if latent_mean is None else [float(v) for v in latent_mean],

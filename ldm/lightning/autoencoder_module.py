@@ -309,6 +309,10 @@ class AutoencoderModule(L.LightningModule):
                 z = [self.vae.encode(x).sample(generator).float() for x in batches]
         finally:
             self.vae.train(was_training)
+        if not all(torch.isfinite(b).all() for b in z):
+            raise ValueError("the VAE encodes the normalisation fit's images to NaN or inf latents, so no latent "
+                             "normalisation can be fitted: its weights or training diverged (check the vae stage's "
+                             "loss; retrain with a lower vae_stage.lr or trainer.precision=32-true)")
         if per_channel:
             by_channel = torch.cat([b.transpose(0, 1).flatten(1) for b in z], 1)
             mean, std = by_channel.mean(1), by_channel.std(1)

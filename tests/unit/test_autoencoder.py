@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,22 @@ def test_latent_normalisation_round_trip() -> None:
         AutoencoderKL(**TINY, latent_std=[1.0, 2.0])
     with pytest.raises(ValueError, match="latent_std must be positive"):
         AutoencoderKL(**TINY, latent_std=[1.0, 0.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("normalization", [
+    {"scale_factor": 0.0}, {"scale_factor": -0.5}, {"scale_factor": math.inf}, {"scale_factor": math.nan},
+    {"shift_factor": math.inf}, {"latent_mean": [0.0, 0.0, 0.0, math.nan]},
+    {"latent_std": [1.0, 1.0, 1.0, math.nan]}, {"latent_std": [1.0, 1.0, 1.0, math.inf]}])
+def test_a_latent_normalisation_that_cannot_be_undone_is_refused(normalization) -> None:
+    """A zero or non-finite scale, or a non-finite shift, mean or std, was taken: latents normalised to zeros (the
+    diffusion model then trains on nothing) or NaN, and the pipeline blamed the sampling settings."""
+    name = next(iter(normalization))
+    with pytest.raises(ValueError, match=name):
+        AutoencoderKL(**TINY, **normalization)
+    vae = AutoencoderKL(**TINY, scale_factor=0.5)
+    with pytest.raises(ValueError, match=name):
+        vae.set_latent_normalization(**{"scale_factor": 1.0, **normalization})
+    assert vae.config["scale_factor"] == 0.5 and torch.all(vae.latent_scale == 0.5)
 
 
 def test_setting_the_latent_normalisation_replaces_config_and_buffers() -> None:

@@ -532,6 +532,19 @@ def test_a_scalar_fit_with_per_channel_means_scales_the_centred_latents_to_unit_
     assert float(vae.normalize_latents(raw).std()) == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_fit_on_non_finite_latents_is_an_error_not_a_nan_normalisation(per_channel):
+    """A VAE that encodes to inf or NaN fitted a NaN scale (or inf means, NaN stds) without a word: vae.ckpt then
+    carried it, and every latent diffusion trained on was NaN."""
+    vae = tiny_vae()
+    with torch.no_grad():
+        vae.quant_conv.bias[:4] = float("inf")
+    before = dict(vae.config)
+    with pytest.raises(ValueError, match="NaN or inf latents"):
+        AutoencoderModule(vae).fit_latent_normalization(torch.zeros(2, 3, 16, 16), per_channel=per_channel)
+    assert vae.config == before
+
+
 def test_scale_equivariance_adds_the_pooled_latents_reconstruction_error(tmp_path):
     """vae_stage.scale_equivariance: the loss gains w x the error of the 2x-pooled latent sample, decoded, against the
     2x-pooled image, computed here by hand from the first step's weights and posterior sample."""

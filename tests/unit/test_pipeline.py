@@ -174,6 +174,35 @@ def test_the_call_computes_in_its_own_dtype_whatever_autocast_encloses_it(pipe) 
         assert torch.equal(pipe("a cat", generator=_gen(0), dtype="bf16", **kw), bf16)
 
 
+def _start_image() -> tuple[torch.Tensor, torch.Tensor]:
+    """An image-to-image start and an inpainting mask (white = repaint) of the pipe's default 16 px."""
+    image = torch.rand(1, 3, 16, 16, generator=_gen(3)) * 2 - 1
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    return image, mask
+
+
+@pytest.mark.parametrize("inpaint", [False, True])
+def test_the_image_is_encoded_in_the_vaes_dtype_whatever_autocast_encloses_the_call(pipe, sd1_parts,
+                                                                                   inpaint: bool) -> None:
+    """Image-to-image and inpainting encode their image as the call decodes: outside any enclosing autocast (the
+    bf16 encoder changed the latents by 5e-3), and in the VAE's dtype (a bfloat16 VAE refused the float32 image)."""
+    image, mask = _start_image()
+    kw = dict(image=image, strength=0.5, output_type="latent", num_inference_steps=2)
+    if inpaint:
+        kw.update(mask_image=mask, legacy_inpaint=True)
+    fp32 = pipe("a cat", generator=_gen(0), **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(pipe("a cat", generator=_gen(0), **kw), fp32)
+    unet, vae, text = sd1_parts
+    half_vae = AutoencoderKL(**vae.config).eval()
+    half_vae.load_state_dict(vae.state_dict())
+    half = LatentDiffusionPipeline(unet, text, half_vae.to(torch.bfloat16), SD_SCHEDULE, "epsilon", pipe.sampling)
+    latents = half("a cat", generator=_gen(0), **kw)
+    assert latents.dtype == torch.float32
+    torch.testing.assert_close(latents, fp32, rtol=0, atol=0.1)  # a bf16 encoder: close, not equal
+
+
 def test_tiled_vae_decoding_is_close_to_untiled(pipe) -> None:
     kw = dict(output_type="tensor", height=64, width=64, num_inference_steps=1, guidance_scale=1.0)
     full = pipe("a cat", generator=_gen(0), **kw)
