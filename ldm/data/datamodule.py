@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.buckets import BucketSpec, shard_buckets
 from ldm.data.shards import ReadPlan, ShardError, _rng, iter_shard, resolve_shards
-from ldm.data.transforms import ImageTransform, SampleDecoder, collate, uint8_to_float
+from ldm.data.transforms import ImageTransform, SampleDecoder, check_labels, collate, uint8_to_float
 from ldm.data.urls import shard_digest
 from ldm.errors import ConfigError
 
@@ -345,6 +345,8 @@ class ShardDataModule(L.LightningDataModule):
     [-1, 1] (or ``latent``), ``caption`` (list of str), ``label`` (LongTensor, where every sample has one), ``key``.
     ``buckets`` (``{pixels, step, max_ratio}``, :class:`ldm.data.buckets.BucketSpec`) trains at several aspect
     ratios: each training batch holds images of one bucket's size (validation stays square at ``image_size``).
+    ``num_classes`` (a class-conditional UNet's, set by the training stage) checks every batch's labels on the host
+    before it moves to the device: a batch without labels, or a label outside [0, num_classes), is a ConfigError.
     """
 
     def __init__(
@@ -372,8 +374,10 @@ class ShardDataModule(L.LightningDataModule):
         world_size: int | None = None,
         builtin: dict[str, Any] | None = None,
         buckets: dict[str, Any] | BucketSpec | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
+        self.num_classes = num_classes
         self.buckets = BucketSpec.from_config(buckets)
         if self.buckets is not None and source != "images":
             raise ConfigError("data.buckets resizes images to each bucket's size: it needs data.source=images (a "
@@ -506,12 +510,15 @@ class ShardDataModule(L.LightningDataModule):
                                 num_workers=self.num_workers, seed=self.seed, pin_memory=self.pin_memory)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Record the position of the batch about to be used and drop the tag. Lightning does not prefetch from a
-        loader with a length (ours), but other fetchers do: the position follows what the model saw."""
+        """Record the position of the batch about to be used and drop the tag (Lightning does not prefetch from a
+        loader with a length (ours), but other fetchers do: the position follows what the model saw); check its class
+        labels against ``num_classes`` (:func:`~ldm.data.transforms.check_labels`)."""
         if isinstance(batch, dict) and POS_KEY in batch:
             split, epoch, index = batch.pop(POS_KEY)
             if split == "train" and self._train is not None:
                 self._train.mark_consumed(epoch, index + 1)
+        if isinstance(batch, dict):
+            check_labels(batch, self.num_classes)
         return batch
 
     def state_dict(self) -> dict[str, Any]:

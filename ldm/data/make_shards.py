@@ -184,7 +184,7 @@ def builtin_items(name: str, length: int | None, size: int | None, seed: int,
 
         return [shape_item(i) for i in range(len(ds))]
     if name == "mnist":
-        from ldm.data.builtin.mnist import MNISTDataset
+        from ldm.data.builtin.mnist import MNISTDataset, interleaved_order
 
         mn = MNISTDataset()
         n = len(mn) if length is None else min(length, len(mn))
@@ -196,7 +196,8 @@ def builtin_items(name: str, length: int | None, size: int | None, seed: int,
 
             return Item(load)
 
-        return [digit_item(i) for i in range(n)]
+        # the classes in turn: balanced shards and subsets (the digits ship sorted by class); index: the dataset's
+        return [digit_item(int(i)) for i in interleaved_order(mn.labels)[:n]]
     raise ConfigError(f"unknown builtin {name!r}: use one of shapes, mnist, or an image folder")
 
 

