@@ -102,6 +102,24 @@ def check_text_encoder_weights(text_cfg: DictConfig | None) -> None:
                               "weights (or weights from init_ckpt)")
 
 
+def check_grid_labels(cfg: DictConfig) -> None:
+    """``callbacks.ldm.samples.class_labels`` against ``unet.num_classes``: the grid callback checks them only when it
+    samples, and a wrong label then skipped every grid of the run with a warning."""
+    samples = OmegaConf.select(cfg, "callbacks.ldm.samples")
+    labels = None if samples is None else samples.get("class_labels")
+    if labels is None:
+        return
+    key, num_classes = "callbacks.ldm.samples.class_labels", cfg.unet.get("num_classes")
+    if num_classes is None:
+        raise ConfigError(f"{key}={labels} but the UNet has no classes (unet.num_classes=null): drop the labels, or "
+                          "train a class-conditional UNet")
+    values = [labels] if isinstance(labels, int) else list(labels)
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < num_classes]
+    if bad:
+        raise ConfigError(f"{key}: {bad} are not classes of the UNet (integers in [0, {num_classes}), "
+                          f"unet.num_classes={num_classes})")
+
+
 def check_optimizer(opt: DictConfig | None) -> None:
     """The ldm stage's ``optimizer``: a positive learning rate, Adam's two betas in [0, 1) and a weight decay >= 0,
     where it has them (the optimizer's own check runs only when the stage builds it, after the vae stage)."""
@@ -299,6 +317,7 @@ def check_run(cfg: DictConfig) -> None:
         check_optimizer(cfg.get("optimizer"))
         check_unet(cfg.unet)
         check_text_encoder_weights(cfg.get("text_encoder"))
+        check_grid_labels(cfg)
         if cfg.ldm_stage.cache_latents:
             check_cache_run(cfg)
         try:

@@ -198,6 +198,10 @@ CHECK_CASES = [  # overrides (space-separated), and the error check_run reports 
     ("vae_stage.scale_equivariance=0.25 data.image_size=36",
      "data.image_size=36 gives 9 latent pixels: use a multiple of 8 px or set vae_stage.scale_equivariance=0"),
     ("stages=[ldm]", "the ldm stage needs an autoencoder: set vae_ckpt=PATH"),
+    ("callbacks.ldm.samples.class_labels=3", "class_labels=3 but the UNet has no classes"),
+    ("unet.num_classes=10 callbacks.ldm.samples.class_labels=[1,10]",
+     "class_labels: [10] are not classes of the UNet (integers in [0, 10)"),
+    ("unet.num_classes=10 callbacks.ldm.samples.class_labels=9", None),
     ("seed=0", None),  # the default config, whose evaluation callback is off
 ]
 
