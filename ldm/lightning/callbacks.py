@@ -87,6 +87,43 @@ class StageCheckpoint(ModelCheckpoint):
             self.last_model_path = str(last)
 
 
+def revalidation_due(trainer: L.Trainer) -> bool:
+    """Whether this fit resumed from a checkpoint written at the end of a training batch that a validation followed
+    (a periodic ``stepNNNNNN.ckpt`` at a validation step, its ``last.ckpt``, a preemption's ``last.ckpt``): Lightning
+    fast-forwards past that validation on a restart, so its loss would be neither logged nor seen by the best
+    checkpoint of the resumed run. Checkpoints written after a validation (the best ones, the final ``last.ckpt``)
+    are not."""
+    loop = trainer.fit_loop.epoch_loop
+    return (trainer.ckpt_path is not None and loop.restarting and loop.restarted_on_train_batch_end
+            and not loop.val_loop.restarted_mid_evaluation
+            and loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+
+
+class ResumedValidation(L.Callback):
+    """Runs, at the start of a resumed fit, the validation its checkpoint was written before (``revalidation_due``),
+    at the step it belongs to: the resumed run logs that step's validation loss and the best checkpoint
+    (``StageCheckpoint`` with a ``monitor``) takes it into account, as in an uninterrupted run, whose state it saves
+    in ``best-stepNNNNNN.ckpt``. Rows of that validation a stopped run had logged are dropped first
+    (``ldm.lightning.loggers.CSVLogger.drop_rows``), so the CSV holds it once. The validation uses its own seeds and
+    the EMA weights: the training that follows is the uninterrupted run's, bitwise."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not revalidation_due(trainer):
+            return
+        loop = trainer.fit_loop.epoch_loop
+        step = loop._batches_that_stepped  # Lightning's logging step of that validation (optimizer step - 1)
+        rank_zero_info(f"resumed before the validation of step {trainer.global_step}: validating it now")
+        for logger in trainer.loggers:
+            if hasattr(logger, "drop_rows"):
+                logger.drop_rows(step, prefix="val/")
+        loop.val_loop.restarting = False  # a whole validation, not the rest of the last one the checkpoint counted
+        trainer.validating = True
+        first_loop_iter = trainer._logger_connector._first_loop_iter
+        loop.val_loop.run()
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
+
+
 class RecomputedFlops:
     """The FLOPs of module forwards that run during the backward, i.e. gradient checkpointing's recomputation, as
     ``counter`` counts them: between the first forward pre-hook and its forward hook, every module's (global hooks,

@@ -13,6 +13,17 @@ from pathlib import Path
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def _write_rows(path: Path, keys: list[str], rows: list[dict]) -> None:
+    """Replace the CSV file ``path`` with ``rows`` under the header ``keys``, atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 class _ContinuingWriter(ExperimentWriter):
@@ -31,13 +42,27 @@ class _ContinuingWriter(ExperimentWriter):
             keys, rows = list(reader.fieldnames or []), list(reader)
         if self._resume_step is not None:
             rows = [r for r in rows if r.get("step") in (None, "") or int(r["step"]) < self._resume_step]
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        _write_rows(path, keys, rows)
         self.metrics_keys = keys
+
+
+    def drop_rows(self, step: int, prefix: str) -> None:
+        """Drop the rows of ``step`` that hold a metric named ``prefix...``, written or pending."""
+
+        def stale(row: dict) -> bool:
+            return str(row.get("step")) == str(step) and any(
+                k.startswith(prefix) and v not in ("", None) for k, v in row.items())
+
+        self.metrics = [r for r in self.metrics if not stale(r)]
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            keys, rows = list(reader.fieldnames or []), list(reader)
+        kept = [r for r in rows if not stale(r)]
+        if len(kept) != len(rows):
+            _write_rows(path, keys, kept)
 
 
 class CSVLogger(_LightningCSVLogger):
@@ -54,3 +79,8 @@ class CSVLogger(_LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ContinuingWriter(self.log_dir, self._resume_step)
         return self._experiment
+
+    @rank_zero_only
+    def drop_rows(self, step: int, prefix: str) -> None:
+        """Forget the rows of ``step`` holding ``prefix...`` metrics (a validation a resumed run logs again)."""
+        self.experiment.drop_rows(step, prefix)

@@ -181,9 +181,16 @@ class PreemptionCheckpoint(L.Callback):
             got = int(max((value for _, value in self._agreed.due(step)), default=0))
         if got:
             self._save_and_stop(trainer, got)
+        elif validation_follows(trainer):
+            self._drain(trainer)  # a signal still being agreed on: save before a validation delays the checkpoint
+        if self.stopped_by is not None and not 0 < trainer.max_steps <= step:
+            # Lightning validates a stopping run at once: here off its schedule, or before a checkpoint that a resumed
+            # run validates again (ResumedValidation); its loss and best checkpoint would be logged and kept twice.
+            # The last step's validation stays: the run has finished, no resumed run will measure it
+            trainer.fit_loop.epoch_loop._skip_next_val = True
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._drain(trainer)  # a signal still being agreed on: save before a validation delays the checkpoint
+        self._drain(trainer)  # the last step's (the module stops the run after the callbacks' batch-end hooks)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._drain(trainer)  # a signal agreed on in the last steps still stops the run (and the stages after it)
@@ -220,6 +227,11 @@ class PreemptionCheckpoint(L.Callback):
             return
         _requeue_and_raise(self.stopped_by, self.checkpoint, self.pretimeout, requeue, trainer.is_global_zero,
                            trainer.strategy.barrier)
+
+
+def validation_follows(trainer: L.Trainer) -> bool:
+    """Whether Lightning validates after the training batch that is ending (its own test, on its schedule)."""
+    return trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
 
 
 def preempted(trainer: L.Trainer) -> bool:

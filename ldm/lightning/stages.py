@@ -44,7 +44,7 @@ from ldm.diffusion.flow import FlowMatchingLoss
 from ldm.diffusion.validation import DEFAULT_NUM_TIMESTEPS
 from ldm.errors import ConfigError
 from ldm.lightning.autoencoder_module import AutoencoderModule
-from ldm.lightning.callbacks import Throughput
+from ldm.lightning.callbacks import ResumedValidation, Throughput
 from ldm.lightning.checkpoint_io import AtomicCheckpointIO
 from ldm.lightning.console import StepProgressBar, headline, parts_summary
 from ldm.lightning.diffusion_module import LatentDiffusionModule, NaNPolicy, ValidationSettings, recorded_objective
@@ -137,6 +137,7 @@ def make_trainer(cfg: DictConfig, stage_dir: Path, max_steps: int, callbacks: li
     if kwargs.setdefault("enable_progress_bar", True):
         callbacks = [*callbacks, StepProgressBar(refresh_rate=refresh)]
     plugins: list = [AtomicCheckpointIO()]
+    callbacks = [*callbacks, ResumedValidation()]
     if cfg.get("preemption") is not None:
         p = cfg.preemption
         callbacks = [*callbacks, PreemptionCheckpoint(p.signal, p.check_every_n_steps)]

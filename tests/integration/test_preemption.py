@@ -4,6 +4,8 @@ uninterrupted run step for step, on one process and on two DDP ranks."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm.data.make_shards import make_shards
 from tests.integration.test_train_resume import assert_same_curve
 from tests.integration.tiny_run import ROOT, TINY_MODELS, read_metrics, run_train, train_env
 from tests.ports import free_port
@@ -266,3 +269,49 @@ def test_a_signal_between_the_stages_on_one_rank_stops_both_ranks(vae_ckpt, tmp_
         assert p.returncode == 0, p.stderr[-4000:]
     last = torch.load(job / "ldm" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 4
+
+
+def _validation_record(run: Path) -> tuple[list[str], str, float, list[tuple[int, float]]]:
+    """A run's best checkpoint files, best.json's checkpoint name and score, and its logged (step, val/loss) rows."""
+    folder = run / "ldm" / "checkpoints"
+    best = json.loads((folder / "best.json").read_text())
+    with open(run / "logs" / "version_0" / "metrics.csv", newline="") as f:
+        rows = [(int(r["step"]), round(float(r["val/loss"]), 6)) for r in csv.DictReader(f) if r.get("val/loss")]
+    return sorted(p.name for p in folder.glob("best-step*.ckpt")), Path(best["checkpoint"]).name, best["score"], rows
+
+
+def test_a_resumed_run_validates_the_step_its_checkpoint_was_written_before(vae_ckpt, tmp_path):
+    """step4.ckpt and last.ckpt are written at the end of step 4's batch, before step 4's validation. A run killed
+    after that validation (which may have kept best-step000004.ckpt), or stopped by SIGTERM at step 4 or 5, and
+    resumed from them ends with the uninterrupted run's best checkpoint, best.json, validation rows (each once, none
+    off the schedule) and weights: the resumed run validates step 4 itself; a stopped run does not validate."""
+    script = tmp_path / "signalling.py"
+    script.write_text(SIGNALLING)
+    shards = vae_ckpt.parents[2] / "shards"
+    make_shards("shapes", tmp_path / "val", maxcount=3, length=7, size=16, seed=5, log=None)
+    base = [f"vae_ckpt={vae_ckpt}", f"data.val_shards={tmp_path / 'val'}", "ldm_stage.val_every_n_steps=2"]
+    cmd = [c if not c.startswith("callbacks.ldm.checkpoint.every_n_train_steps=") else
+           "callbacks.ldm.checkpoint.every_n_train_steps=2" for c in _cmd(script, tmp_path / "full", shards, *base)]
+
+    def run(folder: str, *extra: str, **env: str) -> subprocess.CompletedProcess:
+        where = [c if not c.startswith("hydra.run.dir=") else f"hydra.run.dir={tmp_path / folder}" for c in cmd]
+        return subprocess.run([*where, *extra], cwd=tmp_path, env=train_env(**env), capture_output=True, text=True,
+                              timeout=300)
+
+    assert run("full").returncode == 0
+    full = _validation_record(tmp_path / "full")
+    assert [s for s, _ in full[3]] == [1, 3, 5, 7]  # after steps 2, 4, 6 and 8
+    weights = torch.load(tmp_path / "full" / "ldm" / "checkpoints" / "last.ckpt", map_location="cpu",
+                         weights_only=False)["state_dict"]
+    for name, at, sig, status in (("killed", "4", "SIGKILL", -signal.SIGKILL), ("term4", "3", "SIGTERM", 143),
+                                  ("term5", "4", "SIGTERM", 143)):
+        stopped = run(name, SEND_AT=at, SEND_SIGNAL=sig)
+        assert stopped.returncode == status, stopped.stderr[-3000:]
+        again = run(name, "resume=last")
+        assert again.returncode == 0, again.stderr[-3000:]
+        resumed = _validation_record(tmp_path / name)
+        assert resumed[:2] == full[:2] and resumed[3] == full[3], (name, resumed, full)
+        assert resumed[2] == pytest.approx(full[2], rel=1e-6)
+        end = torch.load(tmp_path / name / "ldm" / "checkpoints" / "last.ckpt", map_location="cpu",
+                         weights_only=False)["state_dict"]
+        assert all(torch.equal(end[k], weights[k]) for k in weights), name  # the training is the uninterrupted one
