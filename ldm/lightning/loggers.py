@@ -45,7 +45,6 @@ class _ContinuingWriter(ExperimentWriter):
         _write_rows(path, keys, rows)
         self.metrics_keys = keys
 
-
     def drop_rows(self, step: int, prefix: str) -> None:
         """Drop the rows of ``step`` that hold a metric named ``prefix...``, written or pending."""
 
