@@ -462,7 +462,7 @@ class ShardDataModule(L.LightningDataModule):
     def _check_builtin_settings(self, out: Path) -> None:
         """ConfigError when the complete shards in ``out`` were made with other built-in settings than ``builtin``
         asks for (make_shards' run record): reusing them would train on the old data without a word."""
-        from ldm.data.make_shards import BUILTIN_DEFAULTS, RUN_NAME, STATS_DIR
+        from ldm.data.make_shards import BUILTIN_DEFAULTS, ITEM_ORDER, RUN_NAME, STATS_DIR
 
         path = out / STATS_DIR / RUN_NAME
         if not path.is_file():  # shards of another tool, or of make_shards before it kept the record: as they are
@@ -474,7 +474,8 @@ class ShardDataModule(L.LightningDataModule):
         source = self.builtin["source"]
         wanted = {"source": source, "length": self.builtin.get("length"), "size": self.builtin.get("size"),
                   "seed": self.builtin.get("seed", 0),
-                  "colors": list(self.builtin["colors"]) if self.builtin.get("colors") is not None else None}
+                  "colors": list(self.builtin["colors"]) if self.builtin.get("colors") is not None else None,
+                  "order": ITEM_ORDER.get(source)}
         made = {k: run.get(k, 0 if k == "seed" else None) for k in wanted}
         defaults = BUILTIN_DEFAULTS.get(source, {})  # None means the dataset's default: compare what it stands for
         for values in (wanted, made):

