@@ -39,6 +39,7 @@ from ldm.eval.metrics import (
     resolve_weights,
     weights_digest,
 )
+from ldm.lightning.callbacks import steps_this_batch
 from ldm.lightning.preemption import preempted
 
 
@@ -218,8 +219,12 @@ class Evaluation(L.Callback):
                        + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """At the batch that makes a multiple of ``every`` optimizer steps: under gradient accumulation the step count
+        stays at N for the next window's batches, and a run resumed from step N's checkpoint starts on one of them
+        (it evaluated step N again)."""
         step = trainer.global_step
-        if self.enabled and self.every and step > 0 and step % self.every == 0 and step != self._done_step:
+        if (self.enabled and self.every and step > 0 and step % self.every == 0 and step != self._done_step
+                and steps_this_batch(trainer)):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -267,6 +267,22 @@ def test_a_run_resumed_under_accumulation_does_not_draw_the_resumed_steps_grid_a
     assert module.steps == [4]  # step 2's grid belongs to the run that made step 2
 
 
+def test_a_run_resumed_under_accumulation_does_not_evaluate_the_resumed_step_again(tmp_path, monkeypatch):
+    """The Evaluation (FID) callback tested the step count alone: resumed at step 2 under accumulation, it generated
+    and measured step 2 again on the first batch (hours of sampling at a large n)."""
+    from ldm.lightning.evaluation import Evaluation
+
+    evaluated: list[int] = []
+    monkeypatch.setattr(Evaluation, "evaluate", lambda self, trainer, module: evaluated.append(trainer.global_step))
+    monkeypatch.setattr(Evaluation, "setup", lambda self, trainer, module, stage: None)  # its file checks
+    checkpoint = StageCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    accumulating_fit(tmp_path, TwoLayers(), [checkpoint])
+    evaluation = Evaluation(captions=["a"])
+    evaluation.enabled, evaluation.every = True, 2  # the measuring itself is patched out: no statistics needed
+    accumulating_fit(tmp_path, TwoLayers(), [evaluation], resume=tmp_path / "ckpt" / "step000002.ckpt")
+    assert evaluated[0] == 4  # step 2's belongs to the run that made step 2 (step 4's: at the batch, then at the end)
+
+
 class SizedPreview(TwoLayers):
     """TwoLayers whose generate() records the size it was asked for."""
 
