@@ -21,7 +21,7 @@ def parse_device(value: str | torch.device, flag: str = "--device") -> torch.dev
     available = getattr(module, "is_available", None)
     if available is None or not available():
         raise ConfigError(f"{flag} {device}: this machine has no {device.type} device; use {flag} cpu or leave it "
-                          "unset") from None
+                          "unset")
     count = getattr(module, "device_count", lambda: 1)()
     if device.index is not None and device.index >= count:
         raise ConfigError(f"{flag} {device}: this machine has {count} {device.type} device(s), numbered from 0")

@@ -284,10 +284,10 @@ def check_labels(batch: dict[str, Any], num_classes: int | None) -> None:
     GPU). Runs on the host, before the batch moves to the device."""
     if num_classes is None:
         return
-    labels, keys = batch.get("label"), list(batch.get("key") or [])
+    labels, keys = batch.get("label"), batch.get("key") or []  # the keys: for the messages only
     if labels is None:
         raise ConfigError(f"unet.num_classes={num_classes} makes the UNet class-conditional, but a batch (samples "
-                          f"{keys[:4]}) has no class labels: every sample needs an integer label in "
+                          f"{list(keys[:4])}) has no class labels: every sample needs an integer label in "
                           f"0..{num_classes - 1} (json 'label' or a .cls member); label the shards or set "
                           "unet.num_classes=null")
     outside = (labels < 0) | (labels >= num_classes)

@@ -20,7 +20,7 @@ from ldm.errors import ConfigError
 from ldm.images import make_grid, to_pil
 from ldm.lightning.flops import device_peak_flops, flop_counter_mode
 from ldm.lightning.host_reads import host_scalar
-from ldm.lightning.preemption import preempted
+from ldm.lightning.preemption import preempted, validation_follows
 from ldm.lightning.sharding import is_fsdp
 from ldm.lightning.step_log import log_step_value
 
@@ -95,8 +95,7 @@ def revalidation_due(trainer: L.Trainer) -> bool:
     are not."""
     loop = trainer.fit_loop.epoch_loop
     return (trainer.ckpt_path is not None and loop.restarting and loop.restarted_on_train_batch_end
-            and not loop.val_loop.restarted_mid_evaluation
-            and loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+            and not loop.val_loop.restarted_mid_evaluation and validation_follows(trainer))
 
 
 class ResumedValidation(L.Callback):

@@ -16,6 +16,13 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 
+def _read_rows(path: Path) -> tuple[list[str], list[dict]]:
+    """The header and rows of the CSV file ``path``."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
 def _write_rows(path: Path, keys: list[str], rows: list[dict]) -> None:
     """Replace the CSV file ``path`` with ``rows`` under the header ``keys``, atomically."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -37,9 +44,7 @@ class _ContinuingWriter(ExperimentWriter):
         path = Path(self.metrics_file_path)
         if not path.is_file():
             return
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            keys, rows = list(reader.fieldnames or []), list(reader)
+        keys, rows = _read_rows(path)
         if self._resume_step is not None:
             rows = [r for r in rows if r.get("step") in (None, "") or int(r["step"]) < self._resume_step]
         _write_rows(path, keys, rows)
@@ -56,9 +61,7 @@ class _ContinuingWriter(ExperimentWriter):
         path = Path(self.metrics_file_path)
         if not path.is_file():
             return
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            keys, rows = list(reader.fieldnames or []), list(reader)
+        keys, rows = _read_rows(path)
         kept = [r for r in rows if not stale(r)]
         if len(kept) != len(rows):
             _write_rows(path, keys, kept)
